@@ -1,0 +1,77 @@
+"""ec2t_jax: Entropy-Constrained Trained Ternarization (EC2T) for JAX/Flax.
+
+Sparse ternary networks by wrapping your optax optimizer::
+
+  import ec2t_jax as ec2t
+  tx = optax.chain(optax.adam(1e-4), ec2t.ternarize_transform(gamma=0.2))
+  opt_state = tx.init(params)
+  params = ec2t.ternary_params(params, opt_state)
+
+See README.md for a tour and WORKSPACE.md for the map of the code.
+"""
+
+from ec2t_jax._src.selection import describe_selection
+from ec2t_jax._src.selection import LeafPlan
+from ec2t_jax._src.selection import Rule
+from ec2t_jax._src.selection import Selection
+from ec2t_jax._src.state_access import find_ternarize_state
+from ec2t_jax._src.state_access import freeze_assignment
+from ec2t_jax._src.state_access import is_frozen
+from ec2t_jax._src.state_access import ternary_params
+from ec2t_jax._src.summary import LayerSummary
+from ec2t_jax._src.summary import summary
+from ec2t_jax._src.summary import Summary
+from ec2t_jax._src.ternary import assign_by_cost
+from ec2t_jax._src.ternary import centroid_floor
+from ec2t_jax._src.ternary import centroid_gradients
+from ec2t_jax._src.ternary import cluster_counts
+from ec2t_jax._src.ternary import cluster_probabilities
+from ec2t_jax._src.ternary import entropy_constrained_assign
+from ec2t_jax._src.ternary import information_content
+from ec2t_jax._src.ternary import initial_centroids
+from ec2t_jax._src.ternary import lambda_max
+from ec2t_jax._src.ternary import latent_gradient
+from ec2t_jax._src.ternary import layer_size_decay
+from ec2t_jax._src.ternary import nearest_centroid_assign
+from ec2t_jax._src.ternary import ternary_entropy
+from ec2t_jax._src.ternary import ternary_values
+from ec2t_jax._src.transform import reference_optimizer
+from ec2t_jax._src.transform import ternarize
+from ec2t_jax._src.transform import ternarize_transform
+from ec2t_jax._src.transform import TernarizeReferenceState
+from ec2t_jax._src.transform import TernarizeState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "assign_by_cost",
+    "centroid_floor",
+    "centroid_gradients",
+    "cluster_counts",
+    "cluster_probabilities",
+    "describe_selection",
+    "entropy_constrained_assign",
+    "find_ternarize_state",
+    "freeze_assignment",
+    "information_content",
+    "initial_centroids",
+    "is_frozen",
+    "lambda_max",
+    "latent_gradient",
+    "layer_size_decay",
+    "LayerSummary",
+    "LeafPlan",
+    "nearest_centroid_assign",
+    "reference_optimizer",
+    "Rule",
+    "Selection",
+    "summary",
+    "Summary",
+    "ternarize",
+    "ternarize_transform",
+    "TernarizeReferenceState",
+    "TernarizeState",
+    "ternary_entropy",
+    "ternary_params",
+    "ternary_values",
+)

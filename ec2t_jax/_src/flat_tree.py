@@ -1,0 +1,161 @@
+"""Flattening parameter trees into named leaves and back, keeping the structure.
+
+The export format needs more than :func:`flax.traverse_util.flatten_dict`: it
+must restore *the same* tree, so it keeps the order of dictionary keys, their
+types (NNX's ``to_pure_dict()`` uses ``int`` keys for ``nnx.List`` items, Linen
+uses ``str``), lists and tuples (orbax restores lists), ``None`` leaves and 0-d
+arrays. The structure is described by a small JSON-able value:
+
+* a leaf: its index in the flat list (an ``int``);
+* ``{"d": [[key, child], ...]}`` for a dict (``key`` a ``str`` or an ``int``);
+* ``{"l": [child, ...]}`` for a list, ``{"t": [...]}`` for a tuple;
+* ``{"n": 0}`` for ``None``.
+
+Leaves are named by their path joined with ``/`` (``layers/0/kernel``); a flat
+``.npz`` state dict is a one-level dict, so its keys (``layer1.0.conv1.weight``)
+stay exactly as they are.
+
+Example:
+  >>> leaves, structure = flatten({"a": {"k": np.ones(2)}, "b": [np.zeros(1)]})
+  >>> [name for name, _ in leaves]
+  ['a/k', 'b/0']
+  >>> tree = unflatten([x for _, x in leaves], structure)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+Structure = Any  # int | dict (JSON-able), see the module docstring.
+
+
+def _as_mapping(node):
+  """Plain dict view of Mapping-like nodes (dict, FrozenDict, nnx.State)."""
+  to_pure = getattr(node, "to_pure_dict", None)
+  if callable(to_pure) and not isinstance(node, dict):
+    return to_pure()
+  return node
+
+
+def _is_leaf(node) -> bool:
+  return not isinstance(node, (Mapping, list, tuple)) and node is not None
+
+
+def flatten(tree) -> tuple[list[tuple[str, np.ndarray]], Structure]:
+  """Flattens ``tree`` into ``[(path, array), ...]`` and a JSON-able structure.
+
+  Args:
+    tree: nested dicts / lists / tuples of arrays (numpy, JAX, Python scalars);
+      ``flax.core.FrozenDict`` and ``nnx.State`` are accepted (the latter via
+      ``to_pure_dict()``).
+
+  Returns:
+    ``(leaves, structure)``: ``leaves`` in depth-first, insertion order, each
+    leaf converted with :func:`numpy.asarray`; ``structure`` for
+    :func:`unflatten`.
+
+  Raises:
+    ValueError: for keys that are neither ``str`` nor ``int``, or for leaves
+      that are not numeric arrays (e.g. strings or objects).
+  """
+  leaves: list[tuple[str, np.ndarray]] = []
+
+  def walk(node, prefix: tuple) -> Structure:
+    node = _as_mapping(node)
+    if node is None:
+      return {"n": 0}
+    if isinstance(node, Mapping):
+      items = []
+      for key, child in node.items():
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, (str, int, np.integer)):
+          raise ValueError(f"tree keys must be str or int, got {key!r} "
+                           f"at {'/'.join(map(str, prefix)) or '<root>'}")
+        key = key if isinstance(key, str) else int(key)
+        items.append([key, walk(child, prefix + (key,))])
+      return {"d": items}
+    if isinstance(node, (list, tuple)):
+      children = [walk(child, prefix + (i,)) for i, child in enumerate(node)]
+      return {"l" if isinstance(node, list) else "t": children}
+    array = np.asarray(node)
+    if array.dtype.kind not in "biufc" and array.dtype.name != "bfloat16":
+      raise ValueError(f"leaf {'/'.join(map(str, prefix))!r} is not a numeric "
+                       f"array (dtype {array.dtype})")
+    leaves.append(("/".join(map(str, prefix)), array))
+    return len(leaves) - 1
+
+  structure = walk(tree, ())
+  return leaves, structure
+
+
+def unflatten(leaves, structure: Structure):
+  """Inverse of :func:`flatten`: rebuilds the tree from its leaves.
+
+  Args:
+    leaves: the arrays, in :func:`flatten`'s order.
+    structure: the structure returned by :func:`flatten`.
+
+  Returns:
+    The nested dicts / lists / tuples with ``leaves`` in place.
+
+  Raises:
+    ValueError: if ``structure`` is malformed or refers to missing leaves.
+  """
+  used = set()
+
+  def build(node):
+    if isinstance(node, bool):
+      raise ValueError("malformed tree structure: boolean node")
+    if isinstance(node, int):
+      if not 0 <= node < len(leaves) or node in used:
+        raise ValueError(f"malformed tree structure: leaf index {node}")
+      used.add(node)
+      return leaves[node]
+    if not isinstance(node, dict) or len(node) != 1:
+      raise ValueError(f"malformed tree structure node: {node!r:.80}")
+    (kind, body), = node.items()
+    if kind == "n":
+      return None
+    if not isinstance(body, list):
+      raise ValueError(f"malformed tree structure node: {node!r:.80}")
+    if kind == "d":
+      out = {}
+      for item in body:
+        if (not isinstance(item, list) or len(item) != 2
+            or isinstance(item[0], bool) or not isinstance(item[0], (str, int))
+            or item[0] in out):
+          raise ValueError(f"malformed dict entry in tree structure: {item!r:.80}")
+        out[item[0]] = build(item[1])
+      return out
+    if kind == "l":
+      return [build(child) for child in body]
+    if kind == "t":
+      return tuple(build(child) for child in body)
+    raise ValueError(f"unknown tree structure node kind {kind!r}")
+
+  tree = build(structure)
+  if len(used) != len(leaves):
+    raise ValueError(f"tree structure uses {len(used)} of {len(leaves)} leaves")
+  return tree
+
+
+def leaf_paths(structure: Structure) -> list[str]:
+  """The ``/``-joined path of every leaf, in leaf order, from a structure."""
+  paths: dict[int, str] = {}
+
+  def walk(node, prefix):
+    if isinstance(node, int) and not isinstance(node, bool):
+      paths[node] = "/".join(map(str, prefix))
+    elif isinstance(node, dict) and len(node) == 1:
+      (kind, body), = node.items()
+      if kind == "d":
+        for key, child in body:
+          walk(child, prefix + (key,))
+      elif kind in ("l", "t"):
+        for i, child in enumerate(body):
+          walk(child, prefix + (i,))
+
+  walk(structure, ())
+  return [paths[i] for i in sorted(paths)]
