@@ -80,6 +80,7 @@ class _LeafConfig(NamedTuple):
   ecp: bool
   gamma: Any  # rule's gamma, or the global (possibly traced) gamma
   size_decay: Any
+  dtype: Any  # dtype of the param
 
 
 class _Hyper(NamedTuple):
@@ -130,7 +131,25 @@ def _leaf_configs(params, selection, hyper: _Hyper):
   decays = iter(ternary.layer_size_decay(numels, hyper.sustain))
   return [None if plan is None else _LeafConfig(
       plan.mode == "ecp", hyper.gamma if plan.gamma is None else plan.gamma,
-      next(decays)) for plan in plans]
+      next(decays), jnp.dtype(leaf.dtype))
+          for leaf, plan in zip(leaves, plans)]
+
+
+def _snap_centroids(w_n, w_p, dtype):
+  """Rounds both centroids to a shared power-of-two grid of the param dtype.
+
+  With ``q = 2^(e - p + 2)``, ``2^e > max(w_n, w_p)`` and ``p`` the significand
+  bits of ``dtype``, every difference of old and new ternary values is exactly
+  representable, so ``params + (T_new - params)`` rounds to exactly ``T_new``
+  (for arbitrary floats it can be off by one ulp). Only the values written
+  into the params are snapped (relative change at most ``2^(1-p)``); the state
+  keeps the exact centroids, so small centroid steps still accumulate.
+  """
+  bits = jnp.finfo(dtype).nmant + 1
+  _, exponent = jnp.frexp(jnp.maximum(w_n, w_p))
+  quantum = jnp.ldexp(jnp.float32(1.0), exponent - bits + 2)
+  snap = lambda w: jnp.round(w / quantum) * quantum
+  return snap(w_n), snap(w_p)
 
 
 def _assign(config: _LeafConfig, latent, w_n, w_p, hyper: _Hyper):
@@ -206,21 +225,19 @@ def _cluster_mean(values, mask, fallback):
 def leaf_value(leaf: LeafState, ecp: bool, dtype) -> jax.Array:
   if ecp:
     return jnp.where(leaf.assignment == 0, 0, leaf.latent).astype(dtype)
-  return ternary.ternary_values(leaf.assignment, leaf.w_n, leaf.w_p, dtype)
+  w_n, w_p = _snap_centroids(leaf.w_n, leaf.w_p, dtype)
+  return ternary.ternary_values(leaf.assignment, w_n, w_p, dtype)
 
 
 def _exact_update(target, current) -> jax.Array:
-  """``u`` such that ``current + u`` rounds to exactly ``target``.
+  """``target - current``; exact when both lie on the snapped centroid grid.
 
-  ``target - current`` alone is off by one ulp for some pairs of values (e.g.
-  moving from ``-w_n`` to ``w_p``); adding the rounding residual twice fixes it.
+  See :func:`_snap_centroids`. If ``current`` is off the grid (params never
+  passed through :func:`ternary_params`), the sum may miss by one ulp once and
+  is exact again from the next step on.
   """
   current = jnp.asarray(current)
-  target = target.astype(current.dtype)
-  update = target - current
-  for _ in range(2):
-    update = update + (target - (current + update))
-  return update
+  return target.astype(current.dtype) - current
 
 
 def _flat_state(state: TernarizeState, treedef):

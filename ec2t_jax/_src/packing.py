@@ -1,0 +1,538 @@
+"""The ``.ec2t`` packed format: a parameter tree in as few bytes as it really takes.
+
+Format, version 1
+=================
+
+A file is one byte string, all integers little-endian::
+
+    offset  size  field
+    0       8     magic  b"\\x89EC2T\\r\\n\\x1a"   (PNG-style: catches text-mode mangling)
+    8       2     u16 format version (1)
+    10      2     u16 flags (0; anything else is rejected)
+    12      4     u32 H: length of the header
+    16      8     u64 P: length of the payload
+    24      H     header: zlib-compressed UTF-8 JSON (below)
+    24+H    P     payload: the leaf streams, one after another, in leaf order
+    24+H+P  32    SHA-256 of bytes [0, 24+H+P)
+
+The file size must be exactly ``24 + H + P + 32``. A reader checks, in order:
+magic, version, flags, size, checksum, then the header and every stream; any
+failure raises :class:`ExportFormatError` naming what is wrong, never a
+partly decoded tree.
+
+Header JSON: ``{"tree": structure, "leaves": [record, ...], "meta": {...}}``
+where ``structure`` is :mod:`flat_tree`'s (dict key order and key types, lists,
+tuples, ``None``) and one record per leaf, in order::
+
+    {"c": codec, "d": dtype name, "s": shape, "n": stream length in bytes,
+     "v": storage dtype of float values (only when it differs, e.g. "float16"),
+     "k": CRC-32 of the decoded leaf (entropy-coded leaves)}
+
+Streams start where the previous one ended; their lengths must add up to P.
+``meta`` holds the writer, the entropy coder's version and user metadata.
+
+Leaf codecs (the smallest candidate wins, per leaf):
+
+``raw``  the array's bytes (C order, little-endian), or its float16 copy when
+         ``"v": "float16"`` (lossy option for non-ternary float leaves).
+``zs``   the same bytes byte-shuffled (all first bytes, all second bytes, ...)
+         and zlib-compressed: lossless, helps a little on float data.
+``tb``   **ternary, the paper's two bitmasks**: the three values (negative,
+         zero, positive; 3 x itemsize raw bytes, so ``-0.0`` survives), the
+         non-zero mask (``numel`` bits) and the sign mask of the non-zeros
+         (``nnz`` bits, 1 = positive), each ``np.packbits(bitorder="little")``
+         with zero padding.
+``te``   **ternary, entropy-coded**: the three values, then the assignment
+         (``n, 0, p`` as symbols ``0, 1, 2``) range-coded by
+         :mod:`entropy_coding` (order 0 or previous-weight context).
+``sb``   **sparse** (ECP and other leaves with zeros): the non-zero mask
+         (``numel`` bits; an element is zero iff all its bytes are zero), then
+         the non-zero values (raw, in the storage dtype).
+``se``   sparse with an entropy-coded mask: u32 mask-stream length, the mask
+         stream (alphabet 2), the non-zero values.
+
+A leaf is *ternary* when it is floating point, finite and holds exactly three
+distinct bit patterns: one negative value ``-w_n``, one zero and one positive
+value ``w_p``. Storage in the ternary codecs is exact, so the default round trip
+is bitwise (arrays come back native-endian with identical bits).
+
+Example:
+  >>> tree = {"w": np.array([[0.5, 0.0], [-0.25, 0.5]], np.float32)}
+  >>> data = pack(tree)
+  >>> assert (unpack(data)["w"] == tree["w"]).all()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from typing import Any, NamedTuple, Optional
+
+import constriction
+import ml_dtypes
+import numpy as np
+
+from ec2t_jax._src import entropy_coding
+from ec2t_jax._src import flat_tree
+
+MAGIC = b"\x89EC2T\r\n\x1a"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+_FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, H, P
+_DIGEST = 32
+_MIN_SIZE = _FIXED.size + _DIGEST
+
+_DTYPES = {np.dtype(t).name: np.dtype(t) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+    np.uint32, np.uint64, np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+CODECS = ("raw", "zs", "tb", "te", "sb", "se")
+TERNARY_CODECS = ("tb", "te")
+
+
+class ExportFormatError(ValueError):
+  """A packed file (or stream) is not valid: wrong magic or version, truncated, corrupted."""
+
+
+class LeafRecord(NamedTuple):
+  """One leaf of a packed file, as its header describes it.
+
+  Attributes:
+    path: ``/``-joined path (the ``.npz`` key for flat state dicts).
+    codec: one of :data:`CODECS`.
+    dtype: the leaf's dtype name.
+    shape: the leaf's shape.
+    nbytes: length of its stream in the payload.
+    storage: dtype name of stored float values (differs from ``dtype`` only
+      for the lossy float16 option).
+    crc: CRC-32 of the decoded leaf (entropy-coded leaves) or ``None``.
+  """
+  path: str
+  codec: str
+  dtype: str
+  shape: tuple[int, ...]
+  nbytes: int
+  storage: str
+  crc: Optional[int] = None
+
+  @property
+  def numel(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.nbytes / max(self.numel, 1)
+
+
+class PackedInfo(NamedTuple):
+  """What a packed file holds, without decoding its leaves.
+
+  Attributes:
+    version: format version.
+    records: one :class:`LeafRecord` per leaf, in order.
+    structure: the tree structure (see :mod:`flat_tree`).
+    meta: writer metadata.
+    header_bytes: ``H`` (compressed header length).
+    payload_bytes: ``P``.
+    total_bytes: size of the file.
+  """
+  version: int
+  records: list[LeafRecord]
+  structure: Any
+  meta: dict
+  header_bytes: int
+  payload_bytes: int
+  total_bytes: int
+
+
+class TernaryParts(NamedTuple):
+  """A ternary leaf split into its assignment and its three stored values.
+
+  Attributes:
+    assignment: ``int8`` array in ``{-1, 0, 1}`` (n, 0, p).
+    values: the leaf's dtype, ``[-w_n, zero, w_p]`` (``zero`` is ``+0`` or
+      ``-0``, kept for bitwise restoration).
+  """
+  assignment: np.ndarray
+  values: np.ndarray
+
+  @property
+  def w_n(self) -> float:
+    return float(-self.values[0])
+
+  @property
+  def w_p(self) -> float:
+    return float(self.values[2])
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+def _contiguous(array) -> np.ndarray:
+  """C-contiguous array, keeping 0-d arrays 0-d (unlike ``np.ascontiguousarray``)."""
+  return np.require(np.asarray(array), requirements="C")
+
+
+def _uint_view(array: np.ndarray) -> np.ndarray:
+  return array.view(f"u{array.dtype.itemsize}")
+
+
+def _to_le_bytes(array: np.ndarray) -> bytes:
+  """C-order little-endian bytes (through an unsigned view: works for bfloat16)."""
+  array = _contiguous(array)
+  return _uint_view(array).astype(f"<u{array.dtype.itemsize}", copy=False).tobytes()
+
+
+def _from_le_bytes(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+  if len(data) != count * dtype.itemsize:
+    raise ExportFormatError(f"expected {count * dtype.itemsize} value bytes, got {len(data)}")
+  words = np.frombuffer(data, f"<u{dtype.itemsize}", count=count)
+  return words.astype(f"=u{dtype.itemsize}").view(dtype)
+
+
+def ternary_parts(array) -> Optional[TernaryParts]:
+  """Splits ``array`` into assignment and values if it is ternary, else ``None``.
+
+  Ternary means: floating point, finite, exactly three distinct bit patterns,
+  one negative, one zero (``+0`` or ``-0``) and one positive.
+
+  Args:
+    array: any array.
+
+  Returns:
+    :class:`TernaryParts` or ``None``.
+
+  Example:
+    >>> ternary_parts(np.array([0.3, 0.0, -0.2, 0.3], np.float32)).assignment
+    array([ 1,  0, -1,  1], dtype=int8)
+  """
+  array = np.asarray(array)
+  if array.dtype.name not in _FLOAT_NAMES or array.size < 3:
+    return None
+  flat = _contiguous(array).reshape(-1)
+  bits = _uint_view(flat)
+  if np.unique(bits[:64]).size > 3:  # cheap rejection of dense float leaves
+    return None
+  patterns, inverse = np.unique(bits, return_inverse=True)
+  if patterns.size != 3:
+    return None
+  values = patterns.view(array.dtype)
+  as_float = values.astype(np.float64)
+  if not np.isfinite(as_float).all():
+    return None
+  order = np.argsort(as_float, kind="stable")
+  neg, zero, pos = as_float[order]
+  if not (neg < 0 and zero == 0 and pos > 0):
+    return None
+  rank = np.empty(3, np.int8)
+  rank[order] = np.array([-1, 0, 1], np.int8)
+  return TernaryParts(rank[inverse].reshape(array.shape), values[order])
+
+
+def _pack_bits(mask: np.ndarray) -> bytes:
+  return np.packbits(mask.reshape(-1).astype(bool), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: bytes, count: int) -> np.ndarray:
+  if len(data) != (count + 7) // 8:
+    raise ExportFormatError(f"bit mask of {count} bits needs {(count + 7) // 8} bytes, got {len(data)}")
+  bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+  if bits[count:].any():
+    raise ExportFormatError("bit mask has non-zero padding bits")
+  return bits[:count].astype(bool)
+
+
+def _shuffle_compress(raw: bytes, itemsize: int) -> bytes:
+  planes = np.frombuffer(raw, np.uint8).reshape(-1, itemsize).T
+  return zlib.compress(_contiguous(planes).tobytes(), 6)
+
+
+def _shuffle_decompress(data: bytes, itemsize: int, count: int) -> bytes:
+  try:
+    planes = zlib.decompress(data)
+  except zlib.error as e:
+    raise ExportFormatError(f"zlib stream is corrupt: {e}") from None
+  if len(planes) != itemsize * count:
+    raise ExportFormatError("decompressed leaf has the wrong length")
+  return np.frombuffer(planes, np.uint8).reshape(itemsize, count).T.tobytes()
+
+
+def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
+                parts: Optional[TernaryParts]) -> dict[str, bytes]:
+  """Every applicable codec's stream for one leaf."""
+  out = {}
+  stored = array if storage == array.dtype else array.astype(storage)
+  raw = _to_le_bytes(stored)
+  out["raw"] = raw
+  if array.size >= 16:
+    out["zs"] = _shuffle_compress(raw, storage.itemsize)
+  if parts is not None:
+    values = _to_le_bytes(parts.values)
+    a = parts.assignment
+    nonzero = a != 0
+    out["tb"] = values + _pack_bits(nonzero) + _pack_bits(a[nonzero] > 0)
+    if entropy:
+      out["te"] = values + entropy_coding.encode_symbols(a + 1, 3)
+    return out
+  nonzero = (_uint_view(_contiguous(array)) != 0)
+  nnz = int(nonzero.sum())
+  if array.size >= 16 and nnz < array.size:
+    dense_values = _to_le_bytes(stored.reshape(-1)[nonzero.reshape(-1)])
+    if (array.size + 7) // 8 + len(dense_values) < len(raw):
+      out["sb"] = _pack_bits(nonzero) + dense_values
+      if entropy and 0 < nnz:
+        mask = entropy_coding.encode_symbols(nonzero.astype(np.int8), 2)
+        out["se"] = struct.pack("<I", len(mask)) + mask + dense_values
+  return out
+
+
+def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
+                 codecs) -> tuple[dict, bytes]:
+  if array.dtype.name not in _DTYPES:
+    raise ValueError(f"leaf {path!r}: dtype {array.dtype} is not supported "
+                     f"(supported: {', '.join(_DTYPES)})")
+  array = _contiguous(array)
+  parts = ternary_parts(array)
+  storage = array.dtype
+  if float16 and parts is None and array.dtype.name in ("float32", "float64"):
+    half = array.astype(np.float16)
+    if (np.isfinite(half) == np.isfinite(array)).all():  # no overflow to inf
+      storage = np.dtype(np.float16)
+  streams = _candidates(array, storage, entropy, parts)
+  allowed = {k: v for k, v in streams.items() if codecs is None or k in codecs}
+  if not allowed:
+    raise ValueError(f"leaf {path!r}: none of the codecs {sorted(codecs)} applies "
+                     f"(applicable: {sorted(streams)})")
+  codec = min(allowed, key=lambda k: (len(allowed[k]), CODECS.index(k)))
+  record = {"c": codec, "d": array.dtype.name, "s": list(array.shape), "n": len(allowed[codec])}
+  if storage != array.dtype:
+    record["v"] = storage.name
+  if codec in ("te", "se"):
+    record["k"] = zlib.crc32(_to_le_bytes(array))
+  return record, allowed[codec]
+
+
+def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
+  dtype, storage = _DTYPES[record.dtype], _DTYPES[record.storage]
+  count = record.numel
+  codec = record.codec
+  if codec in ("raw", "zs"):
+    raw = stream if codec == "raw" else _shuffle_decompress(stream, storage.itemsize, count)
+    flat = _from_le_bytes(raw, storage, count)
+  elif codec in TERNARY_CODECS:
+    if storage != dtype or dtype.name not in _FLOAT_NAMES:
+      raise ExportFormatError(f"ternary leaf {record.path!r} has dtype {dtype}/{storage}")
+    head = 3 * dtype.itemsize
+    values = _from_le_bytes(stream[:head], dtype, 3)
+    v = values.astype(np.float64)
+    if not (v[0] < 0 and v[1] == 0 and v[2] > 0 and np.isfinite(v).all()):
+      raise ExportFormatError(f"ternary leaf {record.path!r} has invalid values {v.tolist()}")
+    if codec == "tb":
+      nonzero = _unpack_bits(stream[head:head + (count + 7) // 8], count)
+      nnz = int(nonzero.sum())
+      positive = _unpack_bits(stream[head + (count + 7) // 8:], nnz)
+      symbols = np.ones(count, np.int8)
+      symbols[nonzero] = np.where(positive, 2, 0)
+    else:
+      try:
+        symbols = entropy_coding.decode_symbols(stream[head:], record.shape, 3).reshape(-1)
+      except entropy_coding.CodingError as e:
+        raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
+    flat = values[symbols]
+  elif codec in ("sb", "se"):
+    if codec == "sb":
+      nonzero = _unpack_bits(stream[:(count + 7) // 8], count)
+      rest = stream[(count + 7) // 8:]
+    else:
+      if len(stream) < 4:
+        raise ExportFormatError(f"leaf {record.path!r}: truncated sparse stream")
+      (length,) = struct.unpack_from("<I", stream)
+      if 4 + length > len(stream):
+        raise ExportFormatError(f"leaf {record.path!r}: truncated mask stream")
+      try:
+        nonzero = entropy_coding.decode_symbols(stream[4:4 + length], (count,), 2).astype(bool)
+      except entropy_coding.CodingError as e:
+        raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
+      rest = stream[4 + length:]
+    values = _from_le_bytes(rest, storage, int(nonzero.sum()))
+    flat = np.zeros(count, storage)
+    flat[nonzero] = values
+    if (_uint_view(values) == 0).any():
+      raise ExportFormatError(f"sparse leaf {record.path!r} stores a zero as a non-zero")
+  else:
+    raise ExportFormatError(f"leaf {record.path!r}: unknown codec {codec!r}")
+  if storage != dtype:
+    flat = flat.astype(dtype)
+  return flat.reshape(record.shape)
+
+
+# ------------------------------------------------------------------------ container
+
+
+def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
+         codecs=None, metadata: Optional[dict] = None) -> bytes:
+  """Encodes a parameter tree into the packed format.
+
+  Args:
+    tree: nested dicts / lists / tuples of arrays (Linen params, an NNX
+      ``nnx.State`` or its ``to_pure_dict()``, an ``.npz`` state dict).
+    float16: store non-ternary float32/float64 leaves as float16 (lossy; they
+      come back in their original dtype). Ternary leaves stay exact.
+    entropy_coding: allow the entropy-coded codecs (``te``, ``se``); with False
+      ternary leaves use the paper's bitmasks.
+    codecs: optional set restricting the codecs (``raw`` always needed as a
+      fallback for leaves no other codec applies to).
+    metadata: JSON-able dict stored in the header under ``meta["user"]``.
+
+  Returns:
+    The file's bytes.
+
+  Raises:
+    ValueError: for unsupported leaves (non-numeric, complex, ...).
+  """
+  leaves, structure = flat_tree.flatten(tree)
+  records, streams = [], []
+  for path, array in leaves:
+    record, stream = _encode_leaf(path, array, float16=float16, entropy=entropy_coding,
+                                  codecs=None if codecs is None else set(codecs))
+    records.append(record)
+    streams.append(stream)
+  meta = {"writer": "ec2t_jax", "coder": f"constriction {_constriction_version()}"}
+  if metadata:
+    meta["user"] = metadata
+  header = json.dumps({"tree": structure, "leaves": records, "meta": meta},
+                      separators=(",", ":"), allow_nan=False).encode("utf-8")
+  header = zlib.compress(header, 9)
+  payload = b"".join(streams)
+  body = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(payload)) + header + payload
+  return body + hashlib.sha256(body).digest()
+
+
+def _constriction_version() -> str:
+  try:
+    from importlib.metadata import version
+    return version("constriction")
+  except Exception:  # pragma: no cover - metadata missing in odd installs
+    return getattr(constriction, "__version__", "unknown")
+
+
+def _check_container(data: bytes) -> tuple[int, int]:
+  """Validates magic, version, flags, size and checksum; returns (H, P)."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"expected bytes, got {type(data).__name__}")
+  data = bytes(data)
+  if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+    if MAGIC.startswith(data[:len(MAGIC)]) and len(data) < len(MAGIC):
+      raise ExportFormatError(f"truncated file: {len(data)} bytes, not even a full magic number")
+    raise ExportFormatError("not an ec2t packed file: bad magic number")
+  if len(data) < _MIN_SIZE:
+    raise ExportFormatError(f"truncated file: {len(data)} bytes, the fixed header and "
+                            f"checksum alone take {_MIN_SIZE}")
+  _, version, flags, header_len, payload_len = _FIXED.unpack_from(data)
+  if version not in SUPPORTED_VERSIONS:
+    raise ExportFormatError(f"unsupported format version {version} (this reader supports "
+                            f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+  if flags:
+    raise ExportFormatError(f"unsupported flags 0x{flags:04x} in a version-{version} file")
+  expected = _FIXED.size + header_len + payload_len + _DIGEST
+  if len(data) < expected:
+    raise ExportFormatError(f"truncated file: {len(data)} bytes, its header announces {expected}")
+  if len(data) > expected:
+    raise ExportFormatError(f"{len(data) - expected} unexpected trailing bytes after the checksum "
+                            f"(file has {len(data)} bytes, its header announces {expected})")
+  if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
+    raise ExportFormatError("checksum mismatch: the file is corrupted")
+  return header_len, payload_len
+
+
+def _parse_header(data: bytes, header_len: int, payload_len: int) -> PackedInfo:
+  start = _FIXED.size
+  try:
+    header = json.loads(zlib.decompress(data[start:start + header_len]).decode("utf-8"))
+  except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ExportFormatError(f"corrupt header: {e}") from None
+  if not isinstance(header, dict) or not {"tree", "leaves", "meta"} <= set(header):
+    raise ExportFormatError("corrupt header: missing 'tree', 'leaves' or 'meta'")
+  raw_records = header["leaves"]
+  if not isinstance(raw_records, list):
+    raise ExportFormatError("corrupt header: 'leaves' is not a list")
+  paths = flat_tree.leaf_paths(header["tree"])
+  if len(paths) != len(raw_records):
+    raise ExportFormatError(f"corrupt header: {len(raw_records)} leaf records for "
+                            f"{len(paths)} tree leaves")
+  records = []
+  for path, r in zip(paths, raw_records):
+    try:
+      codec, dtype, shape, nbytes = r["c"], r["d"], tuple(r["s"]), r["n"]
+      storage = r.get("v", dtype)
+      crc = r.get("k")
+      ok = ((crc is None or (isinstance(crc, int) and not isinstance(crc, bool)))
+            and codec in CODECS and dtype in _DTYPES and storage in _DTYPES
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            and isinstance(nbytes, int) and nbytes >= 0
+            and (storage == dtype or (storage == "float16" and dtype in ("float32", "float64"))))
+    except (TypeError, KeyError) as e:
+      raise ExportFormatError(f"corrupt record for leaf {path!r}: {e}") from None
+    if not ok:
+      raise ExportFormatError(f"corrupt record for leaf {path!r}: {r!r:.120}")
+    records.append(LeafRecord(path, codec, dtype, shape, nbytes, storage, crc))
+  if sum(r.nbytes for r in records) != payload_len:
+    raise ExportFormatError("corrupt header: leaf stream lengths do not add up to the payload")
+  meta = header["meta"] if isinstance(header["meta"], dict) else {}
+  return PackedInfo(FORMAT_VERSION, records, header["tree"], meta, header_len, payload_len,
+                    _FIXED.size + header_len + payload_len + _DIGEST)
+
+
+def read_info(data: bytes) -> PackedInfo:
+  """Validates a packed file and returns its header, without decoding leaves.
+
+  Raises:
+    ExportFormatError: wrong magic or version, truncated, corrupted.
+  """
+  header_len, payload_len = _check_container(data)
+  return _parse_header(bytes(data), header_len, payload_len)
+
+
+def unpack_leaves(data: bytes) -> tuple[PackedInfo, list[np.ndarray]]:
+  """Decodes every leaf of a packed file.
+
+  Returns:
+    ``(info, arrays)`` with the arrays in leaf order.
+
+  Raises:
+    ExportFormatError: if anything about the file is wrong.
+  """
+  data = bytes(data)
+  info = read_info(data)
+  offset = _FIXED.size + info.header_bytes
+  arrays = []
+  for record in info.records:
+    stream = data[offset:offset + record.nbytes]
+    offset += record.nbytes
+    array = _decode_leaf(record, stream)
+    if record.crc is not None and zlib.crc32(_to_le_bytes(array)) != record.crc:
+      raise ExportFormatError(
+          f"leaf {record.path!r} decodes to different content than was written (CRC mismatch); "
+          f"written with {info.meta.get('coder', '?')}, read with constriction "
+          f"{_constriction_version()}")
+    arrays.append(array)
+  return info, arrays
+
+
+def unpack(data: bytes):
+  """Decodes a packed file into the tree that was packed.
+
+  Returns:
+    The tree (nested dicts / lists / tuples of numpy arrays).
+
+  Raises:
+    ExportFormatError: if anything about the file is wrong.
+  """
+  info, arrays = unpack_leaves(data)
+  try:
+    return flat_tree.unflatten(arrays, info.structure)
+  except ValueError as e:
+    raise ExportFormatError(f"corrupt header: {e}") from None

@@ -1,0 +1,189 @@
+"""Reading parameter trees from files, and writing files atomically.
+
+Three kinds of input are recognised by content, not by name:
+
+* a **packed** ``.ec2t`` file (starts with :data:`packing.MAGIC`);
+* an ``.npz`` **state dict** (a zip archive, e.g. the official EC2T ResNet-20
+  weights): a flat dict whose keys stay exactly as they are;
+* an **orbax checkpoint** directory, as written by
+  ``ocp.StandardCheckpointer().save(path, {"params": ..., ...})``, or a
+  ``CheckpointManager`` step directory holding such an item, or the manager's
+  root (its latest step is used). It is restored without a target and its
+  ``params`` entry is taken (or the entries named by ``keys``).
+
+Example:
+  >>> loaded = load_tree("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
+  >>> loaded.kind, len(loaded.tree)
+  ('npz', 116)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from ec2t_jax._src import flat_tree
+from ec2t_jax._src import packing
+
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+class LoadedTree(NamedTuple):
+  """A tree read from a file.
+
+  Attributes:
+    tree: the parameter tree (numpy arrays).
+    kind: ``"packed"``, ``"npz"`` or ``"checkpoint"``.
+    path: the file or directory actually read.
+    info: the :class:`packing.PackedInfo` of a packed file, else ``None``.
+  """
+  tree: Any
+  kind: str
+  path: str
+  info: Any = None
+
+
+def _is_orbax_item(path: Path) -> bool:
+  return path.is_dir() and (path / "_METADATA").exists()
+
+
+def _find_orbax_item(path: Path) -> tuple[Path, bool]:
+  """Returns (directory to restore, whether it is itself the ``params`` item)."""
+  if _is_orbax_item(path):
+    return path, False
+  children = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+  items = [p for p in children if _is_orbax_item(p)]
+  for item in items:
+    if item.name == "params":
+      return item, True
+  if len(items) == 1:
+    return items[0], False
+  steps = [p for p in children if p.name.isdigit()]
+  if steps and not items:  # a CheckpointManager root: take the latest step
+    return _find_orbax_item(max(steps, key=lambda p: int(p.name)))
+  if items:
+    names = ", ".join(p.name for p in items)
+    raise ValueError(f"{path}: several checkpoint items ({names}) and none is named 'params'")
+  raise ValueError(f"{path}: not an orbax checkpoint directory (no _METADATA file found)")
+
+
+def _restore_orbax(path: Path, keys: Sequence[str]):
+  try:
+    import orbax.checkpoint as ocp
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ValueError("reading orbax checkpoints needs orbax-checkpoint "
+                     "(pip install orbax-checkpoint)") from e
+  item, is_params = _find_orbax_item(path)
+  restored = ocp.StandardCheckpointer().restore(item.resolve())
+  if is_params:
+    return restored, item
+  if not isinstance(restored, dict):
+    raise ValueError(f"{item}: checkpoint holds a {type(restored).__name__}, expected a dict "
+                     "with a 'params' entry")
+  missing = [k for k in keys if k not in restored]
+  if missing:
+    raise ValueError(f"{item}: checkpoint has no {missing[0]!r} entry (top-level keys: "
+                     f"{', '.join(map(str, restored)) or 'none'}); save a dict such as "
+                     "{'params': params, ...}")
+  tree = restored[keys[0]] if len(keys) == 1 else {k: restored[k] for k in keys}
+  return tree, item
+
+
+def load_tree(path, *, keys: Sequence[str] = ("params",)) -> LoadedTree:
+  """Reads a parameter tree from a packed file, an ``.npz`` or an orbax checkpoint.
+
+  Args:
+    path: file or directory.
+    keys: checkpoint entries to take (default the ``params`` entry); with more
+      than one the tree is ``{key: entry}``. Ignored for files.
+
+  Returns:
+    A :class:`LoadedTree` with numpy leaves.
+
+  Raises:
+    FileNotFoundError: if ``path`` does not exist.
+    packing.ExportFormatError: for a corrupted packed file.
+    ValueError: for anything else that cannot be read.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such file or directory")
+  if path.is_dir():
+    tree, item = _restore_orbax(path, tuple(keys))
+    tree = _to_numpy(tree)
+    return LoadedTree(tree, "checkpoint", str(item))
+  data = path.read_bytes()
+  if data.startswith(packing.MAGIC[:4]):
+    info, arrays = packing.unpack_leaves(data)
+    return LoadedTree(flat_tree.unflatten(arrays, info.structure), "packed", str(path), info)
+  if zipfile.is_zipfile(io.BytesIO(data)):
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        tree = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+      raise ValueError(f"{path}: not a readable .npz archive: {e}") from None
+    return LoadedTree(tree, "npz", str(path))
+  raise ValueError(f"{path}: neither an ec2t packed file, an .npz archive nor an orbax "
+                   "checkpoint directory")
+
+
+def _to_numpy(tree):
+  leaves, structure = flat_tree.flatten(tree)
+  return flat_tree.unflatten([np.asarray(x) for _, x in leaves], structure)
+
+
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+  """``{path: array}`` with ``/``-joined paths (a flat dict keeps its keys).
+
+  Raises:
+    ValueError: if two leaves get the same name.
+  """
+  out = {}
+  for name, array in flat_tree.flatten(tree)[0]:
+    if name in out:
+      raise ValueError(f"two leaves are both named {name!r}")
+    out[name] = array
+  return out
+
+
+def atomic_write(path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+  A failure leaves an existing ``path`` untouched.
+  """
+  path = Path(path)
+  directory = path.parent if str(path.parent) else Path(".")
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def atomic_save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+  """Saves ``arrays`` as an uncompressed ``.npz`` at ``path``, atomically.
+
+  Written entry by entry (as ``np.savez`` does) so that any key works, also
+  ``file`` or ``allow_pickle``, which ``np.savez(**arrays)`` would take as its
+  own arguments.
+  """
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for key, array in arrays.items():
+      with archive.open(f"{key}.npy", "w", force_zip64=True) as entry:
+        np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)
+  atomic_write(path, buffer.getvalue())

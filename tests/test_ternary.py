@@ -1,0 +1,206 @@
+"""The pure EC2T functions against hand-computed vectors and jax.grad."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ec2t_jax as ec2t
+
+# The test vector of the baselines document, with s = 0.5:
+# w_p = 0.5 * 0.9 = 0.45, w_n = 0.5 * 0.6 = 0.3, thresholds 0.225 and -0.15.
+W = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
+W_N, W_P = 0.3, 0.45
+I = np.array([np.log2(6.0), 1.0, np.log2(3.0)])  # P = (1/6, 1/2, 1/3)
+# lambda_n = (0.6^2 - (0.3 - 0.6)^2) / (log2 6 - 1) = 0.27 / 1.5849625
+# lambda_p = (0.9^2 - (0.45 - 0.9)^2) / (log2 3 - 1) = 0.6075 / 0.5849625
+LAMBDA_MAX = 0.27 / (np.log2(6.0) - 1.0)
+
+
+def test_initial_centroids_scale_the_extreme_weights():
+  w_n, w_p = ec2t.initial_centroids(W, 0.5)
+  np.testing.assert_allclose([w_n, w_p], [W_N, W_P], rtol=1e-6)
+
+
+def test_nearest_centroid_assign_uses_midpoint_thresholds():
+  a = ec2t.nearest_centroid_assign(W, W_N, W_P)
+  chex.assert_trees_all_equal(a, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
+
+
+def test_nearest_centroid_assign_breaks_ties_towards_zero():
+  a = ec2t.nearest_centroid_assign(jnp.array([0.25, -0.25]), 0.5, 0.5)
+  chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
+
+
+def test_cluster_probabilities_without_floor():
+  p = ec2t.cluster_probabilities(jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
+  np.testing.assert_allclose(p, [1 / 6, 1 / 2, 1 / 3], rtol=1e-6)
+
+
+def test_cluster_probabilities_count_an_empty_cluster_as_one_weight():
+  p = ec2t.cluster_probabilities(jnp.array([0, 0, 0, 1], jnp.int8))
+  np.testing.assert_allclose(p, [0.25, 0.75, 0.25], rtol=1e-6)
+
+
+def test_cluster_probabilities_floor_the_zero_cluster_and_renormalize():
+  # counts (n, 0, p) = (1, 0 -> 1, 3) of 4: P = (.25, .25, .75); P_0 -> 0.5,
+  # the rest 0.5 shared 1:3.
+  p = ec2t.cluster_probabilities(jnp.array([1, 1, 1, -1], jnp.int8))
+  np.testing.assert_allclose(p, [0.125, 0.5, 0.375], rtol=1e-6)
+
+
+def test_cluster_probabilities_reference_renormalization_quirk():
+  # excess 0.25; P_n = .25 - .25 * .25 / 1 = .1875;
+  # P_p = .75 - .25 * .75 / (.1875 + .75) = .55 (uses the lowered P_n).
+  p = ec2t.cluster_probabilities(jnp.array([1, 1, 1, -1], jnp.int8),
+                                 renormalization="reference")
+  np.testing.assert_allclose(p, [0.1875, 0.5, 0.55], rtol=1e-6)
+
+
+def test_information_content_is_minus_log2():
+  np.testing.assert_allclose(
+      ec2t.information_content(jnp.array([1 / 6, 0.5, 1 / 3])), I, rtol=1e-6)
+
+
+def test_lambda_max_is_the_smaller_side():
+  lam = ec2t.lambda_max(W, W_N, W_P, I)
+  np.testing.assert_allclose(lam, LAMBDA_MAX, rtol=1e-5)
+
+
+def test_lambda_max_makes_the_extreme_weight_tie_with_zero():
+  lam = ec2t.lambda_max(W, W_N, W_P, I)
+  cost_n = (-0.6 + W_N) ** 2 + lam * I[0]
+  cost_0 = 0.6 ** 2 + lam * I[1]
+  np.testing.assert_allclose(cost_n, cost_0, rtol=1e-5)
+
+
+def test_lambda_max_of_a_side_that_cannot_flip_is_ignored():
+  # I_p == I_0: the p side never flips, so the n side decides.
+  info = np.array([np.log2(6.0), 1.0, 1.0])
+  np.testing.assert_allclose(ec2t.lambda_max(W, W_N, W_P, info), LAMBDA_MAX,
+                             rtol=1e-5)
+  assert ec2t.lambda_max(W, W_N, W_P, np.ones(3)) == 0.0
+
+
+def test_layer_size_decay_with_sustain():
+  np.testing.assert_allclose(ec2t.layer_size_decay([100, 50, 10]),
+                             [1.0, 0.55 / 1.05, 0.15 / 1.05])
+
+
+def test_layer_size_decay_rejects_empty_layers():
+  with pytest.raises(ValueError, match="numels"):
+    ec2t.layer_size_decay([10, 0])
+
+
+@pytest.mark.parametrize("gamma, expected", [
+    (0.0, [1, 0, 1, -1, 0, 0]),
+    # lambda = 0.5 * 0.17035 = 0.0852: 0.3 costs .0225 + .0852 * 1.585 = .1575
+    # as p and .09 + .0852 = .1752 as zero: stays p.
+    (0.5, [1, 0, 1, -1, 0, 0]),
+    # lambda = 0.9 * 0.17035 = 0.1533: 0.3 costs .2655 as p, .2433 as zero;
+    # -0.6 costs .4863 as n, .5133 as zero: stays n.
+    (0.9, [1, 0, 0, -1, 0, 0]),
+])
+def test_entropy_constrained_assign_hand_computed(gamma, expected):
+  a, lam = ec2t.entropy_constrained_assign(W, W_N, W_P, gamma=gamma)
+  chex.assert_trees_all_equal(a, jnp.array(expected, jnp.int8))
+  np.testing.assert_allclose(lam, gamma * LAMBDA_MAX, rtol=1e-5)
+
+
+def test_entropy_constrained_assign_scales_lambda_by_size_decay():
+  _, lam = ec2t.entropy_constrained_assign(W, W_N, W_P, gamma=0.5,
+                                           size_decay=0.25)
+  np.testing.assert_allclose(lam, 0.125 * LAMBDA_MAX, rtol=1e-5)
+
+
+def test_assign_by_cost_is_argmin_of_the_cost():
+  a = ec2t.assign_by_cost(jnp.array([0.3, 0.3]), 0.3, 0.45, 0.2, I)
+  # 0.3: p costs .0225 + .2 * 1.585 = .3395, zero costs .09 + .2 = .29.
+  chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
+
+
+def test_ternary_values_of_an_assignment():
+  t = ec2t.ternary_values(jnp.array([1, 0, -1], jnp.int8), 0.2, 0.3)
+  np.testing.assert_allclose(t, [0.3, 0.0, -0.2])
+
+
+def test_ternary_values_keep_the_requested_dtype():
+  t = ec2t.ternary_values(jnp.array([1, -1], jnp.int8), 0.2, 0.3, jnp.bfloat16)
+  assert t.dtype == jnp.bfloat16
+
+
+def test_centroid_floor_uses_unbiased_std():
+  w = jnp.array([1.0, 2.0, 3.0, 4.0])
+  w_n, w_p = ec2t.centroid_floor(w, 0.5, 2.0)
+  np.testing.assert_allclose([w_n, w_p], [0.675 * np.std([1, 2, 3, 4], ddof=1),
+                                          2.0], rtol=1e-6)
+
+
+def test_latent_gradient_matches_ttq_test_vector():
+  # TTQ with t = 0.05: clusters [+, -, +, -, 0, +], multipliers
+  # [W_p, W_n, W_p, W_n, 1, W_p].
+  a = jnp.array([1, -1, 1, -1, 0, 1], jnp.int8)
+  g = jnp.arange(1.0, 7.0)
+  np.testing.assert_allclose(ec2t.latent_gradient(g, a, 2.0, 3.0),
+                             [3.0, 4.0, 9.0, 8.0, 5.0, 18.0])
+
+
+def _straight_through_ternary(latent, assignment, w_n, w_p):
+  """T in the forward pass, d T / d W = TTQ's scale in the backward pass."""
+  scale = jnp.where(assignment > 0, w_p, jnp.where(assignment < 0, w_n, 1.0))
+  t = ec2t.ternary_values(assignment, w_n, w_p)
+  return jax.lax.stop_gradient(t - scale * latent) + scale * latent
+
+
+def test_latent_gradient_equals_jax_grad_of_straight_through_ternary():
+  key = jax.random.key(0)
+  latent = jax.random.normal(key, (5, 7))
+  upstream = jax.random.normal(jax.random.key(1), (5, 7))
+  w_n, w_p = 0.4, 0.7
+  a = ec2t.nearest_centroid_assign(latent, w_n, w_p)
+  loss = lambda w: jnp.sum(upstream * _straight_through_ternary(w, a, w_n, w_p))
+  np.testing.assert_allclose(jax.grad(loss)(latent),
+                             ec2t.latent_gradient(upstream, a, w_n, w_p),
+                             rtol=1e-6)
+
+
+def test_centroid_gradients_equal_jax_grad_of_ternary_values():
+  latent = jax.random.normal(jax.random.key(2), (64,))
+  upstream = jax.random.normal(jax.random.key(3), (64,))
+  a = ec2t.nearest_centroid_assign(latent, 0.5, 0.6)
+  loss = lambda w_n, w_p: jnp.sum(upstream * ec2t.ternary_values(a, w_n, w_p))
+  expected = jax.grad(loss, argnums=(0, 1))(0.5, 0.6)
+  np.testing.assert_allclose(ec2t.centroid_gradients(upstream, a), expected,
+                             rtol=1e-5)
+
+
+def test_centroid_gradients_reference_sign_flips_only_w_n():
+  a = jnp.array([1, -1, -1, 0], jnp.int8)
+  g = jnp.array([1.0, 2.0, 3.0, 4.0])
+  np.testing.assert_allclose(ec2t.centroid_gradients(g, a), [-5.0, 1.0])
+  np.testing.assert_allclose(
+      ec2t.centroid_gradients(g, a, negative_sign="reference"), [5.0, 1.0])
+
+
+def test_centroid_gradients_reject_an_unknown_sign():
+  with pytest.raises(ValueError, match="negative_sign"):
+    ec2t.centroid_gradients(jnp.ones(2), jnp.ones(2, jnp.int8),
+                            negative_sign="plus")
+
+
+def test_ternary_entropy_in_bits_per_weight():
+  np.testing.assert_allclose(
+      ec2t.ternary_entropy(jnp.array([1, -1, 0, 0], jnp.int8)), 1.5)
+  np.testing.assert_allclose(
+      ec2t.ternary_entropy(jnp.zeros(8, jnp.int8)), 0.0)
+  np.testing.assert_allclose(
+      ec2t.ternary_entropy(jnp.array([1, -1, 0], jnp.int8)), np.log2(3.0),
+      rtol=1e-6)
+
+
+def test_pure_functions_are_jittable():
+  assign = jax.jit(lambda w: ec2t.entropy_constrained_assign(
+      w, W_N, W_P, gamma=0.9))
+  chex.assert_trees_all_equal(assign(W)[0],
+                              jnp.array([1, 0, 0, -1, 0, 0], jnp.int8))
