@@ -44,13 +44,16 @@ def _is_leaf(node) -> bool:
   return not isinstance(node, (Mapping, list, tuple)) and node is not None
 
 
-def flatten(tree) -> tuple[list[tuple[str, np.ndarray]], Structure]:
+def flatten(tree, *, as_numpy: bool = True) -> tuple[list[tuple[str, Any]], Structure]:
   """Flattens ``tree`` into ``[(path, array), ...]`` and a JSON-able structure.
 
   Args:
     tree: nested dicts / lists / tuples of arrays (numpy, JAX, Python scalars);
       ``flax.core.FrozenDict`` and ``nnx.State`` are accepted (the latter via
       ``to_pure_dict()``).
+    as_numpy: convert leaves with :func:`numpy.asarray` (and check they are
+      numeric); with False leaves are kept as they are (e.g.
+      ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``).
 
   Returns:
     ``(leaves, structure)``: ``leaves`` in depth-first, insertion order, each
@@ -79,6 +82,9 @@ def flatten(tree) -> tuple[list[tuple[str, np.ndarray]], Structure]:
     if isinstance(node, (list, tuple)):
       children = [walk(child, prefix + (i,)) for i, child in enumerate(node)]
       return {"l" if isinstance(node, list) else "t": children}
+    if not as_numpy:
+      leaves.append(("/".join(map(str, prefix)), node))
+      return len(leaves) - 1
     array = np.asarray(node)
     if array.dtype.kind not in "biufc" and array.dtype.name != "bfloat16":
       raise ValueError(f"leaf {'/'.join(map(str, prefix))!r} is not a numeric "

@@ -267,7 +267,7 @@ def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
   stored = array if storage == array.dtype else array.astype(storage)
   raw = _to_le_bytes(stored)
   out["raw"] = raw
-  if array.size >= 16:
+  if array.size >= 16 and parts is None:  # ternary codecs beat zlib on ternary leaves
     out["zs"] = _shuffle_compress(raw, storage.itemsize)
   if parts is not None:
     values = _to_le_bytes(parts.values)
@@ -298,7 +298,8 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   parts = ternary_parts(array)
   storage = array.dtype
   if float16 and parts is None and array.dtype.name in ("float32", "float64"):
-    half = array.astype(np.float16)
+    with np.errstate(over="ignore"):
+      half = array.astype(np.float16)
     if (np.isfinite(half) == np.isfinite(array)).all():  # no overflow to inf
       storage = np.dtype(np.float16)
   streams = _candidates(array, storage, entropy, parts)
@@ -459,7 +460,11 @@ def _parse_header(data: bytes, header_len: int, payload_len: int) -> PackedInfo:
   raw_records = header["leaves"]
   if not isinstance(raw_records, list):
     raise ExportFormatError("corrupt header: 'leaves' is not a list")
-  paths = flat_tree.leaf_paths(header["tree"])
+  try:
+    paths = flat_tree.leaf_paths(header["tree"])
+    flat_tree.unflatten(list(range(len(paths))), header["tree"])  # validates the structure
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ExportFormatError(f"corrupt header: malformed tree structure ({e})") from None
   if len(paths) != len(raw_records):
     raise ExportFormatError(f"corrupt header: {len(raw_records)} leaf records for "
                             f"{len(paths)} tree leaves")

@@ -26,7 +26,11 @@ import re
 from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ec2t_jax._src.trees import path_to_str
+from ec2t_jax._src.trees import pure_tree
 
 Mode = Literal["ternary", "ecp", "skip"]
 _MODES = ("ternary", "ecp", "skip")
@@ -76,19 +80,6 @@ Select = Callable[[str, Any], bool]
 SelectionLike = Union[None, "Selection", Sequence[Rule], Select]
 
 
-def path_to_str(path) -> str:
-  """Joins a JAX key path into ``a/b/0/c``."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def _natural_key(path: str):
   return [(0, int(t), "") if t.isdigit() else (1, 0, t)
           for t in re.split(r"(\d+)", path) if t]
@@ -96,12 +87,12 @@ def _natural_key(path: str):
 
 def is_kernel(path: str, leaf) -> bool:
   """A floating leaf with ``ndim >= 2`` that is not an embedding table."""
-  return (hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.floating)
+  return (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
           and len(leaf.shape) >= 2 and path.rsplit("/", 1)[-1] != "embedding")
 
 
 def _check_selectable(path: str, leaf, reason: str):
-  if not hasattr(leaf, "dtype") or not np.issubdtype(leaf.dtype, np.floating):
+  if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise ValueError(f"{reason} selects leaf {path!r} of dtype "
                      f"{getattr(leaf, 'dtype', type(leaf))}; only floating-point "
                      "leaves can be ternarized")
@@ -142,7 +133,7 @@ class Selection:
       ValueError: a rule matched no leaf, a rule or the default selected a leaf
         that cannot be ternarized, or nothing at all was selected.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
     paths = [path_to_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
     plans: list[Optional[LeafPlan]] = [None] * len(leaves)
@@ -203,7 +194,7 @@ def describe_selection(params, selection: SelectionLike = None) -> str:
     >>> print(describe_selection(params, [Rule("Conv_0", mode="ecp")]))
   """
   plans = as_selection(selection).plan(params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
   rows = [("path", "shape", "dtype", "mode", "gamma", "selected by")]
   for (path, leaf), plan in zip(flat, plans):
     rows.append((

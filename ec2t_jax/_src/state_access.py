@@ -13,31 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import transform
+from ec2t_jax._src.trees import nnx_optimizer_type
+from ec2t_jax._src.trees import pure_tree
 
 
 def _is_ternarize_state(x) -> bool:
   return isinstance(x, transform.TernarizeState)
-
-
-def _nnx():
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    return nnx
-  except ImportError:  # pragma: no cover
-    return None
-
-
-def _pure(tree):
-  """Unwraps ``nnx.Optimizer`` / nnx variables into plain arrays."""
-  nnx = _nnx()
-  if nnx is not None:
-    if isinstance(tree, nnx.Optimizer):
-      tree = tree.opt_state
-    if isinstance(tree, nnx.State) or any(
-        isinstance(x, nnx.Variable) for x in jax.tree.leaves(
-            tree, is_leaf=lambda x: isinstance(x, nnx.Variable))):
-      tree = nnx.as_pure(tree)
-  return tree
 
 
 def find_ternarize_state(opt_state) -> transform.TernarizeState:
@@ -50,7 +31,7 @@ def find_ternarize_state(opt_state) -> transform.TernarizeState:
   Raises:
     ValueError: if there is no such state, or more than one.
   """
-  found = [x for x in jax.tree.leaves(_pure(opt_state),
+  found = [x for x in jax.tree.leaves(pure_tree(opt_state),
                                       is_leaf=_is_ternarize_state)
            if _is_ternarize_state(x)]
   if len(found) != 1:
@@ -84,7 +65,7 @@ def ternary_params(params, opt_state):
     A pytree like ``params`` (plain arrays), dtypes preserved.
   """
   state = find_ternarize_state(opt_state)
-  params = _pure(params)
+  params = pure_tree(params)
   leaves, treedef = jax.tree.flatten(params)
   fields = [treedef.flatten_up_to(t) for t in
             (state.latent, state.w_n, state.w_p, state.assignment, state.ecp)]
@@ -118,8 +99,7 @@ def freeze_assignment(opt_state, frozen: bool = True):
   Example:
     >>> opt_state = ec2t.freeze_assignment(opt_state)
   """
-  nnx = _nnx()
-  if nnx is not None and isinstance(opt_state, nnx.Optimizer):
+  if isinstance(opt_state, nnx_optimizer_type()):
     states = [x for x in jax.tree.leaves(opt_state.opt_state,
                                          is_leaf=_is_ternarize_state)
               if _is_ternarize_state(x)]

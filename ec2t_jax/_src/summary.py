@@ -9,9 +9,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ec2t_jax._src import selection as selection_lib
 from ec2t_jax._src import state_access
 from ec2t_jax._src import ternary
+from ec2t_jax._src.trees import path_to_str
 
 
 class LayerSummary(NamedTuple):
@@ -96,7 +96,7 @@ def summary(opt_state) -> Summary:
   for (path, latent), (w_n, w_p, a, lam, ecp) in zip(flat, zip(*fields)):
     a = np.asarray(a)
     layers.append(LayerSummary(
-        path=selection_lib.path_to_str(path), shape=tuple(latent.shape),
+        path=path_to_str(path), shape=tuple(latent.shape),
         mode="ecp" if bool(ecp) else "ternary",
         sparsity=float(np.mean(a == 0)), w_n=float(w_n), w_p=float(w_p),
         lam=float(lam), entropy=float(ternary.ternary_entropy(a))))

@@ -1,0 +1,64 @@
+"""Bad arguments fail early with a message that names them."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import ec2t_jax as ec2t
+from models_for_tests import init
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
+def test_gamma_outside_unit_interval(gamma):
+  with pytest.raises(ValueError, match="gamma must be in"):
+    ec2t.ternarize_transform(gamma=gamma)
+
+
+@pytest.mark.parametrize("init_scale", [0.0, -0.3])
+def test_nonpositive_init_scale(init_scale):
+  with pytest.raises(ValueError, match="init_scale must be in"):
+    ec2t.ternarize_transform(init_scale=init_scale)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("floor_factor", -1.0), ("zero_floor", 0.0), ("zero_floor", 1.5),
+    ("sustain", -0.05), ("centroid_update_scale", -1.0)])
+def test_other_hyperparameters_out_of_range(name, value):
+  with pytest.raises(ValueError, match=f"{name} must be in"):
+    ec2t.ternarize_transform(**{name: value})
+
+
+def test_unknown_renormalization_and_latent_dtype():
+  with pytest.raises(ValueError, match="renormalization"):
+    ec2t.ternarize_transform(renormalization="fixed")
+  with pytest.raises(ValueError, match="latent_dtype"):
+    ec2t.ternarize_transform(latent_dtype="int8")
+
+
+def test_reference_mode_validates_too():
+  with pytest.raises(ValueError, match="gamma must be in"):
+    ec2t.reference_optimizer(gamma=2.0)
+  with pytest.raises(ValueError, match="negative_centroid_sign"):
+    ec2t.reference_optimizer(negative_centroid_sign="plus")
+
+
+def test_update_without_params():
+  _, params = init()
+  tx = ec2t.ternarize_transform()
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(params, tx.init(params))
+  ref = ec2t.reference_optimizer()
+  with pytest.raises(ValueError, match="needs the current params"):
+    ref.update(params, ref.init(params))
+
+
+def test_traced_gamma_from_inject_hyperparams_is_checked_when_concrete():
+  with pytest.raises(ValueError, match="gamma must be in"):
+    optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=3.0).init(
+        {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones((2, 2))})
+
+
+def test_state_helpers_reject_a_state_without_ec2t():
+  _, params = init()
+  with pytest.raises(ValueError, match="holds 0 EC2T states"):
+    ec2t.summary(optax.adam(1e-3).init(params))
