@@ -24,6 +24,12 @@ Operations. A conv with output ``H x W x M``, ``N`` input channels, kernel
    \\text{else: } H W M \\sigma N K^2 \\text{ mults}; \\qquad
    H W M (\\sigma N K^2 - 1) \\text{ adds}
 
+"With dead channels" applies these formulas to the whole layer, "without" to
+the layer after dropping dead channels. Since the layer-average formula charges
+``-1`` addition to every output, an all-zero filter counts ``-H W`` additions,
+so the count without dead channels can show slightly *more* additions (by
+``H W`` per dropped filter) while it has fewer multiplications.
+
 MicroNet FLOPs weight each multiplication by ``mul_bits / 32`` and each
 addition by ``add_bits / 32``; ternary accumulations may use a tree adder
 whose operands grow from 16 bits by one bit per level (capped at 32). One

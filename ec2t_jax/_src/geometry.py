@@ -29,7 +29,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -103,8 +103,9 @@ def cifar_resnet_geometry(shapes: dict[str, Sequence[int]], *,
   Recognises a stem ``conv1``, blocks ``layer{s}.{b}.conv{k}`` (PyTorch) or
   ``layer{s}_{b}/conv{k}`` (Flax), optional 1x1 shortcut convs and the
   classifier ``linear`` (or ``fc``). Stage ``s`` works on ``image_size /
-  2**(s-1)`` feature maps; the first conv of every block of stage > 1 (and its
-  shortcut) has stride 2 when it changes the width or ``b == 0``.
+  2**(s-1)`` feature maps; in block 0 of every stage after the first, ``conv1``
+  and the shortcut have stride 2. The last conv of a block feeds the residual
+  add; each conv's batch norm (``bn{k}``, ``shortcut.1``) folds into its bias.
 
   Args:
     shapes: ``{path: shape}`` of the parameter leaves.

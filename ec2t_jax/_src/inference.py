@@ -141,21 +141,28 @@ def ternary_weights(params) -> dict[str, TernaryWeight]:
   return out
 
 
-def ternary_apply(model: nn.Module, variables, *args, method=None, **kwargs):
+def ternary_apply(model: nn.Module, variables, *args, method=None,
+                  ternary: Optional[dict] = None, **kwargs):
   """Runs a Linen model with its ternary ``nn.Dense`` / ``nn.Conv`` on the ternary path.
 
   Every ``nn.Dense`` or ``nn.Conv`` whose ``kernel`` holds exactly
   ``{-w_n, 0, w_p}`` is computed as ``w_p * layer(x; M_p) - w_n * layer(x; M_n)
   + bias`` (the layer itself, cloned without bias, applied to the two masks,
   so padding, strides and dtypes are the module's own); everything else runs
-  as usual. The ternary split is done on the concrete ``variables`` before
-  tracing, so call this outside ``jit`` (or close over the variables).
+  as usual. The ternary split needs concrete values: by default it is done
+  on ``variables`` (so call this outside ``jit``); to jit, split once with
+  :func:`ternary_weights` and pass the result as ``ternary`` (a pytree)::
+
+    tw = ternary_weights(variables["params"])
+    run = jax.jit(lambda v, tw, x: ternary_apply(model, v, x, ternary=tw))
 
   Args:
     model: the Linen module.
     variables: ``{"params": ..., ...}`` as for ``model.apply``.
     *args, **kwargs: forwarded to ``model.apply``.
     method: forwarded to ``model.apply``.
+    ternary: ``{kernel path: TernaryWeight}`` (paths relative to ``params``);
+      default :func:`ternary_weights` of ``variables["params"]``.
 
   Returns:
     ``model.apply``'s output.
@@ -164,7 +171,8 @@ def ternary_apply(model: nn.Module, variables, *args, method=None, **kwargs):
     >>> y = ternary_apply(model, variables, x)  # doctest: +SKIP
     >>> np.testing.assert_allclose(y, model.apply(variables, x), atol=1e-5)  # doctest: +SKIP
   """
-  ternary = ternary_weights(variables.get("params", {}))
+  if ternary is None:
+    ternary = ternary_weights(variables.get("params", {}))
 
   def interceptor(next_fun, fn_args, fn_kwargs, context):
     module = context.module

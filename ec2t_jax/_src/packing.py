@@ -277,7 +277,7 @@ def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
     if entropy:
       out["te"] = values + entropy_coding.encode_symbols(a + 1, 3)
     return out
-  nonzero = (_uint_view(_contiguous(array)) != 0)
+  nonzero = (_uint_view(_contiguous(stored)) != 0)  # of the stored values (float16 may underflow)
   nnz = int(nonzero.sum())
   if array.size >= 16 and nnz < array.size:
     dense_values = _to_le_bytes(stored.reshape(-1)[nonzero.reshape(-1)])
@@ -311,8 +311,9 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   record = {"c": codec, "d": array.dtype.name, "s": list(array.shape), "n": len(allowed[codec])}
   if storage != array.dtype:
     record["v"] = storage.name
-  if codec in ("te", "se"):
-    record["k"] = zlib.crc32(_to_le_bytes(array))
+  if codec in ("te", "se"):  # CRC of what decoding must give back
+    decoded = array if storage == array.dtype else array.astype(storage).astype(array.dtype)
+    record["k"] = zlib.crc32(_to_le_bytes(decoded))
   return record, allowed[codec]
 
 

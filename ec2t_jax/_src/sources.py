@@ -155,16 +155,24 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
 def atomic_write(path, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
 
-  A failure leaves an existing ``path`` untouched.
+  A failure leaves an existing ``path`` untouched. The new file gets the mode
+  of the file it replaces, else the usual ``0o666 & ~umask``.
   """
   path = Path(path)
   directory = path.parent if str(path.parent) else Path(".")
+  try:
+    mode = path.stat().st_mode & 0o7777
+  except OSError:
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
   except BaseException:
     try:

@@ -31,10 +31,9 @@ loaded dict back with ``nnx.replace_by_pure_dict(state, loaded)`` then
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -40,7 +39,6 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ec2t_jax._src import accounting
-from ec2t_jax._src import flat_tree
 from ec2t_jax._src import packing
 from ec2t_jax._src import sources
 from ec2t_jax._src.accounting import EXACT_RULES, PAPER_RULES, CountingRules
@@ -229,8 +227,8 @@ def format_report(report: dict) -> str:
       f"bytes ({b['measured']}): {b['file']:,}  (header {b['header']:,}, payload {b['payload']:,})",
       f"  float32: {b['float32']:,} B ({b['float32'] / max(b['file'], 1):.1f}x the file)",
       f"  paper's storage rule: {report['scoring_params']:,.1f} scoring params x 4 B = "
-      f"{b['paper_rule']:,.0f} B ({b['file'] / max(b['paper_rule'], 1):.2f}x of it is the file; "
-      f"the rule folds batch norm into 16-bit biases and stores other values at 16 bits)",
+      f"{b['paper_rule']:,.0f} B (the file is {b['file'] / max(b['paper_rule'], 1):.2f}x that; "
+      f"the rule folds batch norm into 16-bit biases and counts other values at 16 bits)",
       f"  ternary layers: {t['payload']:,.0f} B packed, {t['entropy_bound']:,.0f} B = numel x H0, "
       f"{t['bitmask']:,.0f} B as two bitmasks, {t['paper_rule']:,.0f} B by the paper's best format",
   ]
