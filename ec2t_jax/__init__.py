@@ -7,9 +7,21 @@ Sparse ternary networks by wrapping your optax optimizer::
   opt_state = tx.init(params)
   params = ec2t.ternary_params(params, opt_state)
 
-See README.md for a tour and WORKSPACE.md for the map of the code.
+Compressed export and size/operation reports: ``ec2t.export`` and
+``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
+ec2t_jax.report``); plots: ``ec2t_jax.plots`` (needs matplotlib); reference
+models: ``ec2t_jax.models``. See README.md for a tour and WORKSPACE.md for the
+map of the code.
 """
 
+from ec2t_jax import export
+from ec2t_jax import report
+from ec2t_jax._src.inference import ternary_apply
+from ec2t_jax._src.inference import ternary_conv
+from ec2t_jax._src.inference import ternary_dense
+from ec2t_jax._src.inference import ternary_weights
+from ec2t_jax._src.inference import TernaryWeight
+from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
 from ec2t_jax._src.selection import Rule
@@ -51,6 +63,8 @@ __all__ = (
     "cluster_probabilities",
     "describe_selection",
     "entropy_constrained_assign",
+    "export",
+    "ExportFormatError",
     "find_ternarize_state",
     "freeze_assignment",
     "information_content",
@@ -63,6 +77,7 @@ __all__ = (
     "LeafPlan",
     "nearest_centroid_assign",
     "reference_optimizer",
+    "report",
     "Rule",
     "Selection",
     "summary",
@@ -71,7 +86,12 @@ __all__ = (
     "ternarize_transform",
     "TernarizeReferenceState",
     "TernarizeState",
+    "ternary_apply",
+    "ternary_conv",
+    "ternary_dense",
     "ternary_entropy",
     "ternary_params",
     "ternary_values",
+    "ternary_weights",
+    "TernaryWeight",
 )
