@@ -67,16 +67,22 @@ def test_unselected_leaves_get_exactly_the_inner_update():
     chex.assert_trees_all_equal(updates[name]["bias"], expected[name]["bias"])
 
 
-def test_latent_weights_move_by_the_scaled_update():
+def _one_sgd_step(lr, **kwargs):
+  """One SGD step through ternarize_transform: (grads, old core, new core)."""
   model, params = init()
-  lr = 0.1
-  tx = optax.chain(optax.sgd(lr), ec2t.ternarize_transform(gamma=0.2))
+  tx = optax.chain(optax.sgd(lr), ec2t.ternarize_transform(**kwargs))
   state = tx.init(params)
   params = ec2t.ternary_params(params, state)
   x, y = batch()
   grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
   _, new_state = tx.update(grads, state, params)
-  old, new = ec2t.find_ternarize_state(state), ec2t.find_ternarize_state(new_state)
+  return (grads, ec2t.find_ternarize_state(state),
+          ec2t.find_ternarize_state(new_state))
+
+
+def test_latent_weights_move_by_the_scaled_update():
+  lr = 0.1
+  grads, old, new = _one_sgd_step(lr, gamma=0.2)
   for name in TERNARY_LEAVES:
     a = old.assignment[name]["kernel"]
     w_n, w_p = old.w_n[name]["kernel"], old.w_p[name]["kernel"]
@@ -88,16 +94,8 @@ def test_latent_weights_move_by_the_scaled_update():
 
 
 def test_centroids_move_by_the_mean_update_of_their_cluster():
-  model, params = init()
   lr = 0.5
-  tx = optax.chain(optax.sgd(lr),
-                   ec2t.ternarize_transform(gamma=0.0, floor_factor=0.0))
-  state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
-  x, y = batch()
-  grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
-  _, new_state = tx.update(grads, state, params)
-  old, new = ec2t.find_ternarize_state(state), ec2t.find_ternarize_state(new_state)
+  grads, old, new = _one_sgd_step(lr, gamma=0.0, floor_factor=0.0)
   for name in TERNARY_LEAVES:
     a = np.asarray(old.assignment[name]["kernel"])
     u = -lr * np.asarray(grads[name]["kernel"])

@@ -182,6 +182,7 @@ def _init_state(params, selection, hyper: _Hyper, latent_dtype) -> TernarizeStat
 
 
 class LeafState(NamedTuple):
+  """The state of one selected leaf, gathered from the TernarizeState trees."""
   latent: jax.Array
   w_n: jax.Array
   w_p: jax.Array
@@ -223,6 +224,7 @@ def _cluster_mean(values, mask, fallback):
 
 
 def leaf_value(leaf: LeafState, ecp: bool, dtype) -> jax.Array:
+  """The param value of a leaf: ``T`` (snapped centroids), or ``W`` masked (ECP)."""
   if ecp:
     return jnp.where(leaf.assignment == 0, 0, leaf.latent).astype(dtype)
   w_n, w_p = _snap_centroids(leaf.w_n, leaf.w_p, dtype)
@@ -251,7 +253,7 @@ def _flat_state(state: TernarizeState, treedef):
 def _step_state(state: TernarizeState, params, configs, latent_steps,
                 centroid_steps, finites, hyper: _Hyper):
   """Advances every selected leaf; returns (new leaf states, new state)."""
-  leaves, treedef = jax.tree.flatten(params)
+  treedef = jax.tree.structure(params)
   old = _flat_state(state, treedef)
   new = [None if config is None else _advance_leaf(
       config, leaf_state, latent_step, centroid_step, state.frozen, finite, hyper)
