@@ -17,7 +17,7 @@ from ec2t_jax.models.lenet import LeNet300100, LeNet5
 from ec2t_jax.models.resnet import (BasicBlock, CifarResNet, cifar_resnet, compound_scaled_resnet,
                                     zero_pad_shortcut)
 from ec2t_jax.models.torch_convert import (CheckpointMismatchError, convert_state_dict,
-                                           load_state_dict, load_torch_checkpoint)
+                                           load_state_dict, load_torch_checkpoint, to_state_dict)
 
 MODEL_NAMES = ("lenet5", "lenet300100", "resnet20", "resnet32", "resnet44", "resnet56",
                "supernet")
@@ -53,5 +53,5 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 __all__ = [
     "BasicBlock", "CheckpointMismatchError", "CifarResNet", "LeNet300100", "LeNet5",
     "MODEL_NAMES", "cifar_resnet", "compound_scaled_resnet", "convert_state_dict",
-    "get_model", "load_state_dict", "load_torch_checkpoint", "zero_pad_shortcut",
+    "get_model", "load_state_dict", "load_torch_checkpoint", "to_state_dict", "zero_pad_shortcut",
 ]

@@ -48,6 +48,7 @@ import numpy as np
 __all__ = [
     "CheckpointMismatchError",
     "convert_state_dict",
+    "to_state_dict",
     "load_state_dict",
     "load_torch_checkpoint",
     "flax_path",
@@ -151,7 +152,7 @@ def _flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _check_against(converted: Mapping[str, Any], target: Mapping[str, Any]) -> None:
-  got = _flat_shapes({c: converted[c] for c in ("params", "batch_stats") if converted[c]})
+  got = _flat_shapes({c: converted[c] for c in ("params", "batch_stats") if converted.get(c)})
   want = _flat_shapes({c: target[c] for c in ("params", "batch_stats") if c in target})
   missing = sorted(set(want) - set(got))
   unused = sorted(set(got) - set(want))
@@ -163,6 +164,55 @@ def _check_against(converted: Mapping[str, Any], target: Mapping[str, Any]) -> N
     lines += [f"  unexpected: {k} {got[k]}" for k in unused[:10]]
     lines += [f"  shape:      {k} checkpoint {got[k]} vs model {want[k]}" for k in wrong[:10]]
     raise CheckpointMismatchError("\n".join(lines))
+
+
+def _torch_key(path: tuple[str, ...], collection: str) -> tuple[str, bool]:
+  """Inverse of :func:`flax_path`: returns ``(torch_key, is_kernel)``."""
+  *scopes, leaf = path
+  modules = []
+  for scope in scopes:
+    base, _, index = scope.rpartition("_")
+    modules.extend([base, index] if base and index.isdigit() else [scope])
+  name = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+          ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+          ("batch_stats", "var"): "running_var"}.get((collection, leaf))
+  if name is None:
+    raise ValueError(f"no PyTorch name for {collection}/{'/'.join(path)}")
+  return ".".join([*modules, name]), leaf == "kernel"
+
+
+def _to_torch_layout(array: np.ndarray) -> np.ndarray:
+  if array.ndim == 4:
+    return np.transpose(array, (3, 2, 0, 1))
+  if array.ndim == 3:
+    return np.transpose(array, (2, 1, 0))
+  if array.ndim == 2:
+    return array.T
+  return array
+
+
+def to_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None = None,
+                  ) -> dict[str, np.ndarray]:
+  """Flax ``params`` (+ ``batch_stats``) -> a PyTorch-style state dict (inverse of :func:`convert_state_dict`).
+
+  ``np.savez(path, **to_state_dict(params, batch_stats))`` writes a file that
+  :func:`load_torch_checkpoint` reads back, and that PyTorch loads with
+  ``model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(path).items()},
+  strict=False)`` (``num_batches_tracked`` is not written).
+
+  Example:
+    >>> params = {"layer1_0": {"conv1": {"kernel": np.zeros((3, 3, 16, 32))}}}
+    >>> {k: v.shape for k, v in to_state_dict(params).items()}
+    {'layer1.0.conv1.weight': (32, 16, 3, 3)}
+  """
+  state = {}
+  for collection, tree in (("params", params), ("batch_stats", batch_stats or {})):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]:
+      keys = tuple(str(getattr(k, "key", k)) for k in path)
+      name, is_kernel = _torch_key(keys, collection)
+      array = np.asarray(leaf)
+      state[name] = _to_torch_layout(array) if is_kernel else array
+  return state
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

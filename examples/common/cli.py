@@ -1,0 +1,40 @@
+"""User-facing errors: a clear one-line message instead of a traceback.
+
+Example:
+  >>> from absl import app
+  >>> # app.run(report_user_errors(main))
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+  """A problem the user can fix (bad flag, missing data, incompatible checkpoint).
+
+  Its message is printed as ``error: <message>`` and the program exits with
+  status 2, without a traceback.
+  """
+
+
+def report_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps an absl ``main`` so that :class:`UserError` ends the program cleanly.
+
+  Args:
+    main: The ``main(argv)`` passed to ``absl.app.run``.
+
+  Returns:
+    A ``main`` that prints ``error: ...`` to stderr and exits with status 2 on
+    :class:`UserError`; other exceptions propagate unchanged (they are bugs).
+  """
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except UserError as error:
+      print(f"error: {error}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  return wrapped

@@ -1,0 +1,90 @@
+"""Per-epoch metrics to JSON lines and TensorBoard (tensorboardX).
+
+Every record is one JSON object per line in ``<workdir>/metrics.jsonl`` (easy to
+read back with :func:`read_jsonl`, e.g. by ``examples/plot_curves.py``) and the
+numeric fields also go to TensorBoard event files in ``<workdir>/tensorboard``
+under ``<phase>/<name>``. Only process 0 writes.
+
+Example:
+  >>> writer = MetricWriter("/tmp/run")
+  >>> writer.write({"phase": "fp", "epoch": 1, "step": 469, "val_accuracy": 0.98})
+  >>> writer.close()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from typing import Any
+
+
+class MetricWriter:
+  """Appends records to ``metrics.jsonl`` and TensorBoard.
+
+  Args:
+    workdir: Output folder (created if missing).
+    enabled: ``False`` on processes other than 0 (then every call is a no-op).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    self._tensorboard = None
+    if enabled:
+      os.makedirs(os.fspath(workdir), exist_ok=True)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Writes one record; needs ``"step"`` and uses ``"phase"`` as TensorBoard prefix.
+
+    Nested dicts (e.g. ``{"sparsity": {"conv2/kernel": 0.93}}``) are kept nested
+    in JSON and flattened to ``sparsity/conv2/kernel`` in TensorBoard.
+    """
+    if not self.enabled:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+    prefix = record.get("phase", "train")
+    step = int(record["step"])
+    for name, value in _flatten(record):
+      if name not in ("step", "epoch") and isinstance(value, numbers.Real) \
+          and not isinstance(value, bool) and math.isfinite(value):
+        self._tensorboard.add_scalar(f"{prefix}/{name}", float(value), step)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _flatten(record: dict[str, Any], prefix: str = ""):
+  for key, value in record.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if hasattr(value, "item") and getattr(value, "shape", None) == ():
+    return value.item()
+  return value
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads every record of a ``metrics.jsonl`` file (skipping a torn last line)."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

@@ -1,0 +1,311 @@
+"""The end-to-end EC2T job shared by the examples.
+
+1. data: per-process tfds shards (train / validation / test);
+2. full precision: pretrain (``fp_epochs``) or load (``init_from``: a PyTorch
+   state dict ``.npz``/``.pt`` or a checkpoint of these examples);
+3. EC2T phase 1: the paper's optimizers (or a chain), best epoch by validation;
+4. EC2T phase 2: the same optimizer with the assignment frozen
+   (``ec2t.freeze_assignment``), best epoch by validation;
+5. test accuracy of both models, ``ec2t.summary`` and a one-screen report,
+   also written to ``<workdir>/report.json``.
+
+Example:
+  >>> # results = run(PipelineConfig(workdir="runs/x", dataset="mnist", model_name="lenet5", ...))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ec2t_jax as ec2t
+from common import checkpoint as checkpoint_lib
+from common import data as data_lib
+from common import parallel
+from common import report as report_lib
+from common import training
+from common.cli import UserError
+from common.metrics import MetricWriter
+from ec2t_jax.models import torch_convert
+
+
+PHASES = ("fp", "ec2t_phase1", "ec2t_phase2")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+  """Settings of :func:`run` (the examples' flags map onto these one to one).
+
+  ``fp_optimizer`` maps the number of pretraining steps to the pretraining
+  optimizer (so it can hold a schedule); default ``optax.adam(1e-3)``.
+  """
+
+  workdir: str
+  dataset: str
+  model_name: str
+  model: nn.Module
+  # data
+  data_dir: str | None = None
+  download: bool = True
+  mock_examples: int = 0
+  train_split: str = "train"
+  val_split: str = "test"
+  test_split: str = "test"
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  data_shards: int = 0
+  steps_per_epoch: int = 0
+  augment: bool = False
+  seed: int = 0
+  # devices
+  fsdp: int = 1
+  num_devices: int = 0
+  # full precision
+  fp_epochs: int = 0
+  fp_optimizer: Callable[[int], optax.GradientTransformation] | None = None
+  init_from: str | None = None
+  # EC2T
+  ec2t_mode: str = "reference"
+  gamma: float = 0.2
+  init_scale: float = 0.3
+  learning_rate: float = 1e-4
+  weight_decay: float = 5e-6
+  latent_learning_rate: float = 1e-4
+  centroid_learning_rate: float = 1e-5
+  phase1_epochs: int = 20
+  phase2_epochs: int = 15
+  # run control
+  resume: bool = False
+  checkpoint_every_steps: int = 0
+  stop_after_steps: int = 0
+  progress: bool = True
+
+
+def make_ec2t_optimizer(config: PipelineConfig) -> optax.GradientTransformation:
+  """The EC2T optimizer of phases 1 and 2.
+
+  ``reference``: ``ec2t.reference_optimizer`` -- the paper's three Adams
+  (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent
+  weights: ``latent_learning_rate``; centroids: ``centroid_learning_rate``).
+  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``.
+  """
+  if config.ec2t_mode == "reference":
+    return ec2t.reference_optimizer(
+        gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
+        centroid_learning_rate=config.centroid_learning_rate)
+  if config.ec2t_mode == "chain":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.adam(config.learning_rate),
+                       ec2t.ternarize_transform(gamma=config.gamma, init_scale=config.init_scale))
+  raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
+
+
+def ec2t_epoch_metrics(state: training.TrainState) -> dict[str, Any]:
+  """Sparsity and entropy of the ternarized layers, total and per layer."""
+  summary = ec2t.summary(parallel.to_host(state.opt_state))
+  totals = summary.totals
+  return {"sparsity": totals["sparsity"], "bits_per_weight": totals["entropy"],
+          "layer_sparsity": {layer.path: layer.sparsity for layer in summary.layers}}
+
+
+def _select_devices(num_devices: int) -> None:
+  if num_devices and num_devices != jax.device_count():
+    if jax.process_count() > 1:
+      raise UserError("--num_devices is for single-process runs")
+    if num_devices > jax.device_count():
+      raise UserError(f"--num_devices={num_devices} but only {jax.device_count()} devices exist")
+
+
+def _mesh(config: PipelineConfig) -> jax.sharding.Mesh:
+  _select_devices(config.num_devices)
+  if not config.num_devices or config.num_devices == jax.device_count():
+    return parallel.make_mesh(config.fsdp)
+  devices = jax.devices()[:config.num_devices]
+  if config.num_devices % config.fsdp:
+    raise UserError(f"--fsdp={config.fsdp} must divide --num_devices={config.num_devices}")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((config.num_devices // config.fsdp, config.fsdp), ("data", "fsdp"),
+                       axis_types=(auto, auto), devices=devices)
+
+
+def _load_split(config, split, shard_ids, num_shards):
+  return data_lib.load_shards(config.dataset, split, shard_ids, num_shards,
+                              data_dir=config.data_dir, download=config.download,
+                              mock_examples=config.mock_examples)
+
+
+def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> tuple[dict, dict]:
+  path = config.init_from
+  if not os.path.exists(path):
+    raise UserError(f"--init_from {path} does not exist")
+  if os.path.isdir(path):
+    params, batch_stats = checkpoint_lib.restore_variables(path)
+    loaded = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    try:
+      torch_convert._check_against(loaded, abstract_variables)  # pylint: disable=protected-access
+    except torch_convert.CheckpointMismatchError as error:
+      raise UserError(f"--init_from {path}: {error}") from None
+    return params, batch_stats
+  try:
+    return torch_convert.load_torch_checkpoint(path, target=abstract_variables)
+  except torch_convert.CheckpointMismatchError as error:
+    raise UserError(f"--init_from {path}: {error}") from None
+  except (OSError, ValueError, KeyError) as error:
+    raise UserError(f"--init_from {path} cannot be read as a state dict: {error}") from None
+
+
+def run(config: PipelineConfig) -> dict[str, Any]:
+  """Runs the whole job; returns the results (also in ``<workdir>/report.json``).
+
+  Raises:
+    UserError: for problems the user can fix (data, flags, checkpoints).
+    training.StopRequested: when ``stop_after_steps`` interrupted the run.
+  """
+  spec = data_lib.dataset_spec(config.dataset)
+  mesh = _mesh(config)
+  main = parallel.is_main_process()
+  log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+  devices = mesh.devices.size
+  if config.batch_size % devices or config.eval_batch_size % devices:
+    raise UserError(f"--batch_size ({config.batch_size}) and --eval_batch_size "
+                    f"({config.eval_batch_size}) must be multiples of the {devices} devices")
+
+  fingerprint = {"model": config.model_name, "dataset": config.dataset,
+                 "num_classes": spec.num_classes}
+  checkpoint_lib.check_workdir(config.workdir, fingerprint, config.resume, PHASES)
+
+  # ---- data: this process reads only its own shards.
+  num_shards = config.data_shards or jax.process_count()
+  shard_ids = data_lib.shards_of_process(num_shards, jax.process_index(), jax.process_count())
+  per_shard = data_lib.per_shard_batch_size(config.batch_size, num_shards)
+  train_shards = _load_split(config, config.train_split, shard_ids, num_shards)
+  smallest = parallel.global_min(min(len(s) for s in train_shards))
+  train = data_lib.TrainBatches(train_shards, per_shard,
+                                training.steps_per_epoch(smallest, per_shard, config.steps_per_epoch),
+                                config.seed)
+  val = training.eval_data(_load_split(config, config.val_split, shard_ids, num_shards),
+                           config.eval_batch_size, num_shards)
+  test = (val if config.test_split == config.val_split else
+          training.eval_data(_load_split(config, config.test_split, shard_ids, num_shards),
+                             config.eval_batch_size, num_shards))
+  log(f"{config.dataset}: train {config.train_split!r} ({data_lib.describe(train_shards)} on "
+      f"process {jax.process_index()}), {train.steps_per_epoch} steps/epoch of {config.batch_size}; "
+      f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
+
+  writer = MetricWriter(config.workdir, enabled=main)
+  runner = training.Runner(model=config.model, spec=spec, mesh=mesh, train=train, val=val,
+                           workdir=config.workdir, fingerprint=fingerprint, writer=writer,
+                           augment=config.augment, progress=config.progress,
+                           checkpoint_every_steps=config.checkpoint_every_steps,
+                           stop_after_steps=config.stop_after_steps)
+  dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
+
+  def init_variables():
+    variables = config.model.init(jax.random.key(config.seed), dummy, train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+  # ---- full precision
+  results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
+                             "gamma": config.gamma, "init_scale": config.init_scale,
+                             "ec2t_mode": config.ec2t_mode}
+  fp_steps = max(config.fp_epochs, 1) * train.steps_per_epoch
+  fp_tx = config.fp_optimizer(fp_steps) if config.fp_optimizer else optax.adam(1e-3)
+  if config.init_from:
+    abstract_vars = jax.eval_shape(lambda: config.model.init(jax.random.key(0), dummy))
+    params, batch_stats = _pretrained_variables(config, abstract_vars)
+    fp_state = runner.init_state(
+        lambda p, b: training.TrainState.create(p, b, fp_tx, config.seed), params, batch_stats)
+    log(f"[fp] loaded {config.init_from}")
+  elif config.fp_epochs > 0:
+    fp_state, fp_info = runner.run_phase(
+        "fp", fp_tx, config.fp_epochs,
+        lambda: training.TrainState.create(*init_variables(), fp_tx, config.seed),
+        resume=config.resume)
+    results["fp_seconds_per_epoch"] = _typical(fp_info["epoch_seconds"])
+  else:
+    raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
+  fp_test = runner.evaluate(fp_state, test)
+  results["fp_test_accuracy"] = fp_test["accuracy"]
+  log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
+
+  # ---- EC2T phase 1
+  tx = make_ec2t_optimizer(config)
+
+  def start_ec2t(params, batch_stats):
+    return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
+                                      prepare_params=ec2t.ternary_params)
+
+  state, info1 = runner.run_phase(
+      "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),
+      resume=config.resume, evaluate_start=True, epoch_metrics=ec2t_epoch_metrics)
+  del fp_state
+
+  # ---- EC2T phase 2: best phase-1 state, assignment frozen, same optimizer.
+  if config.phase2_epochs > 0:
+    def start_phase2(best):
+      return best._replace(step=jnp.zeros((), jnp.int32),
+                           opt_state=ec2t.freeze_assignment(best.opt_state))
+    state, info2 = runner.run_phase(
+        "ec2t_phase2", tx, config.phase2_epochs, start_phase2, (state,), resume=config.resume,
+        evaluate_start=True, epoch_metrics=ec2t_epoch_metrics)
+  else:
+    info2 = {"epoch_seconds": []}
+
+  # ---- results
+  ternary_test = runner.evaluate(state, test)
+  summary = ec2t.summary(parallel.to_host(state.opt_state))
+  host_params = parallel.to_host(state.params)
+  layers = [(int(np.prod(l.shape)), l.entropy) for l in summary.layers]
+  results.update({
+      "ternary_test_accuracy": ternary_test["accuracy"],
+      "ternary_val_accuracy": max(info1.get("best_val_accuracy", 0.0),
+                                  info2.get("best_val_accuracy", 0.0)),
+      "sparsity": summary.totals["sparsity"],
+      "bits_per_weight": summary.totals["entropy"],
+      "ternary_layers": len(summary.layers),
+      "ternary_weights": summary.totals["numel"],
+      "total_params": training.count_params(host_params),
+      "layers": [l._asdict() for l in summary.layers],
+      "ec2t_seconds_per_epoch": _typical(info1["epoch_seconds"] + info2["epoch_seconds"]),
+      "phase1_seconds_per_epoch": _typical(info1["epoch_seconds"]),
+      "phase2_seconds_per_epoch": _typical(info2["epoch_seconds"]),
+  })
+  results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
+  # Every ternarized leaf of the final params holds at most three values.
+  _check_ternary(host_params, summary)
+  if main:
+    print(summary)
+    print(report_lib.format_report(results))
+    with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=float)
+  writer.close()
+  return results
+
+
+def _typical(seconds: list[float]) -> float | None:
+  """Median epoch time, leaving out the first epoch (compilation) when there are more."""
+  if not seconds:
+    return None
+  kept = seconds[1:] if len(seconds) > 1 else seconds
+  return float(np.median(kept))
+
+
+def _check_ternary(params: Any, summary: ec2t.Summary) -> None:
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for layer in summary.layers:
+    if layer.mode == "ternary" and layer.path in flat:
+      values = np.unique(flat[layer.path])
+      if values.size > 3:
+        raise AssertionError(f"{layer.path} is not ternary: {values.size} distinct values")

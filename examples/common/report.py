@@ -1,0 +1,69 @@
+"""The final one-screen report: full precision vs EC2T ternary.
+
+Sizes are computed from the EC2T summary: a ternarized layer stored as 2-bit
+codes plus two 16-bit centroids ("2-bit packed"), or at its zeroth-order
+entropy plus the centroids ("entropy bound", what an ideal entropy coder
+reaches); every other parameter stays float32.
+
+Example:
+  >>> sizes = model_sizes(total_params=1000, layers=[(800, 1.0)])
+  >>> round(sizes["ratio_entropy"], 3)
+  0.226
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def model_sizes(total_params: int, layers: Sequence[tuple[int, float]]) -> dict[str, float]:
+  """Bits of the model in float32, 2-bit packed and at the entropy bound.
+
+  Args:
+    total_params: All parameters of the model.
+    layers: ``(numel, entropy_bits_per_weight)`` of each ternarized layer.
+
+  Returns:
+    ``float32_bits``, ``packed_bits``, ``entropy_bits`` and their ratios to float32.
+  """
+  ternary = sum(n for n, _ in layers)
+  other_bits = 32 * (total_params - ternary)
+  packed = other_bits + sum(2 * n + 32 for n, _ in layers)
+  entropy = other_bits + sum(n * h + 32 for n, h in layers)
+  float32 = 32 * total_params
+  return {"float32_bits": float32, "packed_bits": packed, "entropy_bits": entropy,
+          "ratio_packed": packed / float32, "ratio_entropy": entropy / float32}
+
+
+def _kib(bits: float) -> str:
+  return f"{bits / 8 / 1024:,.1f} KiB"
+
+
+def format_report(results: dict[str, Any]) -> str:
+  """Renders the results dict of :func:`common.pipeline.run` as a short table."""
+  r = results
+  fp, tern = r["fp_test_accuracy"], r["ternary_test_accuracy"]
+  sizes = r["sizes"]
+  rows = [
+      ("", "full precision", "EC2T ternary"),
+      ("test accuracy", f"{100 * fp:.2f}%", f"{100 * tern:.2f}%  ({100 * (tern - fp):+.2f} pts)"),
+      ("ternarized layers", "-", f"{r['ternary_layers']} layers, {r['ternary_weights']:,} weights"),
+      ("sparsity of ternarized layers", "-", f"{100 * r['sparsity']:.1f}%"),
+      ("bits/weight, ternarized (entropy)", "32", f"{r['bits_per_weight']:.3f}"),
+      ("model size, 2-bit packed", _kib(sizes["float32_bits"]),
+       f"{_kib(sizes['packed_bits'])}  ({sizes['ratio_packed']:.3f}x float32)"),
+      ("model size, entropy bound", "", f"{_kib(sizes['entropy_bits'])}  "
+                                        f"({sizes['ratio_entropy']:.3f}x float32)"),
+  ]
+  fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
+  if fp_s and ec2t_s:
+    rows.append(("train time per epoch", f"{fp_s:.2f} s", f"{ec2t_s:.2f} s  ({ec2t_s / fp_s:.2f}x)"))
+  elif ec2t_s:
+    rows.append(("train time per epoch", "-", f"{ec2t_s:.2f} s"))
+  widths = [max(len(row[c]) for row in rows) for c in range(3)]
+  title = f" EC2T: {r['model']} on {r['dataset']}, gamma={r['gamma']:g} "
+  lines = [title.center(sum(widths) + 4, "=")]
+  lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows]
+  lines.append("=" * (sum(widths) + 4))
+  return "\n".join(lines)

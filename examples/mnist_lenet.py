@@ -1,0 +1,90 @@
+r"""EC2T on MNIST with LeNet-5 or LeNet-300-100: pretrain, ternarize, evaluate, report.
+
+The README's main job. With the default flags it pretrains LeNet-5 in full
+precision, runs EC2T phase 1 (assignment trained) and phase 2 (assignment
+frozen) with the paper's optimizers, evaluates both models on the MNIST test
+set and prints the per-layer EC2T summary and a one-screen report (accuracy,
+sparsity, bits/weight, size vs float32). On a 2-core laptop CPU it takes a few
+minutes (see benchmarks/RESULTS_mnist.md).
+
+Data come from ``tfds.load("mnist")``: downloaded on a machine with internet,
+or read offline from a prepared tfds folder::
+
+  TFDS_DATA_DIR=../shared/data/tfds python examples/mnist_lenet.py
+  python examples/mnist_lenet.py --model=lenet300100 --gamma=0.3 --workdir=runs/l300
+  python examples/mnist_lenet.py --resume          # continue an interrupted run
+  python examples/plot_curves.py --workdir=runs/mnist_lenet5   # training curves to PNG
+
+The training split is ``train[:55000]``; ``train[55000:]`` picks the best epoch
+and ``test`` is only used for the final report.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from common import flags as flags_lib
+from common import parallel
+from common.cli import UserError, report_user_errors
+
+MODELS = ("lenet5", "lenet300100")
+DEFAULTS = {
+    "workdir": "runs/mnist_lenet5",
+    "dataset_default": "mnist",
+    "datasets": ("mnist",),
+    "train_split": "train[:55000]",
+    "val_split": "train[55000:]",
+    "test_split": "test",
+    "batch_size": 128,
+    "fp_epochs": 6,
+    "fp_learning_rate": 2e-3,
+    "phase1_epochs": 6,
+    "phase2_epochs": 3,
+    "gamma": 0.2,
+    "init_scale": 0.3,
+}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Defines this script's flags on ``fv``."""
+  flags.DEFINE_enum("model", "lenet5", list(MODELS), "Network.", flag_values=fv)
+  flags_lib.define_common_flags(fv, **DEFAULTS)
+
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs the job described by parsed flags ``fv``; returns the results dict."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from common import pipeline  # pylint: disable=g-import-not-at-top  (after distributed init)
+  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+
+  def fp_optimizer(total_steps: int) -> optax.GradientTransformation:
+    return optax.adam(optax.cosine_decay_schedule(fv.fp_learning_rate, total_steps))
+
+  config = pipeline.PipelineConfig(
+      model_name=fv.model, model=models.get_model(fv.model, num_classes=10),
+      fp_optimizer=fp_optimizer, **flags_lib.pipeline_kwargs(fv))
+  return pipeline.run(config)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  fv = flags.FLAGS
+  if not fv["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  parallel.initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
+                                  fv.process_id)
+  from common.training import StopRequested  # pylint: disable=g-import-not-at-top
+  try:
+    run(fv)
+  except StopRequested as stop:
+    print(f"{stop}; continue with --resume", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  define_flags(flags.FLAGS)
+  app.run(report_user_errors(main))

@@ -1,0 +1,46 @@
+"""Helpers for the tests of examples/: import paths, running scripts in-process or as programs."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from absl import flags
+from absl import logging
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+MNIST_DATA_DIR = (REPO / ".." / "shared" / "data" / "tfds").resolve()
+RESNET20_NPZ = (REPO / ".." / "shared" / "data" / "ec2t-reference" / "resnet20_fp.npz").resolve()
+
+if str(EXAMPLES) not in sys.path:
+  sys.path.insert(0, str(EXAMPLES))
+logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+           "(tests/conftest.py sets it)")
+needs_mnist = pytest.mark.skipif(not (MNIST_DATA_DIR / "mnist").is_dir(),
+                                 reason=f"MNIST not prepared in {MNIST_DATA_DIR}")
+
+
+def run_in_process(module, *args: str) -> dict:
+  """Parses ``args`` as the script's flags (private FlagValues) and runs it; returns results."""
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  fv(["prog", "--noprogress", *args])
+  return module.run(fv)
+
+
+def run_program(script: str, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs ``python examples/<script> args`` as a separate program and captures its output."""
+  full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLES)]),
+              "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+  return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,0 +1,106 @@
+"""examples/cifar_resnet.py driven by tfds mock data on 8 fake CPU devices.
+
+Tolerance of "sharded == single device": every array of the final train state
+(params, batch statistics, the whole EC2T optimizer state) within 1e-5
+absolute; the ternary assignments must be identical. Only the order of the
+floating-point reductions over the batch differs between meshes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import examples_support as support
+import cifar_resnet
+from common import checkpoint, training
+from common.cli import UserError
+from ec2t_jax import models
+
+pytestmark = support.needs_8_devices
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pretrained_npz(tmp_path_factory):
+  """A PyTorch-layout state dict of a random ResNet-8, as --init_from takes it."""
+  model = models.cifar_resnet(8, width_multiplier=0.5)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32), shapes)
+  variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # variances > 0
+  path = tmp_path_factory.mktemp("pretrained") / "resnet8.npz"
+  np.savez(path, **models.to_state_dict(variables["params"], variables["batch_stats"]))
+  return str(path)
+
+
+def _args(workdir, pretrained, *extra):
+  return ("--mock_data=64", "--model=resnet8", "--width_multiplier=0.5", "--batch_size=16",
+          "--eval_batch_size=32", f"--init_from={pretrained}", "--phase1_epochs=1",
+          "--phase2_epochs=1", f"--workdir={workdir}", *extra)
+
+
+def _final_state(workdir):
+  return checkpoint.read_state(f"{workdir}/checkpoints/ec2t_phase2/latest")
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory, pretrained_npz):
+  workdir = tmp_path_factory.mktemp("dp8")
+  results = support.run_in_process(cifar_resnet, *_args(workdir, pretrained_npz))
+  return workdir, results
+
+
+def test_mock_cifar_runs_both_ec2t_phases_on_eight_devices(eight_device_run):
+  workdir, results = eight_device_run
+  assert results["ternary_layers"] == 6
+  assert 0.0 < results["sparsity"] < 1.0
+  assert (workdir / "report.json").exists() and (workdir / "metrics.jsonl").exists()
+  state = _final_state(workdir)
+  assert bool(state["opt_state"]["ternary"]["frozen"])  # phase 2 ran with a frozen assignment
+  assert int(state["step"]) == 4  # 64 mock examples / batch 16
+
+
+def test_sharded_run_equals_the_single_device_run(eight_device_run, tmp_path, pretrained_npz):
+  workdir, results = eight_device_run
+  single = support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz),
+                                  "--num_devices=1")
+  sharded_state, single_state = _final_state(workdir), _final_state(tmp_path)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE),
+               sharded_state, single_state)
+  jax.tree.map(np.testing.assert_array_equal, sharded_state["opt_state"]["ternary"]["assignment"],
+               single_state["opt_state"]["ternary"]["assignment"])
+  assert single["ternary_test_accuracy"] == results["ternary_test_accuracy"]
+
+
+def test_resume_continues_bitwise_identically(eight_device_run, tmp_path, pretrained_npz):
+  workdir, _ = eight_device_run
+  with pytest.raises(training.StopRequested, match="stopped after 2 steps"):
+    support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz), "--stop_after_steps=2")
+  partial = checkpoint.read_state(f"{tmp_path}/checkpoints/ec2t_phase1/latest")
+  assert int(partial["step"]) == 2  # stopped mid-epoch, data position saved
+  support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz), "--resume")
+  jax.tree.map(np.testing.assert_array_equal, _final_state(tmp_path), _final_state(workdir))
+
+
+@pytest.mark.slow
+def test_fsdp_run_equals_the_data_parallel_run(eight_device_run, tmp_path, pretrained_npz):
+  workdir, _ = eight_device_run
+  support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz), "--fsdp=4")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE),
+               _final_state(tmp_path), _final_state(workdir))
+
+
+def test_rerunning_into_a_used_workdir_without_resume_is_refused(eight_device_run,
+                                                                 pretrained_npz):
+  workdir, _ = eight_device_run
+  with pytest.raises(UserError, match="already holds checkpoints: pass --resume"):
+    support.run_in_process(cifar_resnet, *_args(workdir, pretrained_npz))
+
+
+def test_resuming_with_another_model_is_a_clear_error(eight_device_run, pretrained_npz):
+  workdir, _ = eight_device_run
+  with pytest.raises(UserError, match="incompatible with this run.*'resnet8' vs this run "
+                                      "'resnet14'"):
+    support.run_in_process(cifar_resnet, *_args(workdir, pretrained_npz), "--resume",
+                           "--model=resnet14")
