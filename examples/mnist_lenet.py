@@ -40,10 +40,10 @@ DEFAULTS = {
     "val_split": "train[55000:]",
     "test_split": "test",
     "batch_size": 128,
-    "fp_epochs": 6,
+    "fp_epochs": 5,
     "fp_learning_rate": 2e-3,
-    "phase1_epochs": 6,
-    "phase2_epochs": 3,
+    "phase1_epochs": 10,
+    "phase2_epochs": 5,
     "gamma": 0.2,
     "init_scale": 0.3,
 }

@@ -104,3 +104,14 @@ def test_resuming_with_another_model_is_a_clear_error(eight_device_run, pretrain
                                       "'resnet14'"):
     support.run_in_process(cifar_resnet, *_args(workdir, pretrained_npz), "--resume",
                            "--model=resnet14")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not support.RESNET20_NPZ.exists(), reason="official ResNet-20 not available")
+def test_official_resnet20_weights_start_ec2t(tmp_path):
+  results = support.run_in_process(
+      cifar_resnet, "--mock_data=64", f"--init_from={support.RESNET20_NPZ}", "--batch_size=32",
+      "--eval_batch_size=32", "--phase1_epochs=1", "--phase2_epochs=1", "--num_devices=1",
+      f"--workdir={tmp_path}")
+  assert results["ternary_layers"] == 18  # every conv inside the 9 residual blocks
+  assert results["total_params"] == 269_722

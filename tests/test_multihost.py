@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _args(workdir, pretrained):
   return ["--mock_data=32", "--model=resnet8", "--width_multiplier=0.5", "--batch_size=16",
           "--eval_batch_size=16", f"--init_from={pretrained}", "--phase1_epochs=1",
-          "--phase2_epochs=1", "--data_shards=2", "--noprogress", f"--workdir={workdir}"]
+          "--phase2_epochs=0", "--data_shards=2", "--noprogress", f"--workdir={workdir}"]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_two_processes_with_four_devices_equal_one_process_with_eight(tmp_path, 
   assert "EC2T summary" not in results[1][1] and "[fp]" not in results[1][1]  # only process 0 logs
 
   support.run_in_process(cifar_resnet, *_args(tmp_path / "one", pretrained_npz))
-  two = checkpoint.read_state(tmp_path / "two" / "checkpoints" / "ec2t_phase2" / "latest")
-  one = checkpoint.read_state(tmp_path / "one" / "checkpoints" / "ec2t_phase2" / "latest")
+  two = checkpoint.read_state(tmp_path / "two" / "checkpoints" / "ec2t_phase1" / "latest")
+  one = checkpoint.read_state(tmp_path / "one" / "checkpoints" / "ec2t_phase1" / "latest")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE), two, one)
   jax.tree.map(np.testing.assert_array_equal, two["opt_state"]["ternary"]["assignment"],
                one["opt_state"]["ternary"]["assignment"])

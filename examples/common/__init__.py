@@ -1,6 +1,20 @@
-"""Shared machinery of the EC2T examples (data, mesh, checkpoints, logging, training loop).
+"""Shared machinery of the EC2T examples (kept next to the scripts: read it, copy it, change it).
 
-Kept next to the scripts (not in the library) because it is example code: read
-it, copy it, change it. The scripts import it as ``common`` (the script's folder
-is on ``sys.path`` when you run ``python examples/mnist_lenet.py``).
+Modules, one job each:
+
+* ``cli``        -- ``UserError`` and the wrapper that prints it as one line, no traceback;
+* ``flags``      -- the absl flags both scripts share;
+* ``data``       -- tfds splits cut into shards, one block of shards per process,
+  deterministic random-access batches (exact resume, topology-independent order);
+* ``augment``    -- on-device normalisation and flip + pad-4 crop;
+* ``parallel``   -- ``jax.distributed`` start-up, the ``(data, fsdp)`` mesh, shardings,
+  global batches from per-process parts;
+* ``checkpoint`` -- orbax checkpoints (latest + best) of the whole train state;
+* ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
+* ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
+* ``pipeline``   -- the whole job: FP -> EC2T phase 1 -> phase 2 -> report;
+* ``report``     -- sizes and the one-screen final report.
+
+The scripts import it as ``common`` (the script's folder is on ``sys.path`` when
+you run ``python examples/mnist_lenet.py``).
 """

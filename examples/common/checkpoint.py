@@ -50,7 +50,7 @@ class PhaseCheckpoints:
 
   def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any],
                keep_latest: int = 2):
-    self.directory = os.fspath(directory)
+    self.directory = os.path.abspath(os.fspath(directory))  # orbax needs absolute paths
     self.fingerprint = dict(fingerprint)
     try:
       self._managers = {"latest": _manager(os.path.join(self.directory, "latest"), keep_latest),
@@ -194,7 +194,7 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
   Raises:
     UserError: if the folder is not a readable checkpoint of these examples.
   """
-  path = _step_folder(os.fspath(directory))
+  path = _step_folder(os.path.abspath(os.fspath(directory)))
   state_dir = os.path.join(path, "state")
   if not os.path.isdir(state_dir):
     raise UserError(f"{directory} is not a checkpoint of these examples (no state/ folder)")

@@ -26,7 +26,6 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 
-import jax
 import numpy as np
 
 from common.cli import UserError
@@ -260,8 +259,3 @@ def per_shard_batch_size(global_batch: int, num_shards: int) -> int:
 def describe(shards: Sequence[Shard]) -> str:
   """``"55000 examples in shards [0, 1]"``-style summary for logs."""
   return f"{sum(map(len, shards))} examples in shards {[s.index for s in shards]}"
-
-
-def process_position() -> tuple[int, int]:
-  """``(jax.process_index(), jax.process_count())``."""
-  return jax.process_index(), jax.process_count()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -119,24 +118,20 @@ def ec2t_epoch_metrics(state: training.TrainState) -> dict[str, Any]:
           "layer_sparsity": {layer.path: layer.sparsity for layer in summary.layers}}
 
 
-def _select_devices(num_devices: int) -> None:
-  if num_devices and num_devices != jax.device_count():
-    if jax.process_count() > 1:
-      raise UserError("--num_devices is for single-process runs")
-    if num_devices > jax.device_count():
-      raise UserError(f"--num_devices={num_devices} but only {jax.device_count()} devices exist")
-
-
 def _mesh(config: PipelineConfig) -> jax.sharding.Mesh:
-  _select_devices(config.num_devices)
+  """All devices (or the first ``num_devices`` in a single-process run) as a (data, fsdp) mesh."""
   if not config.num_devices or config.num_devices == jax.device_count():
     return parallel.make_mesh(config.fsdp)
-  devices = jax.devices()[:config.num_devices]
+  if jax.process_count() > 1:
+    raise UserError("--num_devices is for single-process runs")
+  if config.num_devices > jax.device_count():
+    raise UserError(f"--num_devices={config.num_devices} but only {jax.device_count()} devices "
+                    "exist")
   if config.num_devices % config.fsdp:
     raise UserError(f"--fsdp={config.fsdp} must divide --num_devices={config.num_devices}")
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((config.num_devices // config.fsdp, config.fsdp), ("data", "fsdp"),
-                       axis_types=(auto, auto), devices=devices)
+                       axis_types=(auto, auto), devices=jax.devices()[:config.num_devices])
 
 
 def _load_split(config, split, shard_ids, num_shards):

@@ -260,6 +260,15 @@ class Runner:
     """
     ckpts = checkpoint_lib.PhaseCheckpoints(os.path.join(self.workdir, "checkpoints", phase),
                                             {**self.fingerprint, "phase": phase})
+    try:
+      return self._run_phase(phase, tx, epochs, make_state, make_state_args, ckpts,
+                             resume=resume, evaluate_start=evaluate_start,
+                             epoch_metrics=epoch_metrics)
+    finally:
+      ckpts.close()
+
+  def _run_phase(self, phase, tx, epochs, make_state, make_state_args, ckpts, *, resume,
+                 evaluate_start, epoch_metrics):
     if epochs < 1:
       raise ValueError(f"[{phase}] needs at least one epoch")
     abstract = self.abstract(make_state, *make_state_args)
@@ -272,7 +281,7 @@ class Runner:
       state, best_meta = ckpts.restore("best", abstract)
       self._log(f"[{phase}] already finished; best validation accuracy "
                 f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
-      return state, best_meta["info"]
+      return state, {**meta["info"], "best_val_accuracy": best_meta["best_val_accuracy"]}
 
     if meta is not None:
       state, meta = ckpts.restore("latest", abstract)
@@ -312,7 +321,6 @@ class Runner:
       if self.stop_after_steps and self.steps_run >= self.stop_after_steps and not done:
         raise StopRequested(f"stopped after {self.steps_run} steps as asked")
     best_state, _ = ckpts.restore("best", abstract)
-    ckpts.close()
     info["best_val_accuracy"] = best
     return best_state, info
 
