@@ -7,6 +7,7 @@ The notebook is executed by a real Jupyter kernel (nbclient); a cell inserted af
 import json
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 import examples_support as support
@@ -30,6 +31,7 @@ def test_notebook_names_a_parameters_cell_and_states_time_and_accuracy():
   assert "What to expect" in intro and "Accuracy" in intro and "Time" in intro
 
 
+@pytest.mark.slow  # ~45 s on 2 CPU cores
 def test_every_cell_runs_on_cpu_with_mock_data(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   index = next(i for i, c in enumerate(notebook.cells)

@@ -179,6 +179,13 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   fingerprint = {"model": config.model_name, "dataset": config.dataset,
                  "num_classes": spec.num_classes}
   checkpoint_lib.check_workdir(config.workdir, fingerprint, config.resume, PHASES)
+  dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
+  pretrained = None
+  if config.init_from:  # read and check it before any data is loaded
+    abstract_vars = jax.eval_shape(lambda: config.model.init(jax.random.key(0), dummy))
+    pretrained = _pretrained_variables(config, abstract_vars)
+  elif config.fp_epochs <= 0:
+    raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
 
   # ---- data: this process reads only its own shards.
   num_shards = config.data_shards or jax.process_count()
@@ -204,7 +211,6 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                            augment=config.augment, progress=config.progress,
                            checkpoint_every_steps=config.checkpoint_every_steps,
                            stop_after_steps=config.stop_after_steps)
-  dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
 
   def init_variables():
     variables = config.model.init(jax.random.key(config.seed), dummy, train=False)
@@ -216,20 +222,17 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                              "ec2t_mode": config.ec2t_mode}
   fp_steps = max(config.fp_epochs, 1) * train.steps_per_epoch
   fp_tx = config.fp_optimizer(fp_steps) if config.fp_optimizer else optax.adam(1e-3)
-  if config.init_from:
-    abstract_vars = jax.eval_shape(lambda: config.model.init(jax.random.key(0), dummy))
-    params, batch_stats = _pretrained_variables(config, abstract_vars)
+  if pretrained is not None:
+    params, batch_stats = pretrained
     fp_state = runner.init_state(
         lambda p, b: training.TrainState.create(p, b, fp_tx, config.seed), params, batch_stats)
     log(f"[fp] loaded {config.init_from}")
-  elif config.fp_epochs > 0:
+  else:
     fp_state, fp_info = runner.run_phase(
         "fp", fp_tx, config.fp_epochs,
         lambda: training.TrainState.create(*init_variables(), fp_tx, config.seed),
         resume=config.resume)
     results["fp_seconds_per_epoch"] = _typical(fp_info["epoch_seconds"])
-  else:
-    raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
   fp_test = runner.evaluate(fp_state, test)
   results["fp_test_accuracy"] = fp_test["accuracy"]
   log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
