@@ -71,6 +71,7 @@ def _launch_two_processes(workdir, pretrained):
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
+@pytest.mark.slow  # 40-85 s on 2 shared CPU cores: three JAX processes compile the same step
 @support.needs_8_devices
 def test_two_processes_with_four_devices_equal_one_process_with_eight(tmp_path, pretrained_npz):
   results = _launch_two_processes(tmp_path / "two", pretrained_npz)

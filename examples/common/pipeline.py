@@ -186,6 +186,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     pretrained = _pretrained_variables(config, abstract_vars)
   elif config.fp_epochs <= 0:
     raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
+  if config.phase1_epochs < 1 or config.phase2_epochs < 0:
+    raise UserError("--phase1_epochs must be >= 1 and --phase2_epochs >= 0")
 
   # ---- data: this process reads only its own shards.
   num_shards = config.data_shards or jax.process_count()
