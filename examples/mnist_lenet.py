@@ -21,15 +21,11 @@ and ``test`` is only used for the final report.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 
 from common import flags as flags_lib
-from common import parallel
-from common.cli import UserError, report_user_errors
+from common.cli import script_main
 
 MODELS = ("lenet5", "lenet300100")
 DEFAULTS = {
@@ -70,21 +66,6 @@ def run(fv: flags.FlagValues) -> dict:
   return pipeline.run(config)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  fv = flags.FLAGS
-  if not fv["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  parallel.initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
-                                  fv.process_id)
-  from common.training import StopRequested  # pylint: disable=g-import-not-at-top
-  try:
-    run(fv)
-  except StopRequested as stop:
-    print(f"{stop}; continue with --resume", file=sys.stderr)
-
-
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(report_user_errors(main))
+  app.run(script_main(run))

@@ -2,7 +2,6 @@
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -2,7 +2,6 @@
 
 import chex
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 import pytest

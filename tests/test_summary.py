@@ -1,6 +1,5 @@
 """ec2t.summary: per-layer figures as data and as a table."""
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 

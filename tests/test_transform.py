@@ -1,6 +1,5 @@
 """ternarize_transform: the chain form of EC2T."""
 
-from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
