@@ -44,3 +44,17 @@ def run_program(script: str, *args: str, env: dict[str, str] | None = None,
               "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
   return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=REPO, env=full_env,
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def write_random_resnet8_npz(path, seed: int) -> str:
+  """Writes a PyTorch-layout state dict of a random ResNet-8 (width 0.5), as --init_from takes it."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.cifar_resnet(8, width_multiplier=0.5)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32), shapes)
+  variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # variances > 0
+  np.savez(path, **models.to_state_dict(variables["params"], variables["batch_stats"]))
+  return str(path)

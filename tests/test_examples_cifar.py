@@ -7,7 +7,6 @@ floating-point reductions over the batch differs between meshes.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +14,6 @@ import examples_support as support
 import cifar_resnet
 from common import checkpoint, training
 from common.cli import UserError
-from ec2t_jax import models
 
 pytestmark = support.needs_8_devices
 TOLERANCE = 1e-5
@@ -24,14 +22,8 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def pretrained_npz(tmp_path_factory):
   """A PyTorch-layout state dict of a random ResNet-8, as --init_from takes it."""
-  model = models.cifar_resnet(8, width_multiplier=0.5)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32), shapes)
-  variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # variances > 0
-  path = tmp_path_factory.mktemp("pretrained") / "resnet8.npz"
-  np.savez(path, **models.to_state_dict(variables["params"], variables["batch_stats"]))
-  return str(path)
+  return support.write_random_resnet8_npz(
+      tmp_path_factory.mktemp("pretrained") / "resnet8.npz", seed=0)
 
 
 def _args(workdir, pretrained, *extra):

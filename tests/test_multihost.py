@@ -13,14 +13,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import examples_support as support
 import cifar_resnet
 from common import checkpoint
-from ec2t_jax import models
 
 TOLERANCE = 1e-5
 
@@ -39,14 +37,9 @@ def _args(workdir, pretrained):
 
 @pytest.fixture(scope="module")
 def pretrained_npz(tmp_path_factory):
-  model = models.cifar_resnet(8, width_multiplier=0.5)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  rng = np.random.default_rng(1)
-  variables = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32), shapes)
-  variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
-  path = tmp_path_factory.mktemp("pretrained") / "resnet8.npz"
-  np.savez(path, **models.to_state_dict(variables["params"], variables["batch_stats"]))
-  return str(path)
+  """A PyTorch-layout state dict of a random ResNet-8, as --init_from takes it."""
+  return support.write_random_resnet8_npz(
+      tmp_path_factory.mktemp("pretrained") / "resnet8.npz", seed=1)
 
 
 def _launch_two_processes(workdir, pretrained):
