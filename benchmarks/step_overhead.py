@@ -25,7 +25,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import optax
 
 import ec2t_jax as ec2t

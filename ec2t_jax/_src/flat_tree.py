@@ -40,10 +40,6 @@ def _as_mapping(node):
   return node
 
 
-def _is_leaf(node) -> bool:
-  return not isinstance(node, (Mapping, list, tuple)) and node is not None
-
-
 def flatten(tree, *, as_numpy: bool = True) -> tuple[list[tuple[str, Any]], Structure]:
   """Flattens ``tree`` into ``[(path, array), ...]`` and a JSON-able structure.
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -65,11 +64,6 @@ def dataset_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
   return DATASETS[name]
-
-
-def default_data_dir() -> str | None:
-  """``$TFDS_DATA_DIR`` if set (tfds' own default, ``~/tensorflow_datasets``, otherwise)."""
-  return os.environ.get("TFDS_DATA_DIR") or None
 
 
 @dataclasses.dataclass(frozen=True)
