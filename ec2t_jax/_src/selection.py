@@ -163,6 +163,19 @@ class Selection:
           " to choose leaves explicitly. Paths: " + ", ".join(paths))
     return plans
 
+  def leaf_rule(self, path: str) -> LeafPlan:
+    """What applies to ``path`` given that it is selected.
+
+    The first matching :class:`Rule`'s mode and gamma, else the default's
+    ``("ternary", None)``. Needs no params and no order: transformations call
+    it at every update for the leaves their state says were selected at init.
+    """
+    for index, rule in enumerate(self.rules):
+      if re.search(rule.pattern, path):
+        return LeafPlan(path, rule.mode, rule.gamma,
+                        f"rule {index}: {rule.pattern}")
+    return LeafPlan(path, "ternary", None, "default")
+
   def _default_indices(self, paths, leaves) -> list[int]:
     if self.default == "none":
       return []
