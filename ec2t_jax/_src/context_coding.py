@@ -91,7 +91,7 @@ def capacity(stream_bytes: int, alphabet: int) -> int:
 
   Example:
     >>> capacity(100, 3)
-    313287
+    306298
   """
   least = -math.log2(1.0 - (alphabet - 1) * FLOOR - alphabet * _QUANTUM)
   return int((8 * stream_bytes + 64) / least)
