@@ -472,7 +472,7 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
 
 
 def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
-         codecs=None, metadata: Optional[dict] = None) -> bytes:
+         codecs=None, metadata: Optional[dict] = None, full_precision=()) -> bytes:
   """Encodes a parameter tree into the packed format.
 
   Args:
@@ -485,6 +485,7 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
     codecs: optional set restricting the codecs (``raw`` always needed as a
       fallback for leaves no other codec applies to).
     metadata: JSON-able dict stored in the header under ``meta["user"]``.
+    full_precision: leaf paths kept in their own dtype even with ``float16``.
 
   Returns:
     The file's bytes.
@@ -495,7 +496,8 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
   leaves, structure = trees.flatten(tree)
   records, streams = [], []
   for path, array in leaves:
-    record, stream = _encode_leaf(path, array, float16=float16, entropy=entropy_coding,
+    record, stream = _encode_leaf(path, array, float16=float16 and path not in full_precision,
+                                  entropy=entropy_coding,
                                   codecs=None if codecs is None else set(codecs))
     records.append(record)
     streams.append(stream)
