@@ -125,12 +125,12 @@ def _order0_table(symbols: np.ndarray, alphabet: int) -> np.ndarray:
 
 
 def _buckets(active: np.ndarray, seen: int, per_group: int) -> np.ndarray:
+  """Density level of each channel: 0 before any group, then 1 + edges passed."""
   if seen == 0:
     return np.zeros(active.shape, np.int64)
-  density = active / float(seen * per_group)
-  level = np.ones(active.shape, np.int64)
-  for edge in DENSITY_EDGES:
-    level += density >= edge
+  level = 1 + (active >= DENSITY_EDGES[0] * (seen * per_group)).astype(np.int64)
+  for edge in DENSITY_EDGES[1:]:
+    level += active >= edge * (seen * per_group)
   return level
 
 
@@ -167,13 +167,13 @@ class _Model:
     if not self.scan_shape:
       return np.zeros(self.width, np.int64)
     k1 = self.k + 1
-    coords = np.unravel_index(g, self.scan_shape)
+    last = self.scan_shape[-1]
     ctx = np.empty(self.width, np.int64)
-    if coords[-1] > 0:
+    if g % last:
       np.multiply(grid[g - 1], k1, out=ctx)
     else:
       ctx.fill(self.k * k1)
-    if len(coords) > 1 and coords[-2] > 0:
+    if len(self.scan_shape) > 1 and (g // last) % self.scan_shape[-2]:
       ctx += grid[g - self.scan_shape[-1]]
     else:
       ctx += self.k
@@ -204,8 +204,8 @@ class _Model:
     if len(self.active) == 1:
       self.active[0] += on
     else:
-      self.active[0] += np.count_nonzero(on, axis=1)
-      self.active[1] += np.count_nonzero(on, axis=0)
+      self.active[0] += on.sum(axis=1, dtype=np.int64)
+      self.active[1] += on.sum(axis=0, dtype=np.int64)
 
   def batches(self, g: int):
     """``(start, stop)`` of each batch of group ``g``: sizes double from :data:`MIN_BATCH`."""
