@@ -48,6 +48,7 @@ def render_system(a, b, weights, key, height: int, width: int, num_points: int):
   Returns:
     ``(image, coverage)``: float32 image and the fraction of pixels hit.
   """
+  a, b, weights = jnp.asarray(a), jnp.asarray(b), jnp.asarray(weights)
   k_choice, k_start = jax.random.split(key)
   logits = jnp.log(jnp.maximum(weights, 1e-30))
   choices = jax.random.categorical(k_choice, logits, shape=(num_points + _BURN_IN,))
