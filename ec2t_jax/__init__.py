@@ -54,6 +54,7 @@ from ec2t_jax._src.ternary import layer_size_decay
 from ec2t_jax._src.ternary import nearest_centroid_assign
 from ec2t_jax._src.ternary import ternary_entropy
 from ec2t_jax._src.ternary import ternary_values
+from ec2t_jax._src.tracing import forward_order
 from ec2t_jax._src.transform import reference_optimizer
 from ec2t_jax._src.transform import ternarize
 from ec2t_jax._src.transform import ternarize_transform
@@ -73,6 +74,7 @@ __all__ = (
     "export",
     "ExportFormatError",
     "find_ternarize_state",
+    "forward_order",
     "fractal_images",
     "freeze_assignment",
     "information_content",
