@@ -268,7 +268,8 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
     calibration_data: an array (one batch) or an iterable of batches.
     sparsity: target fraction of zeros over the selected kernels, in ``[0, 1)``.
     selection: which kernels (``None`` = the paper's rule: all but the first
-      and the last; or :class:`ec2t.Rule`\\ s).
+      and the last, in the forward order traced from ``apply_fn``; or
+      :class:`ec2t.Rule`\\ s / a :class:`ec2t.Selection`).
     steps_per_level: Adam iterations per sparsity level and layer.
     weight_learning_rate, bias_learning_rate: Adam learning rates.
     ramp: the first level is ``sparsity - ramp`` (skipped when not positive).
@@ -291,6 +292,11 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
     raise ValueError(f"apply_fn must be callable (params, x) -> outputs, got {apply_fn!r}")
   if isinstance(steps_per_level, bool) or int(steps_per_level) != steps_per_level or steps_per_level < 0:
     raise ValueError(f"steps_per_level must be a non-negative integer, got {steps_per_level!r}")
+  try:
+    selection = common.with_forward_order(selection, apply_fn, params, batches[0])
+  except Exception as e:  # the user's function: report it, naming the argument
+    raise ValueError(f"apply_fn failed on the calibration batch (shape "
+                     f"{tuple(batches[0].shape)}): {type(e).__name__}: {e}") from e
   chosen = common.selected_leaves(params, selection)
   leaves, treedef = jax.tree.flatten(params)
   flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
