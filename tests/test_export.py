@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from ec2t_jax import export
 from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 from ec2t_jax._src import sources
 from ec2t_jax._src import ternary
@@ -47,7 +47,7 @@ def _ternary(rng, shape, p=(0.2, 0.6, 0.2), w_n=0.11, w_p=0.13, dtype=np.float32
 
 def _assert_bitwise(actual, expected):
   """Same structure (key order and types), dtypes, shapes and bytes (-0.0 and NaN exact)."""
-  (got, got_structure), (want, want_structure) = flat_tree.flatten(actual), flat_tree.flatten(expected)
+  (got, got_structure), (want, want_structure) = trees.flatten(actual), trees.flatten(expected)
   chex.assert_equal(got_structure, want_structure)
   for (path, a), (_, e) in zip(got, want):
     assert isinstance(a, np.ndarray), path
@@ -435,3 +435,11 @@ def test_orbax_checkpoint_params_are_exported(tmp_path):
   chex.assert_trees_all_equal(loaded, params, strict=True)
   with pytest.raises(ValueError, match="no 'batch_stats' entry.*params"):
     export.export_file(tmp_path / "ckpt", tmp_path / "x.ec2t", keys=("batch_stats",))
+
+
+def test_flatten_names_leaves_like_path_to_str_and_keeps_insertion_order():
+  tree = {"z": {"k": np.ones(2)}, "b": [np.zeros(1), (np.ones(1), None)], "a": np.float32(1)}
+  names = [name for name, _ in trees.flatten(tree)[0]]
+  chex.assert_equal(names, ["z/k", "b/0", "b/1/0", "a"])  # insertion order
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  chex.assert_equal(sorted(trees.path_to_str(p) for p, _ in paths), sorted(names))

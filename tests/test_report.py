@@ -14,7 +14,7 @@ from ec2t_jax import export
 from ec2t_jax import report
 from ec2t_jax._src import report_cli
 from ec2t_jax._src import accounting
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import geometry
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
@@ -135,7 +135,7 @@ def test_traced_geometry_of_the_flax_resnet20_equals_the_built_in_description():
   fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)
   traced = report.trace_geometry(fn, variables["params"], x)
   shapes = {f"params/{k}": v.shape for k, v in
-            flat_tree.flatten(variables["params"], as_numpy=False)[0]}
+            trees.flatten(variables["params"], as_numpy=False)[0]}
   described = report.cifar_resnet_geometry(shapes)
   strip = lambda g: g._replace(path=g.path.removeprefix("params/"), folded=())
   chex.assert_equal([strip(g) for g in traced], [strip(g) for g in described])

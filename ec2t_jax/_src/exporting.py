@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import inference
 from ec2t_jax._src import packing
 from ec2t_jax._src import sources
@@ -110,11 +110,11 @@ def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
   for array in arrays:
     weight = inference.as_ternary(array)
     leaves.append(array if weight is None else weight)
-  return flat_tree.unflatten(leaves, info.structure)
+  return trees.unflatten(leaves, info.structure)
 
 
 def _sizes(tree) -> tuple[int, int]:
-  leaves = flat_tree.flatten(tree)[0]
+  leaves = trees.flatten(tree)[0]
   return (sum(a.size * a.dtype.itemsize for _, a in leaves), sum(4 * a.size for _, a in leaves))
 
 

@@ -34,8 +34,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from ec2t_jax._src import flat_tree
 from ec2t_jax._src import tracing
+from ec2t_jax._src import trees
 
 
 class LayerGeometry(NamedTuple):
@@ -298,7 +298,7 @@ def trace_geometry(fn: Callable, params, *inputs, batch_size: Optional[int] = No
     The layers in execution order; a leaf used by several layers appears
     once per use.
   """
-  leaves, structure = flat_tree.flatten(params, as_numpy=False)
+  leaves, structure = trees.flatten(params, as_numpy=False)
   paths = [p for p, _ in leaves]
   shapes = [tuple(np.shape(a)) for _, a in leaves]
   if batch_size is None:
@@ -306,7 +306,7 @@ def trace_geometry(fn: Callable, params, *inputs, batch_size: Optional[int] = No
     batch_size = int(np.shape(first[0])[0]) if first and np.ndim(first[0]) else 1
 
   def flat_fn(flat_params, flat_inputs):
-    tree = flat_tree.unflatten(list(flat_params), structure)
+    tree = trees.unflatten(list(flat_params), structure)
     return fn(tree, *flat_inputs, **kwargs)
 
   closed = jax.make_jaxpr(flat_fn)([a for _, a in leaves], list(inputs))

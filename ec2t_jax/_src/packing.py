@@ -21,7 +21,7 @@ failure raises :class:`ExportFormatError` naming what is wrong, never a
 partly decoded tree.
 
 Header JSON: ``{"tree": structure, "leaves": [record, ...], "meta": {...}}``
-where ``structure`` is :mod:`flat_tree`'s (dict key order and key types, lists,
+where ``structure`` is :mod:`trees`'s (dict key order and key types, lists,
 tuples, ``None``) and one record per leaf, in order::
 
     {"c": codec, "d": dtype name, "s": shape, "n": stream length in bytes,
@@ -104,7 +104,7 @@ import ml_dtypes
 import numpy as np
 
 from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 
 MAGIC = b"\x89EC2T\r\n\x1a"
 FORMAT_VERSION = 1
@@ -170,7 +170,7 @@ class PackedInfo(NamedTuple):
   Attributes:
     version: format version.
     records: one :class:`LeafRecord` per leaf, in order.
-    structure: the tree structure (see :mod:`flat_tree`).
+    structure: the tree structure (see :mod:`trees`).
     meta: writer metadata.
     header_bytes: ``H`` (compressed header length).
     payload_bytes: ``P``.
@@ -451,7 +451,7 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
   Raises:
     ValueError: for unsupported leaves (non-numeric, complex, ...).
   """
-  leaves, structure = flat_tree.flatten(tree)
+  leaves, structure = trees.flatten(tree)
   records, streams = [], []
   for path, array in leaves:
     record, stream = _encode_leaf(path, array, float16=float16, entropy=entropy_coding,
@@ -592,8 +592,8 @@ def _parse_header(data: bytes, header_len: int, payload_len: int,
     raise ExportFormatError(f"corrupt header: {len(raw_records):,} leaves "
                             f"(at most {MAX_LEAVES:,} allowed)")
   try:
-    paths = flat_tree.leaf_paths(header["tree"])
-    flat_tree.unflatten(list(range(len(paths))), header["tree"])  # validates the structure
+    paths = trees.leaf_paths(header["tree"])
+    trees.unflatten(list(range(len(paths))), header["tree"])  # validates the structure
   except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
     raise ExportFormatError(f"corrupt header: malformed tree structure ({e})") from None
   if len(paths) != len(raw_records):
@@ -683,6 +683,6 @@ def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES):
   """
   info, arrays = unpack_leaves(data, max_bytes=max_bytes)
   try:
-    return flat_tree.unflatten(arrays, info.structure)
+    return trees.unflatten(arrays, info.structure)
   except ValueError as e:
     raise ExportFormatError(f"corrupt header: {e}") from None

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -188,7 +188,7 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
   data = path.read_bytes()
   if data.startswith(packing.MAGIC[:4]):
     info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
-    return LoadedTree(flat_tree.unflatten(arrays, info.structure), "packed", str(path), info)
+    return LoadedTree(trees.unflatten(arrays, info.structure), "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
       tree = read_npz(data, max_bytes=max_bytes)
@@ -200,8 +200,8 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
 
 
 def _to_numpy(tree):
-  leaves, structure = flat_tree.flatten(tree)
-  return flat_tree.unflatten([np.asarray(x) for _, x in leaves], structure)
+  leaves, structure = trees.flatten(tree)
+  return trees.unflatten([np.asarray(x) for _, x in leaves], structure)
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
@@ -211,7 +211,7 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
     ValueError: if two leaves get the same name.
   """
   out = {}
-  for name, array in flat_tree.flatten(tree)[0]:
+  for name, array in trees.flatten(tree)[0]:
     if name in out:
       raise ValueError(f"two leaves are both named {name!r}")
     out[name] = array
