@@ -20,11 +20,12 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from ec2t_jax import export
-from ec2t_jax._src import accounting
 from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 from ec2t_jax._src import sources
+from ec2t_jax._src import ternary
+from ec2t_jax._src import export_cli
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
 OFFICIAL = ("ec2t_spars45", "ec2t_spars64", "ec2t_spars73")
@@ -46,7 +47,7 @@ def _ternary(rng, shape, p=(0.2, 0.6, 0.2), w_n=0.11, w_p=0.13, dtype=np.float32
 
 def _assert_bitwise(actual, expected):
   """Same structure (key order and types), dtypes, shapes and bytes (-0.0 and NaN exact)."""
-  (got, got_structure), (want, want_structure) = flat_tree.flatten(actual), flat_tree.flatten(expected)
+  (got, got_structure), (want, want_structure) = trees.flatten(actual), trees.flatten(expected)
   chex.assert_equal(got_structure, want_structure)
   for (path, a), (_, e) in zip(got, want):
     assert isinstance(a, np.ndarray), path
@@ -243,7 +244,7 @@ def _large_ternary_layers():
 def test_entropy_coding_is_within_two_percent_of_zeroth_order_entropy_or_below():
   for path, w in _large_ternary_layers().items():
     assignment = packing.ternary_parts(w).assignment
-    bound = w.size * accounting.zeroth_order_entropy(assignment) / 8
+    bound = w.size * float(ternary.ternary_entropy(assignment)) / 8
     coded = len(entropy_coding.encode_symbols(assignment + 1, 3))
     assert coded <= 1.02 * bound, (path, coded, bound)
 
@@ -394,9 +395,9 @@ def test_cli_exports_an_npz_and_decodes_it_under_the_original_keys(tmp_path, cap
   state = {"layer1.0.conv1.weight": _ternary(np.random.default_rng(9), (16, 16, 3, 3)),
            "bn1.running_var": np.ones(16, np.float32), "file": np.array(3, np.int64)}
   sources.atomic_save_npz(tmp_path / "in.npz", state)
-  assert export.main([str(tmp_path / "in.npz"), str(tmp_path / "m.ec2t")]) == 0
+  assert export_cli.main([str(tmp_path / "in.npz"), str(tmp_path / "m.ec2t")]) == 0
   assert "1 ternary leaves" in capsys.readouterr().out
-  assert export.main(["--decode", str(tmp_path / "m.ec2t"), str(tmp_path / "out.npz")]) == 0
+  assert export_cli.main(["--decode", str(tmp_path / "m.ec2t"), str(tmp_path / "out.npz")]) == 0
   with np.load(tmp_path / "out.npz") as out:
     chex.assert_equal(out.files, list(state))
     _assert_bitwise({k: out[k] for k in out.files}, state)
@@ -404,7 +405,7 @@ def test_cli_exports_an_npz_and_decodes_it_under_the_original_keys(tmp_path, cap
 
 def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path, capsys):
   (tmp_path / "bad.ec2t").write_bytes(packing.MAGIC + b"\0" * 10)
-  assert export.main(["--decode", str(tmp_path / "bad.ec2t"), str(tmp_path / "o.npz")]) == 2
+  assert export_cli.main(["--decode", str(tmp_path / "bad.ec2t"), str(tmp_path / "o.npz")]) == 2
   err = capsys.readouterr().err
   chex.assert_equal(len(err.strip().splitlines()), 1)
   assert "truncated" in err and "Traceback" not in err
@@ -434,3 +435,11 @@ def test_orbax_checkpoint_params_are_exported(tmp_path):
   chex.assert_trees_all_equal(loaded, params, strict=True)
   with pytest.raises(ValueError, match="no 'batch_stats' entry.*params"):
     export.export_file(tmp_path / "ckpt", tmp_path / "x.ec2t", keys=("batch_stats",))
+
+
+def test_flatten_names_leaves_like_path_to_str_and_keeps_insertion_order():
+  tree = {"z": {"k": np.ones(2)}, "b": [np.zeros(1), (np.ones(1), None)], "a": np.float32(1)}
+  names = [name for name, _ in trees.flatten(tree)[0]]
+  chex.assert_equal(names, ["z/k", "b/0", "b/1/0", "a"])  # insertion order
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  chex.assert_equal(sorted(trees.path_to_str(p) for p, _ in paths), sorted(names))

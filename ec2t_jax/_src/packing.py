@@ -21,7 +21,7 @@ failure raises :class:`ExportFormatError` naming what is wrong, never a
 partly decoded tree.
 
 Header JSON: ``{"tree": structure, "leaves": [record, ...], "meta": {...}}``
-where ``structure`` is :mod:`flat_tree`'s (dict key order and key types, lists,
+where ``structure`` is :mod:`trees`'s (dict key order and key types, lists,
 tuples, ``None``) and one record per leaf, in order::
 
     {"c": codec, "d": dtype name, "s": shape, "n": stream length in bytes,
@@ -51,6 +51,33 @@ Leaf codecs (the smallest candidate wins, per leaf):
 ``se``   sparse with an entropy-coded mask: u32 mask-stream length, the mask
          stream (alphabet 2), the non-zero values.
 
+Bounded decoding
+================
+
+A file is untrusted input (its SHA-256 is unkeyed: anyone can recompute it), so
+a reader commits no memory that the file's own length and ``max_bytes`` do not
+justify. Before anything is allocated it checks:
+
+* the decompressed header against :data:`MAX_HEADER_BYTES` (and ``max_bytes``)
+  through ``zlib.decompressobj(...).decompress(data, max_length)``, its JSON
+  nesting against :data:`MAX_JSON_DEPTH`, the number of leaves against
+  :data:`MAX_LEAVES` and every shape against :data:`MAX_NDIM`;
+* the decoded size of the whole tree, ``sum(numel x itemsize)``, against
+  ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`, 4 GiB);
+* every record's element count against what its stream can hold: exactly
+  ``numel x itemsize`` bytes for ``raw``; at most 1032 bytes per zlib byte
+  (deflate's largest expansion) for ``zs``; one mask bit per element for
+  ``tb`` / ``sb``; and for the range-coded streams the bound of
+  :func:`entropy_coding.max_symbols`: a symbol's probability is at most
+  ``1 - (K - 1) f`` where ``f`` is the coder's probability floor, so each
+  symbol costs at least ``c = -log2(1 - (K - 1) f)`` bits and a stream of
+  ``B`` bytes holds at most ``(8 B + 64) / c`` symbols.
+
+zlib streams are inflated with a maximum output size and range-coded streams
+are decoded in chunks of :data:`entropy_coding.DECODE_CHUNK` symbols into one
+preallocated ``int8`` array, so a reader's peak memory is about the decoded
+tree (at most ``max_bytes``) plus its ``int8`` assignments, plus the file.
+
 A leaf is *ternary* when it is floating point, finite and holds exactly three
 distinct bit patterns: one negative value ``-w_n``, one zero and one positive
 value ``w_p``. Storage in the ternary codecs is exact, so the default round trip
@@ -67,6 +94,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import zlib
 from typing import Any, NamedTuple, Optional
@@ -76,7 +104,7 @@ import ml_dtypes
 import numpy as np
 
 from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 
 MAGIC = b"\x89EC2T\r\n\x1a"
 FORMAT_VERSION = 1
@@ -91,6 +119,15 @@ _DTYPES = {np.dtype(t).name: np.dtype(t) for t in (
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 CODECS = ("raw", "zs", "tb", "te", "sb", "se")
 TERNARY_CODECS = ("tb", "te")
+
+DEFAULT_MAX_BYTES = 4 * 2**30  # decoded arrays a reader accepts by default
+MAX_HEADER_BYTES = 16 * 2**20  # decompressed header JSON
+MAX_JSON_DEPTH = 128  # nesting of the header JSON (about 40 levels of tree)
+MAX_LEAVES = 2**20
+MAX_NDIM = 32
+MAX_DIM = 2**40  # largest length of one axis (numpy refuses shapes whose product of
+                 # non-zero axes overflows, even for empty arrays)
+_ZLIB_MAX_RATIO = 1032  # deflate never expands one input byte to more output bytes
 
 
 class ExportFormatError(ValueError):
@@ -133,7 +170,7 @@ class PackedInfo(NamedTuple):
   Attributes:
     version: format version.
     records: one :class:`LeafRecord` per leaf, in order.
-    structure: the tree structure (see :mod:`flat_tree`).
+    structure: the tree structure (see :mod:`trees`).
     meta: writer metadata.
     header_bytes: ``H`` (compressed header length).
     payload_bytes: ``P``.
@@ -250,13 +287,31 @@ def _shuffle_compress(raw: bytes, itemsize: int) -> bytes:
   return zlib.compress(_contiguous(planes).tobytes(), 6)
 
 
-def _shuffle_decompress(data: bytes, itemsize: int, count: int) -> bytes:
+def inflate(data: bytes, limit: int, what: str) -> bytes:
+  """zlib-decompresses ``data`` into at most ``limit`` bytes.
+
+  Raises:
+    ExportFormatError: corrupt or truncated stream, bytes after its end, or an
+      output longer than ``limit`` (a zlib bomb is stopped at ``limit + 1``).
+  """
+  inflater = zlib.decompressobj()
   try:
-    planes = zlib.decompress(data)
+    out = inflater.decompress(data, limit + 1)
   except zlib.error as e:
-    raise ExportFormatError(f"zlib stream is corrupt: {e}") from None
+    raise ExportFormatError(f"{what}: zlib stream is corrupt: {e}") from None
+  if len(out) > limit:
+    raise ExportFormatError(f"{what}: zlib stream inflates to more than {limit:,} bytes")
+  if not inflater.eof:
+    raise ExportFormatError(f"{what}: zlib stream is truncated")
+  if inflater.unused_data:
+    raise ExportFormatError(f"{what}: {len(inflater.unused_data)} bytes after the zlib stream")
+  return out
+
+
+def _shuffle_decompress(data: bytes, itemsize: int, count: int, what: str) -> bytes:
+  planes = inflate(data, itemsize * count, what)
   if len(planes) != itemsize * count:
-    raise ExportFormatError("decompressed leaf has the wrong length")
+    raise ExportFormatError(f"{what}: decompressed leaf has the wrong length")
   return np.frombuffer(planes, np.uint8).reshape(itemsize, count).T.tobytes()
 
 
@@ -322,7 +377,8 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
   count = record.numel
   codec = record.codec
   if codec in ("raw", "zs"):
-    raw = stream if codec == "raw" else _shuffle_decompress(stream, storage.itemsize, count)
+    raw = stream if codec == "raw" else _shuffle_decompress(
+        stream, storage.itemsize, count, f"leaf {record.path!r}")
     flat = _from_le_bytes(raw, storage, count)
   elif codec in TERNARY_CODECS:
     if storage != dtype or dtype.name not in _FLOAT_NAMES:
@@ -395,7 +451,7 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
   Raises:
     ValueError: for unsupported leaves (non-numeric, complex, ...).
   """
-  leaves, structure = flat_tree.flatten(tree)
+  leaves, structure = trees.flatten(tree)
   records, streams = [], []
   for path, array in leaves:
     record, stream = _encode_leaf(path, array, float16=float16, entropy=entropy_coding,
@@ -450,60 +506,143 @@ def _check_container(data: bytes) -> tuple[int, int]:
   return header_len, payload_len
 
 
-def _parse_header(data: bytes, header_len: int, payload_len: int) -> PackedInfo:
-  start = _FIXED.size
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: bytes) -> int:
+  """Largest nesting depth of ``[`` / ``{`` outside strings (no recursion)."""
+  codes = np.frombuffer(_JSON_STRING.sub(b'""', text), np.uint8)
+  steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+           - np.isin(codes, (ord("]"), ord("}"))))
+  return int(np.cumsum(steps).max(initial=0))
+
+
+def _load_header_json(data: bytes, max_bytes: int):
+  limit = min(MAX_HEADER_BYTES, max_bytes)
+  text = inflate(data, limit, "corrupt header")
+  depth = _json_depth(text)
+  if depth > MAX_JSON_DEPTH:
+    raise ExportFormatError(f"corrupt header: JSON nested {depth} deep "
+                            f"(at most {MAX_JSON_DEPTH} allowed)")
   try:
-    header = json.loads(zlib.decompress(data[start:start + header_len]).decode("utf-8"))
-  except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return json.loads(text.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ExportFormatError(f"corrupt header: {e}") from None
+
+
+def _is_count(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _record(path: str, r) -> LeafRecord:
+  """Validates one raw header record (types and ranges, not yet sizes)."""
+  try:
+    codec, dtype, shape, nbytes = r["c"], r["d"], r["s"], r["n"]
+    storage = r.get("v", dtype)
+    crc = r.get("k")
+    ok = (isinstance(shape, list) and len(shape) <= MAX_NDIM
+          and all(_is_count(n) and n <= MAX_DIM for n in shape)
+          and math.prod(n for n in shape if n) <= MAX_DIM
+          and (crc is None or _is_count(crc)) and isinstance(codec, str)
+          and isinstance(dtype, str) and isinstance(storage, str)
+          and codec in CODECS and dtype in _DTYPES and storage in _DTYPES
+          and _is_count(nbytes)
+          and (storage == dtype or (storage == "float16" and dtype in ("float32", "float64"))))
+  except (TypeError, KeyError, AttributeError) as e:
+    raise ExportFormatError(f"corrupt record for leaf {path!r}: {e}") from None
+  if not ok:
+    raise ExportFormatError(f"corrupt record for leaf {path!r}: {r!r:.120}")
+  return LeafRecord(path, codec, dtype, tuple(shape), nbytes, storage, crc)
+
+
+def _check_capacity(record: LeafRecord) -> None:
+  """Rejects a record whose element count its stream cannot hold (see "Bounded decoding")."""
+  count, size, codec = record.numel, record.nbytes, record.codec
+  item = _DTYPES[record.storage].itemsize
+  mask = (count + 7) // 8
+  head = 3 * item
+  if codec == "raw":
+    ok = size == count * item
+  elif codec == "zs":
+    ok = 0 < size and count * item <= _ZLIB_MAX_RATIO * size
+  elif codec == "tb":
+    ok = head + mask <= size <= head + 2 * mask
+  elif codec == "te":
+    ok = size >= head and count <= entropy_coding.max_symbols(size - head, 3)
+  elif codec == "sb":
+    ok = mask <= size <= mask + count * item
+  else:  # "se"
+    ok = size >= 4 and count <= entropy_coding.max_symbols(size - 4, 2)
+  if not ok:
+    raise ExportFormatError(
+        f"leaf {record.path!r}: a {size:,}-byte {codec!r} stream cannot hold "
+        f"{count:,} elements of shape {record.shape}")
+
+
+def _parse_header(data: bytes, header_len: int, payload_len: int,
+                  max_bytes: int) -> PackedInfo:
+  start = _FIXED.size
+  header = _load_header_json(data[start:start + header_len], max_bytes)
   if not isinstance(header, dict) or not {"tree", "leaves", "meta"} <= set(header):
     raise ExportFormatError("corrupt header: missing 'tree', 'leaves' or 'meta'")
   raw_records = header["leaves"]
   if not isinstance(raw_records, list):
     raise ExportFormatError("corrupt header: 'leaves' is not a list")
+  if len(raw_records) > MAX_LEAVES:
+    raise ExportFormatError(f"corrupt header: {len(raw_records):,} leaves "
+                            f"(at most {MAX_LEAVES:,} allowed)")
   try:
-    paths = flat_tree.leaf_paths(header["tree"])
-    flat_tree.unflatten(list(range(len(paths))), header["tree"])  # validates the structure
-  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    paths = trees.leaf_paths(header["tree"])
+    trees.unflatten(list(range(len(paths))), header["tree"])  # validates the structure
+  except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
     raise ExportFormatError(f"corrupt header: malformed tree structure ({e})") from None
   if len(paths) != len(raw_records):
     raise ExportFormatError(f"corrupt header: {len(raw_records)} leaf records for "
                             f"{len(paths)} tree leaves")
-  records = []
-  for path, r in zip(paths, raw_records):
-    try:
-      codec, dtype, shape, nbytes = r["c"], r["d"], tuple(r["s"]), r["n"]
-      storage = r.get("v", dtype)
-      crc = r.get("k")
-      ok = ((crc is None or (isinstance(crc, int) and not isinstance(crc, bool)))
-            and codec in CODECS and dtype in _DTYPES and storage in _DTYPES
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-            and isinstance(nbytes, int) and nbytes >= 0
-            and (storage == dtype or (storage == "float16" and dtype in ("float32", "float64"))))
-    except (TypeError, KeyError) as e:
-      raise ExportFormatError(f"corrupt record for leaf {path!r}: {e}") from None
-    if not ok:
-      raise ExportFormatError(f"corrupt record for leaf {path!r}: {r!r:.120}")
-    records.append(LeafRecord(path, codec, dtype, shape, nbytes, storage, crc))
+  records = [_record(path, r) for path, r in zip(paths, raw_records)]
   if sum(r.nbytes for r in records) != payload_len:
     raise ExportFormatError("corrupt header: leaf stream lengths do not add up to the payload")
+  decoded = sum(r.numel * _DTYPES[r.dtype].itemsize for r in records)
+  if decoded > max_bytes:
+    raise ExportFormatError(f"the file declares {decoded:,} bytes of arrays, more than "
+                            f"max_bytes={max_bytes:,}")
+  for record in records:
+    _check_capacity(record)
   meta = header["meta"] if isinstance(header["meta"], dict) else {}
   return PackedInfo(FORMAT_VERSION, records, header["tree"], meta, header_len, payload_len,
                     _FIXED.size + header_len + payload_len + _DIGEST)
 
 
-def read_info(data: bytes) -> PackedInfo:
+def _check_max_bytes(max_bytes) -> int:
+  if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
+    raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+  return int(max_bytes)
+
+
+def read_info(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> PackedInfo:
   """Validates a packed file and returns its header, without decoding leaves.
 
+  Args:
+    data: the file's bytes.
+    max_bytes: largest decoded size (all arrays) accepted.
+
   Raises:
-    ExportFormatError: wrong magic or version, truncated, corrupted.
+    ExportFormatError: wrong magic or version, truncated, corrupted, or
+      declaring more than ``max_bytes`` or more than its streams can hold.
   """
+  max_bytes = _check_max_bytes(max_bytes)
   header_len, payload_len = _check_container(data)
-  return _parse_header(bytes(data), header_len, payload_len)
+  return _parse_header(bytes(data), header_len, payload_len, max_bytes)
 
 
-def unpack_leaves(data: bytes) -> tuple[PackedInfo, list[np.ndarray]]:
+def unpack_leaves(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
+                  ) -> tuple[PackedInfo, list[np.ndarray]]:
   """Decodes every leaf of a packed file.
+
+  Args:
+    data: the file's bytes.
+    max_bytes: largest decoded size (all arrays) accepted, checked from the
+      header before anything is decoded.
 
   Returns:
     ``(info, arrays)`` with the arrays in leaf order.
@@ -512,7 +651,7 @@ def unpack_leaves(data: bytes) -> tuple[PackedInfo, list[np.ndarray]]:
     ExportFormatError: if anything about the file is wrong.
   """
   data = bytes(data)
-  info = read_info(data)
+  info = read_info(data, max_bytes=max_bytes)
   offset = _FIXED.size + info.header_bytes
   arrays = []
   for record in info.records:
@@ -528,8 +667,13 @@ def unpack_leaves(data: bytes) -> tuple[PackedInfo, list[np.ndarray]]:
   return info, arrays
 
 
-def unpack(data: bytes):
+def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES):
   """Decodes a packed file into the tree that was packed.
+
+  Args:
+    data: the file's bytes.
+    max_bytes: largest decoded size (all arrays) accepted (see "Bounded
+      decoding" in the module docstring).
 
   Returns:
     The tree (nested dicts / lists / tuples of numpy arrays).
@@ -537,8 +681,8 @@ def unpack(data: bytes):
   Raises:
     ExportFormatError: if anything about the file is wrong.
   """
-  info, arrays = unpack_leaves(data)
+  info, arrays = unpack_leaves(data, max_bytes=max_bytes)
   try:
-    return flat_tree.unflatten(arrays, info.structure)
+    return trees.unflatten(arrays, info.structure)
   except ValueError as e:
     raise ExportFormatError(f"corrupt header: {e}") from None
