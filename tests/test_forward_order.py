@@ -208,3 +208,13 @@ def test_order_from_another_tree_prefix_is_an_error():
 def test_bad_order_is_an_error_at_construction(order, error, match):
   with pytest.raises(error, match=match):
     ec2t.Selection(order=order)
+
+
+def test_order_reaches_an_nnx_optimizer():
+  model = _NamedNnx(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  order = ec2t.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), state, _X)
+  tx = ec2t.ternarize_transform(gamma=0.1, selection=ec2t.Selection(order=order))
+  optimizer = _no_warning(lambda: nnx.Optimizer(model, tx, wrt=nnx.Param))
+  assert sorted(layer.path for layer in ec2t.summary(optimizer).layers) == [
+      "block/kernel", "features/kernel"]
