@@ -21,6 +21,13 @@ from ec2t_jax._src.inference import ternary_conv
 from ec2t_jax._src.inference import ternary_dense
 from ec2t_jax._src.inference import ternary_weights
 from ec2t_jax._src.inference import TernaryWeight
+from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
+from ec2t_jax._src.methods.clustering import kmeans_1d
+from ec2t_jax._src.methods.fractals import fractal_images
+from ec2t_jax._src.methods.inq import inq_codebook
+from ec2t_jax._src.methods.inq import inq_quantize
+from ec2t_jax._src.methods.mcq import mcq
+from ec2t_jax._src.methods.mcq import mcq_quantize
 from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
@@ -55,6 +62,7 @@ from ec2t_jax._src.ternary import layer_size_decay
 from ec2t_jax._src.ternary import nearest_centroid_assign
 from ec2t_jax._src.ternary import ternary_entropy
 from ec2t_jax._src.ternary import ternary_values
+from ec2t_jax._src.tracing import forward_order
 
 TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 
@@ -73,17 +81,25 @@ __all__ = (
     "export",
     "ExportFormatError",
     "find_ternarize_state",
+    "forward_order",
+    "fractal_images",
     "freeze_assignment",
     "information_content",
     "initial_centroids",
+    "inq_codebook",
+    "inq_quantize",
     "is_frozen",
+    "kmeans_1d",
     "lambda_max",
     "latent_gradient",
     "layer_size_decay",
     "LayerSummary",
     "LeafPlan",
+    "mcq",
+    "mcq_quantize",
     "nearest_centroid_assign",
     "QuantizerState",
+    "prune_calibrated",
     "reference_optimizer",
     "report",
     "Rule",

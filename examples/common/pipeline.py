@@ -73,6 +73,9 @@ class PipelineConfig:
   fp_epochs: int = 0
   fp_optimizer: Callable[[int], optax.GradientTransformation] | None = None
   init_from: str | None = None
+  # Maps the ``init_from`` variables (any architecture) to ``model``'s, e.g. a
+  # function-preserving super-network transfer; None: they must fit ``model``.
+  init_transform: Callable[[dict, dict], tuple[dict, dict]] | None = None
   # EC2T
   ec2t_mode: str = "reference"
   gamma: float = 0.2
@@ -90,23 +93,26 @@ class PipelineConfig:
   progress: bool = True
 
 
-def make_ec2t_optimizer(config: PipelineConfig) -> optax.GradientTransformation:
+def make_ec2t_optimizer(config: PipelineConfig,
+                        selection: ec2t.Selection | None = None) -> optax.GradientTransformation:
   """The EC2T optimizer of phases 1 and 2.
 
   ``reference``: ``ec2t.reference_optimizer`` -- the paper's three Adams
   (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent
   weights: ``latent_learning_rate``; centroids: ``centroid_learning_rate``).
   ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``.
+  ``selection``: which leaves (default: the paper's rule by the tree's order).
   """
   if config.ec2t_mode == "reference":
     return ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate)
+        centroid_learning_rate=config.centroid_learning_rate, selection=selection)
   if config.ec2t_mode == "chain":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.adam(config.learning_rate),
-                       ec2t.ternarize_transform(gamma=config.gamma, init_scale=config.init_scale))
+                       ec2t.ternarize_transform(gamma=config.gamma, init_scale=config.init_scale,
+                                                selection=selection))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
@@ -144,6 +150,15 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
   path = config.init_from
   if not os.path.exists(path):
     raise UserError(f"--init_from {path} does not exist")
+  if config.init_transform is not None:
+    params, batch_stats = read_variables(path)
+    try:
+      params, batch_stats = config.init_transform(params, batch_stats)
+      torch_convert._check_against(  # pylint: disable=protected-access
+          {"params": params, "batch_stats": batch_stats}, abstract_variables)
+    except ValueError as error:  # includes CheckpointMismatchError
+      raise UserError(f"--init_from {path}: {error}") from None
+    return params, batch_stats
   if os.path.isdir(path):
     params, batch_stats = checkpoint_lib.restore_variables(path)
     loaded = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -158,6 +173,16 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
     raise UserError(f"--init_from {path}: {error}") from None
   except (OSError, ValueError, KeyError) as error:
     raise UserError(f"--init_from {path} cannot be read as a state dict: {error}") from None
+
+
+def read_variables(path: str) -> tuple[dict, dict]:
+  """``(params, batch_stats)`` of a checkpoint folder of these examples or a state-dict file."""
+  try:
+    if os.path.isdir(path):
+      return checkpoint_lib.restore_variables(path)
+    return torch_convert.load_torch_checkpoint(path)
+  except (OSError, ValueError, KeyError) as error:
+    raise UserError(f"--init_from {path} cannot be read: {error}") from None
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
@@ -239,8 +264,13 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   results["fp_test_accuracy"] = fp_test["accuracy"]
   log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
 
-  # ---- EC2T phase 1
-  tx = make_ec2t_optimizer(config)
+  # ---- EC2T phase 1. The paper's rule keeps the first and last kernel in full precision;
+  # trained params have re-sorted keys, so name them by the forward pass.
+  params_shape, stats_shape = jax.eval_shape(init_variables)
+  order = ec2t.forward_order(
+      lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
+      params_shape, stats_shape, dummy)
+  tx = make_ec2t_optimizer(config, ec2t.Selection(order=order))
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,

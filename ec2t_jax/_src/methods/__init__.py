@@ -1,0 +1,1 @@
+"""Compression methods other than EC2T: one module per method (pure functions first)."""
