@@ -17,6 +17,7 @@ Each run resumes from its checkpoints, so an interrupted sweep continues where i
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -36,48 +37,17 @@ flags.DEFINE_integer("timing_steps", 200, "Steps per round of the interleaved FP
 flags.DEFINE_integer("timing_rounds", 5, "Rounds of the interleaved timing.")
 
 
-def interleaved_step_timing(model_name: str, steps: int, rounds: int, gamma: float = 0.2
-                            ) -> dict[str, float]:
-  """Seconds per training step, FP (Adam) vs EC2T (reference optimizer), same batch, one process.
-
-  The two jitted steps alternate in rounds of ``steps`` steps, so slow drifts of a
-  shared machine hit both alike; the median round is reported.
-  """
-  sys.path.insert(0, str(REPO / "examples"))
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
-  from common import data, training  # pylint: disable=g-import-not-at-top
-  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
-
-  model = models.get_model(model_name, num_classes=10)
-  spec = data.dataset_spec("mnist")
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8)),
-           "label": jnp.asarray(rng.integers(0, 10, 128, dtype=np.int32))}
-  runs = {}
-  for name, tx, prepare in (("fp", optax.adam(1e-3), None),
-                            ("ec2t", ec2t.reference_optimizer(gamma=gamma), ec2t.ternary_params)):
-    params = jax.tree.map(jnp.copy, variables["params"])  # each step donates its own state
-    state = training.TrainState.create(params, {}, tx, 0, prepare)
-    step = jax.jit(training.make_train_step(model, tx, spec, augment=False), donate_argnums=0)
-    state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    runs[name] = [step, state, []]
-  for _ in range(rounds):
-    for name, run in runs.items():
-      step, state, times = run
-      started = time.perf_counter()
-      for _ in range(steps):
-        state, _ = step(state, batch)
-      jax.block_until_ready(state)
-      times.append((time.perf_counter() - started) / steps)
-      run[1] = state
-  fp, ec2t_s = (float(np.median(runs[k][2])) for k in ("fp", "ec2t"))
-  return {"fp_seconds_per_step": fp, "ec2t_seconds_per_step": ec2t_s, "ratio": ec2t_s / fp}
+def interleaved_step_timing(model_name: str, steps: int, rounds: int) -> dict[str, float]:
+  """Runs ``benchmarks/mnist_step_timing.py`` (with ``examples/`` importable) and
+  returns its JSON result."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (str(REPO / "examples"), env.get("PYTHONPATH")) if p)
+  command = [sys.executable, str(REPO / "benchmarks" / "mnist_step_timing.py"),
+             f"--model={model_name}", f"--steps={steps}", f"--rounds={rounds}"]
+  print("$", " ".join(command), flush=True)
+  out = subprocess.run(command, check=True, cwd=REPO, env=env, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run(gamma: str, workdir: pathlib.Path, extra: list[str], init_from: str | None) -> dict:

@@ -24,6 +24,7 @@ Run::
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -75,12 +76,13 @@ def _make_step(model, tx, has_batch_stats):
   return step
 
 
-def _compile_seconds(model, tx, has_batch_stats, args) -> float:
-  """Wall time of tracing, lowering and compiling a fresh jitted step."""
+def _compile_seconds(model, tx, has_batch_stats, args) -> tuple[float, float]:
+  """``(wall, process CPU)`` seconds of tracing, lowering and compiling a
+  fresh jitted step (CPU time is less sensitive to a loaded machine)."""
   step = jax.jit(_make_step(model, tx, has_batch_stats))
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   step.lower(*args).compile()
-  return time.perf_counter() - start
+  return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _bytes(tree) -> int:
@@ -104,11 +106,14 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
       *carry, loss = step(*carry, x, y)
     jax.block_until_ready(loss)
     runs[label] = {"step": step, "carry": carry, "times": [], "compile": [],
-                   "tx": tx, "state_bytes": _bytes(opt_state)}
+                   "compile_cpu": [], "tx": tx,
+                   "state_bytes": _bytes(opt_state)}
   for _ in range(compile_rounds):
     for run in runs.values():
-      run["compile"].append(_compile_seconds(model, run["tx"], has_batch_stats,
-                                             (*run["carry"], x, y)))
+      wall, cpu = _compile_seconds(model, run["tx"], has_batch_stats,
+                                   (*run["carry"], x, y))
+      run["compile"].append(wall)
+      run["compile_cpu"].append(cpu)
   for _ in range(rounds):
     for run in runs.values():
       start = time.perf_counter()
@@ -121,22 +126,27 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
   print(f"\n{name}: {params_bytes / 4 / 1e3:.1f}K params, batch {batch}, "
         f"{rounds} interleaved rounds")
   print(f"  {'variant':<10} {'median ms':>10} {'vs adam':>8} {'state/params':>13}"
-        + (f" {'compile s':>10} {'vs adam':>8}" if compile_rounds else ""))
-  base_compile = (statistics.median(runs["adam"]["compile"])
-                  if compile_rounds else None)
+        + (f" {'compile s':>10} {'vs adam':>8} {'CPU s':>7} {'vs adam':>8}"
+           if compile_rounds else ""))
+  if compile_rounds:
+    base_compile = statistics.median(runs["adam"]["compile"])
+    base_cpu = statistics.median(runs["adam"]["compile_cpu"])
   for label, run in runs.items():
     median = statistics.median(run["times"])
     line = (f"  {label:<10} {median * 1e3:>10.2f} {median / base:>7.3f}x "
             f"{run['state_bytes'] / params_bytes:>12.2f}x")
     if compile_rounds:
       c = statistics.median(run["compile"])
-      line += f" {c:>10.2f} {c / base_compile:>7.2f}x"
+      cpu = statistics.median(run["compile_cpu"])
+      line += (f" {c:>10.2f} {c / base_compile:>7.2f}x"
+               f" {cpu:>7.2f} {cpu / base_cpu:>7.2f}x")
     print(line)
 
 
 def main(argv):
   del argv
-  print(f"devices: {jax.devices()}")
+  print(f"devices: {jax.devices()}; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
   available = {
       "lenet5": ("LeNet-5", models.LeNet5(), (28, 28, 1)),
       "resnet8": ("ResNet-8", models.cifar_resnet(8), (32, 32, 3)),

@@ -46,7 +46,8 @@ from absl import app
 from absl import flags
 
 from common import flags as flags_lib
-from common.cli import UserError, script_main
+from common.cli import UserError
+from common.script import script_main
 
 _MODEL_PATTERN = re.compile(r"^(resnet(\d+)|supernet)$")
 DEFAULTS = {

@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 
 from common import flags as flags_lib
-from common.cli import script_main
+from common.script import script_main
 
 MODELS = ("lenet5", "lenet300100")
 DEFAULTS = {

@@ -171,6 +171,7 @@ def snap_to_grid(values, dtype, reference=None) -> jax.Array:
   scales one element can take together (EC2T: ``w_n`` and ``w_p``), or each
   filter's own scale on its own (``reference`` = that scale). The relative
   change is at most ``2^(1 - p)``; keep the unsnapped values in the state.
+  A zero, subnormal or non-finite reference gives ``q = 2^(2 - p)``.
 
   Args:
     values: scales to snap.
@@ -189,8 +190,14 @@ def snap_to_grid(values, dtype, reference=None) -> jax.Array:
   if reference is None:
     reference = jnp.max(jnp.abs(values))
   bits = jnp.finfo(dtype).nmant + 1
-  _, exponent = jnp.frexp(jnp.asarray(reference, jnp.float32))
-  quantum = jnp.ldexp(jnp.float32(1.0), exponent - bits + 2)
+  # 2^(e-1) <= |reference| < 2^e: keep the exponent bits of the float32
+  # (cheaper to compile than frexp / ldexp, same quantum for normal numbers).
+  reference = jnp.asarray(reference, jnp.float32)
+  power = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(reference, jnp.int32) & 0x7F800000,
+      jnp.float32)
+  quantum = jnp.where((power > 0) & jnp.isfinite(power),
+                      power * 2.0 ** (3 - bits), 2.0 ** (2 - bits))
   return jnp.round(values / quantum) * quantum
 
 
@@ -372,7 +379,8 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   """
 
   def guarded(x, leaf, ctx):
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+    # max |v| is NaN or inf iff some entry is (cheaper than all(isfinite)).
+    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(v)))
                                 for v in jax.tree.leaves(x)]))
     x = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0), x)
     new = step(x, leaf, ctx)

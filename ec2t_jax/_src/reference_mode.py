@@ -150,7 +150,8 @@ def ternarize(
                   contexts, treedef.flatten_up_to(latent_updates),
                   treedef.flatten_up_to(centroid_updates["w_n"]),
                   treedef.flatten_up_to(centroid_updates["w_p"]))]
-    all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+    # max |g| is NaN or inf iff some entry is (cheaper than all(isfinite)).
+    all_finite = jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(g)))
                                     for g in flat_grads]))
     hyper_ok = core.hyper_is_valid(hyper, ec2t.HYPER_RANGES)
     step = lambda x, leaf, ctx: ec2t.advance_leaf(
@@ -163,11 +164,13 @@ def ternarize(
         invalid_hyper_count=core_state.invalid_hyper_count
         + (all_finite & ~hyper_ok).astype(jnp.int32))
     accept = all_finite & hyper_ok
-    new_state = TernarizeReferenceState(params_state, latent_state,
-                                        centroid_state, new_core)
-    kept = state._replace(ternary=new_core._replace(leaves=core_state.leaves))
+    # The core already kept its leaves (keep = ~accept); the inner
+    # optimizers' states are kept here.
+    inner = optax.tree.where(
+        accept, (params_state, latent_state, centroid_state),
+        (state.params_state, state.latent_state, state.centroid_state))
     return (optax.tree.where(accept, updates, optax.tree.zeros_like(updates)),
-            optax.tree.where(accept, new_state, kept))
+            TernarizeReferenceState(*inner, new_core))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

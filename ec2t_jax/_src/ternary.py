@@ -115,8 +115,11 @@ def assign_by_cost(weights, w_n, w_p, lam, information, *,
 def cluster_counts(assignment) -> jax.Array:
   """Number of elements in the clusters ``(n, 0, p)``, as float32."""
   a = jnp.asarray(assignment)
-  return jnp.stack([jnp.sum(a == c, dtype=jnp.float32)
-                    for c in (NEGATIVE, ZERO, POSITIVE)])
+  # One reduction of the three indicators (one pass, one compiled loop).
+  clusters = jnp.array([NEGATIVE, ZERO, POSITIVE], a.dtype).reshape(
+      (3,) + (1,) * a.ndim)
+  return jnp.sum(a[None] == clusters, axis=tuple(range(1, a.ndim + 1)),
+                 dtype=jnp.float32)
 
 
 def cluster_probabilities(
@@ -183,6 +186,17 @@ def information_content(probabilities) -> jax.Array:
   return -jnp.log2(_f32(probabilities))
 
 
+def extremes(weights) -> tuple[jax.Array, jax.Array]:
+  """``(|min W|, |max W|)`` as float32 scalars.
+
+  Example:
+    >>> extremes(jnp.array([0.5, -2.0, 1.0]))
+    (Array(2., dtype=float32), Array(1., dtype=float32))
+  """
+  w = _f32(weights)
+  return jnp.abs(jnp.min(w)), jnp.abs(jnp.max(w))
+
+
 def lambda_max(weights, w_n, w_p, information) -> jax.Array:
   """The largest useful ``lambda``: beyond it one side of the layer empties.
 
@@ -210,7 +224,7 @@ def lambda_max(weights, w_n, w_p, information) -> jax.Array:
   """
   w = _f32(weights)
   info = _f32(information)
-  extreme_n, extreme_p = jnp.abs(jnp.min(w)), jnp.abs(jnp.max(w))
+  extreme_n, extreme_p = extremes(w)
 
   def side(extreme, centroid, delta_info):
     numerator = jnp.square(extreme) - jnp.square(_f32(centroid) - extreme)
@@ -319,9 +333,9 @@ def initial_centroids(weights, init_scale) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(w_n, w_p)`` as float32 scalars.
   """
-  w = _f32(weights)
   s = _f32(init_scale)
-  return s * jnp.abs(jnp.min(w)), s * jnp.abs(jnp.max(w))
+  extreme_n, extreme_p = extremes(weights)
+  return s * extreme_n, s * extreme_p
 
 
 def centroid_floor(weights, w_n, w_p, factor=0.675):

@@ -38,33 +38,3 @@ def report_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]
       print(f"error: {error}", file=sys.stderr, flush=True)
       sys.exit(2)
   return wrapped
-
-
-def script_main(run: Callable[..., object]) -> Callable[[list[str]], None]:
-  """The absl ``main`` of an example script, around its ``run(flag_values)``.
-
-  It rejects stray arguments, keeps orbax's per-save INFO logs quiet unless
-  ``--verbosity`` is given, starts ``jax.distributed`` when asked or detected,
-  turns a requested stop into a hint to ``--resume``, and prints
-  :class:`UserError` as one line (exit status 2).
-
-  Example:
-    >>> # app.run(script_main(run))
-  """
-  def main(argv: list[str]) -> None:
-    # Imported here so that the error helpers above load without JAX.
-    from absl import flags, logging  # pylint: disable=g-import-not-at-top
-    from common import parallel  # pylint: disable=g-import-not-at-top
-    from common.training import StopRequested  # pylint: disable=g-import-not-at-top
-    if len(argv) > 1:
-      raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    fv = flags.FLAGS
-    if not fv["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    parallel.initialize_distributed(fv.distributed, fv.coordinator_address,
-                                    fv.num_processes, fv.process_id)
-    try:
-      run(fv)
-    except StopRequested as stop:
-      print(f"{stop}; continue with --resume", file=sys.stderr)
-  return report_user_errors(main)
