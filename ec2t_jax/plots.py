@@ -4,16 +4,10 @@ Figures are built with :class:`matplotlib.figure.Figure` directly (no
 ``pyplot``), so nothing changes the global backend; ``savefig`` renders with
 Agg.
 
-Decision boundaries. With cluster probabilities ``P`` from the nearest-centroid
-assignment, ``I = -log2 P`` and ``lambda = gamma * delta * lambda_max``, a
-weight ``w`` goes to zero rather than to ``w_p`` while
-``(w - w_p)^2 + lambda I_p > w^2 + lambda I_0``, i.e. below
-
-.. math:: b_p = \\frac{w_p^2 + \\lambda (I_p - I_0)}{2 w_p}, \\qquad
-   b_n = -\\frac{w_n^2 + \\lambda (I_n - I_0)}{2 w_n}
-
-(symmetric for the negative side); ``gamma = 0`` gives the midpoints
-``w_p / 2`` and ``-w_n / 2``.
+Decision boundaries come from the training step's own pure functions:
+``lambda`` and ``I`` from ``ternary.entropy_constrained_lambda``, the
+thresholds ``b_n, b_p`` from ``ternary.zero_boundaries`` (formula there);
+``gamma = 0`` gives the midpoints ``-w_n / 2`` and ``w_p / 2``.
 
 Example:
   >>> fig = weight_histogram(latent, 0.2, 0.25, gammas=(0.0, 0.15))  # doctest: +SKIP
@@ -56,12 +50,10 @@ def decision_boundaries(weights, w_n: float, w_p: float, gamma: float,
   """
   from ec2t_jax._src import ternary  # JAX only when plotting boundaries
   w = np.asarray(weights, np.float32)
-  preliminary = ternary.nearest_centroid_assign(w, w_n, w_p)
-  info = np.asarray(ternary.information_content(ternary.cluster_probabilities(preliminary)))
-  lam = float(gamma) * float(size_decay) * float(ternary.lambda_max(w, w_n, w_p, info))
-  positive = (w_p ** 2 + lam * (info[2] - info[1])) / (2 * w_p)
-  negative = -(w_n ** 2 + lam * (info[0] - info[1])) / (2 * w_n)
-  return Boundaries(float(negative), float(positive), lam)
+  lam, info = ternary.entropy_constrained_lambda(w, w_n, w_p, gamma=gamma,
+                                                 size_decay=size_decay)
+  negative, positive = ternary.zero_boundaries(w_n, w_p, lam, info)
+  return Boundaries(float(negative), float(positive), float(lam))
 
 
 def weight_histogram(weights, w_n: float, w_p: float, *, gammas: Sequence[float] = DEFAULT_GAMMAS,

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import ec2t_jax as ec2t
+from ec2t_jax._src import ec2t as ec2t_method
+from ec2t_jax._src import ternary
 
 # The test vector of the baselines document, with s = 0.5:
 # w_p = 0.5 * 0.9 = 0.45, w_n = 0.5 * 0.6 = 0.3, thresholds 0.225 and -0.15.
@@ -18,69 +20,161 @@ I = np.array([np.log2(6.0), 1.0, np.log2(3.0)])  # P = (1/6, 1/2, 1/3)
 LAMBDA_MAX = 0.27 / (np.log2(6.0) - 1.0)
 
 
-def test_initial_centroids_scale_the_extreme_weights():
-  w_n, w_p = ec2t.initial_centroids(W, 0.5)
-  np.testing.assert_allclose([w_n, w_p], [W_N, W_P], rtol=1e-6)
+class PureFunctionsTest(chex.TestCase):
+  """Each pure function, jitted and eager, against hand-computed values."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_initial_centroids_scale_the_extreme_weights(self):
+    w_n, w_p = self.variant(ec2t.initial_centroids)(W, 0.5)
+    np.testing.assert_allclose([w_n, w_p], [W_N, W_P], rtol=1e-6)
 
-def test_nearest_centroid_assign_uses_midpoint_thresholds():
-  a = ec2t.nearest_centroid_assign(W, W_N, W_P)
-  chex.assert_trees_all_equal(a, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_extremes_are_the_magnitudes_of_min_and_max(self):
+    chex.assert_trees_all_equal(self.variant(ternary.extremes)(W),
+                                (jnp.float32(0.6), jnp.float32(0.9)))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nearest_centroid_assign_uses_midpoint_thresholds(self):
+    a = self.variant(ec2t.nearest_centroid_assign)(W, W_N, W_P)
+    chex.assert_trees_all_equal(a, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
 
-def test_nearest_centroid_assign_breaks_ties_towards_zero():
-  a = ec2t.nearest_centroid_assign(jnp.array([0.25, -0.25]), 0.5, 0.5)
-  chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nearest_centroid_assign_breaks_ties_towards_zero(self):
+    a = self.variant(ec2t.nearest_centroid_assign)(jnp.array([0.25, -0.25]),
+                                                   0.5, 0.5)
+    chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_counts_of_each_cluster(self):
+    counts = self.variant(ec2t.cluster_counts)(
+        jnp.array([[1, 0], [1, -1], [0, 0]], jnp.int8))
+    chex.assert_trees_all_equal(counts, jnp.array([1.0, 3.0, 2.0]))
 
-def test_cluster_probabilities_without_floor():
-  p = ec2t.cluster_probabilities(jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
-  np.testing.assert_allclose(p, [1 / 6, 1 / 2, 1 / 3], rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_probabilities_without_floor(self):
+    p = self.variant(ec2t.cluster_probabilities)(
+        jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
+    np.testing.assert_allclose(p, [1 / 6, 1 / 2, 1 / 3], rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_probabilities_count_an_empty_cluster_as_one_weight(self):
+    p = self.variant(ec2t.cluster_probabilities)(
+        jnp.array([0, 0, 0, 1], jnp.int8))
+    np.testing.assert_allclose(p, [0.25, 0.75, 0.25], rtol=1e-6)
 
-def test_cluster_probabilities_count_an_empty_cluster_as_one_weight():
-  p = ec2t.cluster_probabilities(jnp.array([0, 0, 0, 1], jnp.int8))
-  np.testing.assert_allclose(p, [0.25, 0.75, 0.25], rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_probabilities_floor_the_zero_cluster_and_renormalize(self):
+    # counts (n, 0, p) = (1, 0 -> 1, 3) of 4: P = (.25, .25, .75); P_0 -> 0.5,
+    # the rest 0.5 shared 1:3.
+    p = self.variant(ec2t.cluster_probabilities)(
+        jnp.array([1, 1, 1, -1], jnp.int8))
+    np.testing.assert_allclose(p, [0.125, 0.5, 0.375], rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_probabilities_reference_renormalization_quirk(self):
+    # excess 0.25; P_n = .25 - .25 * .25 / 1 = .1875;
+    # P_p = .75 - .25 * .75 / (.1875 + .75) = .55 (uses the lowered P_n).
+    p = self.variant(lambda a: ec2t.cluster_probabilities(
+        a, renormalization="reference"))(jnp.array([1, 1, 1, -1], jnp.int8))
+    np.testing.assert_allclose(p, [0.1875, 0.5, 0.55], rtol=1e-6)
 
-def test_cluster_probabilities_floor_the_zero_cluster_and_renormalize():
-  # counts (n, 0, p) = (1, 0 -> 1, 3) of 4: P = (.25, .25, .75); P_0 -> 0.5,
-  # the rest 0.5 shared 1:3.
-  p = ec2t.cluster_probabilities(jnp.array([1, 1, 1, -1], jnp.int8))
-  np.testing.assert_allclose(p, [0.125, 0.5, 0.375], rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_information_content_is_minus_log2(self):
+    np.testing.assert_allclose(
+        self.variant(ec2t.information_content)(jnp.array([1 / 6, 0.5, 1 / 3])),
+        I, rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lambda_max_is_the_smaller_side(self):
+    lam = self.variant(ec2t.lambda_max)(W, W_N, W_P, I)
+    np.testing.assert_allclose(lam, LAMBDA_MAX, rtol=1e-5)
 
-def test_cluster_probabilities_reference_renormalization_quirk():
-  # excess 0.25; P_n = .25 - .25 * .25 / 1 = .1875;
-  # P_p = .75 - .25 * .75 / (.1875 + .75) = .55 (uses the lowered P_n).
-  p = ec2t.cluster_probabilities(jnp.array([1, 1, 1, -1], jnp.int8),
-                                 renormalization="reference")
-  np.testing.assert_allclose(p, [0.1875, 0.5, 0.55], rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lambda_max_makes_the_extreme_weight_tie_with_zero(self):
+    lam = self.variant(ec2t.lambda_max)(W, W_N, W_P, I)
+    cost_n = (-0.6 + W_N) ** 2 + lam * I[0]
+    cost_0 = 0.6 ** 2 + lam * I[1]
+    np.testing.assert_allclose(cost_n, cost_0, rtol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lambda_max_of_a_side_that_cannot_flip_is_ignored(self):
+    # I_p == I_0: the p side never flips, so the n side decides.
+    info = np.array([np.log2(6.0), 1.0, 1.0])
+    lambda_max = self.variant(ec2t.lambda_max)
+    np.testing.assert_allclose(lambda_max(W, W_N, W_P, info), LAMBDA_MAX,
+                               rtol=1e-5)
+    assert lambda_max(W, W_N, W_P, np.ones(3)) == 0.0
 
-def test_information_content_is_minus_log2():
-  np.testing.assert_allclose(
-      ec2t.information_content(jnp.array([1 / 6, 0.5, 1 / 3])), I, rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_entropy_constrained_assign_scales_lambda_by_size_decay(self):
+    _, lam = self.variant(lambda w: ec2t.entropy_constrained_assign(
+        w, W_N, W_P, gamma=0.5, size_decay=0.25))(W)
+    np.testing.assert_allclose(lam, 0.125 * LAMBDA_MAX, rtol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_assign_by_cost_is_argmin_of_the_cost(self):
+    a = self.variant(ec2t.assign_by_cost)(jnp.array([0.3, 0.3]), 0.3, 0.45,
+                                          0.2, I)
+    # 0.3: p costs .0225 + .2 * 1.585 = .3395, zero costs .09 + .2 = .29.
+    chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
 
-def test_lambda_max_is_the_smaller_side():
-  lam = ec2t.lambda_max(W, W_N, W_P, I)
-  np.testing.assert_allclose(lam, LAMBDA_MAX, rtol=1e-5)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ternary_values_of_an_assignment(self):
+    t = self.variant(ec2t.ternary_values)(jnp.array([1, 0, -1], jnp.int8),
+                                          0.2, 0.3)
+    np.testing.assert_allclose(t, [0.3, 0.0, -0.2])
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ternary_values_keep_the_requested_dtype(self):
+    t = self.variant(lambda a: ec2t.ternary_values(a, 0.2, 0.3, jnp.bfloat16))(
+        jnp.array([1, -1], jnp.int8))
+    chex.assert_type(t, jnp.bfloat16)
 
-def test_lambda_max_makes_the_extreme_weight_tie_with_zero():
-  lam = ec2t.lambda_max(W, W_N, W_P, I)
-  cost_n = (-0.6 + W_N) ** 2 + lam * I[0]
-  cost_0 = 0.6 ** 2 + lam * I[1]
-  np.testing.assert_allclose(cost_n, cost_0, rtol=1e-5)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_centroid_floor_uses_unbiased_std(self):
+    w = jnp.array([1.0, 2.0, 3.0, 4.0])
+    w_n, w_p = self.variant(ec2t.centroid_floor)(w, 0.5, 2.0)
+    np.testing.assert_allclose(
+        [w_n, w_p], [0.675 * np.std([1, 2, 3, 4], ddof=1), 2.0], rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_latent_gradient_matches_ttq_test_vector(self):
+    # TTQ with t = 0.05: clusters [+, -, +, -, 0, +], multipliers
+    # [W_p, W_n, W_p, W_n, 1, W_p].
+    a = jnp.array([1, -1, 1, -1, 0, 1], jnp.int8)
+    g = jnp.arange(1.0, 7.0)
+    np.testing.assert_allclose(
+        self.variant(ec2t.latent_gradient)(g, a, 2.0, 3.0),
+        [3.0, 4.0, 9.0, 8.0, 5.0, 18.0])
 
-def test_lambda_max_of_a_side_that_cannot_flip_is_ignored():
-  # I_p == I_0: the p side never flips, so the n side decides.
-  info = np.array([np.log2(6.0), 1.0, 1.0])
-  np.testing.assert_allclose(ec2t.lambda_max(W, W_N, W_P, info), LAMBDA_MAX,
-                             rtol=1e-5)
-  assert ec2t.lambda_max(W, W_N, W_P, np.ones(3)) == 0.0
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_centroid_gradients_reference_sign_flips_only_w_n(self):
+    a = jnp.array([1, -1, -1, 0], jnp.int8)
+    g = jnp.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(self.variant(ec2t.centroid_gradients)(g, a),
+                               [-5.0, 1.0])
+    np.testing.assert_allclose(
+        self.variant(lambda g, a: ec2t.centroid_gradients(
+            g, a, negative_sign="reference"))(g, a), [5.0, 1.0])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ternary_entropy_in_bits_per_weight(self):
+    entropy = self.variant(ec2t.ternary_entropy)
+    np.testing.assert_allclose(entropy(jnp.array([1, -1, 0, 0], jnp.int8)), 1.5)
+    np.testing.assert_allclose(entropy(jnp.zeros(8, jnp.int8)), 0.0)
+    np.testing.assert_allclose(entropy(jnp.array([1, -1, 0], jnp.int8)),
+                               np.log2(3.0), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cluster_means_of_n_and_p_with_fallbacks(self):
+    means = self.variant(ec2t_method.cluster_means)
+    values = jnp.array([[1.0, 3.0], [-2.0, 4.0]])
+    chex.assert_trees_all_close(
+        means(values, jnp.array([[1, 1], [-1, 0]], jnp.int8), 7.0, 9.0),
+        (jnp.float32(-2.0), jnp.float32(2.0)))
+    chex.assert_trees_all_close(  # empty clusters give their fallbacks
+        means(values, jnp.zeros((2, 2), jnp.int8), 7.0, 9.0),
+        (jnp.float32(7.0), jnp.float32(9.0)))
 
 
 def test_layer_size_decay_with_sustain():
@@ -102,48 +196,12 @@ def test_layer_size_decay_rejects_empty_layers():
     # -0.6 costs .4863 as n, .5133 as zero: stays n.
     (0.9, [1, 0, 0, -1, 0, 0]),
 ])
-def test_entropy_constrained_assign_hand_computed(gamma, expected):
-  a, lam = ec2t.entropy_constrained_assign(W, W_N, W_P, gamma=gamma)
+@pytest.mark.parametrize("jit", [False, True])
+def test_entropy_constrained_assign_hand_computed(gamma, expected, jit):
+  assign = lambda w: ec2t.entropy_constrained_assign(w, W_N, W_P, gamma=gamma)
+  a, lam = (jax.jit(assign) if jit else assign)(W)
   chex.assert_trees_all_equal(a, jnp.array(expected, jnp.int8))
   np.testing.assert_allclose(lam, gamma * LAMBDA_MAX, rtol=1e-5)
-
-
-def test_entropy_constrained_assign_scales_lambda_by_size_decay():
-  _, lam = ec2t.entropy_constrained_assign(W, W_N, W_P, gamma=0.5,
-                                           size_decay=0.25)
-  np.testing.assert_allclose(lam, 0.125 * LAMBDA_MAX, rtol=1e-5)
-
-
-def test_assign_by_cost_is_argmin_of_the_cost():
-  a = ec2t.assign_by_cost(jnp.array([0.3, 0.3]), 0.3, 0.45, 0.2, I)
-  # 0.3: p costs .0225 + .2 * 1.585 = .3395, zero costs .09 + .2 = .29.
-  chex.assert_trees_all_equal(a, jnp.array([0, 0], jnp.int8))
-
-
-def test_ternary_values_of_an_assignment():
-  t = ec2t.ternary_values(jnp.array([1, 0, -1], jnp.int8), 0.2, 0.3)
-  np.testing.assert_allclose(t, [0.3, 0.0, -0.2])
-
-
-def test_ternary_values_keep_the_requested_dtype():
-  t = ec2t.ternary_values(jnp.array([1, -1], jnp.int8), 0.2, 0.3, jnp.bfloat16)
-  assert t.dtype == jnp.bfloat16
-
-
-def test_centroid_floor_uses_unbiased_std():
-  w = jnp.array([1.0, 2.0, 3.0, 4.0])
-  w_n, w_p = ec2t.centroid_floor(w, 0.5, 2.0)
-  np.testing.assert_allclose([w_n, w_p], [0.675 * np.std([1, 2, 3, 4], ddof=1),
-                                          2.0], rtol=1e-6)
-
-
-def test_latent_gradient_matches_ttq_test_vector():
-  # TTQ with t = 0.05: clusters [+, -, +, -, 0, +], multipliers
-  # [W_p, W_n, W_p, W_n, 1, W_p].
-  a = jnp.array([1, -1, 1, -1, 0, 1], jnp.int8)
-  g = jnp.arange(1.0, 7.0)
-  np.testing.assert_allclose(ec2t.latent_gradient(g, a, 2.0, 3.0),
-                             [3.0, 4.0, 9.0, 8.0, 5.0, 18.0])
 
 
 def _straight_through_ternary(latent, assignment, w_n, w_p):
@@ -175,35 +233,10 @@ def test_centroid_gradients_equal_jax_grad_of_ternary_values():
                              rtol=1e-5)
 
 
-def test_centroid_gradients_reference_sign_flips_only_w_n():
-  a = jnp.array([1, -1, -1, 0], jnp.int8)
-  g = jnp.array([1.0, 2.0, 3.0, 4.0])
-  np.testing.assert_allclose(ec2t.centroid_gradients(g, a), [-5.0, 1.0])
-  np.testing.assert_allclose(
-      ec2t.centroid_gradients(g, a, negative_sign="reference"), [5.0, 1.0])
-
-
 def test_centroid_gradients_reject_an_unknown_sign():
   with pytest.raises(ValueError, match="negative_sign"):
     ec2t.centroid_gradients(jnp.ones(2), jnp.ones(2, jnp.int8),
                             negative_sign="plus")
-
-
-def test_ternary_entropy_in_bits_per_weight():
-  np.testing.assert_allclose(
-      ec2t.ternary_entropy(jnp.array([1, -1, 0, 0], jnp.int8)), 1.5)
-  np.testing.assert_allclose(
-      ec2t.ternary_entropy(jnp.zeros(8, jnp.int8)), 0.0)
-  np.testing.assert_allclose(
-      ec2t.ternary_entropy(jnp.array([1, -1, 0], jnp.int8)), np.log2(3.0),
-      rtol=1e-6)
-
-
-def test_pure_functions_are_jittable():
-  assign = jax.jit(lambda w: ec2t.entropy_constrained_assign(
-      w, W_N, W_P, gamma=0.9))
-  chex.assert_trees_all_equal(assign(W)[0],
-                              jnp.array([1, 0, 0, -1, 0, 0], jnp.int8))
 
 
 # Exact ties, hand-computed with w_n = w_p = 1 (every value exact in float32).
@@ -253,3 +286,20 @@ class TieRuleTest(chex.TestCase):
 def test_unknown_tie_rule_is_an_error():
   with pytest.raises(ValueError, match="ties must be 'zero' or 'reference', got 'n'"):
     ec2t.assign_by_cost(_TIES, 1.0, 1.0, 0.0, jnp.zeros(3), ties="n")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9])
+def test_zero_boundaries_are_where_assign_by_cost_switches(gamma):
+  lam, info = ternary.entropy_constrained_lambda(W, W_N, W_P, gamma=gamma)
+  b_n, b_p = ternary.zero_boundaries(W_N, W_P, lam, info)
+  eps = 1e-4
+  probes = jnp.array([b_n - eps, b_n + eps, b_p - eps, b_p + eps])
+  chex.assert_trees_all_equal(
+      ec2t.assign_by_cost(probes, W_N, W_P, lam, info),
+      jnp.array([-1, 0, 0, 1], jnp.int8))
+
+
+def test_entropy_constrained_lambda_is_the_assignments_lambda():
+  lam, _ = ternary.entropy_constrained_lambda(W, W_N, W_P, gamma=0.5)
+  _, expected = ec2t.entropy_constrained_assign(W, W_N, W_P, gamma=0.5)
+  chex.assert_trees_all_equal(lam, expected)

@@ -139,7 +139,10 @@ class QuantizerState(NamedTuple):
     """The tree of one per-leaf field (``None`` where unselected or absent).
 
     Example:
-      >>> state.field("latent")["Conv_1"]["kernel"]
+      >>> state.field("latent")["Conv_1"]["kernel"].shape
+      (3, 3, 4, 8)
+      >>> state.field("w_p")["Conv_0"]  # unselected (first layer)
+      {'bias': None, 'kernel': None}
     """
     return jax.tree.map(lambda leaf: getattr(leaf, name, None), self.leaves,
                         is_leaf=is_leaf_state)
@@ -182,8 +185,8 @@ def snap_to_grid(values, dtype, reference=None) -> jax.Array:
     ``values`` on the grid, float32.
 
   Example:
-    >>> snap_to_grid(jnp.array([0.1, 0.3]), jnp.float32)
-    Array([0.1, 0.3], dtype=float32)
+    >>> snap_to_grid(jnp.array([0.1, 0.3]), jnp.float32)  # q = 2^-23
+    Array([0.10000002, 0.29999995], dtype=float32)
   """
   values = jnp.asarray(values, jnp.float32)
   if reference is None:

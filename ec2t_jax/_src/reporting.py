@@ -9,7 +9,7 @@ table): such a layer is never counted as ternary, and the flag says why.
 
 Example:
   >>> r = build_report("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
-  >>> round(r["sparsity"], 3), round(r["scoring_params"]), round(r["flops"] / 1e6, 1)
+  >>> round(r["sparsity"], 3), round(r["scoring_params"]), round(r["flops"] / 1e6, 1)  # doctest: +SKIP
   (0.639, 11810, 8.5)
 """
 

@@ -13,7 +13,7 @@ Three kinds of input are recognised by content, not by name:
 
 Example:
   >>> loaded = load_tree("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
-  >>> loaded.kind, len(loaded.tree)
+  >>> loaded.kind, len(loaded.tree)  # doctest: +SKIP
   ('npz', 116)
 """
 

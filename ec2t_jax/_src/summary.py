@@ -132,7 +132,12 @@ def summary(opt_state) -> Summary:
     / ``s.to_dict()`` as data.
 
   Example:
-    >>> print(ec2t.summary(opt_state))
+    >>> print(ec2t.summary(opt_state))  # doctest: +ELLIPSIS
+    EC2T summary at step 0, phase 1
+    path ...
+    Conv_1/kernel   3x3x4x8  ternary ...
+    Dense_0/kernel     8x16  ternary ...
+    skipped steps: 0 with non-finite updates, 0 with invalid hyperparameters
   """
   state = state_access.find_ternarize_state(opt_state)
   states, treedef = core.flat_leaf_states(state.leaves)

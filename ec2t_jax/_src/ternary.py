@@ -300,13 +300,65 @@ def entropy_constrained_assign(
     >>> w = jnp.array([0.9, 0.1, 0.15, -0.05, -0.6])
     >>> a, lam = entropy_constrained_assign(w, 0.3, 0.3, gamma=0.5)
   """
+  lam, information = entropy_constrained_lambda(
+      weights, w_n, w_p, gamma=gamma, size_decay=size_decay,
+      zero_floor=zero_floor, renormalization=renormalization, ties=ties)
+  return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
+
+
+def entropy_constrained_lambda(
+    weights,
+    w_n,
+    w_p,
+    *,
+    gamma,
+    size_decay=1.0,
+    zero_floor: float = 0.5,
+    renormalization: Renormalization = "exact",
+    ties: Ties = "zero",
+) -> tuple[jax.Array, jax.Array]:
+  """Steps 1-3 of :func:`entropy_constrained_assign`: ``(lambda, I)``.
+
+  ``I = -log2 P`` of the nearest-centroid assignment (with EC2T's guards)
+  and ``lambda = gamma * size_decay * lambda_max(W, w_n, w_p, I)``.
+
+  Example:
+    >>> lam, info = entropy_constrained_lambda(
+    ...     jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.3, 0.45, gamma=0.0)
+    >>> float(lam), info.round(4).tolist()  # P = (1/6, 1/2, 1/3)
+    (0.0, [2.585, 1.0, 1.585])
+  """
   preliminary = nearest_centroid_assign(weights, w_n, w_p, ties=ties)
   probabilities = cluster_probabilities(
       preliminary, zero_floor=zero_floor, renormalization=renormalization)
   information = information_content(probabilities)
   lam = (_f32(gamma) * _f32(size_decay)
          * lambda_max(weights, w_n, w_p, information))
-  return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
+  return lam, information
+
+
+def zero_boundaries(w_n, w_p, lam, information) -> tuple[jax.Array, jax.Array]:
+  """Where :func:`assign_by_cost` switches between zero and a centroid.
+
+  A weight ``w > 0`` costs less as zero than as ``w_p`` while
+  ``w^2 + lambda I_0 < (w - w_p)^2 + lambda I_p``, i.e. below ``b_p``
+  (symmetric for the negative side):
+
+  .. math:: b_p = \\frac{w_p^2 + \\lambda (I_p - I_0)}{2 w_p}, \\qquad
+     b_n = -\\frac{w_n^2 + \\lambda (I_n - I_0)}{2 w_n}
+
+  ``lambda = 0`` gives the midpoints ``-w_n / 2`` and ``w_p / 2``.
+
+  Returns:
+    float32 ``(b_n, b_p)``: weights strictly between them are assigned zero.
+
+  Example:
+    >>> zero_boundaries(0.5, 0.25, 0.0, jnp.ones(3))
+    (Array(-0.25, dtype=float32), Array(0.125, dtype=float32))
+  """
+  w_n, w_p, lam, info = _f32(w_n), _f32(w_p), _f32(lam), _f32(information)
+  return (-(jnp.square(w_n) + lam * (info[0] - info[1])) / (2.0 * w_n),
+          (jnp.square(w_p) + lam * (info[2] - info[1])) / (2.0 * w_p))
 
 
 def ternary_values(assignment, w_n, w_p, dtype=jnp.float32) -> jax.Array:
