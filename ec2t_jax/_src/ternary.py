@@ -325,7 +325,7 @@ def entropy_constrained_lambda(
   Example:
     >>> lam, info = entropy_constrained_lambda(
     ...     jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.3, 0.45, gamma=0.0)
-    >>> float(lam), info.round(4).tolist()  # P = (1/6, 1/2, 1/3)
+    >>> float(lam), [round(float(i), 4) for i in info]  # P = (1/6, 1/2, 1/3)
     (0.0, [2.585, 1.0, 1.585])
   """
   preliminary = nearest_centroid_assign(weights, w_n, w_p, ties=ties)
