@@ -21,6 +21,22 @@ from ec2t_jax._src.inference import ternary_conv
 from ec2t_jax._src.inference import ternary_dense
 from ec2t_jax._src.inference import ternary_weights
 from ec2t_jax._src.inference import TernaryWeight
+from ec2t_jax._src.methods.common import threshold_assign
+from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
+from ec2t_jax._src.methods.sparsity_regularization import threshold_density
+from ec2t_jax._src.methods.sttn import sttn_gradients
+from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_scale
+from ec2t_jax._src.methods.sttn import sttn_ternarize
+from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.ttq import ttq_assign
+from ec2t_jax._src.methods.ttq import ttq_gradients
+from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
+from ec2t_jax._src.methods.ttq import ttq_threshold
+from ec2t_jax._src.methods.twn import twn_optimal_threshold
+from ec2t_jax._src.methods.twn import twn_scale
+from ec2t_jax._src.methods.twn import twn_ternarize
+from ec2t_jax._src.methods.twn import twn_threshold
 from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
@@ -94,4 +110,21 @@ __all__ = (
     "ternary_values",
     "ternary_weights",
     "TernaryWeight",
+    # other train-time methods (issue 9)
+    "threshold_assign",
+    "sparsity_regularizer",
+    "threshold_density",
+    "sttn_gradients",
+    "sttn_init",
+    "sttn_scale",
+    "sttn_ternarize",
+    "ternary_activation",
+    "ttq_assign",
+    "ttq_gradients",
+    "ttq_sparsity_threshold",
+    "ttq_threshold",
+    "twn_optimal_threshold",
+    "twn_scale",
+    "twn_ternarize",
+    "twn_threshold",
 )
