@@ -22,6 +22,14 @@ from ec2t_jax._src.inference import ternary_dense
 from ec2t_jax._src.inference import ternary_weights
 from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.methods.common import threshold_assign
+from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
+from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
+from ec2t_jax._src.methods.sttn import sttn
+from ec2t_jax._src.methods.sttn import STTNLeaf
+from ec2t_jax._src.methods.ttq import ttq
+from ec2t_jax._src.methods.ttq import TTQLeaf
+from ec2t_jax._src.methods.twn import twn
+from ec2t_jax._src.methods.twn import TWNLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
 from ec2t_jax._src.methods.sparsity_regularization import threshold_density
 from ec2t_jax._src.methods.sttn import sttn_gradients
@@ -111,6 +119,14 @@ __all__ = (
     "ternary_weights",
     "TernaryWeight",
     # other train-time methods (issue 9)
+    "PrunedTernaryLeaf",
+    "quantization_pruning",
+    "sttn",
+    "STTNLeaf",
+    "ttq",
+    "TTQLeaf",
+    "twn",
+    "TWNLeaf",
     "threshold_assign",
     "sparsity_regularizer",
     "threshold_density",

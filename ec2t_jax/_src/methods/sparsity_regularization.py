@@ -22,11 +22,12 @@ Stages 2 and 3 are :func:`quantization_pruning`'s phase switch.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax._src import core
 from ec2t_jax._src import selection as selection_lib
 from ec2t_jax._src.methods import common
 from ec2t_jax._src.methods import twn
@@ -104,3 +105,93 @@ def sparsity_regularizer(
     return total
 
   return regularizer
+
+
+# ---------------------------------------------------------------------------
+# Stages 2 and 3: quantization pruning and retraining of the survivors.
+
+
+class PrunedTernaryLeaf(NamedTuple):
+  """State of one leaf of :func:`quantization_pruning`.
+
+  Attributes:
+    latent: latent weights ``W`` (float32); pruned ones are held at 0.
+    mask: bool, the survivors (all True before pruning).
+    pruned: bool scalar, whether stage 2 has happened.
+    scale: ``alpha``, mean ``|W|`` of the survivors (float32 scalar).
+  """
+  latent: jax.Array
+  mask: jax.Array
+  pruned: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """Before pruning ``W``; after, ``alpha sign(W)`` on the survivors, 0 elsewhere."""
+    alpha = core.snap_to_grid(self.scale, dtype)
+    ternary = alpha * jnp.sign(self.latent) * self.mask
+    return jnp.where(self.pruned, ternary, self.latent).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"mode": "faraone", "scale": self.scale, "pruned": self.pruned}
+
+
+class PruningHyper(NamedTuple):
+  """The pruning threshold factor: ``Delta = factor mean|W|`` at stage 2."""
+  factor: Any = twn.LAYER_FACTOR
+
+
+_HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
+
+
+def pruning_method() -> core.Method:
+  """Faraone et al.'s stages as one :class:`~core.Method` with a phase switch."""
+
+  def init_leaf(param, ctx, hyper) -> PrunedTernaryLeaf:
+    twn.check_mode(ctx, "quantization_pruning")
+    latent = common.f32(param)
+    return PrunedTernaryLeaf(latent, jnp.ones(latent.shape, bool), jnp.asarray(False),
+                             jnp.zeros((), jnp.float32))
+
+  def step_leaf(update, leaf: PrunedTernaryLeaf, ctx, hyper: PruningHyper, phase):
+    del ctx
+    prune_now = (phase >= 1) & ~leaf.pruned
+    survivors = jnp.abs(leaf.latent) > twn.twn_threshold(leaf.latent, hyper.factor)
+    mask = jnp.where(prune_now, survivors, leaf.mask)
+    pruned = leaf.pruned | prune_now
+    latent = jnp.where(mask, leaf.latent + update, 0.0)
+    scale = common.masked_mean(jnp.abs(latent), mask & (latent != 0), per_filter=False)
+    return PrunedTernaryLeaf(latent, mask, pruned, jnp.where(pruned, scale, 0.0))
+
+  return core.Method("quantization_pruning", init_leaf, step_leaf)
+
+
+def quantization_pruning(factor=twn.LAYER_FACTOR, *,
+                         selection: selection_lib.SelectionLike = None):
+  """Stages 2 and 3 of Faraone et al. as the last transformation of an optax chain.
+
+  Phase 0 (stage 1): the params are the full-precision latent weights (the
+  update passes through, ``W += u``); train them with
+  :func:`sparsity_regularizer` added to the loss. ``ec2t.set_phase(opt_state,
+  1)`` switches to stage 2 + 3: at the next update each selected layer prunes
+  the weights that TWN's threshold ``Delta = factor mean|W|`` quantises to zero
+  (for good), and from then on the params hold the ternary
+  ``alpha sign(W)`` on the survivors, ``alpha`` their mean ``|W|``, while the
+  survivors retrain with the identity straight-through step ``W += u`` (they
+  may change sign but not become zeros).
+
+  Args:
+    factor: ``> 0``, the pruning threshold factor (0.7, TWN's).
+    selection: which leaves; use the same as for the regulariser.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`PrunedTernaryLeaf`.
+
+  Example:
+    >>> reg = sparsity_regularizer(l2=1e-4, strength=1e-2)
+    >>> tx = optax.chain(optax.adam(1e-3), quantization_pruning())
+    >>> # ... train with loss + reg(params), then:
+    >>> opt_state = ec2t.set_phase(opt_state, 1)   # prune, retrain ternary
+  """
+  return core.quantize_transform(pruning_method(), PruningHyper(factor), _HYPER_RANGES,
+                                 selection=selection)

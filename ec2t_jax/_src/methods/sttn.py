@@ -27,10 +27,13 @@ Activations can be ternarised to ``{-1, 0, 1}`` at ``+-0.5`` with
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
 from ec2t_jax._src.methods import common
 from ec2t_jax._src.methods import twn
 
@@ -133,3 +136,86 @@ def ternary_activation(x, threshold: float = 0.5) -> jax.Array:
 def _ternary_activation_jvp(threshold, primals, tangents):
   (x,), (dx,) = primals, tangents
   return ternary_activation(x, threshold), jnp.where(jnp.abs(x) < 1, dx, jnp.zeros_like(dx))
+
+
+# ---------------------------------------------------------------------------
+# The transformation: STTN's per-leaf state and step on the shared core.
+
+
+class STTNLeaf(NamedTuple):
+  """State of one STTN leaf.
+
+  Attributes:
+    latent: the first binary kernel's latent weights ``W1`` (float32, in
+      ``[-1, 1]``).
+    latent2: the second one's, ``W2``.
+    assignment: ``int8`` ``(sgn W1 + sgn W2) / 2`` in ``{-1, 0, 1}``.
+    scale: ``alpha`` per output filter (shape ``(1, ..., 1, out)``).
+  """
+  latent: jax.Array
+  latent2: jax.Array
+  assignment: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``T = B1 + B2 = 2 alpha * assignment``; each filter snapped on its own grid."""
+    two_alpha = core.snap_to_grid(2.0 * self.scale, dtype, reference=2.0 * self.scale)
+    return (two_alpha * self.assignment).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"mode": "sttn", "scale": self.scale}
+
+
+class STTNHyper(NamedTuple):
+  """STTN's numeric hyperparameter: the initial threshold factor."""
+  init_factor: Any = twn.LAYER_FACTOR
+
+
+_HYPER_RANGES = {"init_factor": core.Range(0.0, low_open=True)}
+
+
+def method(per_filter: bool = True) -> core.Method:
+  """STTN's :class:`~core.Method` (chain form, see :func:`sttn`)."""
+
+  def leaf_from(w1, w2) -> STTNLeaf:
+    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
+
+  def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
+    twn.check_mode(ctx, "sttn")
+    return leaf_from(*sttn_init(param, hyper.init_factor))
+
+  def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
+    del ctx, hyper, phase  # one phase
+    step1, step2 = sttn_gradients(update, leaf.latent, leaf.latent2, per_filter=per_filter)
+    return leaf_from(jnp.clip(leaf.latent + step1, -1.0, 1.0),
+                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0))
+
+  return core.Method("sttn", init_leaf, step_leaf)
+
+
+def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
+         selection: selection_lib.SelectionLike = None):
+  """Soft Threshold Ternary Networks as the last transformation of an optax chain.
+
+  Each selected leaf keeps two latent kernels ``W1, W2`` (initialised by
+  :func:`sttn_init`); the params hold ``T = B1 + B2`` with values
+  ``{-2 alpha, 0, 2 alpha}`` per output filter. The incoming update ``u`` (what
+  the inner optimizer proposes to add to ``T``) moves both kernels by the
+  gradient map of :func:`sttn_gradients` (linear in ``u``; with
+  ``optax.sgd(lr)`` it is SGD on the straight-through gradients), then both
+  are clamped to ``[-1, 1]``.
+
+  Args:
+    init_factor: ``c > 0`` of the initial threshold ``c mean|W|``.
+    per_filter: one ``alpha`` per output filter (the paper) or per layer.
+    selection: which leaves (see :func:`ternarize_transform`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`STTNLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), sttn())
+  """
+  return core.quantize_transform(method(per_filter), STTNHyper(init_factor), _HYPER_RANGES,
+                                 selection=selection)

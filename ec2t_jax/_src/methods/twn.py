@@ -16,9 +16,13 @@ straight-through gradient to the latent full-precision weights.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
 from ec2t_jax._src.methods import common
 
 LAYER_FACTOR = 0.7
@@ -115,3 +119,101 @@ def twn_optimal_threshold(weights) -> jax.Array:
   objective = jnp.where(valid, jnp.square(sums) / k, -jnp.inf)
   best = jnp.argmax(objective)
   return jnp.maximum(following[best], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# The transformation: TWN's per-leaf state and step on the shared core.
+
+
+class TWNLeaf(NamedTuple):
+  """State of one TWN leaf.
+
+  Attributes:
+    latent: latent full-precision weights ``W`` (float32).
+    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
+    scale: ``alpha``: a float32 scalar, or one per output filter (shape
+      ``(1, ..., 1, out)``).
+  """
+  latent: jax.Array
+  assignment: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``alpha * T``; each filter's ``alpha`` snapped on its own grid."""
+    alpha = core.snap_to_grid(self.scale, dtype, reference=self.scale)
+    return (alpha * self.assignment).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"mode": "twn", "scale": self.scale}
+
+
+class TWNHyper(NamedTuple):
+  """TWN's numeric hyperparameter: ``Delta = factor * mean|W|``."""
+  factor: Any = LAYER_FACTOR
+
+
+_HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
+
+
+def _ternarize_leaf(latent, factor, per_filter):
+  delta = factor * common.reduce_mean(jnp.abs(latent), per_filter)
+  assignment = common.threshold_assign(latent, delta)
+  return assignment, twn_scale(latent, assignment, per_filter=per_filter)
+
+
+def check_mode(ctx: core.LeafContext, method: str) -> None:
+  """Rules may only select leaves for plain quantization (mode ``ternary``)."""
+  if ctx.mode != "ternary":
+    raise ValueError(f"{method} quantizes leaves in mode 'ternary' only; a Rule "
+                     f"selects {ctx.path!r} with mode {ctx.mode!r}")
+
+
+def method(per_filter: bool = False) -> core.Method:
+  """TWN's :class:`~core.Method`: identity straight-through, re-threshold each step."""
+
+  def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
+    check_mode(ctx, "twn")
+    latent = common.f32(param)
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+
+  def step_leaf(update, leaf: TWNLeaf, ctx, hyper: TWNHyper, phase) -> TWNLeaf:
+    del ctx, phase  # one phase
+    latent = leaf.latent + update
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+
+  return core.Method("twn", init_leaf, step_leaf)
+
+
+def twn(threshold: str = "layer", factor=None, *,
+        selection: selection_lib.SelectionLike = None):
+  """Ternary Weight Networks as the last transformation of an optax chain.
+
+  Each selected leaf keeps latent weights ``W`` in the state; the params hold
+  ``alpha * T`` with ``T = sign(W) [|W| > Delta]``, ``Delta = factor mean|W|``
+  and ``alpha`` the mean kept ``|W|`` (:func:`twn_ternarize`), recomputed after
+  every step. The incoming update ``u`` (what the inner optimizer proposes to
+  add to the ternary weights) moves the latent weights unchanged,
+  ``W += u``: TWN's identity straight-through gradient.
+
+  Args:
+    threshold: ``"layer"`` (one ``Delta`` and ``alpha`` per layer, factor 0.7,
+      the 2016 paper) or ``"filter"`` (per output filter, factor 0.75, the
+      2022 revision).
+    factor: override of the threshold factor (``> 0``).
+    selection: which leaves (see :func:`ternarize_transform`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`TWNLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), twn(threshold="layer"))
+    >>> opt_state = tx.init(params)
+    >>> params = ternary_params(params, opt_state)
+  """
+  core.check_choice("threshold", threshold, ("layer", "filter"))
+  per_filter = threshold == "filter"
+  if factor is None:
+    factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
+  return core.quantize_transform(method(per_filter), TWNHyper(factor), _HYPER_RANGES,
+                                 selection=selection)
