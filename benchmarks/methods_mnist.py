@@ -11,8 +11,8 @@ Writes ``<workdir>/methods.md``, ``methods.json`` and ``front.png``
 (``ec2t_jax.plots.accuracy_sparsity_front``).
 
   TFDS_DATA_DIR=../shared/data/tfds python benchmarks/methods_mnist.py
-  python benchmarks/methods_mnist.py --rows=ec2t_g0.2,ttq_t0.05 --workdir=runs/m -- \
-      --steps_per_epoch=50      # flags after -- go to every run of mnist_lenet.py
+  python benchmarks/methods_mnist.py --rows=ec2t_g0.2,ttq_t0.05 --workdir=runs/m \
+      --steps_per_epoch=50 -- --batch_size=64   # flags after -- go to every run of mnist_lenet.py
 
 Rows resume from their checkpoints, so an interrupted benchmark continues where
 it stopped. Other methods add rows with :func:`add_row`.
@@ -37,7 +37,9 @@ sys.path.insert(0, str(REPO))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/methods_mnist", "Output folder (one sub-folder per row).")
 flags.DEFINE_list("rows", [], "Row names to run (default: all of ROWS).")
-flags.DEFINE_integer("fp_epochs", 3, "Full-precision pretraining epochs (once).")
+flags.DEFINE_integer("steps_per_epoch", 200, "Steps of 128 images per epoch of every run (the "
+                     "whole train split is 430; 0: all of it).")
+flags.DEFINE_integer("fp_epochs", 5, "Full-precision pretraining epochs (once).")
 flags.DEFINE_integer("phase1_epochs", 2, "Phase 1 epochs of every row.")
 flags.DEFINE_integer("phase2_epochs", 1, "Phase 2 epochs of every row.")
 
@@ -99,10 +101,11 @@ def _run(workdir: pathlib.Path, *args: str) -> dict:
   return mnist_lenet.run(fv)
 
 
-def _table(fp: dict, rows: list[tuple[Row, dict]]) -> str:
+def _table(fp: dict, rows: list[tuple[Row, dict]], steps_per_epoch: int) -> str:
+  epoch = f"s/epoch ({steps_per_epoch} steps)" if steps_per_epoch else "s/epoch"
   lines = [
       "| method | knob | test acc | vs FP (pts) | sparsity | bits/weight | export (bytes) "
-      "| vs fp32 export | s/epoch |",
+      f"| vs fp32 export | {epoch} |",
       "|---|---|---|---|---|---|---|---|---|",
       f"| full precision | - | {100 * fp['fp_test_accuracy']:.2f}% | - | 0.0% | 32 | "
       f"{fp['fp_export_bytes']:,} | 1.000 | {fp['fp_seconds_per_epoch']:.1f} |"]
@@ -159,6 +162,7 @@ def main(argv: list[str]) -> None:
   started = time.perf_counter()
 
   # ---- full precision, once: its checkpoint is the cache every row starts from.
+  extra = [f"--steps_per_epoch={FLAGS.steps_per_epoch}", *extra]
   fp = _run(root / "fp", f"--fp_epochs={FLAGS.fp_epochs}", "--phase1_epochs=0", *extra)
   fp_ckpt = root / "fp" / "checkpoints" / "fp"
   from common import checkpoint  # pylint: disable=g-import-not-at-top
@@ -183,7 +187,7 @@ def main(argv: list[str]) -> None:
     results.append((row, r))
   fp["fp_seconds_per_epoch"] = fp.get("fp_seconds_per_epoch") or float("nan")
 
-  table = _table(fp, results)
+  table = _table(fp, results, FLAGS.steps_per_epoch)
   (root / "methods.md").write_text(table + "\n")
   (root / "methods.json").write_text(json.dumps(
       {"fp": fp, "rows": [{"row": dataclasses.asdict(row), **r} for row, r in results],

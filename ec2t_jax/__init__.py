@@ -21,38 +21,53 @@ from ec2t_jax._src.inference import ternary_conv
 from ec2t_jax._src.inference import ternary_dense
 from ec2t_jax._src.inference import ternary_weights
 from ec2t_jax._src.inference import TernaryWeight
-from ec2t_jax._src.methods.common import threshold_assign
+from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
+from ec2t_jax._src.methods.clustering import kmeans_1d
+from ec2t_jax._src.methods.fractals import fractal_images
+from ec2t_jax._src.methods.inq import inq_codebook
+from ec2t_jax._src.methods.inq import inq_quantize
+from ec2t_jax._src.methods.mcq import mcq
+from ec2t_jax._src.methods.mcq import mcq_quantize
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
-from ec2t_jax._src.methods.sttn import sttn
-from ec2t_jax._src.methods.sttn import STTNLeaf
-from ec2t_jax._src.methods.ttq import ttq
-from ec2t_jax._src.methods.ttq import TTQLeaf
-from ec2t_jax._src.methods.twn import twn
-from ec2t_jax._src.methods.twn import TWNLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
 from ec2t_jax._src.methods.sparsity_regularization import threshold_density
+from ec2t_jax._src.methods.sttn import sttn
 from ec2t_jax._src.methods.sttn import sttn_gradients
 from ec2t_jax._src.methods.sttn import sttn_init
 from ec2t_jax._src.methods.sttn import sttn_scale
 from ec2t_jax._src.methods.sttn import sttn_ternarize
+from ec2t_jax._src.methods.sttn import STTNLeaf
 from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.ternary_ops import threshold_assign
+from ec2t_jax._src.methods.ttq import ttq
 from ec2t_jax._src.methods.ttq import ttq_assign
 from ec2t_jax._src.methods.ttq import ttq_gradients
 from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
 from ec2t_jax._src.methods.ttq import ttq_threshold
+from ec2t_jax._src.methods.ttq import TTQLeaf
+from ec2t_jax._src.methods.twn import twn
 from ec2t_jax._src.methods.twn import twn_optimal_threshold
 from ec2t_jax._src.methods.twn import twn_scale
 from ec2t_jax._src.methods.twn import twn_ternarize
 from ec2t_jax._src.methods.twn import twn_threshold
+from ec2t_jax._src.methods.twn import TWNLeaf
 from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
 from ec2t_jax._src.selection import Rule
 from ec2t_jax._src.selection import Selection
+from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.ec2t import EC2TLeaf
+from ec2t_jax._src.ec2t import ECPLeaf
+from ec2t_jax._src.ec2t import ternarize_transform
+from ec2t_jax._src.reference_mode import reference_optimizer
+from ec2t_jax._src.reference_mode import ternarize
+from ec2t_jax._src.reference_mode import TernarizeReferenceState
 from ec2t_jax._src.state_access import find_ternarize_state
 from ec2t_jax._src.state_access import freeze_assignment
 from ec2t_jax._src.state_access import is_frozen
+from ec2t_jax._src.state_access import set_phase
 from ec2t_jax._src.state_access import ternary_params
 from ec2t_jax._src.summary import LayerSummary
 from ec2t_jax._src.summary import summary
@@ -71,11 +86,9 @@ from ec2t_jax._src.ternary import layer_size_decay
 from ec2t_jax._src.ternary import nearest_centroid_assign
 from ec2t_jax._src.ternary import ternary_entropy
 from ec2t_jax._src.ternary import ternary_values
-from ec2t_jax._src.transform import reference_optimizer
-from ec2t_jax._src.transform import ternarize
-from ec2t_jax._src.transform import ternarize_transform
-from ec2t_jax._src.transform import TernarizeReferenceState
-from ec2t_jax._src.transform import TernarizeState
+from ec2t_jax._src.tracing import forward_order
+
+TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 
 __version__ = "0.1.0"
 
@@ -86,24 +99,36 @@ __all__ = (
     "cluster_counts",
     "cluster_probabilities",
     "describe_selection",
+    "EC2TLeaf",
+    "ECPLeaf",
     "entropy_constrained_assign",
     "export",
     "ExportFormatError",
     "find_ternarize_state",
+    "forward_order",
+    "fractal_images",
     "freeze_assignment",
     "information_content",
     "initial_centroids",
+    "inq_codebook",
+    "inq_quantize",
     "is_frozen",
+    "kmeans_1d",
     "lambda_max",
     "latent_gradient",
     "layer_size_decay",
     "LayerSummary",
     "LeafPlan",
+    "mcq",
+    "mcq_quantize",
     "nearest_centroid_assign",
+    "QuantizerState",
+    "prune_calibrated",
     "reference_optimizer",
     "report",
     "Rule",
     "Selection",
+    "set_phase",
     "summary",
     "Summary",
     "ternarize",

@@ -23,7 +23,10 @@ x = jax.random.normal(jax.random.key(0), (64, 16, 16, 1))
 y = jax.random.randint(jax.random.key(1), (64,), 0, 10)
 params = model.init(jax.random.key(2), x)["params"]
 
-tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(gamma=0.3))
+# The input and output layers stay full precision: name them by the forward pass.
+order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, x)
+tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
+    gamma=0.3, selection=ec2t.Selection(order=order)))
 opt_state = tx.init(params)
 params = ec2t.ternary_params(params, opt_state)  # ternary from the first step
 

@@ -1,5 +1,6 @@
 """TWN, TTQ, STTN and quantization pruning as optax transformations on the shared core."""
 
+import functools
 import subprocess
 import sys
 
@@ -21,7 +22,6 @@ METHODS = {
     "twn_layer": (lambda: ec2t.twn("layer"), False, 0),
     "twn_filter": (lambda: ec2t.twn("filter"), True, 0),
     "ttq": (lambda: ec2t.ttq(0.05), False, 0),
-    "ttq_sparsity": (lambda: ec2t.ttq(sparsity=0.6), False, 0),
     "sttn": (ec2t.sttn, True, 0),
     "faraone": (ec2t.quantization_pruning, False, 1),
 }
@@ -47,11 +47,17 @@ def _train(make_tx, phase_after_first=0, steps=STEPS):
   return params, opt_state
 
 
-@pytest.fixture(scope="module", params=sorted(METHODS))
-def trained(request):
-  make_tx, per_filter, phase = METHODS[request.param]
+@functools.cache
+def _trained(name):
+  """Each method trained once per session, shared by the tests below."""
+  make_tx, per_filter, phase = METHODS[name]
   params, opt_state = _train(make_tx, phase)
-  return request.param, per_filter, params, opt_state
+  return name, per_filter, params, opt_state
+
+
+@pytest.fixture(params=sorted(METHODS))
+def trained(request):
+  return _trained(request.param)
 
 
 def _values_per_filter(kernel, per_filter):
@@ -97,12 +103,14 @@ def test_export_round_trips_bitwise_and_report_reads_it(trained, tmp_path):
     assert ternary == {f"{n}/kernel" for n in TERNARY_LEAVES}
 
 
-def test_report_command_line_reads_an_exported_ttq_model(tmp_path):
-  params, _ = _train(METHODS["ttq"][0], steps=1)
-  path = tmp_path / "ttq.ec2t"
-  export.save(path, params)
-  out = subprocess.run([sys.executable, "-m", "ec2t_jax.report", str(path)], check=True,
-                       capture_output=True, text=True).stdout
+def test_export_and_report_command_lines_read_a_trained_model(tmp_path):
+  _, _, params, _ = _trained("ttq")
+  np.savez(tmp_path / "params.npz", **{f"{k}/{n}": v for k, leaf in params.items()
+                                       for n, v in leaf.items()})
+  subprocess.run([sys.executable, "-m", "ec2t_jax.export", str(tmp_path / "params.npz"),
+                  str(tmp_path / "ttq.ec2t")], check=True, capture_output=True)
+  out = subprocess.run([sys.executable, "-m", "ec2t_jax.report", str(tmp_path / "ttq.ec2t")],
+                       check=True, capture_output=True, text=True).stdout
   assert "Conv_1/kernel" in out
 
 
@@ -232,8 +240,7 @@ def test_nnx_optimizer_keeps_the_model_on_the_grid(make_tx):
                ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
 
 
-@pytest.mark.parametrize("make_tx", [lambda: ec2t.twn("filter"), ec2t.sttn],
-                         ids=["twn_filter", "sttn"])
+@pytest.mark.parametrize("make_tx", [ec2t.sttn], ids=["sttn"])  # per-filter scales, two latents
 def test_sharded_jitted_steps_equal_unsharded(make_tx):
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model, params = init()

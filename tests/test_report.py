@@ -12,8 +12,9 @@ import pytest
 
 from ec2t_jax import export
 from ec2t_jax import report
+from ec2t_jax._src import report_cli
 from ec2t_jax._src import accounting
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import geometry
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
@@ -60,19 +61,19 @@ def test_full_precision_model_counts_269k_params_and_81_3m_flops_at_32_bit():
 
 def test_json_has_the_documented_keys_and_file_bytes(tmp_path, capsys):
   export.export_file(_path("ec2t_spars64"), tmp_path / "m.ec2t")
-  assert report.main([str(tmp_path / "m.ec2t"), "--json"]) == 0
+  assert report_cli.main([str(tmp_path / "m.ec2t"), "--json"]) == 0
   r = json.loads(capsys.readouterr().out)
   assert {"sparsity", "scoring_params", "flops", "bytes", "layers"} <= set(r)
   chex.assert_equal(r["bytes"]["file"], (tmp_path / "m.ec2t").stat().st_size)
   chex.assert_equal(r["bytes"]["measured"], "file")
   layer = next(l for l in r["layers"] if l["path"] == "layer3.2.conv2.weight")
-  assert layer["ternary"] and layer["codec"] == "te"
+  assert layer["ternary"] and layer["codec"] == "tc"
   assert layer["bits_per_weight"] < layer["entropy_bits"]
   chex.assert_equal(sum(l["ternary"] for l in r["layers"]), 18)
 
 
 def test_text_report_lists_every_weight_layer(capsys):
-  assert report.main([str(_path("ec2t_spars45"))]) == 0
+  assert report_cli.main([str(_path("ec2t_spars45"))]) == 0
   out = capsys.readouterr().out
   chex.assert_equal(out.count(".conv"), 18)
   assert "MicroNet FLOPs: 11.09M" in out
@@ -80,7 +81,7 @@ def test_text_report_lists_every_weight_layer(capsys):
 
 def test_report_cli_rejects_a_corrupt_file_with_status_2(tmp_path, capsys):
   (tmp_path / "x.ec2t").write_bytes(export.MAGIC + bytes(100))
-  assert report.main([str(tmp_path / "x.ec2t")]) == 2
+  assert report_cli.main([str(tmp_path / "x.ec2t")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("ec2t_jax.report: error:") and "Traceback" not in err
 
@@ -134,7 +135,7 @@ def test_traced_geometry_of_the_flax_resnet20_equals_the_built_in_description():
   fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)
   traced = report.trace_geometry(fn, variables["params"], x)
   shapes = {f"params/{k}": v.shape for k, v in
-            flat_tree.flatten(variables["params"], as_numpy=False)[0]}
+            trees.flatten(variables["params"], as_numpy=False)[0]}
   described = report.cifar_resnet_geometry(shapes)
   strip = lambda g: g._replace(path=g.path.removeprefix("params/"), folded=())
   chex.assert_equal([strip(g) for g in traced], [strip(g) for g in described])

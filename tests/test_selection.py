@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import ec2t_jax as ec2t
+from ec2t_jax.models import LeNet5
 from models_for_tests import init
 
 
@@ -110,6 +111,40 @@ def test_per_rule_gamma_overrides_the_global_gamma():
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
   _, state = tx.update(grads, state, ec2t.ternary_params(params, state))
-  lam = ec2t.find_ternarize_state(state).lam
+  lam = ec2t.find_ternarize_state(state).field("lam")
   assert float(lam["Conv_2"]["kernel"]) > 0
   assert float(lam["Conv_1"]["kernel"]) == 0
+
+
+def test_all_but_last_ternarizes_lenet5_like_the_reference():
+  params = LeNet5().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  plans = ec2t.Selection(default="all_but_last").plan(params)
+  assert sorted(p.path for p in plans if p) == [
+      "conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"]
+
+
+def test_unknown_default_is_an_error():
+  with pytest.raises(ValueError, match="'all_but_first'"):
+    ec2t.Selection(default="all_but_first")
+
+
+def test_leaf_rule_is_the_first_matching_rule():
+  selection = ec2t.Selection([ec2t.Rule("^conv", mode="ecp", gamma=0.05),
+                              ec2t.Rule("kernel", gamma=0.3)])
+  assert selection.leaf_rule("conv2/kernel") == ec2t.LeafPlan(
+      "conv2/kernel", "ecp", 0.05, "rule 0: ^conv")
+  assert selection.leaf_rule("fc1/kernel") == ec2t.LeafPlan(
+      "fc1/kernel", "ternary", 0.3, "rule 1: kernel")
+
+
+def test_leaf_rule_without_a_match_is_the_default():
+  assert ec2t.Selection([ec2t.Rule("^conv")]).leaf_rule("fc1/kernel") == ec2t.LeafPlan(
+      "fc1/kernel", "ternary", None, "default")
+
+
+def test_leaf_rule_agrees_with_plan_on_selected_leaves():
+  _, params = init()
+  selection = ec2t.Selection([ec2t.Rule("Conv_1", mode="ecp", gamma=0.1)])
+  for plan in selection.plan(params):
+    if plan:
+      assert selection.leaf_rule(plan.path) == plan

@@ -204,3 +204,52 @@ def test_pure_functions_are_jittable():
       w, W_N, W_P, gamma=0.9))
   chex.assert_trees_all_equal(assign(W)[0],
                               jnp.array([1, 0, 0, -1, 0, 0], jnp.int8))
+
+
+# Exact ties, hand-computed with w_n = w_p = 1 (every value exact in float32).
+# At lambda 0: W = -0.5 costs 0.25 as n and as 0; W = 0.5 costs 0.25 as 0 and as p.
+# With lambda 1 at W = 0: I = (0, 1, 0) gives n = 0 = p = 1 (three-way tie);
+# I = (0, 2, 0) gives n = p = 1 < 2 (n/p tie); I = (1, 0, 0) and W = 0.5 give
+# 0 = p = 0.25 < n = 3.25 (0/p tie).
+_TIES = jnp.array([-0.5, 0.5, 0.0, -0.75, 0.75])
+_ZERO_RULE = jnp.array([0, 0, 0, -1, 1], jnp.int8)
+_REFERENCE_RULE = jnp.array([-1, 0, 0, -1, 1], jnp.int8)
+
+
+class TieRuleTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nearest_centroid_sends_an_n_zero_tie_to_zero_by_default(self):
+    assign = self.variant(lambda w: ec2t.nearest_centroid_assign(w, 1.0, 1.0))
+    chex.assert_trees_all_equal(assign(_TIES), _ZERO_RULE)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nearest_centroid_sends_an_n_zero_tie_to_n_by_the_reference_rule(self):
+    assign = self.variant(
+        lambda w: ec2t.nearest_centroid_assign(w, 1.0, 1.0, ties="reference"))
+    chex.assert_trees_all_equal(assign(_TIES), _REFERENCE_RULE)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_assign_by_cost_tie_rules_on_three_way_n_p_and_zero_p_ties(self):
+    cases = [(0.0, [0.0, 1.0, 0.0], 0, -1), (0.0, [0.0, 2.0, 0.0], -1, -1),
+             (0.5, [1.0, 0.0, 0.0], 0, 0)]
+    for w, information, zero_rule, reference_rule in cases:
+      for ties, expected in (("zero", zero_rule), ("reference", reference_rule)):
+        assign = self.variant(lambda w, info, ties=ties: ec2t.assign_by_cost(
+            w, 1.0, 1.0, 1.0, info, ties=ties))
+        chex.assert_trees_all_equal(
+            assign(jnp.array([w]), jnp.array(information)),
+            jnp.array([expected], jnp.int8))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_entropy_constrained_assign_passes_the_tie_rule_on(self):
+    # gamma 0: lambda 0, so both assignments are the nearest-centroid ones.
+    for ties, expected in (("zero", _ZERO_RULE), ("reference", _REFERENCE_RULE)):
+      assign = self.variant(lambda w, ties=ties: ec2t.entropy_constrained_assign(
+          w, 1.0, 1.0, gamma=0.0, ties=ties)[0])
+      chex.assert_trees_all_equal(assign(_TIES), expected)
+
+
+def test_unknown_tie_rule_is_an_error():
+  with pytest.raises(ValueError, match="ties must be 'zero' or 'reference', got 'n'"):
+    ec2t.assign_by_cost(_TIES, 1.0, 1.0, 0.0, jnp.zeros(3), ties="n")

@@ -300,10 +300,3 @@ def covered_leaves(layers: Sequence[LayerGeometry], flat: Mapping[str, np.ndarra
         if bias in flat:
           covered.add(bias)
   return covered
-
-
-def zeroth_order_entropy(assignment: np.ndarray) -> float:
-  """``H_0 = -sum_c P_c log2 P_c`` of an assignment (bits per weight)."""
-  counts = np.bincount(np.asarray(assignment).reshape(-1).astype(np.int64) + 1, minlength=3)
-  p = counts[counts > 0] / counts.sum()
-  return float(-(p * np.log2(p)).sum())

@@ -23,7 +23,18 @@ the chosen stream is never longer than the order-0 one by more than a few
 bytes of coder overhead, and the order-0 one stays within a few bytes of
 ``numel * H_0`` (the zeroth-order entropy).
 
-Decoding is vectorized over ``outer * inner`` symbols: one call per ``m``.
+Decoding is vectorized over ``outer * inner`` symbols: one call per ``m``,
+split into chunks of at most :data:`DECODE_CHUNK` symbols written into one
+preallocated ``int8`` array (bounded working memory).
+
+Capacity bound. ``constriction``'s ``Categorical(perfect=False)`` quantizes
+probabilities to 24 bits and gives every symbol at least one quantum
+(``f = 2^-24``), so no symbol is more probable than ``1 - (K - 1) f`` and
+each costs at least ``c = -log2(1 - (K - 1) f)`` bits (1.72e-7 bits for
+``K = 3``). A range coder's output is at least the total cost less its
+64-bit state, so a stream of ``B`` bytes encodes at most
+``(8 B + 64) / c`` symbols (:func:`max_symbols`); a reader rejects a
+declared count above it before allocating anything.
 
 Stream layout (all little-endian)::
 
@@ -51,6 +62,31 @@ _TOTAL = 65535  # quantized probabilities of one context sum to this
 _MAX_STEPS = 4096  # largest ``mid`` tried (one decoder call per step)
 _MAX_ALPHABET = 16
 ORDER0, PREVIOUS = 0, 1
+PROBABILITY_FLOOR = 2.0**-24  # constriction's leaky categorical: one 24-bit quantum
+DECODE_CHUNK = 1 << 16  # symbols per decoder call
+_STATE_BITS = 64
+
+
+def min_symbol_bits(alphabet: int, floor: float = PROBABILITY_FLOOR) -> float:
+  """Least cost of one symbol, ``-log2(1 - (K - 1) floor)`` bits.
+
+  Example:
+    >>> round(min_symbol_bits(3) * 1e7, 3)
+    1.72
+  """
+  return -math.log2(1.0 - (alphabet - 1) * floor)
+
+
+def max_symbols(stream_bytes: int, alphabet: int, floor: float = PROBABILITY_FLOOR) -> int:
+  """Most symbols a range-coded stream of ``stream_bytes`` bytes can hold.
+
+  .. math:: n \\le \\frac{8 B + 64}{-\\log_2(1 - (K - 1) f)}
+
+  Example:
+    >>> max_symbols(4, 3, floor=2.0**-8) < 20_000
+    True
+  """
+  return int((8 * stream_bytes + _STATE_BITS) / min_symbol_bits(alphabet, floor))
 
 
 class CodingError(ValueError):
@@ -213,18 +249,26 @@ def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
     raise CodingError("symbol stream has an invalid probability table")
   probabilities = np.concatenate([head, last], axis=1).astype(np.float64) / _TOTAL
   compressed = np.frombuffer(data, "<u4", offset=3 + table_bytes).astype(np.uint32)
+  if size > max_symbols(len(data) - 3 - table_bytes, alphabet):
+    raise CodingError(f"a {len(data)}-byte symbol stream cannot hold {size:,} symbols")
   try:
     decoder = constriction.stream.queue.RangeDecoder(compressed)
     if contexts == 1:
       model = constriction.stream.model.Categorical(probabilities[0], perfect=False)
-      out = np.asarray(decoder.decode(model, size), np.int8)
+      out = np.empty(size, np.int8)
+      for at in range(0, size, DECODE_CHUNK):
+        n = min(DECODE_CHUNK, size - at)
+        out[at:at + n] = decoder.decode(model, n)
     else:
       family = constriction.stream.model.Categorical(perfect=False)
-      out = np.empty((mid, outer * inner), np.int8)
-      previous = np.full(outer * inner, alphabet, np.int64)
+      width = outer * inner
+      out = np.empty((mid, width), np.int8)
+      previous = np.full(width, alphabet, np.int8)
       for m in range(mid):
-        row = np.asarray(decoder.decode(family, probabilities[previous]))
-        out[m] = row
+        row = out[m]
+        for at in range(0, width, DECODE_CHUNK):
+          n = min(DECODE_CHUNK, width - at)
+          row[at:at + n] = decoder.decode(family, probabilities[previous[at:at + n]])
         previous = row
       out = out.reshape(mid, outer, inner).transpose(1, 0, 2)
   except Exception as e:  # constriction raises its own types on invalid data.

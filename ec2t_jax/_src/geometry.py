@@ -11,8 +11,8 @@ which a parameter tree alone does not hold. Two sources:
 * :func:`trace_geometry` - for any model: traces ``fn(params, *inputs)`` with
   :func:`jax.make_jaxpr` and reads every ``conv_general_dilated`` /
   ``dot_general`` whose kernel comes from a parameter leaf (followed through
-  nested jaxprs); a bias/BN shift, a ReLU or a residual add that follows a
-  layer is attributed to it.
+  nested jaxprs by :mod:`ec2t_jax._src.tracing`); a bias/BN shift, a ReLU or
+  a residual add that follows a layer is attributed to it.
 
 Either result saves to JSON (:func:`save_geometry`) for the report command
 (``python -m ec2t_jax.report PATH --geometry FILE``).
@@ -34,7 +34,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import tracing
+from ec2t_jax._src import trees
 
 
 class LayerGeometry(NamedTuple):
@@ -182,31 +183,13 @@ def cifar_resnet_geometry(shapes: dict[str, Sequence[int]], *,
 # ---------------------------------------------------------------------- tracing
 
 
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for item in (value if isinstance(value, (tuple, list)) else (value,)):
-      jaxpr = getattr(item, "jaxpr", None)
-      if jaxpr is not None and hasattr(jaxpr, "eqns"):
-        yield jaxpr, getattr(item, "consts", ())
-      elif hasattr(item, "eqns") and hasattr(item, "invars"):
-        yield item, ()
-
-
-def _is_literal(var) -> bool:
-  return type(var).__name__ == "Literal"
-
-
 class _Tracer:
-  """Walks a jaxpr, tracking which parameter leaves and whether data reach each variable."""
+  """Reads layers off a jaxpr walk (:func:`tracing.walk`): which parameter leaves
+  and whether data reach each operand of every equation."""
 
   def __init__(self, leaf_paths, leaf_shapes, batch):
     self.paths, self.shapes, self.batch = leaf_paths, leaf_shapes, batch
     self.layers: list[dict] = []
-
-  def _get(self, env, var):
-    if _is_literal(var):
-      return frozenset(), False
-    return env.get(var, (frozenset(), False))
 
   def _weight_leaf(self, provenance, operand_shape) -> Optional[int]:
     size = math.prod(operand_shape)
@@ -217,32 +200,16 @@ class _Tracer:
     exact = [i for i in candidates if tuple(self.shapes[i]) == tuple(operand_shape)]
     return (exact or candidates)[0]
 
-  def run(self, jaxpr, env):
-    for eqn in jaxpr.eqns:
-      ins = [self._get(env, v) for v in eqn.invars]
-      name = eqn.primitive.name
-      subs = list(_sub_jaxprs(eqn))
-      if len(subs) == 1 and len(subs[0][0].invars) == len(eqn.invars):
-        inner, _ = subs[0]
-        inner_env = {iv: val for iv, val in zip(inner.invars, ins)}
-        self.run(inner, inner_env)
-        outs = [self._get(inner_env, v) for v in inner.outvars]
-        if len(outs) == len(eqn.outvars):
-          for var, val in zip(eqn.outvars, outs):
-            env[var] = val
-          continue
-      provenance = frozenset().union(*(p for p, _ in ins)) if ins else frozenset()
-      data = any(d for _, d in ins)
-      for var in eqn.outvars:
-        env[var] = (provenance, data)
-      if name in ("conv_general_dilated", "dot_general") and len(ins) >= 2:
-        self._layer(eqn, ins)
-      elif name in ("add", "sub", "mul") and self.layers and len(ins) == 2:
-        self._after(eqn, ins, residual=name == "add" and ins[0][1] and ins[1][1])
-      elif name == "max" and self.layers and len(ins) == 2:
-        other = [v for v, (_, d) in zip(eqn.invars, ins) if not d]
-        if any(_is_literal(v) and np.all(np.asarray(v.val) == 0) for v in other):
-          self._mark("activation", "relu", eqn)
+  def visit(self, eqn, ins):
+    name = eqn.primitive.name
+    if name in ("conv_general_dilated", "dot_general") and len(ins) >= 2:
+      self._layer(eqn, ins)
+    elif name in ("add", "sub", "mul") and self.layers and len(ins) == 2:
+      self._after(eqn, ins, residual=name == "add" and ins[0][1] and ins[1][1])
+    elif name == "max" and self.layers and len(ins) == 2:
+      other = [v for v, (_, d) in zip(eqn.invars, ins) if not d]
+      if any(tracing.is_literal(v) and np.all(np.asarray(v.val) == 0) for v in other):
+        self._mark("activation", "relu", eqn)
 
   def _mark(self, key, value, eqn):
     layer = self.layers[-1]
@@ -331,7 +298,7 @@ def trace_geometry(fn: Callable, params, *inputs, batch_size: Optional[int] = No
     The layers in execution order; a leaf used by several layers appears
     once per use.
   """
-  leaves, structure = flat_tree.flatten(params, as_numpy=False)
+  leaves, structure = trees.flatten(params, as_numpy=False)
   paths = [p for p, _ in leaves]
   shapes = [tuple(np.shape(a)) for _, a in leaves]
   if batch_size is None:
@@ -339,17 +306,16 @@ def trace_geometry(fn: Callable, params, *inputs, batch_size: Optional[int] = No
     batch_size = int(np.shape(first[0])[0]) if first and np.ndim(first[0]) else 1
 
   def flat_fn(flat_params, flat_inputs):
-    tree = flat_tree.unflatten(list(flat_params), structure)
+    tree = trees.unflatten(list(flat_params), structure)
     return fn(tree, *flat_inputs, **kwargs)
 
   closed = jax.make_jaxpr(flat_fn)([a for _, a in leaves], list(inputs))
   jaxpr = closed.jaxpr
-  env = {}
   n = len(leaves)
-  for i, var in enumerate(jaxpr.invars):
-    env[var] = (frozenset([i]), False) if i < n else (frozenset(), True)
+  inputs = [tracing.Provenance(frozenset([i]), False) if i < n
+            else tracing.Provenance(frozenset(), True) for i in range(len(jaxpr.invars))]
   tracer = _Tracer(paths, shapes, batch_size)
-  tracer.run(jaxpr, env)
+  tracing.walk(jaxpr, inputs, tracer.visit, control_flow=False)
   out = []
   for layer in tracer.layers:
     layer.pop("out_shape")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 
 
@@ -134,7 +134,7 @@ def ternary_conv(x, weight: TernaryWeight, bias=None, *, strides: Sequence[int] 
 def ternary_weights(params) -> dict[str, TernaryWeight]:
   """``{path: TernaryWeight}`` for every ternary leaf of a (concrete) params tree."""
   out = {}
-  for path, leaf in flat_tree.flatten(params)[0]:
+  for path, leaf in trees.flatten(params)[0]:
     weight = as_ternary(leaf)
     if weight is not None:
       out[path] = weight

@@ -20,15 +20,17 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import flat_tree
+from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -95,13 +97,75 @@ def _restore_orbax(path: Path, keys: Sequence[str]):
   return tree, item
 
 
-def load_tree(path, *, keys: Sequence[str] = ("params",)) -> LoadedTree:
+def _npy_header(member, name: str):
+  """Reads an ``.npy`` header: (shape, fortran_order, dtype)."""
+  try:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+      return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+      return np.lib.format.read_array_header_2_0(member)
+  except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+    raise ValueError(f"entry {name!r} has a corrupt .npy header: {e}") from None
+  raise ValueError(f"entry {name!r}: .npy format version {version} is not supported")
+
+
+def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+  """Reads an uncompressed or deflated ``.npz`` without trusting its headers.
+
+  Each entry's declared shape and dtype must match its stored size (which the
+  zip directory bounds) and all entries together must fit in ``max_bytes``
+  before any array is allocated; object arrays (pickles) are refused.
+
+  Raises:
+    ValueError: for anything malformed or too large, in one line.
+  """
+  try:
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    entries = archive.infolist()
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    raise ValueError(f"not a readable .npz archive: {e}") from None
+  declared = sum(info.file_size for info in entries)
+  if declared > max_bytes:
+    raise ValueError(f".npz entries declare {declared:,} bytes, more than max_bytes={max_bytes:,}")
+  out = {}
+  with archive:
+    for info in entries:
+      name = info.filename
+      if not name.endswith(".npy"):
+        raise ValueError(f"entry {name!r} is not an .npy array")
+      try:
+        with archive.open(info) as member:
+          shape, fortran, dtype = _npy_header(member, name)
+          if dtype.hasobject:
+            raise ValueError(f"entry {name!r} holds Python objects (pickles are refused)")
+          if len(shape) > packing.MAX_NDIM:
+            raise ValueError(f"entry {name!r} has {len(shape)} dimensions")
+          nbytes = math.prod(shape) * dtype.itemsize
+          stored = info.file_size - member.tell()
+          if nbytes != stored:
+            raise ValueError(f"entry {name!r} declares shape {shape} of {dtype} "
+                             f"({nbytes:,} bytes) but stores {stored:,} bytes")
+          array = np.empty(shape, dtype, order="F" if fortran else "C")
+          view = memoryview(array.reshape(-1, order="A").view(np.uint8))
+          if member.readinto(view) != nbytes or member.read(1):
+            raise ValueError(f"entry {name!r} is truncated")
+      except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
+        raise ValueError(f"entry {name!r} cannot be read: {e}") from None
+      out[name[:-len(".npy")]] = array
+  return out
+
+
+def load_tree(path, *, keys: Sequence[str] = ("params",),
+              max_bytes: int = packing.DEFAULT_MAX_BYTES) -> LoadedTree:
   """Reads a parameter tree from a packed file, an ``.npz`` or an orbax checkpoint.
 
   Args:
     path: file or directory.
     keys: checkpoint entries to take (default the ``params`` entry); with more
       than one the tree is ``{key: entry}``. Ignored for files.
+    max_bytes: largest file and largest decoded size accepted for packed files
+      and ``.npz`` archives (default 4 GiB), checked before allocating.
 
   Returns:
     A :class:`LoadedTree` with numpy leaves.
@@ -118,24 +182,26 @@ def load_tree(path, *, keys: Sequence[str] = ("params",)) -> LoadedTree:
     tree, item = _restore_orbax(path, tuple(keys))
     tree = _to_numpy(tree)
     return LoadedTree(tree, "checkpoint", str(item))
+  size = path.stat().st_size
+  if size > max_bytes:
+    raise ValueError(f"{path}: {size:,} bytes, more than max_bytes={max_bytes:,}")
   data = path.read_bytes()
   if data.startswith(packing.MAGIC[:4]):
-    info, arrays = packing.unpack_leaves(data)
-    return LoadedTree(flat_tree.unflatten(arrays, info.structure), "packed", str(path), info)
+    info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
+    return LoadedTree(trees.unflatten(arrays, info.structure), "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
-      with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        tree = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ValueError(f"{path}: not a readable .npz archive: {e}") from None
+      tree = read_npz(data, max_bytes=max_bytes)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
     return LoadedTree(tree, "npz", str(path))
   raise ValueError(f"{path}: neither an ec2t packed file, an .npz archive nor an orbax "
                    "checkpoint directory")
 
 
 def _to_numpy(tree):
-  leaves, structure = flat_tree.flatten(tree)
-  return flat_tree.unflatten([np.asarray(x) for _, x in leaves], structure)
+  leaves, structure = trees.flatten(tree)
+  return trees.unflatten([np.asarray(x) for _, x in leaves], structure)
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
@@ -145,7 +211,7 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
     ValueError: if two leaves get the same name.
   """
   out = {}
-  for name, array in flat_tree.flatten(tree)[0]:
+  for name, array in trees.flatten(tree)[0]:
     if name in out:
       raise ValueError(f"two leaves are both named {name!r}")
     out[name] = array

@@ -8,6 +8,21 @@ Cluster probabilities and information contents are ordered ``(n, 0, p)``.
 
 Every function here is pure, jit-able and works on arrays of any shape; the
 arithmetic is done in float32 whatever the input dtype.
+
+**Ties.** The assignments take ``ties``, the rule for a weight whose cost is
+exactly equal for two clusters:
+
+* ``"zero"`` (default): the first minimum over ``(0, n, p)``. A tie with zero
+  goes to zero (the sparser choice: same cost, fewer bits), a tie between n
+  and p goes to n.
+* ``"reference"``: the first minimum over ``(n, 0, p)``, as the reference
+  code's ``argmin`` has it. A tie between n and zero goes to n; the other ties
+  go where ``"zero"`` sends them.
+
+The two differ only on exact n/0 ties, e.g. ``W = -w_n / 2`` at ``lambda = 0``.
+Trained float32 weights rarely hit one; the likeliest case is the layer's most
+negative weight when ``gamma * size_decay = 1`` and ``lambda_max`` comes from
+the negative side, where the tie holds by definition and float rounding decides.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import jax.numpy as jnp
 
 Renormalization = Literal["exact", "reference"]
 CentroidSign = Literal["exact", "reference"]
+Ties = Literal["zero", "reference"]
 
 NEGATIVE, ZERO, POSITIVE = -1, 0, 1
 
@@ -27,12 +43,18 @@ def _f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
-def nearest_centroid_assign(weights, w_n, w_p) -> jax.Array:
+def _check_ties(ties):
+  if ties not in ("zero", "reference"):
+    raise ValueError(f"ties must be 'zero' or 'reference', got {ties!r}")
+
+
+def nearest_centroid_assign(weights, w_n, w_p, *, ties: Ties = "zero") -> jax.Array:
   """Assigns each weight to the nearest of ``{-w_n, 0, w_p}``.
 
   .. math:: a_i = \\arg\\min_{c \\in \\{-w_n, 0, w_p\\}} (W_i - c)^2
 
-  Ties go to zero, then to the negative cluster. This is the first
+  Ties go to zero, then to the negative cluster (``ties="reference"``: to the
+  negative cluster first, see the module docstring). This is the first
   ternarization of EC2T and its assignment for ``gamma = 0`` ("EC2T-1"): the
   implied thresholds are ``-w_n / 2`` and ``w_p / 2``.
 
@@ -40,26 +62,30 @@ def nearest_centroid_assign(weights, w_n, w_p) -> jax.Array:
     weights: latent weights, any shape.
     w_n: magnitude of the negative centroid (scalar, > 0).
     w_p: value of the positive centroid (scalar, > 0).
+    ties: ``"zero"`` or ``"reference"``.
 
   Returns:
     ``int8`` assignment of ``weights``' shape with values in ``{-1, 0, 1}``.
 
   Example:
     >>> nearest_centroid_assign(jnp.array([0.4, 0.1, -0.3]), 0.5, 0.5)
-    Array([1, 0, -1], dtype=int8)
+    Array([ 1,  0, -1], dtype=int8)
+    >>> nearest_centroid_assign(jnp.array([-0.25]), 0.5, 0.5, ties="reference")
+    Array([-1], dtype=int8)
   """
   zeros = jnp.zeros(3, jnp.float32)
-  return assign_by_cost(weights, w_n, w_p, lam=0.0, information=zeros)
+  return assign_by_cost(weights, w_n, w_p, lam=0.0, information=zeros, ties=ties)
 
 
-def assign_by_cost(weights, w_n, w_p, lam, information) -> jax.Array:
+def assign_by_cost(weights, w_n, w_p, lam, information, *,
+                   ties: Ties = "zero") -> jax.Array:
   """Assigns each weight to the cluster of least entropy-constrained cost.
 
   .. math:: a_i = \\arg\\min_{c} (W_i - v_c)^2 + \\lambda I_c,
      \\quad v = (-w_n, 0, w_p)
 
   Ties go to zero, then to the negative cluster (first minimum of
-  ``(0, n, p)``).
+  ``(0, n, p)``); ``ties="reference"``: first minimum of ``(n, 0, p)``.
 
   Args:
     weights: latent weights, any shape.
@@ -67,15 +93,21 @@ def assign_by_cost(weights, w_n, w_p, lam, information) -> jax.Array:
     w_p: value of the positive centroid.
     lam: the Lagrange multiplier ``lambda`` (scalar, >= 0).
     information: information contents ``(I_n, I_0, I_p)`` in bits.
+    ties: ``"zero"`` or ``"reference"`` (module docstring).
 
   Returns:
     ``int8`` assignment with values in ``{-1, 0, 1}``.
   """
+  _check_ties(ties)
   w = _f32(weights)
   lam, info = _f32(lam), _f32(information)
   cost_n = jnp.square(w + _f32(w_n)) + lam * info[0]
   cost_0 = jnp.square(w) + lam * info[1]
   cost_p = jnp.square(w - _f32(w_p)) + lam * info[2]
+  if ties == "reference":
+    zero_or_p = jnp.where(cost_p < cost_0, jnp.int8(POSITIVE), jnp.int8(ZERO))
+    return jnp.where(cost_n <= jnp.minimum(cost_0, cost_p), jnp.int8(NEGATIVE),
+                     zero_or_p)
   nonzero = jnp.where(cost_p < cost_n, jnp.int8(POSITIVE), jnp.int8(NEGATIVE))
   return jnp.where(jnp.minimum(cost_n, cost_p) < cost_0, nonzero, jnp.int8(ZERO))
 
@@ -228,6 +260,7 @@ def entropy_constrained_assign(
     size_decay=1.0,
     zero_floor: float = 0.5,
     renormalization: Renormalization = "exact",
+    ties: Ties = "zero",
 ) -> tuple[jax.Array, jax.Array]:
   """EC2T's assignment of one layer (reference section 2).
 
@@ -244,6 +277,7 @@ def entropy_constrained_assign(
     size_decay: the layer's :func:`layer_size_decay` factor.
     zero_floor: lower bound of ``P_0``.
     renormalization: see :func:`cluster_probabilities`.
+    ties: the tie rule of both assignments (module docstring).
 
   Returns:
     ``(assignment, lam)``: the ``int8`` assignment and the lambda used.
@@ -252,13 +286,13 @@ def entropy_constrained_assign(
     >>> w = jnp.array([0.9, 0.1, 0.15, -0.05, -0.6])
     >>> a, lam = entropy_constrained_assign(w, 0.3, 0.3, gamma=0.5)
   """
-  preliminary = nearest_centroid_assign(weights, w_n, w_p)
+  preliminary = nearest_centroid_assign(weights, w_n, w_p, ties=ties)
   probabilities = cluster_probabilities(
       preliminary, zero_floor=zero_floor, renormalization=renormalization)
   information = information_content(probabilities)
   lam = (_f32(gamma) * _f32(size_decay)
          * lambda_max(weights, w_n, w_p, information))
-  return assign_by_cost(weights, w_n, w_p, lam, information), lam
+  return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
 
 
 def ternary_values(assignment, w_n, w_p, dtype=jnp.float32) -> jax.Array:

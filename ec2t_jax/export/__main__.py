@@ -1,5 +1,5 @@
-"""``python -m ec2t_jax.export``: see :func:`ec2t_jax.export.main`."""
+"""``python -m ec2t_jax.export``: see :mod:`ec2t_jax._src.export_cli`."""
 
-from ec2t_jax.export import main
+from ec2t_jax._src.export_cli import main
 
 raise SystemExit(main())

@@ -8,7 +8,9 @@ Two classic MNIST baselines used by the EC2T examples and benchmarks:
 
 Module names (``conv1``, ``conv2``, ``fc1``, ...) sort naturally in forward
 order, so the library's default selection rule (ternarize every kernel except
-the first and the last) picks the hidden layers.
+the first and the last) picks the hidden layers. The reference code's LeNet-5
+runs ternarize conv1 to fc2 and keep only the output layer in full precision:
+``ec2t.Selection(default="all_but_last")``.
 
 Example:
   >>> import jax, jax.numpy as jnp

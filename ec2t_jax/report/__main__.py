@@ -1,5 +1,5 @@
-"""``python -m ec2t_jax.report``: see :func:`ec2t_jax.report.main`."""
+"""``python -m ec2t_jax.report``: see :mod:`ec2t_jax._src.report_cli`."""
 
-from ec2t_jax.report import main
+from ec2t_jax._src.report_cli import main
 
 raise SystemExit(main())

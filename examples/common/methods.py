@@ -12,8 +12,9 @@ prune and retrain; TWN, TTQ, STTN: one phase, so phase 2 simply trains on).
 Add a method with :func:`register`::
 
   @register("mine", {"knob": 0.5})
-  def _mine(config, options):
-    return MethodSetup(optax.chain(optax.adam(config.learning_rate), my_transform(**options)))
+  def _mine(config, options, selection):
+    return MethodSetup(optax.chain(optax.adam(config.learning_rate),
+                                   my_transform(**options, selection=selection)))
 """
 
 from __future__ import annotations
@@ -50,23 +51,24 @@ class MethodSetup:
   phase_starts_are_results: bool = True
 
 
-Builder = Callable[[Any, dict[str, Any]], MethodSetup]
+Builder = Callable[[Any, dict[str, Any], Any], MethodSetup]
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
   builder: Builder
   defaults: dict[str, Any]
-  help: str
+  description: str
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register(name: str, defaults: dict[str, Any] | None = None, help: str = ""):  # pylint: disable=redefined-builtin
-  """Decorator: adds ``builder(config, options) -> MethodSetup`` as ``name``."""
+def register(name: str, defaults: dict[str, Any] | None = None, description: str = ""):
+  """Decorator: adds ``builder(config, options, selection) -> MethodSetup`` as ``name``."""
   def wrap(builder: Builder) -> Builder:
-    METHODS[name] = MethodEntry(builder, dict(defaults or {}), help or (builder.__doc__ or ""))
+    METHODS[name] = MethodEntry(builder, dict(defaults or {}),
+                                description or (builder.__doc__ or ""))
     return builder
   return wrap
 
@@ -102,11 +104,15 @@ def parse_options(name: str, text: str) -> dict[str, Any]:
   return options
 
 
-def build(config) -> MethodSetup:
-  """The :class:`MethodSetup` of ``config.method`` with ``config.method_options``."""
+def build(config, selection=None) -> MethodSetup:
+  """The :class:`MethodSetup` of ``config.method`` with ``config.method_options``.
+
+  ``selection``: which leaves (an ``ec2t.Selection``, e.g. with the forward
+  order of the layers); default the paper's rule by the tree's order.
+  """
   options = parse_options(config.method, config.method_options)
   try:
-    return METHODS[config.method].builder(config, options)
+    return METHODS[config.method].builder(config, options, selection)
   except ValueError as error:  # a knob out of range: name it as the user typed it
     raise UserError(f"--method={config.method} --method_options: {error}") from None
 
@@ -117,8 +123,8 @@ def _inner(config) -> optax.GradientTransformation:
                      optax.adam(config.learning_rate))
 
 
-@register("ec2t", help="EC2T (--ec2t_mode, --gamma, --init_scale, the three learning rates)")
-def _ec2t(config, options) -> MethodSetup:
+@register("ec2t", description="EC2T (--ec2t_mode, --gamma, --init_scale, learning rates)")
+def _ec2t(config, options, selection) -> MethodSetup:
   """EC2T. ``reference``: ``ec2t.reference_optimizer``, the paper's three Adams
   (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent weights:
   ``latent_learning_rate``; centroids: ``centroid_learning_rate``). ``chain``:
@@ -129,42 +135,45 @@ def _ec2t(config, options) -> MethodSetup:
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate))
+        centroid_learning_rate=config.centroid_learning_rate, selection=selection))
   if config.ec2t_mode == "chain":
     return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale)))
+        gamma=config.gamma, init_scale=config.init_scale, selection=selection)))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
-@register("twn", {"threshold": "layer"}, help="TWN: threshold=layer|filter")
-def _twn(config, options) -> MethodSetup:
-  return MethodSetup(optax.chain(_inner(config), ec2t.twn(options["threshold"])),
+@register("twn", {"threshold": "layer"}, description="TWN: threshold=layer|filter")
+def _twn(config, options, selection) -> MethodSetup:
+  return MethodSetup(optax.chain(_inner(config),
+                                 ec2t.twn(options["threshold"], selection=selection)),
                      per_filter=options["threshold"] == "filter")
 
 
 @register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None},
-          help="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper)")
-def _ttq(config, options) -> MethodSetup:
+          description="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper)")
+def _ttq(config, options, selection) -> MethodSetup:
   as_float = lambda v: None if v is None else float(v)
   return MethodSetup(optax.chain(_inner(config), ec2t.ttq(
       options["threshold"], sparsity=as_float(options["sparsity"]),
-      init_scale=as_float(options["init_scale"]))))
+      init_scale=as_float(options["init_scale"]), selection=selection)))
 
 
-@register("sttn", {"init_factor": 0.7}, help="STTN: init_factor (initial threshold factor)")
-def _sttn(config, options) -> MethodSetup:
-  return MethodSetup(optax.chain(_inner(config), ec2t.sttn(options["init_factor"])),
+@register("sttn", {"init_factor": 0.7}, description="STTN: init_factor (initial threshold factor)")
+def _sttn(config, options, selection) -> MethodSetup:
+  return MethodSetup(optax.chain(_inner(config),
+                                 ec2t.sttn(options["init_factor"], selection=selection)),
                      per_filter=True)
 
 
 @register("faraone", {"strength": 1.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
-          help="Faraone et al.: phase 1 regularised full precision, phase 2 pruned ternary")
-def _faraone(config, options) -> MethodSetup:
+          description="Faraone et al.: phase 1 regularised full precision, phase 2 pruned ternary")
+def _faraone(config, options, selection) -> MethodSetup:
   if config.phase2_epochs < 1:
     raise UserError("--method=faraone needs --phase2_epochs >= 1 (phase 2 prunes and retrains "
                     "the ternary survivors)")
   regularizer = ec2t.sparsity_regularizer(
       options["l2"], options["strength"], factor=options["factor"],
-      temperature=options["temperature"])
-  return MethodSetup(optax.chain(_inner(config), ec2t.quantization_pruning(options["factor"])),
+      temperature=options["temperature"], selection=selection)
+  return MethodSetup(optax.chain(_inner(config),
+                                 ec2t.quantization_pruning(options["factor"], selection=selection)),
                      regularizer=regularizer, phase_starts_are_results=False)

@@ -78,6 +78,9 @@ class PipelineConfig:
   fp_epochs: int = 0
   fp_optimizer: Callable[[int], optax.GradientTransformation] | None = None
   init_from: str | None = None
+  # Maps the ``init_from`` variables (any architecture) to ``model``'s, e.g. a
+  # function-preserving super-network transfer; None: they must fit ``model``.
+  init_transform: Callable[[dict, dict], tuple[dict, dict]] | None = None
   # EC2T
   ec2t_mode: str = "reference"
   method: str = "ec2t"
@@ -131,6 +134,15 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
   path = config.init_from
   if not os.path.exists(path):
     raise UserError(f"--init_from {path} does not exist")
+  if config.init_transform is not None:
+    params, batch_stats = read_variables(path)
+    try:
+      params, batch_stats = config.init_transform(params, batch_stats)
+      torch_convert._check_against(  # pylint: disable=protected-access
+          {"params": params, "batch_stats": batch_stats}, abstract_variables)
+    except ValueError as error:  # includes CheckpointMismatchError
+      raise UserError(f"--init_from {path}: {error}") from None
+    return params, batch_stats
   if os.path.isdir(path):
     params, batch_stats = checkpoint_lib.restore_variables(path)
     loaded = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -145,6 +157,16 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
     raise UserError(f"--init_from {path}: {error}") from None
   except (OSError, ValueError, KeyError) as error:
     raise UserError(f"--init_from {path} cannot be read as a state dict: {error}") from None
+
+
+def read_variables(path: str) -> tuple[dict, dict]:
+  """``(params, batch_stats)`` of a checkpoint folder of these examples or a state-dict file."""
+  try:
+    if os.path.isdir(path):
+      return checkpoint_lib.restore_variables(path)
+    return torch_convert.load_torch_checkpoint(path)
+  except (OSError, ValueError, KeyError) as error:
+    raise UserError(f"--init_from {path} cannot be read: {error}") from None
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
@@ -175,7 +197,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
   if config.phase1_epochs < 0 or config.phase2_epochs < 0:
     raise UserError("--phase1_epochs and --phase2_epochs must be >= 0")
-  setup = methods_lib.build(config)  # bad --method / --method_options fail before any data
+  methods_lib.build(config)  # bad --method / --method_options fail before any data is loaded
 
   # ---- data: this process reads only its own shards.
   num_shards = config.data_shards or jax.process_count()
@@ -235,7 +257,13 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     writer.close()
     return results
 
-  # ---- phase 1 of the method
+  # ---- phase 1 of the method. The paper's rule keeps the first and last kernel in full
+  # precision; trained params have re-sorted keys, so name them by the forward pass.
+  params_shape, stats_shape = jax.eval_shape(init_variables)
+  order = ec2t.forward_order(
+      lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
+      params_shape, stats_shape, dummy)
+  setup = methods_lib.build(config, ec2t.Selection(order=order))
   tx = setup.optimizer
 
   def start_ec2t(params, batch_stats):

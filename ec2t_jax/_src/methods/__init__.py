@@ -1,1 +1,1 @@
-"""Train-time ternarization methods other than EC2T (TWN, TTQ, STTN, Faraone et al.)."""
+"""Compression methods other than EC2T: one module per method (pure functions first)."""

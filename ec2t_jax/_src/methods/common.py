@@ -1,81 +1,37 @@
-"""Small pieces shared by the methods' pure functions.
-
-Conventions: a kernel's output filters lie along its **last** axis (Flax
-``Dense`` kernels are ``(in, out)``, ``Conv`` kernels ``(..., in, out)``), so
-"per filter" reduces over every other axis and keeps dimensions for
-broadcasting. Arithmetic is float32 whatever the input dtype.
-"""
+"""Shared helpers of the post-training methods: which leaves they touch."""
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import tracing
 
 
-def f32(x) -> jax.Array:
-  return jnp.asarray(x, jnp.float32)
+def selected_leaves(params, selection: selection_lib.SelectionLike) -> list[bool]:
+  """Per leaf of ``jax.tree.leaves(params)``: whether ``selection`` picks it.
 
-
-def is_concrete(x) -> bool:
-  return isinstance(x, numbers.Number) or (
-      isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer))
-
-
-def check_range(name, value, low, high=None, *, low_open=False, high_open=False):
-  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range.
-
-  Traced values (under ``jit`` or ``inject_hyperparams``) are not checked here.
+  The same rules as the training transformations (:class:`ec2t.Rule`, the
+  paper's first/last default), so a post-training method and EC2T touch the
+  same layers. The mode of a rule (``ternary``/``ecp``) does not matter here,
+  only whether the leaf is selected.
   """
-  if not is_concrete(value):
-    return
-  v = float(np.asarray(value))
-  bad = (not np.isfinite(v) or (v <= low if low_open else v < low)
-         or (high is not None and (v >= high if high_open else v > high)))
-  if bad:
-    interval = ("(" if low_open else "[") + f"{low}, " + (
-        "inf)" if high is None else f"{high}" + (")" if high_open else "]"))
-    raise ValueError(f"{name} must be in {interval}, got {value!r}")
+  plans = selection_lib.as_selection(selection).plan(params)
+  leaves = jax.tree.leaves(params)
+  if len(plans) != len(leaves):  # pragma: no cover - pure_tree flattens like params
+    raise ValueError("the selection's view of params does not match its leaves")
+  return [plan is not None for plan in plans]
 
 
-def filter_axes(ndim: int, per_filter: bool):
-  """Axes to reduce over: all (per layer) or all but the last (per filter)."""
-  if not per_filter or ndim == 0:
-    return None
-  return tuple(range(ndim - 1))
+def with_forward_order(selection: selection_lib.SelectionLike, apply_fn, params, example):
+  """``selection`` as a :class:`Selection` whose first/last rule uses the traced forward order.
 
-
-def reduce_mean(x, per_filter: bool) -> jax.Array:
-  return jnp.mean(x, axis=filter_axes(x.ndim, per_filter), keepdims=per_filter)
-
-
-def masked_mean(values, mask, per_filter: bool) -> jax.Array:
-  """Mean of ``values`` where ``mask`` holds (0 where the mask is empty)."""
-  axes = filter_axes(values.ndim, per_filter)
-  total = jnp.sum(jnp.where(mask, values, 0.0), axis=axes, keepdims=per_filter)
-  count = jnp.sum(mask, axis=axes, keepdims=per_filter, dtype=jnp.float32)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
-
-
-def threshold_assign(weights, threshold) -> jax.Array:
-  """Ternary assignment by a symmetric threshold.
-
-  .. math:: a_i = \\mathrm{sign}(W_i) \\, [\\, |W_i| > \\Delta \\,]
-
-  Args:
-    weights: weights, any shape.
-    threshold: ``Delta >= 0``, a scalar or anything broadcasting against
-      ``weights`` (e.g. one value per output filter).
-
-  Returns:
-    ``int8`` assignment in ``{-1, 0, 1}`` of ``weights``' shape.
-
-  Example:
-    >>> threshold_assign(jnp.array([0.5, -0.1, -0.4]), 0.2)
-    Array([ 1,  0, -1], dtype=int8)
+  An explicit ``Selection(order=...)`` is kept as given.
   """
-  w = f32(weights)
-  keep = jnp.abs(w) > f32(threshold)
-  return jnp.where(keep, jnp.sign(w), 0.0).astype(jnp.int8)
+  chosen = selection_lib.as_selection(selection)
+  if chosen.order is not None or chosen.default not in ("paper", "all_but_last"):
+    return chosen
+  order = tuple(tracing.forward_order(apply_fn, params, example))
+  return dataclasses.replace(chosen, order=order)

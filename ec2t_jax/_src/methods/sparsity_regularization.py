@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
 from ec2t_jax._src.trees import pure_tree
 
@@ -50,10 +50,10 @@ def threshold_density(weights, factor=twn.LAYER_FACTOR, temperature=0.25) -> jax
     >>> round(float(d), 4)  # sigmoid((1 - 0.5) / 0.125) = sigmoid(4)
     0.982
   """
-  common.check_range("temperature", temperature, 0.0, low_open=True)
-  w = common.f32(weights)
+  ternary_ops.check_range("temperature", temperature, 0.0, low_open=True)
+  w = ternary_ops.f32(weights)
   delta = jax.lax.stop_gradient(twn.twn_threshold(w, factor))
-  scale = common.f32(temperature) * delta
+  scale = ternary_ops.f32(temperature) * delta
   safe = jnp.where(scale > 0, scale, 1.0)
   return jnp.mean(jax.nn.sigmoid((jnp.abs(w) - delta) / safe))
 
@@ -87,10 +87,10 @@ def sparsity_regularizer(
     >>> reg = sparsity_regularizer(l2=1e-4, strength=1e-2)
     >>> loss = lambda p, x, y: cross_entropy(model.apply(p, x), y) + reg(p)
   """
-  common.check_range("l2", l2, 0.0)
-  common.check_range("strength", strength, 0.0)
-  common.check_range("factor", factor, 0.0, low_open=True)
-  common.check_range("temperature", temperature, 0.0, low_open=True)
+  ternary_ops.check_range("l2", l2, 0.0)
+  ternary_ops.check_range("strength", strength, 0.0)
+  ternary_ops.check_range("factor", factor, 0.0, low_open=True)
+  ternary_ops.check_range("temperature", temperature, 0.0, low_open=True)
   chosen = selection_lib.as_selection(selection)
 
   def regularizer(params) -> jax.Array:
@@ -99,7 +99,7 @@ def sparsity_regularizer(
     for leaf, plan in zip(leaves, chosen.plan(params)):
       if plan is None:
         continue
-      w = common.f32(leaf)
+      w = ternary_ops.f32(leaf)
       total += 0.5 * l2 * jnp.sum(jnp.square(w))
       total += strength * threshold_density(w, factor, temperature)
     return total
@@ -148,7 +148,7 @@ def pruning_method() -> core.Method:
 
   def init_leaf(param, ctx, hyper) -> PrunedTernaryLeaf:
     twn.check_mode(ctx, "quantization_pruning")
-    latent = common.f32(param)
+    latent = ternary_ops.f32(param)
     return PrunedTernaryLeaf(latent, jnp.ones(latent.shape, bool), jnp.asarray(False),
                              jnp.zeros((), jnp.float32))
 
@@ -159,7 +159,7 @@ def pruning_method() -> core.Method:
     mask = jnp.where(prune_now, survivors, leaf.mask)
     pruned = leaf.pruned | prune_now
     latent = jnp.where(mask, leaf.latent + update, 0.0)
-    scale = common.masked_mean(jnp.abs(latent), mask & (latent != 0), per_filter=False)
+    scale = ternary_ops.masked_mean(jnp.abs(latent), mask & (latent != 0), per_filter=False)
     return PrunedTernaryLeaf(latent, mask, pruned, jnp.where(pruned, scale, 0.0))
 
   return core.Method("quantization_pruning", init_leaf, step_leaf)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
 
 
@@ -60,9 +60,9 @@ def sttn_scale(w1, w2, *, per_filter: bool = True) -> jax.Array:
     ...            jnp.array([0.1, 0.3, -0.2, -0.6]), per_filter=False)
     Array(0.325, dtype=float32)
   """
-  w1, w2 = common.f32(w1), common.f32(w2)
-  return 0.5 * (common.reduce_mean(jnp.abs(w1), per_filter)
-                + common.reduce_mean(jnp.abs(w2), per_filter))
+  w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
+  return 0.5 * (ternary_ops.reduce_mean(jnp.abs(w1), per_filter)
+                + ternary_ops.reduce_mean(jnp.abs(w2), per_filter))
 
 
 def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +78,7 @@ def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.A
     >>> a, 2 * alpha * a
     (Array([ 1,  0,  0, -1], dtype=int8), Array([ 0.65,  0.  ,  0.  , -0.65], dtype=float32))
   """
-  w1, w2 = common.f32(w1), common.f32(w2)
+  w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
   assignment = (0.5 * (_sgn(w1) + _sgn(w2))).astype(jnp.int8)
   return assignment, sttn_scale(w1, w2, per_filter=per_filter)
 
@@ -89,9 +89,9 @@ def sttn_gradients(grad, w1, w2, *, per_filter: bool = True) -> tuple[jax.Array,
   Linear in ``grad``, so it also maps an optimizer's proposed change of ``T``
   to the change of the latent kernels.
   """
-  g, w1, w2 = common.f32(grad), common.f32(w1), common.f32(w2)
+  g, w1, w2 = ternary_ops.f32(grad), ternary_ops.f32(w1), ternary_ops.f32(w2)
   alpha = sttn_scale(w1, w2, per_filter=per_filter)
-  axes = common.filter_axes(g.ndim, per_filter)
+  axes = ternary_ops.filter_axes(g.ndim, per_filter)
   scale_term = jnp.sum(g * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
       2.0 * _filter_size(g, per_filter))
   step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
@@ -111,7 +111,7 @@ def sttn_init(weights, factor=twn.LAYER_FACTOR) -> tuple[jax.Array, jax.Array]:
     >>> w1, w2
     (Array([ 0.4375,  0.25  , -0.0625], dtype=float32), Array([ 0.0625, -0.125 , -0.4375], dtype=float32))
   """
-  w = common.f32(weights)
+  w = ternary_ops.f32(weights)
   delta = twn.twn_threshold(w, factor)
   return (jnp.clip(0.5 * (w + delta), -1.0, 1.0),
           jnp.clip(0.5 * (w - delta), -1.0, 1.0))

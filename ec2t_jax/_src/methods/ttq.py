@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from ec2t_jax._src import core
 from ec2t_jax._src import selection as selection_lib
 from ec2t_jax._src import ternary
-from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn as twn_lib
 
 DEFAULT_THRESHOLD = 0.05
@@ -41,8 +41,8 @@ def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD) -> jax.Array:
     >>> ttq_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     Array(0.045, dtype=float32)
   """
-  common.check_range("threshold", threshold, 0.0, 1.0)
-  return common.f32(threshold) * jnp.max(jnp.abs(common.f32(weights)))
+  ternary_ops.check_range("threshold", threshold, 0.0, 1.0)
+  return ternary_ops.f32(threshold) * jnp.max(jnp.abs(ternary_ops.f32(weights)))
 
 
 def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
@@ -61,9 +61,9 @@ def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
     >>> ttq_sparsity_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.5)
     Array(0.1, dtype=float32)
   """
-  common.check_range("sparsity", sparsity, 0.0, 1.0)
-  m = jnp.sort(jnp.abs(common.f32(weights)).ravel())
-  z = jnp.floor(common.f32(sparsity) * m.size).astype(jnp.int32)
+  ternary_ops.check_range("sparsity", sparsity, 0.0, 1.0)
+  m = jnp.sort(jnp.abs(ternary_ops.f32(weights)).ravel())
+  z = jnp.floor(ternary_ops.f32(sparsity) * m.size).astype(jnp.int32)
   return jnp.where(z > 0, m[jnp.maximum(z - 1, 0)], 0.0)
 
 
@@ -74,7 +74,7 @@ def ttq_assign(weights, delta) -> jax.Array:
     >>> ttq_assign(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.045)
     Array([ 1, -1,  1, -1,  0,  1], dtype=int8)
   """
-  return common.threshold_assign(weights, delta)
+  return ternary_ops.threshold_assign(weights, delta)
 
 
 def ttq_gradients(grad, assignment, w_n, w_p) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -142,7 +142,7 @@ def _delta(latent, hyper: TTQHyper, fixed_sparsity: bool):
 
 
 def _cluster_mean(values, mask):
-  return common.masked_mean(values, mask, per_filter=False)
+  return ternary_ops.masked_mean(values, mask, per_filter=False)
 
 
 def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
@@ -151,7 +151,7 @@ def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
     twn_lib.check_mode(ctx, "ttq")
-    latent = common.f32(param)
+    latent = ternary_ops.f32(param)
     norm = jnp.max(jnp.abs(latent))
     norm = jnp.where(norm > 0, norm, 1.0)
     assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
@@ -166,7 +166,7 @@ def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
     del ctx, phase  # one phase
     latent_step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n / leaf.norm,
                                       leaf.w_p / leaf.norm)
-    k = common.f32(hyper.scale_update)
+    k = ternary_ops.f32(hyper.scale_update)
     w_n = leaf.w_n - k * _cluster_mean(update, leaf.assignment < 0)
     w_p = leaf.w_p + k * _cluster_mean(update, leaf.assignment > 0)
     latent = leaf.latent + latent_step

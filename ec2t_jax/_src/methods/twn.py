@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import ternary_ops
 
 LAYER_FACTOR = 0.7
 FILTER_FACTOR = 0.75
@@ -45,9 +45,9 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
     >>> twn_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))  # 0.7 * 0.32833
     Array(0.22983333, dtype=float32)
   """
-  common.check_range("factor", factor, 0.0, low_open=True)
-  w = common.f32(weights)
-  return common.f32(factor) * common.reduce_mean(jnp.abs(w), per_filter)
+  ternary_ops.check_range("factor", factor, 0.0, low_open=True)
+  w = ternary_ops.f32(weights)
+  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter)
 
 
 def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
@@ -60,8 +60,8 @@ def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
     >>> twn_scale(w, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
     Array(0.6, dtype=float32)
   """
-  w = common.f32(weights)
-  return common.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter)
+  w = ternary_ops.f32(weights)
+  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter)
 
 
 def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
@@ -91,7 +91,7 @@ def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
   else:
     delta = twn_threshold(weights, FILTER_FACTOR if per_filter else LAYER_FACTOR,
                           per_filter=per_filter)
-  assignment = common.threshold_assign(weights, delta)
+  assignment = ternary_ops.threshold_assign(weights, delta)
   return assignment, twn_scale(weights, assignment, per_filter=per_filter)
 
 
@@ -109,7 +109,7 @@ def twn_optimal_threshold(weights) -> jax.Array:
     >>> twn_optimal_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     Array(0.3, dtype=float32)
   """
-  m = jnp.sort(jnp.abs(common.f32(weights)).ravel())[::-1]
+  m = jnp.sort(jnp.abs(ternary_ops.f32(weights)).ravel())[::-1]
   if m.size == 0:
     return jnp.zeros((), jnp.float32)
   k = jnp.arange(1, m.size + 1, dtype=jnp.float32)
@@ -156,8 +156,8 @@ _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 
 
 def _ternarize_leaf(latent, factor, per_filter):
-  delta = factor * common.reduce_mean(jnp.abs(latent), per_filter)
-  assignment = common.threshold_assign(latent, delta)
+  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter)
+  assignment = ternary_ops.threshold_assign(latent, delta)
   return assignment, twn_scale(latent, assignment, per_filter=per_filter)
 
 
@@ -173,7 +173,7 @@ def method(per_filter: bool = False) -> core.Method:
 
   def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
     check_mode(ctx, "twn")
-    latent = common.f32(param)
+    latent = ternary_ops.f32(param)
     return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
 
   def step_leaf(update, leaf: TWNLeaf, ctx, hyper: TWNHyper, phase) -> TWNLeaf:

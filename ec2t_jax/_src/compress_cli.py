@@ -1,0 +1,177 @@
+"""``python -m ec2t_jax.compress METHOD CHECKPOINT OUT``: post-training methods without code.
+
+Methods:
+
+* ``mcq``: Monte Carlo Quantization (:func:`ec2t_jax.mcq`) of the selected
+  kernels; needs only the weights.
+* ``prune``: post-training pruning with layer-wise calibration
+  (:func:`ec2t_jax.prune_calibrated`); needs the model (``--model``, one of
+  :data:`ec2t_jax.models.MODEL_NAMES`) to run forward passes, and calibration
+  inputs: ``fractals`` (data-free, :func:`ec2t_jax.fractal_images` of
+  ``--input-shape``, normalised by ``--normalize MEAN,STD``) or an ``.npy`` /
+  ``.npz`` file of already normalised inputs.
+
+Leaves are chosen as in training (the paper's rule: all kernels but the first
+and the last), or by ``--rule REGEX`` (repeatable; only the matching leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ec2t_jax._src import cli_support
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import sources
+from ec2t_jax._src.packing import DEFAULT_MAX_BYTES
+
+PROGRAM = "ec2t_jax.compress"
+METHODS = ("mcq", "prune")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=f"python -m {PROGRAM}",
+      description="Compress a trained checkpoint with a post-training method (no training) "
+                  "and write the packed .ec2t file.")
+  parser.add_argument("method", choices=METHODS, help="mcq or prune (calibrated pruning)")
+  parser.add_argument("checkpoint", help="orbax checkpoint directory, .npz or packed file")
+  parser.add_argument("output", help="packed .ec2t file to write")
+  parser.add_argument("--keys", default="params",
+                      help="checkpoint entries to read (default params; e.g. params,batch_stats)")
+  parser.add_argument("--rule", action="append", default=[], metavar="REGEX",
+                      help="compress only leaves whose path matches (repeatable); default: the "
+                           "paper's rule (all kernels but the first and the last)")
+  parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  mcq = parser.add_argument_group("mcq")
+  mcq.add_argument("--samples-per-weight", type=float, default=1.0,
+                   help="MCQ samples per weight K (default 1.0)")
+  mcq.add_argument("--per-neuron", action="store_true", help="MCQ: sample each output neuron")
+  prune = parser.add_argument_group("prune")
+  parser.add_argument("--model", help="model name (ec2t_jax.models.get_model); needed by prune, "
+                      "and lets mcq find the first and last layer in forward order")
+  parser.add_argument("--num-classes", type=int, default=10)
+  prune.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
+  prune.add_argument("--calibration", default="fractals",
+                     help="'fractals' (data-free) or an .npy/.npz file of normalised inputs")
+  prune.add_argument("--num-calibration", type=int, default=300,
+                     help="calibration inputs (default 300)")
+  parser.add_argument("--input-shape", type=_ints, default=(28, 28, 1),
+                      help="H,W,C of one input (default 28,28,1)")
+  prune.add_argument("--normalize", type=_floats, default=(0.0, 1.0), metavar="MEAN,STD",
+                     help="fractal pixels in [0,1] become (x - MEAN) / STD (default 0,1)")
+  prune.add_argument("--steps-per-level", type=int, default=30)
+  prune.add_argument("--weight-lr", type=float, default=1e-5)
+  prune.add_argument("--bias-lr", type=float, default=1e-4)
+  parser.add_argument("--max-bytes", type=cli_support.byte_size, default=DEFAULT_MAX_BYTES,
+                      help="largest input accepted (default 4G)")
+  parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+  return parser
+
+
+def _selection(rules: Sequence[str]):
+  if not rules:
+    return None
+  return selection_lib.Selection(tuple(selection_lib.Rule(r) for r in rules), default="none")
+
+
+def _calibration_inputs(args, jax):
+  if args.num_calibration < 1:
+    raise ValueError(f"--num-calibration must be positive, got {args.num_calibration}")
+  if args.calibration == "fractals":
+    from ec2t_jax._src.methods.fractals import fractal_images  # pylint: disable=g-import-not-at-top
+    if len(args.normalize) != 2 or args.normalize[1] == 0:
+      raise ValueError(f"--normalize must be MEAN,STD with STD != 0, got {args.normalize}")
+    images = fractal_images(args.num_calibration, args.input_shape,
+                            jax.random.key(args.seed))
+    return (images - args.normalize[0]) / args.normalize[1]
+  path = Path(args.calibration)
+  if not path.exists():
+    raise ValueError(f"--calibration: {path}: no such file (use 'fractals' or an .npy/.npz)")
+  loaded = np.load(path, allow_pickle=False)
+  if isinstance(loaded, np.lib.npyio.NpzFile):
+    with loaded:
+      if len(loaded.files) != 1:
+        raise ValueError(f"--calibration: {path} holds {len(loaded.files)} arrays; expected one")
+      loaded = loaded[loaded.files[0]]
+  return np.asarray(loaded)[:args.num_calibration]
+
+
+def _sparsity(tree) -> float:
+  leaves = [np.asarray(x) for x in sources.flat_arrays(tree).values()]
+  return float(sum((x == 0).sum() for x in leaves) / max(sum(x.size for x in leaves), 1))
+
+
+def compress(args) -> dict:
+  """Runs one method on the checkpoint and writes ``args.output``; returns the metadata."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src import exporting  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods import calibrated_pruning, common, mcq  # pylint: disable=g-import-not-at-top
+  keys = tuple(k for k in args.keys.split(",") if k)
+  loaded = sources.load_tree(args.checkpoint, keys=keys, max_bytes=args.max_bytes)
+  tree = loaded.tree
+  params = tree["params"] if len(keys) > 1 else tree
+  selection = _selection(args.rule)
+  meta = {"method": args.method, "source": str(loaded.path), "seed": args.seed}
+  apply_fn = None
+  if args.model:
+    from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+    model = models.get_model(args.model, args.num_classes)
+    extra = {k: v for k, v in tree.items() if k != "params"} if len(keys) > 1 else {}
+    apply_fn = lambda p, x: model.apply({"params": p, **extra}, x)
+    meta["model"] = args.model
+  if args.method == "mcq":
+    if apply_fn is not None:  # the paper's first/last rule in the model's forward order
+      example = np.zeros((1, *args.input_shape), np.float32)
+      selection = common.with_forward_order(selection, apply_fn, params, example)
+    params = mcq.mcq(params, args.samples_per_weight, key=jax.random.key(args.seed),
+                     per_neuron=args.per_neuron, selection=selection)
+    meta.update(samples_per_weight=args.samples_per_weight, per_neuron=args.per_neuron)
+  else:
+    if apply_fn is None:
+      raise ValueError("prune needs --model (the network to run forward passes of), e.g. "
+                       "--model lenet5")
+    inputs = _calibration_inputs(args, jax)
+    params = calibrated_pruning.prune_calibrated(
+        params, apply_fn, inputs, args.sparsity, selection=selection,
+        steps_per_level=args.steps_per_level, weight_learning_rate=args.weight_lr,
+        bias_learning_rate=args.bias_lr)
+    meta.update(sparsity=args.sparsity, calibration=args.calibration,
+                num_calibration=int(len(inputs)))
+  params = jax.tree.map(np.asarray, params)
+  out_tree = {**tree, "params": params} if len(keys) > 1 else params
+  info = exporting.save(args.output, out_tree, metadata=meta)
+  meta.update(bytes=info.total_bytes, zeros=_sparsity(params))
+  return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point; returns the exit status (2 on bad input)."""
+  args = _parser().parse_args(argv)
+  try:
+    meta = compress(args)
+  except cli_support.BAD_INPUT as e:
+    return cli_support.fail(PROGRAM, e)
+  if not args.quiet:
+    print(f"{args.output}: {meta['bytes']:,} bytes, {args.method}, "
+          f"{meta['zeros']:.1%} of all weights zero; settings: "
+          + json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "zeros")}))
+  return 0

@@ -1,0 +1,166 @@
+"""Incremental Network Quantization (Zhou et al., ICLR 2017): the pure functions.
+
+Each layer gets a power-of-two codebook from its largest magnitude
+``s = max|W|``::
+
+    n1 = floor(log2(4 s / 3))          n2 = n1 + 1 - 2^(b-1) / 2
+    P  = {0} U {+-2^n : n2 <= n <= n1}
+
+``b = 2`` gives ``{0, +-2^n1}`` (ternary), ``b = 5`` sixteen non-zero values.
+A weight is quantized to the nearest element of ``P`` (the paper's
+thresholds at the midpoints ``3 * 2^(n-2)`` between neighbouring powers, and
+``2^(n2-1)`` to zero, are exactly nearest-value rounding). The ``b - 1``
+non-zero bits hold sign and exponent; the zero takes the remaining code.
+
+Training freezes the largest-magnitude weights first, by accumulated
+portions (``0.5, 0.75, 0.875, 1.0`` for 5 bits); :func:`inq_frozen_mask`
+grows the frozen set to the next portion, choosing the largest of the still
+free weights.
+
+Example:
+  >>> w = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
+  >>> inq_quantize(w, bits=3)
+  Array([ 1. ,  0. ,  0.5, -0.5,  0. ,  0. ], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def check_bits(bits, name: str = "bits") -> int:
+  """Validates a bit width in ``[2, 8]`` (2 = ternary); returns it as ``int``."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}] "
+                     f"(2 = ternary), got {bits!r}")
+  return bits
+
+
+def check_portions(portions: Sequence[float], name: str = "portions") -> tuple[float, ...]:
+  """Validates accumulated portions: strictly increasing in ``(0, 1]``, ending at 1."""
+  try:
+    values = tuple(float(p) for p in portions)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a sequence of numbers, got {portions!r}") from None
+  if not values:
+    raise ValueError(f"{name} must not be empty")
+  if any(not 0.0 < p <= 1.0 for p in values):
+    raise ValueError(f"{name} must lie in (0, 1], got {portions!r}")
+  if any(b <= a for a, b in zip(values, values[1:])):
+    raise ValueError(f"{name} must be strictly increasing, got {portions!r}")
+  if values[-1] != 1.0:
+    raise ValueError(f"{name} must end at 1.0 (every weight quantized), got {portions!r}")
+  return values
+
+
+def num_magnitudes(bits: int) -> int:
+  """Number of non-zero magnitudes ``2^(b-1) / 2`` (at least 1)."""
+  return max(1, 2 ** (bits - 1) // 2)
+
+
+def floor_log2_four_thirds(magnitude: jax.Array) -> jax.Array:
+  """The exact ``n = floor(log2(4 m / 3))``: ``3 * 2^(n-2) <= m < 3 * 2^(n-1)``.
+
+  ``frexp`` of the rounded product gives a candidate; one comparison with
+  the exact thresholds (3 times a power of two) corrects it by one either way.
+  """
+  magnitude = jnp.asarray(magnitude)
+  _, e = jnp.frexp(magnitude * (4.0 / 3.0))  # = f 2^e with f in [0.5, 1)
+  n = e.astype(jnp.int32) - 1
+  three = jnp.asarray(3.0, magnitude.dtype)
+  n = jnp.where(magnitude >= jnp.ldexp(three, n - 1), n + 1, n)
+  return jnp.where(magnitude < jnp.ldexp(three, n - 2), n - 1, n)
+
+
+def inq_exponents(max_abs: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+  """``(n1, n2)`` of the codebook for a layer whose largest magnitude is ``max_abs``.
+
+  Args:
+    max_abs: ``max|W|`` (positive scalar).
+    bits: bit width ``b >= 2``.
+
+  Returns:
+    ``(n1, n2)`` as int32 scalars, ``n1 = floor(log2(4 max_abs / 3))`` exactly.
+  """
+  n1 = floor_log2_four_thirds(jnp.asarray(max_abs, jnp.float32))
+  return n1, n1 + 1 - num_magnitudes(bits)
+
+
+def inq_codebook(max_abs: jax.Array, bits: int, dtype=jnp.float32) -> jax.Array:
+  """The sorted codebook ``{-2^n1, ..., -2^n2, 0, 2^n2, ..., 2^n1}``.
+
+  Example:
+    >>> inq_codebook(0.9, bits=3)
+    Array([-1. , -0.5,  0. ,  0.5,  1. ], dtype=float32)
+  """
+  n1, _ = inq_exponents(max_abs, bits)
+  powers = jnp.ldexp(jnp.ones((), dtype), n1 - jnp.arange(num_magnitudes(bits))[::-1])
+  return jnp.concatenate([-powers[::-1], jnp.zeros((1,), dtype), powers])
+
+
+def nearest_power_of_two(weights: jax.Array, n1: jax.Array, n2: jax.Array) -> jax.Array:
+  """Rounds each weight to the nearest of ``{0, +-2^n : n2 <= n <= n1}``.
+
+  Ties go to the larger magnitude (the paper's ``<=`` on the lower
+  threshold). Exact: the thresholds ``3 * 2^(n-2)`` and ``2^(n2-1)`` are
+  compared in floating point without rounding.
+  """
+  magnitude = jnp.abs(weights)
+  n = jnp.clip(floor_log2_four_thirds(magnitude), n2, n1)
+  one = jnp.ones((), weights.dtype)
+  signed = jnp.where(weights < 0, -jnp.ldexp(one, n), jnp.ldexp(one, n))
+  # +0.0 (never -0.0) for zeros: the exported ternary leaf has one zero pattern.
+  return jnp.where(magnitude < jnp.ldexp(one, n2 - 1), 0.0, signed).astype(weights.dtype)
+
+
+def inq_quantize(weights: jax.Array, bits: int) -> jax.Array:
+  """Quantizes a layer to its INQ codebook (nearest value).
+
+  Args:
+    weights: the layer's weights (any shape, floating).
+    bits: bit width in ``[2, 8]``.
+
+  Returns:
+    An array of the same shape and dtype on the codebook.
+
+  Example:
+    >>> w = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
+    >>> inq_quantize(w, bits=2)
+    Array([ 1.,  0.,  0., -1.,  0.,  0.], dtype=float32)
+  """
+  check_bits(bits)
+  n1, n2 = inq_exponents(jnp.max(jnp.abs(weights)), bits)
+  return nearest_power_of_two(weights, n1, n2)
+
+
+def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array:
+  """Grows the frozen set to ``round(portion * n)`` weights, largest ``|w|`` first.
+
+  Weights already frozen stay frozen; the new ones are the largest
+  magnitudes among the free weights (ties: lower flat index first).
+
+  Args:
+    weights: the layer's current (latent) weights.
+    frozen: boolean mask of the weights frozen so far.
+    portion: accumulated portion in ``[0, 1]`` (may be traced).
+
+  Returns:
+    A boolean mask with ``max(round(portion * n), count(frozen))`` entries set.
+
+  Example:
+    >>> inq_frozen_mask(jnp.array([0.1, -0.9, 0.5, 0.2]),
+    ...                 jnp.array([False, False, False, True]), 0.5)
+    Array([False,  True, False,  True], dtype=bool)
+  """
+  n = weights.size
+  target = jnp.round(jnp.asarray(portion, jnp.float32) * n).astype(jnp.int32)
+  score = jnp.where(frozen.reshape(-1), jnp.inf, jnp.abs(weights.reshape(-1)).astype(jnp.float32))
+  order = jnp.argsort(-score, stable=True)
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  return ((rank < target) | frozen.reshape(-1)).reshape(weights.shape)

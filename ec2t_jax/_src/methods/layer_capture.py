@@ -1,0 +1,156 @@
+"""Each weight layer's input, captured from forward passes of any JAX model.
+
+``apply_fn(params, x)`` is traced once with :func:`jax.make_jaxpr` and the
+jaxpr is evaluated by a small interpreter that follows every parameter leaf
+to the ``dot_general`` / ``conv_general_dilated`` that consumes it (through
+dtype conversions, reshapes, transposes and nested ``jit``\\ s). At that
+equation it records the other operand (the layer's input on this model) and
+enough to replay the layer alone: the primitive, its parameters, and the ops
+applied to the leaf on the way. Because it works on the traced program, the
+same code serves Flax Linen (``model.apply``), NNX (``nnx.merge`` of a
+state) and plain functions; only forward passes of the user's model run.
+
+A leaf used by several layers is captured at its first use.
+
+Example:
+  >>> calls = capture_layer_inputs(apply_fn, params, x, [2])  # doctest: +SKIP
+  >>> y = calls[2].output(calls[2].inputs, kernel)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+
+_LAYER_PRIMITIVES = ("dot_general", "conv_general_dilated")
+# Single-operand ops a kernel may pass through before its layer.
+_KERNEL_OPS = ("convert_element_type", "copy", "copy_p", "reshape", "transpose",
+               "squeeze", "expand_dims", "reduce_precision")
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+class LayerCall(NamedTuple):
+  """How one kernel leaf is used, and the layer's input.
+
+  Attributes:
+    leaf_index: index of the kernel in ``jax.tree.leaves(params)``.
+    primitive: the layer's primitive (``dot_general`` or ``conv_general_dilated``).
+    params: its bind parameters.
+    kernel_position: which operand (0 or 1) is the kernel.
+    kernel_ops: ``(primitive, params)`` applied to the leaf before the layer.
+    inputs: the other operand (the layer's input), one array per batch.
+  """
+  leaf_index: int
+  primitive: Any
+  params: dict
+  kernel_position: int
+  kernel_ops: tuple
+  inputs: tuple
+
+  def output(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The layer's output (without bias) for input ``x`` and ``kernel``."""
+    for primitive, params in self.kernel_ops:
+      kernel = _bind(primitive, params, [kernel])[0]
+    operands = [x, kernel] if self.kernel_position == 1 else [kernel, x]
+    return _bind(self.primitive, self.params, operands)[0]
+
+
+def _bind(primitive, params, values):
+  out = primitive.bind(*values, **primitive.get_bind_params(params))
+  return out if primitive.multiple_results else [out]
+
+
+def _is_literal(var) -> bool:
+  return type(var).__name__ == "Literal"
+
+
+def _sub_jaxpr(eqn):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    value = eqn.params.get(key)
+    if value is None:
+      continue
+    if hasattr(value, "consts") and hasattr(value, "jaxpr"):
+      return value.jaxpr, value.consts
+    if hasattr(value, "eqns"):
+      return value, ()
+  return None
+
+
+def _run(jaxpr, consts, args, provenance_in, wanted, found):
+  env, provenance = {}, {}
+  for var, value in zip(jaxpr.constvars, consts):
+    env[var] = value
+  for var, value, prov in zip(jaxpr.invars, args, provenance_in):
+    env[var] = value
+    if prov is not None:
+      provenance[var] = prov
+  read = lambda v: v.val if _is_literal(v) else env[v]
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    prov = [None if _is_literal(v) else provenance.get(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    sub = _sub_jaxpr(eqn) if name in _CALLS and any(prov) else None
+    if sub is not None and len(sub[0].invars) == len(ins):
+      outs, out_prov = _run(sub[0], sub[1], ins, prov, wanted, found)
+      for var, value, p in zip(eqn.outvars, outs, out_prov):
+        env[var] = value
+        if p is not None:
+          provenance[var] = p
+      continue
+    outs = _bind(eqn.primitive, eqn.params, ins)
+    for var, value in zip(eqn.outvars, outs):
+      env[var] = value
+    if name in _LAYER_PRIMITIVES and len(ins) == 2:
+      for position in (0, 1):
+        p = prov[position]
+        if p is not None and prov[1 - position] is None:
+          leaf, ops = p
+          if leaf in wanted and leaf not in found:
+            found[leaf] = (eqn.primitive, dict(eqn.params), position, ops, ins[1 - position])
+    elif name in _KERNEL_OPS and len(ins) == 1 and prov[0] is not None:
+      leaf, ops = prov[0]
+      provenance[eqn.outvars[0]] = (leaf, ops + ((eqn.primitive, dict(eqn.params)),))
+  outs = [read(v) for v in jaxpr.outvars]
+  out_prov = [None if _is_literal(v) else provenance.get(v) for v in jaxpr.outvars]
+  return outs, out_prov
+
+
+def capture_layer_inputs(apply_fn: Callable, params, batches: Sequence[jax.Array],
+                         leaf_indices: Sequence[int]) -> tuple[dict[int, LayerCall], list]:
+  """Runs ``apply_fn(params, x)`` on each batch, recording the wanted layers' inputs.
+
+  Args:
+    apply_fn: ``(params, x) -> outputs``, any JAX-traceable function.
+    params: the parameter tree.
+    batches: input batches (same shape each, so one trace serves all).
+    leaf_indices: indices in ``jax.tree.leaves(params)`` of the kernels.
+
+  Returns:
+    ``({leaf_index: LayerCall}, outputs)`` where ``outputs`` holds the model's
+    flattened outputs per batch. Leaves not consumed by a dot/conv are absent.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  wanted = set(leaf_indices)
+  closed = {}
+  per_batch = []
+  outputs = []
+  for x in batches:
+    key = (x.shape, str(x.dtype))
+    if key not in closed:
+      closed[key] = jax.make_jaxpr(
+          lambda flat, x: apply_fn(treedef.unflatten(flat), x))(leaves, x)
+    jaxpr = closed[key]
+    args = list(leaves) + jax.tree.leaves(x)
+    prov = [(i, ()) for i in range(len(leaves))] + [None] * (len(args) - len(leaves))
+    found = {}
+    outs, _ = _run(jaxpr.jaxpr, jaxpr.consts, args, prov, wanted, found)
+    per_batch.append(found)
+    outputs.append(outs)
+  calls = {}
+  for leaf in per_batch[0]:
+    primitive, params_, position, ops, _ = per_batch[0][leaf]
+    inputs = tuple(found[leaf][4] for found in per_batch)
+    calls[leaf] = LayerCall(leaf, primitive, params_, position, ops, inputs)
+  return calls, outputs

@@ -1,0 +1,251 @@
+"""Building the size / sparsity / operation / energy report of a model (data and text).
+
+Public through :mod:`ec2t_jax.report`; the counting rules are in
+:mod:`ec2t_jax._src.accounting`, feature-map sizes in :mod:`ec2t_jax._src.geometry`.
+
+A layer whose weights hold NaN or infinity is flagged (``"nonfinite"`` count in
+its entry, a ``warnings`` line in the report and ``NONFINITE`` in the text
+table): such a layer is never counted as ternary, and the flag says why.
+
+Example:
+  >>> r = build_report("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
+  >>> round(r["sparsity"], 3), round(r["scoring_params"]), round(r["flops"] / 1e6, 1)
+  (0.639, 11810, 8.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from ec2t_jax._src import accounting
+from ec2t_jax._src import packing
+from ec2t_jax._src import sources
+from ec2t_jax._src import ternary
+from ec2t_jax._src.accounting import PAPER_RULES, CountingRules
+from ec2t_jax._src.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
+
+GeometryLike = Union[None, str, Path, Sequence[LayerGeometry]]
+
+
+def _leaf_geometry(path: str, array: np.ndarray) -> LayerGeometry:
+  """Stand-in geometry for a weight leaf when the architecture is unknown."""
+  return LayerGeometry(path, "leaf", 0, array.shape[0] if array.ndim else 1, (1, 1), (0, 0),
+                       in_axis=-1, out_axis=-1, bias=False, activation=None)
+
+
+def _resolve_geometry(geometry: GeometryLike, flat, image_size: int):
+  if geometry is None or (isinstance(geometry, str) and geometry == "none"):
+    return None, None
+  if isinstance(geometry, str) and geometry == "auto":
+    layers = cifar_resnet_geometry({k: v.shape for k, v in flat.items()}, image_size=image_size)
+    return layers, (f"CIFAR ResNet, built-in description ({image_size}x{image_size} input)"
+                    if layers else None)
+  if isinstance(geometry, (str, Path)):
+    return load_geometry(geometry), f"geometry file {geometry}"
+  return list(geometry), f"given geometry ({len(geometry)} layers)"
+
+
+def _count_nonfinite(array: np.ndarray) -> int:
+  if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
+    return 0
+  return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False)
+                                                       if array.dtype.name == "bfloat16"
+                                                       else array)))
+
+
+def _round(x, digits=6):
+  return None if x is None else float(round(float(x), digits))
+
+
+def build_report(source, *, geometry: GeometryLike = "auto",
+                 rules: CountingRules = PAPER_RULES, image_size: int = 32,
+                 keys: Sequence[str] = ("params",), float16: bool = False,
+                 max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict:
+  """Builds the report of a packed file, a checkpoint, an ``.npz`` or a tree.
+
+  Args:
+    source: path (packed file, ``.npz``, orbax checkpoint directory) or a tree.
+    geometry: ``"auto"`` (recognise CIFAR ResNets), ``None``/``"none"``, a
+      JSON file from :func:`save_geometry` or a list of :class:`LayerGeometry`.
+    rules: counting rules (default: the paper's).
+    image_size: input resolution for the built-in ResNet description.
+    keys: checkpoint entries to read.
+    float16: for non-packed sources, measure the packed size with float16
+      non-ternary leaves.
+    max_bytes: largest input file / decoded size accepted (default 4 GiB).
+
+  Returns:
+    A JSON-able dict; top-level keys include ``sparsity``, ``scoring_params``,
+    ``flops``, ``bytes``, ``layers`` and ``warnings`` (one line per layer
+    with non-finite weights; its entry's ``nonfinite`` counts them).
+  """
+  if isinstance(source, (str, Path)):
+    loaded = sources.load_tree(source, keys=keys, max_bytes=max_bytes)
+    tree, kind, name, info = loaded.tree, loaded.kind, loaded.path, loaded.info
+  else:
+    tree, kind, name, info = source, "tree", "<tree>", None
+  flat = sources.flat_arrays(tree)
+  measured = "file"
+  if info is None:
+    info = packing.read_info(packing.pack(tree, float16=float16))
+    measured = "in-memory pack"
+  records = {r.path: r for r in info.records}
+  layers_geo, architecture = _resolve_geometry(geometry, flat, image_size)
+  notes = []
+  if layers_geo is None:
+    notes.append("no architecture: storage counted per leaf without dead channels; "
+                 "op counts omitted (pass a geometry, see trace_geometry)")
+    geo = [_leaf_geometry(p, a) for p, a in flat.items()
+           if a.ndim >= 2 and not accounting.is_statistic(p)]
+  else:
+    geo = layers_geo
+  scores = accounting.score_layers(flat, geo, rules)
+  covered = accounting.covered_leaves(geo, flat)
+  other = [p for p in flat if p not in covered and not accounting.is_statistic(p)]
+  other_numel = sum(flat[p].size for p in other)
+  scoring = sum(s.scoring_params for s in scores) + other_numel * rules.value_bits / 32
+  if other and layers_geo is not None:
+    notes.append(f"{len(other)} leaves outside the geometry counted at {rules.value_bits} "
+                 f"bits each: {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+
+  layers = []
+  warnings = []
+  ternary_entropy_bytes = ternary_payload = ternary_paper = ternary_bitmask = 0.0
+  ternary_zeros = ternary_numel = 0
+  for score in scores:
+    w = flat[score.path]
+    record = records.get(score.path)
+    parts = packing.ternary_parts(w)
+    entropy = float(ternary.ternary_entropy(parts.assignment)) if parts is not None else None
+    zeros = int(w.size - np.count_nonzero(w))
+    nonfinite = _count_nonfinite(w)
+    if nonfinite:
+      warnings.append(f"layer {score.path} has {nonfinite:,} non-finite weights (NaN or inf) of "
+                      f"{w.size:,}: not counted as ternary; its sizes and op counts are not "
+                      "meaningful")
+    entry = {
+        "path": score.path, "shape": list(w.shape), "numel": int(w.size),
+        "ternary": parts is not None, "nonfinite": nonfinite,
+        "sparsity": zeros / max(w.size, 1),
+        "w_n": parts.w_n if parts is not None else None,
+        "w_p": parts.w_p if parts is not None else None,
+        "entropy_bits": entropy,
+        "bits_per_weight": record.bits_per_weight if record else None,
+        "bytes": record.nbytes if record else None,
+        "codec": record.codec if record else None,
+        "format": score.format, "scoring_params": score.scoring_params,
+        "dead_out_channels": len(score.dead_out), "dead_in_channels": len(score.dead_in),
+    }
+    if layers_geo is not None:
+      entry.update(out_hw=list(next(g.out_hw for g in geo if g.path == score.path)),
+                   mults=score.ops_live.mults, adds=score.ops_live.adds,
+                   mults_with_dead=score.ops_dead.mults, adds_with_dead=score.ops_dead.adds)
+    layers.append(entry)
+    if parts is not None:
+      ternary_zeros += zeros
+      ternary_numel += w.size
+      ternary_entropy_bytes += w.size * entropy / 8
+      ternary_payload += record.nbytes if record else 0
+      ternary_paper += score.formats[score.format] * 4
+      ternary_bitmask += (w.size + 7) // 8 + (w.size - zeros + 7) // 8 + 3 * w.dtype.itemsize
+
+  zeros, total = accounting.paper_sparsity(flat)
+  float32_bytes = sum(4 * a.size for a in flat.values())
+  report: dict[str, Any] = {
+      "source": name, "kind": kind, "architecture": architecture,
+      "rules": dataclasses.asdict(rules),
+      "sparsity": zeros / total if total else 0.0,
+      "sparsity_detail": {"zeros": zeros, "parameters": total,
+                          "ternary_zeros": ternary_zeros, "ternary_weights": ternary_numel},
+      "params": total,
+      "scoring_params": scoring,
+      "scoring_params_basis": "geometry" if layers_geo is not None else "per leaf",
+      "flops": None, "flops_detail": None, "ops": None, "energy_uj": None,
+      "bytes": {
+          "file": info.total_bytes, "measured": measured,
+          "header": info.total_bytes - info.payload_bytes, "payload": info.payload_bytes,
+          "float32": float32_bytes, "paper_rule": scoring * 4,
+          "ternary": {"payload": ternary_payload, "entropy_bound": ternary_entropy_bytes,
+                      "paper_rule": ternary_paper, "bitmask": ternary_bitmask},
+      },
+      "layers": layers,
+      "other_leaves": {"count": len(other), "numel": int(other_numel)},
+      "notes": notes,
+      "warnings": warnings,
+  }
+  if layers_geo is not None:
+    live = accounting.OpCount(sum(s.ops_live.mults for s in scores),
+                              sum(s.ops_live.adds for s in scores))
+    dead = accounting.OpCount(sum(s.ops_dead.mults for s in scores),
+                              sum(s.ops_dead.adds for s in scores))
+    dense = accounting.OpCount(sum(s.ops_dense.mults for s in scores),
+                               sum(s.ops_dense.adds for s in scores))
+    mults = sum(s.flop_mults for s in scores)
+    adds = sum(s.flop_adds for s in scores)
+    report.update(
+        flops=mults + adds, flops_detail={"mults": mults, "adds": adds},
+        ops={"with_dead_channels": dead._asdict(), "without_dead_channels": live._asdict(),
+             "dense_float": dense._asdict()},
+        energy_uj={"ternary_fp16": live.energy_pj("fp16") / 1e6,
+                   "ternary_fp32": live.energy_pj("fp32") / 1e6,
+                   "dense_fp32": dense.energy_pj("fp32") / 1e6})
+  return report
+
+
+def _fmt(x, spec):
+  width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+  return f"{'-':>{width}}" if x is None else format(x, spec)
+
+
+def format_report(report: dict) -> str:
+  """Renders :func:`build_report`'s dict as a readable table."""
+  lines = [f"{report['source']} ({report['kind']})",
+           f"architecture: {report['architecture'] or 'unknown'}", ""]
+  header = (f"{'layer':<28} {'shape':<16} {'sparsity':>8} {'w_n':>8} {'w_p':>8} "
+            f"{'H0':>6} {'bits/w':>6} {'bytes':>7} {'codec':>5} {'dead':>5}")
+  lines += [header, "-" * len(header)]
+  for layer in report["layers"]:
+    lines.append(
+        f"{layer['path'][-28:]:<28} {'x'.join(map(str, layer['shape'])):<16} "
+        f"{layer['sparsity']:>8.1%} {_fmt(layer['w_n'], '8.4f')} {_fmt(layer['w_p'], '8.4f')} "
+        f"{_fmt(layer['entropy_bits'], '6.3f')} {_fmt(layer['bits_per_weight'], '6.3f')} "
+        f"{_fmt(layer['bytes'], '7d')} {layer['codec'] or '-':>5} {layer['dead_out_channels']:>5}"
+        + ("  NONFINITE" if layer.get("nonfinite") else ""))
+  b = report["bytes"]
+  t = b["ternary"]
+  lines += [
+      "",
+      f"sparsity (zeros / all {report['params']:,} parameters, as the paper counts): "
+      f"{report['sparsity']:.2%}",
+      f"bytes ({b['measured']}): {b['file']:,}  (header {b['header']:,}, payload {b['payload']:,})",
+      f"  float32: {b['float32']:,} B ({b['float32'] / max(b['file'], 1):.1f}x the file)",
+      f"  paper's storage rule: {report['scoring_params']:,.1f} scoring params x 4 B = "
+      f"{b['paper_rule']:,.0f} B (the file is {b['file'] / max(b['paper_rule'], 1):.2f}x that; "
+      f"the rule folds batch norm into 16-bit biases and counts other values at 16 bits)",
+      f"  ternary layers: {t['payload']:,.0f} B packed, {t['entropy_bound']:,.0f} B = numel x H0, "
+      f"{t['bitmask']:,.0f} B as two bitmasks, {t['paper_rule']:,.0f} B by the paper's best format",
+  ]
+  if report["flops"] is not None:
+    ops = report["ops"]
+    lines += [
+        f"MicroNet FLOPs: {report['flops'] / 1e6:.2f}M "
+        f"(mults {report['flops_detail']['mults'] / 1e6:.2f}M, "
+        f"adds {report['flops_detail']['adds'] / 1e6:.2f}M)",
+        f"ops (paper's formulas): {ops['with_dead_channels']['mults'] / 1e6:.3f}M mults + "
+        f"{ops['with_dead_channels']['adds'] / 1e6:.3f}M adds with dead channels; "
+        f"{ops['without_dead_channels']['mults'] / 1e6:.3f}M + "
+        f"{ops['without_dead_channels']['adds'] / 1e6:.3f}M without; dense float "
+        f"{ops['dense_float']['mults'] / 1e6:.2f}M + {ops['dense_float']['adds'] / 1e6:.2f}M",
+        f"energy per inference (45 nm): {report['energy_uj']['ternary_fp16']:.2f} uJ (FP16), "
+        f"{report['energy_uj']['ternary_fp32']:.2f} uJ (FP32) vs dense FP32 "
+        f"{report['energy_uj']['dense_fp32']:.2f} uJ",
+    ]
+  lines += [f"note: {n}" for n in report["notes"]]
+  lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+  return "\n".join(lines)
+
+

@@ -1,0 +1,5 @@
+"""``python -m ec2t_jax.compress``: see :mod:`ec2t_jax._src.compress_cli`."""
+
+from ec2t_jax._src.compress_cli import main
+
+raise SystemExit(main())
