@@ -158,7 +158,7 @@ def accuracy_sparsity_front(points: Sequence[FrontPoint], *, reference: Optional
   sparsity (the Pareto front over all methods) are ringed.
 
   Args:
-    points: :class:`FrontPoint`\ s (accuracy and sparsity as fractions).
+    points: the models, as :class:`FrontPoint` (accuracy and sparsity as fractions).
     reference: full-precision accuracy, drawn as a dashed line.
     title: axes title.
 

@@ -222,7 +222,9 @@ class _Mlp(nnx.Module):
 @pytest.mark.parametrize("make_tx", [ec2t.ttq, ec2t.sttn], ids=["ttq", "sttn"])
 def test_nnx_optimizer_keeps_the_model_on_the_grid(make_tx):
   model = _Mlp(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), make_tx()), wrt=nnx.Param)
+  order = ec2t.Selection(order=("fc1/kernel", "fc2/kernel", "fc3/kernel"))  # forward order
+  optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), make_tx(selection=order)),
+                            wrt=nnx.Param)
   nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
 
   @nnx.jit

@@ -74,7 +74,7 @@ class RegularizerVariantsTest(chex.TestCase):
 
 @pytest.mark.parametrize("name", ["l2", "strength"])
 def test_negative_weights_are_rejected_by_name(name):
-  with pytest.raises(ValueError, match=rf"{name} must be a finite number in \[0, inf\), got -0.1"):
+  with pytest.raises(ValueError, match=rf"{name} must be in \[0, inf\) \(finite\), got -0.1"):
     ec2t.sparsity_regularizer(**{name: -0.1})
 
 

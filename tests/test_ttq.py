@@ -84,7 +84,7 @@ class TTQVariantsTest(chex.TestCase):
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_threshold_outside_unit_interval_is_rejected_by_name(value):
-  with pytest.raises(ValueError, match=r"threshold must be a finite number in \[0, 1\], got"):
+  with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\] \(finite\), got"):
     ec2t.ttq_threshold(W, value)
 
 
