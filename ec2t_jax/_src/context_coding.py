@@ -197,6 +197,7 @@ class _Model:
     return self.table.take(ctx, axis=0)
 
   def update(self, ctx: np.ndarray, symbols: np.ndarray) -> None:
+    """Counts ``symbols`` in their contexts."""
     joint = ctx * self.k + symbols
     added = np.bincount(joint, minlength=self.contexts * self.k).reshape(self.contexts, self.k)
     self.counts += added
@@ -320,7 +321,7 @@ def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
       row = grid[g]
       for start, stop in model.batches(g):
         c = ctx[start:stop]
-        sym = np.asarray(decoder.decode(family, model.probabilities(c)), np.int64)
+        sym = decoder.decode(family, model.probabilities(c))
         row[start:stop] = sym
         model.update(c, sym)
       model.finish_group(row)
