@@ -45,7 +45,7 @@ class ExportResult(NamedTuple):
   def summary(self, out_path) -> str:
     records = self.info.records
     ternary = sum(r.codec in packing.TERNARY_CODECS for r in records)
-    coded = sum(r.codec in ("te", "se") for r in records)
+    coded = sum(r.codec in packing.RANGE_CODED for r in records)
     ratio = self.float32_bytes / max(self.info.total_bytes, 1)
     return (f"{out_path}: {self.info.total_bytes:,} bytes from {self.source_path} "
             f"({self.source_kind}, {len(records)} leaves, {self.float32_bytes:,} bytes as float32: "
