@@ -319,7 +319,11 @@ count = 4 * t.MiB
 valid = t.one_leaf({"c": "te", "d": "float32", "s": [count]},
                    t.TERNARY_VALUES + entropy_coding.encode_symbols(np.ones(count, np.int8), 3, order0),
                    version=1)
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+except OSError:
+    pass  # the high-water figures then include the imports; the cap below still holds
 size, rss = status("VmSize"), status("VmRSS")
 resource.setrlimit(resource.RLIMIT_AS, (size + t.CAP, size + t.CAP))
 for data in hostile:
