@@ -39,6 +39,7 @@ def test_mcq_writes_what_the_api_computes_bitwise(checkpoint, tmp_path, capsys):
   assert report_cli.main([str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_prune_with_fractals_reaches_the_sparsity(checkpoint, tmp_path):
   path, params = checkpoint
   out = tmp_path / "pruned.ec2t"
