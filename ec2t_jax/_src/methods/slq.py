@@ -1,0 +1,110 @@
+"""Single- and multiple-level quantization (Xu et al., AAAI 2018): the pure functions.
+
+**The library's interpretation** (the paper's exact details were not verified):
+
+* A layer's weights are clustered by 1-D k-means (:func:`ec2t_jax.kmeans_1d`)
+  into ``k = 2^b - 1`` clusters (``b`` bits; 3 for ternary), once, when
+  quantization starts (:func:`slq_levels`).
+* Centroids are quantized to low precision: the centroid nearest zero becomes
+  exactly 0 (the pruned cluster), every other one the nearest signed power of
+  two (``3 * 2^(n-2) <= |c| < 3 * 2^(n-1)`` gives ``2^n``, as in INQ). These
+  ``k`` levels stay the layer's values, so it needs ``b`` bits per weight.
+* At each stage the free weights join their nearest level's cluster; a
+  cluster's *quantization loss* is the mean of ``(w - level)^2`` over its
+  free members. Clusters are frozen in ascending loss, whole clusters at a
+  time, until the frozen fraction of the layer reaches the stage's portion;
+  frozen weights take their level and stop training, the rest retrain (masked
+  updates) and are re-assigned at the next stage. The last portion is 1, so
+  every weight ends on one of the ``k`` levels.
+* **MLQ** (ternary, ``b = 2``) adds the depth level: layers are quantized
+  one after another in forward order, each one stage behind the previous one,
+  so the later layers, still full precision, compensate.
+
+Example:
+  >>> quantize_centroids(jnp.array([-0.3, 0.01, 0.2]))
+  Array([-0.25,  0.  ,  0.25], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src.methods import clustering
+from ec2t_jax._src.methods import inq
+
+
+def num_clusters(bits: int) -> int:
+  """``2^b - 1`` clusters for ``b`` bits (3 for ternary)."""
+  return 2 ** bits - 1
+
+
+def nearest_power_of_two_signed(values: jax.Array) -> jax.Array:
+  """``sign(x) 2^n`` with ``n = floor(log2(4 |x| / 3))`` (nearest power of two; 0 stays 0)."""
+  values = jnp.asarray(values, jnp.float32)
+  n = inq.floor_log2_four_thirds(jnp.abs(values))
+  power = jnp.ldexp(jnp.ones_like(values), n)
+  return jnp.where(values == 0, 0.0, jnp.where(values < 0, -power, power))
+
+
+def quantize_centroids(centroids: jax.Array) -> jax.Array:
+  """The centroid nearest zero becomes 0, the others their nearest signed power of two."""
+  centroids = jnp.asarray(centroids, jnp.float32)
+  zero = jnp.argmin(jnp.abs(centroids))
+  return jnp.where(jnp.arange(centroids.shape[0]) == zero, 0.0,
+                   nearest_power_of_two_signed(centroids))
+
+
+class ClusterFreeze(NamedTuple):
+  """One stage's decision: the new frozen mask and the frozen weights' values."""
+  frozen: jax.Array
+  values: jax.Array
+  losses: jax.Array
+
+
+def slq_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
+  """The layer's ``k`` quantized levels: k-means centroids through :func:`quantize_centroids`.
+
+  Returns:
+    float32 ``(k,)``, ascending (equal neighbours possible after rounding).
+  """
+  return jnp.sort(quantize_centroids(clustering.kmeans_1d(weights, k, iterations).centroids))
+
+
+def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, portion,
+                    levels: jax.Array) -> ClusterFreeze:
+  """Grows the frozen set to at least ``portion`` of the layer, by whole clusters.
+
+  Args:
+    weights: the layer's latent weights.
+    frozen: boolean mask of weights already frozen (they keep ``values``).
+    values: the frozen weights' quantized values (ignored where not frozen).
+    portion: accumulated portion in ``[0, 1]`` to reach (may be traced).
+    levels: the layer's quantized levels, shape ``(k,)``.
+
+  Returns:
+    A :class:`ClusterFreeze`: the free weights' clusters (nearest level) are
+    frozen in ascending mean quantization loss while the frozen count is
+    below ``round(portion * n)``; with ``portion = 1`` every weight ends frozen.
+  """
+  k = levels.shape[0]
+  n = weights.size
+  free = ~frozen
+  assignment = clustering.nearest_centroid(weights, levels).reshape(-1)
+  flat = weights.reshape(-1).astype(jnp.float32)
+  free_flat = free.reshape(-1).astype(jnp.float32)
+  error = (flat - levels[assignment]) ** 2 * free_flat
+  sums = jax.ops.segment_sum(error, assignment, num_segments=k)
+  counts = jax.ops.segment_sum(free_flat, assignment, num_segments=k)
+  losses = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.inf)
+  order = jnp.argsort(losses, stable=True)
+  # Frozen count before taking the i-th cluster of the order; take it while below target.
+  before = jnp.sum(frozen) + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(counts[order])[:-1]])
+  target = jnp.round(jnp.asarray(portion, jnp.float32) * n)
+  take_sorted = (before < target) & (counts[order] > 0)
+  take = jnp.zeros((k,), bool).at[order].set(take_sorted)
+  newly = take[assignment].reshape(weights.shape) & free
+  new_values = jnp.where(newly, levels[assignment].reshape(weights.shape), values)
+  return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses)
