@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +164,55 @@ def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array
   order = jnp.argsort(-score, stable=True)
   rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   return ((rank < target) | frozen.reshape(-1)).reshape(weights.shape)
+
+
+# ----------------------------------------------------------- one leaf's state
+
+
+class InqLeaf(NamedTuple):
+  """One layer under INQ.
+
+  Attributes:
+    latent: float32 full-precision weights (the free ones retrain).
+    frozen: bool mask of the quantized, frozen weights.
+    values: the frozen weights' codebook values (0 where free).
+    n1: int32 top exponent of the layer's codebook, fixed when the layer was
+      first quantized (from the pretrained ``max|W|``).
+    stage: int32 index of the portion applied so far.
+  """
+  latent: jax.Array
+  frozen: jax.Array
+  values: jax.Array
+  n1: jax.Array
+  stage: jax.Array
+
+
+def inq_init_leaf(param: jax.Array, bits: int, first_portion) -> InqLeaf:
+  """Quantizes and freezes the first portion of a pretrained layer."""
+  latent = jnp.asarray(param, jnp.float32)
+  n1, n2 = inq_exponents(jnp.max(jnp.abs(latent)), bits)
+  frozen = inq_frozen_mask(latent, jnp.zeros(latent.shape, bool), first_portion)
+  values = jnp.where(frozen, nearest_power_of_two(latent, n1, n2), 0.0)
+  return InqLeaf(latent, frozen, values, n1, jnp.zeros((), jnp.int32))
+
+
+def inq_advance(leaf: InqLeaf, stage, portions: jax.Array, bits: int) -> InqLeaf:
+  """Moves ``leaf`` to ``stage`` (no-op unless it is later): freezes up to ``portions[stage]``."""
+  stage = jnp.clip(jnp.asarray(stage, jnp.int32), 0, portions.shape[0] - 1)
+  later = stage > leaf.stage
+  frozen = inq_frozen_mask(leaf.latent, leaf.frozen, portions[stage])
+  frozen = jnp.where(later, frozen, leaf.frozen)
+  n2 = leaf.n1 + 1 - num_magnitudes(bits)
+  newly = frozen & ~leaf.frozen
+  values = jnp.where(newly, nearest_power_of_two(leaf.latent, leaf.n1, n2), leaf.values)
+  return leaf._replace(frozen=frozen, values=values, stage=jnp.maximum(stage, leaf.stage))
+
+
+def inq_step_leaf(update: jax.Array, leaf: InqLeaf) -> InqLeaf:
+  """Masked retraining: the free latent weights move by ``update``, frozen ones do not."""
+  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
+
+
+def inq_leaf_value(leaf: InqLeaf, dtype) -> jax.Array:
+  """What the params hold: codebook values where frozen, latent weights elsewhere."""
+  return jnp.where(leaf.frozen, leaf.values, leaf.latent).astype(dtype)

@@ -108,3 +108,53 @@ def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, po
   newly = take[assignment].reshape(weights.shape) & free
   new_values = jnp.where(newly, levels[assignment].reshape(weights.shape), values)
   return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses)
+
+
+# ----------------------------------------------------------- one leaf's state
+
+
+class SlqLeaf(NamedTuple):
+  """One layer under SLQ / MLQ.
+
+  Attributes:
+    latent: float32 full-precision weights (the free ones retrain).
+    frozen: bool mask of the frozen weights.
+    values: the frozen weights' levels (0 where free).
+    levels: float32 ``(k,)`` quantized k-means levels of the layer (fixed
+      when the layer starts quantizing).
+    stage: int32 index of the portion applied so far; ``-1`` before the
+      layer's first stage (MLQ's later layers).
+  """
+  latent: jax.Array
+  frozen: jax.Array
+  values: jax.Array
+  levels: jax.Array
+  stage: jax.Array
+
+
+def slq_init_leaf(param: jax.Array, k: int, iterations: int = 30) -> SlqLeaf:
+  """A layer not quantized yet (stage -1), its levels from k-means of the pretrained weights."""
+  latent = jnp.asarray(param, jnp.float32)
+  return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
+                 slq_levels(latent, k, iterations), jnp.full((), -1, jnp.int32))
+
+
+def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array) -> SlqLeaf:
+  """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started)."""
+  stage = jnp.clip(jnp.asarray(stage, jnp.int32), -1, portions.shape[0] - 1)
+  later = (stage > leaf.stage) & (stage >= 0)
+  step = freeze_clusters(leaf.latent, leaf.frozen, leaf.values,
+                         portions[jnp.maximum(stage, 0)], leaf.levels)
+  return leaf._replace(frozen=jnp.where(later, step.frozen, leaf.frozen),
+                       values=jnp.where(later, step.values, leaf.values),
+                       stage=jnp.maximum(stage, leaf.stage))
+
+
+def slq_step_leaf(update: jax.Array, leaf: SlqLeaf) -> SlqLeaf:
+  """Masked retraining: the free latent weights move by ``update``, frozen ones do not."""
+  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
+
+
+def slq_leaf_value(leaf: SlqLeaf, dtype) -> jax.Array:
+  """What the params hold: levels where frozen, latent weights elsewhere."""
+  return jnp.where(leaf.frozen, leaf.values, leaf.latent).astype(dtype)
