@@ -25,6 +25,10 @@ Examples::
   python examples/cifar_resnet.py --model=resnet56 --fp_epochs=200 --gamma=0.3
   # the paper's C100 super-network (base ResNet-44, d=1.4, w=1.2, phi=3.5; ~8.0M params):
   python examples/cifar_resnet.py --dataset=cifar100 --model=supernet --init_scale=0.45
+  # a super-network that starts with the function of a pretrained ResNet-20
+  # (widened and deepened by d**phi, w**phi; no full-precision retraining):
+  python examples/cifar_resnet.py --model=supernet --phi=1 \
+      --init_from=../shared/data/ec2t-reference/resnet20_fp.npz
   # a smoke test without any download:
   python examples/cifar_resnet.py --mock_data=256 --model=resnet8 --fp_epochs=1 \
       --phase1_epochs=1 --phase2_epochs=1 --batch_size=32 --workdir=/tmp/smoke
@@ -86,6 +90,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_float("phi", 3.5, "supernet: compound coefficient.", flag_values=fv)
   flags.DEFINE_float("alpha", 1.4, "supernet: depth factor per unit of phi.", flag_values=fv)
   flags.DEFINE_float("beta", 1.2, "supernet: width factor per unit of phi.", flag_values=fv)
+  flags.DEFINE_float("transfer_noise", 0.01, "supernet with --init_from a smaller ResNet: "
+                     "relative noise that breaks the symmetry of copied channels (0: the "
+                     "super-network computes exactly the pretrained function).", flag_values=fv)
   flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Activation dtype "
                     "(bfloat16 on TPU); params stay float32.", flag_values=fv)
   flags.DEFINE_float("fp_weight_decay", 1e-4, "Pretraining L2 weight decay.", flag_values=fv)
@@ -108,6 +115,48 @@ def build_model(fv: flags.FlagValues, num_classes: int):
     raise UserError(str(error)) from None
 
 
+def pretrained_supernet(fv: flags.FlagValues, num_classes: int, supernet):
+  """``(model, init_transform)`` for ``--model=supernet --init_from=...``.
+
+  If the checkpoint already holds ``supernet``'s architecture it is loaded as
+  is (``init_transform`` None). Otherwise its network is the base: it is scaled
+  by ``alpha**phi`` in depth and ``beta**phi`` in width and its weights are
+  transferred so that the super-network starts with the pretrained function
+  (:func:`ec2t_jax.models.scale_pretrained_resnet`).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from common import pipeline  # pylint: disable=g-import-not-at-top
+  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+  params, batch_stats = pipeline.read_variables(fv.init_from)
+  dtype = jnp.bfloat16 if fv.compute_dtype == "bfloat16" else jnp.float32
+  try:
+    base = models.cifar_resnet_from_params(params, dtype=dtype)
+  except ValueError as error:
+    raise UserError(f"--init_from {fv.init_from}: {error}") from None
+  architecture = lambda m: (tuple(m.blocks_per_stage), tuple(m.stage_features), m.shortcut)
+  if architecture(base) == architecture(supernet):
+    return supernet, None
+  if base.num_classes != num_classes:
+    raise UserError(f"--init_from {fv.init_from} has {base.num_classes} classes, "
+                    f"--dataset={fv.dataset} has {num_classes}")
+  scale = dict(depth_multiplier=fv.alpha ** fv.phi, width_multiplier=fv.beta ** fv.phi,
+               noise=fv.transfer_noise, key=fv.seed)
+  try:
+    model, _ = models.scale_pretrained_resnet(
+        base, {"params": params, "batch_stats": batch_stats}, **{**scale, "noise": 0.0})
+  except ValueError as error:
+    raise UserError(f"--phi/--alpha/--beta/--transfer_noise: {error}") from None
+  if fv.transfer_noise < 0:
+    raise UserError(f"--transfer_noise must be >= 0, got {fv.transfer_noise}")
+
+  def transfer(params, batch_stats):
+    variables = models.scale_pretrained_resnet(
+        base, {"params": params, "batch_stats": batch_stats}, **scale)[1]
+    return variables["params"], variables["batch_stats"]
+
+  return model, transfer
+
+
 def run(fv: flags.FlagValues) -> dict:
   """Runs the job described by parsed flags ``fv``; returns the results dict."""
   import optax  # pylint: disable=g-import-not-at-top
@@ -120,9 +169,12 @@ def run(fv: flags.FlagValues) -> dict:
                        optax.sgd(schedule, momentum=0.9, nesterov=True))
 
   spec = data_lib.dataset_spec(fv.dataset)
+  model, transfer = build_model(fv, spec.num_classes), None
+  if fv.model == "supernet" and fv.init_from:
+    model, transfer = pretrained_supernet(fv, spec.num_classes, model)
   config = pipeline.PipelineConfig(
-      model_name=fv.model, model=build_model(fv, spec.num_classes), fp_optimizer=fp_optimizer,
-      **flags_lib.pipeline_kwargs(fv))
+      model_name=fv.model, model=model,
+      fp_optimizer=fp_optimizer, init_transform=transfer, **flags_lib.pipeline_kwargs(fv))
   return pipeline.run(config)
 
 

@@ -99,6 +99,24 @@ def test_resuming_with_another_model_is_a_clear_error(eight_device_run, pretrain
 
 
 @pytest.mark.slow
+def test_supernet_starts_from_the_function_of_the_pretrained_resnet(eight_device_run, tmp_path,
+                                                                  pretrained_npz):
+  _, base_results = eight_device_run
+  results = support.run_in_process(
+      cifar_resnet, *_args(tmp_path, pretrained_npz), "--model=supernet", "--phi=1",
+      "--alpha=1.4", "--beta=1.2", "--transfer_noise=0", "--phase2_epochs=0", "--num_devices=1")
+  # ResNet-8 at width 0.5 (8/16/32, 1 block) -> 2 blocks per stage, 8/16/40 channels.
+  assert results["total_params"] > base_results["total_params"]
+  assert results["fp_test_accuracy"] == base_results["fp_test_accuracy"]
+
+
+def test_supernet_rejects_a_pretrained_network_it_cannot_hold(tmp_path, pretrained_npz):
+  with pytest.raises(UserError, match="--phi/--alpha/--beta.*depth_multiplier must be >= 1"):
+    support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz), "--model=supernet",
+                           "--phi=1", "--alpha=0.5")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not support.RESNET20_NPZ.exists(), reason="official ResNet-20 not available")
 def test_official_resnet20_weights_start_ec2t(tmp_path):
   results = support.run_in_process(

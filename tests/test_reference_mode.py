@@ -168,9 +168,9 @@ def test_reference_mode_equals_numpy_restatement(sign, renormalization):
     key = f"{m}/kernel"
     np.testing.assert_allclose(core.latent[m]["kernel"], latent[key], rtol=2e-5,
                                atol=2e-6)
-    np.testing.assert_allclose(core.w_n[m]["kernel"], w_n[key], rtol=2e-5)
-    np.testing.assert_allclose(core.w_p[m]["kernel"], w_p[key], rtol=2e-5)
-    assert np.mean(np.asarray(core.assignment[m]["kernel"]) == 0) > 0.2
+    np.testing.assert_allclose(core.field("w_n")[m]["kernel"], w_n[key], rtol=2e-5)
+    np.testing.assert_allclose(core.field("w_p")[m]["kernel"], w_p[key], rtol=2e-5)
+    assert np.mean(np.asarray(core.field("assignment")[m]["kernel"]) == 0) > 0.2
 
 
 def test_reference_mode_frozen_keeps_latents_and_latent_optimizer_state():
@@ -185,8 +185,8 @@ def test_reference_mode_frozen_keeps_latents_and_latent_optimizer_state():
   chex.assert_trees_all_equal(new_state.latent_state, state.latent_state)
   np.testing.assert_array_equal(new_state.ternary.latent["Dense_1"]["kernel"],
                                 state.ternary.latent["Dense_1"]["kernel"])
-  assert (float(new_state.ternary.w_p["Dense_1"]["kernel"])
-          != float(state.ternary.w_p["Dense_1"]["kernel"]))
+  assert (float(new_state.ternary.field("w_p")["Dense_1"]["kernel"])
+          != float(state.ternary.field("w_p")["Dense_1"]["kernel"]))
 
 
 def test_reference_mode_skips_a_step_with_nonfinite_gradients():

@@ -16,6 +16,8 @@ import flax.linen as nn
 from ec2t_jax.models.lenet import LeNet300100, LeNet5
 from ec2t_jax.models.resnet import (BasicBlock, CifarResNet, cifar_resnet, compound_scaled_resnet,
                                     zero_pad_shortcut)
+from ec2t_jax.models.supernet import (cifar_resnet_from_params, scale_pretrained_resnet,
+                                      transfer_to_supernet)
 from ec2t_jax.models.torch_convert import (CheckpointMismatchError, convert_state_dict,
                                            load_state_dict, load_torch_checkpoint, to_state_dict)
 
@@ -52,6 +54,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "BasicBlock", "CheckpointMismatchError", "CifarResNet", "LeNet300100", "LeNet5",
-    "MODEL_NAMES", "cifar_resnet", "compound_scaled_resnet", "convert_state_dict",
-    "get_model", "load_state_dict", "load_torch_checkpoint", "to_state_dict", "zero_pad_shortcut",
+    "MODEL_NAMES", "cifar_resnet", "cifar_resnet_from_params", "compound_scaled_resnet",
+    "convert_state_dict", "get_model", "load_state_dict", "load_torch_checkpoint",
+    "scale_pretrained_resnet", "to_state_dict", "transfer_to_supernet", "zero_pad_shortcut",
 ]

@@ -73,6 +73,9 @@ class PipelineConfig:
   fp_epochs: int = 0
   fp_optimizer: Callable[[int], optax.GradientTransformation] | None = None
   init_from: str | None = None
+  # Maps the ``init_from`` variables (any architecture) to ``model``'s, e.g. a
+  # function-preserving super-network transfer; None: they must fit ``model``.
+  init_transform: Callable[[dict, dict], tuple[dict, dict]] | None = None
   # EC2T
   ec2t_mode: str = "reference"
   gamma: float = 0.2
@@ -147,6 +150,15 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
   path = config.init_from
   if not os.path.exists(path):
     raise UserError(f"--init_from {path} does not exist")
+  if config.init_transform is not None:
+    params, batch_stats = read_variables(path)
+    try:
+      params, batch_stats = config.init_transform(params, batch_stats)
+      torch_convert._check_against(  # pylint: disable=protected-access
+          {"params": params, "batch_stats": batch_stats}, abstract_variables)
+    except ValueError as error:  # includes CheckpointMismatchError
+      raise UserError(f"--init_from {path}: {error}") from None
+    return params, batch_stats
   if os.path.isdir(path):
     params, batch_stats = checkpoint_lib.restore_variables(path)
     loaded = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -161,6 +173,16 @@ def _pretrained_variables(config: PipelineConfig, abstract_variables: dict) -> t
     raise UserError(f"--init_from {path}: {error}") from None
   except (OSError, ValueError, KeyError) as error:
     raise UserError(f"--init_from {path} cannot be read as a state dict: {error}") from None
+
+
+def read_variables(path: str) -> tuple[dict, dict]:
+  """``(params, batch_stats)`` of a checkpoint folder of these examples or a state-dict file."""
+  try:
+    if os.path.isdir(path):
+      return checkpoint_lib.restore_variables(path)
+    return torch_convert.load_torch_checkpoint(path)
+  except (OSError, ValueError, KeyError) as error:
+    raise UserError(f"--init_from {path} cannot be read: {error}") from None
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
