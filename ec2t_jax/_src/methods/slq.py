@@ -27,10 +27,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import trees
 
 from ec2t_jax._src.methods import clustering
 from ec2t_jax._src.methods import inq
@@ -120,23 +125,39 @@ class SlqLeaf(NamedTuple):
     latent: float32 full-precision weights (the free ones retrain).
     frozen: bool mask of the frozen weights.
     values: the frozen weights' levels (0 where free).
-    levels: float32 ``(k,)`` quantized k-means levels of the layer (fixed
-      when the layer starts quantizing).
+    levels: float32 ``(k,)`` quantized k-means levels of the layer (fixed at
+      ``init`` from the pretrained weights).
     stage: int32 index of the portion applied so far; ``-1`` before the
       layer's first stage (MLQ's later layers).
+    rank: int32 position of the layer in forward order among the selected
+      ones (MLQ starts layer ``r`` ``r`` stages late; 0 for SLQ).
+    steps: int32 number of steps taken (drives ``steps_per_stage``).
   """
   latent: jax.Array
   frozen: jax.Array
   values: jax.Array
   levels: jax.Array
   stage: jax.Array
+  rank: jax.Array
+  steps: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """Levels where frozen, latent weights (snapped for exact landing) elsewhere."""
+    free = core.snap_to_grid(self.latent, dtype, jnp.max(jnp.abs(self.latent)))
+    return jnp.where(self.frozen, self.values, free).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"method": "SLQ/MLQ", "mode": f"{self.levels.shape[0]} clusters",
+            "frozen": jnp.mean(self.frozen), "stage": self.stage}
 
 
-def slq_init_leaf(param: jax.Array, k: int, iterations: int = 30) -> SlqLeaf:
+def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30) -> SlqLeaf:
   """A layer not quantized yet (stage -1), its levels from k-means of the pretrained weights."""
   latent = jnp.asarray(param, jnp.float32)
+  zero = jnp.zeros((), jnp.int32)
   return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
-                 slq_levels(latent, k, iterations), jnp.full((), -1, jnp.int32))
+                 slq_levels(latent, k, iterations), jnp.full((), -1, jnp.int32),
+                 jnp.asarray(rank, jnp.int32), zero)
 
 
 def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array) -> SlqLeaf:
@@ -150,11 +171,114 @@ def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array) -> SlqLeaf:
                        stage=jnp.maximum(stage, leaf.stage))
 
 
-def slq_step_leaf(update: jax.Array, leaf: SlqLeaf) -> SlqLeaf:
-  """Masked retraining: the free latent weights move by ``update``, frozen ones do not."""
-  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
+# ------------------------------------------------------------ the transformations
 
 
-def slq_leaf_value(leaf: SlqLeaf, dtype) -> jax.Array:
-  """What the params hold: levels where frozen, latent weights elsewhere."""
-  return jnp.where(leaf.frozen, leaf.values, leaf.latent).astype(dtype)
+class SlqHyper(NamedTuple):
+  """SLQ/MLQ's numeric hyperparameter: ``steps_per_stage`` (0 = stages by phase only)."""
+  steps_per_stage: Any = 0
+
+
+HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
+
+
+def _forward_ranks(chosen: selection_lib.Selection, params) -> dict[str, int]:
+  """Selected path -> its position in forward order among the selected leaves."""
+  plans = chosen.plan(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
+  paths = [trees.path_to_str(p) for p, _ in flat]
+  selected = [i for i, plan in enumerate(plans) if plan is not None]
+  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
+  return {paths[i]: rank for rank, i in enumerate(ordered)}
+
+
+def _transform(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
+               iterations: int) -> optax.GradientTransformation:
+  bits = inq.check_bits(bits)
+  portions = inq.check_portions(portions)
+  table = jnp.asarray(portions, jnp.float32)
+  chosen = selection_lib.as_selection(selection)
+  k = num_clusters(bits)
+  ranks: dict[str, int] = {}
+
+  def init_leaf(param, ctx, hyper):
+    del hyper
+    rank = ranks.get(ctx.path, 0) if staggered else 0
+    leaf = slq_init_leaf(param, k, rank, iterations)
+    return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
+
+  def step_leaf(update, leaf, ctx, hyper, phase):
+    del ctx
+    stage = inq.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
+    leaf = slq_advance(leaf, stage, table)
+    leaf = inq.masked_step(update, leaf)
+    return leaf._replace(steps=leaf.steps + 1)
+
+  tx = core.quantize_transform(core.Method(name, init_leaf, step_leaf),
+                               SlqHyper(steps_per_stage), HYPER_RANGES, selection=chosen)
+
+  def init_fn(params):
+    ranks.clear()
+    if staggered:
+      ranks.update(_forward_ranks(chosen, params))
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
+def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+        steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
+        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+  """Single-level quantization as the last transformation of an optax chain.
+
+  At ``init`` each selected layer gets its ``2^bits - 1`` quantized k-means
+  levels and its lowest-loss clusters, up to ``portions[0]`` of the layer, are
+  frozen (module docstring). Stage ``s`` freezes more clusters up to
+  ``portions[s]``; the free weights retrain with the masked incoming update.
+  Stages advance with the phase (``ec2t.set_phase``) or every
+  ``steps_per_stage`` updates.
+
+  Args:
+    bits: bit width in ``[2, 8]`` (``2^bits - 1`` clusters).
+    portions: accumulated portions, strictly increasing, ending at 1.
+    steps_per_stage: advance a stage every this many updates (0: by phase only).
+    selection: which leaves (``None`` = the paper's rule).
+    kmeans_iterations: Lloyd iterations of the initial clustering.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
+  """
+  return _transform("slq", bits, portions, steps_per_stage, selection, False,
+                    kmeans_iterations)
+
+
+def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
+        selection: selection_lib.SelectionLike = None,
+        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+  """Multiple-level quantization to ternary weights (3 clusters per layer).
+
+  SLQ's width level (clusters frozen by quantization loss, the rest retrain)
+  plus the depth level: the selected layers, in forward order (the
+  selection's order, see :class:`~ec2t_jax.Selection`), start one stage after
+  another, so the layer of rank ``r`` is at stage ``phase - r``. While a layer
+  is being quantized, the later ones are still full precision and compensate.
+  With ``L`` layers and ``S`` portions the last stage is ``L + S - 2``.
+
+  Args:
+    portions: accumulated portions of each layer, ending at 1.
+    steps_per_stage: advance a stage every this many updates (0: by phase only).
+    selection: which leaves (``None`` = the paper's rule).
+    kmeans_iterations: Lloyd iterations of the initial clustering.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
+  """
+  return _transform("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations)
