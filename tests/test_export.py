@@ -463,7 +463,7 @@ def test_cli_exports_an_npz_and_decodes_it_under_the_original_keys(tmp_path, cap
            "bn1.running_var": np.ones(16, np.float32), "file": np.array(3, np.int64)}
   sources.atomic_save_npz(tmp_path / "in.npz", state)
   assert export_cli.main([str(tmp_path / "in.npz"), str(tmp_path / "m.ec2t")]) == 0
-  assert "1 ternary leaves" in capsys.readouterr().out
+  assert "1 ternary leaves, 1 entropy-coded" in capsys.readouterr().out
   assert export_cli.main(["--decode", str(tmp_path / "m.ec2t"), str(tmp_path / "out.npz")]) == 0
   with np.load(tmp_path / "out.npz") as out:
     chex.assert_equal(out.files, list(state))

@@ -70,7 +70,7 @@ def _resorted(tree):
 
 def _no_warning(fn, *args):
   with warnings.catch_warnings():
-    warnings.simplefilter("error")
+    warnings.simplefilter("error", UserWarning)
     return fn(*args)
 
 
