@@ -11,7 +11,8 @@ methods, the post-training call for MCQ and calibrated pruning).
   TFDS_DATA_DIR=../shared/data/tfds python benchmarks/posttrain_mnist.py
   python benchmarks/posttrain_mnist.py --rows=mcq_k1,prune50_real   # some rows only
 
-Writes ``<workdir>/posttrain.md`` (the table) and ``posttrain.json``.
+Writes ``<workdir>/<row>.json`` per row and ``<workdir>/posttrain.md`` (the
+table of every row measured in that workdir so far) and ``posttrain.json``.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def accuracy(params, data) -> float:
   return correct / len(x)
 
 
-def train(params, tx, data, epochs: int, *, on_epoch=None, seed=0):
-  """Adam-style training with ``tx``; ``on_epoch(epoch, opt_state)`` may switch stages."""
+def train(params, tx, data, epochs: int, *, extra_steps: int = 0, seed=0):
+  """Trains ``epochs`` epochs (plus ``extra_steps`` steps) with ``tx``."""
   x, y = data
   opt_state = tx.init(params)
   params = ec2t.ternary_params(params, opt_state) if _has_quantizer(opt_state) else params
@@ -112,14 +113,29 @@ def train(params, tx, data, epochs: int, *, on_epoch=None, seed=0):
 
   rng = np.random.default_rng(seed)
   steps = len(x) // FLAGS.batch_size
-  for epoch in range(epochs):
-    if on_epoch is not None:
-      opt_state = on_epoch(epoch, opt_state)
+  for epoch in range(epochs + (1 if extra_steps else 0)):
     order = rng.permutation(len(x))
-    for i in range(steps):
+    for i in range(steps if epoch < epochs else extra_steps):
       idx = order[i * FLAGS.batch_size:(i + 1) * FLAGS.batch_size]
       params, opt_state = step(params, opt_state, x[idx], y[idx])
   return params, opt_state
+
+
+def steps_per_epoch(ctx) -> int:
+  return len(ctx.train[0]) // FLAGS.batch_size
+
+
+def staged(ctx, method, stages: int):
+  """Trains ``stages - 1`` stages of ``stage_epochs`` epochs, then one step of the last stage.
+
+  The method advances its stage every ``stage_epochs`` epochs by itself
+  (``steps_per_stage``); the last stage freezes everything, so one step of it
+  finishes the quantization.
+  """
+  tx = optax.chain(optax.adam(FLAGS.learning_rate), method)
+  params, _ = train(ctx.fp, tx, ctx.train, (stages - 1) * FLAGS.stage_epochs, extra_steps=1,
+                    seed=FLAGS.seed)
+  return params
 
 
 def _has_quantizer(opt_state) -> bool:
@@ -139,6 +155,34 @@ class Context:
   train: tuple
   test: tuple
   selection: ec2t.Selection
+
+
+@add_row("ec2t_g0.2", "ec2t", "gamma=0.2, 3 x stage_epochs")
+def _ec2t(ctx):
+  tx = optax.chain(optax.adam(FLAGS.learning_rate),
+                   ec2t.ternarize_transform(gamma=0.2, selection=ctx.selection))
+  params, _ = train(ctx.fp, tx, ctx.train, 3 * FLAGS.stage_epochs, seed=FLAGS.seed)
+  return params
+
+
+def _per_stage(ctx):
+  return steps_per_epoch(ctx) * FLAGS.stage_epochs
+
+
+@add_row("inq_2bit", "inq", "ternary (2 bits), portions .5/.75/.875/1")
+def _inq2(ctx):
+  return staged(ctx, ec2t.inq(2, steps_per_stage=_per_stage(ctx), selection=ctx.selection), 4)
+
+
+@add_row("inq_5bit", "inq", "5 bits, portions .5/.75/.875/1")
+def _inq5(ctx):
+  return staged(ctx, ec2t.inq(5, steps_per_stage=_per_stage(ctx), selection=ctx.selection), 4)
+
+
+@add_row("mlq_ternary", "mlq", "ternary, portions .5/1, 3 layers staggered")
+def _mlq(ctx):
+  return staged(ctx, ec2t.mlq((0.5, 1.0), steps_per_stage=_per_stage(ctx),
+                              selection=ctx.selection), 3 + 2 - 1)
 
 
 @add_row("mcq_k1", "mcq", "K=1 sample/weight")
@@ -295,6 +339,13 @@ def main(argv):
     print(row.name, r, flush=True)
     results.append((row, r))
     (root / f"{row.name}.json").write_text(json.dumps(r, default=float))
+  # The table holds every row measured in this workdir (earlier runs too), in ROWS order.
+  done = {row.name: r for row, r in results}
+  for row in ROWS:
+    saved = root / f"{row.name}.json"
+    if row.name not in done and saved.exists():
+      done[row.name] = json.loads(saved.read_text())
+  results = [(row, done[row.name]) for row in ROWS if row.name in done]
   text = table(fp, results)
   (root / "posttrain.md").write_text(text + "\n")
   (root / "posttrain.json").write_text(json.dumps(
