@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.trees import as_mapping
 from ec2t_jax._src.trees import path_to_str
 
 NO_PARAMS_MSG = ("The quantizer's update needs the current params: call "
@@ -325,7 +326,7 @@ def init_state(method: Method, params, selection, hyper) -> QuantizerState:
   plans = selection.plan(params)
   # nnx.State would turn the NamedTuples nested in it into States on
   # nnx.update; plain nested dicts keep them.
-  params = getattr(params, "to_pure_dict", lambda: params)()
+  params = as_mapping(params)
   flat, treedef = jax.tree.flatten(params)
   sizes = [leaf.size for leaf, plan in zip(flat, plans) if plan]
   largest = max(sizes, default=1)
