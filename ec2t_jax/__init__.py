@@ -33,6 +33,30 @@ from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import SlqLeaf
 from ec2t_jax._src.methods.mcq import mcq_quantize
+from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
+from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
+from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
+from ec2t_jax._src.methods.sparsity_regularization import threshold_density
+from ec2t_jax._src.methods.sttn import sttn
+from ec2t_jax._src.methods.sttn import sttn_gradients
+from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_scale
+from ec2t_jax._src.methods.sttn import sttn_ternarize
+from ec2t_jax._src.methods.sttn import STTNLeaf
+from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.ternary_ops import threshold_assign
+from ec2t_jax._src.methods.ttq import ttq
+from ec2t_jax._src.methods.ttq import ttq_assign
+from ec2t_jax._src.methods.ttq import ttq_gradients
+from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
+from ec2t_jax._src.methods.ttq import ttq_threshold
+from ec2t_jax._src.methods.ttq import TTQLeaf
+from ec2t_jax._src.methods.twn import twn
+from ec2t_jax._src.methods.twn import twn_optimal_threshold
+from ec2t_jax._src.methods.twn import twn_scale
+from ec2t_jax._src.methods.twn import twn_ternarize
+from ec2t_jax._src.methods.twn import twn_threshold
+from ec2t_jax._src.methods.twn import TWNLeaf
 from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
@@ -129,4 +153,29 @@ __all__ = (
     "ternary_values",
     "ternary_weights",
     "TernaryWeight",
+    # other train-time methods (issue 9)
+    "PrunedTernaryLeaf",
+    "quantization_pruning",
+    "sttn",
+    "STTNLeaf",
+    "ttq",
+    "TTQLeaf",
+    "twn",
+    "TWNLeaf",
+    "threshold_assign",
+    "sparsity_regularizer",
+    "threshold_density",
+    "sttn_gradients",
+    "sttn_init",
+    "sttn_scale",
+    "sttn_ternarize",
+    "ternary_activation",
+    "ttq_assign",
+    "ttq_gradients",
+    "ttq_sparsity_threshold",
+    "ttq_threshold",
+    "twn_optimal_threshold",
+    "twn_scale",
+    "twn_ternarize",
+    "twn_threshold",
 )
