@@ -222,6 +222,15 @@ def _prune80_real(ctx):
   return _prune(ctx, 0.8, _real_images(ctx))
 
 
+@add_row("prune80_plain", "magnitude pruning (ablation)",
+         "80%, same global L2-normalised threshold, no correction or calibration")
+def _prune80_plain(ctx):
+  return ec2t.prune_calibrated(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x),
+                               _real_images(ctx), 0.8, selection=ctx.selection, ramp=0.0,
+                               steps_per_level=0, statistics_correction=False,
+                               bias_correction=False)
+
+
 @add_row("prune50_fractal", "calibrated pruning", "50%, 300 fractals (data-free)")
 def _prune50_fractal(ctx):
   return _prune(ctx, 0.5, _fractals())
