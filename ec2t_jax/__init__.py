@@ -24,9 +24,14 @@ from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.fractals import fractal_images
+from ec2t_jax._src.methods.inq import inq
 from ec2t_jax._src.methods.inq import inq_codebook
+from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.mcq import mcq
+from ec2t_jax._src.methods.slq import mlq
+from ec2t_jax._src.methods.slq import slq
+from ec2t_jax._src.methods.slq import SlqLeaf
 from ec2t_jax._src.methods.mcq import mcq_quantize
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
@@ -110,7 +115,9 @@ __all__ = (
     "freeze_assignment",
     "information_content",
     "initial_centroids",
+    "inq",
     "inq_codebook",
+    "InqLeaf",
     "inq_quantize",
     "is_frozen",
     "kmeans_1d",
@@ -120,10 +127,13 @@ __all__ = (
     "LayerSummary",
     "LeafPlan",
     "mcq",
+    "mlq",
     "mcq_quantize",
     "nearest_centroid_assign",
     "QuantizerState",
     "prune_calibrated",
+    "slq",
+    "SlqLeaf",
     "reference_optimizer",
     "report",
     "Rule",
