@@ -7,6 +7,10 @@ Sparse ternary networks by wrapping your optax optimizer::
   opt_state = tx.init(params)
   params = ec2t.ternary_params(params, opt_state)
 
+Other train-time ternary methods plug into the same chain position and tools:
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
+
 Compressed export and size/operation reports: ``ec2t.export`` and
 ``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
 ec2t_jax.report``); plots: ``ec2t_jax.plots`` (needs matplotlib); reference
