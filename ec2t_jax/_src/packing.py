@@ -32,8 +32,9 @@ Streams start where the previous one ended; their lengths must add up to P.
 ``meta`` holds the writer, the entropy coder's version and user metadata.
 
 Leaf codecs (the smallest candidate wins, per leaf; version 2 writes ``raw``,
-``zs``, ``tb``, ``tc``, ``sb``, ``sc``; version 1 had ``te`` and ``se`` in
-place of ``tc`` and ``sc``, and their decoders are kept):
+``zs``, ``tb``, ``tc``, ``sb``, ``sc``, ``tf``, ``cb``; version 1 had ``te``
+and ``se`` in place of ``tc`` and ``sc`` and neither ``tf`` nor ``cb``, and
+its decoders are kept):
 
 ``raw``  the array's bytes (C order, little-endian), or its float16 copy when
          ``"v": "float16"`` (lossy option for non-ternary float leaves).
@@ -60,6 +61,20 @@ place of ``tc`` and ``sc``, and their decoders are kept):
          the non-zero values (raw, in the storage dtype).
 ``se``   (version 1) sparse with an entropy-coded mask: u32 mask-stream
          length, the mask stream (alphabet 2), the non-zero values.
+``tf``   **per-filter ternary** (version 2; TWN ``threshold="filter"``, STTN):
+         every slice ``f`` along one axis holds ``{-n_f, 0, p_f}``. u8 the
+         axis (the last one, a Flax kernel's output filters, is tried
+         first), u8 ``S`` scales per filter (1: ``n_f = p_f``, stored ``p_f``;
+         2: all ``-n_f`` then all ``p_f``), u8 ``1`` if the zero is ``-0.0``,
+         ``S x F`` values (itemsize each, ``+0`` for a sign the filter does not
+         use), then the assignment context-coded as in ``tc``.
+``cb``   **codebook** (version 2; INQ, MCQ, SLQ, any dtype): u16 ``K`` (2 to
+         :data:`MAX_CODEBOOK` = 256) distinct values, the ``K`` values sorted
+         by bit pattern (itemsize each), then each element's index coded by
+         :mod:`codebook_coding` (adaptive order 0, no table).
+
+``tf`` and ``cb`` store the leaf's own dtype even under the ``float16``
+option (they are written only when smaller than every other candidate).
 
 Bounded decoding
 ================
@@ -80,9 +95,12 @@ justify. Before anything is allocated it checks:
   ``tb`` / ``sb``; and for the range-coded streams a probability floor: a
   symbol's probability is at most ``1 - (K - 1) f``, so each symbol costs at
   least ``c = -log2(1 - (K - 1) f)`` bits and a stream of ``B`` bytes holds at
-  most ``(8 B + 64) / c`` symbols. Version 2's ``tc`` / ``sc`` use
+  most ``(8 B + 64) / c`` symbols. Version 2's ``tc`` / ``sc`` / ``tf`` use
   ``f = 2^-10`` (:func:`context_coding.capacity`: about 2,800 symbols per
-  byte); version 1's ``te`` / ``se`` only have constriction's ``2^-24``
+  byte), ``cb`` uses ``f = 2^-8 / K`` (:func:`codebook_coding.capacity`,
+  checked with ``K = 2``, its largest, before the stream's ``K`` is read, then
+  with its ``K``); ``tf``'s ``S x F`` scales and ``cb``'s ``K`` values are
+  checked against the stream's length before they are read; version 1's ``te`` / ``se`` only have constriction's ``2^-24``
   (:func:`entropy_coding.max_symbols`), so for them ``max_bytes`` is the
   real bound.
 
