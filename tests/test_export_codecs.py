@@ -11,7 +11,7 @@ from ec2t_jax._src import codebook_coding
 from ec2t_jax._src import context_coding
 from ec2t_jax._src import packing
 
-from tests.test_export_hostile import _assert_error, one_leaf
+from tests.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
 
 
 def _assert_bitwise(out, x):
@@ -249,3 +249,20 @@ def test_version_1_files_cannot_use_the_new_codecs():
   stream = packing._tf_stream(packing.filter_ternary_parts(x))
   data = one_leaf({"c": "tf", "d": "float32", "s": list(x.shape)}, stream, version=1)
   _assert_error(data, "corrupt record")
+
+
+def test_tiny_valid_cb_and_tf_files_decode_bitwise_within_max_bytes():
+  """A 1 Mi-element constant-index leaf is legitimately tiny: max_bytes bounds it, memory stays ~5n."""
+  count = 2**20
+  values = np.array([0.0, 0.5], np.float32)
+  cb = one_leaf({"c": "cb", "d": "float32", "s": [count]},
+                b"\x02\x00" + values.tobytes() + codebook_coding.encode(np.zeros(count, int), 2))
+  tf = one_leaf({"c": "tf", "d": "float32", "s": [count // 4, 4]},
+                bytes([1, 1, 0]) + np.full(4, 0.5, np.float32).tobytes()
+                + context_coding.encode(np.ones((count // 4, 4), np.int8), 3))
+  for data in (cb, tf):
+    assert len(data) < 2000
+    _assert_error(data, "more than max_bytes", max_bytes=2**20)
+    out, peak = _bounded(packing.unpack, data, max_bytes=FUZZ_MAX_BYTES)
+    chex.assert_trees_all_equal(out["w"].reshape(-1), np.zeros(count, np.float32))
+    assert peak < 2 * 13 * count
