@@ -1,7 +1,8 @@
 r"""EC2T on MNIST with LeNet-5 or LeNet-300-100: pretrain, ternarize, evaluate, report.
 
-The README's main job. With the default flags it pretrains LeNet-5 in full
-precision, runs EC2T phase 1 (assignment trained) and phase 2 (assignment
+The README's main job. ``--method={ec2t,twn,ttq,sttn,faraone}`` picks the
+quantization method (``examples/common/methods.py``); with the default flags it
+pretrains LeNet-5 in full precision, runs EC2T phase 1 (assignment trained) and phase 2 (assignment
 frozen) with the paper's optimizers, evaluates both models on the MNIST test
 set and prints the per-layer EC2T summary and a one-screen report (accuracy,
 sparsity, bits/weight, size vs float32). On a 2-core laptop CPU it takes a few
@@ -13,6 +14,8 @@ or read offline from a prepared tfds folder::
   TFDS_DATA_DIR=../shared/data/tfds python examples/mnist_lenet.py
   python examples/mnist_lenet.py --model=lenet300100 --gamma=0.3 --workdir=runs/l300
   python examples/mnist_lenet.py --resume          # continue an interrupted run
+  python examples/mnist_lenet.py --method=ttq --method_options=sparsity=0.6 --workdir=runs/ttq
+  python examples/mnist_lenet.py --method=twn --init_from=runs/mnist_lenet5/checkpoints/fp
   python examples/plot_curves.py --workdir=runs/mnist_lenet5   # training curves to PNG
 
 The training split is ``train[:55000]``; ``train[55000:]`` picks the best epoch

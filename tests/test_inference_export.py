@@ -97,6 +97,19 @@ def test_loading_a_plain_file_as_inference_file_is_an_error(tmp_path):
     export.load_inference(tmp_path / "m.ec2t")
 
 
+@pytest.mark.parametrize("settings, match", [
+    ({"eps": 1e-5, "batch_norms": ["missing/bn"]}, "do not match the tree"),
+    ({"eps": 1e-5, "batch_norms": [3]}, "corrupt inference settings"),
+    ({"eps": 7.0, "batch_norms": []}, "corrupt inference settings"),
+])
+def test_inference_file_with_hostile_settings_is_an_export_format_error(tmp_path, settings,
+                                                                         match):
+  tree = {"params": {"bn": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)}}}
+  export.save(tmp_path / "m.ec2t", tree, metadata={"inference": settings})
+  with pytest.raises(packing.ExportFormatError, match=match):
+    export.load_inference(tmp_path / "m.ec2t")
+
+
 def _official(name):
   path = DATA / f"resnet20_{name}.npz"
   if not path.exists():

@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple, Optional
@@ -97,7 +98,7 @@ def capacity(stream_bytes: int, alphabet: int) -> int:
   return int((8 * stream_bytes + 64) / least)
 
 
-def layouts(shape) -> list[Layout]:
+def layouts(shape) -> tuple[Layout, ...]:
   """Every layout :func:`encode` tries for an array of ``shape``, in stream-index order.
 
   Order 0 first, then each choice of one or two channel axes (in
@@ -107,6 +108,11 @@ def layouts(shape) -> list[Layout]:
     >>> [tuple(l.channels) for l in layouts((64, 32, 3, 3))]
     [(), (0, 1)]
   """
+  return _layouts(tuple(int(n) for n in shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _layouts(shape: tuple[int, ...]) -> tuple[Layout, ...]:
   out = [Layout((), ())]
   ndim = len(shape)
   for count in (1, 2):
@@ -115,7 +121,7 @@ def layouts(shape) -> list[Layout]:
       groups = math.prod(shape[a] for a in scan)
       if scan and 1 < groups <= MAX_GROUPS and math.prod(shape) > groups:
         out.append(Layout(scan, channels))
-  return out
+  return tuple(out)
 
 
 def _order0_table(symbols: np.ndarray, alphabet: int) -> np.ndarray:
@@ -191,6 +197,7 @@ class _Model:
     return self.table.take(ctx, axis=0)
 
   def update(self, ctx: np.ndarray, symbols: np.ndarray) -> None:
+    """Counts ``symbols`` in their contexts."""
     joint = ctx * self.k + symbols
     added = np.bincount(joint, minlength=self.contexts * self.k).reshape(self.contexts, self.k)
     self.counts += added
@@ -314,7 +321,7 @@ def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
       row = grid[g]
       for start, stop in model.batches(g):
         c = ctx[start:stop]
-        sym = np.asarray(decoder.decode(family, model.probabilities(c)), np.int64)
+        sym = decoder.decode(family, model.probabilities(c))
         row[start:stop] = sym
         model.update(c, sym)
       model.finish_group(row)

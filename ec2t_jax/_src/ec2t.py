@@ -108,26 +108,27 @@ def cluster_means(values, assignment, fallback_n, fallback_p):
 
 
 def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
-            renormalization):
+            renormalization, ties):
   gamma = hyper.gamma if ctx.gamma is None else ctx.gamma
   size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
-      zero_floor=hyper.zero_floor, renormalization=renormalization)
+      zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties)
 
 
 def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
-              latent_dtype) -> EC2TLeaf:
+              latent_dtype, ties="zero") -> EC2TLeaf:
   """Centroids ``s |min W|, s |max W|`` and the nearest-centroid assignment."""
   latent = jnp.asarray(param).astype(latent_dtype)
   w_n, w_p = ternary.initial_centroids(latent, hyper.init_scale)
   cls = ECPLeaf if ctx.mode == "ecp" else EC2TLeaf
-  return cls(latent, w_n, w_p, ternary.nearest_centroid_assign(latent, w_n, w_p),
+  return cls(latent, w_n, w_p,
+             ternary.nearest_centroid_assign(latent, w_n, w_p, ties=ties),
              jnp.zeros((), jnp.float32))
 
 
 def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
-                 phase, *, renormalization) -> EC2TLeaf:
+                 phase, *, renormalization, ties="zero") -> EC2TLeaf:
   """One EC2T step of one leaf, given the latent and centroid increments.
 
   Order as in the reference: move the latent weights (unless frozen, i.e.
@@ -144,6 +145,7 @@ def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
     hyper: :class:`EC2THyper`.
     phase: int32; ``>= 1`` freezes the assignment and the latent weights.
     renormalization: see :func:`~ec2t_jax.cluster_probabilities`.
+    ties: the assignments' tie rule (:func:`~ec2t_jax.assign_by_cost`).
 
   Returns:
     The new state, of the same class.
@@ -160,7 +162,7 @@ def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
   # Keep centroids strictly positive even for constant layers (std = 0).
   tiny = jnp.finfo(jnp.float32).tiny
   w_n, w_p = jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny)
-  assignment, lam = _assign(latent, w_n, w_p, ctx, hyper, renormalization)
+  assignment, lam = _assign(latent, w_n, w_p, ctx, hyper, renormalization, ties)
   return type(leaf)(latent, w_n, w_p,
                     jnp.where(frozen, leaf.assignment, assignment),
                     jnp.where(frozen, leaf.lam, lam))
@@ -182,24 +184,26 @@ def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper):
   return latent_step, (-k * mean_n, k * mean_p)
 
 
-def method(*, renormalization="exact", latent_dtype="float32") -> core.Method:
+def method(*, renormalization="exact", latent_dtype="float32",
+           ties="zero") -> core.Method:
   """EC2T's chain-form :class:`~core.Method`."""
   latent_dtype = jnp.dtype(latent_dtype)
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     latent_step, centroid_step = chain_steps(update, leaf, hyper)
     return advance_leaf(leaf, latent_step, centroid_step, ctx, hyper, phase,
-                        renormalization=renormalization)
+                        renormalization=renormalization, ties=ties)
 
   def init(param, ctx, hyper):
-    return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype)
+    return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties)
 
   return core.Method("ec2t", init, step_leaf)
 
 
-def check_static(renormalization, latent_dtype) -> None:
+def check_static(renormalization, latent_dtype, ties="zero") -> None:
   """Raises ``ValueError`` for a bad string or dtype option."""
   core.check_choice("renormalization", renormalization, ("exact", "reference"))
+  core.check_choice("ties", ties, ("zero", "reference"))
   if not jnp.issubdtype(jnp.dtype(latent_dtype), jnp.floating):
     raise ValueError(f"latent_dtype must be a floating dtype, got {latent_dtype!r}")
 
@@ -214,6 +218,7 @@ def ternarize_transform(
     zero_floor: float = 0.5,
     sustain: float = 0.05,
     renormalization: ternary.Renormalization = "exact",
+    ties: ternary.Ties = "zero",
     latent_dtype: str = "float32",
 ):
   """EC2T as the last transformation of an optax chain.
@@ -265,6 +270,9 @@ def ternarize_transform(
     sustain: sustain of the layer-size decay (0.05).
     renormalization: ``"exact"`` or the reference's ``"reference"`` (see
       :func:`cluster_probabilities`).
+    ties: where an exact cost tie goes: ``"zero"`` (to zero) or the
+      reference's ``"reference"`` (an n/0 tie to n; see
+      :func:`assign_by_cost`).
     latent_dtype: dtype of the latent weights (float32 also for bf16 params,
       so small steps are not lost).
 
@@ -279,9 +287,9 @@ def ternarize_transform(
     >>> updates, opt_state = tx.update(grads, opt_state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  check_static(renormalization, latent_dtype)
+  check_static(renormalization, latent_dtype, ties)
   hyper = EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
                     centroid_update_scale)
   return core.quantize_transform(
-      method(renormalization=renormalization, latent_dtype=latent_dtype),
+      method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties),
       hyper, HYPER_RANGES, selection=selection)

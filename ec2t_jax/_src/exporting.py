@@ -45,7 +45,7 @@ class ExportResult(NamedTuple):
   def summary(self, out_path) -> str:
     records = self.info.records
     ternary = sum(r.codec in packing.TERNARY_CODECS for r in records)
-    coded = sum(r.codec in ("te", "se") for r in records)
+    coded = sum(r.codec in packing.RANGE_CODED for r in records)
     ratio = self.float32_bytes / max(self.info.total_bytes, 1)
     return (f"{out_path}: {self.info.total_bytes:,} bytes from {self.source_path} "
             f"({self.source_kind}, {len(records)} leaves, {self.float32_bytes:,} bytes as float32: "
@@ -233,10 +233,16 @@ def load_inference(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
   """
   data = _read_packed(path, max_bytes)
   info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
-  settings = info.meta.get("user", {}).get("inference") if isinstance(
-      info.meta.get("user"), dict) else None
+  user = info.meta.get("user")
+  settings = user.get("inference") if isinstance(user, dict) else None
   if not isinstance(settings, dict) or not isinstance(settings.get("eps"), float):
     raise ExportFormatError(f"{path}: not an inference file (written by export_inference)")
+  eps, paths = settings["eps"], settings.get("batch_norms", [])
+  if not (0.0 <= eps < 1.0 and isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+    raise ExportFormatError(f"{path}: corrupt inference settings {settings!r:.120}")
   tree = trees.unflatten(arrays, info.structure)
-  return inference_export.unfold_batch_norm(tree, eps=settings["eps"],
-                                            batch_norm_paths=settings.get("batch_norms"))
+  try:
+    return inference_export.unfold_batch_norm(tree, eps=eps, batch_norm_paths=paths)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:
+    raise ExportFormatError(f"{path}: inference settings do not match the tree "
+                            f"({type(e).__name__}: {e})") from None

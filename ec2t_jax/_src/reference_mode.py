@@ -47,6 +47,7 @@ def ternarize(
     selection: selection_lib.SelectionLike = None,
     negative_centroid_sign: ternary.CentroidSign = "exact",
     renormalization: ternary.Renormalization = "exact",
+    ties: ternary.Ties = "zero",
     floor_factor: float = 0.675,
     zero_floor: float = 0.5,
     sustain: float = 0.05,
@@ -80,8 +81,8 @@ def ternarize(
     latent_optimizer: optimizer of the latent weights.
     centroid_optimizer: optimizer of the centroids (a tree ``{"w_n": ...,
       "w_p": ...}`` of scalars).
-    gamma, init_scale, selection, renormalization, floor_factor, zero_floor,
-      sustain, latent_dtype: as in :func:`ternarize_transform`.
+    gamma, init_scale, selection, renormalization, ties, floor_factor,
+      zero_floor, sustain, latent_dtype: as in :func:`ternarize_transform`.
     negative_centroid_sign: ``"exact"`` (default) or ``"reference"``, the
       reference code's ``+sum`` (see :func:`centroid_gradients`).
 
@@ -93,7 +94,7 @@ def ternarize(
     >>> tx = ternarize(optax.adam(1e-4), optax.adam(1e-4), optax.adam(1e-5),
     ...                gamma=0.15)
   """
-  ec2t.check_static(renormalization, latent_dtype)
+  ec2t.check_static(renormalization, latent_dtype, ties)
   core.check_choice("negative_centroid_sign", negative_centroid_sign,
                     ("exact", "reference"))
   hyper = ec2t.EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
@@ -102,7 +103,7 @@ def ternarize(
     core.check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
   method = ec2t.method(renormalization=renormalization,
-                       latent_dtype=latent_dtype)
+                       latent_dtype=latent_dtype, ties=ties)
 
   def masked_params_optimizer(core_state: core.QuantizerState):
     # The leaves selected at init are those with a state; never re-planned.
@@ -156,7 +157,7 @@ def ternarize(
     hyper_ok = core.hyper_is_valid(hyper, ec2t.HYPER_RANGES)
     step = lambda x, leaf, ctx: ec2t.advance_leaf(
         leaf, x[0], x[1], ctx, hyper, core_state.phase,
-        renormalization=renormalization)
+        renormalization=renormalization, ties=ties)
     updates, new_core = core.advance(core_state, params, param_updates, step,
                                      inputs, contexts, ~(all_finite & hyper_ok))
     new_core = new_core._replace(
@@ -186,6 +187,7 @@ def reference_optimizer(
     selection: selection_lib.SelectionLike = None,
     negative_centroid_sign: ternary.CentroidSign = "exact",
     renormalization: ternary.Renormalization = "exact",
+    ties: ternary.Ties = "zero",
     floor_factor: float = 0.675,
     zero_floor: float = 0.5,
     sustain: float = 0.05,
@@ -197,7 +199,8 @@ def reference_optimizer(
   decay ``weight_decay`` added to the gradient; latent weights:
   Adam(``latent_learning_rate``); centroids: Adam(``centroid_learning_rate``).
   For a bit-for-bit reproduction of the reference code set
-  ``negative_centroid_sign="reference"`` and ``renormalization="reference"``.
+  ``negative_centroid_sign="reference"``, ``renormalization="reference"`` and
+  ``ties="reference"``.
   Every other argument is forwarded to :func:`ternarize`.
 
   Example:
@@ -210,5 +213,5 @@ def reference_optimizer(
       optax.adam(centroid_learning_rate),
       gamma=gamma, init_scale=init_scale, selection=selection,
       negative_centroid_sign=negative_centroid_sign,
-      renormalization=renormalization, floor_factor=floor_factor,
+      renormalization=renormalization, ties=ties, floor_factor=floor_factor,
       zero_floor=zero_floor, sustain=sustain, latent_dtype=latent_dtype)

@@ -2,12 +2,15 @@
 
 A ternary layer is stored as its assignment plus two values: either the
 paper's two bitmasks (non-zero mask + sign mask) or range-coded with
-``constriction`` under an order-0 or previous-weight context model, whichever
+``constriction`` under an adaptive context model (neighbours in the kernel,
+density of the weight's filter and input channel; no model bytes), whichever
 is smaller; ECP and other sparse leaves store their non-zero positions the same
 way and their values as floats; everything else is stored as is (float16 on
-request). The file is versioned, has a magic number and a SHA-256 checksum,
-and restores the same tree with bitwise-identical arrays. The format is
-specified in :mod:`ec2t_jax._src.packing`.
+request). The file is versioned (version 2; version-1 files are still read),
+has a magic number and a SHA-256 checksum, and restores the same tree with
+bitwise-identical arrays. The format is specified in
+:mod:`ec2t_jax._src.packing`, the context model in
+:mod:`ec2t_jax._src.context_coding`.
 
 Python API::
 
@@ -49,13 +52,14 @@ from ec2t_jax._src.exporting import (ExportResult, decode_file, export_file,
 from ec2t_jax._src.inference_export import fold_batch_norm, unfold_batch_norm
 from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
-                                   ExportFormatError, LeafRecord, PackedInfo, pack, read_info,
+                                   ExportFormatError, FilterTernaryParts, LeafRecord, PackedInfo,
+                                   codebook_parts, filter_ternary_parts, pack, read_info,
                                    ternary_parts, unpack)
 from ec2t_jax._src.sources import load_tree
 
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",
-    "ExportResult", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
+    "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
     "export_inference", "fold_batch_norm", "load", "load_inference", "load_ternary",
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
 ]
