@@ -1,5 +1,7 @@
 """The shared machinery every method plugs into (``_src/core.py``)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,20 +14,35 @@ from ec2t_jax._src import core
 from models_for_tests import batch, init, loss_fn, TERNARY_LEAVES
 
 
-def _grads(model, params):
+@functools.lru_cache(maxsize=None)
+def _cached_grads():
+  model, params = init()
   x, y = batch()
-  return jax.grad(lambda p: loss_fn(model, p, x, y))(params)
+  return jax.jit(jax.grad(lambda p: loss_fn(model, p, x, y)))(params)
+
+
+def _grads():
+  """The SmallCNN's gradients (computed once; a fresh top-level dict)."""
+  return dict(_cached_grads())
+
+
+@functools.lru_cache(maxsize=None)
+def _injected_chain():
+  """A chain with gamma injected, its ternary params and the jitted update
+  (compiled once for the module: gamma is a traced value in the state)."""
+  _, params = init()
+  tx = optax.chain(optax.adam(1e-2),
+                   optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=0.2))
+  state = tx.init(params)
+  return tx, ec2t.ternary_params(params, state), state, jax.jit(tx.update)
 
 
 @pytest.mark.parametrize("gamma", [float("nan"), -1.0, 1e9, float("inf")])
 def test_invalid_traced_gamma_skips_the_step_and_is_counted(gamma):
-  model, params = init()
-  tx = optax.chain(optax.adam(1e-2),
-                   optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=0.2))
-  state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  _, params, state, update = _injected_chain()
+  state = jax.tree.map(lambda x: x, state)  # a copy: hyperparams is a dict
   state[1].hyperparams["gamma"] = jnp.asarray(gamma)
-  updates, new_state = jax.jit(tx.update)(_grads(model, params), state, params)
+  updates, new_state = update(_grads(), state, params)
   new_params = optax.apply_updates(params, updates)
   before, after = ec2t.find_ternarize_state(state), ec2t.find_ternarize_state(new_state)
   assert int(after.invalid_hyper_count) == 1
@@ -37,43 +54,43 @@ def test_invalid_traced_gamma_skips_the_step_and_is_counted(gamma):
 
 
 def test_valid_traced_gamma_is_applied():
-  model, params = init()
+  _, params = init()
   tx = optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=0.0)
   state = tx.init(params)
   state.hyperparams["gamma"] = jnp.asarray(1.0)
-  _, new_state = jax.jit(tx.update)(_grads(model, params), state, params)
+  _, new_state = jax.jit(tx.update)(_grads(), state, params)
   core_state = ec2t.find_ternarize_state(new_state)
   assert int(core_state.invalid_hyper_count) == 0
   assert float(core_state.field("lam")["Conv_1"]["kernel"]) > 0
 
 
 def test_updates_of_another_tree_name_the_first_differing_path():
-  model, params = init()
+  _, params = init()
   tx = ec2t.ternarize_transform()
   state = tx.init(params)
-  grads = _grads(model, params)
+  grads = _grads()
   grads["Conv_9"] = grads.pop("Conv_2")
   with pytest.raises(ValueError, match=r"updates does not match .*Conv_9/bias.*Conv_1/bias|updates does not match .*'Conv_9"):
     tx.update(grads, state, params)
 
 
 def test_params_with_a_missing_leaf_are_named():
-  model, params = init()
+  _, params = init()
   tx = ec2t.ternarize_transform()
   state = tx.init(params)
   fewer = dict(params)
   del fewer["Dense_1"]
   with pytest.raises(ValueError, match="params does not match the params given to init"):
-    tx.update(_grads(model, params), state, fewer)
+    tx.update(_grads(), state, fewer)
 
 
 def test_selection_is_decided_at_init_not_at_update():
   # A rule whose leaves change between init and update does not re-plan:
   # the state says which leaves are ternary.
-  model, params = init()
+  _, params = init()
   tx = ec2t.ternarize_transform(selection=lambda path, leaf: path == "Conv_1/kernel")
   state = tx.init(params)
-  updates, _ = tx.update(_grads(model, params), state, params)
+  updates, _ = tx.update(_grads(), state, params)
   new = optax.apply_updates(params, updates)
   assert len(np.unique(np.asarray(new["Conv_1"]["kernel"]))) <= 3
   assert len(np.unique(np.asarray(new["Conv_2"]["kernel"]))) > 3
