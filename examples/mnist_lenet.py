@@ -36,11 +36,15 @@ DEFAULTS = {
     "val_split": "train[55000:]",
     "test_split": "test",
     "batch_size": 128,
-    "fp_epochs": 5,
+    "augment": True,  # random shifts of up to 2 pixels
+    "fp_epochs": 10,
     "fp_learning_rate": 2e-3,
+    "ec2t_mode": "chain",
+    "learning_rate": 1e-3,
     "phase1_epochs": 10,
     "phase2_epochs": 5,
-    "gamma": 0.2,
+    "gamma": 0.3,
+    "sustain": 1.0,
     "init_scale": 0.3,
 }
 

@@ -80,6 +80,7 @@ class PipelineConfig:
   ec2t_mode: str = "reference"
   gamma: float = 0.2
   init_scale: float = 0.3
+  sustain: float = 0.05
   learning_rate: float = 1e-4
   weight_decay: float = 5e-6
   latent_learning_rate: float = 1e-4
@@ -93,26 +94,33 @@ class PipelineConfig:
   progress: bool = True
 
 
-def make_ec2t_optimizer(config: PipelineConfig,
-                        selection: ec2t.Selection | None = None) -> optax.GradientTransformation:
+def make_ec2t_optimizer(config: PipelineConfig, selection: ec2t.Selection | None = None,
+                        total_steps: int | None = None) -> optax.GradientTransformation:
   """The EC2T optimizer of phases 1 and 2.
 
-  ``reference``: ``ec2t.reference_optimizer`` -- the paper's three Adams
-  (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent
-  weights: ``latent_learning_rate``; centroids: ``centroid_learning_rate``).
-  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``.
+  ``reference``: ``ec2t.ternarize`` with the paper's three Adams, as
+  ``ec2t.reference_optimizer`` (non-ternary params: ``learning_rate`` with L2
+  ``weight_decay``; latent weights: ``latent_learning_rate``; centroids:
+  ``centroid_learning_rate``), constant rates.
+  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``,
+  Adam's ``learning_rate`` decayed to 0 by a cosine over ``total_steps`` (both
+  phases; constant if None).
   ``selection``: which leaves (default: the paper's rule by the tree's order).
   """
   if config.ec2t_mode == "reference":
-    return ec2t.reference_optimizer(
-        gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate, selection=selection)
+    return ec2t.ternarize(
+        optax.chain(optax.add_decayed_weights(config.weight_decay),
+                    optax.adam(config.learning_rate)),
+        optax.adam(config.latent_learning_rate), optax.adam(config.centroid_learning_rate),
+        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+        selection=selection)
   if config.ec2t_mode == "chain":
+    learning_rate = (optax.cosine_decay_schedule(config.learning_rate, total_steps)
+                     if total_steps else config.learning_rate)
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.adam(config.learning_rate),
+                       optax.adam(learning_rate),
                        ec2t.ternarize_transform(gamma=config.gamma, init_scale=config.init_scale,
-                                                selection=selection))
+                                                sustain=config.sustain, selection=selection))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
@@ -246,7 +254,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   # ---- full precision
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
                              "gamma": config.gamma, "init_scale": config.init_scale,
-                             "ec2t_mode": config.ec2t_mode}
+                             "sustain": config.sustain, "ec2t_mode": config.ec2t_mode,
+                             "learning_rate": config.learning_rate}
   fp_steps = max(config.fp_epochs, 1) * train.steps_per_epoch
   fp_tx = config.fp_optimizer(fp_steps) if config.fp_optimizer else optax.adam(1e-3)
   if pretrained is not None:
@@ -270,7 +279,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   order = ec2t.forward_order(
       lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
       params_shape, stats_shape, dummy)
-  tx = make_ec2t_optimizer(config, ec2t.Selection(order=order))
+  tx = make_ec2t_optimizer(
+      config, ec2t.Selection(order=order),
+      (config.phase1_epochs + config.phase2_epochs) * train.steps_per_epoch)
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
