@@ -33,9 +33,17 @@ from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
 from ec2t_jax._src.selection import Rule
 from ec2t_jax._src.selection import Selection
+from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.ec2t import EC2TLeaf
+from ec2t_jax._src.ec2t import ECPLeaf
+from ec2t_jax._src.ec2t import ternarize_transform
+from ec2t_jax._src.reference_mode import reference_optimizer
+from ec2t_jax._src.reference_mode import ternarize
+from ec2t_jax._src.reference_mode import TernarizeReferenceState
 from ec2t_jax._src.state_access import find_ternarize_state
 from ec2t_jax._src.state_access import freeze_assignment
 from ec2t_jax._src.state_access import is_frozen
+from ec2t_jax._src.state_access import set_phase
 from ec2t_jax._src.state_access import ternary_params
 from ec2t_jax._src.summary import LayerSummary
 from ec2t_jax._src.summary import summary
@@ -55,11 +63,8 @@ from ec2t_jax._src.ternary import nearest_centroid_assign
 from ec2t_jax._src.ternary import ternary_entropy
 from ec2t_jax._src.ternary import ternary_values
 from ec2t_jax._src.tracing import forward_order
-from ec2t_jax._src.transform import reference_optimizer
-from ec2t_jax._src.transform import ternarize
-from ec2t_jax._src.transform import ternarize_transform
-from ec2t_jax._src.transform import TernarizeReferenceState
-from ec2t_jax._src.transform import TernarizeState
+
+TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 
 __version__ = "0.1.0"
 
@@ -70,6 +75,8 @@ __all__ = (
     "cluster_counts",
     "cluster_probabilities",
     "describe_selection",
+    "EC2TLeaf",
+    "ECPLeaf",
     "entropy_constrained_assign",
     "export",
     "ExportFormatError",
@@ -91,11 +98,13 @@ __all__ = (
     "mcq",
     "mcq_quantize",
     "nearest_centroid_assign",
+    "QuantizerState",
     "prune_calibrated",
     "reference_optimizer",
     "report",
     "Rule",
     "Selection",
+    "set_phase",
     "summary",
     "Summary",
     "ternarize",

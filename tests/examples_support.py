@@ -58,3 +58,20 @@ def write_random_resnet8_npz(path, seed: int) -> str:
   variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # variances > 0
   np.savez(path, **models.to_state_dict(variables["params"], variables["batch_stats"]))
   return str(path)
+
+
+def leaf_field(raw_ternary_state, name: str) -> dict:
+  """``{path: array}`` of one per-leaf field in a raw (dict) QuantizerState.
+
+  Checkpoints read without a target hold the state's NamedTuples as dicts or
+  lists; this collects e.g. every leaf's ``assignment`` by its path.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(raw_ternary_state["leaves"])
+  out = {}
+  for path, value in flat:
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if keys[-1] == name:
+      out["/".join(keys[:-1])] = value
+  if not out:
+    raise KeyError(f"no per-leaf field {name!r} in the checkpoint's state")
+  return out

@@ -60,5 +60,5 @@ def test_traced_gamma_from_inject_hyperparams_is_checked_when_concrete():
 
 def test_state_helpers_reject_a_state_without_ec2t():
   _, params = init()
-  with pytest.raises(ValueError, match="holds 0 EC2T states"):
+  with pytest.raises(ValueError, match="holds 0 quantizer states"):
     ec2t.summary(optax.adam(1e-3).init(params))

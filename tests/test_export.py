@@ -20,12 +20,15 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from ec2t_jax import export
+from ec2t_jax._src import context_coding
 from ec2t_jax._src import entropy_coding
 from ec2t_jax._src import trees
 from ec2t_jax._src import packing
 from ec2t_jax._src import sources
 from ec2t_jax._src import ternary
 from ec2t_jax._src import export_cli
+
+from tests.export_v1_fixture import v1_tree
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
 OFFICIAL = ("ec2t_spars45", "ec2t_spars64", "ec2t_spars73")
@@ -56,17 +59,17 @@ def _assert_bitwise(actual, expected):
 
 
 def _every_codec_tree():
-  """A small tree whose leaves use each of the six codecs."""
+  """A small tree whose leaves use each of the six codecs this version writes."""
   rng = np.random.default_rng(0)
   sparse = np.zeros(1000, np.float32)
   sparse[rng.choice(1000, 40, replace=False)] = rng.normal(size=40)
   half = np.where(rng.random(64) < 0.5, rng.normal(size=64), 0).astype(np.float32)
   return {
-      "te": _ternary(rng, (32, 8, 3, 3), p=(0.05, 0.9, 0.05)),
+      "tc": _ternary(rng, (32, 8, 3, 3), p=(0.05, 0.9, 0.05)),
       "tb": np.array([0.5, 0, -0.25, 0.5, 0, 0.5, -0.25, 0], np.float32),
       "zs": np.full(64, 1.5, np.float32),
       "raw": rng.normal(size=5).astype(np.float32),
-      "se": sparse,
+      "sc": sparse,
       "sb": half,
   }
 
@@ -207,7 +210,7 @@ def test_float16_option_on_sparse_leaves_matches_a_float16_cast():
   sparse[rng.choice(2000, 100, replace=False)] = rng.normal(size=100)
   sparse[:3] = 1e-9  # underflows to zero in float16
   data = packing.pack({"s": sparse}, float16=True)
-  chex.assert_equal(packing.read_info(data).records[0].codec, "se")
+  chex.assert_equal(packing.read_info(data).records[0].codec, "sc")
   chex.assert_trees_all_equal(packing.unpack(data)["s"],
                               sparse.astype(np.float16).astype(np.float32))
 
@@ -241,7 +244,7 @@ def _large_ternary_layers():
   return layers
 
 
-def test_entropy_coding_is_within_two_percent_of_zeroth_order_entropy_or_below():
+def test_version_1_coder_is_within_two_percent_of_zeroth_order_entropy_or_below():
   for path, w in _large_ternary_layers().items():
     assignment = packing.ternary_parts(w).assignment
     bound = w.size * float(ternary.ternary_entropy(assignment)) / 8
@@ -249,11 +252,74 @@ def test_entropy_coding_is_within_two_percent_of_zeroth_order_entropy_or_below()
     assert coded <= 1.02 * bound, (path, coded, bound)
 
 
-def test_entropy_coding_is_never_larger_than_the_bitmasks():
+def test_context_coding_is_within_two_percent_of_zeroth_order_entropy_or_below():
+  for path, w in _large_ternary_layers().items():
+    assignment = packing.ternary_parts(w).assignment
+    bound = w.size * float(ternary.ternary_entropy(assignment)) / 8
+    coded = len(context_coding.encode(assignment + 1, 3))
+    assert coded <= 1.02 * bound, (path, coded, bound)
+
+
+def test_context_coding_is_never_larger_than_the_bitmasks():
   for path, w in _large_ternary_layers().items():
     a = packing.ternary_parts(w).assignment
     bitmask = (a.size + 7) // 8 + (np.count_nonzero(a) + 7) // 8
-    assert len(entropy_coding.encode_symbols(a + 1, 3)) <= bitmask, path
+    assert len(context_coding.encode(a + 1, 3)) <= bitmask, path
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_ternary_layers_pack_to_at_most_0_92_numel_h0(name):
+  """Issue 11's target: the ternary layers' streams (values included) <= 0.92 numel H0."""
+  state = _official(name)
+  info = packing.read_info(packing.pack(state))
+  records = {r.path: r for r in info.records}
+  packed = bound = 0.0
+  for key, w in state.items():
+    parts = packing.ternary_parts(w)
+    if parts is None:
+      continue
+    record = records[key]
+    tb = 12 + (w.size + 7) // 8 + (np.count_nonzero(w) + 7) // 8
+    tc = 9 + len(context_coding.encode(parts.assignment + 1, 3))
+    chex.assert_equal((record.codec, record.nbytes), min(("tb", tb), ("tc", tc), key=lambda c: c[1]))
+    packed += record.nbytes
+    bound += w.size * float(ternary.ternary_entropy(parts.assignment)) / 8
+  assert packed <= 0.92 * bound, (packed, bound, packed / bound)
+
+
+def test_context_streams_decode_under_every_layout():
+  rng = np.random.default_rng(6)
+  for shape in [(4, 5, 6), (6, 5, 3, 3), (3, 3, 5, 6), (7, 9), (11,)]:
+    for alphabet in (2, 3):
+      s = rng.integers(0, alphabet, size=shape)
+      for layout in context_coding.layouts(shape):
+        data = context_coding.encode(s, alphabet, layout)
+        chex.assert_trees_all_equal(context_coding.decode(data, shape, alphabet),
+                                    s.astype(np.int8))
+
+
+def test_version_1_files_written_by_the_old_writer_still_decode_bitwise():
+  for name, float16 in (("export_v1.ec2t", False), ("export_v1_float16.ec2t", True)):
+    data = (REPO / "tests/data" / name).read_bytes()
+    info, _ = packing.unpack_leaves(data)
+    chex.assert_equal(info.version, 1)
+    chex.assert_equal(sorted({r.codec for r in info.records}), ["raw", "sb", "se", "tb", "te", "zs"])
+    expected = v1_tree()
+    if float16:
+      expected = trees.unflatten(
+          [a.astype(np.float16).astype(a.dtype) if a.dtype in (np.float32, np.float64)
+           and packing.ternary_parts(a) is None else a for _, a in trees.flatten(expected)[0]],
+          trees.flatten(expected)[1])
+    _assert_bitwise(packing.unpack(data), expected)
+
+
+def test_version_1_file_with_a_tampered_stream_is_still_rejected():
+  data = bytearray((REPO / "tests/data/export_v1.ec2t").read_bytes())
+  info = packing.read_info(bytes(data))
+  data[24 + info.header_bytes + 20] ^= 0x10  # inside the first (te) stream
+  body = bytes(data[:-32])
+  with pytest.raises(packing.ExportFormatError):
+    packing.unpack(body + hashlib.sha256(body).digest())
 
 
 def test_symbol_streams_decode_under_every_model_choice():
@@ -315,9 +381,9 @@ def test_wrong_magic_is_reported_as_such():
 
 def test_wrong_version_is_reported_with_the_supported_one():
   data = bytearray(packing.pack({"w": np.ones(3, np.float32)}))
-  struct.pack_into("<H", data, 8, 2)
+  struct.pack_into("<H", data, 8, 3)
   body = bytes(data[:-32])
-  with pytest.raises(packing.ExportFormatError, match="unsupported format version 2.*supports 1"):
+  with pytest.raises(packing.ExportFormatError, match="unsupported format version 3.*supports 1, 2"):
     packing.unpack(body + hashlib.sha256(body).digest())
 
 
@@ -331,7 +397,8 @@ def test_trailing_bytes_are_rejected():
     (lambda h: h["leaves"][0].update(n=h["leaves"][0]["n"] + 1), "add up"),
     (lambda h: h["leaves"][0].update(c="zz"), "corrupt record"),
     (lambda h: h["leaves"][0].update(d="object"), "corrupt record"),
-    (lambda h: h["leaves"][0].update(s=[9999]), "leaf 'te'"),
+    (lambda h: h["leaves"][0].update(s=[9999]), "leaf 'tc'"),
+    (lambda h: h["leaves"][0].update(c="te"), "corrupt record"),  # a version-1 codec
     (lambda h: h["leaves"][1].update(s=[9]), "bit mask"),
     (lambda h: h.update(tree={"d": []}), "leaf records"),
     (lambda h: h["tree"]["d"][0].__setitem__(1, 99), "malformed tree"),
@@ -348,7 +415,7 @@ def test_tampered_entropy_stream_is_caught_by_the_leaf_crc():
   tree = {"w": _ternary(np.random.default_rng(7), (32, 32, 3, 3), p=(0.1, 0.8, 0.1))}
   data = packing.pack(tree)
   info = packing.read_info(data)
-  assert info.records[0].codec == "te"
+  assert info.records[0].codec == "tc"
 
   def flip_crc(header):
     header["leaves"][0]["k"] ^= 1
@@ -396,7 +463,7 @@ def test_cli_exports_an_npz_and_decodes_it_under_the_original_keys(tmp_path, cap
            "bn1.running_var": np.ones(16, np.float32), "file": np.array(3, np.int64)}
   sources.atomic_save_npz(tmp_path / "in.npz", state)
   assert export_cli.main([str(tmp_path / "in.npz"), str(tmp_path / "m.ec2t")]) == 0
-  assert "1 ternary leaves" in capsys.readouterr().out
+  assert "1 ternary leaves, 1 entropy-coded" in capsys.readouterr().out
   assert export_cli.main(["--decode", str(tmp_path / "m.ec2t"), str(tmp_path / "out.npz")]) == 0
   with np.load(tmp_path / "out.npz") as out:
     chex.assert_equal(out.files, list(state))

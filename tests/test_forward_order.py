@@ -1,6 +1,7 @@
 """Forward order: which kernel the computation uses first and last, and the
 selection that keeps the input and output layer in full precision by it."""
 
+import functools
 import warnings
 
 from flax import nnx
@@ -50,9 +51,15 @@ class _DenseFirstLinen(nn.Module):
     return nn.Dense(3)(x.mean((1, 2)))        # Dense_1
 
 
+@functools.cache
+def _linen_params(model_class):
+  # Eager init: a jitted one would return its dicts with sorted keys.
+  return model_class().init(jax.random.key(0), _X)["params"]
+
+
 def _linen(model):
-  params = model.init(jax.random.key(0), _X)["params"]
-  return params, lambda p, x: model.apply({"params": p}, x)
+  return (_linen_params(type(model)),
+          lambda p, x: model.apply({"params": p}, x))
 
 
 def _nnx():
@@ -70,7 +77,7 @@ def _resorted(tree):
 
 def _no_warning(fn, *args):
   with warnings.catch_warnings():
-    warnings.simplefilter("error")
+    warnings.simplefilter("error", UserWarning)
     return fn(*args)
 
 

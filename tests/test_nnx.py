@@ -73,8 +73,8 @@ def test_nnx_freeze_assignment_in_place_keeps_assignment():
   before = ec2t.find_ternarize_state(optimizer)
   _step(model, optimizer, *_batch(1))
   after = ec2t.find_ternarize_state(optimizer)
-  np.testing.assert_array_equal(after.assignment["conv2"]["kernel"],
-                                before.assignment["conv2"]["kernel"])
+  np.testing.assert_array_equal(after.field("assignment")["conv2"]["kernel"],
+                                before.field("assignment")["conv2"]["kernel"])
   np.testing.assert_array_equal(after.latent["fc1"]["kernel"],
                                 before.latent["fc1"]["kernel"])
   assert int(after.count) == int(before.count) + 1

@@ -68,7 +68,7 @@ def test_every_update_lands_on_three_values_above_the_floor(seed, gamma, scale,
   for name in ("Dense_1", "Dense_2"):
     kernel = np.asarray(params[name]["kernel"])
     np.testing.assert_array_equal(kernel, exact[name]["kernel"])
-    w_n, w_p = float(core.w_n[name]["kernel"]), float(core.w_p[name]["kernel"])
+    w_n, w_p = float(core.field("w_n")[name]["kernel"]), float(core.field("w_p")[name]["kernel"])
     assert len(set(kernel.ravel().tolist()) - {0.0}) <= 2
     # Params hold the centroids rounded to a grid of 2^-22 * 2^ceil(log2 max).
     grid = 2.0 ** -21 * max(w_n, w_p)

@@ -168,9 +168,9 @@ def test_reference_mode_equals_numpy_restatement(sign, renormalization):
     key = f"{m}/kernel"
     np.testing.assert_allclose(core.latent[m]["kernel"], latent[key], rtol=2e-5,
                                atol=2e-6)
-    np.testing.assert_allclose(core.w_n[m]["kernel"], w_n[key], rtol=2e-5)
-    np.testing.assert_allclose(core.w_p[m]["kernel"], w_p[key], rtol=2e-5)
-    assert np.mean(np.asarray(core.assignment[m]["kernel"]) == 0) > 0.2
+    np.testing.assert_allclose(core.field("w_n")[m]["kernel"], w_n[key], rtol=2e-5)
+    np.testing.assert_allclose(core.field("w_p")[m]["kernel"], w_p[key], rtol=2e-5)
+    assert np.mean(np.asarray(core.field("assignment")[m]["kernel"]) == 0) > 0.2
 
 
 def test_reference_mode_frozen_keeps_latents_and_latent_optimizer_state():
@@ -185,8 +185,8 @@ def test_reference_mode_frozen_keeps_latents_and_latent_optimizer_state():
   chex.assert_trees_all_equal(new_state.latent_state, state.latent_state)
   np.testing.assert_array_equal(new_state.ternary.latent["Dense_1"]["kernel"],
                                 state.ternary.latent["Dense_1"]["kernel"])
-  assert (float(new_state.ternary.w_p["Dense_1"]["kernel"])
-          != float(state.ternary.w_p["Dense_1"]["kernel"]))
+  assert (float(new_state.ternary.field("w_p")["Dense_1"]["kernel"])
+          != float(state.ternary.field("w_p")["Dense_1"]["kernel"]))
 
 
 def test_reference_mode_skips_a_step_with_nonfinite_gradients():
@@ -202,3 +202,32 @@ def test_reference_mode_skips_a_step_with_nonfinite_gradients():
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
   chex.assert_trees_all_equal(new_state.params_state, state.params_state)
   chex.assert_trees_all_equal(new_state.ternary.latent, state.ternary.latent)
+
+
+# init_scale 0.5 gives w_n = w_p = 0.5 (exact): -0.25 costs 0.0625 as n and as 0
+# (an n/0 tie), 0.25 costs 0.0625 as 0 and as p (a 0/p tie, zero under both rules).
+_TIED = {"w": jnp.array([[-1.0, -0.25], [0.25, 1.0]])}
+
+
+@pytest.mark.parametrize("ties, expected", [
+    ("zero", [[-0.5, 0.0], [0.0, 0.5]]),
+    ("reference", [[-0.5, -0.5], [0.0, 0.5]]),
+])
+@pytest.mark.parametrize("form", ["reference_optimizer", "chain"])
+def test_tie_rule_holds_at_init_and_after_a_step(form, ties, expected):
+  # gamma 0 and no floor: a zero-gradient step reassigns the same tied weights.
+  kwargs = dict(gamma=0.0, init_scale=0.5, floor_factor=0.0,
+                selection=[ec2t.Rule("^w$")], ties=ties)
+  tx = (ec2t.reference_optimizer(**kwargs) if form == "reference_optimizer"
+        else optax.chain(optax.sgd(0.1), ec2t.ternarize_transform(**kwargs)))
+  state = tx.init(_TIED)
+  params = ec2t.ternary_params(_TIED, state)
+  chex.assert_trees_all_equal(params["w"], jnp.array(expected))
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+  params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_equal(params["w"], jnp.array(expected))
+
+
+def test_unknown_tie_rule_is_an_error_at_construction():
+  with pytest.raises(ValueError, match="ties"):
+    ec2t.reference_optimizer(ties="negative")

@@ -67,7 +67,7 @@ def test_json_has_the_documented_keys_and_file_bytes(tmp_path, capsys):
   chex.assert_equal(r["bytes"]["file"], (tmp_path / "m.ec2t").stat().st_size)
   chex.assert_equal(r["bytes"]["measured"], "file")
   layer = next(l for l in r["layers"] if l["path"] == "layer3.2.conv2.weight")
-  assert layer["ternary"] and layer["codec"] == "te"
+  assert layer["ternary"] and layer["codec"] == "tc"
   assert layer["bits_per_weight"] < layer["entropy_bits"]
   chex.assert_equal(sum(l["ternary"] for l in r["layers"]), 18)
 

@@ -22,8 +22,8 @@ def test_summary_rows_match_the_state():
     kernel = np.asarray(params[name]["kernel"])
     assert layer.shape == kernel.shape
     np.testing.assert_allclose(layer.sparsity, np.mean(kernel == 0))
-    np.testing.assert_allclose(layer.w_p, core.w_p[name]["kernel"])
-    np.testing.assert_allclose(layer.lam, core.lam[name]["kernel"])
+    np.testing.assert_allclose(layer.w_p, core.field("w_p")[name]["kernel"])
+    np.testing.assert_allclose(layer.lam, core.field("lam")[name]["kernel"])
     counts = np.array([np.sum(kernel < 0), np.sum(kernel == 0), np.sum(kernel > 0)])
     p = counts[counts > 0] / kernel.size
     np.testing.assert_allclose(layer.entropy, -np.sum(p * np.log2(p)), rtol=1e-5)

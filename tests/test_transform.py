@@ -83,8 +83,8 @@ def test_latent_weights_move_by_the_scaled_update():
   lr = 0.1
   grads, old, new = _one_sgd_step(lr, gamma=0.2)
   for name in TERNARY_LEAVES:
-    a = old.assignment[name]["kernel"]
-    w_n, w_p = old.w_n[name]["kernel"], old.w_p[name]["kernel"]
+    a = old.field("assignment")[name]["kernel"]
+    w_n, w_p = old.field("w_n")[name]["kernel"], old.field("w_p")[name]["kernel"]
     g = grads[name]["kernel"]
     scale = np.where(a > 0, w_p, np.where(a < 0, w_n, 1.0))
     np.testing.assert_allclose(new.latent[name]["kernel"],
@@ -96,12 +96,12 @@ def test_centroids_move_by_the_mean_update_of_their_cluster():
   lr = 0.5
   grads, old, new = _one_sgd_step(lr, gamma=0.0, floor_factor=0.0)
   for name in TERNARY_LEAVES:
-    a = np.asarray(old.assignment[name]["kernel"])
+    a = np.asarray(old.field("assignment")[name]["kernel"])
     u = -lr * np.asarray(grads[name]["kernel"])
-    np.testing.assert_allclose(new.w_p[name]["kernel"],
-                               old.w_p[name]["kernel"] + u[a > 0].mean(), rtol=1e-5)
-    np.testing.assert_allclose(new.w_n[name]["kernel"],
-                               old.w_n[name]["kernel"] - u[a < 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(new.field("w_p")[name]["kernel"],
+                               old.field("w_p")[name]["kernel"] + u[a > 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(new.field("w_n")[name]["kernel"],
+                               old.field("w_n")[name]["kernel"] - u[a < 0].mean(), rtol=1e-5)
 
 
 def test_training_lowers_the_loss():
@@ -169,7 +169,7 @@ def test_ecp_leaf_keeps_latent_values_where_not_pruned():
   core = ec2t.find_ternarize_state(state)
   kernel = np.asarray(params["Dense_0"]["kernel"])
   latent = np.asarray(core.latent["Dense_0"]["kernel"])
-  kept = np.asarray(core.assignment["Dense_0"]["kernel"]) != 0
+  kept = np.asarray(core.field("assignment")["Dense_0"]["kernel"]) != 0
   assert 0 < kept.mean() < 1
   np.testing.assert_array_equal(kernel[~kept], 0.0)
   np.testing.assert_allclose(kernel[kept], latent[kept], rtol=1e-6)
@@ -188,8 +188,8 @@ def test_frozen_assignment_keeps_latents_and_assignment_while_centroids_train():
   updates, after = tx.update(grads, frozen, params)
   before, after_core = ec2t.find_ternarize_state(frozen), ec2t.find_ternarize_state(after)
   chex.assert_trees_all_equal(after_core.latent, before.latent)
-  chex.assert_trees_all_equal(after_core.assignment, before.assignment)
-  assert any(float(after_core.w_p[n]["kernel"]) != float(before.w_p[n]["kernel"])
+  chex.assert_trees_all_equal(after_core.field("assignment"), before.field("assignment"))
+  assert any(float(after_core.field("w_p")[n]["kernel"]) != float(before.field("w_p")[n]["kernel"])
              for n in TERNARY_LEAVES)
   # The inner optimizer's state keeps going, unselected leaves keep training.
   assert int(after[0][0].count) == int(state[0][0].count) + 1
@@ -218,7 +218,7 @@ def test_state_has_the_params_structure_with_none_for_unselected_leaves():
   assert state.latent["Conv_1"]["bias"] is None
   chex.assert_shape(state.latent["Conv_1"]["kernel"],
                     params["Conv_1"]["kernel"].shape)
-  assert state.assignment["Conv_1"]["kernel"].dtype == jnp.int8
+  assert state.field("assignment")["Conv_1"]["kernel"].dtype == jnp.int8
 
 
 @pytest.mark.parametrize("jit", [True, False])
@@ -247,7 +247,7 @@ def test_constant_layer_stays_finite(value):
   tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=0.2))
   params, state, losses = train(model, params, tx, steps=4)
   core = ec2t.find_ternarize_state(state)
-  chex.assert_tree_all_finite((params, core.latent, core.w_n, core.w_p, core.lam))
+  chex.assert_tree_all_finite((params, core.latent, core.field("w_n"), core.field("w_p"), core.field("lam")))
   assert all(np.isfinite(losses))
   chex.assert_trees_all_equal(params, ec2t.ternary_params(params, state))
 

@@ -10,7 +10,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ec2t_jax._src import cli_support
-from ec2t_jax._src.exporting import decode_file, export_file
+from ec2t_jax._src.exporting import decode_file, export_file, export_inference
 from ec2t_jax._src.packing import DEFAULT_MAX_BYTES
 
 
@@ -23,12 +23,17 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("output", help="packed file to write (with --decode: the .npz to write)")
   parser.add_argument("--decode", action="store_true",
                       help="restore INPUT into an .npz under its original keys")
+  parser.add_argument("--inference", action="store_true",
+                      help="inference file: batch norm folded into scale/shift, non-ternary "
+                           "leaves as float16 (lossy for those leaves only, ternary ones bitwise); "
+                           "reads params and batch_stats from checkpoints")
   parser.add_argument("--float16", action="store_true",
                       help="store non-ternary float leaves as float16 (lossy)")
   parser.add_argument("--bitmask-only", action="store_true",
                       help="no entropy coding: ternary leaves as the paper's two bitmasks")
-  parser.add_argument("--keys", default="params",
-                      help="comma-separated checkpoint entries to export (default: params)")
+  parser.add_argument("--keys", default=None,
+                      help="comma-separated checkpoint entries to export (default: params; "
+                           "params,batch_stats with --inference)")
   parser.add_argument("--max-bytes", type=cli_support.byte_size, default=DEFAULT_MAX_BYTES,
                       help="largest input (file and decoded arrays) accepted, e.g. 512M or 8G "
                            "(default: 4G)")
@@ -44,8 +49,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       arrays = decode_file(args.input, args.output, max_bytes=args.max_bytes)
       if not args.quiet:
         print(f"{args.output}: {len(arrays)} arrays restored from {args.input}")
+    elif args.inference:
+      keys = tuple(k for k in (args.keys or "params,batch_stats").split(",") if k)
+      result = export_inference(args.input, args.output, keys=keys, max_bytes=args.max_bytes)
+      if not args.quiet:
+        print(result.summary(args.output) + " (inference: batch norm folded, float16 leaves)")
     else:
-      keys = tuple(k for k in args.keys.split(",") if k)
+      keys = tuple(k for k in (args.keys or "params").split(",") if k)
       result = export_file(args.input, args.output, keys=keys, float16=args.float16,
                            entropy_coding=not args.bitmask_only, max_bytes=args.max_bytes)
       if not args.quiet:

@@ -1,13 +1,13 @@
 """The ``.ec2t`` packed format: a parameter tree in as few bytes as it really takes.
 
-Format, version 1
+Format, version 2
 =================
 
 A file is one byte string, all integers little-endian::
 
     offset  size  field
     0       8     magic  b"\\x89EC2T\\r\\n\\x1a"   (PNG-style: catches text-mode mangling)
-    8       2     u16 format version (1)
+    8       2     u16 format version (2; version-1 files are still read)
     10      2     u16 flags (0; anything else is rejected)
     12      4     u32 H: length of the header
     16      8     u64 P: length of the payload
@@ -26,12 +26,14 @@ tuples, ``None``) and one record per leaf, in order::
 
     {"c": codec, "d": dtype name, "s": shape, "n": stream length in bytes,
      "v": storage dtype of float values (only when it differs, e.g. "float16"),
-     "k": CRC-32 of the decoded leaf (entropy-coded leaves)}
+     "k": CRC-32 of the decoded leaf (range-coded leaves)}
 
 Streams start where the previous one ended; their lengths must add up to P.
 ``meta`` holds the writer, the entropy coder's version and user metadata.
 
-Leaf codecs (the smallest candidate wins, per leaf):
+Leaf codecs (the smallest candidate wins, per leaf; version 2 writes ``raw``,
+``zs``, ``tb``, ``tc``, ``sb``, ``sc``; version 1 had ``te`` and ``se`` in
+place of ``tc`` and ``sc``, and their decoders are kept):
 
 ``raw``  the array's bytes (C order, little-endian), or its float16 copy when
          ``"v": "float16"`` (lossy option for non-ternary float leaves).
@@ -42,14 +44,22 @@ Leaf codecs (the smallest candidate wins, per leaf):
          non-zero mask (``numel`` bits) and the sign mask of the non-zeros
          (``nnz`` bits, 1 = positive), each ``np.packbits(bitorder="little")``
          with zero padding.
-``te``   **ternary, entropy-coded**: the three values, then the assignment
+``te``   (version 1) **ternary, entropy-coded**: the three values, then the assignment
          (``n, 0, p`` as symbols ``0, 1, 2``) range-coded by
          :mod:`entropy_coding` (order 0 or previous-weight context).
+``tc``   **ternary, context-coded** (version 2): ``-w_n`` and ``w_p`` (2 x
+         itemsize raw bytes), one byte ``1`` if the zero is ``-0.0`` else
+         ``0``, then the assignment range-coded under an *adaptive* context
+         model by :mod:`context_coding` (neighbours in the kernel and the
+         density of the weight's filter and input channel; no model bytes).
+``sc``   sparse with a context-coded mask (version 2): u32 mask-stream
+         length, the mask stream (alphabet 2, :mod:`context_coding`), the
+         non-zero values.
 ``sb``   **sparse** (ECP and other leaves with zeros): the non-zero mask
          (``numel`` bits; an element is zero iff all its bytes are zero), then
          the non-zero values (raw, in the storage dtype).
-``se``   sparse with an entropy-coded mask: u32 mask-stream length, the mask
-         stream (alphabet 2), the non-zero values.
+``se``   (version 1) sparse with an entropy-coded mask: u32 mask-stream
+         length, the mask stream (alphabet 2), the non-zero values.
 
 Bounded decoding
 ================
@@ -67,11 +77,14 @@ justify. Before anything is allocated it checks:
 * every record's element count against what its stream can hold: exactly
   ``numel x itemsize`` bytes for ``raw``; at most 1032 bytes per zlib byte
   (deflate's largest expansion) for ``zs``; one mask bit per element for
-  ``tb`` / ``sb``; and for the range-coded streams the bound of
-  :func:`entropy_coding.max_symbols`: a symbol's probability is at most
-  ``1 - (K - 1) f`` where ``f`` is the coder's probability floor, so each
-  symbol costs at least ``c = -log2(1 - (K - 1) f)`` bits and a stream of
-  ``B`` bytes holds at most ``(8 B + 64) / c`` symbols.
+  ``tb`` / ``sb``; and for the range-coded streams a probability floor: a
+  symbol's probability is at most ``1 - (K - 1) f``, so each symbol costs at
+  least ``c = -log2(1 - (K - 1) f)`` bits and a stream of ``B`` bytes holds at
+  most ``(8 B + 64) / c`` symbols. Version 2's ``tc`` / ``sc`` use
+  ``f = 2^-10`` (:func:`context_coding.capacity`: about 2,800 symbols per
+  byte); version 1's ``te`` / ``se`` only have constriction's ``2^-24``
+  (:func:`entropy_coding.max_symbols`), so for them ``max_bytes`` is the
+  real bound.
 
 zlib streams are inflated with a maximum output size and range-coded streams
 are decoded in chunks of :data:`entropy_coding.DECODE_CHUNK` symbols into one
@@ -103,12 +116,13 @@ import constriction
 import ml_dtypes
 import numpy as np
 
+from ec2t_jax._src import context_coding
 from ec2t_jax._src import entropy_coding
 from ec2t_jax._src import trees
 
 MAGIC = b"\x89EC2T\r\n\x1a"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 _FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, H, P
 _DIGEST = 32
 _MIN_SIZE = _FIXED.size + _DIGEST
@@ -117,8 +131,10 @@ _DTYPES = {np.dtype(t).name: np.dtype(t) for t in (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
     np.uint32, np.uint64, np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-CODECS = ("raw", "zs", "tb", "te", "sb", "se")
-TERNARY_CODECS = ("tb", "te")
+CODECS = ("raw", "zs", "tb", "tc", "sb", "sc")  # what this version writes
+CODECS_BY_VERSION = {1: ("raw", "zs", "tb", "te", "sb", "se"), 2: CODECS}
+TERNARY_CODECS = ("tb", "te", "tc")
+RANGE_CODED = ("te", "se", "tc", "sc")
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # decoded arrays a reader accepts by default
 MAX_HEADER_BYTES = 16 * 2**20  # decompressed header JSON
@@ -315,6 +331,30 @@ def _shuffle_decompress(data: bytes, itemsize: int, count: int, what: str) -> by
   return np.frombuffer(planes, np.uint8).reshape(itemsize, count).T.tobytes()
 
 
+def _tc_values(values: np.ndarray) -> bytes:
+  """``-w_n``, ``w_p`` and the sign of the zero (``tc``'s head)."""
+  zero_is_negative = bool(_uint_view(_contiguous(values[1:2]))[0])
+  return _to_le_bytes(values[[0, 2]]) + bytes([zero_is_negative])
+
+
+def _decode_values(record: LeafRecord, stream: bytes, dtype: np.dtype) -> tuple[np.ndarray, int]:
+  """The three values ``[-w_n, zero, w_p]`` at the start of a ternary stream, and their length."""
+  if record.codec == "tc":
+    head = 2 * dtype.itemsize + 1
+    if len(stream) < head or stream[head - 1] > 1:
+      raise ExportFormatError(f"ternary leaf {record.path!r} has a corrupt value header")
+    ends = _from_le_bytes(stream[:head - 1], dtype, 2)
+    zero = np.array([-0.0 if stream[head - 1] else 0.0], dtype)
+    values = np.concatenate([ends[:1], zero, ends[1:]])
+  else:
+    head = 3 * dtype.itemsize
+    values = _from_le_bytes(stream[:head], dtype, 3)
+  v = values.astype(np.float64)
+  if not (v[0] < 0 and v[1] == 0 and v[2] > 0 and np.isfinite(v).all()):
+    raise ExportFormatError(f"ternary leaf {record.path!r} has invalid values {v.tolist()}")
+  return values, head
+
+
 def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
                 parts: Optional[TernaryParts]) -> dict[str, bytes]:
   """Every applicable codec's stream for one leaf."""
@@ -330,7 +370,7 @@ def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
     nonzero = a != 0
     out["tb"] = values + _pack_bits(nonzero) + _pack_bits(a[nonzero] > 0)
     if entropy:
-      out["te"] = values + entropy_coding.encode_symbols(a + 1, 3)
+      out["tc"] = _tc_values(parts.values) + context_coding.encode(a + 1, 3)
     return out
   nonzero = (_uint_view(_contiguous(stored)) != 0)  # of the stored values (float16 may underflow)
   nnz = int(nonzero.sum())
@@ -339,8 +379,8 @@ def _candidates(array: np.ndarray, storage: np.dtype, entropy: bool,
     if (array.size + 7) // 8 + len(dense_values) < len(raw):
       out["sb"] = _pack_bits(nonzero) + dense_values
       if entropy and 0 < nnz:
-        mask = entropy_coding.encode_symbols(nonzero.astype(np.int8), 2)
-        out["se"] = struct.pack("<I", len(mask)) + mask + dense_values
+        mask = context_coding.encode(nonzero.astype(np.int8), 2)
+        out["sc"] = struct.pack("<I", len(mask)) + mask + dense_values
   return out
 
 
@@ -366,7 +406,7 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   record = {"c": codec, "d": array.dtype.name, "s": list(array.shape), "n": len(allowed[codec])}
   if storage != array.dtype:
     record["v"] = storage.name
-  if codec in ("te", "se"):  # CRC of what decoding must give back
+  if codec in RANGE_CODED:  # CRC of what decoding must give back
     decoded = array if storage == array.dtype else array.astype(storage).astype(array.dtype)
     record["k"] = zlib.crc32(_to_le_bytes(decoded))
   return record, allowed[codec]
@@ -383,11 +423,7 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
   elif codec in TERNARY_CODECS:
     if storage != dtype or dtype.name not in _FLOAT_NAMES:
       raise ExportFormatError(f"ternary leaf {record.path!r} has dtype {dtype}/{storage}")
-    head = 3 * dtype.itemsize
-    values = _from_le_bytes(stream[:head], dtype, 3)
-    v = values.astype(np.float64)
-    if not (v[0] < 0 and v[1] == 0 and v[2] > 0 and np.isfinite(v).all()):
-      raise ExportFormatError(f"ternary leaf {record.path!r} has invalid values {v.tolist()}")
+    values, head = _decode_values(record, stream, dtype)
     if codec == "tb":
       nonzero = _unpack_bits(stream[head:head + (count + 7) // 8], count)
       nnz = int(nonzero.sum())
@@ -396,11 +432,12 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
       symbols[nonzero] = np.where(positive, 2, 0)
     else:
       try:
-        symbols = entropy_coding.decode_symbols(stream[head:], record.shape, 3).reshape(-1)
-      except entropy_coding.CodingError as e:
+        decode = entropy_coding.decode_symbols if codec == "te" else context_coding.decode
+        symbols = decode(stream[head:], record.shape, 3).reshape(-1)
+      except (entropy_coding.CodingError, context_coding.CodingError) as e:
         raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
     flat = values[symbols]
-  elif codec in ("sb", "se"):
+  elif codec in ("sb", "se", "sc"):
     if codec == "sb":
       nonzero = _unpack_bits(stream[:(count + 7) // 8], count)
       rest = stream[(count + 7) // 8:]
@@ -411,8 +448,12 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
       if 4 + length > len(stream):
         raise ExportFormatError(f"leaf {record.path!r}: truncated mask stream")
       try:
-        nonzero = entropy_coding.decode_symbols(stream[4:4 + length], (count,), 2).astype(bool)
-      except entropy_coding.CodingError as e:
+        if codec == "se":
+          nonzero = entropy_coding.decode_symbols(stream[4:4 + length], (count,), 2)
+        else:
+          nonzero = context_coding.decode(stream[4:4 + length], record.shape, 2)
+        nonzero = nonzero.reshape(-1).astype(bool)
+      except (entropy_coding.CodingError, context_coding.CodingError) as e:
         raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
       rest = stream[4 + length:]
     values = _from_le_bytes(rest, storage, int(nonzero.sum()))
@@ -431,7 +472,7 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
 
 
 def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
-         codecs=None, metadata: Optional[dict] = None) -> bytes:
+         codecs=None, metadata: Optional[dict] = None, full_precision=()) -> bytes:
   """Encodes a parameter tree into the packed format.
 
   Args:
@@ -439,11 +480,12 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
       ``nnx.State`` or its ``to_pure_dict()``, an ``.npz`` state dict).
     float16: store non-ternary float32/float64 leaves as float16 (lossy; they
       come back in their original dtype). Ternary leaves stay exact.
-    entropy_coding: allow the entropy-coded codecs (``te``, ``se``); with False
+    entropy_coding: allow the range-coded codecs (``tc``, ``sc``); with False
       ternary leaves use the paper's bitmasks.
     codecs: optional set restricting the codecs (``raw`` always needed as a
       fallback for leaves no other codec applies to).
     metadata: JSON-able dict stored in the header under ``meta["user"]``.
+    full_precision: leaf paths kept in their own dtype even with ``float16``.
 
   Returns:
     The file's bytes.
@@ -454,7 +496,8 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
   leaves, structure = trees.flatten(tree)
   records, streams = [], []
   for path, array in leaves:
-    record, stream = _encode_leaf(path, array, float16=float16, entropy=entropy_coding,
+    record, stream = _encode_leaf(path, array, float16=float16 and path not in full_precision,
+                                  entropy=entropy_coding,
                                   codecs=None if codecs is None else set(codecs))
     records.append(record)
     streams.append(stream)
@@ -477,8 +520,8 @@ def _constriction_version() -> str:
     return getattr(constriction, "__version__", "unknown")
 
 
-def _check_container(data: bytes) -> tuple[int, int]:
-  """Validates magic, version, flags, size and checksum; returns (H, P)."""
+def _check_container(data: bytes) -> tuple[int, int, int]:
+  """Validates magic, version, flags, size and checksum; returns (version, H, P)."""
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise TypeError(f"expected bytes, got {type(data).__name__}")
   data = bytes(data)
@@ -503,18 +546,19 @@ def _check_container(data: bytes) -> tuple[int, int]:
                             f"(file has {len(data)} bytes, its header announces {expected})")
   if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
     raise ExportFormatError("checksum mismatch: the file is corrupted")
-  return header_len, payload_len
+  return version, header_len, payload_len
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STEP = np.zeros(256, np.int64)
+_JSON_STEP[[ord("["), ord("{")]] = 1
+_JSON_STEP[[ord("]"), ord("}")]] = -1
 
 
 def _json_depth(text: bytes) -> int:
   """Largest nesting depth of ``[`` / ``{`` outside strings (no recursion)."""
   codes = np.frombuffer(_JSON_STRING.sub(b'""', text), np.uint8)
-  steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
-           - np.isin(codes, (ord("]"), ord("}"))))
-  return int(np.cumsum(steps).max(initial=0))
+  return int(np.cumsum(_JSON_STEP[codes]).max(initial=0))
 
 
 def _load_header_json(data: bytes, max_bytes: int):
@@ -534,7 +578,7 @@ def _is_count(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _record(path: str, r) -> LeafRecord:
+def _record(path: str, r, version: int) -> LeafRecord:
   """Validates one raw header record (types and ranges, not yet sizes)."""
   try:
     codec, dtype, shape, nbytes = r["c"], r["d"], r["s"], r["n"]
@@ -545,7 +589,7 @@ def _record(path: str, r) -> LeafRecord:
           and math.prod(n for n in shape if n) <= MAX_DIM
           and (crc is None or _is_count(crc)) and isinstance(codec, str)
           and isinstance(dtype, str) and isinstance(storage, str)
-          and codec in CODECS and dtype in _DTYPES and storage in _DTYPES
+          and codec in CODECS_BY_VERSION[version] and dtype in _DTYPES and storage in _DTYPES
           and _is_count(nbytes)
           and (storage == dtype or (storage == "float16" and dtype in ("float32", "float64"))))
   except (TypeError, KeyError, AttributeError) as e:
@@ -571,15 +615,20 @@ def _check_capacity(record: LeafRecord) -> None:
     ok = size >= head and count <= entropy_coding.max_symbols(size - head, 3)
   elif codec == "sb":
     ok = mask <= size <= mask + count * item
-  else:  # "se"
+  elif codec == "se":
     ok = size >= 4 and count <= entropy_coding.max_symbols(size - 4, 2)
+  elif codec == "tc":
+    head = 2 * item + 1
+    ok = size > head and 0 < count <= context_coding.capacity(size - head, 3)
+  else:  # "sc"
+    ok = size > 4 and 0 < count <= context_coding.capacity(size - 4, 2)
   if not ok:
     raise ExportFormatError(
         f"leaf {record.path!r}: a {size:,}-byte {codec!r} stream cannot hold "
         f"{count:,} elements of shape {record.shape}")
 
 
-def _parse_header(data: bytes, header_len: int, payload_len: int,
+def _parse_header(data: bytes, version: int, header_len: int, payload_len: int,
                   max_bytes: int) -> PackedInfo:
   start = _FIXED.size
   header = _load_header_json(data[start:start + header_len], max_bytes)
@@ -599,7 +648,7 @@ def _parse_header(data: bytes, header_len: int, payload_len: int,
   if len(paths) != len(raw_records):
     raise ExportFormatError(f"corrupt header: {len(raw_records)} leaf records for "
                             f"{len(paths)} tree leaves")
-  records = [_record(path, r) for path, r in zip(paths, raw_records)]
+  records = [_record(path, r, version) for path, r in zip(paths, raw_records)]
   if sum(r.nbytes for r in records) != payload_len:
     raise ExportFormatError("corrupt header: leaf stream lengths do not add up to the payload")
   decoded = sum(r.numel * _DTYPES[r.dtype].itemsize for r in records)
@@ -609,7 +658,7 @@ def _parse_header(data: bytes, header_len: int, payload_len: int,
   for record in records:
     _check_capacity(record)
   meta = header["meta"] if isinstance(header["meta"], dict) else {}
-  return PackedInfo(FORMAT_VERSION, records, header["tree"], meta, header_len, payload_len,
+  return PackedInfo(version, records, header["tree"], meta, header_len, payload_len,
                     _FIXED.size + header_len + payload_len + _DIGEST)
 
 
@@ -631,8 +680,8 @@ def read_info(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> PackedInfo:
       declaring more than ``max_bytes`` or more than its streams can hold.
   """
   max_bytes = _check_max_bytes(max_bytes)
-  header_len, payload_len = _check_container(data)
-  return _parse_header(bytes(data), header_len, payload_len, max_bytes)
+  version, header_len, payload_len = _check_container(data)
+  return _parse_header(bytes(data), version, header_len, payload_len, max_bytes)
 
 
 def unpack_leaves(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES

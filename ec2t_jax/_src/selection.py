@@ -28,8 +28,9 @@ Which published numbers each default reproduces:
    names, Linen and NNX);
 2. the order the tree itself carries: a Linen params dict fresh from
    ``model.init`` has its keys in call order. Tree operations such as
-   ``jax.tree.map`` and ``optax.apply_updates`` return dicts with *sorted*
-   keys, and ``nnx.State`` is always sorted, so this order is lost after them;
+   ``jax.tree.map``, ``optax.apply_updates`` and the outputs of ``jax.jit``
+   return dicts with *sorted* keys, and ``nnx.State`` is always sorted, so
+   this order is lost after them;
 3. natural-sort order of the paths, where digit runs compare as numbers
    (``Conv_2 < Conv_10``). Right for auto-named models (``Conv_0, Dense_1``,
    ``layers/0``) whose layers of one kind run in index order; for other names

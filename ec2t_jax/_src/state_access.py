@@ -1,8 +1,9 @@
-"""Reading and switching EC2T state inside any optimizer state.
+"""Reading and switching a method's state inside any optimizer state.
 
-The functions here find :class:`TernarizeState` wherever it sits (inside
+The functions here find the :class:`QuantizerState` wherever it sits (inside
 ``optax.chain``, ``optax.inject_hyperparams``, :func:`ternarize`, or an
-``nnx.Optimizer``), so users never index into optimizer states by hand.
+``nnx.Optimizer``), so users never index into optimizer states by hand. They
+work for every method built on the shared core.
 """
 
 from __future__ import annotations
@@ -12,41 +13,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ec2t_jax._src import transform
+from ec2t_jax._src import core
 from ec2t_jax._src.trees import nnx_optimizer_type
 from ec2t_jax._src.trees import pure_tree
 
 
-def _is_ternarize_state(x) -> bool:
-  return isinstance(x, transform.TernarizeState)
+def _is_quantizer_state(x) -> bool:
+  return isinstance(x, core.QuantizerState)
 
 
-def find_ternarize_state(opt_state) -> transform.TernarizeState:
-  """Returns the one :class:`TernarizeState` inside ``opt_state``.
+def _find_all(opt_state) -> list:
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_quantizer_state)
+          if _is_quantizer_state(x)]
+
+
+def find_ternarize_state(opt_state) -> core.QuantizerState:
+  """Returns the one :class:`QuantizerState` inside ``opt_state``.
 
   Args:
-    opt_state: any optimizer state (or an ``nnx.Optimizer``) built with
-      :func:`ternarize_transform` or :func:`ternarize`.
+    opt_state: any optimizer state (or an ``nnx.Optimizer``) built with one
+      of the library's transformations (:func:`ternarize_transform`,
+      :func:`ternarize`, ...).
 
   Raises:
     ValueError: if there is no such state, or more than one.
   """
-  found = [x for x in jax.tree.leaves(pure_tree(opt_state),
-                                      is_leaf=_is_ternarize_state)
-           if _is_ternarize_state(x)]
+  found = _find_all(pure_tree(opt_state))
   if len(found) != 1:
     raise ValueError(
-        f"opt_state holds {len(found)} EC2T states; expected exactly one (was "
-        "the optimizer built with ec2t.ternarize_transform or ec2t.ternarize?)")
+        f"opt_state holds {len(found)} quantizer states; expected exactly one "
+        "(was the optimizer built with ec2t.ternarize_transform, ec2t.ternarize"
+        " or another ec2t method?)")
   return found[0]
 
 
 def ternary_params(params, opt_state):
-  """``params`` with every selected leaf replaced by its current ternary value.
+  """``params`` with every selected leaf replaced by its current quantized value.
 
   Call it once right after ``init`` so that the very first forward pass is
-  already ternary (``init`` cannot change params; later steps keep them
-  ternary by themselves)::
+  already quantized (``init`` cannot change params; later steps keep them on
+  the grid by themselves)::
 
     opt_state = tx.init(params)
     params = ec2t.ternary_params(params, opt_state)
@@ -66,28 +72,53 @@ def ternary_params(params, opt_state):
   """
   state = find_ternarize_state(opt_state)
   params = pure_tree(params)
+  core.check_same_tree("params", params, state.leaves)
   leaves, treedef = jax.tree.flatten(params)
-  fields = [treedef.flatten_up_to(t) for t in
-            (state.latent, state.w_n, state.w_p, state.assignment, state.ecp)]
-  out = []
-  for leaf, (latent, w_n, w_p, a, ecp) in zip(leaves, zip(*fields)):
-    if latent is None:
-      out.append(leaf)
-    else:
-      leaf_state = transform.LeafState(latent, w_n, w_p, a, None)
-      dtype = jnp.asarray(leaf).dtype
-      out.append(jnp.where(ecp, transform.leaf_value(leaf_state, True, dtype),
-                           transform.leaf_value(leaf_state, False, dtype)))
+  states, _ = core.flat_leaf_states(state.leaves)
+  out = [p if leaf is None else leaf.value(jnp.asarray(p).dtype)
+         for p, leaf in zip(leaves, states)]
   return treedef.unflatten(out)
+
+
+def set_phase(opt_state, phase: int):
+  """Sets the training phase, keeping the optimizer and its state.
+
+  Phase 0 is the first phase. EC2T's phase 2 (frozen assignment) is phase 1
+  (see :func:`freeze_assignment`); staged methods number their stages. Works
+  with any state that holds a :class:`QuantizerState` and, in place, with an
+  ``nnx.Optimizer``.
+
+  Args:
+    opt_state: the optimizer state, or an ``nnx.Optimizer`` (changed in place).
+    phase: the new phase, an int ``>= 0``.
+
+  Returns:
+    The new optimizer state (the same ``nnx.Optimizer`` for NNX).
+
+  Example:
+    >>> opt_state = ec2t.set_phase(opt_state, 1)
+  """
+  if isinstance(phase, bool) or int(phase) != phase or phase < 0:
+    raise ValueError(f"phase must be an int >= 0, got {phase!r}")
+  value = jnp.asarray(phase, jnp.int32)
+  if isinstance(opt_state, nnx_optimizer_type()):
+    states = _find_all(opt_state.opt_state)
+    if len(states) != 1:
+      find_ternarize_state(opt_state)  # raises the error
+    states[0].phase.set_value(value)
+    return opt_state
+  find_ternarize_state(opt_state)
+  return jax.tree.map(
+      lambda x: x._replace(phase=value) if _is_quantizer_state(x) else x,
+      opt_state, is_leaf=_is_quantizer_state)
 
 
 def freeze_assignment(opt_state, frozen: bool = True):
   """Switches EC2T to phase 2 (or back), keeping the optimizer and its state.
 
   While frozen, the assignment and the latent weights stay as they are; the
-  centroids and the non-ternarized params keep training. Works with any state
-  that holds a :class:`TernarizeState` (chains, ``inject_hyperparams``,
-  :func:`ternarize`) and, in place, with an ``nnx.Optimizer``.
+  centroids and the non-ternarized params keep training. Same as
+  ``set_phase(opt_state, 1 if frozen else 0)``.
 
   Args:
     opt_state: the optimizer state, or an ``nnx.Optimizer`` (changed in place).
@@ -99,19 +130,7 @@ def freeze_assignment(opt_state, frozen: bool = True):
   Example:
     >>> opt_state = ec2t.freeze_assignment(opt_state)
   """
-  if isinstance(opt_state, nnx_optimizer_type()):
-    states = [x for x in jax.tree.leaves(opt_state.opt_state,
-                                         is_leaf=_is_ternarize_state)
-              if _is_ternarize_state(x)]
-    if len(states) != 1:
-      find_ternarize_state(opt_state)  # raises the error
-    states[0].frozen.set_value(jnp.asarray(frozen))
-    return opt_state
-  find_ternarize_state(opt_state)
-  return jax.tree.map(
-      lambda x: x._replace(frozen=jnp.asarray(frozen))
-      if _is_ternarize_state(x) else x,
-      opt_state, is_leaf=_is_ternarize_state)
+  return set_phase(opt_state, 1 if frozen else 0)
 
 
 def is_frozen(opt_state) -> Any:

@@ -1,33 +1,57 @@
-"""Per-layer introspection of a ternarized model: ``ec2t.summary``."""
+"""Per-layer introspection of a quantized model: ``ec2t.summary``."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from ec2t_jax._src import core
 from ec2t_jax._src import state_access
-from ec2t_jax._src import ternary
 from ec2t_jax._src.trees import path_to_str
+
+
+def value_entropy(values) -> float:
+  """Zeroth-order entropy of an array's values, in bits per element.
+
+  .. math:: H = -\\sum_v P_v \\log_2 P_v
+
+  over the distinct values ``v`` with their frequencies ``P_v``. For a
+  ternary layer it equals :func:`~ec2t_jax.ternary_entropy` of its assignment.
+
+  Example:
+    >>> value_entropy(np.array([0.5, -0.2, 0.0, 0.0]))
+    1.5
+  """
+  _, counts = np.unique(np.asarray(values).ravel(), return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
 
 
 class LayerSummary(NamedTuple):
   """One selected leaf.
 
-  ``sparsity`` is the fraction of zeros; ``entropy`` the zeroth-order entropy
-  of the assignment in bits/weight; ``lam`` the lambda of the last assignment.
+  ``sparsity`` is the fraction of zeros of the quantized value; ``entropy``
+  the zeroth-order entropy of its values in bits/weight; ``levels`` the
+  number of distinct values; ``stats`` the method's own scalars (EC2T:
+  ``w_n``, ``w_p``, ``lam``), also readable as attributes (``row.w_p``).
   """
   path: str
   shape: tuple[int, ...]
   mode: str
   sparsity: float
-  w_n: float
-  w_p: float
-  lam: float
   entropy: float
+  levels: int
+  stats: dict
+
+  def __getattr__(self, name):
+    try:
+      return self.stats[name]
+    except KeyError:
+      raise AttributeError(name) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +60,19 @@ class Summary:
 
   Totals: ``numel`` (selected weights), ``zeros``, ``sparsity`` (zeros over
   selected weights) and ``entropy`` (numel-weighted mean bits/weight).
+  ``nonfinite_count`` and ``invalid_hyper_count`` count the skipped steps
+  (see :class:`~ec2t_jax.QuantizerState`).
   """
   layers: tuple[LayerSummary, ...]
   step: int
-  frozen: bool
+  phase: int
+  method: str = ""
+  nonfinite_count: int = 0
+  invalid_hyper_count: int = 0
+
+  @property
+  def frozen(self) -> bool:
+    return self.phase >= 1
 
   @property
   def totals(self) -> dict:
@@ -51,35 +84,48 @@ class Summary:
             "entropy": bits / numel if numel else 0.0}
 
   def to_dict(self) -> dict:
-    return {"step": self.step, "frozen": self.frozen,
+    return {"step": self.step, "phase": self.phase, "frozen": self.frozen,
+            "nonfinite_count": self.nonfinite_count,
+            "invalid_hyper_count": self.invalid_hyper_count,
             "layers": [l._asdict() for l in self.layers],
             "totals": self.totals}
 
   def __str__(self) -> str:
-    header = ("path", "shape", "mode", "sparsity", "w_n", "w_p", "lambda",
+    stat_names = list(dict.fromkeys(k for l in self.layers for k in l.stats))
+    header = ("path", "shape", "mode", "sparsity", *stat_names, "levels",
               "bits/w")
+    fmt = lambda v: "" if v is None else f"{v:.4g}"
     rows = [header] + [
         (l.path, "x".join(map(str, l.shape)), l.mode, f"{l.sparsity:.1%}",
-         f"{l.w_n:.4g}", f"{l.w_p:.4g}", f"{l.lam:.3g}", f"{l.entropy:.3f}")
-        for l in self.layers]
+         *(fmt(l.stats.get(k)) for k in stat_names), str(l.levels),
+         f"{l.entropy:.3f}") for l in self.layers]
     t = self.totals
-    rows.append(("total", str(t["numel"]), "", f"{t['sparsity']:.1%}", "", "",
-                 "", f"{t['entropy']:.3f}"))
+    rows.append(("total", str(t["numel"]), "", f"{t['sparsity']:.1%}",
+                 *([""] * (len(stat_names) + 1)), f"{t['entropy']:.3f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     lines = ["  ".join(v.ljust(w) if c == 0 else v.rjust(w)
                        for c, (v, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(-1, "-" * len(lines[0]))
-    phase = "phase 2 (assignment frozen)" if self.frozen else "phase 1"
-    return f"EC2T summary at step {self.step}, {phase}\n" + "\n".join(lines)
+    phase = ("phase 2 (assignment frozen)" if self.phase == 1
+             else f"phase {self.phase + 1}")
+    skipped = (f"skipped steps: {self.nonfinite_count} with non-finite updates,"
+               f" {self.invalid_hyper_count} with invalid hyperparameters")
+    return (f"{self.method} summary at step {self.step}, {phase}\n" + "\n".join(lines)
+            + "\n" + skipped)
+
+
+def _scalar(x: Any):
+  x = np.asarray(x)
+  return x.item() if x.size == 1 else float(np.mean(x))
 
 
 def summary(opt_state) -> Summary:
-  """Summarises every ternarized (or ECP) leaf of an EC2T optimizer state.
+  """Summarises every selected leaf of a method's optimizer state.
 
   Args:
-    opt_state: an optimizer state holding a :class:`TernarizeState`, or an
-      ``nnx.Optimizer``.
+    opt_state: an optimizer state holding a :class:`QuantizerState` (any of
+      the library's methods), or an ``nnx.Optimizer``.
 
   Returns:
     A :class:`Summary`: ``print(s)`` for a table, ``s.layers`` / ``s.totals``
@@ -89,15 +135,23 @@ def summary(opt_state) -> Summary:
     >>> print(ec2t.summary(opt_state))
   """
   state = state_access.find_ternarize_state(opt_state)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state.latent)
-  fields = [treedef.flatten_up_to(t) for t in
-            (state.w_n, state.w_p, state.assignment, state.lam, state.ecp)]
-  layers = []
-  for (path, latent), (w_n, w_p, a, lam, ecp) in zip(flat, zip(*fields)):
-    a = np.asarray(a)
+  states, treedef = core.flat_leaf_states(state.leaves)
+  paths, _ = jax.tree_util.tree_flatten_with_path(
+      treedef.unflatten([0] * len(states)))
+  layers, methods = [], []
+  for (path, _), leaf in zip(paths, states):
+    if leaf is None:
+      continue
+    value = np.asarray(leaf.value(np.float32))
+    described = leaf.describe()
+    methods.append(described.get("method", type(leaf).__name__))
+    stats = {k: v for k, v in described.items() if k not in ("method", "mode")}
     layers.append(LayerSummary(
-        path=path_to_str(path), shape=tuple(latent.shape),
-        mode="ecp" if bool(ecp) else "ternary",
-        sparsity=float(np.mean(a == 0)), w_n=float(w_n), w_p=float(w_p),
-        lam=float(lam), entropy=float(ternary.ternary_entropy(a))))
-  return Summary(tuple(layers), int(state.count), bool(state.frozen))
+        path=path_to_str(path), shape=tuple(value.shape),
+        mode=described.get("mode", methods[-1]),
+        sparsity=float(np.mean(value == 0)), entropy=value_entropy(value),
+        levels=int(np.unique(value).size),
+        stats={k: _scalar(v) for k, v in stats.items()}))
+  return Summary(tuple(layers), int(state.count), int(state.phase),
+                 ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
+                 int(state.invalid_hyper_count))

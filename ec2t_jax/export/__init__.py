@@ -2,12 +2,15 @@
 
 A ternary layer is stored as its assignment plus two values: either the
 paper's two bitmasks (non-zero mask + sign mask) or range-coded with
-``constriction`` under an order-0 or previous-weight context model, whichever
+``constriction`` under an adaptive context model (neighbours in the kernel,
+density of the weight's filter and input channel; no model bytes), whichever
 is smaller; ECP and other sparse leaves store their non-zero positions the same
 way and their values as floats; everything else is stored as is (float16 on
-request). The file is versioned, has a magic number and a SHA-256 checksum,
-and restores the same tree with bitwise-identical arrays. The format is
-specified in :mod:`ec2t_jax._src.packing`.
+request). The file is versioned (version 2; version-1 files are still read),
+has a magic number and a SHA-256 checksum, and restores the same tree with
+bitwise-identical arrays. The format is specified in
+:mod:`ec2t_jax._src.packing`, the context model in
+:mod:`ec2t_jax._src.context_coding`.
 
 Python API::
 
@@ -16,11 +19,20 @@ Python API::
     params = export.load("model.ec2t")          # the same tree, numpy arrays
     export.export_file("ckpt_dir", "model.ec2t")  # orbax checkpoint / .npz -> packed
     export.decode_file("model.ec2t", "model.npz")
+    export.export_inference("ckpt.npz", "model.ec2t")  # inference file
+    state = export.load_inference("model.ec2t")   # batch norms as scale/shift
 
 Command line::
 
     python -m ec2t_jax.export IN OUT [--float16] [--bitmask-only] [--keys params]
     python -m ec2t_jax.export --decode IN OUT.npz [--max-bytes 4G]
+    python -m ec2t_jax.export --inference IN OUT   # batch norm folded, float16 elsewhere
+
+``--inference`` (:func:`export_inference`) folds each batch norm into a
+per-channel scale and shift and stores every non-ternary float leaf as
+float16: lossy for those leaves only, bitwise for the ternary ones. Read it
+back with :func:`load_inference` (a model-ready tree whose batch norms compute
+``scale * x + shift``) or :func:`load_ternary`.
 
 Reading is bounded: ``load``, ``load_ternary``, ``decode_file`` and the CLI
 take ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`, 4 GiB), the largest file
@@ -34,8 +46,10 @@ loaded dict back with ``nnx.replace_by_pure_dict(state, loaded)`` then
 :func:`load_ternary` and :mod:`ec2t_jax._src.inference`.
 """
 
-from ec2t_jax._src.exporting import (ExportResult, decode_file, export_file, load,
-                                     load_ternary, save)
+from ec2t_jax._src.exporting import (ExportResult, decode_file, export_file,
+                                     export_inference, load, load_inference, load_ternary,
+                                     save)
+from ec2t_jax._src.inference_export import fold_batch_norm, unfold_batch_norm
 from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
                                    ExportFormatError, LeafRecord, PackedInfo, pack, read_info,
@@ -45,5 +59,6 @@ from ec2t_jax._src.sources import load_tree
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",
     "ExportResult", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
-    "load", "load_ternary", "load_tree", "pack", "read_info", "save", "ternary_parts", "unpack",
+    "export_inference", "fold_batch_norm", "load", "load_inference", "load_ternary",
+    "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
 ]

@@ -1,0 +1,279 @@
+"""EC2T as a method of the shared core: its per-leaf state and step.
+
+The pure math lives in ``_src/ternary.py``; this module says what one selected
+leaf holds (:class:`EC2TLeaf`, or :class:`ECPLeaf` for entropy-constrained
+pruning) and how one step moves it (:func:`advance_leaf`). The chain form
+(:func:`ternarize_transform`) and the exact-reference mode
+(``_src/reference_mode.py``) differ only in where the latent and centroid
+steps come from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import ternary
+
+
+class EC2TLeaf(NamedTuple):
+  """State of one ternarized leaf.
+
+  Attributes:
+    latent: latent full-precision weights ``W`` (``latent_dtype``, same shape
+      and sharding as the param).
+    w_n: magnitude of the negative centroid (float32 scalar).
+    w_p: value of the positive centroid (float32 scalar).
+    assignment: ``int8`` assignment in ``{-1, 0, 1}``.
+    lam: lambda used by the last assignment (float32 scalar).
+  """
+  latent: jax.Array
+  w_n: jax.Array
+  w_p: jax.Array
+  assignment: jax.Array
+  lam: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``T`` with both centroids snapped to one grid (exact landing)."""
+    w_n, w_p = core.snap_to_grid(jnp.stack([self.w_n, self.w_p]), dtype)
+    return ternary.ternary_values(self.assignment, w_n, w_p, dtype)
+
+  def describe(self) -> dict:
+    return {"method": "EC2T", "mode": "ternary", "w_n": self.w_n,
+            "w_p": self.w_p, "lam": self.lam}
+
+
+class ECPLeaf(EC2TLeaf):
+  """State of one entropy-constrained *pruned* leaf (reference section 7).
+
+  Same fields as :class:`EC2TLeaf`; the param is ``W`` where the assignment
+  is non-zero and 0 elsewhere, and the centroids are the means of the
+  non-zero clusters.
+  """
+  __slots__ = ()
+
+  def value(self, dtype) -> jax.Array:
+    return jnp.where(self.assignment == 0, 0, self.latent).astype(dtype)
+
+  def describe(self) -> dict:
+    return {**super().describe(), "mode": "ecp"}
+
+
+class EC2THyper(NamedTuple):
+  """EC2T's numeric hyperparameters (see :func:`ternarize_transform`)."""
+  gamma: Any = 0.0
+  init_scale: Any = 0.3
+  floor_factor: Any = 0.675
+  zero_floor: Any = 0.5
+  sustain: Any = 0.05
+  centroid_update_scale: Any = 1.0
+
+
+HYPER_RANGES = {
+    "gamma": core.Range(0.0, 1.0),
+    "init_scale": core.Range(0.0, low_open=True),
+    "floor_factor": core.Range(0.0),
+    "zero_floor": core.Range(0.0, 1.0, low_open=True),
+    "sustain": core.Range(0.0),
+    "centroid_update_scale": core.Range(0.0),
+}
+
+
+def cluster_mean(values, mask, fallback):
+  """Mean of ``values`` over ``mask`` (``fallback`` if the mask is empty)."""
+  count = jnp.sum(mask)
+  total = jnp.sum(jnp.where(mask, values, 0.0), dtype=jnp.float32)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), fallback)
+
+
+def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
+            renormalization, ties):
+  gamma = hyper.gamma if ctx.gamma is None else ctx.gamma
+  size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
+  return ternary.entropy_constrained_assign(
+      latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
+      zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties)
+
+
+def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
+              latent_dtype, ties="zero") -> EC2TLeaf:
+  """Centroids ``s |min W|, s |max W|`` and the nearest-centroid assignment."""
+  latent = jnp.asarray(param).astype(latent_dtype)
+  w_n, w_p = ternary.initial_centroids(latent, hyper.init_scale)
+  cls = ECPLeaf if ctx.mode == "ecp" else EC2TLeaf
+  return cls(latent, w_n, w_p,
+             ternary.nearest_centroid_assign(latent, w_n, w_p, ties=ties),
+             jnp.zeros((), jnp.float32))
+
+
+def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
+                 phase, *, renormalization, ties="zero") -> EC2TLeaf:
+  """One EC2T step of one leaf, given the latent and centroid increments.
+
+  Order as in the reference: move the latent weights (unless frozen, i.e.
+  ``phase >= 1``) and the centroids, floor the centroids at
+  ``floor_factor * std(W)``, reassign (unless frozen). An ECP leaf's
+  centroids are the means of its non-zero clusters instead.
+
+  Args:
+    leaf: the old state.
+    latent_step: increment of the latent weights.
+    centroid_step: ``(step_n, step_p)`` increments of ``w_n`` and ``w_p``
+      (ignored for ECP leaves).
+    ctx: the leaf's :class:`~core.LeafContext`.
+    hyper: :class:`EC2THyper`.
+    phase: int32; ``>= 1`` freezes the assignment and the latent weights.
+    renormalization: see :func:`~ec2t_jax.cluster_probabilities`.
+    ties: the assignments' tie rule (:func:`~ec2t_jax.assign_by_cost`).
+
+  Returns:
+    The new state, of the same class.
+  """
+  frozen = phase >= 1
+  latent = jnp.where(frozen, leaf.latent,
+                     (leaf.latent + latent_step).astype(leaf.latent.dtype))
+  if isinstance(leaf, ECPLeaf):
+    w_n = cluster_mean(-latent, leaf.assignment < 0, leaf.w_n)
+    w_p = cluster_mean(latent, leaf.assignment > 0, leaf.w_p)
+  else:
+    w_n, w_p = leaf.w_n + centroid_step[0], leaf.w_p + centroid_step[1]
+  w_n, w_p = ternary.centroid_floor(latent, w_n, w_p, hyper.floor_factor)
+  # Keep centroids strictly positive even for constant layers (std = 0).
+  tiny = jnp.finfo(jnp.float32).tiny
+  w_n, w_p = jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny)
+  assignment, lam = _assign(latent, w_n, w_p, ctx, hyper, renormalization, ties)
+  return type(leaf)(latent, w_n, w_p,
+                    jnp.where(frozen, leaf.assignment, assignment),
+                    jnp.where(frozen, leaf.lam, lam))
+
+
+def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper):
+  """The chain form's ``(latent_step, centroid_step)`` from an update ``u``.
+
+  ``W += s * u`` (:func:`~ec2t_jax.latent_gradient`'s TTQ scaling);
+  ``w_p += k * mean_p(u)``, ``w_n -= k * mean_n(u)``. An ECP leaf's latent
+  weights take ``u`` unscaled.
+  """
+  if isinstance(leaf, ECPLeaf):
+    return update, None
+  k = jnp.asarray(hyper.centroid_update_scale, jnp.float32)
+  latent_step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n,
+                                        leaf.w_p)
+  mean_n = cluster_mean(update, leaf.assignment < 0, 0.0)
+  mean_p = cluster_mean(update, leaf.assignment > 0, 0.0)
+  return latent_step, (-k * mean_n, k * mean_p)
+
+
+def method(*, renormalization="exact", latent_dtype="float32",
+           ties="zero") -> core.Method:
+  """EC2T's chain-form :class:`~core.Method`."""
+  latent_dtype = jnp.dtype(latent_dtype)
+
+  def step_leaf(update, leaf, ctx, hyper, phase):
+    latent_step, centroid_step = chain_steps(update, leaf, hyper)
+    return advance_leaf(leaf, latent_step, centroid_step, ctx, hyper, phase,
+                        renormalization=renormalization, ties=ties)
+
+  def init(param, ctx, hyper):
+    return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties)
+
+  return core.Method("ec2t", init, step_leaf)
+
+
+def check_static(renormalization, latent_dtype, ties="zero") -> None:
+  """Raises ``ValueError`` for a bad string or dtype option."""
+  core.check_choice("renormalization", renormalization, ("exact", "reference"))
+  core.check_choice("ties", ties, ("zero", "reference"))
+  if not jnp.issubdtype(jnp.dtype(latent_dtype), jnp.floating):
+    raise ValueError(f"latent_dtype must be a floating dtype, got {latent_dtype!r}")
+
+
+def ternarize_transform(
+    gamma: float = 0.0,
+    init_scale: float = 0.3,
+    *,
+    selection: selection_lib.SelectionLike = None,
+    centroid_update_scale: float = 1.0,
+    floor_factor: float = 0.675,
+    zero_floor: float = 0.5,
+    sustain: float = 0.05,
+    renormalization: ternary.Renormalization = "exact",
+    ties: ternary.Ties = "zero",
+    latent_dtype: str = "float32",
+):
+  """EC2T as the last transformation of an optax chain.
+
+  ``optax.chain(optax.adam(1e-4), ternarize_transform(gamma=0.2))`` trains
+  sparse ternary weights with any inner optimizer. The incoming update ``u``
+  of a selected leaf is what the inner optimizer wants to add to ``T``. It is
+  read as a step in the ternary weights and drives the state as follows
+  (``a`` = current assignment):
+
+  * latent weights, TTQ-scaled straight-through:
+    ``W += s * u`` with ``s = w_p`` on cluster p, ``1`` on 0, ``w_n`` on n;
+  * centroids, least-squares fit of the proposed weights ``T + u`` with the
+    assignment held: ``w_p += k * mean_{i in p} u_i`` and
+    ``w_n -= k * mean_{i in n} u_i`` (``k = centroid_update_scale``; the minus
+    because the value is ``-w_n``, so the sign is exact);
+  * floor ``w_n, w_p >= floor_factor * std(W)``, then EC2T's
+    entropy-constrained reassignment (:func:`entropy_constrained_assign`).
+
+  Why: with ``optax.sgd(lr)`` as the inner optimizer, ``u = -lr * g`` and the
+  latent step is exactly SGD on the scaled straight-through gradient, while
+  the centroid step is SGD on the exact centroid gradient ``sum_p g`` with a
+  per-cluster rate ``k * lr / |p|`` that keeps the step independent of the
+  layer size. With adaptive optimizers (Adam) the step of each centroid is the
+  mean of the normalised steps of its members, so it stays bounded by the
+  learning rate. For paper-faithful optimizers use :func:`ternarize`.
+
+  The returned update is ``T_new - params`` for selected leaves (so params land
+  exactly on ``{-w_n, 0, w_p}``) and the inner update unchanged for the others.
+  Call :func:`ternary_params` once after ``init`` so that the first forward
+  pass is already ternary.
+
+  Every numeric argument can be changed between steps with
+  ``optax.inject_hyperparams(ternarize_transform)(gamma=...)`` (pass a callable
+  ``selection`` in ``static_args``). A traced value that is non-finite or out
+  of its range is not applied: that step keeps every selected leaf's state
+  (params stay where they are, the inner update of the other leaves still
+  applies) and ``invalid_hyper_count`` grows (shown by :func:`summary`).
+
+  Args:
+    gamma: global EC2T knob in ``[0, 1]``; 0 = nearest-centroid assignment.
+    init_scale: initial centroid scaler ``s > 0``: ``w_p = s |max W|``.
+    selection: which leaves to ternarize: ``None`` (paper's rule), a
+      :class:`Selection`, a sequence of :class:`Rule` or a callable
+      ``(path, leaf) -> bool``. Decided once, at ``init``.
+    centroid_update_scale: ``k`` above (``>= 0``; 0 freezes the centroids).
+    floor_factor: centroid floor ``f`` in ``f * std(W)`` (0.675).
+    zero_floor: lower bound of ``P_0`` in the information content (0.5).
+    sustain: sustain of the layer-size decay (0.05).
+    renormalization: ``"exact"`` or the reference's ``"reference"`` (see
+      :func:`cluster_probabilities`).
+    ties: where an exact cost tie goes: ``"zero"`` (to zero) or the
+      reference's ``"reference"`` (an n/0 tie to n; see
+      :func:`assign_by_cost`).
+    latent_dtype: dtype of the latent weights (float32 also for bf16 params,
+      so small steps are not lost).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`EC2TLeaf` (or :class:`ECPLeaf`).
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), ternarize_transform(gamma=0.2))
+    >>> opt_state = tx.init(params)
+    >>> params = ternary_params(params, opt_state)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  check_static(renormalization, latent_dtype, ties)
+  hyper = EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
+                    centroid_update_scale)
+  return core.quantize_transform(
+      method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties),
+      hyper, HYPER_RANGES, selection=selection)
