@@ -38,12 +38,12 @@ DEFAULTS = {
     "batch_size": 128,
     "augment": True,  # random shifts of up to 2 pixels
     "fp_epochs": 10,
-    "fp_learning_rate": 2e-3,
+    "fp_learning_rate": 3e-3,
     "ec2t_mode": "chain",
     "learning_rate": 1e-3,
     "phase1_epochs": 10,
     "phase2_epochs": 5,
-    "gamma": 0.3,
+    "gamma": 0.35,
     "sustain": 1.0,
     "init_scale": 0.3,
 }

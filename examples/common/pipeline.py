@@ -98,21 +98,20 @@ def make_ec2t_optimizer(config: PipelineConfig, selection: ec2t.Selection | None
                         total_steps: int | None = None) -> optax.GradientTransformation:
   """The EC2T optimizer of phases 1 and 2.
 
-  ``reference``: ``ec2t.ternarize`` with the paper's three Adams, as
-  ``ec2t.reference_optimizer`` (non-ternary params: ``learning_rate`` with L2
-  ``weight_decay``; latent weights: ``latent_learning_rate``; centroids:
-  ``centroid_learning_rate``), constant rates.
+  ``reference``: ``ec2t.reference_optimizer`` -- the paper's three Adams
+  (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent
+  weights: ``latent_learning_rate``; centroids: ``centroid_learning_rate``),
+  constant rates.
   ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``,
   Adam's ``learning_rate`` decayed to 0 by a cosine over ``total_steps`` (both
   phases; constant if None).
   ``selection``: which leaves (default: the paper's rule by the tree's order).
   """
   if config.ec2t_mode == "reference":
-    return ec2t.ternarize(
-        optax.chain(optax.add_decayed_weights(config.weight_decay),
-                    optax.adam(config.learning_rate)),
-        optax.adam(config.latent_learning_rate), optax.adam(config.centroid_learning_rate),
-        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+    return ec2t.reference_optimizer(
+        gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
+        centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection)
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, total_steps)
