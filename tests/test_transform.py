@@ -79,9 +79,18 @@ def _one_sgd_step(lr, **kwargs):
           ec2t.find_ternarize_state(new_state))
 
 
-def test_latent_weights_move_by_the_scaled_update():
+def test_latent_weights_move_by_the_update_by_default():
   lr = 0.1
   grads, old, new = _one_sgd_step(lr, gamma=0.2)
+  for name in TERNARY_LEAVES:
+    np.testing.assert_allclose(new.latent[name]["kernel"],
+                               old.latent[name]["kernel"] - lr * grads[name]["kernel"],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_ttq_latent_step_moves_latent_weights_by_the_scaled_update():
+  lr = 0.1
+  grads, old, new = _one_sgd_step(lr, gamma=0.2, latent_step="ttq")
   for name in TERNARY_LEAVES:
     a = old.field("assignment")[name]["kernel"]
     w_n, w_p = old.field("w_n")[name]["kernel"], old.field("w_p")[name]["kernel"]
