@@ -7,6 +7,10 @@ Sparse ternary networks by wrapping your optax optimizer::
   opt_state = tx.init(params)
   params = ec2t.ternary_params(params, opt_state)
 
+Other train-time ternary methods plug into the same chain position and tools:
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
+
 Compressed export and size/operation reports: ``ec2t.export`` and
 ``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
 ec2t_jax.report``); plots: ``ec2t_jax.plots`` (needs matplotlib); reference
@@ -24,10 +28,39 @@ from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.fractals import fractal_images
+from ec2t_jax._src.methods.inq import inq
 from ec2t_jax._src.methods.inq import inq_codebook
+from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.mcq import mcq
+from ec2t_jax._src.methods.slq import mlq
+from ec2t_jax._src.methods.slq import slq
+from ec2t_jax._src.methods.slq import SlqLeaf
 from ec2t_jax._src.methods.mcq import mcq_quantize
+from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
+from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
+from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
+from ec2t_jax._src.methods.sparsity_regularization import threshold_density
+from ec2t_jax._src.methods.sttn import sttn
+from ec2t_jax._src.methods.sttn import sttn_gradients
+from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_scale
+from ec2t_jax._src.methods.sttn import sttn_ternarize
+from ec2t_jax._src.methods.sttn import STTNLeaf
+from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.ternary_ops import threshold_assign
+from ec2t_jax._src.methods.ttq import ttq
+from ec2t_jax._src.methods.ttq import ttq_assign
+from ec2t_jax._src.methods.ttq import ttq_gradients
+from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
+from ec2t_jax._src.methods.ttq import ttq_threshold
+from ec2t_jax._src.methods.ttq import TTQLeaf
+from ec2t_jax._src.methods.twn import twn
+from ec2t_jax._src.methods.twn import twn_optimal_threshold
+from ec2t_jax._src.methods.twn import twn_scale
+from ec2t_jax._src.methods.twn import twn_ternarize
+from ec2t_jax._src.methods.twn import twn_threshold
+from ec2t_jax._src.methods.twn import TWNLeaf
 from ec2t_jax._src.packing import ExportFormatError
 from ec2t_jax._src.selection import describe_selection
 from ec2t_jax._src.selection import LeafPlan
@@ -86,7 +119,9 @@ __all__ = (
     "freeze_assignment",
     "information_content",
     "initial_centroids",
+    "inq",
     "inq_codebook",
+    "InqLeaf",
     "inq_quantize",
     "is_frozen",
     "kmeans_1d",
@@ -96,10 +131,13 @@ __all__ = (
     "LayerSummary",
     "LeafPlan",
     "mcq",
+    "mlq",
     "mcq_quantize",
     "nearest_centroid_assign",
     "QuantizerState",
     "prune_calibrated",
+    "slq",
+    "SlqLeaf",
     "reference_optimizer",
     "report",
     "Rule",
@@ -119,4 +157,29 @@ __all__ = (
     "ternary_values",
     "ternary_weights",
     "TernaryWeight",
+    # other train-time methods (issue 9)
+    "PrunedTernaryLeaf",
+    "quantization_pruning",
+    "sttn",
+    "STTNLeaf",
+    "ttq",
+    "TTQLeaf",
+    "twn",
+    "TWNLeaf",
+    "threshold_assign",
+    "sparsity_regularizer",
+    "threshold_density",
+    "sttn_gradients",
+    "sttn_init",
+    "sttn_scale",
+    "sttn_ternarize",
+    "ternary_activation",
+    "ttq_assign",
+    "ttq_gradients",
+    "ttq_sparsity_threshold",
+    "ttq_threshold",
+    "twn_optimal_threshold",
+    "twn_scale",
+    "twn_ternarize",
+    "twn_threshold",
 )

@@ -141,6 +141,60 @@ def layer_bars(report: dict, *, ternary_only: bool = False):
   return fig
 
 
+class FrontPoint(NamedTuple):
+  """One trained model on the accuracy-sparsity plane (see :func:`accuracy_sparsity_front`)."""
+  method: str
+  label: str
+  sparsity: float
+  accuracy: float
+
+
+def accuracy_sparsity_front(points: Sequence[FrontPoint], *, reference: Optional[float] = None,
+                            title: Optional[str] = None):
+  """Test accuracy against sparsity, one colour and line per method.
+
+  Each method's points are joined in order of sparsity and labelled with their
+  knob (``point.label``); the models no other model beats in both accuracy and
+  sparsity (the Pareto front over all methods) are ringed.
+
+  Args:
+    points: the models, as :class:`FrontPoint` (accuracy and sparsity as fractions).
+    reference: full-precision accuracy, drawn as a dashed line.
+    title: axes title.
+
+  Returns:
+    The Figure.
+
+  Example:
+    >>> fig = accuracy_sparsity_front([FrontPoint("ttq", "t=0.05", 0.4, 0.985)])
+  """
+  fig = Figure(figsize=(7.0, 4.5), dpi=100)
+  ax = fig.subplots()
+  methods = list(dict.fromkeys(p.method for p in points))
+  for i, method in enumerate(methods):
+    mine = sorted((p for p in points if p.method == method), key=lambda p: p.sparsity)
+    xs = [100 * p.sparsity for p in mine]
+    ys = [100 * p.accuracy for p in mine]
+    ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=method)
+    for p, x, y in zip(mine, xs, ys):
+      ax.annotate(p.label, (x, y), fontsize="xx-small", xytext=(3, 3),
+                  textcoords="offset points")
+  front = [p for p in points if not any(
+      q.accuracy >= p.accuracy and q.sparsity >= p.sparsity
+      and (q.accuracy > p.accuracy or q.sparsity > p.sparsity) for q in points)]
+  ax.scatter([100 * p.sparsity for p in front], [100 * p.accuracy for p in front], s=150,
+             facecolors="none", edgecolors="k", lw=1, label="Pareto front")
+  if reference is not None:
+    ax.axhline(100 * reference, color="0.5", ls="--", lw=1, label="full precision")
+  ax.set_xlabel("sparsity of the quantized layers (%)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.legend(fontsize="x-small", loc="lower left")
+  if title:
+    ax.set_title(title, fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
 def save_figure(fig, path, dpi: int = 100) -> Path:
   """Writes ``fig`` as PNG to ``path`` (parent directories created)."""
   path = Path(path)

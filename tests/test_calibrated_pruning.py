@@ -138,6 +138,7 @@ def test_each_step_helps_the_model_output(linen, linen_pruned):
   assert err(pruned) < err(plain)
 
 
+@pytest.mark.slow
 def test_deterministic(linen, linen_pruned):
   _, params, apply_fn, x = linen
   again = cp.prune_calibrated(params, apply_fn, x, 0.6, steps_per_level=10,

@@ -39,6 +39,7 @@ def test_mcq_writes_what_the_api_computes_bitwise(checkpoint, tmp_path, capsys):
   assert report_cli.main([str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_prune_with_fractals_reaches_the_sparsity(checkpoint, tmp_path):
   path, params = checkpoint
   out = tmp_path / "pruned.ec2t"
@@ -68,3 +69,27 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys, argv, 
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and message in err
   assert not (tmp_path / "o.ec2t").exists()
+
+
+@pytest.mark.slow
+def test_api_results_through_export_cli_round_trip_bitwise(checkpoint, tmp_path):
+  """MCQ and calibrated-pruning params saved as a checkpoint, then `python -m ec2t_jax.export`."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from ec2t_jax._src import export_cli  # pylint: disable=g-import-not-at-top
+  _, params = checkpoint
+  model = models.LeNet5()
+  quantized = ec2t.mcq(params, 1.0, key=jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+  pruned = ec2t.prune_calibrated(params, lambda p, x: model.apply({"params": p}, x), x, 0.5,
+                                 steps_per_level=1)
+  for name, tree in (("mcq", quantized), ("pruned", pruned)):
+    tree = jax.tree.map(np.asarray, tree)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((tmp_path / name).resolve(), {"params": tree})
+    checkpointer.wait_until_finished()
+    out = tmp_path / f"{name}.ec2t"
+    assert export_cli.main([str(tmp_path / name), str(out), "--quiet"]) == 0
+    back = export.load(out)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+      assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert report_cli.main([str(out)]) == 0

@@ -51,3 +51,13 @@ def test_layer_bars_from_a_report_write_a_png(tmp_path):
                                                           for i, k in enumerate(tree)})
   chex.assert_equal([p.name for p in written], ["layer_bars.png", "histograms.png"])
   assert all(p.read_bytes().startswith(PNG) for p in written)
+
+
+def test_accuracy_sparsity_front_rings_exactly_the_undominated_points(tmp_path):
+  points = [plots.FrontPoint("a", "1", 0.5, 0.99), plots.FrontPoint("a", "2", 0.8, 0.97),
+            plots.FrontPoint("b", "x", 0.6, 0.96)]  # b is dominated by a/2
+  fig = plots.accuracy_sparsity_front(points, reference=0.992)
+  ringed = fig.axes[0].collections[0].get_offsets()
+  np.testing.assert_allclose(sorted(map(tuple, ringed)), [(50.0, 99.0), (80.0, 97.0)])
+  path = plots.save_figure(fig, tmp_path / "front.png")
+  assert path.read_bytes().startswith(PNG)

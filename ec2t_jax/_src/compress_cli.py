@@ -125,6 +125,13 @@ def compress(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src import exporting  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.methods import calibrated_pruning, common, mcq  # pylint: disable=g-import-not-at-top
+  if args.method == "prune":  # check the cheap things before reading anything
+    if not args.model:
+      raise ValueError("prune needs --model (the network to run forward passes of), e.g. "
+                       "--model lenet5")
+    calibrated_pruning.check_sparsity(args.sparsity, "--sparsity")
+  else:
+    mcq.check_samples(args.samples_per_weight)
   keys = tuple(k for k in args.keys.split(",") if k)
   loaded = sources.load_tree(args.checkpoint, keys=keys, max_bytes=args.max_bytes)
   tree = loaded.tree

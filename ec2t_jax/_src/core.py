@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.trees import as_mapping
 from ec2t_jax._src.trees import path_to_str
 
 NO_PARAMS_MSG = ("The quantizer's update needs the current params: call "
@@ -93,6 +94,11 @@ class LeafState(Protocol):
   def describe(self) -> dict:
     """For :func:`~ec2t_jax.summary`: ``"method"`` and ``"mode"`` names and
     the method's own scalars (beyond sparsity/entropy, which are generic)."""
+
+  # Optional: ``codes() -> Array`` of integer symbols whose zeroth-order
+  # entropy is the layer's information when the values alone overstate it
+  # (per-filter scales: TWN "filter", STTN). :func:`~ec2t_jax.summary` uses
+  # it for bits/weight and levels; without it, the values are the symbols.
 
 
 class Method(NamedTuple):
@@ -325,7 +331,7 @@ def init_state(method: Method, params, selection, hyper) -> QuantizerState:
   plans = selection.plan(params)
   # nnx.State would turn the NamedTuples nested in it into States on
   # nnx.update; plain nested dicts keep them.
-  params = getattr(params, "to_pure_dict", lambda: params)()
+  params = as_mapping(params)
   flat, treedef = jax.tree.flatten(params)
   sizes = [leaf.size for leaf, plan in zip(flat, plans) if plan]
   largest = max(sizes, default=1)

@@ -91,8 +91,11 @@ def nnx_optimizer_type():
 Structure = Any  # int | dict (JSON-able), see the module docstring.
 
 
-def _as_mapping(node):
-  """Plain dict view of Mapping-like nodes (dict, FrozenDict, nnx.State)."""
+def as_mapping(node):
+  """Plain nested-dict view of an ``nnx.State`` (or FrozenDict); else ``node``."""
+  nnx = _nnx()
+  if nnx is not None and isinstance(node, nnx.State):
+    return nnx.to_pure_dict(node)
   to_pure = getattr(node, "to_pure_dict", None)
   if callable(to_pure) and not isinstance(node, dict):
     return to_pure()
@@ -122,7 +125,7 @@ def flatten(tree, *, as_numpy: bool = True) -> tuple[list[tuple[str, Any]], Stru
   leaves: list[tuple[str, np.ndarray]] = []
 
   def walk(node, prefix: tuple) -> Structure:
-    node = _as_mapping(node)
+    node = as_mapping(node)
     if node is None:
       return {"n": 0}
     if isinstance(node, Mapping):

@@ -91,6 +91,10 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
                     "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
                     "phases, ec2t.ternarize_transform).", flag_values=fv)
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone "
+                      "(examples/common/methods.py).", flag_values=fv)
+  flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
+                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq).", flag_values=fv)
   flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
                      flag_values=fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
@@ -107,10 +111,10 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                      flag_values=fv)
   flags.DEFINE_float("centroid_learning_rate", 1e-5, "Adam learning rate of the centroids.",
                      flag_values=fv)
-  flags.DEFINE_integer("phase1_epochs", d["phase1_epochs"], "EC2T phase 1 epochs.",
-                       flag_values=fv)
-  flags.DEFINE_integer("phase2_epochs", d["phase2_epochs"], "EC2T phase 2 epochs (assignment "
-                       "frozen).", flag_values=fv)
+  flags.DEFINE_integer("phase1_epochs", d["phase1_epochs"], "Phase 1 epochs of the method "
+                       "(0: pretrain only).", flag_values=fv)
+  flags.DEFINE_integer("phase2_epochs", d["phase2_epochs"], "Phase 2 epochs (EC2T: assignment "
+                       "frozen; faraone: pruned ternary retraining).", flag_values=fv)
   # Run control.
   flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.",
                     flag_values=fv)
@@ -126,6 +130,7 @@ def pipeline_kwargs(fv: flags.FlagValues) -> dict[str, Any]:
   names = ("workdir", "dataset", "data_dir", "download", "train_split", "val_split",
            "test_split", "batch_size", "eval_batch_size", "data_shards", "steps_per_epoch",
            "augment", "seed", "fsdp", "num_devices", "fp_epochs", "init_from", "ec2t_mode",
+           "method", "method_options",
            "gamma", "init_scale", "sustain", "learning_rate", "weight_decay",
            "latent_learning_rate",
            "centroid_learning_rate", "phase1_epochs", "phase2_epochs", "resume",

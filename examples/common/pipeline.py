@@ -3,11 +3,15 @@
 1. data: per-process tfds shards (train / validation / test);
 2. full precision: pretrain (``fp_epochs``) or load (``init_from``: a PyTorch
    state dict ``.npz``/``.pt`` or a checkpoint of these examples);
-3. EC2T phase 1: the paper's optimizers (or a chain), best epoch by validation;
-4. EC2T phase 2: the same optimizer with the assignment frozen
-   (``ec2t.freeze_assignment``), best epoch by validation;
-5. test accuracy of both models, ``ec2t.summary`` and a one-screen report,
-   also written to ``<workdir>/report.json``.
+3. phase 1 of the method (``--method``, default EC2T with the paper's
+   optimizers; see ``common/methods.py``), best epoch by validation;
+4. phase 2: the same optimizer after ``ec2t.set_phase(opt_state, 1)`` (EC2T:
+   assignment frozen, i.e. ``ec2t.freeze_assignment``), best epoch by validation;
+5. test accuracy of both models, ``ec2t.summary``, the exported model
+   (``<workdir>/model.ec2t``) and a one-screen report, also written to
+   ``<workdir>/report.json``.
+
+With ``phase1_epochs=0`` it stops after the full-precision model (pretraining only).
 
 Example:
   >>> # results = run(PipelineConfig(workdir="runs/x", dataset="mnist", model_name="lenet5", ...))
@@ -30,6 +34,7 @@ import optax
 import ec2t_jax as ec2t
 from common import checkpoint as checkpoint_lib
 from common import data as data_lib
+from common import methods as methods_lib
 from common import parallel
 from common import report as report_lib
 from common import training
@@ -78,6 +83,8 @@ class PipelineConfig:
   init_transform: Callable[[dict, dict], tuple[dict, dict]] | None = None
   # EC2T
   ec2t_mode: str = "reference"
+  method: str = "ec2t"
+  method_options: str = ""
   gamma: float = 0.2
   init_scale: float = 0.3
   sustain: float = 0.05
@@ -87,40 +94,14 @@ class PipelineConfig:
   centroid_learning_rate: float = 1e-5
   phase1_epochs: int = 20
   phase2_epochs: int = 15
+  # Steps of phases 1 + 2 (set by run()): EC2T's chain form decays Adam's
+  # learning rate to 0 by a cosine over them; 0 keeps it constant.
+  ec2t_steps: int = 0
   # run control
   resume: bool = False
   checkpoint_every_steps: int = 0
   stop_after_steps: int = 0
   progress: bool = True
-
-
-def make_ec2t_optimizer(config: PipelineConfig, selection: ec2t.Selection | None = None,
-                        total_steps: int | None = None) -> optax.GradientTransformation:
-  """The EC2T optimizer of phases 1 and 2.
-
-  ``reference``: ``ec2t.reference_optimizer`` -- the paper's three Adams
-  (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent
-  weights: ``latent_learning_rate``; centroids: ``centroid_learning_rate``),
-  constant rates.
-  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``,
-  Adam's ``learning_rate`` decayed to 0 by a cosine over ``total_steps`` (both
-  phases; constant if None).
-  ``selection``: which leaves (default: the paper's rule by the tree's order).
-  """
-  if config.ec2t_mode == "reference":
-    return ec2t.reference_optimizer(
-        gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
-        selection=selection)
-  if config.ec2t_mode == "chain":
-    learning_rate = (optax.cosine_decay_schedule(config.learning_rate, total_steps)
-                     if total_steps else config.learning_rate)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.adam(learning_rate),
-                       ec2t.ternarize_transform(gamma=config.gamma, init_scale=config.init_scale,
-                                                sustain=config.sustain, selection=selection))
-  raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
 def ec2t_epoch_metrics(state: training.TrainState) -> dict[str, Any]:
@@ -218,8 +199,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     pretrained = _pretrained_variables(config, abstract_vars)
   elif config.fp_epochs <= 0:
     raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
-  if config.phase1_epochs < 1 or config.phase2_epochs < 0:
-    raise UserError("--phase1_epochs must be >= 1 and --phase2_epochs >= 0")
+  if config.phase1_epochs < 0 or config.phase2_epochs < 0:
+    raise UserError("--phase1_epochs and --phase2_epochs must be >= 0")
+  methods_lib.build(config)  # bad --method / --method_options fail before any data is loaded
 
   # ---- data: this process reads only its own shards.
   num_shards = config.data_shards or jax.process_count()
@@ -253,8 +235,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   # ---- full precision
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
                              "gamma": config.gamma, "init_scale": config.init_scale,
-                             "sustain": config.sustain, "ec2t_mode": config.ec2t_mode,
-                             "learning_rate": config.learning_rate}
+                             "sustain": config.sustain, "learning_rate": config.learning_rate,
+                             "ec2t_mode": config.ec2t_mode, "method": config.method,
+                             "method_options": methods_lib.parse_options(config.method,
+                                                                         config.method_options)}
   fp_steps = max(config.fp_epochs, 1) * train.steps_per_epoch
   fp_tx = config.fp_optimizer(fp_steps) if config.fp_optimizer else optax.adam(1e-3)
   if pretrained is not None:
@@ -271,16 +255,24 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   fp_test = runner.evaluate(fp_state, test)
   results["fp_test_accuracy"] = fp_test["accuracy"]
   log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
+  if config.phase1_epochs == 0:  # pretraining only
+    if main:
+      with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=float)
+    writer.close()
+    return results
 
-  # ---- EC2T phase 1. The paper's rule keeps the first and last kernel in full precision;
-  # trained params have re-sorted keys, so name them by the forward pass.
+  # ---- phase 1 of the method. The paper's rule keeps the first and last kernel in full
+  # precision; trained params have re-sorted keys, so name them by the forward pass.
   params_shape, stats_shape = jax.eval_shape(init_variables)
   order = ec2t.forward_order(
       lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
       params_shape, stats_shape, dummy)
-  tx = make_ec2t_optimizer(
-      config, ec2t.Selection(order=order),
-      (config.phase1_epochs + config.phase2_epochs) * train.steps_per_epoch)
+  setup = methods_lib.build(
+      dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
+                          * train.steps_per_epoch),
+      ec2t.Selection(order=order))
+  tx = setup.optimizer
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
@@ -288,17 +280,18 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
   state, info1 = runner.run_phase(
       "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),
-      resume=config.resume, evaluate_start=True, epoch_metrics=ec2t_epoch_metrics)
+      resume=config.resume, evaluate_start=setup.phase_starts_are_results,
+      epoch_metrics=ec2t_epoch_metrics, regularizer=setup.regularizer)
   del fp_state
 
-  # ---- EC2T phase 2: best phase-1 state, assignment frozen, same optimizer.
+  # ---- phase 2: best phase-1 state, phase 1 set (EC2T: assignment frozen), same optimizer.
   if config.phase2_epochs > 0:
     def start_phase2(best):
       return best._replace(step=jnp.zeros((), jnp.int32),
-                           opt_state=ec2t.freeze_assignment(best.opt_state))
+                           opt_state=ec2t.set_phase(best.opt_state, 1))
     state, info2 = runner.run_phase(
         "ec2t_phase2", tx, config.phase2_epochs, start_phase2, (state,), resume=config.resume,
-        evaluate_start=True, epoch_metrics=ec2t_epoch_metrics)
+        evaluate_start=setup.phase_starts_are_results, epoch_metrics=ec2t_epoch_metrics)
   else:
     info2 = {"epoch_seconds": []}
 
@@ -322,9 +315,11 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       "phase2_seconds_per_epoch": _typical(info2["epoch_seconds"]),
   })
   results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
-  # Every ternarized leaf of the final params holds at most three values.
-  _check_ternary(host_params, summary)
+  # Every quantized leaf of the final params holds at most three values (per filter).
+  _check_ternary(host_params, summary, setup.per_filter)
   if main:
+    exported = ec2t.export.save(os.path.join(config.workdir, "model.ec2t"), host_params)
+    results["export_bytes"] = exported.total_bytes
     print(summary)
     print(report_lib.format_report(results))
     with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
@@ -341,11 +336,14 @@ def _typical(seconds: list[float]) -> float | None:
   return float(np.median(kept))
 
 
-def _check_ternary(params: Any, summary: ec2t.Summary) -> None:
+def _check_ternary(params: Any, summary: ec2t.Summary, per_filter: bool = False) -> None:
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   for layer in summary.layers:
-    if layer.mode == "ternary" and layer.path in flat:
-      values = np.unique(flat[layer.path])
-      if values.size > 3:
-        raise AssertionError(f"{layer.path} is not ternary: {values.size} distinct values")
+    if layer.mode != "ecp" and layer.path in flat:
+      kernel = np.asarray(flat[layer.path])
+      groups = kernel.reshape(-1, kernel.shape[-1]).T if per_filter else [kernel]
+      most = max(np.unique(g).size for g in groups)
+      if most > 3:
+        raise AssertionError(f"{layer.path} is not ternary: {most} distinct values"
+                             + (" in one filter" if per_filter else ""))

@@ -45,8 +45,10 @@ def format_report(results: dict[str, Any]) -> str:
   r = results
   fp, tern = r["fp_test_accuracy"], r["ternary_test_accuracy"]
   sizes = r["sizes"]
+  method = r.get("method", "ec2t")
+  name = "EC2T" if method == "ec2t" else method.upper() if len(method) <= 4 else method
   rows = [
-      ("", "full precision", "EC2T ternary"),
+      ("", "full precision", f"{name} ternary"),
       ("test accuracy", f"{100 * fp:.2f}%", f"{100 * tern:.2f}%  ({100 * (tern - fp):+.2f} pts)"),
       ("ternarized layers", "-", f"{r['ternary_layers']} layers, {r['ternary_weights']:,} weights"),
       ("sparsity of ternarized layers", "-", f"{100 * r['sparsity']:.1f}%"),
@@ -56,13 +58,17 @@ def format_report(results: dict[str, Any]) -> str:
       ("model size, entropy bound", "", f"{_kib(sizes['entropy_bits'])}  "
                                         f"({sizes['ratio_entropy']:.3f}x float32)"),
   ]
+  if r.get("export_bytes"):
+    rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} bytes"))
   fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
   if fp_s and ec2t_s:
     rows.append(("train time per epoch", f"{fp_s:.2f} s", f"{ec2t_s:.2f} s  ({ec2t_s / fp_s:.2f}x)"))
   elif ec2t_s:
     rows.append(("train time per epoch", "-", f"{ec2t_s:.2f} s"))
   widths = [max(len(row[c]) for row in rows) for c in range(3)]
-  title = f" EC2T: {r['model']} on {r['dataset']}, gamma={r['gamma']:g} "
+  knobs = (f"gamma={r['gamma']:g}" if method == "ec2t" else
+           ", ".join(f"{k}={v}" for k, v in r.get("method_options", {}).items()))
+  title = f" {name}: {r['model']} on {r['dataset']}" + (f", {knobs} " if knobs else " ")
   lines = [title.center(sum(widths) + 4, "=")]
   lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows]
   lines.append("=" * (sum(widths) + 4))

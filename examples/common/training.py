@@ -81,7 +81,8 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    spec: data_lib.DatasetSpec, augment: bool) -> Callable:
+                    spec: data_lib.DatasetSpec, augment: bool,
+                    regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
   """``(state, batch) -> (state, metrics)``: one optimizer step on a global batch.
 
   Args:
@@ -89,9 +90,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     tx: The optimizer (EC2T or plain).
     spec: Dataset normalisation constants.
     augment: Random shifts (pad + crop; flips too where ``spec.flip``).
+    regularizer: ``params -> scalar`` added to the loss (e.g.
+      ``ec2t.sparsity_regularizer``), or None.
 
   Returns:
-    The (unjitted) step function. Metrics: mean ``loss`` and ``accuracy``.
+    The (unjitted) step function. Metrics: mean ``loss`` (cross-entropy, without the
+    regularizer) and ``accuracy``.
   """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -108,9 +112,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       else:
         logits, new_stats = model.apply(variables, images, train=True), state.batch_stats
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, new_stats)
+      total = loss if regularizer is None else loss + regularizer(params)
+      return total, (loss, logits, new_stats)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -235,6 +240,7 @@ class Runner:
                 resume: bool,
                 evaluate_start: bool = False,
                 epoch_metrics: Callable[[TrainState], dict] | None = None,
+                regularizer: Callable[[Any], jax.Array] | None = None,
                 ) -> tuple[TrainState, dict[str, Any]]:
     """Trains one phase and returns its best state (by validation accuracy).
 
@@ -251,6 +257,7 @@ class Runner:
       resume: Continue from checkpoints in ``workdir`` if present.
       evaluate_start: Evaluate (and keep as best candidate) the initial state.
       epoch_metrics: Extra metrics per epoch, e.g. EC2T sparsity.
+      regularizer: Loss term of this phase (see :func:`make_train_step`).
 
     Returns:
       ``(best_state, info)`` with ``info`` = best validation accuracy, seconds
@@ -264,12 +271,12 @@ class Runner:
     try:
       return self._run_phase(phase, tx, epochs, make_state, make_state_args, ckpts,
                              resume=resume, evaluate_start=evaluate_start,
-                             epoch_metrics=epoch_metrics)
+                             epoch_metrics=epoch_metrics, regularizer=regularizer)
     finally:
       ckpts.close()
 
   def _run_phase(self, phase, tx, epochs, make_state, make_state_args, ckpts, *, resume,
-                 evaluate_start, epoch_metrics):
+                 evaluate_start, epoch_metrics, regularizer=None):
     if epochs < 1:
       raise ValueError(f"[{phase}] needs at least one epoch")
     abstract = self.abstract(make_state, *make_state_args)
@@ -302,7 +309,7 @@ class Runner:
                                        "val_loss": start["loss"]}, epoch_metrics)
         ckpts.save("best", 0, state, self._meta(0, total_steps, best, info, done=False))
 
-    step_fn = self._compile_step(tx, abstract)
+    step_fn = self._compile_step(tx, abstract, regularizer)
     step = int(parallel.to_host(state.step))
     while step < total_steps:
       epoch, in_epoch = self.train.position(step)
@@ -325,13 +332,14 @@ class Runner:
     info["best_val_accuracy"] = best
     return best_state, info
 
-  def _compile_step(self, tx: optax.GradientTransformation, abstract: Any) -> Callable:
+  def _compile_step(self, tx: optax.GradientTransformation, abstract: Any,
+                    regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
     """The jitted step for ``tx`` (reused across phases that share the optimizer)."""
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    key = (id(tx), jax.tree.structure(shardings))
+    key = (id(tx), id(regularizer), jax.tree.structure(shardings))
     if key not in self._step_fns:
       self._step_fns[key] = jax.jit(
-          make_train_step(self.model, tx, self.spec, self.augment),
+          make_train_step(self.model, tx, self.spec, self.augment, regularizer),
           in_shardings=(shardings, parallel.batch_sharding(self.mesh)),
           out_shardings=(shardings, parallel.replicated(self.mesh)),
           donate_argnums=0)

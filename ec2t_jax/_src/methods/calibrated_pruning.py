@@ -152,65 +152,77 @@ def layer_output_error(call: layer_capture.LayerCall, kernel, bias, targets) -> 
   return sum(errors) / len(errors)
 
 
-def calibrate_layer(call: layer_capture.LayerCall, kernel: jax.Array, bias: Optional[jax.Array],
-                    mask: jax.Array, targets: Sequence[jax.Array], *, steps: int,
-                    weight_learning_rate: float, bias_learning_rate: float):
-  """Tunes one layer alone to match ``targets`` (the dense layer's outputs), keeping ``mask``.
+def make_calibrator(call: layer_capture.LayerCall, has_bias: bool, *, steps: int,
+                    weight_learning_rate: float, bias_learning_rate: float) -> Callable:
+  """A jitted ``(kernel, bias, mask, targets) -> (kernel, bias, (before, after))`` for one layer.
 
   Adam on the layer's output MSE, one step per calibration batch in turn;
   kernel gradients are multiplied by ``mask`` and the kernel re-masked after
-  every update. The returned iterate is the one with the smallest error
-  among all visited, the starting point included.
-
-  Returns:
-    ``(kernel, bias, errors)``: ``errors`` holds the error before and after.
+  every update. The returned iterate is the one with the smallest error over
+  all batches among all visited, the starting point included, so ``after <=
+  before``. Built once per layer and reused across sparsity levels (one
+  compilation).
   """
-  has_bias = bias is not None
   tx = optax.multi_transform(
       {"kernel": optax.adam(weight_learning_rate), "bias": optax.adam(bias_learning_rate)},
       {"kernel": "kernel", "bias": "bias"})
-  variables = {"kernel": kernel, "bias": bias if has_bias else jnp.zeros((), kernel.dtype)}
+  count = len(call.inputs)
 
-  def error(variables, batch):
-    x, t = call.inputs[batch], targets[batch]
+  def error(variables, inputs, targets, batch):
     b = variables["bias"] if has_bias else 0.0
-    return jnp.mean((call.output(x, variables["kernel"]) + b - t) ** 2)
+    return jnp.mean((call.output(inputs[batch], variables["kernel"]) + b - targets[batch]) ** 2)
 
-  def total_error(variables):
-    return sum(error(variables, i) for i in range(len(call.inputs))) / len(call.inputs)
+  def total_error(variables, inputs, targets):
+    return sum(error(variables, inputs, targets, i) for i in range(count)) / count
 
   @jax.jit
-  def run(variables):
+  def run(variables, mask, inputs, targets):
     state = tx.init(variables)
+    choose = lambda better, new, old: jax.tree.map(lambda n, o: jnp.where(better, n, o), new, old)
 
     def step(carry, i):
       variables, state, best, best_error = carry
-      batch_errors = jnp.stack([error(variables, b) for b in range(len(call.inputs))])
-      current = batch_errors.mean()
+      current = total_error(variables, inputs, targets)
       better = current < best_error
-      best = jax.tree.map(lambda n, o: jnp.where(better, n, o), variables, best)
-      best_error = jnp.where(better, current, best_error)
+      best, best_error = choose(better, variables, best), jnp.where(better, current, best_error)
       grads = jax.grad(lambda v: jax.lax.switch(
-          i % len(call.inputs),
-          [lambda v, b=b: error(v, b) for b in range(len(call.inputs))], v))(variables)
-      grads["kernel"] = grads["kernel"] * mask
-      if not has_bias:
-        grads["bias"] = jnp.zeros_like(grads["bias"])
+          i % count, [lambda v, b=b: error(v, inputs, targets, b) for b in range(count)], v))(
+              variables)
+      grads = {"kernel": grads["kernel"] * mask,
+               "bias": grads["bias"] if has_bias else jnp.zeros_like(grads["bias"])}
       updates, state = tx.update(grads, state, variables)
       variables = optax.apply_updates(variables, updates)
       variables["kernel"] = jnp.where(mask, variables["kernel"], 0.0)
       return (variables, state, best, best_error), current
 
-    start_error = total_error(variables)
+    start_error = total_error(variables, inputs, targets)
     (last, _, best, best_error), _ = jax.lax.scan(
         step, (variables, state, variables, start_error), jnp.arange(steps))
-    last_error = total_error(last)
-    better = last_error < best_error
-    best = jax.tree.map(lambda n, o: jnp.where(better, n, o), last, best)
+    last_error = total_error(last, inputs, targets)
+    best = choose(last_error < best_error, last, best)
     return best, start_error, jnp.minimum(best_error, last_error)
 
-  best, before, after = run(variables)
-  return best["kernel"], (best["bias"] if has_bias else None), (before, after)
+  def calibrate(kernel, bias, mask, targets):
+    variables = {"kernel": kernel, "bias": bias if has_bias else jnp.zeros((), kernel.dtype)}
+    best, before, after = run(variables, mask, tuple(call.inputs), tuple(targets))
+    return best["kernel"], (best["bias"] if has_bias else None), (before, after)
+
+  return calibrate
+
+
+def calibrate_layer(call: layer_capture.LayerCall, kernel: jax.Array, bias: Optional[jax.Array],
+                    mask: jax.Array, targets: Sequence[jax.Array], *, steps: int,
+                    weight_learning_rate: float, bias_learning_rate: float):
+  """Tunes one layer alone to match ``targets`` (the dense layer's outputs), keeping ``mask``.
+
+  See :func:`make_calibrator`.
+
+  Returns:
+    ``(kernel, bias, (error_before, error_after))`` with ``error_after <= error_before``.
+  """
+  return make_calibrator(call, bias is not None, steps=steps,
+                         weight_learning_rate=weight_learning_rate,
+                         bias_learning_rate=bias_learning_rate)(kernel, bias, mask, targets)
 
 
 # ------------------------------------------------------------------ the method
@@ -329,6 +341,9 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
     bias = leaves[biases[i]] if i in biases else None
     targets[i] = [o + (0.0 if bias is None else bias) for o in outs]
 
+  calibrators = {i: make_calibrator(calls[i], i in biases, steps=int(steps_per_level),
+                                   weight_learning_rate=weight_learning_rate,
+                                   bias_learning_rate=bias_learning_rate) for i in indices}
   kernels = {i: dense[i] for i in indices}
   new_bias = {i: jnp.asarray(leaves[j]) for i, j in biases.items()}
   reports = []
@@ -344,9 +359,7 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
       if bias is not None and bias_correction:
         pruned_outs = [call.output(x, kernel) + bias for x in call.inputs]
         bias = (bias + bias_offset(targets[i], pruned_outs)).astype(bias.dtype)
-      kernel, bias, (before, after) = calibrate_layer(
-          call, kernel, bias, mask, targets[i], steps=int(steps_per_level),
-          weight_learning_rate=weight_learning_rate, bias_learning_rate=bias_learning_rate)
+      kernel, bias, (before, after) = calibrators[i](kernel, bias, mask, targets[i])
       kernels[i] = jnp.where(mask, kernel, 0.0).astype(dense[i].dtype)
       if bias is not None:
         new_bias[i] = bias

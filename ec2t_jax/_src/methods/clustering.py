@@ -40,24 +40,36 @@ def nearest_centroid(values: jax.Array, centroids: jax.Array) -> jax.Array:
   return jnp.argmin(distance, axis=1).astype(jnp.int32).reshape(values.shape)
 
 
-def cluster_means(values: jax.Array, assignment: jax.Array, centroids: jax.Array) -> jax.Array:
-  """Mean of each cluster's values; an empty cluster keeps its old centroid."""
+def cluster_means(values: jax.Array, assignment: jax.Array, centroids: jax.Array,
+                  mask: jax.Array | None = None) -> jax.Array:
+  """Mean of each cluster's values (those where ``mask``); an empty cluster keeps its centroid."""
   k = centroids.shape[0]
   flat = values.reshape(-1).astype(jnp.float32)
+  weight = jnp.ones_like(flat) if mask is None else mask.reshape(-1).astype(jnp.float32)
   index = assignment.reshape(-1)
-  sums = jax.ops.segment_sum(flat, index, num_segments=k)
-  counts = jax.ops.segment_sum(jnp.ones_like(flat), index, num_segments=k)
+  sums = jax.ops.segment_sum(flat * weight, index, num_segments=k)
+  counts = jax.ops.segment_sum(weight, index, num_segments=k)
   return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centroids).astype(centroids.dtype)
 
 
-def quantile_init(values: jax.Array, k: int) -> jax.Array:
-  """Initial centroids at the ``(i + 1/2) / k`` quantiles of ``values``."""
-  return jnp.quantile(values.reshape(-1).astype(jnp.float32),
-                      (jnp.arange(k) + 0.5) / k)
+def quantile_init(values: jax.Array, k: int, mask: jax.Array | None = None) -> jax.Array:
+  """Initial centroids at the ``(i + 1/2) / k`` quantiles of ``values`` (those where ``mask``).
+
+  The quantile is the order statistic ``floor((i + 1/2) m / k)`` of the ``m``
+  chosen values (no interpolation). With no value chosen, all centroids are 0.
+  """
+  flat = values.reshape(-1).astype(jnp.float32)
+  if mask is None:
+    mask = jnp.ones(flat.shape, bool)
+  mask = mask.reshape(-1)
+  ordered = jnp.sort(jnp.where(mask, flat, jnp.inf))
+  m = jnp.sum(mask)
+  index = jnp.floor((jnp.arange(k) + 0.5) * m / k).astype(jnp.int32)
+  return jnp.where(m > 0, ordered[jnp.clip(index, 0, flat.size - 1)], 0.0)
 
 
 def kmeans_1d(values: jax.Array, k: int, iterations: int = 30,
-              init: jax.Array | None = None) -> KMeansResult:
+              init: jax.Array | None = None, mask: jax.Array | None = None) -> KMeansResult:
   """Clusters scalars into ``k`` groups by Lloyd iterations.
 
   Minimises ``sum_i (v_i - c_{a_i})^2`` locally: alternately assign each
@@ -68,6 +80,8 @@ def kmeans_1d(values: jax.Array, k: int, iterations: int = 30,
     k: number of clusters (static, ``>= 1``).
     iterations: maximum number of Lloyd iterations (static).
     init: initial centroids, shape ``(k,)``; default :func:`quantile_init`.
+    mask: cluster only the values where ``mask`` is True (the others are
+      still assigned to their nearest centroid but do not move centroids).
 
   Returns:
     A :class:`KMeansResult`: float32 centroids sorted ascending and an int32
@@ -78,15 +92,16 @@ def kmeans_1d(values: jax.Array, k: int, iterations: int = 30,
   if iterations < 0:
     raise ValueError(f"iterations must be non-negative, got {iterations}")
   values = jnp.asarray(values)
-  centroids = jnp.sort(quantile_init(values, k) if init is None
+  centroids = jnp.sort(quantile_init(values, k, mask) if init is None
                        else jnp.asarray(init, jnp.float32).reshape(k))
   flat = values.reshape(-1).astype(jnp.float32)
 
   def step(carry):
     i, centroids, assignment, _ = carry
-    new_centroids = cluster_means(flat, assignment, centroids)
+    new_centroids = cluster_means(flat, assignment, centroids, mask)
     new_assignment = nearest_centroid(flat, new_centroids)
-    changed = jnp.any(new_assignment != assignment)
+    moved = new_assignment != assignment
+    changed = jnp.any(moved if mask is None else moved & mask.reshape(-1))
     return i + 1, new_centroids, new_assignment, changed
 
   def keep_going(carry):

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -98,6 +99,19 @@ def augment(image, key, channels: int):
   return jnp.clip(image[..., None] * colour, 0.0, 1.0)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _candidates(key, batch: int, height: int, width: int, channels: int, points: int):
+  """``batch`` random systems rendered and augmented, with their coverage."""
+
+  def one(k):
+    k_sys, k_render, k_aug = jax.random.split(k, 3)
+    a, b, weights = _random_system(k_sys)
+    image, coverage = render_system(a, b, weights, k_render, height, width, points)
+    return augment(image, k_aug, channels), coverage
+
+  return jax.vmap(one)(jax.random.split(key, batch))
+
+
 def fractal_images(n: int, shape: Sequence[int], key: jax.Array, *,
                    min_coverage: float = 0.2, num_points: int | None = None,
                    max_attempts: int = 50) -> jax.Array:
@@ -133,22 +147,11 @@ def fractal_images(n: int, shape: Sequence[int], key: jax.Array, *,
   points = int(num_points or max(4000, 4 * height * width))
   batch = max(16, 2 * int(n))
 
-  @jax.jit
-  def candidates(key):
-    keys = jax.random.split(key, batch)
-
-    def one(k):
-      k_sys, k_render, k_aug = jax.random.split(k, 3)
-      a, b, weights = _random_system(k_sys)
-      image, coverage = render_system(a, b, weights, k_render, height, width, points)
-      return augment(image, k_aug, channels), coverage
-
-    return jax.vmap(one)(keys)
-
   kept = []
   count = 0
   for attempt in range(max_attempts):
-    images, coverage = candidates(jax.random.fold_in(key, attempt))
+    images, coverage = _candidates(jax.random.fold_in(key, attempt), batch, height, width,
+                                   channels, points)
     good = np.flatnonzero(np.asarray(coverage) >= min_coverage)
     kept.append(images[good[:n - count]])
     count += min(len(good), n - count)

@@ -86,7 +86,7 @@ def mcq_dequantize(q: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Ar
   return (q.astype(jnp.float32) * scales).astype(dtype) + jnp.zeros((), dtype)
 
 
-def _check_samples(samples_per_weight) -> float:
+def check_samples(samples_per_weight) -> float:
   try:
     value = float(samples_per_weight)
   except (TypeError, ValueError):
@@ -131,7 +131,7 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     True
   """
   from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
-  samples = _check_samples(samples_per_weight)
+  samples = check_samples(samples_per_weight)
   chosen = common.selected_leaves(params, selection)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))

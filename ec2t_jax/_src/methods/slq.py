@@ -1,0 +1,284 @@
+"""Single- and multiple-level quantization (Xu et al., AAAI 2018): the pure functions.
+
+**The library's interpretation** (the paper's exact details were not verified):
+
+* A layer's weights are clustered by 1-D k-means (:func:`ec2t_jax.kmeans_1d`)
+  into ``k = 2^b - 1`` clusters (``b`` bits; 3 for ternary), once, when
+  quantization starts (:func:`slq_levels`).
+* Centroids are quantized to low precision: the centroid nearest zero becomes
+  exactly 0 (the pruned cluster), every other one the nearest signed power of
+  two (``3 * 2^(n-2) <= |c| < 3 * 2^(n-1)`` gives ``2^n``, as in INQ). These
+  ``k`` levels stay the layer's values, so it needs ``b`` bits per weight.
+* At each stage the free weights join their nearest level's cluster; a
+  cluster's *quantization loss* is the mean of ``(w - level)^2`` over its
+  free members. Clusters are frozen in ascending loss, whole clusters at a
+  time, until the frozen fraction of the layer reaches the stage's portion;
+  frozen weights take their level and stop training, the rest retrain (masked
+  updates) and are re-assigned at the next stage. The last portion is 1, so
+  every weight ends on one of the ``k`` levels.
+* **MLQ** (ternary, ``b = 2``) adds the depth level: layers are quantized
+  one after another in forward order, each one stage behind the previous one,
+  so the later layers, still full precision, compensate.
+
+Example:
+  >>> quantize_centroids(jnp.array([-0.3, 0.01, 0.2]))
+  Array([-0.25,  0.  ,  0.25], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import trees
+
+from ec2t_jax._src.methods import clustering
+from ec2t_jax._src.methods import inq
+
+
+def num_clusters(bits: int) -> int:
+  """``2^b - 1`` clusters for ``b`` bits (3 for ternary)."""
+  return 2 ** bits - 1
+
+
+def nearest_power_of_two_signed(values: jax.Array) -> jax.Array:
+  """``sign(x) 2^n`` with ``n = floor(log2(4 |x| / 3))`` (nearest power of two; 0 stays 0)."""
+  values = jnp.asarray(values, jnp.float32)
+  n = inq.floor_log2_four_thirds(jnp.abs(values))
+  power = jnp.ldexp(jnp.ones_like(values), n)
+  return jnp.where(values == 0, 0.0, jnp.where(values < 0, -power, power))
+
+
+def quantize_centroids(centroids: jax.Array) -> jax.Array:
+  """The centroid nearest zero becomes 0, the others their nearest signed power of two."""
+  centroids = jnp.asarray(centroids, jnp.float32)
+  zero = jnp.argmin(jnp.abs(centroids))
+  return jnp.where(jnp.arange(centroids.shape[0]) == zero, 0.0,
+                   nearest_power_of_two_signed(centroids))
+
+
+class ClusterFreeze(NamedTuple):
+  """One stage's decision: the new frozen mask and the frozen weights' values."""
+  frozen: jax.Array
+  values: jax.Array
+  losses: jax.Array
+
+
+def slq_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
+  """The layer's ``k`` quantized levels: k-means centroids through :func:`quantize_centroids`.
+
+  Returns:
+    float32 ``(k,)``, ascending (equal neighbours possible after rounding).
+  """
+  return jnp.sort(quantize_centroids(clustering.kmeans_1d(weights, k, iterations).centroids))
+
+
+def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, portion,
+                    levels: jax.Array) -> ClusterFreeze:
+  """Grows the frozen set to at least ``portion`` of the layer, by whole clusters.
+
+  Args:
+    weights: the layer's latent weights.
+    frozen: boolean mask of weights already frozen (they keep ``values``).
+    values: the frozen weights' quantized values (ignored where not frozen).
+    portion: accumulated portion in ``[0, 1]`` to reach (may be traced).
+    levels: the layer's quantized levels, shape ``(k,)``.
+
+  Returns:
+    A :class:`ClusterFreeze`: the free weights' clusters (nearest level) are
+    frozen in ascending mean quantization loss while the frozen count is
+    below ``round(portion * n)``; with ``portion = 1`` every weight ends frozen.
+  """
+  k = levels.shape[0]
+  n = weights.size
+  free = ~frozen
+  assignment = clustering.nearest_centroid(weights, levels).reshape(-1)
+  flat = weights.reshape(-1).astype(jnp.float32)
+  free_flat = free.reshape(-1).astype(jnp.float32)
+  error = (flat - levels[assignment]) ** 2 * free_flat
+  sums = jax.ops.segment_sum(error, assignment, num_segments=k)
+  counts = jax.ops.segment_sum(free_flat, assignment, num_segments=k)
+  losses = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.inf)
+  order = jnp.argsort(losses, stable=True)
+  # Frozen count before taking the i-th cluster of the order; take it while below target.
+  before = jnp.sum(frozen) + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(counts[order])[:-1]])
+  target = jnp.round(jnp.asarray(portion, jnp.float32) * n)
+  take_sorted = (before < target) & (counts[order] > 0)
+  take = jnp.zeros((k,), bool).at[order].set(take_sorted)
+  newly = take[assignment].reshape(weights.shape) & free
+  new_values = jnp.where(newly, levels[assignment].reshape(weights.shape), values)
+  return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses)
+
+
+# ----------------------------------------------------------- one leaf's state
+
+
+class SlqLeaf(NamedTuple):
+  """One layer under SLQ / MLQ.
+
+  Attributes:
+    latent: float32 full-precision weights (the free ones retrain).
+    frozen: bool mask of the frozen weights.
+    values: the frozen weights' levels (0 where free).
+    levels: float32 ``(k,)`` quantized k-means levels of the layer (fixed at
+      ``init`` from the pretrained weights).
+    stage: int32 index of the portion applied so far; ``-1`` before the
+      layer's first stage (MLQ's later layers).
+    rank: int32 position of the layer in forward order among the selected
+      ones (MLQ starts layer ``r`` ``r`` stages late; 0 for SLQ).
+    steps: int32 number of steps taken (drives ``steps_per_stage``).
+  """
+  latent: jax.Array
+  frozen: jax.Array
+  values: jax.Array
+  levels: jax.Array
+  stage: jax.Array
+  rank: jax.Array
+  steps: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """Levels where frozen, latent weights (snapped for exact landing) elsewhere."""
+    free = core.snap_to_grid(self.latent, dtype, jnp.max(jnp.abs(self.latent)))
+    return jnp.where(self.frozen, self.values, free).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"method": "SLQ/MLQ", "mode": f"{self.levels.shape[0]} clusters",
+            "frozen": jnp.mean(self.frozen), "stage": self.stage}
+
+
+def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30) -> SlqLeaf:
+  """A layer not quantized yet (stage -1), its levels from k-means of the pretrained weights."""
+  latent = jnp.asarray(param, jnp.float32)
+  zero = jnp.zeros((), jnp.int32)
+  return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
+                 slq_levels(latent, k, iterations), jnp.full((), -1, jnp.int32),
+                 jnp.asarray(rank, jnp.int32), zero)
+
+
+def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array) -> SlqLeaf:
+  """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started)."""
+  stage = jnp.clip(jnp.asarray(stage, jnp.int32), -1, portions.shape[0] - 1)
+  later = (stage > leaf.stage) & (stage >= 0)
+  step = freeze_clusters(leaf.latent, leaf.frozen, leaf.values,
+                         portions[jnp.maximum(stage, 0)], leaf.levels)
+  return leaf._replace(frozen=jnp.where(later, step.frozen, leaf.frozen),
+                       values=jnp.where(later, step.values, leaf.values),
+                       stage=jnp.maximum(stage, leaf.stage))
+
+
+# ------------------------------------------------------------ the transformations
+
+
+class SlqHyper(NamedTuple):
+  """SLQ/MLQ's numeric hyperparameter: ``steps_per_stage`` (0 = stages by phase only)."""
+  steps_per_stage: Any = 0
+
+
+HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
+
+
+def _forward_ranks(chosen: selection_lib.Selection, params) -> dict[str, int]:
+  """Selected path -> its position in forward order among the selected leaves."""
+  plans = chosen.plan(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
+  paths = [trees.path_to_str(p) for p, _ in flat]
+  selected = [i for i, plan in enumerate(plans) if plan is not None]
+  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
+  return {paths[i]: rank for rank, i in enumerate(ordered)}
+
+
+def _transform(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
+               iterations: int) -> optax.GradientTransformation:
+  bits = inq.check_bits(bits)
+  portions = inq.check_portions(portions)
+  table = jnp.asarray(portions, jnp.float32)
+  chosen = selection_lib.as_selection(selection)
+  k = num_clusters(bits)
+  ranks: dict[str, int] = {}
+
+  def init_leaf(param, ctx, hyper):
+    del hyper
+    rank = ranks.get(ctx.path, 0) if staggered else 0
+    leaf = slq_init_leaf(param, k, rank, iterations)
+    return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
+
+  def step_leaf(update, leaf, ctx, hyper, phase):
+    del ctx
+    stage = inq.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
+    leaf = slq_advance(leaf, stage, table)
+    leaf = inq.masked_step(update, leaf)
+    return leaf._replace(steps=leaf.steps + 1)
+
+  tx = core.quantize_transform(core.Method(name, init_leaf, step_leaf),
+                               SlqHyper(steps_per_stage), HYPER_RANGES, selection=chosen)
+
+  def init_fn(params):
+    ranks.clear()
+    if staggered:
+      ranks.update(_forward_ranks(chosen, params))
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
+def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+        steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
+        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+  """Single-level quantization as the last transformation of an optax chain.
+
+  At ``init`` each selected layer gets its ``2^bits - 1`` quantized k-means
+  levels and its lowest-loss clusters, up to ``portions[0]`` of the layer, are
+  frozen (module docstring). Stage ``s`` freezes more clusters up to
+  ``portions[s]``; the free weights retrain with the masked incoming update.
+  Stages advance with the phase (``ec2t.set_phase``) or every
+  ``steps_per_stage`` updates.
+
+  Args:
+    bits: bit width in ``[2, 8]`` (``2^bits - 1`` clusters).
+    portions: accumulated portions, strictly increasing, ending at 1.
+    steps_per_stage: advance a stage every this many updates (0: by phase only).
+    selection: which leaves (``None`` = the paper's rule).
+    kmeans_iterations: Lloyd iterations of the initial clustering.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
+  """
+  return _transform("slq", bits, portions, steps_per_stage, selection, False,
+                    kmeans_iterations)
+
+
+def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
+        selection: selection_lib.SelectionLike = None,
+        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+  """Multiple-level quantization to ternary weights (3 clusters per layer).
+
+  SLQ's width level (clusters frozen by quantization loss, the rest retrain)
+  plus the depth level: the selected layers, in forward order (the
+  selection's order, see :class:`~ec2t_jax.Selection`), start one stage after
+  another, so the layer of rank ``r`` is at stage ``phase - r``. While a layer
+  is being quantized, the later ones are still full precision and compensate.
+  With ``L`` layers and ``S`` portions the last stage is ``L + S - 2``.
+
+  Args:
+    portions: accumulated portions of each layer, ending at 1.
+    steps_per_stage: advance a stage every this many updates (0: by phase only).
+    selection: which leaves (``None`` = the paper's rule).
+    kmeans_iterations: Lloyd iterations of the initial clustering.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
+  """
+  return _transform("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations)

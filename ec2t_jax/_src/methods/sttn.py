@@ -1,0 +1,225 @@
+"""Pure functions of Soft Threshold Ternary Networks (Xu et al., IJCAI 2020).
+
+STTN trains two binary latent kernels per layer and one shared scale per
+output filter (output filters on the last axis, ``n`` elements per filter):
+
+.. math:: \\alpha = \\frac{\\|W_1\\|_1 + \\|W_2\\|_1}{2n}, \\quad
+   B_j = \\alpha \\, \\mathrm{sgn}(W_j), \\quad T = B_1 + B_2 \\in \\{-2\\alpha, 0, 2\\alpha\\}
+
+(``sgn(0) = +1``). ``T`` is zero wherever the two signs disagree, so the
+threshold is learned rather than set. Inference adds the two binary kernels
+into one ternary kernel.
+
+Gradients (this library's reading; the paper's exact formula could not be
+checked): the exact gradient of the forward above with the sign replaced by
+the clipped straight-through estimator ``d sgn(x)/dx = [|x| <= 1]``, i.e.
+XNOR-Net's scale term included,
+
+.. math:: \\frac{\\partial L}{\\partial W_{j,i}} = \\alpha [|W_{j,i}| \\le 1] g_i
+   + \\frac{\\mathrm{sign}(W_{j,i})}{2n} \\sum_{k \\in f(i)} g_k
+   (\\mathrm{sgn} W_{1,k} + \\mathrm{sgn} W_{2,k}),
+
+with ``g = dL/dT``; latent weights are clamped to ``[-1, 1]`` after each step.
+Activations can be ternarised to ``{-1, 0, 1}`` at ``+-0.5`` with
+:func:`ternary_activation` (straight-through inside ``|x| < 1``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods import twn
+
+
+def _sgn(x) -> jax.Array:
+  return jnp.where(x >= 0, 1.0, -1.0)
+
+
+def _filter_size(w, per_filter: bool) -> int:
+  return w.size // w.shape[-1] if per_filter and w.ndim else max(w.size, 1)
+
+
+def sttn_scale(w1, w2, *, per_filter: bool = True) -> jax.Array:
+  """The shared scale ``alpha = (||W1||_1 + ||W2||_1) / (2n)``.
+
+  Args:
+    w1: first latent kernel.
+    w2: second latent kernel (same shape).
+    per_filter: one ``alpha`` per output filter (last axis, kept for
+      broadcasting; the paper) or one for the whole kernel.
+
+  Example:
+    >>> sttn_scale(jnp.array([0.5, -0.2, 0.3, -0.4]),
+    ...            jnp.array([0.1, 0.3, -0.2, -0.6]), per_filter=False)
+    Array(0.325, dtype=float32)
+  """
+  w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
+  return 0.5 * (ternary_ops.reduce_mean(jnp.abs(w1), per_filter)
+                + ternary_ops.reduce_mean(jnp.abs(w2), per_filter))
+
+
+def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The ternary kernel ``T = B1 + B2`` as ``(assignment, alpha)``.
+
+  Returns:
+    ``int8`` assignment ``(sgn W1 + sgn W2) / 2`` in ``{-1, 0, 1}`` and
+    ``alpha``; the kernel is ``2 * alpha * assignment``.
+
+  Example:
+    >>> a, alpha = sttn_ternarize(jnp.array([0.5, -0.2, 0.3, -0.4]),
+    ...                           jnp.array([0.1, 0.3, -0.2, -0.6]), per_filter=False)
+    >>> a, 2 * alpha * a
+    (Array([ 1,  0,  0, -1], dtype=int8), Array([ 0.65,  0.  ,  0.  , -0.65], dtype=float32))
+  """
+  w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
+  assignment = (0.5 * (_sgn(w1) + _sgn(w2))).astype(jnp.int8)
+  return assignment, sttn_scale(w1, w2, per_filter=per_filter)
+
+
+def sttn_gradients(grad, w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
+  """``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (formula in the module docstring).
+
+  Linear in ``grad``, so it also maps an optimizer's proposed change of ``T``
+  to the change of the latent kernels.
+  """
+  g, w1, w2 = ternary_ops.f32(grad), ternary_ops.f32(w1), ternary_ops.f32(w2)
+  alpha = sttn_scale(w1, w2, per_filter=per_filter)
+  axes = ternary_ops.filter_axes(g.ndim, per_filter)
+  scale_term = jnp.sum(g * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
+      2.0 * _filter_size(g, per_filter))
+  step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
+  return step(w1), step(w2)
+
+
+def sttn_init(weights, factor=twn.LAYER_FACTOR) -> tuple[jax.Array, jax.Array]:
+  """Two latent kernels from pretrained weights (this library's choice).
+
+  ``W1 = clip((W + Delta) / 2)``, ``W2 = clip((W - Delta) / 2)`` with TWN's
+  ``Delta = factor * mean|W|``, clipped to ``[-1, 1]``: the initial ternary
+  kernel is zero exactly where ``|W| < Delta`` (TWN's assignment), and its
+  magnitude ``2 alpha`` is the mean of ``max(|W|, Delta)`` per filter.
+
+  Example:
+    >>> w1, w2 = sttn_init(jnp.array([0.5, 0.125, -0.5]), factor=1.0)  # Delta = 0.375
+    >>> w1, w2
+    (Array([ 0.4375,  0.25  , -0.0625], dtype=float32), Array([ 0.0625, -0.125 , -0.4375], dtype=float32))
+  """
+  w = ternary_ops.f32(weights)
+  delta = twn.twn_threshold(w, factor)
+  return (jnp.clip(0.5 * (w + delta), -1.0, 1.0),
+          jnp.clip(0.5 * (w - delta), -1.0, 1.0))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def ternary_activation(x, threshold: float = 0.5) -> jax.Array:
+  """STTN's activation ternarization with a straight-through gradient.
+
+  Forward ``sign(x) [|x| > threshold]`` in ``{-1, 0, 1}`` (``x``'s dtype);
+  backward ``dL/dx = [|x| < 1] dL/dy``. Use it as an activation function in
+  Linen or NNX models (``nn.Sequential([..., ec2t.ternary_activation])``).
+
+  Example:
+    >>> ternary_activation(jnp.array([-0.7, 0.2, 0.6]))
+    Array([-1.,  0.,  1.], dtype=float32)
+  """
+  return jnp.where(jnp.abs(x) > threshold, jnp.sign(x), 0).astype(jnp.result_type(x))
+
+
+@ternary_activation.defjvp
+def _ternary_activation_jvp(threshold, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return ternary_activation(x, threshold), jnp.where(jnp.abs(x) < 1, dx, jnp.zeros_like(dx))
+
+
+# ---------------------------------------------------------------------------
+# The transformation: STTN's per-leaf state and step on the shared core.
+
+
+class STTNLeaf(NamedTuple):
+  """State of one STTN leaf.
+
+  Attributes:
+    latent: the first binary kernel's latent weights ``W1`` (float32, in
+      ``[-1, 1]``).
+    latent2: the second one's, ``W2``.
+    assignment: ``int8`` ``(sgn W1 + sgn W2) / 2`` in ``{-1, 0, 1}``.
+    scale: ``alpha`` per output filter (shape ``(1, ..., 1, out)``).
+  """
+  latent: jax.Array
+  latent2: jax.Array
+  assignment: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``T = B1 + B2 = 2 alpha * assignment``; each filter snapped on its own grid."""
+    two_alpha = core.snap_to_grid(2.0 * self.scale, dtype, reference=2.0 * self.scale)
+    return (two_alpha * self.assignment).astype(dtype)
+
+  def describe(self) -> dict:
+    return {"method": "STTN", "mode": "ternary", "scale": self.scale}
+
+  def codes(self) -> jax.Array:
+    """The assignment: its entropy is the layer's information (scales aside)."""
+    return self.assignment
+
+
+class STTNHyper(NamedTuple):
+  """STTN's numeric hyperparameter: the initial threshold factor."""
+  init_factor: Any = twn.LAYER_FACTOR
+
+
+_HYPER_RANGES = {"init_factor": core.Range(0.0, low_open=True)}
+
+
+def method(per_filter: bool = True) -> core.Method:
+  """STTN's :class:`~core.Method` (chain form, see :func:`sttn`)."""
+
+  def leaf_from(w1, w2) -> STTNLeaf:
+    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
+
+  def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
+    twn.check_mode(ctx, "sttn")
+    return leaf_from(*sttn_init(param, hyper.init_factor))
+
+  def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
+    del ctx, hyper, phase  # one phase
+    step1, step2 = sttn_gradients(update, leaf.latent, leaf.latent2, per_filter=per_filter)
+    return leaf_from(jnp.clip(leaf.latent + step1, -1.0, 1.0),
+                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0))
+
+  return core.Method("sttn", init_leaf, step_leaf)
+
+
+def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
+         selection: selection_lib.SelectionLike = None):
+  """Soft Threshold Ternary Networks as the last transformation of an optax chain.
+
+  Each selected leaf keeps two latent kernels ``W1, W2`` (initialised by
+  :func:`sttn_init`); the params hold ``T = B1 + B2`` with values
+  ``{-2 alpha, 0, 2 alpha}`` per output filter. The incoming update ``u`` (what
+  the inner optimizer proposes to add to ``T``) moves both kernels by the
+  gradient map of :func:`sttn_gradients` (linear in ``u``; with
+  ``optax.sgd(lr)`` it is SGD on the straight-through gradients), then both
+  are clamped to ``[-1, 1]``.
+
+  Args:
+    init_factor: ``c > 0`` of the initial threshold ``c mean|W|``.
+    per_filter: one ``alpha`` per output filter (the paper) or per layer.
+    selection: which leaves (see :func:`ternarize_transform`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`STTNLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), sttn())
+  """
+  return core.quantize_transform(method(per_filter), STTNHyper(init_factor), _HYPER_RANGES,
+                                 selection=selection)

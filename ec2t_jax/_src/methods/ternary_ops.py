@@ -1,0 +1,70 @@
+"""Array helpers shared by the train-time ternary methods (TWN, TTQ, STTN, Faraone et al.).
+
+Conventions: a kernel's output filters lie along its **last** axis (Flax
+``Dense`` kernels are ``(in, out)``, ``Conv`` kernels ``(..., in, out)``), so
+"per filter" reduces over every other axis and keeps dimensions for
+broadcasting. Arithmetic is float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src import core
+
+
+def f32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def check_range(name, value, low, high=math.inf, *, low_open=False):
+  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range.
+
+  The core's check (:func:`ec2t_jax._src.core.check_range`): traced values are
+  not checked here.
+  """
+  core.check_range(name, value, core.Range(low, high, low_open))
+
+
+def filter_axes(ndim: int, per_filter: bool):
+  """Axes to reduce over: all (per layer) or all but the last (per filter)."""
+  if not per_filter or ndim == 0:
+    return None
+  return tuple(range(ndim - 1))
+
+
+def reduce_mean(x, per_filter: bool) -> jax.Array:
+  return jnp.mean(x, axis=filter_axes(x.ndim, per_filter), keepdims=per_filter)
+
+
+def masked_mean(values, mask, per_filter: bool) -> jax.Array:
+  """Mean of ``values`` where ``mask`` holds (0 where the mask is empty)."""
+  axes = filter_axes(values.ndim, per_filter)
+  total = jnp.sum(jnp.where(mask, values, 0.0), axis=axes, keepdims=per_filter)
+  count = jnp.sum(mask, axis=axes, keepdims=per_filter, dtype=jnp.float32)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def threshold_assign(weights, threshold) -> jax.Array:
+  """Ternary assignment by a symmetric threshold.
+
+  .. math:: a_i = \\mathrm{sign}(W_i) \\, [\\, |W_i| > \\Delta \\,]
+
+  Args:
+    weights: weights, any shape.
+    threshold: ``Delta >= 0``, a scalar or anything broadcasting against
+      ``weights`` (e.g. one value per output filter).
+
+  Returns:
+    ``int8`` assignment in ``{-1, 0, 1}`` of ``weights``' shape.
+
+  Example:
+    >>> threshold_assign(jnp.array([0.5, -0.1, -0.4]), 0.2)
+    Array([ 1,  0, -1], dtype=int8)
+  """
+  w = f32(weights)
+  keep = jnp.abs(w) > f32(threshold)
+  return jnp.where(keep, jnp.sign(w), 0.0).astype(jnp.int8)

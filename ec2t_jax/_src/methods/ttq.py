@@ -1,0 +1,227 @@
+"""Pure functions of Trained Ternary Quantization (Zhu, Han, Mao, Dally, 2017).
+
+TTQ thresholds each layer at ``Delta = t max|W|`` (``t = 0.05``) and trains
+two per-layer scales: ``T_i = W_p`` where ``W_i > Delta``, ``0`` where
+``|W_i| <= Delta`` and ``-W_n`` where ``W_i < -Delta``. With ``g = dL/dT``:
+
+.. math:: \\frac{\\partial L}{\\partial W_p} = \\sum_{i \\in p} g_i, \\quad
+   \\frac{\\partial L}{\\partial W_n} = -\\sum_{i \\in n} g_i, \\quad
+   \\frac{\\partial L}{\\partial W_i} = s_i g_i,
+   \\; s = (W_n, 1, W_p) \\text{ on } (n, 0, p).
+
+The scale gradients are exact calculus; the latent one is TTQ's scaled
+straight-through estimator. A fixed-sparsity variant picks ``Delta`` so that a
+fraction ``r`` of the weights is zero (:func:`ttq_sparsity_threshold`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src import ternary
+from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods import twn as twn_lib
+
+DEFAULT_THRESHOLD = 0.05
+
+
+def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD) -> jax.Array:
+  """TTQ's layer threshold ``Delta = t * max|W|``.
+
+  Args:
+    weights: latent weights of one layer.
+    threshold: the fraction ``t`` in ``[0, 1]``.
+
+  Example:
+    >>> ttq_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
+    Array(0.045, dtype=float32)
+  """
+  ternary_ops.check_range("threshold", threshold, 0.0, 1.0)
+  return ternary_ops.f32(threshold) * jnp.max(jnp.abs(ternary_ops.f32(weights)))
+
+
+def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
+  """The threshold that zeroes a fraction ``sparsity`` of the weights.
+
+  With ``z = floor(sparsity * n)`` and ``m_(1) <= ... <= m_(n)`` the sorted
+  magnitudes, ``Delta = m_(z)`` (0 for ``z = 0``): exactly ``z`` weights have
+  ``|W| <= Delta`` unless magnitudes tie at the cut (then all tied ones are
+  zeroed).
+
+  Args:
+    weights: latent weights of one layer.
+    sparsity: the fraction ``r`` in ``[0, 1]``.
+
+  Example:
+    >>> ttq_sparsity_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.5)
+    Array(0.1, dtype=float32)
+  """
+  ternary_ops.check_range("sparsity", sparsity, 0.0, 1.0)
+  m = jnp.sort(jnp.abs(ternary_ops.f32(weights)).ravel())
+  z = jnp.floor(ternary_ops.f32(sparsity) * m.size).astype(jnp.int32)
+  return jnp.where(z > 0, m[jnp.maximum(z - 1, 0)], 0.0)
+
+
+def ttq_assign(weights, delta) -> jax.Array:
+  """TTQ clusters: ``+1`` where ``W > Delta``, ``-1`` where ``W < -Delta``, else 0.
+
+  Example:
+    >>> ttq_assign(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.045)
+    Array([ 1, -1,  1, -1,  0,  1], dtype=int8)
+  """
+  return ternary_ops.threshold_assign(weights, delta)
+
+
+def ttq_gradients(grad, assignment, w_n, w_p) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """TTQ's gradients from ``g = dL/dT`` (see the module docstring).
+
+  Args:
+    grad: ``dL/dT`` of the layer.
+    assignment: the layer's ``int8`` clusters (:func:`ttq_assign`).
+    w_n: the negative scale ``W_n > 0``.
+    w_p: the positive scale ``W_p > 0``.
+
+  Returns:
+    ``(latent_grad, grad_w_n, grad_w_p)``: float32, the first of ``grad``'s
+    shape, the other two scalars.
+  """
+  grad_w_n, grad_w_p = ternary.centroid_gradients(grad, assignment)
+  return ternary.latent_gradient(grad, assignment, w_n, w_p), grad_w_n, grad_w_p
+
+
+# ---------------------------------------------------------------------------
+# The transformation: TTQ's per-leaf state and step on the shared core.
+
+
+class TTQLeaf(NamedTuple):
+  """State of one TTQ leaf.
+
+  Attributes:
+    latent: latent full-precision weights ``W`` (float32).
+    w_n: the trained negative scale ``W_n`` (float32 scalar, > 0).
+    w_p: the trained positive scale ``W_p`` (float32 scalar, > 0).
+    assignment: ``int8`` clusters in ``{-1, 0, 1}``.
+    norm: ``max|W|`` of the pretrained layer: TTQ's normalisation, the unit
+      of the straight-through multipliers.
+  """
+  latent: jax.Array
+  w_n: jax.Array
+  w_p: jax.Array
+  assignment: jax.Array
+  norm: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``T`` with ``W_n`` and ``W_p`` snapped to one grid (exact landing)."""
+    w_n, w_p = core.snap_to_grid(jnp.stack([self.w_n, self.w_p]), dtype)
+    return ternary.ternary_values(self.assignment, w_n, w_p, dtype)
+
+  def describe(self) -> dict:
+    return {"method": "TTQ", "mode": "ternary", "w_n": self.w_n, "w_p": self.w_p}
+
+
+class TTQHyper(NamedTuple):
+  """TTQ's numeric hyperparameters (see :func:`ttq`)."""
+  threshold: Any = DEFAULT_THRESHOLD
+  sparsity: Any = 0.0
+  scale_update: Any = 1.0
+
+
+_HYPER_RANGES = {"threshold": core.Range(0.0, 1.0), "sparsity": core.Range(0.0, 1.0),
+                 "scale_update": core.Range(0.0)}
+
+
+def _delta(latent, hyper: TTQHyper, fixed_sparsity: bool):
+  if fixed_sparsity:
+    return ttq_sparsity_threshold(latent, hyper.sparsity)
+  return ttq_threshold(latent, hyper.threshold)
+
+
+def _cluster_mean(values, mask):
+  return ternary_ops.masked_mean(values, mask, per_filter=False)
+
+
+def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
+  """TTQ's :class:`~core.Method` (chain form, see :func:`ttq`)."""
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
+    twn_lib.check_mode(ctx, "ttq")
+    latent = ternary_ops.f32(param)
+    norm = jnp.max(jnp.abs(latent))
+    norm = jnp.where(norm > 0, norm, 1.0)
+    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
+    if init_scale is None:  # least-squares fit of each side
+      w_n = _cluster_mean(-latent, assignment < 0)
+      w_p = _cluster_mean(latent, assignment > 0)
+    else:  # the paper: init_scale on weights normalised by max|W|
+      w_n = w_p = init_scale * norm
+    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment, norm)
+
+  def step_leaf(update, leaf: TTQLeaf, ctx, hyper: TTQHyper, phase) -> TTQLeaf:
+    del ctx, phase  # one phase
+    latent_step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n / leaf.norm,
+                                      leaf.w_p / leaf.norm)
+    k = ternary_ops.f32(hyper.scale_update)
+    w_n = leaf.w_n - k * _cluster_mean(update, leaf.assignment < 0)
+    w_p = leaf.w_p + k * _cluster_mean(update, leaf.assignment > 0)
+    latent = leaf.latent + latent_step
+    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
+    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment,
+                   leaf.norm)
+
+  return core.Method("ttq", init_leaf, step_leaf)
+
+
+def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
+        init_scale: Optional[float] = None, scale_update: float = 1.0,
+        selection: selection_lib.SelectionLike = None):
+  """Trained Ternary Quantization as the last transformation of an optax chain.
+
+  Each selected leaf keeps latent weights ``W`` and two trained scales; the
+  params hold ``T = W_p`` where ``W > Delta``, ``-W_n`` where ``W < -Delta``
+  and 0 elsewhere, with ``Delta = threshold * max|W|`` (or the fixed-sparsity
+  threshold, :func:`ttq_sparsity_threshold`) recomputed after every step. The
+  incoming update ``u`` (what the inner optimizer proposes to add to ``T``):
+
+  * latent weights, TTQ's scaled straight-through: ``W += s u`` with
+    ``s = (W_n, 1, W_p) / m`` on ``(n, 0, p)``, ``m`` the pretrained
+    ``max|W|`` (TTQ trains on weights normalised by ``max|W|``, where the
+    multipliers are the scales themselves);
+  * scales, the exact cluster gradients as a least-squares step:
+    ``W_p += k mean_{p}(u)``, ``W_n -= k mean_{n}(u)`` (``k = scale_update``;
+    with ``optax.sgd(lr)`` this is SGD on ``sum_p g`` and ``-sum_n g`` with a
+    per-cluster rate ``k lr / |cluster|``).
+
+  Initial scales: by default the least-squares fit (mean ``|W|`` of each
+  cluster), so a pretrained network keeps its scale; ``init_scale=1.0``
+  is the paper's initialisation (``W_p = W_n = 1`` on normalised weights, i.e.
+  ``max|W|``), suited to networks with batch normalisation.
+
+  Args:
+    threshold: ``t`` in ``[0, 1]`` (0.05 in TTQ).
+    sparsity: if given, the fraction ``r`` in ``[0, 1]`` of zeros per layer
+      (the fixed-sparsity variant; ``threshold`` is then unused).
+    init_scale: ``None`` (fit) or the initial scales on normalised weights
+      (``> 0``).
+    scale_update: ``k >= 0`` above (0 freezes the scales).
+    selection: which leaves (TTQ keeps the first and last layer in full
+      precision: the default rule).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantizerState`
+    whose leaves are :class:`TTQLeaf`.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), ttq(threshold=0.05))
+    >>> tx_sparse = optax.chain(optax.adam(1e-3), ttq(sparsity=0.6))
+  """
+  if init_scale is not None:
+    core.check_range("init_scale", init_scale, core.Range(0.0, low_open=True))
+  hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
+  return core.quantize_transform(method(sparsity is not None, init_scale), hyper,
+                                 _HYPER_RANGES, selection=selection)

@@ -1,0 +1,47 @@
+"""SLQ / MLQ pure functions: centroid quantization, levels, cluster freezing by loss."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ec2t_jax._src.methods import slq
+
+
+def test_centroids_nearest_zero_becomes_zero_others_powers_of_two():
+  got = slq.quantize_centroids(jnp.array([-0.3, 0.01, 0.2, 0.74, 0.76]))
+  np.testing.assert_array_equal(got, [-0.25, 0.0, 0.25, 0.5, 1.0])
+
+
+def test_levels_of_three_obvious_groups():
+  w = jnp.array([-1.1, -0.9, -1.0, 0.01, -0.02, 0.0, 0.5, 0.45, 0.55])
+  np.testing.assert_array_equal(slq.slq_levels(w, 3), [-1.0, 0.0, 0.5])
+
+
+class FreezeTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lowest_loss_cluster_first_then_everything(self):
+    # Levels [-1, 0, 0.5]; free losses: {-1.2,-0.8}: 0.04, {0.1,-0.1}: 0.01, {0.3, 0.9}: 0.1.
+    w = jnp.array([-1.2, -0.8, 0.1, -0.1, 0.3, 0.9])
+    levels = jnp.array([-1.0, 0.0, 0.5])
+    freeze = self.variant(slq.freeze_clusters)
+    none = jnp.zeros(6, bool)
+    r = freeze(w, none, jnp.zeros(6), 0.3, levels)  # target round(1.8) = 2: the zero cluster
+    np.testing.assert_array_equal(r.frozen, [0, 0, 1, 1, 0, 0])
+    chex.assert_trees_all_close(r.losses, jnp.array([0.04, 0.01, 0.1]), atol=1e-6)
+    r = freeze(w, r.frozen, r.values, 0.5, levels)  # target 3: next lowest loss is {-1.2, -0.8}
+    np.testing.assert_array_equal(r.frozen, [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(r.values[:4], [-1.0, -1.0, 0.0, 0.0])
+    r = freeze(w, r.frozen, r.values, 1.0, levels)
+    assert bool(r.frozen.all())
+    np.testing.assert_array_equal(r.values, [-1.0, -1.0, 0.0, 0.0, 0.5, 0.5])
+
+  def test_frozen_weights_keep_their_values_when_latent_moves(self):
+    w = jax.random.normal(jax.random.key(0), (40,))
+    levels = slq.slq_levels(w, 3)
+    r = slq.freeze_clusters(w, jnp.zeros(40, bool), jnp.zeros(40), 0.5, levels)
+    moved = w + 5.0  # retraining moved every latent weight
+    r2 = slq.freeze_clusters(moved, r.frozen, r.values, 0.9, levels)
+    np.testing.assert_array_equal(r2.values[r.frozen], r.values[r.frozen])
+    assert set(np.unique(np.asarray(r2.values[r2.frozen]))) <= set(np.asarray(levels).tolist())
