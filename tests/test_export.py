@@ -59,7 +59,7 @@ def _assert_bitwise(actual, expected):
 
 
 def _every_codec_tree():
-  """A small tree whose leaves use each of the six codecs this version writes."""
+  """A small tree whose leaves use each of the eight codecs this version writes."""
   rng = np.random.default_rng(0)
   sparse = np.zeros(1000, np.float32)
   sparse[rng.choice(1000, 40, replace=False)] = rng.normal(size=40)
@@ -71,6 +71,8 @@ def _every_codec_tree():
       "raw": rng.normal(size=5).astype(np.float32),
       "sc": sparse,
       "sb": half,
+      "tf": (_ternary(rng, (3, 3, 8, 16)) > 0) * rng.uniform(0.1, 1, 16).astype(np.float32),
+      "cb": rng.choice(np.float32([0, 0.5, 1.5, 4.5]), size=(32, 32), p=(0.7, 0.1, 0.1, 0.1)),
   }
 
 

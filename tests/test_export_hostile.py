@@ -218,12 +218,14 @@ def _fuzz_tree():
           "tb": np.array([0.5, 0, -0.25, 0.5, 0, 0.5, -0.25, 0], np.float32),
           "zs": np.full(64, 1.5, np.float32), "raw": rng.normal(size=5).astype(np.float32),
           "se": sparse,
-          "sb": np.where(rng.random(64) < 0.5, rng.normal(size=64), 0).astype(np.float32)}
+          "sb": np.where(rng.random(64) < 0.5, rng.normal(size=64), 0).astype(np.float32),
+          "tf": (a.reshape(144, 8) * rng.uniform(0.1, 1.0, 8)).astype(np.float32),
+          "cb": (rng.poisson(1.0, size=(8, 16)) * 0.0123).astype(np.float32)}
 
 
 HOSTILE_VALUES = (2**31 + 1, 2**40, 2**63, 2**64 + 7, -1, 0, 1, 3, 1e308, float("nan"), True,
                   None, "x", [], [2**40], [2**31, 2**31], [1] * 40, [[1]], {"d": []}, "float16",
-                  "te", "zs", "sb", "se", "tb", "raw", "bfloat16", "int64")
+                  "te", "zs", "sb", "se", "tb", "raw", "bfloat16", "int64", "tf", "cb", "tc", "sc")
 
 
 def _assert_same(actual, expected):

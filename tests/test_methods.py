@@ -82,13 +82,22 @@ def test_apply_updates_lands_bit_exactly_on_the_state_value(trained):
   chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
 
 
-def test_summary_lists_the_selected_leaves_with_the_method_mode(trained):
+def test_summary_lists_the_selected_leaves_with_the_method_name(trained):
   name, _, _, opt_state = trained
-  rows = ec2t.summary(opt_state).layers
-  assert [r.path for r in rows] == [f"{n}/kernel" for n in TERNARY_LEAVES]
-  expected = {"twn": "twn", "ttq": "ttq", "sttn": "sttn", "faraone": "faraone"}
-  assert {r.mode for r in rows} == {expected[name.split("_")[0]]}
-  assert all(r.levels <= 3 for r in rows) or name in ("twn_filter", "sttn")
+  summary = ec2t.summary(opt_state)
+  assert [r.path for r in summary.layers] == [f"{n}/kernel" for n in TERNARY_LEAVES]
+  expected = {"twn": "TWN", "ttq": "TTQ", "sttn": "STTN", "faraone": "Faraone"}
+  assert summary.method == expected[name.split("_")[0]]
+  assert str(summary).startswith(f"{summary.method} summary at step {STEPS}")
+  assert {r.mode for r in summary.layers} == {"ternary"}
+
+
+def test_summary_counts_ternary_codes_not_per_filter_values(trained):
+  # Per-filter scales (TWN "filter", STTN) make many distinct values, but a
+  # weight carries one of three codes: bits/weight is at most log2(3).
+  _, _, _, opt_state = trained
+  for row in ec2t.summary(opt_state).layers:
+    assert row.levels <= 3 and row.entropy <= np.log2(3) + 1e-6
 
 
 def test_export_round_trips_bitwise_and_report_reads_it(trained, tmp_path):

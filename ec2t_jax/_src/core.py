@@ -95,6 +95,11 @@ class LeafState(Protocol):
     """For :func:`~ec2t_jax.summary`: ``"method"`` and ``"mode"`` names and
     the method's own scalars (beyond sparsity/entropy, which are generic)."""
 
+  # Optional: ``codes() -> Array`` of integer symbols whose zeroth-order
+  # entropy is the layer's information when the values alone overstate it
+  # (per-filter scales: TWN "filter", STTN). :func:`~ec2t_jax.summary` uses
+  # it for bits/weight and levels; without it, the values are the symbols.
+
 
 class Method(NamedTuple):
   """A quantization method: its per-leaf functions.

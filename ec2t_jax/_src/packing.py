@@ -32,8 +32,9 @@ Streams start where the previous one ended; their lengths must add up to P.
 ``meta`` holds the writer, the entropy coder's version and user metadata.
 
 Leaf codecs (the smallest candidate wins, per leaf; version 2 writes ``raw``,
-``zs``, ``tb``, ``tc``, ``sb``, ``sc``; version 1 had ``te`` and ``se`` in
-place of ``tc`` and ``sc``, and their decoders are kept):
+``zs``, ``tb``, ``tc``, ``sb``, ``sc``, ``tf``, ``cb``; version 1 had ``te``
+and ``se`` in place of ``tc`` and ``sc`` and neither ``tf`` nor ``cb``, and
+its decoders are kept):
 
 ``raw``  the array's bytes (C order, little-endian), or its float16 copy when
          ``"v": "float16"`` (lossy option for non-ternary float leaves).
@@ -60,6 +61,20 @@ place of ``tc`` and ``sc``, and their decoders are kept):
          the non-zero values (raw, in the storage dtype).
 ``se``   (version 1) sparse with an entropy-coded mask: u32 mask-stream
          length, the mask stream (alphabet 2), the non-zero values.
+``tf``   **per-filter ternary** (version 2; TWN ``threshold="filter"``, STTN):
+         every slice ``f`` along one axis holds ``{-n_f, 0, p_f}``. u8 the
+         axis (the last one, a Flax kernel's output filters, is tried
+         first), u8 ``S`` scales per filter (1: ``n_f = p_f``, stored ``p_f``;
+         2: all ``-n_f`` then all ``p_f``), u8 ``1`` if the zero is ``-0.0``,
+         ``S x F`` values (itemsize each, ``+0`` for a sign the filter does not
+         use), then the assignment context-coded as in ``tc``.
+``cb``   **codebook** (version 2; INQ, MCQ, SLQ, any dtype): u16 ``K`` (2 to
+         :data:`MAX_CODEBOOK` = 256) distinct values, the ``K`` values sorted
+         by bit pattern (itemsize each), then each element's index coded by
+         :mod:`codebook_coding` (adaptive order 0, no table).
+
+``tf`` and ``cb`` store the leaf's own dtype even under the ``float16``
+option (they are written only when smaller than every other candidate).
 
 Bounded decoding
 ================
@@ -80,9 +95,12 @@ justify. Before anything is allocated it checks:
   ``tb`` / ``sb``; and for the range-coded streams a probability floor: a
   symbol's probability is at most ``1 - (K - 1) f``, so each symbol costs at
   least ``c = -log2(1 - (K - 1) f)`` bits and a stream of ``B`` bytes holds at
-  most ``(8 B + 64) / c`` symbols. Version 2's ``tc`` / ``sc`` use
+  most ``(8 B + 64) / c`` symbols. Version 2's ``tc`` / ``sc`` / ``tf`` use
   ``f = 2^-10`` (:func:`context_coding.capacity`: about 2,800 symbols per
-  byte); version 1's ``te`` / ``se`` only have constriction's ``2^-24``
+  byte), ``cb`` uses ``f = 2^-8 / K`` (:func:`codebook_coding.capacity`,
+  checked with ``K = 2``, its largest, before the stream's ``K`` is read, then
+  with its ``K``); ``tf``'s ``S x F`` scales and ``cb``'s ``K`` values are
+  checked against the stream's length before they are read; version 1's ``te`` / ``se`` only have constriction's ``2^-24``
   (:func:`entropy_coding.max_symbols`), so for them ``max_bytes`` is the
   real bound.
 
@@ -116,6 +134,7 @@ import constriction
 import ml_dtypes
 import numpy as np
 
+from ec2t_jax._src import codebook_coding
 from ec2t_jax._src import context_coding
 from ec2t_jax._src import entropy_coding
 from ec2t_jax._src import trees
@@ -131,10 +150,13 @@ _DTYPES = {np.dtype(t).name: np.dtype(t) for t in (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
     np.uint32, np.uint64, np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-CODECS = ("raw", "zs", "tb", "tc", "sb", "sc")  # what this version writes
+CODECS = ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb")  # what this version writes
 CODECS_BY_VERSION = {1: ("raw", "zs", "tb", "te", "sb", "se"), 2: CODECS}
 TERNARY_CODECS = ("tb", "te", "tc")
-RANGE_CODED = ("te", "se", "tc", "sc")
+RANGE_CODED = ("te", "se", "tc", "sc", "tf", "cb")
+EXACT_CODECS = ("tf", "cb")  # store the leaf's own dtype even under ``float16``
+MAX_CODEBOOK = codebook_coding.MAX_ALPHABET  # most distinct values of a ``cb`` leaf
+_TF_HEAD = 3  # axis, scales per filter, zero sign
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # decoded arrays a reader accepts by default
 MAX_HEADER_BYTES = 16 * 2**20  # decompressed header JSON
@@ -285,6 +307,107 @@ def ternary_parts(array) -> Optional[TernaryParts]:
   return TernaryParts(rank[inverse].reshape(array.shape), values[order])
 
 
+class FilterTernaryParts(NamedTuple):
+  """A per-filter ternary leaf: values ``{-n_f, 0, p_f}`` for each index ``f`` of one axis.
+
+  Attributes:
+    axis: the axis the scales vary along (the output filters: last for Flax).
+    assignment: ``int8`` array in ``{-1, 0, 1}``.
+    negative: ``(F,)`` values ``-n_f`` in the leaf's dtype (``+0`` where
+      filter ``f`` has no negative weight).
+    positive: ``(F,)`` values ``p_f`` (``+0`` where it has no positive weight).
+    zero_is_negative: whether the zeros are ``-0.0``.
+  """
+  axis: int
+  assignment: np.ndarray
+  negative: np.ndarray
+  positive: np.ndarray
+  zero_is_negative: bool
+
+  @property
+  def symmetric(self) -> bool:
+    """``p_f = n_f`` wherever filter ``f`` has both signs (one scale per filter)."""
+    both = (_uint_view(self.negative) != 0) & (_uint_view(self.positive) != 0)
+    return bool((-self.negative[both] == self.positive[both]).all())
+
+
+def filter_ternary_parts(array, axes=None) -> Optional[FilterTernaryParts]:
+  """Splits ``array`` into assignment and per-filter values, or returns ``None``.
+
+  Per-filter ternary means: floating point, finite, at least two axes, all
+  zeros with one bit pattern, and along some axis (tried last first, as Flax
+  kernels keep the output filters last) every slice ``f`` holds at most one
+  negative value ``-n_f`` and one positive value ``p_f`` (TWN with
+  ``threshold="filter"``, STTN). Globally ternary leaves qualify too.
+
+  Args:
+    array: any array.
+    axes: the axes to try (default: every axis, last first).
+
+  Returns:
+    :class:`FilterTernaryParts` or ``None``.
+
+  Example:
+    >>> w = np.array([[0.5, 0.0], [-0.5, 2.0], [0.0, -2.0]], np.float32)
+    >>> parts = filter_ternary_parts(w)
+    >>> parts.axis, parts.positive.tolist(), parts.symmetric
+    (1, [0.5, 2.0], True)
+  """
+  array = np.asarray(array)
+  if array.dtype.name not in _FLOAT_NAMES or array.ndim < 2 or array.size < 3:
+    return None
+  array = _contiguous(array)
+  zero = array == 0
+  zero_bits = np.unique(_uint_view(array[zero]))
+  if zero_bits.size > 1:
+    return None
+  with np.errstate(invalid="ignore"):
+    if not np.isfinite(array.astype(np.float64)).all():
+      return None
+  if np.unique(_uint_view(array.reshape(-1)[:4096])).size > 2 * max(array.shape) + 1:
+    return None  # cheap rejection of dense float leaves
+  negative, positive = array < 0, array > 0
+  for axis in (range(array.ndim - 1, -1, -1) if axes is None else axes):
+    reduce = tuple(a for a in range(array.ndim) if a != axis)
+    ends = []
+    for mask in (negative, positive):
+      low = np.where(mask, array, np.inf).min(axis=reduce)
+      high = np.where(mask, array, -np.inf).max(axis=reduce)
+      used = mask.any(axis=reduce)
+      if not (low[used] == high[used]).all():
+        break
+      ends.append(np.where(used, low, 0).astype(array.dtype))
+    else:
+      assignment = positive.astype(np.int8) - negative.astype(np.int8)
+      return FilterTernaryParts(axis, assignment, ends[0], ends[1],
+                                bool(zero_bits.size and zero_bits[0]))
+  return None
+
+
+def codebook_parts(array, max_values: int = MAX_CODEBOOK):
+  """``(values, indices)`` of a leaf with 2 to ``max_values`` distinct bit patterns, else ``None``.
+
+  ``values`` are the distinct elements sorted by bit pattern (so ``-0.0``
+  and ``+0.0`` are distinct and NaNs survive), ``indices`` the ``uint8``
+  position of each element's value.
+
+  Example:
+    >>> values, indices = codebook_parts(np.array([4, 1, 4, 4], np.int32))
+    >>> values.tolist(), indices.tolist()
+    ([1, 4], [1, 0, 1, 1])
+  """
+  array = _contiguous(np.asarray(array))
+  if array.size < 2 or array.dtype.name not in _DTYPES:
+    return None
+  bits = _uint_view(array.reshape(-1))
+  if np.unique(bits[:4 * max_values]).size > max_values:  # cheap rejection of dense leaves
+    return None
+  patterns, inverse = np.unique(bits, return_inverse=True)
+  if not 2 <= patterns.size <= max_values:
+    return None
+  return patterns.view(array.dtype), inverse.astype(np.uint8).reshape(array.shape)
+
+
 def _pack_bits(mask: np.ndarray) -> bytes:
   return np.packbits(mask.reshape(-1).astype(bool), bitorder="little").tobytes()
 
@@ -335,6 +458,88 @@ def _tc_values(values: np.ndarray) -> bytes:
   """``-w_n``, ``w_p`` and the sign of the zero (``tc``'s head)."""
   zero_is_negative = bool(_uint_view(_contiguous(values[1:2]))[0])
   return _to_le_bytes(values[[0, 2]]) + bytes([zero_is_negative])
+
+
+def _sign_flipped(values: np.ndarray) -> np.ndarray:
+  """``-values`` bit for bit (the sign bit flipped), ``+0`` kept ``+0``."""
+  bits = _uint_view(_contiguous(values))
+  sign = np.array(1 << (8 * values.dtype.itemsize - 1), bits.dtype)
+  return np.where(bits == 0, bits, bits ^ sign).view(values.dtype)
+
+
+def _tf_stream(parts: FilterTernaryParts) -> bytes:
+  """``tf``: axis, scales per filter, zero sign, the scales, the context-coded assignment."""
+  if parts.symmetric:
+    has_positive = _uint_view(parts.positive) != 0
+    scales = [np.where(has_positive, parts.positive, _sign_flipped(parts.negative))]
+  else:
+    scales = [parts.negative, parts.positive]
+  head = bytes([parts.axis, len(scales), parts.zero_is_negative])
+  return (head + b"".join(_to_le_bytes(v) for v in scales)
+          + context_coding.encode(parts.assignment + 1, 3))
+
+
+def _decode_filter_ternary(record: LeafRecord, stream: bytes, dtype: np.dtype) -> np.ndarray:
+  what = f"per-filter ternary leaf {record.path!r}"
+  shape = record.shape
+  if len(stream) < _TF_HEAD:
+    raise ExportFormatError(f"{what}: truncated stream")
+  axis, per_filter, zero_sign = stream[:_TF_HEAD]
+  if axis >= len(shape) or per_filter not in (1, 2) or zero_sign > 1:
+    raise ExportFormatError(f"{what}: corrupt head (axis {axis}, {per_filter} scales per "
+                            f"filter, zero sign {zero_sign}) for shape {shape}")
+  filters = shape[axis]
+  head = _TF_HEAD + per_filter * filters * dtype.itemsize
+  if head >= len(stream):
+    raise ExportFormatError(f"{what}: a {len(stream):,}-byte stream cannot hold "
+                            f"{per_filter * filters:,} scales and an assignment")
+  scales = _from_le_bytes(stream[_TF_HEAD:head], dtype, per_filter * filters)
+  if per_filter == 1:
+    negative, positive = _sign_flipped(scales), scales
+  else:
+    negative, positive = scales[:filters], scales[filters:]
+  with np.errstate(invalid="ignore"):
+    for values, sign in ((negative, -1), (positive, 1)):
+      v = values.astype(np.float64)
+      if not ((_uint_view(values) == 0) | (np.isfinite(v) & (sign * v > 0))).all():
+        raise ExportFormatError(f"{what} has invalid scales {v[:8].tolist()}")
+  try:
+    symbols = context_coding.decode(stream[head:], shape, 3)
+  except context_coding.CodingError as e:
+    raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
+  along = [1] * len(shape)
+  along[axis] = filters
+  out = np.full(shape, -0.0 if zero_sign else 0.0, dtype)
+  for symbol, values in ((0, negative), (2, positive)):
+    where = symbols == symbol
+    if (where & (_uint_view(values) == 0).reshape(along)).any():
+      raise ExportFormatError(f"{what} uses a scale it does not store")
+    np.copyto(out, values.reshape(along), where=where)
+  return out.reshape(-1)
+
+
+def _cb_stream(values: np.ndarray, indices: np.ndarray) -> bytes:
+  """``cb``: u16 K, the K values (by increasing bit pattern), the coded indices."""
+  return (struct.pack("<H", values.size) + _to_le_bytes(values)
+          + codebook_coding.encode(indices, values.size))
+
+
+def _decode_codebook(record: LeafRecord, stream: bytes, dtype: np.dtype) -> np.ndarray:
+  what = f"codebook leaf {record.path!r}"
+  if len(stream) < 2:
+    raise ExportFormatError(f"{what}: truncated stream")
+  (size,) = struct.unpack_from("<H", stream)
+  head = 2 + size * dtype.itemsize
+  if not 2 <= size <= MAX_CODEBOOK or head > len(stream):
+    raise ExportFormatError(f"{what}: a {len(stream):,}-byte stream cannot hold a codebook "
+                            f"of {size} values (2 to {MAX_CODEBOOK} allowed)")
+  values = _from_le_bytes(stream[2:head], dtype, size)
+  if not (np.diff(_uint_view(values).astype(np.int64)) > 0).all():
+    raise ExportFormatError(f"{what}: codebook values are not distinct and sorted")
+  try:
+    return values[codebook_coding.decode(stream[head:], record.numel, size)]
+  except codebook_coding.CodingError as e:
+    raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
 
 
 def _decode_values(record: LeafRecord, stream: bytes, dtype: np.dtype) -> tuple[np.ndarray, int]:
@@ -398,11 +603,21 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
     if (np.isfinite(half) == np.isfinite(array)).all():  # no overflow to inf
       storage = np.dtype(np.float16)
   streams = _candidates(array, storage, entropy, parts)
+  if entropy and parts is None:  # exact codecs for per-filter ternary and codebook leaves
+    want = lambda codec: codecs is None or codec in codecs
+    filter_parts = filter_ternary_parts(array) if want("tf") else None
+    if filter_parts is not None:
+      streams["tf"] = _tf_stream(filter_parts)
+    book = codebook_parts(array) if want("cb") else None
+    if book is not None:
+      streams["cb"] = _cb_stream(*book)
   allowed = {k: v for k, v in streams.items() if codecs is None or k in codecs}
   if not allowed:
     raise ValueError(f"leaf {path!r}: none of the codecs {sorted(codecs)} applies "
                      f"(applicable: {sorted(streams)})")
   codec = min(allowed, key=lambda k: (len(allowed[k]), CODECS.index(k)))
+  if codec in EXACT_CODECS:
+    storage = array.dtype
   record = {"c": codec, "d": array.dtype.name, "s": list(array.shape), "n": len(allowed[codec])}
   if storage != array.dtype:
     record["v"] = storage.name
@@ -437,6 +652,11 @@ def _decode_leaf(record: LeafRecord, stream: bytes) -> np.ndarray:
       except (entropy_coding.CodingError, context_coding.CodingError) as e:
         raise ExportFormatError(f"leaf {record.path!r}: {e}") from None
     flat = values[symbols]
+  elif codec in EXACT_CODECS:
+    if storage != dtype or (codec == "tf" and dtype.name not in _FLOAT_NAMES):
+      raise ExportFormatError(f"{codec!r} leaf {record.path!r} has dtype {dtype}/{storage}")
+    decode = _decode_filter_ternary if codec == "tf" else _decode_codebook
+    flat = decode(record, stream, dtype)
   elif codec in ("sb", "se", "sc"):
     if codec == "sb":
       nonzero = _unpack_bits(stream[:(count + 7) // 8], count)
@@ -620,6 +840,12 @@ def _check_capacity(record: LeafRecord) -> None:
   elif codec == "tc":
     head = 2 * item + 1
     ok = size > head and 0 < count <= context_coding.capacity(size - head, 3)
+  elif codec == "tf":  # at least one scale before the assignment
+    head = _TF_HEAD + item
+    ok = size > head and 0 < count <= context_coding.capacity(size - head, 3)
+  elif codec == "cb":  # at least two values; K = 2 has the largest capacity
+    head = 2 + 2 * item
+    ok = size >= head and 2 <= count <= codebook_coding.capacity(size - head, 2)
   else:  # "sc"
     ok = size > 4 and 0 < count <= context_coding.capacity(size - 4, 2)
   if not ok:

@@ -35,8 +35,9 @@ class LayerSummary(NamedTuple):
   """One selected leaf.
 
   ``sparsity`` is the fraction of zeros of the quantized value; ``entropy``
-  the zeroth-order entropy of its values in bits/weight; ``levels`` the
-  number of distinct values; ``stats`` the method's own scalars (EC2T:
+  the zeroth-order entropy of its values in bits/weight (of its ``codes()``
+  where the leaf state has them, e.g. per-filter ternary grids); ``levels``
+  the number of distinct values (codes); ``stats`` the method's own scalars (EC2T:
   ``w_n``, ``w_p``, ``lam``), also readable as attributes (``row.w_p``).
   """
   path: str
@@ -143,14 +144,15 @@ def summary(opt_state) -> Summary:
     if leaf is None:
       continue
     value = np.asarray(leaf.value(np.float32))
+    codes = np.asarray(leaf.codes()) if hasattr(leaf, "codes") else value
     described = leaf.describe()
     methods.append(described.get("method", type(leaf).__name__))
     stats = {k: v for k, v in described.items() if k not in ("method", "mode")}
     layers.append(LayerSummary(
         path=path_to_str(path), shape=tuple(value.shape),
         mode=described.get("mode", methods[-1]),
-        sparsity=float(np.mean(value == 0)), entropy=value_entropy(value),
-        levels=int(np.unique(value).size),
+        sparsity=float(np.mean(value == 0)), entropy=value_entropy(codes),
+        levels=int(np.unique(codes).size),
         stats={k: _scalar(v) for k, v in stats.items()}))
   return Summary(tuple(layers), int(state.count), int(state.phase),
                  ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),

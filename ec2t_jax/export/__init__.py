@@ -52,13 +52,14 @@ from ec2t_jax._src.exporting import (ExportResult, decode_file, export_file,
 from ec2t_jax._src.inference_export import fold_batch_norm, unfold_batch_norm
 from ec2t_jax._src.inference import TernaryWeight
 from ec2t_jax._src.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
-                                   ExportFormatError, LeafRecord, PackedInfo, pack, read_info,
+                                   ExportFormatError, FilterTernaryParts, LeafRecord, PackedInfo,
+                                   codebook_parts, filter_ternary_parts, pack, read_info,
                                    ternary_parts, unpack)
 from ec2t_jax._src.sources import load_tree
 
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",
-    "ExportResult", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
+    "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
     "export_inference", "fold_batch_norm", "load", "load_inference", "load_ternary",
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
 ]

@@ -132,7 +132,8 @@ class PrunedTernaryLeaf(NamedTuple):
     return jnp.where(self.pruned, ternary, self.latent).astype(dtype)
 
   def describe(self) -> dict:
-    return {"mode": "faraone", "scale": self.scale, "pruned": self.pruned}
+    return {"method": "Faraone", "mode": "ternary", "scale": self.scale,
+            "pruned": self.pruned}
 
 
 class PruningHyper(NamedTuple):

@@ -163,7 +163,11 @@ class STTNLeaf(NamedTuple):
     return (two_alpha * self.assignment).astype(dtype)
 
   def describe(self) -> dict:
-    return {"mode": "sttn", "scale": self.scale}
+    return {"method": "STTN", "mode": "ternary", "scale": self.scale}
+
+  def codes(self) -> jax.Array:
+    """The assignment: its entropy is the layer's information (scales aside)."""
+    return self.assignment
 
 
 class STTNHyper(NamedTuple):

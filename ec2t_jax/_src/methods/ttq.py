@@ -121,7 +121,7 @@ class TTQLeaf(NamedTuple):
     return ternary.ternary_values(self.assignment, w_n, w_p, dtype)
 
   def describe(self) -> dict:
-    return {"mode": "ttq", "w_n": self.w_n, "w_p": self.w_p}
+    return {"method": "TTQ", "mode": "ternary", "w_n": self.w_n, "w_p": self.w_p}
 
 
 class TTQHyper(NamedTuple):

@@ -144,7 +144,11 @@ class TWNLeaf(NamedTuple):
     return (alpha * self.assignment).astype(dtype)
 
   def describe(self) -> dict:
-    return {"mode": "twn", "scale": self.scale}
+    return {"method": "TWN", "mode": "ternary", "scale": self.scale}
+
+  def codes(self) -> jax.Array:
+    """The assignment: its entropy is the layer's information (scales aside)."""
+    return self.assignment
 
 
 class TWNHyper(NamedTuple):
