@@ -172,18 +172,26 @@ def _inner(config) -> optax.GradientTransformation:
 def _ec2t(config, options, selection) -> MethodSetup:
   """EC2T. ``reference``: ``ec2t.reference_optimizer``, the paper's three Adams
   (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent weights:
-  ``latent_learning_rate``; centroids: ``centroid_learning_rate``). ``chain``:
-  ``optax.chain(add_decayed_weights, adam, ternarize_transform)``.
+  ``latent_learning_rate``; centroids: ``centroid_learning_rate``), constant rates.
+  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``, Adam's
+  ``learning_rate`` decayed to 0 by a cosine over ``config.ec2t_steps`` (both
+  phases; constant when 0). Both use ``config.sustain``.
   """
   del options
   if config.ec2t_mode == "reference":
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate, selection=selection))
+        centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
+        selection=selection))
   if config.ec2t_mode == "chain":
-    return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, selection=selection)))
+    learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
+                     if config.ec2t_steps else config.learning_rate)
+    inner = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                        optax.adam(learning_rate))
+    return MethodSetup(optax.chain(inner, ec2t.ternarize_transform(
+        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+        selection=selection)))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 

@@ -93,12 +93,16 @@ class PipelineConfig:
   method_options: str = ""
   gamma: float = 0.2
   init_scale: float = 0.3
+  sustain: float = 0.05
   learning_rate: float = 1e-4
   weight_decay: float = 5e-6
   latent_learning_rate: float = 1e-4
   centroid_learning_rate: float = 1e-5
   phase1_epochs: int = 20
   phase2_epochs: int = 15
+  # Steps of phases 1 + 2 (set by run()): EC2T's chain form decays Adam's
+  # learning rate to 0 by a cosine over them; 0 keeps it constant.
+  ec2t_steps: int = 0
   # run control
   resume: bool = False
   checkpoint_every_steps: int = 0
@@ -237,6 +241,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   # ---- full precision
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
                              "gamma": config.gamma, "init_scale": config.init_scale,
+                             "sustain": config.sustain, "learning_rate": config.learning_rate,
                              "ec2t_mode": config.ec2t_mode, "method": config.method,
                              "method_options": methods_lib.parse_options(config.method,
                                                                          config.method_options)}
@@ -263,7 +268,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
       params_shape, stats_shape, dummy)
   selection = ec2t.Selection(order=order)
-  setup = methods_lib.build(config, selection)
+  setup = methods_lib.build(
+      dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
+                          * train.steps_per_epoch), selection)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
     return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
                           results, writer, main, log)

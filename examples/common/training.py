@@ -89,7 +89,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     model: Flax module called as ``model.apply(variables, images, train=True)``.
     tx: The optimizer (EC2T or plain).
     spec: Dataset normalisation constants.
-    augment: Random flip + pad-4 crop.
+    augment: Random shifts (pad + crop; flips too where ``spec.flip``).
     regularizer: ``params -> scalar`` added to the loss (e.g.
       ``ec2t.sparsity_regularizer``), or None.
 
@@ -100,7 +100,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     images = augment_lib.prepare_images(batch["image"], spec.mean, spec.std,
-                                        step_key if augment else None)
+                                        step_key if augment else None, flip=spec.flip,
+                                        padding=spec.crop_padding)
     labels = batch["label"]
 
     def loss_fn(params):
