@@ -1,7 +1,8 @@
 r"""EC2T on MNIST with LeNet-5 or LeNet-300-100: pretrain, ternarize, evaluate, report.
 
-The README's main job. ``--method={ec2t,twn,ttq,sttn,faraone}`` picks the
-quantization method (``examples/common/methods.py``). With the default flags it
+The README's main job. ``--method={ec2t,twn,ttq,sttn,faraone,inq,slq,mlq,mcq,prune}``
+picks the quantization method (``examples/common/methods.py``; ``mcq`` and ``prune``
+run post-training, without the two training phases). With the default flags it
 pretrains LeNet-5 in full precision (10 epochs, Adam 3e-3 cosine, random shifts
 of up to 2 pixels), runs EC2T phase 1 (assignment trained, 10 epochs) and
 phase 2 (assignment frozen, 5 epochs) in the chain form (Adam 1e-3 with a
@@ -20,6 +21,7 @@ or read offline from a prepared tfds folder::
   python examples/mnist_lenet.py --resume          # continue an interrupted run
   python examples/mnist_lenet.py --method=ttq --method_options=sparsity=0.6 --workdir=runs/ttq
   python examples/mnist_lenet.py --method=twn --init_from=runs/mnist_lenet5/checkpoints/fp
+  python examples/mnist_lenet.py --method=mcq --method_options=K=2 --init_from=runs/mnist_lenet5/checkpoints/fp
   python examples/plot_curves.py --workdir=runs/mnist_lenet5   # training curves to PNG
 
 The training split is ``train[:55000]``; ``train[55000:]`` picks the best epoch

@@ -91,10 +91,13 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
                     "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
                     "phases, ec2t.ternarize_transform).", flag_values=fv)
-  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone "
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone; "
+                      "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
-                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq).", flag_values=fv)
+                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
+                      "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
+                      flag_values=fv)
   flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
                      flag_values=fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
