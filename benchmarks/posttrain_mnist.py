@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import sys
 import time
@@ -39,6 +38,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ec2t_jax import export  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ec2t_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from examples.common import posttrain  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/posttrain_mnist", "Output folder.")
@@ -187,29 +187,32 @@ def _mlq(ctx):
 
 @add_row("mcq_k1", "mcq", "K=1 sample/weight")
 def _mcq_k1(ctx):
-  return ec2t.mcq(ctx.fp, 1.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
+  return posttrain.mcq(ctx.fp, 1.0, seed=FLAGS.seed, selection=ctx.selection)
 
 
 @add_row("mcq_k4", "mcq", "K=4 samples/weight")
 def _mcq_k4(ctx):
-  return ec2t.mcq(ctx.fp, 4.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
+  return posttrain.mcq(ctx.fp, 4.0, seed=FLAGS.seed, selection=ctx.selection)
 
 
-def _prune(ctx, sparsity, data):
-  return ec2t.prune_calibrated(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data,
-                               sparsity, selection=ctx.selection)
+def _prune(ctx, sparsity, data, **kwargs):
+  return posttrain.prune(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data, sparsity,
+                         selection=ctx.selection, **kwargs)
+
+
+def _calibration(ctx, kind):
+  # ctx.train images are already standardised: undo it so both kinds share one path.
+  raw = ctx.train[0] * STD + MEAN if kind == "real" else None
+  return posttrain.calibration_images(kind, FLAGS.calibration_images, raw, (28, 28, 1),
+                                      (MEAN,), (STD,), seed=FLAGS.seed)
 
 
 def _real_images(ctx):
-  x, _ = ctx.train
-  idx = np.random.default_rng(FLAGS.seed).choice(len(x), FLAGS.calibration_images, replace=False)
-  return jnp.asarray(x[idx])
+  return _calibration(ctx, "real")
 
 
 def _fractals():
-  images = ec2t.fractal_images(FLAGS.calibration_images, (28, 28, 1),
-                               jax.random.key(FLAGS.seed))
-  return (images - MEAN) / STD
+  return _calibration(None, "fractal")
 
 
 @add_row("prune50_real", "calibrated pruning", "50%, 300 real images")
@@ -225,10 +228,8 @@ def _prune80_real(ctx):
 @add_row("prune80_plain", "magnitude pruning (ablation)",
          "80%, same global L2-normalised threshold, no correction or calibration")
 def _prune80_plain(ctx):
-  return ec2t.prune_calibrated(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x),
-                               _real_images(ctx), 0.8, selection=ctx.selection, ramp=0.0,
-                               steps_per_level=0, statistics_correction=False,
-                               bias_correction=False)
+  return _prune(ctx, 0.8, _real_images(ctx), ramp=0.0, steps_per_level=0,
+                statistics_correction=False, bias_correction=False)
 
 
 @add_row("prune50_fractal", "calibrated pruning", "50%, 300 fractals (data-free)")
@@ -244,22 +245,6 @@ def _prune80_fractal(ctx):
 # ---------------------------------------------------------------------- metrics
 
 
-def _selected(params, selection):
-  from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
-  flags_ = common.selected_leaves(params, selection)
-  return [np.asarray(l) for l, c in zip(jax.tree.leaves(params), flags_) if c]
-
-
-def value_entropy(leaves) -> float:
-  """Numel-weighted zeroth-order entropy (bits) of each layer's values."""
-  bits = 0.0
-  for leaf in leaves:
-    _, counts = np.unique(leaf, return_counts=True)
-    p = counts / counts.sum()
-    bits += float(-(p * np.log2(p)).sum()) * leaf.size
-  return bits / sum(l.size for l in leaves)
-
-
 def measure(params, ctx, path: pathlib.Path) -> dict:
   info = export.save(path, params)
   back = export.load(path)
@@ -267,24 +252,15 @@ def measure(params, ctx, path: pathlib.Path) -> dict:
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype != b.dtype or a.tobytes() != b.tobytes():
       raise AssertionError(f"{path}: export round trip is not bitwise")
-  leaves = _selected(params, ctx.selection)
-  numel = sum(l.size for l in leaves)
-  zeros = sum(int((l == 0).sum()) for l in leaves)
-  paths = set(_selected_paths(params, ctx.selection))
+  named = posttrain.selected_leaves(params, ctx.selection)
+  measures = posttrain.compression_measures(named)
+  paths = {p for p, _ in named}
   stored = sum(r.nbytes for r in info.records if r.path in paths)
   return {"test_accuracy": accuracy(params, ctx.test),
-          "sparsity": zeros / numel,
-          "bits_per_weight": value_entropy(leaves),
-          "stored_bits_per_weight": 8 * stored / numel,
+          "sparsity": measures["sparsity"],
+          "bits_per_weight": measures["bits_per_weight"],
+          "stored_bits_per_weight": 8 * stored / measures["numel"],
           "export_bytes": info.total_bytes}
-
-
-def _selected_paths(params, selection):
-  from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src import trees  # pylint: disable=g-import-not-at-top
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return [trees.path_to_str(p) for (p, _), c in zip(flat, common.selected_leaves(params, selection))
-          if c]
 
 
 def table(fp: dict, rows: list[tuple[Row, dict]]) -> str:

@@ -35,6 +35,11 @@ def test_unknown_renormalization_and_latent_dtype():
     ec2t.ternarize_transform(latent_dtype="int8")
 
 
+def test_unknown_latent_step_is_named():
+  with pytest.raises(ValueError, match="latent_step.*'scaled'"):
+    ec2t.ternarize_transform(latent_step="scaled")
+
+
 def test_reference_mode_validates_too():
   with pytest.raises(ValueError, match="gamma must be in"):
     ec2t.reference_optimizer(gamma=2.0)

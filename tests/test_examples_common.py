@@ -257,6 +257,22 @@ def test_flip_and_crop_moves_pixels_but_keeps_shape_and_is_deterministic():
   assert not np.allclose(first, images)
 
 
+def test_shift_only_augmentation_moves_a_pixel_by_at_most_the_padding_and_never_mirrors():
+  images = jnp.zeros((64, 28, 28, 1)).at[:, 5, 3, 0].set(1.0)  # a dot near the left edge
+  out = np.asarray(augment.random_flip_and_crop(images, jax.random.key(2), 2, flip=False))
+  positions = [np.argwhere(o[..., 0] > 0) for o in out]
+  assert all(len(p) <= 1 for p in positions)  # the dot stays a dot (or is cropped away)
+  moved = np.array([p[0] for p in positions if len(p)])
+  assert np.all(np.abs(moved - [5, 3]) <= 2)  # a mirror would put it near column 24
+  assert len({tuple(m) for m in moved}) > 5  # shifts vary across the batch
+
+
+def test_mnist_augmentation_shifts_by_two_without_flips():
+  spec = data.dataset_spec("mnist")
+  assert (spec.flip, spec.crop_padding) == (False, 2)
+  assert data.dataset_spec("cifar10").flip
+
+
 def test_prepare_images_standardises_per_channel():
   images = jnp.full((1, 2, 2, 2), 255, jnp.uint8)
   out = augment.prepare_images(images, mean=(0.5, 1.0), std=(0.5, 1.0))

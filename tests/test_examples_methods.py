@@ -34,18 +34,34 @@ def test_options_are_typed_like_the_defaults():
     ("ttq", "threshold=high", "threshold='high' is not a float"),
     ("ttq", "threshold=1.5", "threshold must be"),
     ("faraone", "strength=-1", "strength must be in"),
+    ("inq", "bits=9", "bits must be an integer in"),
+    ("slq", "portions=0.5/0.9", "portions must end at 1.0"),
+    ("mlq", "portions=0.5,1", "'1' is not key=value"),
+    ("mcq", "K=0", "K must be a positive"),
+    ("prune", "sparsity=1", "sparsity must be in"),
+    ("prune", "calibration=web", "calibration must be one of real, fractal"),
 ])
 def test_bad_method_flags_are_one_clear_user_error(method, options, message):
   with pytest.raises(UserError, match=message):
     methods.build(_config(method, options))
 
 
-def test_faraone_without_phase2_is_a_user_error():
+@pytest.mark.parametrize("method", ["faraone", "inq", "slq", "mlq"])
+def test_method_without_phase2_is_a_user_error(method):
   with pytest.raises(UserError, match="phase2_epochs >= 1"):
-    methods.build(_config("faraone", phase2_epochs=0))
+    methods.build(_config(method, phase2_epochs=0))
 
 
-@pytest.mark.parametrize("method", sorted(methods.METHODS))
+@pytest.mark.parametrize("method", ["mcq", "prune"])
+def test_post_training_methods_have_no_optimizer_but_a_grid_check(method):
+  setup = methods.build(_config(method))
+  assert setup.optimizer is None and setup.post_training is not None and setup.check is not None
+
+
+TRAINED = sorted(m for m in methods.METHODS if m not in ("mcq", "prune"))
+
+
+@pytest.mark.parametrize("method", TRAINED)
 def test_every_registered_method_builds_and_quantizes_lenet5(method):
   import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
   params = models.LeNet5().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
@@ -67,3 +83,95 @@ def test_faraone_pipeline_prunes_in_phase_2_and_exports_a_ternary_model(tmp_path
   assert np.unique(params["fc1"]["kernel"]).size == 3
   assert json.loads((tmp_path / "report.json").read_text())["export_bytes"] == (
       tmp_path / "model.ec2t").stat().st_size
+
+
+_TINY = ("--mock_data=256", "--nodownload", "--num_devices=1", "--batch_size=32",
+         "--eval_batch_size=64", "--steps_per_epoch=4", "--fp_epochs=1", "--phase1_epochs=1",
+         "--phase2_epochs=1")
+
+
+def _compressed_kernels(path):
+  params = export.load(path)
+  return {name: np.asarray(params[name]["kernel"]) for name in ("conv2", "fc1", "fc2")}
+
+
+def test_inq_5bit_pipeline_ends_on_powers_of_two_with_more_than_three_values(tmp_path):
+  results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=inq",
+                                   "--method_options=bits=5,portions=0.5/1")
+  assert results["method"] == "inq" and results["ternary"] is False
+  for name, kernel in _compressed_kernels(tmp_path / "model.ec2t").items():
+    values = np.unique(kernel)
+    nonzero = np.abs(values[values != 0])
+    assert 3 < values.size <= 17, name  # 5 bits: {0} and +-2^n for 8 exponents
+    np.testing.assert_array_equal(np.exp2(np.round(np.log2(nonzero))), nonzero)
+  # Phase 2's first step froze every weight: its summary reports all of them frozen.
+  assert all(layer["stats"]["frozen"] == 1.0 for layer in results["layers"])
+
+
+def test_mcq_pipeline_skips_training_and_exports_integer_multiples(tmp_path):
+  results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=mcq",
+                                   "--method_options=K=2")
+  assert not (tmp_path / "checkpoints" / "ec2t_phase1").exists()
+  assert results["posttrain_seconds"] > 0 and results["ternary_layers"] == 3
+  for kernel in _compressed_kernels(tmp_path / "model.ec2t").values():
+    nonzero = np.abs(kernel[kernel != 0])
+    q = kernel / nonzero.min()  # K=2 on thousands of weights: some weight got one hit
+    np.testing.assert_allclose(q, np.round(q), atol=1e-3)
+    assert 3 < np.unique(kernel).size < 64
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert report["sparsity"] == pytest.approx(np.mean(np.concatenate(
+      [k.ravel() == 0 for k in _compressed_kernels(tmp_path / "model.ec2t").values()])))
+
+
+def test_prune_pipeline_with_fractals_reaches_the_sparsity_and_keeps_survivors(tmp_path):
+  results = support.run_in_process(
+      mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=prune",
+      "--method_options=sparsity=0.7,calibration=fractal,calibration_images=16,steps_per_level=1")
+  kernels = _compressed_kernels(tmp_path / "model.ec2t")
+  zeros = sum(int((k == 0).sum()) for k in kernels.values())
+  assert zeros / sum(k.size for k in kernels.values()) >= 0.69
+  assert results["sparsity"] == pytest.approx(zeros / sum(k.size for k in kernels.values()))
+  assert np.unique(kernels["fc1"]).size > 1000  # full-precision survivors, not a grid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options, most", [("slq", "bits=3,portions=0.5/1", 7),
+                                                   ("mlq", "portions=0.5/1", 3)])
+def test_slq_and_mlq_pipelines_end_on_their_levels(tmp_path, method, options, most):
+  results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}",
+                                   f"--method={method}", f"--method_options={options}")
+  assert results["method"] == method
+  for kernel in _compressed_kernels(tmp_path / "model.ec2t").values():
+    assert 2 <= np.unique(kernel).size <= most
+
+
+def test_compression_measures_match_hand_counts():
+  from common import posttrain  # pylint: disable=g-import-not-at-top
+  leaves = [("a", np.array([0.0, 0.0, 0.5, -0.5])), ("b", np.array([0.0, 1.0, 1.0, 1.0]))]
+  measures = posttrain.compression_measures(leaves)
+  # a: p = (1/2, 1/4, 1/4) -> 1.5 bits; b: p = (1/4, 3/4) -> 0.8113 bits; mean over 8 weights.
+  b_bits = -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))
+  assert measures["sparsity"] == 3 / 8
+  assert measures["bits_per_weight"] == pytest.approx((1.5 + b_bits) / 2)
+  assert [l["distinct_values"] for l in measures["layers"]] == [3, 2]
+
+
+def test_integer_multiples_check_accepts_a_scaled_grid_and_rejects_off_grid_values():
+  from common import posttrain  # pylint: disable=g-import-not-at-top
+  scale = np.float32(0.037)
+  posttrain.check_integer_multiples("w", np.array([0, 2, -4, 6], np.float32) * scale)  # no 1 hit
+  with pytest.raises(AssertionError, match="w: values are not integer multiples"):
+    posttrain.check_integer_multiples("w", np.array([0.1, 0.2, 0.3141], np.float32))
+  with pytest.raises(AssertionError, match="w has 4 distinct values, at most 3"):
+    posttrain.check_at_most_values("w", np.array([0.0, 1.0, 2.0, 3.0]), 3)
+
+
+def test_real_calibration_images_are_a_standardised_subset():
+  from common import posttrain  # pylint: disable=g-import-not-at-top
+  pixels = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * 20
+  images = np.asarray(posttrain.calibration_images("real", 4, pixels, (1, 1, 1), (0.5,), (0.25,)))
+  expected = (pixels.astype(np.float32) / 255.0 - 0.5) / 0.25
+  assert len(np.unique(images)) == 4
+  assert all(np.isclose(expected.ravel(), v).any() for v in images.ravel())
+  with pytest.raises(ValueError, match="calibration_images=11 needs that many training images"):
+    posttrain.calibration_images("real", 11, pixels, (1, 1, 1), (0.5,), (0.25,))

@@ -78,9 +78,18 @@ def _one_sgd_step(lr, **kwargs):
           ec2t.find_ternarize_state(new_state))
 
 
-def test_latent_weights_move_by_the_scaled_update():
+def test_latent_weights_move_by_the_update_by_default():
   lr = 0.1
   grads, old, new = _one_sgd_step(lr, gamma=0.2)
+  for name in TERNARY_LEAVES:
+    np.testing.assert_allclose(new.latent[name]["kernel"],
+                               old.latent[name]["kernel"] - lr * grads[name]["kernel"],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_ttq_latent_step_moves_latent_weights_by_the_scaled_update():
+  lr = 0.1
+  grads, old, new = _one_sgd_step(lr, gamma=0.2, latent_step="ttq")
   for name in TERNARY_LEAVES:
     a = old.field("assignment")[name]["kernel"]
     w_n, w_p = old.field("w_n")[name]["kernel"], old.field("w_p")[name]["kernel"]
@@ -91,16 +100,20 @@ def test_latent_weights_move_by_the_scaled_update():
                                rtol=1e-5, atol=1e-7)
 
 
-def test_centroids_move_by_the_mean_update_of_their_cluster():
+@pytest.mark.parametrize("kwargs,k", [({"centroid_update_scale": 1.0}, 1.0),
+                                      ({}, 0.1)], ids=["k=1", "default k=0.1"])
+def test_centroids_move_by_k_times_the_mean_update_of_their_cluster(kwargs, k):
   lr = 0.5
-  grads, old, new = _one_sgd_step(lr, gamma=0.0, floor_factor=0.0)
+  grads, old, new = _one_sgd_step(lr, gamma=0.0, floor_factor=0.0, **kwargs)
   for name in TERNARY_LEAVES:
     a = np.asarray(old.field("assignment")[name]["kernel"])
     u = -lr * np.asarray(grads[name]["kernel"])
     np.testing.assert_allclose(new.field("w_p")[name]["kernel"],
-                               old.field("w_p")[name]["kernel"] + u[a > 0].mean(), rtol=1e-5)
+                               old.field("w_p")[name]["kernel"] + k * u[a > 0].mean(),
+                               rtol=1e-5)
     np.testing.assert_allclose(new.field("w_n")[name]["kernel"],
-                               old.field("w_n")[name]["kernel"] - u[a < 0].mean(), rtol=1e-5)
+                               old.field("w_n")[name]["kernel"] - k * u[a < 0].mean(),
+                               rtol=1e-5)
 
 
 def test_training_lowers_the_loss():

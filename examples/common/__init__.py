@@ -13,7 +13,9 @@ Modules, one job each:
 * ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
 * ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
 * ``pipeline``   -- the whole job: FP -> EC2T phase 1 -> phase 2 -> report;
-* ``report``     -- sizes and the one-screen final report.
+* ``report``     -- sizes and the one-screen final report;
+* ``methods``    -- the ``--method`` registry;
+* ``posttrain``  -- calibration images, MCQ / pruning calls, compression measures, grid checks.
 
 The scripts import it as ``common`` (the script's folder is on ``sys.path`` when
 you run ``python examples/mnist_lenet.py``).

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 
 def prepare_images(images: jax.Array, mean: Sequence[float], std: Sequence[float],
-                   augment_key: jax.Array | None = None) -> jax.Array:
+                   augment_key: jax.Array | None = None, *, flip: bool = True,
+                   padding: int = 4) -> jax.Array:
   """``uint8`` pixels -> standardised ``float32``, augmented first if a key is given.
 
   Args:
@@ -30,23 +31,27 @@ def prepare_images(images: jax.Array, mean: Sequence[float], std: Sequence[float
     std: Per-channel standard deviation of pixels in [0, 1].
     augment_key: If given, :func:`random_flip_and_crop` is applied (before
       standardising, so padding is black as in torchvision's ``RandomCrop``).
+    flip: Random horizontal flips (CIFAR); False for digits.
+    padding: Padding of the random crop.
 
   Returns:
     ``float32 (x / 255 - mean) / std``.
   """
   x = images.astype(jnp.float32) / 255.0
   if augment_key is not None:
-    x = random_flip_and_crop(x, augment_key)
+    x = random_flip_and_crop(x, augment_key, padding, flip=flip)
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def random_flip_and_crop(images: jax.Array, key: jax.Array, padding: int = 4) -> jax.Array:
+def random_flip_and_crop(images: jax.Array, key: jax.Array, padding: int = 4, *,
+                         flip: bool = True) -> jax.Array:
   """Random horizontal flip, then a random crop of the zero-padded image (CIFAR recipe).
 
   Args:
     images: ``[batch, H, W, C]``; the padding is zeros.
     key: PRNG key; the batch's randomness is derived from it.
     padding: Pixels of zero padding on each side before cropping back to H x W.
+    flip: Whether to flip (False: random shifts only, e.g. for digits).
 
   Returns:
     Augmented images of the same shape.
@@ -54,7 +59,8 @@ def random_flip_and_crop(images: jax.Array, key: jax.Array, padding: int = 4) ->
   batch, height, width, _ = images.shape
   flip_key, y_key, x_key = jax.random.split(key, 3)
   flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
-  images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+  if flip:
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   ys = jax.random.randint(y_key, (batch,), 0, 2 * padding + 1)
   xs = jax.random.randint(x_key, (batch,), 0, 2 * padding + 1)

@@ -40,6 +40,9 @@ class DatasetSpec:
     image_shape: ``(H, W, C)``.
     mean: Per-channel mean of the pixels scaled to [0, 1].
     std: Per-channel standard deviation of the pixels scaled to [0, 1].
+    flip: Whether ``--augment`` flips images horizontally (not for digits).
+    crop_padding: Zero padding of ``--augment``'s random crop (random shifts of up
+      to this many pixels).
   """
 
   name: str
@@ -47,13 +50,16 @@ class DatasetSpec:
   image_shape: tuple[int, int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  flip: bool = True
+  crop_padding: int = 4
 
 
 # Normalisation constants as used by the EC2T reference code.
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 DATASETS = {
-    "mnist": DatasetSpec("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
+    "mnist": DatasetSpec("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,), flip=False,
+                         crop_padding=2),
     "cifar10": DatasetSpec("cifar10", 10, (32, 32, 3), _CIFAR_MEAN, _CIFAR_STD),
     "cifar100": DatasetSpec("cifar100", 100, (32, 32, 3), _CIFAR_MEAN, _CIFAR_STD),
 }

@@ -33,7 +33,8 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
   """
   d = {"train_split": "train", "val_split": "test", "test_split": "test", "batch_size": 128,
        "eval_batch_size": 1000, "fp_epochs": 10, "fp_learning_rate": 1e-3, "phase1_epochs": 20,
-       "phase2_epochs": 15, "gamma": 0.2, "init_scale": 0.3, "augment": False, **defaults}
+       "phase2_epochs": 15, "gamma": 0.2, "init_scale": 0.3, "augment": False,
+       "ec2t_mode": "reference", "learning_rate": 1e-4, "sustain": 0.05, **defaults}
 
   # Run and data.
   flags.DEFINE_string("workdir", workdir, "Output folder: checkpoints/, metrics.jsonl, "
@@ -54,7 +55,8 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                        flag_values=fv)
   flags.DEFINE_integer("eval_batch_size", d["eval_batch_size"], "Global evaluation batch size.",
                        flag_values=fv)
-  flags.DEFINE_bool("augment", d["augment"], "Random flip + pad-4 crop.", flag_values=fv)
+  flags.DEFINE_bool("augment", d["augment"], "Random shifts (pad + crop: 4 pixels for CIFAR, "
+                    "2 for MNIST) and, for CIFAR, horizontal flips.", flag_values=fv)
   flags.DEFINE_integer("steps_per_epoch", 0, "Cap on steps per epoch (0: the whole split).",
                        flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.",
@@ -85,19 +87,27 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                       "pretraining: a PyTorch state dict (.npz, or .pt/.pth with torch "
                       "installed) or a checkpoint folder of these examples.", flag_values=fv)
   # EC2T.
-  flags.DEFINE_enum("ec2t_mode", "reference", ["reference", "chain"], "reference: "
+  flags.DEFINE_enum("ec2t_mode", d["ec2t_mode"], ["reference", "chain"], "reference: "
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
-                    "optax.chain(adam, ec2t.ternarize_transform).", flag_values=fv)
-  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone "
+                    "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
+                    "phases, ec2t.ternarize_transform).", flag_values=fv)
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone; "
+                      "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
-                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq).", flag_values=fv)
+                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
+                      "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
+                      flag_values=fv)
   flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
                      flag_values=fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
                      "(w_p = s |max W|).", flag_values=fv)
-  flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate of the non-ternary params.",
+  flags.DEFINE_float("learning_rate", d["learning_rate"], "Adam learning rate: of the "
+                     "non-ternary params (reference mode), of everything (chain).",
                      flag_values=fv)
+  flags.DEFINE_float("sustain", d["sustain"], "Sustain s of EC2T's layer-size decay of lambda, "
+                     "(n_l / n_max + s) / (1 + s): 0.05 (paper) keeps small layers dense, "
+                     "larger values sparsify them more.", flag_values=fv)
   flags.DEFINE_float("weight_decay", 5e-6, "L2 weight decay of the non-ternary params.",
                      flag_values=fv)
   flags.DEFINE_float("latent_learning_rate", 1e-4, "Adam learning rate of the latent weights.",
@@ -124,7 +134,8 @@ def pipeline_kwargs(fv: flags.FlagValues) -> dict[str, Any]:
            "test_split", "batch_size", "eval_batch_size", "data_shards", "steps_per_epoch",
            "augment", "seed", "fsdp", "num_devices", "fp_epochs", "init_from", "ec2t_mode",
            "method", "method_options",
-           "gamma", "init_scale", "learning_rate", "weight_decay", "latent_learning_rate",
+           "gamma", "init_scale", "sustain", "learning_rate", "weight_decay",
+           "latent_learning_rate",
            "centroid_learning_rate", "phase1_epochs", "phase2_epochs", "resume",
            "checkpoint_every_steps", "stop_after_steps", "progress")
   kwargs = {name: fv[name].value for name in names}

@@ -8,6 +8,9 @@ builder's defaults. Every method runs through the same pipeline
 loss), then phase 2 with the same optimizer after
 ``ec2t.set_phase(opt_state, 1)`` (EC2T: assignment frozen; Faraone et al.:
 prune and retrain; TWN, TTQ, STTN: one phase, so phase 2 simply trains on).
+Staged methods (INQ, SLQ, MLQ, :attr:`MethodSetup.staged`) spread their stages
+over phase 1 and start phase 2 at their last stage; post-training methods
+(MCQ, calibrated pruning, :attr:`MethodSetup.post_training`) skip both phases.
 
 Add a method with :func:`register`::
 
@@ -26,6 +29,7 @@ from typing import Any
 import optax
 
 import ec2t_jax as ec2t
+from common import posttrain
 from common.cli import UserError
 
 
@@ -44,11 +48,52 @@ class MethodSetup:
       kept as that phase's best model (False for Faraone et al.: phase 1
       starts from the unregularised model and its phase switch only prunes at
       the first phase-2 step).
+    max_values: at most this many distinct values per quantized leaf (per
+      filter with ``per_filter``) in the final params (3: ternary).
+    staged: for staged methods (INQ, SLQ, MLQ): ``(phase-1 steps, number of
+      quantized layers) -> (optimizer, last stage)``; the optimizer advances
+      its stages by step count over phase 1, phase 2 starts at the last stage
+      (every selected weight frozen on its grid), and phase 1's final state,
+      not its best epoch (a half-quantized model), goes on to phase 2.
+    post_training: for post-training methods (MCQ, calibrated pruning):
+      :class:`PostTrainingInputs` -> compressed params. The pipeline skips the
+      training phases and runs this on the full-precision model.
+    check: ``[(path, leaf)]`` of the selected layers of a post-training
+      method's result -> raises ``AssertionError`` if off the method's grid.
+    ternary: the result is ternary (the report's 2-bit packed size applies).
   """
-  optimizer: optax.GradientTransformation
+  optimizer: optax.GradientTransformation | None
   regularizer: Callable[[Any], Any] | None = None
   per_filter: bool = False
   phase_starts_are_results: bool = True
+  max_values: int = 3
+  staged: Callable[[int, int], tuple[optax.GradientTransformation, int]] | None = None
+  post_training: Callable[[PostTrainingInputs], Any] | None = None
+  check: Callable[[list[tuple[str, Any]]], None] | None = None
+  ternary: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PostTrainingInputs:
+  """What a post-training method gets from the pipeline.
+
+  Attributes:
+    params: the full-precision params.
+    apply_fn: ``apply_fn(params, x) -> logits`` (inference mode).
+    train_images: this process's ``uint8`` training images (calibration).
+    image_shape: ``(H, W, C)``.
+    mean, std: the input standardisation.
+    seed: the run's seed.
+    selection: the compressed leaves (the paper's rule in forward order).
+  """
+  params: Any
+  apply_fn: Callable[[Any, Any], Any]
+  train_images: Any
+  image_shape: tuple[int, ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  seed: int
+  selection: Any
 
 
 Builder = Callable[[Any, dict[str, Any], Any], MethodSetup]
@@ -127,18 +172,26 @@ def _inner(config) -> optax.GradientTransformation:
 def _ec2t(config, options, selection) -> MethodSetup:
   """EC2T. ``reference``: ``ec2t.reference_optimizer``, the paper's three Adams
   (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent weights:
-  ``latent_learning_rate``; centroids: ``centroid_learning_rate``). ``chain``:
-  ``optax.chain(add_decayed_weights, adam, ternarize_transform)``.
+  ``latent_learning_rate``; centroids: ``centroid_learning_rate``), constant rates.
+  ``chain``: ``optax.chain(add_decayed_weights, adam, ternarize_transform)``, Adam's
+  ``learning_rate`` decayed to 0 by a cosine over ``config.ec2t_steps`` (both
+  phases; constant when 0). Both use ``config.sustain``.
   """
   del options
   if config.ec2t_mode == "reference":
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
-        centroid_learning_rate=config.centroid_learning_rate, selection=selection))
+        centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
+        selection=selection))
   if config.ec2t_mode == "chain":
-    return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, selection=selection)))
+    learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
+                     if config.ec2t_steps else config.learning_rate)
+    inner = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                        optax.adam(learning_rate))
+    return MethodSetup(optax.chain(inner, ec2t.ternarize_transform(
+        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+        selection=selection)))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
@@ -177,3 +230,113 @@ def _faraone(config, options, selection) -> MethodSetup:
   return MethodSetup(optax.chain(_inner(config),
                                  ec2t.quantization_pruning(options["factor"], selection=selection)),
                      regularizer=regularizer, phase_starts_are_results=False)
+
+
+# ---------------------------------------------------------------- staged methods (issue 10)
+
+
+def _portions(text: str) -> tuple[float, ...]:
+  """``"0.5/0.75/1"`` -> ``(0.5, 0.75, 1.0)`` (``/``: commas separate the options)."""
+  try:
+    return tuple(float(p) for p in text.split("/"))
+  except ValueError:
+    raise ValueError(f"portions must be numbers separated by '/', got {text!r}") from None
+
+
+def _staged(config, make: Callable[[int], optax.GradientTransformation],
+            stages: Callable[[int], int], max_values: int, name: str) -> MethodSetup:
+  """A staged method: ``make(steps_per_stage)`` is its transformation.
+
+  Phase 1 spreads the stages ``0 .. last - 1`` evenly over its steps; phase 2
+  starts with ``ec2t.set_phase(opt_state, last)``, so its first update
+  freezes every remaining weight on the grid and phase 2 retrains the rest.
+  """
+  if config.phase2_epochs < 1:
+    raise UserError(f"--method={name} needs --phase2_epochs >= 1 (its first phase-2 step "
+                    "quantizes the last weights; phase 2 retrains the other parameters)")
+  make(0)  # a bad knob fails here, at build time
+
+  def staged(phase1_steps: int, num_layers: int):
+    last = stages(num_layers) - 1
+    per_stage = max(1, phase1_steps // last) if last > 0 else 0
+    return optax.chain(_inner(config), make(per_stage)), last
+
+  return MethodSetup(optax.chain(_inner(config), make(0)), staged=staged,
+                     max_values=max_values, phase_starts_are_results=False,
+                     ternary=max_values == 3)
+
+
+@register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1"},
+          description="INQ: bits (2 = ternary), portions (accumulated, '/'-separated)")
+def _inq(config, options, selection) -> MethodSetup:
+  bits, portions = options["bits"], _portions(options["portions"])
+  make = lambda n: ec2t.inq(bits, portions, steps_per_stage=n, selection=selection)
+  # {0} and +-2^n for 2^(b-2) exponents (at least one).
+  return _staged(config, make, lambda _: len(portions), 2 * max(1, 2 ** (bits - 2)) + 1, "inq")
+
+
+@register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1"},
+          description="SLQ: bits (2^bits - 1 clusters; 2 = ternary), portions ('/'-separated)")
+def _slq(config, options, selection) -> MethodSetup:
+  bits, portions = options["bits"], _portions(options["portions"])
+  make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, selection=selection)
+  return _staged(config, make, lambda _: len(portions), 2 ** bits - 1, "slq")
+
+
+@register("mlq", {"portions": "0.5/1"},
+          description="MLQ: ternary, layers staggered one stage apart; portions ('/'-separated)")
+def _mlq(config, options, selection) -> MethodSetup:
+  portions = _portions(options["portions"])
+  make = lambda n: ec2t.mlq(portions, steps_per_stage=n, selection=selection)
+  return _staged(config, make, lambda layers: layers + len(portions) - 1, 3, "mlq")
+
+
+# ------------------------------------------------------------ post-training methods (issue 10)
+
+
+@register("mcq", {"K": 1.0, "per_neuron": False},
+          description="MCQ (post-training): K samples per weight, per_neuron scales")
+def _mcq(config, options, selection) -> MethodSetup:
+  samples, per_neuron = options["K"], options["per_neuron"]
+  if not 0 < samples < float("inf"):
+    raise ValueError(f"K must be a positive finite number, got {samples}")
+
+  def run(inputs: PostTrainingInputs):
+    return posttrain.mcq(inputs.params, samples, seed=inputs.seed, per_neuron=per_neuron,
+                         selection=inputs.selection)
+
+  def check(named_leaves):
+    for path, leaf in named_leaves:
+      posttrain.check_integer_multiples(path, leaf, per_filter=per_neuron)
+
+  del config, selection
+  return MethodSetup(None, post_training=run, check=check, ternary=False)
+
+
+@register("prune", {"sparsity": 0.5, "calibration": "real", "calibration_images": 300,
+                   "steps_per_level": 30},
+          description="Calibrated pruning (post-training): sparsity, calibration=real|fractal, "
+                      "calibration_images, steps_per_level (of each layer's fit)")
+def _prune(config, options, selection) -> MethodSetup:
+  sparsity, kind, count = options["sparsity"], options["calibration"], options["calibration_images"]
+  steps = options["steps_per_level"]
+  if steps < 0:
+    raise ValueError(f"steps_per_level must be >= 0, got {steps}")
+  if not 0 <= sparsity < 1:
+    raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+  if kind not in posttrain.CALIBRATIONS:
+    raise ValueError(f"calibration must be one of {', '.join(posttrain.CALIBRATIONS)}, "
+                     f"got {kind!r}")
+  if count < 1:
+    raise ValueError(f"calibration_images must be >= 1, got {count}")
+
+  def run(inputs: PostTrainingInputs):
+    images = posttrain.calibration_images(kind, count, inputs.train_images, inputs.image_shape,
+                                          inputs.mean, inputs.std, seed=inputs.seed)
+    return posttrain.prune(inputs.params, inputs.apply_fn, images, sparsity,
+                           selection=inputs.selection, steps_per_level=steps)
+
+  del config, selection
+  return MethodSetup(None, post_training=run,
+                     check=lambda leaves: posttrain.check_sparsity(leaves, sparsity),
+                     ternary=False)

@@ -12,6 +12,10 @@
    ``<workdir>/report.json``.
 
 With ``phase1_epochs=0`` it stops after the full-precision model (pretraining only).
+A post-training method (``--method=mcq|prune``) replaces steps 3 and 4 by one call
+on the full-precision model; a staged one (``inq``, ``slq``, ``mlq``) keeps phase
+1's last state (not its best, a half-quantized model) and starts phase 2 at its
+last stage.
 
 Example:
   >>> # results = run(PipelineConfig(workdir="runs/x", dataset="mnist", model_name="lenet5", ...))
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +41,7 @@ from common import checkpoint as checkpoint_lib
 from common import data as data_lib
 from common import methods as methods_lib
 from common import parallel
+from common import posttrain
 from common import report as report_lib
 from common import training
 from common.cli import UserError
@@ -87,12 +93,16 @@ class PipelineConfig:
   method_options: str = ""
   gamma: float = 0.2
   init_scale: float = 0.3
+  sustain: float = 0.05
   learning_rate: float = 1e-4
   weight_decay: float = 5e-6
   latent_learning_rate: float = 1e-4
   centroid_learning_rate: float = 1e-5
   phase1_epochs: int = 20
   phase2_epochs: int = 15
+  # Steps of phases 1 + 2 (set by run()): EC2T's chain form decays Adam's
+  # learning rate to 0 by a cosine over them; 0 keeps it constant.
+  ec2t_steps: int = 0
   # run control
   resume: bool = False
   checkpoint_every_steps: int = 0
@@ -231,6 +241,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   # ---- full precision
   results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
                              "gamma": config.gamma, "init_scale": config.init_scale,
+                             "sustain": config.sustain, "learning_rate": config.learning_rate,
                              "ec2t_mode": config.ec2t_mode, "method": config.method,
                              "method_options": methods_lib.parse_options(config.method,
                                                                          config.method_options)}
@@ -250,6 +261,19 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   fp_test = runner.evaluate(fp_state, test)
   results["fp_test_accuracy"] = fp_test["accuracy"]
   log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
+  # The paper's rule keeps the first and last kernel in full precision; trained params have
+  # re-sorted keys, so name them by the forward pass.
+  params_shape, stats_shape = jax.eval_shape(init_variables)
+  order = ec2t.forward_order(
+      lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
+      params_shape, stats_shape, dummy)
+  selection = ec2t.Selection(order=order)
+  setup = methods_lib.build(
+      dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
+                          * train.steps_per_epoch), selection)
+  if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
+    return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
+                          results, writer, main, log)
   if config.phase1_epochs == 0:  # pretraining only
     if main:
       with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
@@ -257,14 +281,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     writer.close()
     return results
 
-  # ---- phase 1 of the method. The paper's rule keeps the first and last kernel in full
-  # precision; trained params have re-sorted keys, so name them by the forward pass.
-  params_shape, stats_shape = jax.eval_shape(init_variables)
-  order = ec2t.forward_order(
-      lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
-      params_shape, stats_shape, dummy)
-  setup = methods_lib.build(config, ec2t.Selection(order=order))
-  tx = setup.optimizer
+  # ---- phase 1 of the method. A staged method (INQ, SLQ, MLQ) spreads its stages over
+  # phase 1 and keeps phase 1's last state: earlier epochs are only partly quantized.
+  tx, phase2_phase = setup.optimizer, 1
+  if setup.staged is not None:
+    num_layers = posttrain.count_selected(params_shape, selection)
+    tx, phase2_phase = setup.staged(config.phase1_epochs * train.steps_per_epoch, num_layers)
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
@@ -273,14 +295,16 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   state, info1 = runner.run_phase(
       "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),
       resume=config.resume, evaluate_start=setup.phase_starts_are_results,
-      epoch_metrics=ec2t_epoch_metrics, regularizer=setup.regularizer)
+      epoch_metrics=ec2t_epoch_metrics, regularizer=setup.regularizer,
+      keep="last" if setup.staged is not None else "best")
   del fp_state
 
-  # ---- phase 2: best phase-1 state, phase 1 set (EC2T: assignment frozen), same optimizer.
+  # ---- phase 2: best phase-1 state, phase 1 set (EC2T: assignment frozen; staged methods:
+  # their last stage), same optimizer.
   if config.phase2_epochs > 0:
     def start_phase2(best):
       return best._replace(step=jnp.zeros((), jnp.int32),
-                           opt_state=ec2t.set_phase(best.opt_state, 1))
+                           opt_state=ec2t.set_phase(best.opt_state, phase2_phase))
     state, info2 = runner.run_phase(
         "ec2t_phase2", tx, config.phase2_epochs, start_phase2, (state,), resume=config.resume,
         evaluate_start=setup.phase_starts_are_results, epoch_metrics=ec2t_epoch_metrics)
@@ -294,8 +318,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   layers = [(int(np.prod(l.shape)), l.entropy) for l in summary.layers]
   results.update({
       "ternary_test_accuracy": ternary_test["accuracy"],
-      "ternary_val_accuracy": max(info1.get("best_val_accuracy", 0.0),
-                                  info2.get("best_val_accuracy", 0.0)),
+      "ternary_val_accuracy": (info2.get("best_val_accuracy", 0.0) if setup.staged is not None
+                               else max(info1.get("best_val_accuracy", 0.0),
+                                        info2.get("best_val_accuracy", 0.0))),
+      "ternary": setup.ternary,
       "sparsity": summary.totals["sparsity"],
       "bits_per_weight": summary.totals["entropy"],
       "ternary_layers": len(summary.layers),
@@ -307,8 +333,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       "phase2_seconds_per_epoch": _typical(info2["epoch_seconds"]),
   })
   results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
-  # Every quantized leaf of the final params holds at most three values (per filter).
-  _check_ternary(host_params, summary, setup.per_filter)
+  # Every quantized leaf of the final params is on the method's grid: at most
+  # ``max_values`` values (3: ternary), per filter for per-filter methods.
+  _check_ternary(host_params, summary, setup.per_filter, setup.max_values)
   if main:
     exported = ec2t.export.save(os.path.join(config.workdir, "model.ec2t"), host_params)
     results["export_bytes"] = exported.total_bytes
@@ -328,14 +355,63 @@ def _typical(seconds: list[float]) -> float | None:
   return float(np.median(kept))
 
 
-def _check_ternary(params: Any, summary: ec2t.Summary, per_filter: bool = False) -> None:
+def _check_ternary(params: Any, summary: ec2t.Summary, per_filter: bool = False,
+                   max_values: int = 3) -> None:
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   for layer in summary.layers:
     if layer.mode != "ecp" and layer.path in flat:
-      kernel = np.asarray(flat[layer.path])
-      groups = kernel.reshape(-1, kernel.shape[-1]).T if per_filter else [kernel]
-      most = max(np.unique(g).size for g in groups)
-      if most > 3:
-        raise AssertionError(f"{layer.path} is not ternary: {most} distinct values"
-                             + (" in one filter" if per_filter else ""))
+      posttrain.check_at_most_values(layer.path, np.asarray(flat[layer.path]), max_values,
+                                     per_filter)
+
+
+def _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
+                   results, writer, main, log) -> dict[str, Any]:
+  """MCQ / calibrated pruning of the full-precision model, then evaluation, export, report."""
+  if jax.process_count() > 1:
+    raise UserError(f"--method={config.method} (post-training) runs in a single process")
+  host_params = parallel.to_host(fp_state.params)
+  host_stats = parallel.to_host(fp_state.batch_stats)
+  apply_fn = lambda p, x: config.model.apply({"params": p, "batch_stats": host_stats}, x,
+                                             train=False)
+  inputs = methods_lib.PostTrainingInputs(
+      params=host_params, apply_fn=apply_fn,
+      train_images=np.concatenate([s.images for s in train_shards]),
+      image_shape=tuple(spec.image_shape), mean=tuple(spec.mean), std=tuple(spec.std),
+      seed=config.seed, selection=selection)
+  started = time.perf_counter()
+  params = jax.block_until_ready(setup.post_training(inputs))
+  seconds = time.perf_counter() - started
+  params = jax.tree.map(np.asarray, params)
+  log(f"[{config.method}] post-training took {seconds:.2f} s")
+  state = fp_state._replace(params=params)
+  val, test_metrics = runner.evaluate(state), runner.evaluate(state, test)
+  named = posttrain.selected_leaves(params, selection)
+  setup.check(named)  # on the method's grid (or at its sparsity)
+  measures = posttrain.compression_measures(named)
+  total = training.count_params(params)
+  results.update({
+      "ternary_test_accuracy": test_metrics["accuracy"],
+      "ternary_val_accuracy": val["accuracy"],
+      "ternary": setup.ternary,
+      "posttrain_seconds": seconds,
+      "sparsity": measures["sparsity"],
+      "bits_per_weight": measures["bits_per_weight"],
+      "ternary_layers": len(named),
+      "ternary_weights": measures["numel"],
+      "total_params": total,
+      "layers": measures["layers"],
+  })
+  results["sizes"] = report_lib.model_sizes(
+      total, [(l["numel"], l["entropy"]) for l in measures["layers"]])
+  if main:
+    exported = ec2t.export.save(os.path.join(config.workdir, "model.ec2t"), params)
+    results["export_bytes"] = exported.total_bytes
+    for layer in measures["layers"]:
+      print(f"{layer['path']:<24} {str(layer['shape']):<18} sparsity {layer['sparsity']:.3f}  "
+            f"entropy {layer['entropy']:.3f} bits  {layer['distinct_values']} values")
+    print(report_lib.format_report(results))
+    with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=float)
+  writer.close()
+  return results

@@ -47,20 +47,25 @@ def format_report(results: dict[str, Any]) -> str:
   sizes = r["sizes"]
   method = r.get("method", "ec2t")
   name = "EC2T" if method == "ec2t" else method.upper() if len(method) <= 4 else method
+  ternary = r.get("ternary", True)  # False: more levels or full-precision survivors
+  kind = "ternarized" if ternary else "compressed"
   rows = [
-      ("", "full precision", f"{name} ternary"),
+      ("", "full precision", f"{name} ternary" if ternary else name),
       ("test accuracy", f"{100 * fp:.2f}%", f"{100 * tern:.2f}%  ({100 * (tern - fp):+.2f} pts)"),
-      ("ternarized layers", "-", f"{r['ternary_layers']} layers, {r['ternary_weights']:,} weights"),
-      ("sparsity of ternarized layers", "-", f"{100 * r['sparsity']:.1f}%"),
-      ("bits/weight, ternarized (entropy)", "32", f"{r['bits_per_weight']:.3f}"),
-      ("model size, 2-bit packed", _kib(sizes["float32_bits"]),
-       f"{_kib(sizes['packed_bits'])}  ({sizes['ratio_packed']:.3f}x float32)"),
-      ("model size, entropy bound", "", f"{_kib(sizes['entropy_bits'])}  "
-                                        f"({sizes['ratio_entropy']:.3f}x float32)"),
+      (f"{kind} layers", "-", f"{r['ternary_layers']} layers, {r['ternary_weights']:,} weights"),
+      (f"sparsity of {kind} layers", "-", f"{100 * r['sparsity']:.1f}%"),
+      (f"bits/weight, {kind} (entropy)", "32", f"{r['bits_per_weight']:.3f}"),
   ]
+  if ternary:
+    rows.append(("model size, 2-bit packed", _kib(sizes["float32_bits"]),
+                 f"{_kib(sizes['packed_bits'])}  ({sizes['ratio_packed']:.3f}x float32)"))
+  rows.append(("model size, entropy bound", "" if ternary else _kib(sizes["float32_bits"]),
+               f"{_kib(sizes['entropy_bits'])}  ({sizes['ratio_entropy']:.3f}x float32)"))
   if r.get("export_bytes"):
     rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} bytes"))
   fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
+  if r.get("posttrain_seconds") is not None:
+    rows.append(("post-training time", "-", f"{r['posttrain_seconds']:.2f} s"))
   if fp_s and ec2t_s:
     rows.append(("train time per epoch", f"{fp_s:.2f} s", f"{ec2t_s:.2f} s  ({ec2t_s / fp_s:.2f}x)"))
   elif ec2t_s:

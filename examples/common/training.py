@@ -89,7 +89,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     model: Flax module called as ``model.apply(variables, images, train=True)``.
     tx: The optimizer (EC2T or plain).
     spec: Dataset normalisation constants.
-    augment: Random flip + pad-4 crop.
+    augment: Random shifts (pad + crop; flips too where ``spec.flip``).
     regularizer: ``params -> scalar`` added to the loss (e.g.
       ``ec2t.sparsity_regularizer``), or None.
 
@@ -100,7 +100,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     images = augment_lib.prepare_images(batch["image"], spec.mean, spec.std,
-                                        step_key if augment else None)
+                                        step_key if augment else None, flip=spec.flip,
+                                        padding=spec.crop_padding)
     labels = batch["label"]
 
     def loss_fn(params):
@@ -240,8 +241,9 @@ class Runner:
                 evaluate_start: bool = False,
                 epoch_metrics: Callable[[TrainState], dict] | None = None,
                 regularizer: Callable[[Any], jax.Array] | None = None,
+                keep: str = "best",
                 ) -> tuple[TrainState, dict[str, Any]]:
-    """Trains one phase and returns its best state (by validation accuracy).
+    """Trains one phase and returns its best state (by validation accuracy) or its last.
 
     Resumes from the phase's latest checkpoint when ``resume`` is set; a phase
     already finished is not re-run (its best checkpoint is returned).
@@ -257,9 +259,11 @@ class Runner:
       evaluate_start: Evaluate (and keep as best candidate) the initial state.
       epoch_metrics: Extra metrics per epoch, e.g. EC2T sparsity.
       regularizer: Loss term of this phase (see :func:`make_train_step`).
+      keep: ``"best"`` (by validation) or ``"last"`` (the state after the last
+        step, e.g. a staged method's phase whose earlier epochs are half quantized).
 
     Returns:
-      ``(best_state, info)`` with ``info`` = best validation accuracy, seconds
+      ``(best_state, info)`` (the last state with ``keep="last"``) with ``info`` = best validation accuracy, seconds
       per epoch, etc.
 
     Raises:
@@ -267,15 +271,17 @@ class Runner:
     """
     ckpts = checkpoint_lib.PhaseCheckpoints(os.path.join(self.workdir, "checkpoints", phase),
                                             {**self.fingerprint, "phase": phase})
+    if keep not in ("best", "last"):
+      raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     try:
       return self._run_phase(phase, tx, epochs, make_state, make_state_args, ckpts,
                              resume=resume, evaluate_start=evaluate_start,
-                             epoch_metrics=epoch_metrics, regularizer=regularizer)
+                             epoch_metrics=epoch_metrics, regularizer=regularizer, keep=keep)
     finally:
       ckpts.close()
 
   def _run_phase(self, phase, tx, epochs, make_state, make_state_args, ckpts, *, resume,
-                 evaluate_start, epoch_metrics, regularizer=None):
+                 evaluate_start, epoch_metrics, regularizer=None, keep="best"):
     if epochs < 1:
       raise ValueError(f"[{phase}] needs at least one epoch")
     abstract = self.abstract(make_state, *make_state_args)
@@ -285,6 +291,10 @@ class Runner:
                       "that run, or choose a new --workdir")
     total_steps = epochs * self.train.steps_per_epoch
     if meta is not None and meta.get("done"):
+      if keep == "last":
+        state, _ = ckpts.restore("latest", abstract)
+        self._log(f"[{phase}] already finished; keeping its last state (step {meta['step']})")
+        return state, {**meta["info"], "best_val_accuracy": meta["best_val_accuracy"]}
       state, best_meta = ckpts.restore("best", abstract)
       self._log(f"[{phase}] already finished; best validation accuracy "
                 f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
@@ -327,8 +337,10 @@ class Runner:
       ckpts.save("latest", step, state, self._meta(step, total_steps, best, info, done=done))
       if self.stop_after_steps and self.steps_run >= self.stop_after_steps and not done:
         raise StopRequested(f"stopped after {self.steps_run} steps as asked")
-    best_state, _ = ckpts.restore("best", abstract)
     info["best_val_accuracy"] = best
+    if keep == "last":
+      return state, info
+    best_state, _ = ckpts.restore("best", abstract)
     return best_state, info
 
   def _compile_step(self, tx: optax.GradientTransformation, abstract: Any,
