@@ -225,6 +225,7 @@ def test_official_resnet20_round_trips_to_the_same_state_dict():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
+@pytest.mark.slow  # ResNet-20 with the official weights, two forward passes
 @needs_reference
 def test_converted_resnet20_matches_an_independent_pytorch_layout_forward():
   state = torch_convert.load_state_dict(REFERENCE_FP)

@@ -15,7 +15,7 @@ _weights = hnp.arrays(np.float32, st.integers(4, 200),
 _positive = st.floats(1e-3, 2.0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(_weights, _positive, _positive, st.floats(0, 1), st.floats(0, 1))
 def test_sparsity_never_decreases_as_gamma_grows(w, w_n, w_p, g1, g2):
   low, high = sorted((g1, g2))
@@ -24,7 +24,7 @@ def test_sparsity_never_decreases_as_gamma_grows(w, w_n, w_p, g1, g2):
   assert zeros(low) <= zeros(high)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(_weights, _positive, _positive, st.floats(0, 1))
 def test_assignment_is_the_argmin_of_the_cost(w, w_n, w_p, gamma):
   a, lam = ec2t.entropy_constrained_assign(w, w_n, w_p, gamma=gamma)
@@ -49,7 +49,7 @@ class _Tiny(nn.Module):
 _PARAMS = _Tiny().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.floats(0, 1), st.floats(1e-4, 1.0),
        st.integers(1, 4))
 def test_every_update_lands_on_three_values_above_the_floor(seed, gamma, scale,
