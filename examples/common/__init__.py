@@ -3,6 +3,7 @@
 Modules, one job each:
 
 * ``cli``        -- ``UserError`` and the wrapper that prints it as one line, no traceback;
+* ``script``     -- ``script_main``: the absl ``main`` of both scripts (flags, ``jax.distributed``);
 * ``flags``      -- the absl flags both scripts share;
 * ``data``       -- tfds splits cut into shards, one block of shards per process,
   deterministic random-access batches (exact resume, topology-independent order);
