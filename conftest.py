@@ -18,7 +18,10 @@ collect_ignore_glob = ["ec2t_jax/*/__main__.py"]
 
 
 @pytest.fixture(autouse=True)
-def _doctest_namespace(doctest_namespace):
+def _doctest_namespace(request):
+  if type(request.node).__name__ != "DoctestItem":
+    return  # only the doctests need it (and building it costs seconds)
+  doctest_namespace = request.getfixturevalue("doctest_namespace")
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -53,6 +53,7 @@ def test_mock_cifar_runs_both_ec2t_phases_on_eight_devices(eight_device_run):
   assert int(state["step"]) == 4  # 64 mock examples / batch 16
 
 
+@pytest.mark.slow  # a second full run of the mock job (~10 s)
 def test_sharded_run_equals_the_single_device_run(eight_device_run, tmp_path, pretrained_npz):
   workdir, results = eight_device_run
   single = support.run_in_process(cifar_resnet, *_args(tmp_path, pretrained_npz),
@@ -65,6 +66,7 @@ def test_sharded_run_equals_the_single_device_run(eight_device_run, tmp_path, pr
   assert single["ternary_test_accuracy"] == results["ternary_test_accuracy"]
 
 
+@pytest.mark.slow  # a second full run of the mock job (~10 s)
 def test_resume_continues_bitwise_identically(eight_device_run, tmp_path, pretrained_npz):
   workdir, _ = eight_device_run
   with pytest.raises(training.StopRequested, match="stopped after 2 steps"):

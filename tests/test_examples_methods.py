@@ -71,6 +71,7 @@ def test_every_registered_method_builds_and_quantizes_lenet5(method):
       "conv2/kernel", "fc1/kernel", "fc2/kernel"]
 
 
+@pytest.mark.slow  # a whole example pipeline (7-11 s)
 def test_faraone_pipeline_prunes_in_phase_2_and_exports_a_ternary_model(tmp_path):
   results = support.run_in_process(
       mnist_lenet, "--mock_data=256", "--nodownload", f"--workdir={tmp_path}", "--num_devices=1",
@@ -95,6 +96,7 @@ def _compressed_kernels(path):
   return {name: np.asarray(params[name]["kernel"]) for name in ("conv2", "fc1", "fc2")}
 
 
+@pytest.mark.slow  # a whole example pipeline (7-11 s)
 def test_inq_5bit_pipeline_ends_on_powers_of_two_with_more_than_three_values(tmp_path):
   results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=inq",
                                    "--method_options=bits=5,portions=0.5/1")
@@ -123,6 +125,7 @@ def test_mcq_pipeline_skips_training_and_exports_integer_multiples(tmp_path):
       [k.ravel() == 0 for k in _compressed_kernels(tmp_path / "model.ec2t").values()])))
 
 
+@pytest.mark.slow  # a whole example pipeline (7-11 s)
 def test_prune_pipeline_with_fractals_reaches_the_sparsity_and_keeps_survivors(tmp_path):
   results = support.run_in_process(
       mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=prune",
