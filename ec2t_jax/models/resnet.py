@@ -20,7 +20,7 @@ Super-networks (EC2T step one) scale depth and width EfficientNet-style:
 Example:
   >>> import jax, jax.numpy as jnp
   >>> model = cifar_resnet(20, num_classes=10)
-  >>> variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   >>> sorted(variables)
   ['batch_stats', 'params']
   >>> jax.eval_shape(model.apply, variables, jnp.zeros((4, 32, 32, 3))).shape
