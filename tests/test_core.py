@@ -135,3 +135,11 @@ def test_freeze_assignment_is_phase_one():
   state = ec2t.freeze_assignment(ec2t.ternarize_transform().init(params))
   assert int(state.phase) == 1 and bool(ec2t.is_frozen(state))
   assert int(ec2t.freeze_assignment(state, False).phase) == 0
+
+
+def test_state_does_not_alias_the_params_buffers():
+  _, params = init()
+  state = ec2t.ternarize_transform().init(params)
+  latent = state.latent["Conv_1"]["kernel"]
+  assert (latent.unsafe_buffer_pointer()
+          != params["Conv_1"]["kernel"].unsafe_buffer_pointer())

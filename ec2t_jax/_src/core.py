@@ -350,7 +350,9 @@ def init_state(method: Method, params, selection, hyper) -> QuantizerState:
     if plan is None:
       leaves.append(None)
       continue
-    leaf = jnp.asarray(leaf)
+    # A copy, so no leaf state aliases a param buffer (a step that donates
+    # both params and optimizer state would donate one buffer twice).
+    leaf = jnp.array(leaf, copy=True)
     ctx = LeafContext(path, leaf.shape, leaf.dtype, plan.mode, plan.gamma,
                       leaf.size / largest)
     leaves.append(method.init_leaf(leaf, ctx, hyper))
