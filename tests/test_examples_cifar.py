@@ -43,6 +43,7 @@ def eight_device_run(tmp_path_factory, pretrained_npz):
   return workdir, results
 
 
+@pytest.mark.slow  # shares the 8-device mock CIFAR run (~15 s)
 def test_mock_cifar_runs_both_ec2t_phases_on_eight_devices(eight_device_run):
   workdir, results = eight_device_run
   assert results["ternary_layers"] == 6
@@ -85,6 +86,7 @@ def test_fsdp_run_equals_the_data_parallel_run(eight_device_run, tmp_path, pretr
                _final_state(tmp_path), _final_state(workdir))
 
 
+@pytest.mark.slow  # shares the 8-device mock CIFAR run (~15 s)
 def test_rerunning_into_a_used_workdir_without_resume_is_refused(eight_device_run,
                                                                  pretrained_npz):
   workdir, _ = eight_device_run
@@ -92,6 +94,7 @@ def test_rerunning_into_a_used_workdir_without_resume_is_refused(eight_device_ru
     support.run_in_process(cifar_resnet, *_args(workdir, pretrained_npz))
 
 
+@pytest.mark.slow  # shares the 8-device mock CIFAR run (~15 s)
 def test_resuming_with_another_model_is_a_clear_error(eight_device_run, pretrained_npz):
   workdir, _ = eight_device_run
   with pytest.raises(UserError, match="incompatible with this run.*'resnet8' vs this run "

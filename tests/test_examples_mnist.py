@@ -24,6 +24,7 @@ def small_run(tmp_path_factory):
 
 
 @support.needs_mnist
+@pytest.mark.slow  # shares the real-MNIST 600-step run (~25 s)
 def test_lenet5_reaches_95_percent_ternary_test_accuracy_in_600_steps(small_run):
   _, results = small_run
   assert results["fp_test_accuracy"] >= 0.96
@@ -33,6 +34,7 @@ def test_lenet5_reaches_95_percent_ternary_test_accuracy_in_600_steps(small_run)
 
 
 @support.needs_mnist
+@pytest.mark.slow  # shares the real-MNIST 600-step run (~25 s)
 def test_report_and_metrics_are_written(small_run):
   workdir, results = small_run
   report = json.loads((workdir / "report.json").read_text())
@@ -45,6 +47,7 @@ def test_report_and_metrics_are_written(small_run):
 
 
 @support.needs_mnist
+@pytest.mark.slow  # shares the real-MNIST 600-step run (~25 s)
 def test_best_phase2_checkpoint_holds_frozen_ternary_weights(small_run):
   workdir, _ = small_run
   state = checkpoint.read_state(workdir / "checkpoints" / "ec2t_phase2")
@@ -95,6 +98,7 @@ def test_init_from_a_corrupt_file_is_a_clear_error(tmp_path):
 
 
 @support.needs_mnist
+@pytest.mark.slow  # shares the real-MNIST 600-step run (~25 s)
 def test_init_from_an_incompatible_model_names_the_mismatch(small_run, tmp_path):
   workdir, _ = small_run
   from common.cli import UserError
@@ -108,6 +112,7 @@ def test_init_from_an_incompatible_model_names_the_mismatch(small_run, tmp_path)
 
 
 @support.needs_mnist
+@pytest.mark.slow  # shares the real-MNIST 600-step run (~25 s)
 def test_plot_curves_draws_a_png_of_the_run(small_run, tmp_path):
   workdir, _ = small_run
   result = support.run_program("plot_curves.py", f"--workdir={workdir}",

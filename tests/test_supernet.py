@@ -106,6 +106,7 @@ def test_inserted_blocks_start_as_identities(resnet8):
   assert np.any(wide["params"]["layer2_1"]["conv1"]["kernel"])
 
 
+@pytest.mark.slow  # option B builds and compares a second pair of networks (~7 s)
 def test_option_b_shortcuts_are_widened_too():
   base = models.cifar_resnet(8, shortcut="B")
   variables = _randomised(base)
