@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ec2t_jax._src import packing
+from ec2t_jax._src.export import packing
 
 
 def _same(a, b) -> bool:

@@ -32,8 +32,8 @@ import numpy as np
 
 from ec2t_jax import export
 from ec2t_jax import report
-from ec2t_jax._src import context_coding
-from ec2t_jax._src import packing
+from ec2t_jax._src.export import context_coding
+from ec2t_jax._src.export import packing
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/ec2t-reference"
 NAMES = ("fp", "ec2t_spars45", "ec2t_spars64", "ec2t_spars73")

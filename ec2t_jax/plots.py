@@ -36,7 +36,7 @@ def decision_boundaries(weights, w_n: float, w_p: float, gamma: float,
                         size_decay: float = 1.0) -> Boundaries:
   """EC2T's zero-cluster boundaries of one layer for one ``gamma``.
 
-  Uses :mod:`ec2t_jax._src.ternary` for the probabilities (with EC2T's guards)
+  Uses :mod:`ec2t_jax._src.methods.ec2t.ternary` for the probabilities (with EC2T's guards)
   and ``lambda_max``, exactly as the training step does.
 
   Args:
@@ -219,8 +219,8 @@ def write_report_plots(report: dict, out_dir, *, source=None, latent=None,
   written = [save_figure(layer_bars(report), out_dir / "layer_bars.png")]
   if latent is None:
     return written
-  from ec2t_jax._src import sources
-  from ec2t_jax._src import ternary
+  from ec2t_jax._src.export import sources
+  from ec2t_jax._src.methods.ec2t import ternary
   tree = sources.load_tree(latent, keys=tuple(keys)).tree if isinstance(latent, (str, Path)) \
       else latent
   flat = sources.flat_arrays(tree)

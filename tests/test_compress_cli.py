@@ -8,8 +8,8 @@ import pytest
 import ec2t_jax as ec2t
 from ec2t_jax import export
 from ec2t_jax import models
-from ec2t_jax._src import compress_cli
-from ec2t_jax._src import report_cli
+from ec2t_jax._src.cli import compress_cli
+from ec2t_jax._src.cli import report_cli
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from ec2t_jax import export
-from ec2t_jax._src import context_coding
-from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import trees
-from ec2t_jax._src import packing
-from ec2t_jax._src import sources
-from ec2t_jax._src import ternary
-from ec2t_jax._src import export_cli
+from ec2t_jax._src.export import context_coding
+from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import sources
+from ec2t_jax._src.methods.ec2t import ternary
+from ec2t_jax._src.cli import export_cli
 
 from tests.export_v1_fixture import v1_tree
 

@@ -7,9 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ec2t_jax._src import codebook_coding
-from ec2t_jax._src import context_coding
-from ec2t_jax._src import packing
+from ec2t_jax._src.export import codebook_coding
+from ec2t_jax._src.export import context_coding
+from ec2t_jax._src.export import packing
 
 from tests.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
 

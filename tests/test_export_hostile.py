@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 from ec2t_jax import export
-from ec2t_jax._src import context_coding
-from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import export_cli
-from ec2t_jax._src import packing
-from ec2t_jax._src import report_cli
-from ec2t_jax._src import reporting
-from ec2t_jax._src import sources
-from ec2t_jax._src import trees
+from ec2t_jax._src.export import context_coding
+from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.cli import export_cli
+from ec2t_jax._src.export import packing
+from ec2t_jax._src.cli import report_cli
+from ec2t_jax._src.report import reporting
+from ec2t_jax._src.export import sources
+from ec2t_jax._src.core import trees
 
 from tests.export_v1_fixture import v1_tree
 
@@ -300,7 +300,8 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from tests import test_export_hostile as t
-from ec2t_jax._src import entropy_coding, packing
+from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.export import packing
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax import export
-from ec2t_jax._src import inference
+from ec2t_jax._src.export import inference
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
 ATOL = 1e-5

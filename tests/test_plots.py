@@ -6,7 +6,7 @@ import numpy as np
 
 from ec2t_jax import plots
 from ec2t_jax import report
-from ec2t_jax._src import ternary
+from ec2t_jax._src.methods.ec2t import ternary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,10 +12,10 @@ import pytest
 
 from ec2t_jax import export
 from ec2t_jax import report
-from ec2t_jax._src import report_cli
-from ec2t_jax._src import accounting
-from ec2t_jax._src import trees
-from ec2t_jax._src import geometry
+from ec2t_jax._src.cli import report_cli
+from ec2t_jax._src.report import accounting
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.report import geometry
 
 DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import ec2t_jax as ec2t
-from ec2t_jax._src import ec2t as ec2t_method
-from ec2t_jax._src import ternary
+from ec2t_jax._src.methods.ec2t import chain as ec2t_method
+from ec2t_jax._src.methods.ec2t import ternary
 
 # The test vector of the baselines document, with s = 0.5:
 # w_p = 0.5 * 0.9 = 0.45, w_n = 0.5 * 0.6 = 0.3, thresholds 0.225 and -0.15.

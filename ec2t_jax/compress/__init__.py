@@ -10,9 +10,9 @@
 checkpoint directory, ``.npz``, packed file); ``OUT`` is written with
 :func:`ec2t_jax.export.save` (the method and its settings go into the file's
 metadata), so ``python -m ec2t_jax.report OUT`` reads it. Bad input is one
-line on stderr and exit status 2. See :mod:`ec2t_jax._src.compress_cli`.
+line on stderr and exit status 2. See :mod:`ec2t_jax._src.cli.compress_cli`.
 """
 
-from ec2t_jax._src.compress_cli import main
+from ec2t_jax._src.cli.compress_cli import main
 
 __all__ = ["main"]

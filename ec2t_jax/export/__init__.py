@@ -9,8 +9,8 @@ way and their values as floats; everything else is stored as is (float16 on
 request). The file is versioned (version 2; version-1 files are still read),
 has a magic number and a SHA-256 checksum, and restores the same tree with
 bitwise-identical arrays. The format is specified in
-:mod:`ec2t_jax._src.packing`, the context model in
-:mod:`ec2t_jax._src.context_coding`.
+:mod:`ec2t_jax._src.export.packing`, the context model in
+:mod:`ec2t_jax._src.export.context_coding`.
 
 Python API::
 
@@ -43,19 +43,19 @@ the file can hold before anything is allocated; a hostile file is an
 For NNX, save ``nnx.state(model)`` (or its ``to_pure_dict()``) and put the
 loaded dict back with ``nnx.replace_by_pure_dict(state, loaded)`` then
 ``nnx.update(model, state)``. For inference directly from the assignment see
-:func:`load_ternary` and :mod:`ec2t_jax._src.inference`.
+:func:`load_ternary` and :mod:`ec2t_jax._src.export.inference`.
 """
 
-from ec2t_jax._src.exporting import (ExportResult, decode_file, export_file,
+from ec2t_jax._src.export.exporting import (ExportResult, decode_file, export_file,
                                      export_inference, load, load_inference, load_ternary,
                                      save)
-from ec2t_jax._src.inference_export import fold_batch_norm, unfold_batch_norm
-from ec2t_jax._src.inference import TernaryWeight
-from ec2t_jax._src.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
+from ec2t_jax._src.export.inference_export import fold_batch_norm, unfold_batch_norm
+from ec2t_jax._src.export.inference import TernaryWeight
+from ec2t_jax._src.export.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
                                    ExportFormatError, FilterTernaryParts, LeafRecord, PackedInfo,
                                    codebook_parts, filter_ternary_parts, pack, read_info,
                                    ternary_parts, unpack)
-from ec2t_jax._src.sources import load_tree
+from ec2t_jax._src.export.sources import load_tree
 
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",

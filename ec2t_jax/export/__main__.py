@@ -1,5 +1,5 @@
-"""``python -m ec2t_jax.export``: see :mod:`ec2t_jax._src.export_cli`."""
+"""``python -m ec2t_jax.export``: see :mod:`ec2t_jax._src.cli.export_cli`."""
 
-from ec2t_jax._src.export_cli import main
+from ec2t_jax._src.cli.export_cli import main
 
 raise SystemExit(main())

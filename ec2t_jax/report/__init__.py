@@ -6,7 +6,7 @@ shape, sparsity, ``w_n``, ``w_p``, zeroth-order entropy (bits/weight), the
 achieved bits/weight and bytes in the packed format; then totals against
 float32 and against the paper's storage rule, operation counts by the paper's
 formulas with and without dead channels, MicroNet FLOPs and an energy estimate
-(Horowitz 45 nm). The accounting rules are in :mod:`ec2t_jax._src.accounting`.
+(Horowitz 45 nm). The accounting rules are in :mod:`ec2t_jax._src.report.accounting`.
 
 Op counts need feature-map sizes. CIFAR ResNets (the official checkpoints,
 :mod:`ec2t_jax.models.resnet`) are recognised from their parameter names;
@@ -31,10 +31,10 @@ Example:
   (0.639, 11810, 8.5)
 """
 
-from ec2t_jax._src.accounting import EXACT_RULES, PAPER_RULES, CountingRules
-from ec2t_jax._src.geometry import (LayerGeometry, cifar_resnet_geometry, load_geometry,
+from ec2t_jax._src.report.accounting import EXACT_RULES, PAPER_RULES, CountingRules
+from ec2t_jax._src.report.geometry import (LayerGeometry, cifar_resnet_geometry, load_geometry,
                                     save_geometry, trace_geometry)
-from ec2t_jax._src.reporting import build_report, format_report
+from ec2t_jax._src.report.reporting import build_report, format_report
 
 __all__ = [
     "CountingRules", "EXACT_RULES", "LayerGeometry", "PAPER_RULES", "build_report",

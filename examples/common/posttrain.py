@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ec2t_jax as ec2t
-from ec2t_jax._src import trees
+from ec2t_jax._src.core import trees
 from ec2t_jax._src.methods import common as methods_common
 
 CALIBRATIONS = ("real", "fractal")

@@ -1,1 +1,1 @@
-"""Compression methods other than EC2T: one module per method (pure functions first)."""
+"""The methods wing: one module or package per method (EC2T in ``ec2t/``), pure functions first, plus the helpers several methods share."""

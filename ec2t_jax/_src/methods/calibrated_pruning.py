@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax._src import trees
+from ec2t_jax._src.core import trees
 from ec2t_jax._src.methods import common
 from ec2t_jax._src.methods import layer_capture
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import jax
 
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import tracing
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.core import tracing
 
 
 def selected_leaves(params, selection: selection_lib.SelectionLike) -> list[bool]:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.core import selection as selection_lib
 
 MIN_BITS = 2
 MAX_BITS = 8

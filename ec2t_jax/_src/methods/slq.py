@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import trees
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.core import trees
 
 from ec2t_jax._src.methods import clustering
 from ec2t_jax._src.methods import inq

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
-from ec2t_jax._src.trees import pure_tree
+from ec2t_jax._src.core.trees import pure_tree
 
 
 def threshold_density(weights, factor=twn.LAYER_FACTOR, temperature=0.25) -> jax.Array:

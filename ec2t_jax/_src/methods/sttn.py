@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import ternary
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn as twn_lib
 

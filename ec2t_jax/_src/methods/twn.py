@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
+from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 
 LAYER_FACTOR = 0.7

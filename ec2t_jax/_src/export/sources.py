@@ -30,8 +30,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import trees
-from ec2t_jax._src import packing
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.export import packing
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 

@@ -64,7 +64,7 @@ from typing import NamedTuple, Optional
 import constriction
 import numpy as np
 
-from ec2t_jax._src import entropy_coding
+from ec2t_jax._src.export import entropy_coding
 
 FLOOR = 2.0**-10
 STRENGTH = 8.0

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src.trees import nnx_optimizer_type
-from ec2t_jax._src.trees import pure_tree
+from ec2t_jax._src.core.trees import nnx_optimizer_type
+from ec2t_jax._src.core.trees import pure_tree
 
 
 def _is_quantizer_state(x) -> bool:

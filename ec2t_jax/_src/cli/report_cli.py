@@ -10,10 +10,10 @@ import dataclasses
 import json
 from typing import Optional, Sequence
 
-from ec2t_jax._src import cli_support
-from ec2t_jax._src.accounting import EXACT_RULES, PAPER_RULES
-from ec2t_jax._src.packing import DEFAULT_MAX_BYTES
-from ec2t_jax._src.reporting import build_report, format_report
+from ec2t_jax._src.cli import cli_support
+from ec2t_jax._src.report.accounting import EXACT_RULES, PAPER_RULES
+from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.report.reporting import build_report, format_report
 
 
 def _parser() -> argparse.ArgumentParser:

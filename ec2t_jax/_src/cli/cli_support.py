@@ -7,7 +7,7 @@ import re
 import sys
 import zipfile
 
-from ec2t_jax._src.packing import ExportFormatError
+from ec2t_jax._src.export.packing import ExportFormatError
 
 # Errors that mean "this input cannot be used": reported in one line, status 2.
 BAD_INPUT = (ExportFormatError, ValueError, KeyError, OSError, EOFError, MemoryError,

@@ -1,10 +1,10 @@
 """EC2T as a method of the shared core: its per-leaf state and step.
 
-The pure math lives in ``_src/ternary.py``; this module says what one selected
+The pure math lives in ``_src/methods/ec2t/ternary.py``; this module says what one selected
 leaf holds (:class:`EC2TLeaf`, or :class:`ECPLeaf` for entropy-constrained
 pruning) and how one step moves it (:func:`advance_leaf`). The chain form
 (:func:`ternarize_transform`) and the exact-reference mode
-(``_src/reference_mode.py``) differ only in where the latent and centroid
+(``_src/methods/ec2t/reference_mode.py``) differ only in where the latent and centroid
 steps come from.
 """
 
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import ternary
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.methods.ec2t import ternary
 
 
 class EC2TLeaf(NamedTuple):

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import cli_support
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import sources
-from ec2t_jax._src.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.cli import cli_support
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.export import sources
+from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
 
 PROGRAM = "ec2t_jax.compress"
 METHODS = ("mcq", "prune")

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from ec2t_jax._src import core
-from ec2t_jax._src import state_access
-from ec2t_jax._src.trees import path_to_str
+from ec2t_jax._src.core import state_access
+from ec2t_jax._src.core.trees import path_to_str
 
 
 def value_entropy(values) -> float:

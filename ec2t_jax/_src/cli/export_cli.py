@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ec2t_jax._src import cli_support
-from ec2t_jax._src.exporting import decode_file, export_file, export_inference
-from ec2t_jax._src.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.cli import cli_support
+from ec2t_jax._src.export.exporting import decode_file, export_file, export_inference
+from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:

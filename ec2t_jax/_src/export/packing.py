@@ -134,10 +134,10 @@ import constriction
 import ml_dtypes
 import numpy as np
 
-from ec2t_jax._src import codebook_coding
-from ec2t_jax._src import context_coding
-from ec2t_jax._src import entropy_coding
-from ec2t_jax._src import trees
+from ec2t_jax._src.export import codebook_coding
+from ec2t_jax._src.export import context_coding
+from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.core import trees
 
 MAGIC = b"\x89EC2T\r\n\x1a"
 FORMAT_VERSION = 2

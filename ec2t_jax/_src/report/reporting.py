@@ -1,7 +1,7 @@
 """Building the size / sparsity / operation / energy report of a model (data and text).
 
 Public through :mod:`ec2t_jax.report`; the counting rules are in
-:mod:`ec2t_jax._src.accounting`, feature-map sizes in :mod:`ec2t_jax._src.geometry`.
+:mod:`ec2t_jax._src.report.accounting`, feature-map sizes in :mod:`ec2t_jax._src.report.geometry`.
 
 A layer whose weights hold NaN or infinity is flagged (``"nonfinite"`` count in
 its entry, a ``warnings`` line in the report and ``NONFINITE`` in the text
@@ -21,12 +21,12 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from ec2t_jax._src import accounting
-from ec2t_jax._src import packing
-from ec2t_jax._src import sources
-from ec2t_jax._src import ternary
-from ec2t_jax._src.accounting import PAPER_RULES, CountingRules
-from ec2t_jax._src.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
+from ec2t_jax._src.report import accounting
+from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import sources
+from ec2t_jax._src.methods.ec2t import ternary
+from ec2t_jax._src.report.accounting import PAPER_RULES, CountingRules
+from ec2t_jax._src.report.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
 
 GeometryLike = Union[None, str, Path, Sequence[LayerGeometry]]
 

@@ -10,7 +10,7 @@ same arity (``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat``,
 equation's outputs derive from the union of its inputs.
 
 Two users: :func:`forward_order` (which leaf the computation uses first) and
-the report's layer geometry (``_src/geometry.py``: which conv / dense reads
+the report's layer geometry (``_src/report/geometry.py``: which conv / dense reads
 which kernel).
 
 Example:
@@ -27,8 +27,8 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 
-from ec2t_jax._src.trees import path_to_str
-from ec2t_jax._src.trees import pure_tree
+from ec2t_jax._src.core.trees import path_to_str
+from ec2t_jax._src.core.trees import pure_tree
 
 
 class Provenance(NamedTuple):
@@ -142,7 +142,7 @@ def trace(fn: Callable, params, *inputs, **kwargs):
     ``(jaxpr, provenances, paths)``: the jaxpr, the provenance of each of its
     inputs (leaf ``i`` of ``params`` for the first ones, data for the rest) and
     the ``/``-joined path of each parameter leaf (the convention of
-    :mod:`ec2t_jax._src.selection`).
+    :mod:`ec2t_jax._src.core.selection`).
   """
   leaves, structure = jax.tree.flatten(params)
   named = jax.tree_util.tree_flatten_with_path(pure_tree(params))[0]

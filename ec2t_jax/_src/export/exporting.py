@@ -1,7 +1,7 @@
 """Files in the packed format: save / load, export a checkpoint, decode to ``.npz``.
 
 The public names are re-exported by :mod:`ec2t_jax.export`; the format itself
-is :mod:`ec2t_jax._src.packing`.
+is :mod:`ec2t_jax._src.export.packing`.
 
 Example:
   >>> info = save("/tmp/doc.ec2t", {"w": np.array([0.5, 0.0, -0.5, 0.5], np.float32)})
@@ -16,14 +16,14 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import trees
-from ec2t_jax._src import inference
-from ec2t_jax._src import inference_export
-from ec2t_jax._src import packing
-from ec2t_jax._src import sources
-from ec2t_jax._src.packing import (DEFAULT_MAX_BYTES, ExportFormatError, PackedInfo, pack,
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.export import inference
+from ec2t_jax._src.export import inference_export
+from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import sources
+from ec2t_jax._src.export.packing import (DEFAULT_MAX_BYTES, ExportFormatError, PackedInfo, pack,
                                    read_info, unpack)
-from ec2t_jax._src.sources import load_tree
+from ec2t_jax._src.export.sources import load_tree
 
 
 class ExportResult(NamedTuple):
@@ -105,7 +105,7 @@ def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
   """Like :func:`load`, with every ternary leaf as a :class:`TernaryWeight`.
 
   The assignment (``int8``) and the two values are what the ternary
-  inference path (:func:`ec2t_jax._src.inference.ternary_dense` /
+  inference path (:func:`ec2t_jax._src.export.inference.ternary_dense` /
   ``ternary_conv``) computes with.
   """
   info, arrays = packing.unpack_leaves(_read_packed(path, max_bytes), max_bytes=max_bytes)
@@ -184,7 +184,7 @@ def export_inference(source, out_path, *, keys: Sequence[str] = ("params", "batc
   """Writes an inference file: batch norm folded, ternary leaves exact, the rest float16.
 
   Batch norms become a per-channel scale and shift
-  (:func:`ec2t_jax._src.inference_export.fold_batch_norm`), kept in float32;
+  (:func:`ec2t_jax._src.export.inference_export.fold_batch_norm`), kept in float32;
   every other non-ternary float leaf (the full-precision first and last
   layers, biases) is stored as float16, lossy for those leaves only; ternary
   leaves are stored bitwise. The scale and shift stay float32 because they

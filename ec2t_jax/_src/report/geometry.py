@@ -11,7 +11,7 @@ which a parameter tree alone does not hold. Two sources:
 * :func:`trace_geometry` - for any model: traces ``fn(params, *inputs)`` with
   :func:`jax.make_jaxpr` and reads every ``conv_general_dilated`` /
   ``dot_general`` whose kernel comes from a parameter leaf (followed through
-  nested jaxprs by :mod:`ec2t_jax._src.tracing`); a bias/BN shift, a ReLU or
+  nested jaxprs by :mod:`ec2t_jax._src.core.tracing`); a bias/BN shift, a ReLU or
   a residual add that follows a layer is attributed to it.
 
 Either result saves to JSON (:func:`save_geometry`) for the report command
@@ -34,8 +34,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from ec2t_jax._src import tracing
-from ec2t_jax._src import trees
+from ec2t_jax._src.core import tracing
+from ec2t_jax._src.core import trees
 
 
 class LayerGeometry(NamedTuple):

@@ -56,8 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec2t_jax._src.trees import path_to_str
-from ec2t_jax._src.trees import pure_tree
+from ec2t_jax._src.core.trees import path_to_str
+from ec2t_jax._src.core.trees import pure_tree
 
 Mode = Literal["ternary", "ecp", "skip"]
 _MODES = ("ternary", "ecp", "skip")

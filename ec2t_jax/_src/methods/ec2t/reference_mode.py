@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax._src import core
-from ec2t_jax._src import ec2t
-from ec2t_jax._src import selection as selection_lib
-from ec2t_jax._src import ternary
+from ec2t_jax._src.methods.ec2t import chain as ec2t
+from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.methods.ec2t import ternary
 
 
 class TernarizeReferenceState(NamedTuple):

@@ -58,8 +58,8 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ec2t_jax._src import packing
-from ec2t_jax._src.geometry import LayerGeometry
+from ec2t_jax._src.export import packing
+from ec2t_jax._src.report.geometry import LayerGeometry
 
 ENERGY_PJ = {"fp32": {"mult": 3.7, "add": 0.9}, "fp16": {"mult": 1.1, "add": 0.4}}
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

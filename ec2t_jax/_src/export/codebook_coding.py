@@ -33,7 +33,7 @@ import math
 import constriction
 import numpy as np
 
-from ec2t_jax._src import entropy_coding
+from ec2t_jax._src.export import entropy_coding
 
 MAX_ALPHABET = 256
 FLOOR_MASS = 2.0**-8  # K f

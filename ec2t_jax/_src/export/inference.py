@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec2t_jax._src import trees
-from ec2t_jax._src import packing
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.export import packing
 
 
 class TernaryWeight(NamedTuple):

@@ -1,0 +1,1 @@
+"""The command-line wing: argparse front ends of export, report and compress."""

@@ -1,0 +1,1 @@
+"""The report wing: size / operation / energy accounting and the report."""
