@@ -70,7 +70,7 @@ def _order0_pack(tree) -> bytes:
 def _logit_error(source: Path, packed: Path, inputs: int = 64) -> tuple[float, float]:
   """Max |logit difference| of the inference file's ternary path vs the float model."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src import inference  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.export import inference  # pylint: disable=g-import-not-at-top
   from ec2t_jax.models import resnet, torch_convert  # pylint: disable=g-import-not-at-top
   model = resnet.cifar_resnet(20)
   with np.load(source) as npz:

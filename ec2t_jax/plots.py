@@ -48,7 +48,7 @@ def decision_boundaries(weights, w_n: float, w_p: float, gamma: float,
   Returns:
     :class:`Boundaries`; weights strictly between them are assigned zero.
   """
-  from ec2t_jax._src import ternary  # JAX only when plotting boundaries
+  from ec2t_jax._src.methods.ec2t import ternary  # JAX only when plotting boundaries
   w = np.asarray(weights, np.float32)
   lam, info = ternary.entropy_constrained_lambda(w, w_n, w_p, gamma=gamma,
                                                  size_decay=size_decay)

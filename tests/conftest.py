@@ -1,8 +1,13 @@
 """Test session set-up: 8 fake CPU devices, before any backend starts."""
 
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# tests/ mirrors the package (tests/core, tests/methods, ...); the shared test
+# helpers (models_for_tests, examples_support, ...) live in tests/ itself.
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # 8 fake devices on 2 busy cores can exceed XLA's 40 s default for a CPU
 # collective and abort the whole process; allow 10 minutes.
 os.environ["XLA_FLAGS"] = (

@@ -123,7 +123,7 @@ def _sparsity(tree) -> float:
 def compress(args) -> dict:
   """Runs one method on the checkpoint and writes ``args.output``; returns the metadata."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src import exporting  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.export import exporting  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.methods import calibrated_pruning, common, mcq  # pylint: disable=g-import-not-at-top
   if args.method == "prune":  # check the cheap things before reading anything
     if not args.model:

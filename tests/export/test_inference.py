@@ -12,7 +12,7 @@ import pytest
 from ec2t_jax import export
 from ec2t_jax._src.export import inference
 
-DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
+DATA = Path(__file__).parents[2].parent / "shared/data/ec2t-reference"
 ATOL = 1e-5
 
 

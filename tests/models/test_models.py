@@ -11,7 +11,7 @@ import pytest
 from ec2t_jax import models
 from ec2t_jax.models import torch_convert
 
-REFERENCE_FP = pathlib.Path(__file__).resolve().parents[1] / "../shared/data/ec2t-reference/resnet20_fp.npz"
+REFERENCE_FP = pathlib.Path(__file__).resolve().parents[2] / "../shared/data/ec2t-reference/resnet20_fp.npz"
 needs_reference = pytest.mark.skipif(not REFERENCE_FP.exists(),
                                      reason=f"{REFERENCE_FP} not available")
 

@@ -14,7 +14,7 @@ from ec2t_jax._src.cli import export_cli
 from ec2t_jax._src.export import inference
 from ec2t_jax._src.export import packing
 
-DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
+DATA = Path(__file__).parents[2].parent / "shared/data/ec2t-reference"
 PAPER_SPARS64_BYTES = 47_240  # 11.81K scoring params x 4 B, the paper's count
 
 

@@ -17,7 +17,7 @@ from ec2t_jax._src.report import accounting
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.report import geometry
 
-DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
+DATA = Path(__file__).parents[2].parent / "shared/data/ec2t-reference"
 
 # Paper, section 10: sparsity %, scoring params (K), MicroNet FLOPs (M).
 PUBLISHED = {"ec2t_spars45": (45.2, 13.4, 11.1), "ec2t_spars64": (63.9, 11.8, 8.5),

@@ -33,7 +33,7 @@ from ec2t_jax._src.core import trees
 
 from tests.export_v1_fixture import v1_tree
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 MiB = 2**20
 FUZZ_MAX_BYTES = 32 * MiB  # the decoded-size limit the fuzzed reads run under
 PEAK_BUDGET = 3 * FUZZ_MAX_BYTES  # decoded arrays + int8 assignments + the file, with room
@@ -299,7 +299,7 @@ _CAPPED_SCRIPT = r"""
 import resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from tests import test_export_hostile as t
+from tests.export import test_export_hostile as t
 from ec2t_jax._src.export import entropy_coding
 from ec2t_jax._src.export import packing
 

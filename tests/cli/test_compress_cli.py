@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys, argv, 
 def test_api_results_through_export_cli_round_trip_bitwise(checkpoint, tmp_path):
   """MCQ and calibrated-pruning params saved as a checkpoint, then `python -m ec2t_jax.export`."""
   ocp = pytest.importorskip("orbax.checkpoint")
-  from ec2t_jax._src import export_cli  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.cli import export_cli  # pylint: disable=g-import-not-at-top
   _, params = checkpoint
   model = models.LeNet5()
   quantized = ec2t.mcq(params, 1.0, key=jax.random.key(0))

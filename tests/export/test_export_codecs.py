@@ -11,7 +11,7 @@ from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import packing
 
-from tests.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
+from tests.export.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
 
 
 def _assert_bitwise(out, x):

@@ -7,7 +7,7 @@ import numpy as np
 
 import ec2t_jax as ec2t
 
-_SCRIPT = pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"
+_SCRIPT = pathlib.Path(__file__).parents[2] / "examples" / "quickstart.py"
 
 
 def test_quickstart_leaves_middle_layers_ternary(capsys):

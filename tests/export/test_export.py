@@ -30,9 +30,9 @@ from ec2t_jax._src.cli import export_cli
 
 from tests.export_v1_fixture import v1_tree
 
-DATA = Path(__file__).parents[1].parent / "shared/data/ec2t-reference"
+DATA = Path(__file__).parents[2].parent / "shared/data/ec2t-reference"
 OFFICIAL = ("ec2t_spars45", "ec2t_spars64", "ec2t_spars73")
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def _official(name):

@@ -11,7 +11,7 @@ import pytest
 
 from ec2t_jax import models
 
-REFERENCE_FP = (pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_FP = (pathlib.Path(__file__).resolve().parents[2]
                 / "../shared/data/ec2t-reference/resnet20_fp.npz")
 
 
