@@ -79,11 +79,7 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
 
 
 def _read_packed(path, max_bytes: int) -> bytes:
-  path = Path(path)
-  size = path.stat().st_size
-  if size > max_bytes:
-    raise ExportFormatError(f"{path}: {size:,} bytes, more than max_bytes={max_bytes:,}")
-  return path.read_bytes()
+  return sources.read_bounded(path, max_bytes)
 
 
 def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
