@@ -60,6 +60,18 @@ not hold, and any stream whose symbol count differs from what the shape
 declares (:mod:`symbol_coding`), whether or not the record carries ``"k"``.
 A ``bool`` leaf must decode to 0 / 1 bytes only.
 
+Leaf names
+==========
+
+A leaf's name is its ``/``-joined path (dict keys as ``str(key)``, list and
+tuple positions as their index); ``--decode`` writes it as the ``.npz`` entry
+``<name>.npy``. Writer and reader both refuse (:mod:`leaf_names`) a name that
+does not encode as UTF-8 (a lone surrogate), is longer than 4,096 bytes in
+UTF-8, holds a NUL, starts with ``/``, ``\\`` or a drive letter, or has a
+``..`` component (split at ``/`` and ``\\``), and two names that are the same
+``.npz`` entry once ``\\`` is read as ``/``. A header integer key of more
+than 4,300 digits (Python's limit) is a corrupt header.
+
 Bounded decoding
 ================
 
@@ -122,6 +134,7 @@ import constriction
 import numpy as np
 
 from ec2t_jax._src.core import trees
+from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import record_codecs
 from ec2t_jax._src.export.errors import ExportFormatError
 from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, inflate, to_le_bytes, uint_view
@@ -266,6 +279,7 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
     ValueError: for unsupported leaves (non-numeric, complex, ...).
   """
   leaves, structure = trees.flatten(tree)
+  leaf_names.check_names([path for path, _ in leaves])
   allowed = None if codecs is None else set(codecs)
   records, streams = [], []
   for path, array in leaves:
@@ -433,6 +447,7 @@ def _leaf_paths(header) -> list[str]:
   if len(paths) != len(raw_records):
     raise ExportFormatError(f"corrupt header: {len(raw_records)} leaf records for "
                             f"{len(paths)} tree leaves")
+  leaf_names.check_names(paths, ExportFormatError)
   return paths
 
 

@@ -225,6 +225,25 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
   return out
 
 
+def refuse_overwriting_input(source, out_path) -> None:
+  """Refuses an output that is the input, after resolving links (``realpath``, ``samefile``).
+
+  Called before anything is read or written, so the input survives.
+
+  Raises:
+    ValueError: if ``out_path`` names the same file as ``source``.
+  """
+  same = os.path.realpath(source) == os.path.realpath(out_path)
+  if not same:
+    try:
+      same = os.path.samefile(source, out_path)  # hard links, bind mounts
+    except OSError:  # one of them does not exist: nothing to overwrite
+      same = False
+  if same:
+    raise ValueError(f"output {str(out_path)!r} is the input {str(source)!r}: refusing to "
+                     "overwrite the input; choose another output path")
+
+
 def atomic_write(path, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
 
