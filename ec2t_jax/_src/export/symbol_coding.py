@@ -15,7 +15,14 @@ Every ``decode`` returns exactly ``prod(shape)`` symbols or raises
 :class:`ExportFormatError`: the decoded symbols are encoded again and must give
 back the stream byte for byte (encoding is deterministic), so a stream holding
 fewer or more symbols than the shape declares is refused whether or not the
-record carries a CRC. ``capacity(B, K)`` is the most symbols a ``B``-byte stream
+record carries a CRC. One case no reader can refuse: the coders' last 32-bit
+word leaves slack, so a stream can be at once the exact encoding of ``n`` and
+of ``n + k`` symbols (measured on streams of 100, 2,048 and 5,000 random
+symbols, seeds 0-5, declared ``n - 2, n - 1, n + 1, n + 2, n + 10``: 69 of 90
+``cb`` cases are exact encodings of the other count too, 0 of 90 ``tc``
+cases); such a stream *is* what the writer writes for that count, and the CRC
+the writer always adds tells the two apart.
+``capacity(B, K)`` is the most symbols a ``B``-byte stream
 can hold (each coder's probability floor), checked before anything is
 allocated.
 
