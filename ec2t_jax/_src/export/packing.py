@@ -28,8 +28,6 @@ from ec2t_jax._src.export.errors import ExportFormatError
 from ec2t_jax._src.export.leaf_bytes import inflate
 from ec2t_jax._src.export.leaf_parts import (MAX_CODEBOOK, FilterTernaryParts, TernaryParts,
                                              codebook_parts, filter_ternary_parts, ternary_parts)
-from ec2t_jax._src.export.record_codecs.codebook import cb_stream as _cb_stream
-from ec2t_jax._src.export.record_codecs.filter_ternary import tf_stream as _tf_stream
 from ec2t_jax._src.export.record_codecs.protocol import LeafRecord
 
 CODECS = record_codecs.names(FORMAT_VERSION)  # what this version writes
