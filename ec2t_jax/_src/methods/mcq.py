@@ -26,8 +26,13 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src.core import trees
 
 
 def mcq_hits(weights: jax.Array, num_samples, offset) -> tuple[jax.Array, jax.Array]:
@@ -98,6 +103,88 @@ def check_samples(samples_per_weight) -> float:
   return value
 
 
+# ---------------------------------------------------------------------------
+# MCQ as a method of the shared core: one-shot (``mcq``) and training.
+
+_quantize = jax.jit(mcq_quantize, static_argnames="per_neuron")
+
+
+class MCQLeaf(NamedTuple):
+  """State of one MCQ leaf.
+
+  Attributes:
+    latent: full-precision weights (float32); training moves them.
+    hits: int32 signed hit counts ``q``.
+    scale: float32 scale, a scalar or one per output neuron (last axis).
+    key: the leaf's sampling key (``jax.random.key_data``), kept so that
+      training re-samples with the same offsets.
+  """
+  latent: jax.Array
+  hits: jax.Array
+  scale: jax.Array
+  key: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``q * scale`` with the scale snapped so that ``apply_updates`` lands exactly."""
+    reference = self.scale * jnp.maximum(jnp.max(jnp.abs(self.hits), axis=tuple(
+        range(self.hits.ndim - 1)) if self.scale.ndim else None), 1)
+    scale = core.snap_to_grid(self.scale, dtype, reference=reference)
+    return mcq_dequantize(self.hits, scale, dtype)
+
+  def instant_value(self, dtype) -> jax.Array:
+    """``q * scale`` as :func:`mcq` returns it (unsnapped)."""
+    return mcq_dequantize(self.hits, self.scale, dtype)
+
+  def describe(self) -> dict:
+    return {"method": "MCQ", "mode": "hit counts", "scale": jnp.mean(self.scale)}
+
+  def codes(self) -> jax.Array:
+    """The hit counts: their entropy is the layer's information (scales aside)."""
+    return self.hits
+
+
+class MCQHyper(NamedTuple):
+  """MCQ's numeric hyperparameter: ``K``, samples per weight."""
+  samples_per_weight: Any = 1.0
+
+
+HYPER_RANGES = {"samples_per_weight": core.Range(0.0, low_open=True)}
+
+
+def _leaf_keys(key):
+  """The tree-level hook: one key per leaf of the whole tree, as :func:`mcq` splits them."""
+
+  def prepare(params, selection, hyper) -> core.TreeInfo:
+    del selection, hyper
+    flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
+    keys = jax.random.split(key, len(flat))
+    return core.TreeInfo(leaf_info={trees.path_to_str(p): k for (p, _), k in zip(flat, keys)})
+
+  return prepare
+
+
+def quantizer(samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: bool = False,
+              selection=None) -> core.Quantizer:
+  """MCQ as a :class:`~core.Quantizer`: ``.instant(params)`` is :func:`mcq`;
+  ``.transform()`` trains the latent weights straight through, re-sampling
+  each step with the leaf's own offsets."""
+  samples = check_samples(samples_per_weight)
+
+  def init_leaf(param, ctx, hyper) -> MCQLeaf:
+    q, scales = _quantize(param, hyper.samples_per_weight, ctx.info, per_neuron=per_neuron)
+    return MCQLeaf(jnp.asarray(param, jnp.float32), q, scales, jax.random.key_data(ctx.info))
+
+  def step_leaf(update, leaf: MCQLeaf, ctx, hyper, phase) -> MCQLeaf:
+    del ctx, phase
+    latent = leaf.latent + update
+    q, scales = mcq_quantize(latent, hyper.samples_per_weight,
+                             jax.random.wrap_key_data(leaf.key), per_neuron=per_neuron)
+    return MCQLeaf(latent, q, scales, leaf.key)
+
+  method = core.Method("mcq", init_leaf, step_leaf, prepare=_leaf_keys(key))
+  return core.Quantizer(method, MCQHyper(samples), HYPER_RANGES, selection)
+
+
 def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: bool = False,
         selection=None, return_integers: bool = False):
   """Monte Carlo Quantization of a model's selected layers (post-training).
@@ -130,22 +217,11 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     >>> int(jnp.sum(quantized["b"] != 0)) <= 12
     True
   """
-  from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
-  samples = check_samples(samples_per_weight)
-  chosen = common.selected_leaves(params, selection)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  quantize = jax.jit(mcq_quantize, static_argnames="per_neuron")
-  out, integers = [], []
-  for leaf, chosen_leaf, leaf_key in zip(leaves, chosen, keys):
-    if not chosen_leaf:
-      out.append(leaf)
-      integers.append(None)
-      continue
-    q, scales = quantize(leaf, samples, leaf_key, per_neuron=per_neuron)
-    out.append(mcq_dequantize(q, scales, leaf.dtype))
-    integers.append((q, scales))
-  quantized = treedef.unflatten(out)
-  if return_integers:
-    return quantized, treedef.unflatten(integers)
-  return quantized
+  quantized, state = quantizer(samples_per_weight, key=key, per_neuron=per_neuron,
+                               selection=selection).instant(params, return_state=True)
+  if not return_integers:
+    return quantized
+  _, treedef = jax.tree.flatten(params)
+  states, _ = core.flat_leaf_states(state.leaves)
+  return quantized, treedef.unflatten(
+      [None if leaf is None else (leaf.hits, leaf.scale) for leaf in states])

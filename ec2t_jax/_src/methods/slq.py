@@ -35,9 +35,9 @@ import optax
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
-from ec2t_jax._src.core import trees
 
 from ec2t_jax._src.methods import clustering
+from ec2t_jax._src.methods import common
 from ec2t_jax._src.methods import inq
 
 
@@ -182,48 +182,50 @@ class SlqHyper(NamedTuple):
 HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
 
 
-def _forward_ranks(chosen: selection_lib.Selection, params) -> dict[str, int]:
-  """Selected path -> its position in forward order among the selected leaves."""
-  plans = chosen.plan(params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
-  paths = [trees.path_to_str(p) for p, _ in flat]
-  selected = [i for i, plan in enumerate(plans) if plan is not None]
-  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
-  return {paths[i]: rank for rank, i in enumerate(ordered)}
+def _forward_ranks_info(params, selection, hyper) -> core.TreeInfo:
+  """MLQ's tree-level hook: each selected layer's rank in forward order (``ctx.info``)."""
+  del hyper
+  return core.TreeInfo(leaf_info=common.forward_ranks(selection, params))
 
 
-def _transform(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
-               iterations: int) -> optax.GradientTransformation:
+def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
+               iterations: int) -> core.Quantizer:
   bits = inq.check_bits(bits)
   portions = inq.check_portions(portions)
   table = jnp.asarray(portions, jnp.float32)
-  chosen = selection_lib.as_selection(selection)
   k = num_clusters(bits)
-  ranks: dict[str, int] = {}
 
   def init_leaf(param, ctx, hyper):
     del hyper
-    rank = ranks.get(ctx.path, 0) if staggered else 0
+    rank = ctx.info if staggered else 0
     leaf = slq_init_leaf(param, k, rank, iterations)
     return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     del ctx
-    stage = inq.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
+    stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
     leaf = slq_advance(leaf, stage, table)
-    leaf = inq.masked_step(update, leaf)
+    leaf = common.masked_step(update, leaf)
     return leaf._replace(steps=leaf.steps + 1)
 
-  tx = core.quantize_transform(core.Method(name, init_leaf, step_leaf),
-                               SlqHyper(steps_per_stage), HYPER_RANGES, selection=chosen)
+  prepare = _forward_ranks_info if staggered else None
+  return core.Quantizer(core.Method(name, init_leaf, step_leaf, prepare=prepare),
+                        SlqHyper(steps_per_stage), HYPER_RANGES, selection)
 
-  def init_fn(params):
-    ranks.clear()
-    if staggered:
-      ranks.update(_forward_ranks(chosen, params))
-    return tx.init(params)
 
-  return optax.GradientTransformation(init_fn, tx.update)
+def slq_quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+                  steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
+                  kmeans_iterations: int = 30) -> core.Quantizer:
+  """SLQ as a :class:`~core.Quantizer` (training: :func:`slq`; one-shot: ``.instant``)."""
+  return _quantizer("slq", bits, portions, steps_per_stage, selection, False,
+                    kmeans_iterations)
+
+
+def mlq_quantizer(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
+                  selection: selection_lib.SelectionLike = None,
+                  kmeans_iterations: int = 30) -> core.Quantizer:
+  """MLQ as a :class:`~core.Quantizer` (training: :func:`mlq`; one-shot: ``.instant``)."""
+  return _quantizer("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations)
 
 
 def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
@@ -252,8 +254,8 @@ def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
   """
-  return _transform("slq", bits, portions, steps_per_stage, selection, False,
-                    kmeans_iterations)
+  return slq_quantizer(bits, portions, steps_per_stage=steps_per_stage, selection=selection,
+                       kmeans_iterations=kmeans_iterations).transform()
 
 
 def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
@@ -281,4 +283,5 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
   """
-  return _transform("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations)
+  return mlq_quantizer(portions, steps_per_stage=steps_per_stage, selection=selection,
+                       kmeans_iterations=kmeans_iterations).transform()

@@ -148,7 +148,7 @@ def pruning_method() -> core.Method:
   """Faraone et al.'s stages as one :class:`~core.Method` with a phase switch."""
 
   def init_leaf(param, ctx, hyper) -> PrunedTernaryLeaf:
-    twn.check_mode(ctx, "quantization_pruning")
+    del ctx
     latent = ternary_ops.f32(param)
     return PrunedTernaryLeaf(latent, jnp.ones(latent.shape, bool), jnp.asarray(False),
                              jnp.zeros((), jnp.float32))
@@ -194,5 +194,10 @@ def quantization_pruning(factor=twn.LAYER_FACTOR, *,
     >>> # ... train with loss + reg(params), then:
     >>> opt_state = ec2t.set_phase(opt_state, 1)   # prune, retrain ternary
   """
-  return core.quantize_transform(pruning_method(), PruningHyper(factor), _HYPER_RANGES,
-                                 selection=selection)
+  return quantizer(factor, selection=selection).transform()
+
+
+def quantizer(factor=twn.LAYER_FACTOR, *,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """Faraone et al.'s stages 2 and 3 as a :class:`~core.Quantizer` (see :func:`quantization_pruning`)."""
+  return core.Quantizer(pruning_method(), PruningHyper(factor), _HYPER_RANGES, selection)

@@ -185,7 +185,7 @@ def method(per_filter: bool = True) -> core.Method:
     return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
 
   def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
-    twn.check_mode(ctx, "sttn")
+    del ctx
     return leaf_from(*sttn_init(param, hyper.init_factor))
 
   def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
@@ -221,5 +221,10 @@ def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), sttn())
   """
-  return core.quantize_transform(method(per_filter), STTNHyper(init_factor), _HYPER_RANGES,
-                                 selection=selection)
+  return quantizer(init_factor, per_filter=per_filter, selection=selection).transform()
+
+
+def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """STTN as a :class:`~core.Quantizer` (training: :func:`sttn`; one-shot: ``.instant``)."""
+  return core.Quantizer(method(per_filter), STTNHyper(init_factor), _HYPER_RANGES, selection)

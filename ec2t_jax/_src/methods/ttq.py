@@ -25,7 +25,6 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods import ternary_ops
-from ec2t_jax._src.methods import twn as twn_lib
 
 DEFAULT_THRESHOLD = 0.05
 
@@ -150,7 +149,7 @@ def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
   tiny = jnp.finfo(jnp.float32).tiny
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
-    twn_lib.check_mode(ctx, "ttq")
+    del ctx
     latent = ternary_ops.f32(param)
     norm = jnp.max(jnp.abs(latent))
     norm = jnp.where(norm > 0, norm, 1.0)
@@ -220,8 +219,16 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
     >>> tx = optax.chain(optax.adam(1e-3), ttq(threshold=0.05))
     >>> tx_sparse = optax.chain(optax.adam(1e-3), ttq(sparsity=0.6))
   """
+  return quantizer(threshold, sparsity=sparsity, init_scale=init_scale,
+                   scale_update=scale_update, selection=selection).transform()
+
+
+def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
+              init_scale: Optional[float] = None, scale_update: float = 1.0,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """TTQ as a :class:`~core.Quantizer` (training: :func:`ttq`; one-shot: ``.instant``)."""
   if init_scale is not None:
     core.check_range("init_scale", init_scale, core.Range(0.0, low_open=True))
   hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
-  return core.quantize_transform(method(sparsity is not None, init_scale), hyper,
-                                 _HYPER_RANGES, selection=selection)
+  return core.Quantizer(method(sparsity is not None, init_scale), hyper, _HYPER_RANGES,
+                        selection)

@@ -201,7 +201,8 @@ def method(*, renormalization="exact", latent_dtype="float32",
   def init(param, ctx, hyper):
     return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties)
 
-  return core.Method("ec2t", init, step_leaf)
+  return core.Method("ec2t", init, step_leaf,
+                     accepts=core.RuleOptions(modes=("ternary", "ecp"), rule_gamma=True))
 
 
 def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain") -> None:
@@ -312,10 +313,22 @@ def ternarize_transform(
     >>> updates, opt_state = tx.update(grads, opt_state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  return quantizer(gamma, init_scale, selection=selection,
+                   centroid_update_scale=centroid_update_scale, floor_factor=floor_factor,
+                   zero_floor=zero_floor, sustain=sustain, renormalization=renormalization,
+                   ties=ties, latent_dtype=latent_dtype, latent_step=latent_step).transform()
+
+
+def quantizer(gamma: float = 0.0, init_scale: float = 0.3, *,
+              selection: selection_lib.SelectionLike = None, centroid_update_scale: float = 0.1,
+              floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
+              renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
+              latent_dtype: str = "float32", latent_step: str = "plain") -> core.Quantizer:
+  """EC2T (chain form) as a :class:`~core.Quantizer`; see :func:`ternarize_transform`."""
   check_static(renormalization, latent_dtype, ties, latent_step)
   hyper = EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
                     centroid_update_scale)
-  return core.quantize_transform(
+  return core.Quantizer(
       method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties,
              latent_step=latent_step),
-      hyper, HYPER_RANGES, selection=selection)
+      hyper, HYPER_RANGES, selection)
