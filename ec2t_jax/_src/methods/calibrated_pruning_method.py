@@ -20,6 +20,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.methods import calibrated_pruning
 from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 
 class PrunedLeaf(NamedTuple):
@@ -93,3 +95,19 @@ def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, 
 
   method = core.Method("prune", init_leaf, step_leaf, prepare=prepare)
   return core.Quantizer(method, PruneHyper(), {}, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="prune", kind="one_shot", quantizer=quantizer,
+    one_shot=calibrated_pruning.prune_calibrated, inputs=("apply_fn", "calibration_data"),
+    knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.3, 0.5, 0.7, 0.9),
+                                     doc="target fraction of zeros, in [0, 1)"),
+           "steps_per_level": registry.Knob(30, core.Range(0.0), (0, 30),
+                                            doc="Adam steps per level and layer"),
+           "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
+           "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
+           "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),
+           "statistics_correction": registry.Knob(True, (True, False)),
+           "bias_correction": registry.Knob(True, (True, False))},
+    grid=lambda o: grids.Grid(None, min_sparsity=o["sparsity"], ternary=False),
+    description="Post-training pruning with layer-wise calibration (Lazarevich et al. 2021)"))

@@ -34,6 +34,8 @@ import optax
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -301,3 +303,26 @@ def quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0)
 
   return core.Quantizer(core.Method("inq", init_leaf, step_leaf),
                         InqHyper(steps_per_stage), HYPER_RANGES, selection)
+
+
+def _staged_knobs(bits: int, portions) -> dict:
+  return {"bits": registry.Knob(bits, core.Range(MIN_BITS, MAX_BITS), (2, 3, 5),
+                                doc="bit width (2 = ternary)"),
+          "portions": registry.Knob(tuple(portions), None, (tuple(portions), (0.5, 1.0)),
+                                    doc="accumulated portions, ending at 1"),
+          "steps_per_stage": registry.Knob(0, core.Range(0.0), (0, 100), traced=True,
+                                           doc="advance a stage every this many updates")}
+
+
+def power_of_two_grid(options) -> grids.Grid:
+  """INQ's grid: 0 and ``2 num_magnitudes(bits)`` signed powers of two per layer."""
+  bits = options["bits"]
+  return grids.Grid(2 * num_magnitudes(bits) + 1, leaf_checks=(grids.zero_or_power_of_two,),
+                    ternary=bits == 2)
+
+
+registry.register_method(registry.MethodSpec(
+    name="inq", kind="staged", quantizer=quantizer, transform=inq,
+    knobs=_staged_knobs(5, (0.5, 0.75, 0.875, 1.0)), grid=power_of_two_grid,
+    last_phase=lambda o, layers: len(o["portions"]) - 1,
+    description="Incremental Network Quantization (Zhou et al. 2017)"))

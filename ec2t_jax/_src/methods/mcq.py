@@ -33,6 +33,8 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import trees
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 
 def mcq_hits(weights: jax.Array, num_samples, offset) -> tuple[jax.Array, jax.Array]:
@@ -225,3 +227,16 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
   states, _ = core.flat_leaf_states(state.leaves)
   return quantized, treedef.unflatten(
       [None if leaf is None else (leaf.hits, leaf.scale) for leaf in states])
+
+
+registry.register_method(registry.MethodSpec(
+    name="mcq", kind="one_shot", quantizer=quantizer, one_shot=mcq, inputs=("key",),
+    knobs={"samples_per_weight": registry.Knob(1.0, core.Range(0.0, low_open=True),
+                                               (0.5, 1.0, 2.0, 4.0), traced=True,
+                                               doc="K: samples per weight"),
+           "per_neuron": registry.Knob(False, (True, False), (False, True),
+                                       doc="one scale per output neuron")},
+    grid=lambda o: grids.Grid(None, per_filter=o["per_neuron"],
+                              leaf_checks=(grids.integer_multiples(o["per_neuron"]),),
+                              ternary=False),
+    description="Monte Carlo Quantization (Mordido et al. 2019), post-training"))

@@ -38,6 +38,8 @@ from ec2t_jax._src.core import selection as selection_lib
 
 from ec2t_jax._src.methods import clustering
 from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 from ec2t_jax._src.methods import inq
 
 
@@ -285,3 +287,24 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
   """
   return mlq_quantizer(portions, steps_per_stage=steps_per_stage, selection=selection,
                        kmeans_iterations=kmeans_iterations).transform()
+
+
+def _levels_grid(levels: int, bits: int) -> grids.Grid:
+  return grids.Grid(levels, leaf_checks=(grids.zero_or_power_of_two,), ternary=levels == 3)
+
+
+_ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+registry.register_method(registry.MethodSpec(
+    name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
+    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
+           "kmeans_iterations": _ITERATIONS},
+    grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["bits"]),
+    last_phase=lambda o, layers: len(o["portions"]) - 1,
+    description="Single-level quantization (Xu et al. 2018)"))
+registry.register_method(registry.MethodSpec(
+    name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,
+    knobs={name: knob for name, knob in inq._staged_knobs(  # pylint: disable=protected-access
+        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS},
+    grid=lambda o: _levels_grid(3, 2),
+    last_phase=lambda o, layers: layers + len(o["portions"]) - 2,
+    description="Multiple-level quantization to ternary (Xu et al. 2018)"))

@@ -31,6 +31,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 from ec2t_jax._src.core.trees import pure_tree
 
 
@@ -201,3 +203,12 @@ def quantizer(factor=twn.LAYER_FACTOR, *,
               selection: selection_lib.SelectionLike = None) -> core.Quantizer:
   """Faraone et al.'s stages 2 and 3 as a :class:`~core.Quantizer` (see :func:`quantization_pruning`)."""
   return core.Quantizer(pruning_method(), PruningHyper(factor), _HYPER_RANGES, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="faraone", kind="train", quantizer=quantizer, transform=quantization_pruning,
+    knobs={"factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
+                                   (0.5, 0.7, 0.9), traced=True,
+                                   doc="pruning threshold Delta = factor mean|W|")},
+    grid=lambda o: grids.ternary_grid(), last_phase=lambda o, layers: 1,
+    description="Faraone et al.: phase 0 regularised full precision, phase 1 pruned ternary"))

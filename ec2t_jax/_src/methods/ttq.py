@@ -25,6 +25,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 DEFAULT_THRESHOLD = 0.05
 
@@ -232,3 +234,17 @@ def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float]
   hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
   return core.Quantizer(method(sparsity is not None, init_scale), hyper, _HYPER_RANGES,
                         selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="ttq", kind="train", quantizer=quantizer, transform=ttq,
+    knobs={"threshold": registry.Knob(DEFAULT_THRESHOLD, core.Range(0.0, 1.0), (0.02, 0.05, 0.1),
+                                      traced=True, doc="Delta = threshold max|W|"),
+           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
+                                     doc="fixed fraction of zeros (replaces threshold)"),
+           "init_scale": registry.Knob(None, core.Range(0.0, low_open=True), (None, 1.0),
+                                       doc="None: least-squares fit; 1.0: the paper"),
+           "scale_update": registry.Knob(1.0, core.Range(0.0), (0.1, 1.0), traced=True,
+                                         doc="k of the scale steps")},
+    grid=lambda o: grids.ternary_grid(),
+    description="Trained Ternary Quantization (Zhu et al. 2017)"))

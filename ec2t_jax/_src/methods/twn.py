@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 LAYER_FACTOR = 0.7
 FILTER_FACTOR = 0.75
@@ -219,3 +221,14 @@ def quantizer(threshold: str = "layer", factor=None, *,
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
   return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="twn", kind="train", quantizer=quantizer, transform=twn,
+    knobs={"threshold": registry.Knob("layer", ("layer", "filter"), ("layer", "filter"),
+                                      doc="one Delta/alpha per layer (0.7) or per filter (0.75)"),
+           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 0.9),
+                                   traced=True, doc="Delta = factor mean|W|")},
+    grid=lambda o: grids.ternary_grid(per_filter=o["threshold"] == "filter",
+                                      symmetric_filters=True),
+    description="Ternary Weight Networks (Li et al. 2016)"))
