@@ -67,6 +67,7 @@ from ec2t_jax._src.core.selection import LeafPlan
 from ec2t_jax._src.core.selection import Rule
 from ec2t_jax._src.core.selection import Selection
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core import StackedLeaf
 from ec2t_jax._src.methods.ec2t.chain import EC2TLeaf
 from ec2t_jax._src.methods.ec2t.chain import ECPLeaf
 from ec2t_jax._src.methods.ec2t.chain import ternarize_transform
@@ -96,6 +97,7 @@ from ec2t_jax._src.methods.ec2t.ternary import nearest_centroid_assign
 from ec2t_jax._src.methods.ec2t.ternary import ternary_entropy
 from ec2t_jax._src.methods.ec2t.ternary import ternary_values
 from ec2t_jax._src.core.tracing import forward_order
+from ec2t_jax._src.core.tracing import ForwardOrder
 
 TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 
@@ -115,6 +117,7 @@ __all__ = (
     "ExportFormatError",
     "find_ternarize_state",
     "forward_order",
+    "ForwardOrder",
     "fractal_images",
     "freeze_assignment",
     "information_content",
@@ -135,6 +138,7 @@ __all__ = (
     "mcq_quantize",
     "nearest_centroid_assign",
     "QuantizerState",
+    "StackedLeaf",
     "prune_calibrated",
     "slq",
     "SlqLeaf",

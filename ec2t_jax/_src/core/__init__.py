@@ -20,12 +20,17 @@ from ec2t_jax._src.core.protocol import LeafContext
 from ec2t_jax._src.core.protocol import LeafState
 from ec2t_jax._src.core.protocol import Method
 from ec2t_jax._src.core.protocol import NO_PARAMS_MSG
+from ec2t_jax._src.core.protocol import over_slices
 from ec2t_jax._src.core.protocol import QuantizerState
+from ec2t_jax._src.core.protocol import slice_suffix
+from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.transform import advance
 from ec2t_jax._src.core.transform import check_same_tree
 from ec2t_jax._src.core.transform import emit_updates
 from ec2t_jax._src.core.transform import flat_leaf_states
+from ec2t_jax._src.core.transform import init_leaf_state
 from ec2t_jax._src.core.transform import init_state
 from ec2t_jax._src.core.transform import leaf_contexts
 from ec2t_jax._src.core.transform import quantize_transform
+from ec2t_jax._src.core.transform import slice_indices
 from ec2t_jax._src.core.transform import step_leaves

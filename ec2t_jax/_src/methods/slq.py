@@ -31,11 +31,11 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
-from ec2t_jax._src.core import trees
 
 from ec2t_jax._src.methods import clustering
 from ec2t_jax._src.methods import inq
@@ -182,16 +182,6 @@ class SlqHyper(NamedTuple):
 HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
 
 
-def _forward_ranks(chosen: selection_lib.Selection, params) -> dict[str, int]:
-  """Selected path -> its position in forward order among the selected leaves."""
-  plans = chosen.plan(params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
-  paths = [trees.path_to_str(p) for p, _ in flat]
-  selected = [i for i, plan in enumerate(plans) if plan is not None]
-  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
-  return {paths[i]: rank for rank, i in enumerate(ordered)}
-
-
 def _transform(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
                iterations: int) -> optax.GradientTransformation:
   bits = inq.check_bits(bits)
@@ -199,11 +189,13 @@ def _transform(name: str, bits: int, portions, steps_per_stage, selection, stagg
   table = jnp.asarray(portions, jnp.float32)
   chosen = selection_lib.as_selection(selection)
   k = num_clusters(bits)
-  ranks: dict[str, int] = {}
+  ranks: dict[str, np.ndarray] = {}
 
   def init_leaf(param, ctx, hyper):
     del hyper
-    rank = ranks.get(ctx.path, 0) if staggered else 0
+    # Layers (slices of stacked leaves too) start one stage after another.
+    rank = (jnp.asarray(ranks[ctx.path], jnp.int32)[ctx.slice_index]
+            if staggered and ctx.path in ranks else 0)
     leaf = slq_init_leaf(param, k, rank, iterations)
     return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
 
@@ -220,7 +212,7 @@ def _transform(name: str, bits: int, portions, steps_per_stage, selection, stagg
   def init_fn(params):
     ranks.clear()
     if staggered:
-      ranks.update(_forward_ranks(chosen, params))
+      ranks.update(selection_lib.layer_ranks(chosen, params))
     return tx.init(params)
 
   return optax.GradientTransformation(init_fn, tx.update)
