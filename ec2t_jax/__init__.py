@@ -87,7 +87,9 @@ from ec2t_jax._src.core.selection import Selection
 from ec2t_jax._src.core.selection import LeafPlan
 from ec2t_jax._src.core.selection import describe_selection
 from ec2t_jax._src.core.tracing import forward_order
+from ec2t_jax._src.core.tracing import ForwardOrder
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core import StackedLeaf
 from ec2t_jax._src.core.state_access import find_quantizer_state
 from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
 from ec2t_jax._src.core.state_access import ternary_params
@@ -189,9 +191,11 @@ __all__ = (
     "LeafPlan",
     "describe_selection",
     "forward_order",
+    "ForwardOrder",
     # State and tools for every method
     "QuantizerState",
     "TernarizeState",
+    "StackedLeaf",
     "find_quantizer_state",
     "find_ternarize_state",
     "ternary_params",

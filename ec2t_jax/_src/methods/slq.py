@@ -185,9 +185,9 @@ HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
 
 
 def _forward_ranks_info(params, selection, hyper) -> core.TreeInfo:
-  """MLQ's tree-level hook: each selected layer's rank in forward order (``ctx.info``)."""
+  """MLQ's tree-level hook: each selected layer's rank in forward order, per slice of a stacked leaf (``ctx.info``)."""
   del hyper
-  return core.TreeInfo(leaf_info=common.forward_ranks(selection, params))
+  return core.TreeInfo(leaf_info=selection_lib.layer_ranks(selection_lib.as_selection(selection), params))
 
 
 def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
@@ -199,7 +199,9 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
 
   def init_leaf(param, ctx, hyper):
     del hyper
-    rank = ctx.info if staggered else 0
+    # Layers (slices of stacked leaves too) start one stage after another.
+    rank = (jnp.asarray(ctx.info, jnp.int32)[ctx.slice_index]
+            if staggered and ctx.info is not None else 0)
     leaf = slq_init_leaf(param, k, rank, iterations)
     return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
 
