@@ -81,6 +81,14 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, caps
            [x, tmp_path / "p.ec2t", tmp_path / "cal.npy"], capsys)
 
 
+def test_an_output_over_a_file_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys):
+  checkpoint = tmp_path / "ckpt"
+  checkpoint.mkdir()
+  (checkpoint / "_METADATA").write_bytes(b"{}")
+  _refused(["export", str(checkpoint), str(checkpoint / "_METADATA")],
+           [checkpoint / "_METADATA"], capsys)
+
+
 def test_report_plots_never_overwrite_the_report_input(tmp_path, capsys):
   source = tmp_path / "layer_bars.png"  # a packed file that happens to bear a plot's name
   export.save(source, {"w": np.zeros(4, np.float32)})
