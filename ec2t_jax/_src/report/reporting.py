@@ -194,6 +194,13 @@ def build_report(source, *, geometry: GeometryLike = "auto",
     A JSON-able dict; top-level keys include ``sparsity``, ``scoring_params``,
     ``flops``, ``bytes``, ``layers`` and ``warnings`` (one line per layer
     with non-finite weights; its entry's ``nonfinite`` counts them).
+
+  Example:
+    >>> import numpy as np
+    >>> tree = {"fc": {"kernel": np.array([[0.5, 0.0], [-0.5, 0.5]], np.float32)}}
+    >>> r = build_report(tree, geometry="none")
+    >>> r["sparsity"], r["layers"][0]["ternary"], r["layers"][0]["w_n"]
+    (0.25, True, 0.5)
   """
   src = _load_source(source, keys, max_bytes, float16)
   flat = sources.flat_arrays(src.tree)
