@@ -125,7 +125,9 @@ def test_sigkill_at_every_point_then_resume_equals_uninterrupted(method, tmp_pat
   points = [p for p in points if method == "ec2t" or not p.startswith("fp/")]
   assert {p.rsplit("/", 1)[1] for p in points} == {"record", "latest", "best"}
   workdir = tmp_path / "killed"
-  for point in points:  # each run resumes from the previous kill and dies at the next point
+  # Each run resumes from the previous kill and dies at the next point (a resume that repairs a
+  # best/<step> from latest/<step> reaches "<phase>/<step>/best" as the interrupted save would).
+  for point in points:
     killed = _run_program(workdir, method, {**cache, kill_points.KILL_AT: point})
     assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
   resumed = _run_program(workdir, method, cache)
@@ -151,7 +153,7 @@ def test_repair_saves_the_best_that_latest_names_but_best_lacks(tmp_path):
   ckpts = checkpoint.PhaseCheckpoints(tmp_path, {"model": "m"})
   ckpts.save("best", 1, state._replace(step=state.step - 2), {"best_step": 1})
   ckpts.save("latest", 3, state, {"best_step": 3})  # killed before best/3
-  ckpts.repair(_abstract(state))
+  assert ckpts.repair(_abstract(state)) == 3
   assert ckpts.step("best") == 3 and ckpts._managers["best"].all_steps() == [3]
   restored, meta = ckpts.restore("best", _abstract(state))
   jax.tree.map(np.testing.assert_array_equal, restored, state)
@@ -162,7 +164,7 @@ def test_repair_deletes_a_best_that_no_latest_refers_to(tmp_path):
   state = _tiny_state()
   ckpts = checkpoint.PhaseCheckpoints(tmp_path, {"model": "m"})
   ckpts.save("best", 0, state, {"best_step": 0})  # an older version: best/0, killed before latest
-  ckpts.repair(_abstract(state))
+  assert ckpts.repair(_abstract(state)) is None
   assert ckpts.step("best") is None
 
 
