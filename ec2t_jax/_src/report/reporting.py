@@ -24,6 +24,8 @@ import numpy as np
 from ec2t_jax._src.report import accounting
 from ec2t_jax._src.export import packing
 from ec2t_jax._src.export import sources
+from ec2t_jax._src.export import stacking
+from ec2t_jax._src.core import trees
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.report.accounting import PAPER_RULES, CountingRules
 from ec2t_jax._src.report.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
@@ -78,6 +80,9 @@ def build_report(source, *, geometry: GeometryLike = "auto",
       non-ternary leaves.
     max_bytes: largest input file / decoded size accepted (default 4 GiB).
 
+  A leaf stacking ternary layers (``nn.scan`` blocks) is reported per slice,
+  ``blocks/c_fc/kernel[3]``, as the packed file stores it.
+
   Returns:
     A JSON-able dict; top-level keys include ``sparsity``, ``scoring_params``,
     ``flops``, ``bytes``, ``layers`` and ``warnings`` (one line per layer
@@ -88,6 +93,9 @@ def build_report(source, *, geometry: GeometryLike = "auto",
     tree, kind, name, info = loaded.tree, loaded.kind, loaded.path, loaded.info
   else:
     tree, kind, name, info = source, "tree", "<tree>", None
+  # One layer per slice of a stacked leaf (nn.scan blocks), as in the file.
+  leaves, structure = trees.flatten(tree)
+  tree, _ = stacking.split_stacked(trees.unflatten([a for _, a in leaves], structure))
   flat = sources.flat_arrays(tree)
   measured = "file"
   if info is None:
