@@ -5,8 +5,9 @@ Leaves are named by their flattened path: the keys joined with ``/``, e.g.
 ``nnx.State`` of an NNX model.
 
 **The paper's rule** (the default, ``Selection(default="paper")``): every
-floating-point kernel with ``ndim >= 2`` is ternarized, except the input and
-the output layer: the first and the last *layer in forward order*. Layers are
+floating-point kernel with ``ndim >= 2`` (not named ``bias``) is ternarized,
+except the input and the output layer: the first and the last *layer in
+forward order*. Layers are
 the kernels plus the embedding tables (leaves named ``embedding``, or read by
 an embedding lookup in the traced computation); embeddings are never
 ternarized by default. So in a transformer the token embedding is the input
@@ -166,13 +167,14 @@ def _is_layer_table(path: str, leaf, stack_ndim: int) -> bool:
 
 
 def is_kernel(path: str, leaf, stack_ndim: int = 0) -> bool:
-  """A floating leaf with ``ndim >= 2`` that is not an embedding table.
+  """A floating leaf with ``ndim >= 2`` that is not an embedding table or a
+  bias (``DenseGeneral`` with several feature axes has 2-D biases).
 
   For a stacked leaf (``stack_ndim`` leading axes of layers) one slice is
   judged, so stacked norms and biases (``(L, d)``) are not kernels.
   """
   return (_is_layer_table(path, leaf, stack_ndim)
-          and path.rsplit("/", 1)[-1] != "embedding")
+          and path.rsplit("/", 1)[-1] not in ("embedding", "bias"))
 
 
 def _check_selectable(path: str, leaf, reason: str, stack_ndim: int = 0):
