@@ -8,7 +8,7 @@ Sparse ternary networks by wrapping your optax optimizer::
   params = ec2t.ternary_params(params, opt_state)
 
 Other train-time ternary methods plug into the same chain position and tools:
-``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
 Compressed export and size/operation reports: ``ec2t.export`` and
@@ -25,6 +25,10 @@ from ec2t_jax._src.export.inference import ternary_conv
 from ec2t_jax._src.export.inference import ternary_dense
 from ec2t_jax._src.export.inference import ternary_weights
 from ec2t_jax._src.export.inference import TernaryWeight
+from ec2t_jax._src.methods.bitnet import absmean_ternarize
+from ec2t_jax._src.methods.bitnet import bitnet
+from ec2t_jax._src.methods.bitnet import BitNetLeaf
+from ec2t_jax._src.methods.bitnet import quantize_activations_int8
 from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.fractals import fractal_images
@@ -102,7 +106,10 @@ TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 __version__ = "0.1.0"
 
 __all__ = (
+    "absmean_ternarize",
     "assign_by_cost",
+    "bitnet",
+    "BitNetLeaf",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",
@@ -160,6 +167,7 @@ __all__ = (
     # other train-time methods (issue 9)
     "PrunedTernaryLeaf",
     "quantization_pruning",
+    "quantize_activations_int8",
     "sttn",
     "STTNLeaf",
     "ttq",

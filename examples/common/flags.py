@@ -91,7 +91,7 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
                     "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
                     "phases, ec2t.ternarize_transform).", flag_values=fv)
-  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone; "
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, bitnet, faraone; "
                       "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
