@@ -32,6 +32,7 @@ from common import augment as augment_lib
 from common import checkpoint as checkpoint_lib
 from common import data as data_lib
 from common import parallel
+from common import progress as progress_lib
 from common.cli import UserError
 from common.metrics import MetricWriter
 
@@ -421,26 +422,11 @@ class Runner:
       print(message, flush=True)
 
 
-class _NoBar:
-  enabled = False
-
-  def update(self, n):
-    pass
-
-  def set_postfix(self, **kwargs):
-    pass
-
-  def close(self):
-    pass
-
-
 def _progress(enabled: bool, steps: int, description: str, initial: int, total: int):
-  if not enabled or steps <= 0:
-    return _NoBar()
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
-  bar.enabled = True
-  return bar
+  # A bar on a terminal; in a log (CI, nohup, notebook) nothing: the epoch line is the progress.
+  if steps <= 0:
+    return progress_lib.NoBar()
+  return progress_lib.progress(enabled, total, description, initial=initial)
 
 
 def steps_per_epoch(shard_sizes_min: int, per_shard_batch: int, limit: int = 0) -> int:
