@@ -272,26 +272,42 @@ class LMRunner:
     finally:
       ckpts.close()
 
-  def _run_phase(self, phase, tx, steps, make_state, make_state_args, ckpts, resume,
-                 epoch_metrics, regularizer):
-    abstract = self.abstract(make_state, *make_state_args)
+  def _start(self, phase, steps, abstract, make_state, make_state_args, ckpts, resume):
+    """``(state, info, done)``: restored from the latest checkpoint, or fresh."""
     meta = ckpts.meta("latest")
     if meta is not None and not resume:
       raise UserError(f"{ckpts.directory} already holds checkpoints: pass --resume to continue "
                       "that run, or choose a new --workdir")
-    if meta is not None:
-      state, meta = ckpts.restore("latest", abstract)
-      if meta["total_steps"] != steps:
-        raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
-                        f"run asks for {steps}")
-      info = meta["info"]
-      if meta.get("done"):
-        self._log(f"[{phase}] already finished: validation loss {info['val_loss']:.4f}")
-        return state, info
-      self._log(f"[{phase}] resuming at step {meta['step']}")
+    if meta is None:
+      return self.init_state(make_state, *make_state_args), {"seconds": 0.0}, False
+    state, meta = ckpts.restore("latest", abstract)
+    if meta["total_steps"] != steps:
+      raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
+                      f"run asks for {steps}")
+    if meta.get("done"):
+      self._log(f"[{phase}] already finished: validation loss {meta['info']['val_loss']:.4f}")
     else:
-      state = self.init_state(make_state, *make_state_args)
-      info = {"seconds": 0.0, "train_steps": 0}
+      self._log(f"[{phase}] resuming at step {meta['step']}")
+    return state, meta["info"], bool(meta.get("done"))
+
+  def _record(self, phase, state, step, train_loss, info, epoch_metrics):
+    info["val_loss"] = self.evaluate(state.params)
+    record = {"phase": phase, "step": step, "val_loss": info["val_loss"],
+              "train_loss": train_loss}
+    if epoch_metrics is not None:
+      record.update(epoch_metrics(state))
+    self.writer.write(record)
+    extra = f"  sparsity {record['sparsity']:.4f}" if "sparsity" in record else ""
+    self._log(f"[{phase}] step {step}: train loss {train_loss:.4f}  "
+              f"val loss {info['val_loss']:.4f}{extra}")
+
+  def _run_phase(self, phase, tx, steps, make_state, make_state_args, ckpts, resume,
+                 epoch_metrics, regularizer):
+    abstract = self.abstract(make_state, *make_state_args)
+    state, info, done = self._start(phase, steps, abstract, make_state, make_state_args, ckpts,
+                                    resume)
+    if done:
+      return state, info
     step_fn = self._step_fn(tx, abstract, regularizer)
     step = int(parallel.to_host(state.step))
     bar = progress_lib.progress(self.progress and parallel.is_main_process(), steps, phase,
@@ -314,18 +330,9 @@ class LMRunner:
       if step % self.eval_every == 0 or step == steps or stopping:
         jax.block_until_ready(state)
         info["seconds"] += time.perf_counter() - started
-        info["train_steps"] = step
         done = step >= steps
         if step % self.eval_every == 0 or done:
-          info["val_loss"] = self.evaluate(state.params)
-          record = {"phase": phase, "step": step, "val_loss": info["val_loss"],
-                    "train_loss": loss_sum / max(loss_count, 1)}
-          if epoch_metrics is not None:
-            record.update(epoch_metrics(state))
-          self.writer.write(record)
-          extra = (f"  sparsity {record['sparsity']:.4f}" if "sparsity" in record else "")
-          self._log(f"[{phase}] step {step}: train loss {record['train_loss']:.4f}  "
-                    f"val loss {info['val_loss']:.4f}{extra}")
+          self._record(phase, state, step, loss_sum / max(loss_count, 1), info, epoch_metrics)
           loss_sum, loss_count = 0.0, 0
         ckpts.save("latest", step, state, {"total_steps": steps, "info": info, "done": done})
         started = time.perf_counter()
