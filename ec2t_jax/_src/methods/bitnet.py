@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 from ec2t_jax._src.methods import ternary_ops
 
 EPSILON = 1e-5
@@ -128,9 +130,7 @@ _HYPER_RANGES = {"epsilon": core.Range(0.0, low_open=True)}
 
 
 def _check_leaf(ctx: core.LeafContext) -> None:
-  if ctx.mode != "ternary":
-    raise ValueError(f"bitnet quantizes leaves in mode 'ternary' only; a Rule selects "
-                     f"{ctx.path!r} with mode {ctx.mode!r}")
+  # The selection and the core already refuse these; BitNet's scale needs them too.
   if not jnp.issubdtype(ctx.dtype, jnp.floating):
     raise ValueError(f"bitnet selects leaf {ctx.path!r} of dtype {ctx.dtype}; only "
                      "floating-point leaves can be ternarized")
@@ -187,5 +187,18 @@ def bitnet(epsilon=EPSILON, *, selection: selection_lib.SelectionLike = None):
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)
   """
-  return core.quantize_transform(method(), BitNetHyper(epsilon), _HYPER_RANGES,
-                                 selection=selection)
+  return quantizer(epsilon, selection=selection).transform()
+
+
+def quantizer(epsilon=EPSILON, *,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """BitNet as a :class:`~core.Quantizer` (training: :func:`bitnet`; one-shot: ``.instant``)."""
+  return core.Quantizer(method(), BitNetHyper(epsilon), _HYPER_RANGES, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="bitnet", kind="train", quantizer=quantizer, transform=bitnet,
+    knobs={"epsilon": registry.Knob(EPSILON, core.Range(0.0, low_open=True), (1e-5,),
+                                    traced=True, doc="lower bound of the absmean scale g")},
+    grid=lambda options: grids.ternary_grid(),
+    description="BitNet b1.58: absmean ternary weights, straight-through (Ma et al. 2024)"))
