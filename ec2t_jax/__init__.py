@@ -8,7 +8,7 @@ Sparse ternary networks by wrapping your optax optimizer::
   params = ec2t.ternary_params(params, opt_state)
 
 Other train-time ternary methods plug into the same chain position and tools:
-``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
 Compressed export and size/operation reports: ``ec2t.export`` and
@@ -59,6 +59,10 @@ from ec2t_jax._src.methods.sttn import sttn_init
 from ec2t_jax._src.methods.sttn import sttn_scale
 from ec2t_jax._src.methods.sttn import sttn_ternarize
 from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.bitnet import absmean_ternarize
+from ec2t_jax._src.methods.bitnet import bitnet
+from ec2t_jax._src.methods.bitnet import BitNetLeaf
+from ec2t_jax._src.methods.bitnet import quantize_activations_int8
 from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
@@ -155,6 +159,11 @@ __all__ = (
     "sttn_scale",
     "sttn_ternarize",
     "ternary_activation",
+    # BitNet b1.58
+    "bitnet",
+    "BitNetLeaf",
+    "absmean_ternarize",
+    "quantize_activations_int8",
     # Faraone et al.
     "quantization_pruning",
     "PrunedTernaryLeaf",

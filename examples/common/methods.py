@@ -7,7 +7,7 @@ builder's defaults. Every method runs through the same pipeline
 :attr:`MethodSetup.optimizer` (plus :attr:`MethodSetup.regularizer` in the
 loss), then phase 2 with the same optimizer after
 ``ec2t.set_phase(opt_state, 1)`` (EC2T: assignment frozen; Faraone et al.:
-prune and retrain; TWN, TTQ, STTN: one phase, so phase 2 simply trains on).
+prune and retrain; TWN, TTQ, STTN, BitNet: one phase, so phase 2 simply trains on).
 Staged methods (INQ, SLQ, MLQ, :attr:`MethodSetup.staged`) spread their stages
 over phase 1 and start phase 2 at their last stage; post-training methods
 (MCQ, calibrated pruning, :attr:`MethodSetup.post_training`) skip both phases.
@@ -183,7 +183,15 @@ def _stages(name: str, **knobs) -> Callable[[int], int]:
 
 
 def _inner(config) -> optax.GradientTransformation:
-  """The inner optimizer every chain-form method shares: L2 + Adam(learning_rate)."""
+  """The inner optimizer every chain-form method shares: L2 + Adam(learning_rate).
+
+  A config with an ``inner_optimizer`` (a callable returning an optax
+  transformation, e.g. the GPT example's AdamW with warm-up and cosine) gives
+  every method that optimizer instead, EC2T's chain form included.
+  """
+  custom = getattr(config, "inner_optimizer", None)
+  if custom is not None:
+    return custom()
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.adam(config.learning_rate))
 
@@ -204,6 +212,10 @@ def _ec2t(config, options, selection) -> MethodSetup:
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
         centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection))
+  if config.ec2t_mode == "chain" and getattr(config, "inner_optimizer", None) is not None:
+    return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
+        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+        selection=selection)))
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
                      if config.ec2t_steps else config.learning_rate)

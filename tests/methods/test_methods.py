@@ -25,6 +25,7 @@ CASES = {
     "ttq": ("ttq", {"threshold": 0.05}),
     "sttn": ("sttn", {}),
     "faraone": ("faraone", {}),
+    "bitnet": ("bitnet", {}),
 }
 
 
@@ -97,7 +98,8 @@ def test_summary_lists_the_selected_leaves_with_the_method_name(trained):
   name, _, _, opt_state = trained
   summary = ec2t.summary(opt_state)
   assert [r.path for r in summary.layers] == [f"{n}/kernel" for n in TERNARY_LEAVES]
-  expected = {"twn": "TWN", "ttq": "TTQ", "sttn": "STTN", "faraone": "Faraone"}
+  expected = {"twn": "TWN", "ttq": "TTQ", "sttn": "STTN", "faraone": "Faraone",
+              "bitnet": "BitNet"}
   assert summary.method == expected[name.split("_")[0]]
   assert str(summary).startswith(f"{summary.method} summary at step {STEPS}")
   assert {r.mode for r in summary.layers} == {"ternary"}
