@@ -11,6 +11,10 @@ Other train-time ternary methods plug into the same chain position and tools:
 ``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
+Every method is registered by name with its kind (train / staged /
+one-shot), knobs and grid: ``ec2t.method_registry()``, ``ec2t.get_method(name)``;
+``ec2t.register_method(spec)`` adds one (see ``_src/methods/registry.py``).
+
 Compressed export and size/operation reports: ``ec2t.export`` and
 ``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
 ec2t_jax.report``); plots: ``ec2t_jax.plots`` (needs matplotlib); reference

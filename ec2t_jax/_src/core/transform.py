@@ -342,9 +342,9 @@ class Quantizer(NamedTuple):
   Example:
     >>> from ec2t_jax._src.methods import twn
     >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
-    >>> q.instant({"w": jnp.array([[0.9, -0.05, 0.3], [-0.6, 0.02, 0.1]])})["w"]
-    Array([[ 0.6,  0. ,  0.6],
-           [-0.6,  0. ,  0. ]], dtype=float32)
+    >>> q.instant({"w": jnp.array([[1.0, -0.05, 0.5], [-0.75, 0.02, 0.1]])})["w"]
+    Array([[ 0.75,  0.  ,  0.75],
+           [-0.75,  0.  ,  0.  ]], dtype=float32)
   """
   method: Method
   hyper: Any
