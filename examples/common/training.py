@@ -33,6 +33,7 @@ from common import checkpoint as checkpoint_lib
 from common import data as data_lib
 from common import kill_points
 from common import parallel
+from common import progress as progress_lib
 from common.cli import UserError
 from common.metrics import MetricWriter
 
@@ -485,26 +486,11 @@ def _sums_from_json(saved: dict[str, list] | None) -> dict[str, np.ndarray] | No
   return {name: np.asarray(value, dtype=dtype) for name, (value, dtype) in saved.items()}
 
 
-class _NoBar:
-  enabled = False
-
-  def update(self, n):
-    pass
-
-  def set_postfix(self, **kwargs):
-    pass
-
-  def close(self):
-    pass
-
-
 def _progress(enabled: bool, steps: int, description: str, initial: int, total: int):
-  if not enabled or steps <= 0:
-    return _NoBar()
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
-  bar.enabled = True
-  return bar
+  # A bar on a terminal; in a log (CI, nohup, notebook) nothing: the epoch line is the progress.
+  if steps <= 0:
+    return progress_lib.NoBar()
+  return progress_lib.progress(enabled, total, description, initial=initial)
 
 
 def steps_per_epoch(shard_sizes_min: int, per_shard_batch: int, limit: int = 0) -> int:
