@@ -63,6 +63,12 @@ def _round(x, digits=6):
   return None if x is None else float(round(float(x), digits))
 
 
+def _per_slice(tree):
+  """One layer per slice of a stacked leaf (nn.scan blocks), as in the file."""
+  leaves, structure = trees.flatten(tree)
+  return stacking.split_stacked(trees.unflatten([a for _, a in leaves], structure))[0]
+
+
 def build_report(source, *, geometry: GeometryLike = "auto",
                  rules: CountingRules = PAPER_RULES, image_size: int = 32,
                  keys: Sequence[str] = ("params",), float16: bool = False,
@@ -93,10 +99,7 @@ def build_report(source, *, geometry: GeometryLike = "auto",
     tree, kind, name, info = loaded.tree, loaded.kind, loaded.path, loaded.info
   else:
     tree, kind, name, info = source, "tree", "<tree>", None
-  # One layer per slice of a stacked leaf (nn.scan blocks), as in the file.
-  leaves, structure = trees.flatten(tree)
-  tree, _ = stacking.split_stacked(trees.unflatten([a for _, a in leaves], structure))
-  flat = sources.flat_arrays(tree)
+  flat = sources.flat_arrays(_per_slice(tree))
   measured = "file"
   if info is None:
     info = packing.read_info(packing.pack(tree, float16=float16))
