@@ -23,6 +23,10 @@ from ec2t_jax._src.core.protocol import Method
 from ec2t_jax._src.core.protocol import NO_PARAMS_MSG
 from ec2t_jax._src.core.protocol import over_slices
 from ec2t_jax._src.core.protocol import QuantizerState
+from ec2t_jax._src.core.protocol import RuleOptions
+from ec2t_jax._src.core.protocol import TreeInfo
+from ec2t_jax._src.core.rule_options import check_plans
+from ec2t_jax._src.core.rule_options import check_rules
 from ec2t_jax._src.core.protocol import slice_suffix
 from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.transform import advance
@@ -33,6 +37,8 @@ from ec2t_jax._src.core.transform import group_states
 from ec2t_jax._src.core.transform import init_leaf_state
 from ec2t_jax._src.core.transform import init_state
 from ec2t_jax._src.core.transform import leaf_contexts
+from ec2t_jax._src.core.transform import prepare_tree
+from ec2t_jax._src.core.transform import Quantizer
 from ec2t_jax._src.core.transform import quantize_transform
 from ec2t_jax._src.core.transform import slice_indices
 from ec2t_jax._src.core.transform import step_groups

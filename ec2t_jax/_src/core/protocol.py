@@ -1,9 +1,51 @@
-"""The method protocol: what a method provides and the state every method keeps."""
+"""The method protocol: what a method provides and the state every method keeps.
+
+A method is a :class:`Method`: a per-leaf ``init_leaf`` and ``step_leaf``
+over a per-leaf state (a ``NamedTuple`` following :class:`LeafState`), plus
+what it declares about itself:
+
+* ``accepts`` (:class:`RuleOptions`): which :class:`~ec2t_jax.Rule` options it
+  understands (modes, per-rule gamma). The core checks every rule and every
+  selected leaf against it, for all methods alike, at construction and at
+  ``init`` (a ``ValueError`` naming the rule or path and the value).
+* ``prepare`` (optional): a tree-level hook for what needs the whole tree
+  before any leaf is initialised: MLQ's forward ranks, MCQ's per-leaf keys,
+  calibrated pruning's calibration pass. It returns a :class:`TreeInfo`; each
+  selected leaf's entry of ``TreeInfo.leaf_info`` reaches ``init_leaf`` as
+  ``ctx.info``. Nothing mutates a closure.
+
+The same :class:`Method` serves training (``quantize_transform``, the last
+transformation of an optax chain) and one-shot use
+(:meth:`~ec2t_jax._src.core.transform.Quantizer.instant`, like jaxpruner's
+``instant_sparsify``): a :class:`~ec2t_jax._src.core.transform.Quantizer`
+holds the method with its hyperparameters and selection and offers both.
+
+Writing a method, then registering it (see
+``ec2t_jax/_src/methods/registry.py``)::
+
+  class MyLeaf(NamedTuple):            # the state of one selected leaf
+    latent: jax.Array
+    scale: jax.Array
+    def value(self, dtype):            # what the params hold (exact landing)
+      return (core.snap_to_grid(self.scale, dtype) * jnp.sign(self.latent)).astype(dtype)
+    def describe(self):                # columns of ec2t.summary
+      return {"method": "Mine", "mode": "ternary", "scale": self.scale}
+
+  def init_leaf(param, ctx, hyper): ...                   # ctx: LeafContext
+  def step_leaf(update, leaf, ctx, hyper, phase): ...     # pure, vmap-able
+
+  def quantizer(factor=0.7, *, selection=None) -> core.Quantizer:
+    return core.Quantizer(core.Method("mine", init_leaf, step_leaf),
+                          MyHyper(factor), {"factor": core.Range(0.0)}, selection)
+
+  def mine(factor=0.7, *, selection=None):                # the public function
+    return quantizer(factor, selection=selection).transform()
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 import jax
 import numpy as np
@@ -28,6 +70,8 @@ class LeafContext(NamedTuple):
       ``shape`` and ``size_fraction`` are then those of one slice.
     slice_index: the slice's flat index into ``stack_shape`` (a traced int32
       inside the core's ``vmap``; 0 for an unstacked leaf).
+    info: this leaf's entry of the method's :class:`TreeInfo` (``init_leaf``
+      only; None without a ``prepare`` hook or at ``update``).
   """
   path: str
   shape: tuple
@@ -37,6 +81,7 @@ class LeafContext(NamedTuple):
   size_fraction: float
   stack_shape: tuple = ()
   slice_index: Any = 0
+  info: Any = None
 
 
 class LeafState(Protocol):
@@ -54,22 +99,60 @@ class LeafState(Protocol):
   # entropy is the layer's information when the values alone overstate it
   # (per-filter scales: TWN "filter", STTN). :func:`~ec2t_jax.summary` uses
   # it for bits/weight and levels; without it, the values are the symbols.
+  #
+  # Optional: ``instant_value(dtype) -> Array``, what a one-shot use returns
+  # when it differs from ``value`` (MCQ: the unsnapped ``q * scale`` that
+  # ``ec2t.mcq`` returns; ``value`` snaps the scale for exact landing).
+
+
+class RuleOptions(NamedTuple):
+  """Which :class:`~ec2t_jax.Rule` options a method accepts.
+
+  Attributes:
+    modes: the rule modes it quantizes (``"skip"`` is always accepted).
+    rule_gamma: whether a rule may set its own ``gamma``.
+  """
+  modes: tuple = ("ternary",)
+  rule_gamma: bool = False
+
+
+class TreeInfo(NamedTuple):
+  """What a method's ``prepare`` hook found in the whole tree.
+
+  Attributes:
+    leaf_info: selected path -> anything; reaches ``init_leaf`` as
+      ``ctx.info``.
+    selection: a refined :class:`~ec2t_jax.Selection` to plan with (e.g.
+      with the traced forward order), or None to keep the given one.
+    replace: path -> new value of an *unselected* leaf, for one-shot use
+      only (calibrated pruning's corrected biases); a transformation cannot
+      change such leaves.
+  """
+  leaf_info: Optional[Mapping[str, Any]] = None
+  selection: Any = None
+  replace: Optional[Mapping[str, Any]] = None
 
 
 class Method(NamedTuple):
-  """A quantization method: its per-leaf functions.
+  """A quantization method: its per-leaf functions and what it accepts.
 
   Attributes:
-    name: shown by :func:`~ec2t_jax.summary`.
+    name: shown by :func:`~ec2t_jax.summary` and named in errors.
     init_leaf: ``(param, ctx, hyper) -> LeafState`` from the pretrained value.
     step_leaf: ``(update, leaf, ctx, hyper, phase) -> LeafState``; ``update``
       is what the inner optimizer proposes to add to the quantized param
       (float32, finite), ``phase`` a traced int32 (see :func:`set_phase`).
       Pure and ``vmap``-able.
+    accepts: the :class:`RuleOptions` it understands (default: mode
+      ``"ternary"`` only, no per-rule gamma).
+    prepare: optional tree-level hook ``(params, selection, hyper) ->
+      TreeInfo``, called once by ``init`` before any leaf is initialised.
   """
   name: str
   init_leaf: Callable[..., Any]
   step_leaf: Callable[..., Any]
+  accepts: RuleOptions = RuleOptions()
+  prepare: Optional[Callable[..., TreeInfo]] = None
 
 
 class QuantizerState(NamedTuple):

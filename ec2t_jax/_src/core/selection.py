@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2t_jax._src.core import hyper
 from ec2t_jax._src.core.trees import path_to_str
 from ec2t_jax._src.core.trees import pure_tree
 
@@ -116,8 +117,8 @@ class Rule:
     except re.error as e:
       raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular "
                        f"expression: {e}") from None
-    if self.gamma is not None and not 0.0 <= float(self.gamma) <= 1.0:
-      raise ValueError(f"Rule.gamma must be in [0, 1] or None, got {self.gamma}")
+    if self.gamma is not None:  # None: the transformation's gamma
+      hyper.check_range("Rule.gamma", self.gamma, hyper.Range(0.0, 1.0))
     if self.stack_axes is not None:
       axes = (self.stack_axes,) if isinstance(self.stack_axes, int) else self.stack_axes
       try:

@@ -143,7 +143,7 @@ def summary(opt_state) -> Summary:
     Dense_0/kernel     8x16  ternary ...
     skipped steps: 0 with non-finite updates, 0 with invalid hyperparameters
   """
-  state = state_access.find_ternarize_state(opt_state)
+  state = state_access.find_quantizer_state(opt_state)
   states, treedef = core.flat_leaf_states(state.resolved_leaves())
   paths, _ = jax.tree_util.tree_flatten_with_path(
       treedef.unflatten([0] * len(states)))

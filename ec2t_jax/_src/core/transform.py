@@ -35,21 +35,10 @@ every method alike:
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
 
-Writing a method (see ``_src/ec2t.py`` for EC2T itself)::
-
-  class MyLeaf(NamedTuple):            # the state of one selected leaf
-    latent: jax.Array
-    scale: jax.Array
-    def value(self, dtype):            # what the params hold
-      return snap_to_grid(self.scale, dtype) * jnp.sign(self.latent)
-    def describe(self):                # columns of ec2t.summary
-      return {"scale": self.scale}
-
-  def init_leaf(param, ctx, hyper): ...
-  def step_leaf(update, leaf, ctx, hyper, phase): ...   # pure, vmap-able
-
-  my_method = Method("mine", init_leaf, step_leaf)
-  tx = quantize_transform(my_method, MyHyper(...), hyper_ranges, selection=...)
+Writing a method: see the docstring of ``_src/core/protocol.py``; a
+:class:`Quantizer` bundles a method with its hyperparameters and selection
+and serves training (:meth:`Quantizer.transform`) and one-shot use
+(:meth:`Quantizer.instant`) alike.
 """
 
 from __future__ import annotations
@@ -67,10 +56,13 @@ from ec2t_jax._src.core.grid import exact_update
 from ec2t_jax._src.core.hyper import check_range, hyper_is_valid, Range
 from ec2t_jax._src.core.protocol import is_leaf_state, LeafContext, Method, NO_PARAMS_MSG, QuantizerState
 from ec2t_jax._src.core.protocol import GroupSlot
+from ec2t_jax._src.core.protocol import TreeInfo
+from ec2t_jax._src.core import rule_options
 from ec2t_jax._src.core.protocol import over_slices
 from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.trees import as_mapping
 from ec2t_jax._src.core.trees import path_to_str
+from ec2t_jax._src.core.trees import pure_tree
 
 # ---------------------------------------------------------------------------
 # Trees.
@@ -167,16 +159,33 @@ def init_leaf_state(method: Method, param, ctx: LeafContext, hyper):
   return StackedLeaf(over_slices(init, k)(param, slice_indices(ctx.stack_shape)), k)
 
 
-def init_state(method: Method, params, selection, hyper, *,
-               group: bool = True) -> QuantizerState:
+def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
+  """The method's tree-level :class:`TreeInfo` (empty without a ``prepare`` hook)."""
+  if method.prepare is None:
+    return TreeInfo()
+  return method.prepare(params, selection, hyper)
+
+
+def init_state(method: Method, params, selection, hyper,
+               info: Optional[TreeInfo] = None, *, group: bool = True) -> QuantizerState:
   """Selects leaves (once) and initialises each selected leaf's state.
+
+  The method's ``prepare`` hook runs first (or ``info``, its result, is
+  given); its refined selection, if any, plans the leaves, and each selected
+  leaf's ``leaf_info`` entry reaches ``init_leaf`` as ``ctx.info``. Every
+  selected leaf's rule options are checked against ``method.accepts``.
 
   A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
   stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
   its stack axes with the context of one slice. With ``group``, same-shape
   leaves keep their states stacked (:func:`group_states`).
   """
+  if info is None:
+    info = prepare_tree(method, params, selection, hyper)
+  selection = selection if info.selection is None else info.selection
+  leaf_info = info.leaf_info or {}
   plans = selection.plan(params)
+  rule_options.check_plans(method, plans)
   # nnx.State would turn the NamedTuples nested in it into States on
   # nnx.update; plain nested dicts keep them.
   params = as_mapping(params)
@@ -193,7 +202,8 @@ def init_state(method: Method, params, selection, hyper, *,
     # A copy, so no leaf state aliases a param buffer (a step that donates
     # both params and optimizer state would donate one buffer twice).
     leaf = jnp.array(leaf, copy=True)
-    leaves.append(init_leaf_state(method, leaf, ctx, hyper))
+    leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
+                                  hyper))
   leaves, groups = group_states(leaves, contexts) if group else (leaves, ())
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
@@ -376,6 +386,7 @@ def quantize_transform(
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
+  rule_options.check_rules(method, chosen)
 
   def init_fn(params):
     return init_state(method, params, chosen, hyper)
@@ -394,3 +405,74 @@ def quantize_transform(
     return advance(state, params, updates, step, inputs, contexts, keep)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _instant_value(leaf_state, dtype):
+  """The state's ``instant_value`` (else ``value``), per slice when stacked."""
+  value = lambda s: getattr(s, "instant_value", s.value)(dtype)
+  if isinstance(leaf_state, StackedLeaf):
+    return over_slices(value, leaf_state.stack_ndim)(leaf_state.inner)
+  return value(leaf_state)
+
+
+class Quantizer(NamedTuple):
+  """One method, ready for training and for one-shot use.
+
+  The library's transformations are ``Quantizer(...).transform()``; the same
+  object quantizes a model at once with :meth:`instant` (as jaxpruner's
+  updater does with ``instant_sparsify``), from the same per-leaf state.
+
+  Attributes:
+    method: the :class:`Method`.
+    hyper: its numeric (traceable) hyperparameters.
+    hyper_ranges: valid range of each name in ``hyper`` that must be checked.
+    selection: which leaves (see :class:`~ec2t_jax.Selection`).
+
+  Example:
+    >>> from ec2t_jax._src.methods import twn
+    >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
+    >>> q.instant({"w": jnp.array([[0.9, -0.05, 0.3], [-0.6, 0.02, 0.1]])})["w"]
+    Array([[ 0.6,  0. ,  0.6],
+           [-0.6,  0. ,  0. ]], dtype=float32)
+  """
+  method: Method
+  hyper: Any
+  hyper_ranges: Any
+  selection: Any = None
+
+  def transform(self) -> optax.GradientTransformation:
+    """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
+    return quantize_transform(self.method, self.hyper, self.hyper_ranges,
+                              selection=self.selection)
+
+  def instant(self, params, *, return_state: bool = False):
+    """Quantizes ``params`` at once: each selected leaf becomes its initial state's value.
+
+    Leaves a one-shot method's ``prepare`` hook replaced (``TreeInfo.replace``)
+    take their new value; every other leaf is returned as it is.
+
+    Args:
+      params: a parameter tree (Linen params, ``nnx.State``, dict of arrays).
+      return_state: also return the :class:`QuantizerState`.
+
+    Returns:
+      The quantized params (same structure and dtypes), and with
+      ``return_state`` the state as well.
+    """
+    for name, valid in self.hyper_ranges.items():
+      check_range(name, getattr(self.hyper, name), valid)
+    chosen = selection_lib.as_selection(self.selection)
+    rule_options.check_rules(self.method, chosen)
+    info = prepare_tree(self.method, params, chosen, self.hyper)
+    state = init_state(self.method, params, chosen, self.hyper, info, group=False)
+    replace = info.replace or {}
+    flat, treedef = jax.tree.flatten(params)
+    states, _ = flat_leaf_states(state.leaves)
+    out = []
+    for leaf, path, leaf_state in zip(flat, _paths(pure_tree(params)), states):
+      if leaf_state is None:
+        out.append(replace.get(path, leaf))
+        continue
+      out.append(_instant_value(leaf_state, jnp.asarray(leaf).dtype))
+    quantized = treedef.unflatten(out)
+    return (quantized, state) if return_state else quantized

@@ -19,6 +19,7 @@ import numpy as np
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import inference
 from ec2t_jax._src.export import inference_export
+from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import packing
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.export import stacking
@@ -94,11 +95,7 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
 
 
 def _read_packed(path, max_bytes: int) -> bytes:
-  path = Path(path)
-  size = path.stat().st_size
-  if size > max_bytes:
-    raise ExportFormatError(f"{path}: {size:,} bytes, more than max_bytes={max_bytes:,}")
-  return path.read_bytes()
+  return sources.read_bounded(path, max_bytes)
 
 
 def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
@@ -161,7 +158,12 @@ def export_file(source, out_path, *, keys: Sequence[str] = ("params",), float16:
 
   Returns:
     An :class:`ExportResult`.
+
+  Raises:
+    ValueError: if ``out_path`` is ``source`` (after resolving links), before
+      anything is written.
   """
+  sources.refuse_overwriting_input(source, out_path)
   loaded = load_tree(source, keys=keys, max_bytes=max_bytes)
   meta = {"source_kind": loaded.kind, **(metadata or {})}
   info = save(out_path, loaded.tree, float16=float16, entropy_coding=entropy_coding,
@@ -183,9 +185,16 @@ def decode_file(source, out_path, *, max_bytes: int = DEFAULT_MAX_BYTES
 
   Returns:
     The arrays written, by key.
+
+  Raises:
+    ExportFormatError: for a corrupt file or a leaf name that is not a safe
+      ``.npz`` entry (:mod:`ec2t_jax._src.export.leaf_names`).
+    ValueError: if ``out_path`` is ``source`` (after resolving links).
   """
+  sources.refuse_overwriting_input(source, out_path)
   loaded = load_tree(source, max_bytes=max_bytes)
   arrays = sources.flat_arrays(loaded.tree)
+  leaf_names.check_names(list(arrays), ExportFormatError)  # .npz and checkpoint sources too
   for key, array in arrays.items():
     if array.dtype.kind == "V":
       raise ValueError(f"leaf {key!r} has dtype {array.dtype.name}, which .npz cannot hold; "
@@ -231,6 +240,7 @@ def export_inference(source, out_path, *, keys: Sequence[str] = ("params", "batc
   Returns:
     An :class:`ExportResult` (sizes are those of the folded tree).
   """
+  sources.refuse_overwriting_input(source, out_path)
   loaded = load_tree(source, keys=keys, max_bytes=max_bytes)
   folded = inference_export.fold_batch_norm(loaded.tree, eps=eps)
   flax_paths = _batch_norm_paths(loaded.tree)

@@ -108,6 +108,7 @@ def ternarize(
   chosen = selection_lib.as_selection(selection)
   method = ec2t.method(renormalization=renormalization,
                        latent_dtype=latent_dtype, ties=ties)
+  core.check_rules(method, chosen)
 
   def masked_params_optimizer(core_state: core.QuantizerState):
     # The leaves selected at init are those with a state; never re-planned.
