@@ -440,8 +440,8 @@ def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
     >>> params = {"a": {"kernel": jnp.ones((2, 2))},
     ...           "b": {"kernel": jnp.ones((3, 2, 2))},
     ...           "c": {"kernel": jnp.ones((3, 2, 2))}}
-    >>> ranks = layer_ranks(Selection([Rule("kernel", stack_axes=None),
-    ...                                Rule("^[bc]/", stack_axes=(0,))]), params)
+    >>> ranks = layer_ranks(Selection([Rule("^[bc]/", stack_axes=(0,)),
+    ...                                Rule("^a/")]), params)
     >>> {k: v.tolist() for k, v in ranks.items()}
     {'a/kernel': [0], 'b/kernel': [1, 3, 5], 'c/kernel': [2, 4, 6]}
   """
