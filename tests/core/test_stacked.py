@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import ec2t_jax as ec2t
+from ec2t_jax._src import core as ec2t_core
 from models_for_tests import gpt_loss, TinyGPT, token_batch, unstack_blocks
 
 LAYERS = 3
@@ -401,3 +402,47 @@ def test_rule_stacking_a_leaf_the_trace_does_not_stack_is_an_error():
   with pytest.raises(ValueError, match=r"blocks_0/attn/kernel.*no stack axis"):
     ec2t.ternarize_transform(selection=sel).init(params)
 
+
+
+# --------------------------------------- same-shape leaves share one state
+
+
+def _unrolled_state():
+  model, params, order = _linen(scan=False)
+  tx = ec2t.ternarize_transform(gamma=0.2, selection=ec2t.Selection(order=order))
+  return model, params, tx, tx.init(params)
+
+
+def test_same_shape_leaves_share_one_stacked_state():
+  _, _, _, state = _unrolled_state()
+  assert [g.inner.latent.shape[0] for g in state.groups] == [LAYERS] * len(BLOCK_KERNELS)
+  slot = state.leaves["blocks_1"]["c_fc"]["kernel"]
+  assert isinstance(slot, ec2t_core.GroupSlot)
+
+
+def test_field_of_a_grouped_leaf_is_that_leaf_own_state():
+  _, params, _, state = _unrolled_state()
+  for i in range(LAYERS):
+    np.testing.assert_array_equal(state.field("latent")[f"blocks_{i}"]["c_fc"]["kernel"],
+                                  params[f"blocks_{i}"]["c_fc"]["kernel"])
+
+
+def test_grouped_and_per_leaf_states_follow_the_same_trajectory():
+  model, params, tx, grouped = _unrolled_state()
+  per_leaf = grouped._replace(leaves=grouped.resolved_leaves(), groups=())
+  params = ec2t.ternary_params(params, grouped)
+
+  @jax.jit
+  def step(params, state, tokens, targets):
+    grads = jax.grad(lambda p: gpt_loss(model, p, tokens, targets))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  p_g, p_l = params, params
+  for i in range(3):
+    p_g, grouped = step(p_g, grouped, *token_batch(i))
+    p_l, per_leaf = step(p_l, per_leaf, *token_batch(i))
+  assert not per_leaf.groups and len(grouped.groups) == len(BLOCK_KERNELS)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), p_g, p_l)
+  jax.tree.map(np.testing.assert_array_equal, grouped.field("assignment"),
+               per_leaf.field("assignment"))

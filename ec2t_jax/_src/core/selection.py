@@ -361,22 +361,33 @@ class Selection:
     if callable(self.default):
       return [i for i, (p, l) in enumerate(zip(paths, leaves))
               if self.default(p, l)]
+    layers, embeddings = self._layers(paths, leaves, stacks)
+    layers = self._forward_sorted(layers, params, flat, paths,
+                                  require=[i for i in layers if i not in embeddings])
+    if not layers:
+      return []
+    drop = {self._last_layer(layers, paths)}
+    if self.default == "paper":
+      drop.add(layers[0])
+    return [i for i in layers if i not in drop and i not in embeddings]
+
+  def _layers(self, paths, leaves, stacks) -> tuple[list[int], set[int]]:
+    """``(kernels and embedding tables, the embedding tables)``, leaf indices."""
     lookups = self.traced.lookups if self.traced is not None else frozenset()
     embeddings = {i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
                   if _is_layer_table(p, l, k)
                   and (p.rsplit("/", 1)[-1] == "embedding" or p in lookups)}
     layers = [i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
               if i in embeddings or is_kernel(p, l, k)]
-    layers = self._forward_sorted(layers, params, flat, paths,
-                                  require=[i for i in layers if i not in embeddings])
-    if not layers:
-      return []
-    last = layers[-1]
-    if self.traced is not None and all(paths[i] in self.traced.last_use
-                                       for i in layers):
-      last = max(layers, key=lambda i: self.traced.last_use[paths[i]])
-    drop = {last} | ({layers[0]} if self.default == "paper" else set())
-    return [i for i in layers if i not in drop and i not in embeddings]
+    return layers, embeddings
+
+  def _last_layer(self, layers: list[int], paths) -> int:
+    """The output layer: the last one *used* (a tied embedding's head) when
+    the trace says, else the last in forward order."""
+    last_use = self.traced.last_use if self.traced is not None else {}
+    if last_use and all(paths[i] in last_use for i in layers):
+      return max(layers, key=lambda i: last_use[paths[i]])
+    return layers[-1]
 
   def _forward_sorted(self, kernels, params, flat, paths, require=None) -> list[int]:
     """``kernels`` (leaf indices) sorted by forward order, best source first.
@@ -429,8 +440,8 @@ def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
     >>> params = {"a": {"kernel": jnp.ones((2, 2))},
     ...           "b": {"kernel": jnp.ones((3, 2, 2))},
     ...           "c": {"kernel": jnp.ones((3, 2, 2))}}
-    >>> ranks = layer_ranks(Selection([Rule("kernel", stack_axes=None),
-    ...                                Rule("^[bc]/", stack_axes=(0,))]), params)
+    >>> ranks = layer_ranks(Selection([Rule("^[bc]/", stack_axes=(0,)),
+    ...                                Rule("^a/")]), params)
     >>> {k: v.tolist() for k, v in ranks.items()}
     {'a/kernel': [0], 'b/kernel': [1, 3, 5], 'c/kernel': [2, 4, 6]}
   """

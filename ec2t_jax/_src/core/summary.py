@@ -144,7 +144,7 @@ def summary(opt_state) -> Summary:
     skipped steps: 0 with non-finite updates, 0 with invalid hyperparameters
   """
   state = state_access.find_quantizer_state(opt_state)
-  states, treedef = core.flat_leaf_states(state.leaves)
+  states, treedef = core.flat_leaf_states(state.resolved_leaves())
   paths, _ = jax.tree_util.tree_flatten_with_path(
       treedef.unflatten([0] * len(states)))
   layers, methods = [], []

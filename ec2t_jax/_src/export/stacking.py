@@ -19,7 +19,7 @@ Example:
   ...                     np.array([[0.0, 0.75], [-0.5, 0.0]], np.float32)])
   >>> tree, split = split_stacked({"blocks": {"kernel": stacked}})
   >>> sorted(tree["blocks"]), split
-  (['kernel[0]', 'kernel[1]'], [[['blocks', 'kernel'], 2]])
+  (['kernel[0]', 'kernel[1]'], [[['blocks', 'kernel'], 1]])
   >>> np.array_equal(restack(tree, split)["blocks"]["kernel"], stacked)
   True
 """
