@@ -331,18 +331,18 @@ class LMRunner:
       state, metrics = step_fn(state, parallel.global_batch(local, batch_sharding))
       step += 1
       self.steps_run += 1
+      loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1  # on device, no sync
       bar.update(1)
-      if step % 10 == 0 or step == steps:
-        loss = float(parallel.to_host(metrics["loss"]))
-        loss_sum, loss_count = loss_sum + loss, loss_count + 1
-        bar.set_postfix(loss=f"{loss:.4f}")
+      if bar.enabled and step % 10 == 0:
+        bar.set_postfix(loss=f"{float(parallel.to_host(metrics['loss'])):.4f}")
       stopping = self.stop_after_steps and self.steps_run >= self.stop_after_steps
       if step % self.eval_every == 0 or step == steps or stopping:
         jax.block_until_ready(state)
         info["seconds"] += time.perf_counter() - started
         done = step >= steps
         if step % self.eval_every == 0 or done:
-          self._record(phase, state, step, loss_sum / max(loss_count, 1), info, epoch_metrics)
+          self._record(phase, state, step, float(parallel.to_host(loss_sum)) / loss_count, info,
+                       epoch_metrics)
           loss_sum, loss_count = 0.0, 0
         ckpts.save("latest", step, state, {"total_steps": steps, "info": info, "done": done,
                                            "loss_sums": [loss_sum, loss_count]})
