@@ -67,6 +67,8 @@ from ec2t_jax._src.core.selection import LeafPlan
 from ec2t_jax._src.core.selection import Rule
 from ec2t_jax._src.core.selection import Selection
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core.budget import Budget
+from ec2t_jax._src.core.budget import BudgetState
 from ec2t_jax._src.methods.ec2t.chain import EC2TLeaf
 from ec2t_jax._src.methods.ec2t.chain import ECPLeaf
 from ec2t_jax._src.methods.ec2t.chain import ternarize_transform
@@ -103,6 +105,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "assign_by_cost",
+    "Budget",
+    "BudgetState",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",

@@ -63,6 +63,12 @@ def format_report(results: dict[str, Any]) -> str:
                f"{_kib(sizes['entropy_bits'])}  ({sizes['ratio_entropy']:.3f}x float32)"))
   if r.get("export_bytes"):
     rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} bytes"))
+  if r.get("budget"):
+    b = r["budget"]
+    fmt = (lambda v: f"{v:,.0f} bytes") if b["kind"] == "bytes" else (lambda v: f"{v:.4g}")
+    rows.append((f"size budget ({b['kind']})", "",
+                 f"target {fmt(b['target'])}, reached {fmt(b['reached'])}, "
+                 f"multiplier {b['multiplier']:.3f}"))
   fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
   if r.get("posttrain_seconds") is not None:
     rows.append(("post-training time", "-", f"{r['posttrain_seconds']:.2f} s"))
@@ -71,7 +77,8 @@ def format_report(results: dict[str, Any]) -> str:
   elif ec2t_s:
     rows.append(("train time per epoch", "-", f"{ec2t_s:.2f} s"))
   widths = [max(len(row[c]) for row in rows) for c in range(3)]
-  knobs = (f"gamma={r['gamma']:g}" if method == "ec2t" else
+  knobs = (f"{r['budget']['kind']} budget" if method == "ec2t" and r.get("budget") else
+           f"gamma={r['gamma']:g}" if method == "ec2t" else
            ", ".join(f"{k}={v}" for k, v in r.get("method_options", {}).items()))
   title = f" {name}: {r['model']} on {r['dataset']}" + (f", {knobs} " if knobs else " ")
   lines = [title.center(sum(widths) + 4, "=")]

@@ -75,12 +75,15 @@ class QuantizerState(NamedTuple):
       state) because a traced hyperparameter was non-finite or out of range.
     leaves: a tree like the params: a method's :class:`LeafState` at each
       selected leaf, ``None`` elsewhere.
+    budget: the size-budget controller's ``BudgetState`` (multiplier,
+      target, reached size), or ``None`` without a :class:`~ec2t_jax.Budget`.
   """
   count: jax.Array
   phase: jax.Array
   nonfinite_count: jax.Array
   invalid_hyper_count: jax.Array
   leaves: Any
+  budget: Any = None
 
   @property
   def frozen(self) -> jax.Array:

@@ -16,7 +16,7 @@ straight-through gradient to the latent full-precision weights.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +189,8 @@ def method(per_filter: bool = False) -> core.Method:
 
 
 def twn(threshold: str = "layer", factor=None, *,
-        selection: selection_lib.SelectionLike = None):
+        selection: selection_lib.SelectionLike = None,
+        budget: Optional[core.budget.Budget] = None, budget_target=None):
   """Ternary Weight Networks as the last transformation of an optax chain.
 
   Each selected leaf keeps latent weights ``W`` in the state; the params hold
@@ -205,6 +206,13 @@ def twn(threshold: str = "layer", factor=None, *,
       2022 revision).
     factor: override of the threshold factor (``> 0``).
     selection: which leaves (see :func:`ternarize_transform`).
+    budget: a :class:`~ec2t_jax.Budget` (``sparsity`` or ``bits_per_weight``;
+      ``bytes`` with ``threshold="layer"``): the factor is then set every step
+      by the budget's controller (dual ascent on the size error, gain 0.5 per
+      unit, factor in ``[0.001, 5]``, starting at the default factor) instead
+      of ``factor``; held in ``phase >= 1``.
+    budget_target: the budget's target if not its own (traceable, see
+      :func:`ternarize_transform`).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantizerState`
@@ -217,7 +225,19 @@ def twn(threshold: str = "layer", factor=None, *,
   """
   core.check_choice("threshold", threshold, ("layer", "filter"))
   per_filter = threshold == "filter"
+  if budget is not None and factor is not None:
+    raise ValueError(f"twn takes factor or budget, not both (factor={factor!r}, "
+                     f"budget={budget!r})")
+  if budget is not None and per_filter and budget.kind == "bytes":
+    raise ValueError("twn(threshold='filter') stores one scale per filter; Budget(bytes=...) "
+                     "models one pair of centroids per layer: use threshold='layer', or a "
+                     "sparsity or bits_per_weight budget")
+  if budget is None and budget_target is not None:
+    raise ValueError(f"budget_target={budget_target!r} needs a budget=Budget(...)")
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
+  knob = None if budget is None else core.budget.Knob(
+      "factor", initial=factor, low=1e-3, high=5.0, gain=0.5)
   return core.quantize_transform(method(per_filter), TWNHyper(factor), _HYPER_RANGES,
-                                 selection=selection)
+                                 selection=selection, budget=budget, knob=knob,
+                                 budget_target=budget_target)

@@ -10,7 +10,7 @@ steps come from.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,8 @@ class EC2THyper(NamedTuple):
   zero_floor: Any = 0.5
   sustain: Any = 0.05
   centroid_update_scale: Any = 0.1
+  # A budget's controller multiplier on every layer's lambda (1: none).
+  lambda_multiplier: Any = 1.0
 
 
 HYPER_RANGES = {
@@ -109,7 +111,7 @@ def cluster_means(values, assignment, fallback_n, fallback_p):
 
 def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
             renormalization, ties):
-  gamma = hyper.gamma if ctx.gamma is None else ctx.gamma
+  gamma = (hyper.gamma if ctx.gamma is None else ctx.gamma) * hyper.lambda_multiplier
   size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
@@ -213,10 +215,22 @@ def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain"
     raise ValueError(f"latent_dtype must be a floating dtype, got {latent_dtype!r}")
 
 
+# The operating point of ``ternarize_transform()`` without arguments (see its
+# docstring and benchmarks/RESULTS_budget.md).
+DEFAULT_GAMMA = 0.35
+# What a budget's controller drives: a multiplier m in [0, 1] on every
+# selected layer's lambda (gamma = m x the layer's Rule gamma, else m),
+# starting at 0 (the first assignment is nearest-centroid); 0.05 per bit of
+# rate error (or per unit of sparsity) and step.
+BUDGET_KNOB = core.budget.Knob("lambda_multiplier", initial=0.0, low=0.0, high=1.0, gain=0.05)
+
+
 def ternarize_transform(
-    gamma: float = 0.0,
+    gamma: Optional[float] = None,
     init_scale: float = 0.3,
     *,
+    budget: Optional[core.budget.Budget] = None,
+    budget_target=None,
     selection: selection_lib.SelectionLike = None,
     centroid_update_scale: float = 0.1,
     floor_factor: float = 0.675,
@@ -313,9 +327,20 @@ def ternarize_transform(
     >>> params = optax.apply_updates(params, updates)
   """
   check_static(renormalization, latent_dtype, ties, latent_step)
+  if budget is not None and gamma is not None:
+    raise ValueError(f"ternarize_transform takes gamma or budget, not both (gamma={gamma!r}, "
+                     f"budget={budget!r}); with a budget the controller sets the multiplier "
+                     "of every layer's lambda (a Rule's gamma stays its ratio)")
+  if budget is None and budget_target is not None:
+    raise ValueError(f"budget_target={budget_target!r} needs a budget=Budget(...)")
+  if budget is not None and not isinstance(budget, core.budget.Budget):
+    raise ValueError(f"budget must be an ec2t.Budget, got {budget!r}")
+  if gamma is None:
+    gamma = 1.0 if budget is not None else DEFAULT_GAMMA
   hyper = EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
                     centroid_update_scale)
   return core.quantize_transform(
       method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties,
              latent_step=latent_step),
-      hyper, HYPER_RANGES, selection=selection)
+      hyper, HYPER_RANGES, selection=selection, budget=budget,
+      knob=None if budget is None else BUDGET_KNOB, budget_target=budget_target)
