@@ -218,6 +218,7 @@ def test_controller_reaches_a_sparsity_budget_within_3_percent():
   assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.8, rel=0.03)
 
 
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
 def test_rule_gammas_stay_ratios_under_the_multiplier():
   # Dense_0's lambda gets half the multiplier: it ends denser than with ratio 1.
   _, params = init()
@@ -265,8 +266,9 @@ def test_traced_target_through_inject_hyperparams_and_invalid_target_skips():
   new_params, new_state = _run(tx, params, 1, opt_state, start=5)
   assert float(ec2t.find_ternarize_state(new_state).budget.target) == pytest.approx(0.5)
   for bad in (float("nan"), 1.7, -0.1):
-    opt_state[1].hyperparams["budget_target"] = jnp.asarray(bad)
-    _, bad_state = _run(tx, new_params, 1, new_state, start=6)
+    bad_input = jax.tree.map(lambda x: x, new_state)  # a copy: hyperparams is a dict
+    bad_input[1].hyperparams["budget_target"] = jnp.asarray(bad)
+    _, bad_state = _run(tx, new_params, 1, bad_input, start=6)
     before, after = (ec2t.find_ternarize_state(s) for s in (new_state, bad_state))
     assert int(after.invalid_hyper_count) == int(before.invalid_hyper_count) + 1
     chex.assert_trees_all_equal(after.budget, before.budget)
@@ -293,6 +295,7 @@ def test_default_ternarize_transform_is_entropy_constrained():
 # Bytes: the file ec2t.export writes.
 
 
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
 def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path):
   _, params = init()
   probe = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e9)).init(params)
@@ -317,6 +320,7 @@ def chain_knob():
 # TWN: a sparsity budget through its threshold factor.
 
 
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
 def test_twn_reaches_a_sparsity_budget_through_its_threshold():
   _, params = init()
   tx = optax.chain(optax.adam(1e-3), ec2t.twn(budget=ec2t.Budget(sparsity=0.85)))

@@ -201,12 +201,20 @@ def sign_counts(symbols) -> jax.Array:
     >>> sign_counts(jnp.array([-0.5, 0.0, 0.0, 2.0]))
     Array([1., 2., 1.], dtype=float32)
   """
-  s = jnp.sign(jnp.asarray(symbols, jnp.float32))
+  return _sign_counts(jnp.asarray(symbols))
+
+
+def _add_pairs(x, y):
+  return tuple(a + b for a, b in zip(x, y))
+
+
+@jax.jit
+def _sign_counts(symbols):
+  # One variadic reduction (one pass); jitted so eager calls (init) compile once.
+  s = jnp.sign(symbols.astype(jnp.float32))
   terms = ((s < 0).astype(jnp.float32), (s == 0).astype(jnp.float32),
            (s > 0).astype(jnp.float32))
-  return jnp.stack(jax.lax.reduce(terms, (0.0,) * 3,
-                                  lambda x, y: tuple(a + b for a, b in zip(x, y)),
-                                  tuple(range(s.ndim))))
+  return jnp.stack(jax.lax.reduce(terms, (0.0,) * 3, _add_pairs, tuple(range(s.ndim))))
 
 
 def entropy_bits(counts) -> jax.Array:

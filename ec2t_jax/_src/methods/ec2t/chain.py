@@ -288,15 +288,38 @@ def ternarize_transform(
   pass is already ternary.
 
   Every numeric argument can be changed between steps with
-  ``optax.inject_hyperparams(ternarize_transform)(gamma=...)`` (pass a callable
+  ``optax.inject_hyperparams(ternarize_transform)(gamma=...)`` (a ``gamma``
+  left at its None default is not injected; pass a callable
   ``selection`` in ``static_args``). A traced value that is non-finite or out
   of its range is not applied: that step keeps every selected leaf's state
   (params stay where they are, the inner update of the other leaves still
   applies) and ``invalid_hyper_count`` grows (shown by :func:`summary`).
 
+  **Default operating point.** Without ``gamma`` or ``budget`` the entropy
+  constraint is on at ``gamma = DEFAULT_GAMMA = 0.35`` (before, ``gamma``
+  defaulted to 0.0, plain nearest-centroid ternarization; pass
+  ``gamma=0.0`` for that). Measured on MNIST LeNet-5 (see
+  ``benchmarks/RESULTS_mnist.md`` and ``RESULTS_budget.md``): with
+  ``sustain=1.0``, 99.19% (FP 99.24%) at 90.8% sparsity, 0.512 bits/weight
+  (15 epochs); see README "Train to a size" for the library's
+  ``sustain=0.05``.
+
+  **Size budgets.** ``budget=Budget(bits_per_weight=...)`` (or ``bytes=``,
+  ``sparsity=``) replaces ``gamma``: every selected layer's lambda is
+  ``m x gamma_l x delta_l x lambda_max_l`` (``gamma_l`` its Rule's gamma, else
+  1) with one multiplier ``m`` in ``[0, 1]`` that a controller updates after
+  every step from the size of the new assignment (dual ascent,
+  ``ec2t_jax/_src/core/budget.py``); its state is
+  :attr:`QuantizerState.budget`.
+
   Args:
-    gamma: global EC2T knob in ``[0, 1]``; 0 = nearest-centroid assignment.
+    gamma: global EC2T knob in ``[0, 1]``; 0 = nearest-centroid assignment;
+      None (default): ``DEFAULT_GAMMA`` (0.35) without a budget.
     init_scale: initial centroid scaler ``s > 0``: ``w_p = s |max W|``.
+    budget: a :class:`Budget` (size target) instead of ``gamma``.
+    budget_target: the budget's target if not its own; pass it to
+      ``optax.inject_hyperparams`` to trace or schedule it (a NaN or
+      out-of-range value skips the step, counted in ``invalid_hyper_count``).
     selection: which leaves to ternarize: ``None`` (paper's rule), a
       :class:`Selection`, a sequence of :class:`Rule` or a callable
       ``(path, leaf) -> bool``. Decided once, at ``init``.
