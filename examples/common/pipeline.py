@@ -285,8 +285,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                           * train.steps_per_epoch,
                           budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs
                                                 * train.steps_per_epoch)), selection)
-  # With a size budget, phase 1's early epochs are above the target: keep its last one.
-  keep_last = setup.staged is not None or methods_lib.size_budget(config) is not None
+  keep_last = _phase1_keeps_last(config, setup)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
     return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
                           results, writer, main, log)
@@ -348,8 +347,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       "phase1_seconds_per_epoch": _typical(info1["epoch_seconds"]),
       "phase2_seconds_per_epoch": _typical(info2["epoch_seconds"]),
   })
-  if summary.budget:
-    results["budget"] = summary.budget
+  results["budget"] = summary.budget  # None without a size budget
   results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
   # Every quantized leaf of the final params is on the method's grid: at most
   # ``max_values`` values (3: ternary), per filter for per-filter methods.
@@ -363,6 +361,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       json.dump(results, f, indent=2, default=float)
   writer.close()
   return results
+
+
+def _phase1_keeps_last(config: PipelineConfig, setup: methods_lib.MethodSetup) -> bool:
+  """Staged methods (earlier epochs half quantized) and size budgets (earlier epochs above
+  the target) keep phase 1's last epoch, not its best."""
+  return setup.staged is not None or methods_lib.size_budget(config) is not None
 
 
 def _typical(seconds: list[float]) -> float | None:

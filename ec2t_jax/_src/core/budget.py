@@ -266,8 +266,8 @@ def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) 
     selected leaf.
 
   Example:
-    >>> fixed_bytes([(10, 4)], [100])
-    144
+    >>> fixed_bytes([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
+    160
   """
   leaves = len(unselected) + len(selected)
   return (FILE_OVERHEAD_BYTES + HEADER_BYTES_PER_LEAF * leaves
@@ -328,8 +328,9 @@ def size_error(kind: str, measured, target, bits_per_byte: float = 1.0) -> jax.A
   same error in bits/weight.
 
   Example:
-    >>> float(size_error("sparsity", 0.8, 0.9)), float(size_error("bytes", 700, 500, 0.001))
-    (0.09999999403953552, 0.2)
+    >>> [round(float(e), 6) for e in (size_error("sparsity", 0.8, 0.9),
+    ...                               size_error("bytes", 700, 500, 0.001))]
+    [0.1, 0.2]
   """
   measured = jnp.asarray(measured, jnp.float32)
   target = jnp.asarray(target, jnp.float32)
