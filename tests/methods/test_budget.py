@@ -335,3 +335,33 @@ def test_twn_refuses_factor_with_budget_and_bytes_per_filter():
     ec2t.twn(factor=0.7, budget=ec2t.Budget(sparsity=0.5))
   with pytest.raises(ValueError, match="threshold='layer'"):
     ec2t.twn("filter", budget=ec2t.Budget(bytes=10_000))
+
+
+# ---------------------------------------------------------------------------
+# Stacked layers (nn.scan): each slice is a layer with its own entropy.
+
+
+def _stacked_params():
+  from tests.models_for_tests import TinyGPT, token_batch  # pylint: disable=g-import-not-at-top
+  model = TinyGPT(layers=3, scan=True, tied=True)
+  tokens, _ = token_batch()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
+  return params, ec2t.Selection(order=order)
+
+
+def test_rate_of_stacked_leaves_is_the_numel_weighted_mean_over_slices():
+  params, selection = _stacked_params()
+  state = ec2t.ternarize_transform(budget=ec2t.Budget(bits_per_weight=0.5),
+                                   selection=selection).init(params)
+  summary = ec2t.summary(state)
+  assert any("[2]" in row.path for row in summary.layers)  # one row per slice
+  np.testing.assert_allclose(float(state.budget.measured), summary.totals["entropy"],
+                             rtol=1e-5)
+
+
+def test_bytes_budget_refuses_stacked_leaves():
+  params, selection = _stacked_params()
+  tx = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e6), selection=selection)
+  with pytest.raises(ValueError, match="stacked leaf"):
+    tx.init(params)

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec2t_jax._src.core.hyper import is_concrete
+from ec2t_jax._src.core.protocol import StackedLeaf
 
 MAX_BITS_PER_WEIGHT = math.log2(3)
 KINDS = ("bits_per_weight", "bytes", "sparsity")
@@ -401,13 +402,20 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
       unselected.append((n, np.dtype(param.dtype).itemsize))
     else:
       selected.append(n)
-      mode = leaf.describe().get("mode") if budget.kind == "bytes" else None
-      if mode == "ecp":
-        raise ValueError("Budget(bytes=...) models ternary leaves only; a selected leaf is "
-                         "in mode 'ecp' (use bits_per_weight or sparsity)")
+      if budget.kind == "bytes":
+        _check_bytes_model(leaf)
   numel = sum(selected)
   return BudgetPlan(budget, knob, numel, fixed_bytes(unselected, selected),
                     8.0 / (budget.coding_ratio * max(numel, 1)))
+
+
+def _check_bytes_model(leaf) -> None:
+  if isinstance(leaf, StackedLeaf):
+    raise ValueError("Budget(bytes=...) models one ternary record per leaf; a stacked leaf "
+                     "holds one layer per slice (use bits_per_weight or sparsity)")
+  if leaf.describe().get("mode") == "ecp":
+    raise ValueError("Budget(bytes=...) models ternary leaves only; a selected leaf is "
+                     "in mode 'ecp' (use bits_per_weight or sparsity)")
 
 
 def leaf_symbols(leaf) -> jax.Array:
@@ -417,9 +425,20 @@ def leaf_symbols(leaf) -> jax.Array:
   return leaf.value(jnp.float32)
 
 
+def leaf_counts(leaf) -> list:
+  """:func:`sign_counts` per layer of a leaf state: one, or one per slice of a
+  :class:`StackedLeaf` (each slice is a layer with its own entropy)."""
+  symbols = jnp.asarray(leaf_symbols(leaf))
+  if not isinstance(leaf, StackedLeaf):
+    return [sign_counts(symbols)]
+  per_slice = symbols.reshape((-1,) + symbols.shape[leaf.stack_ndim:])
+  counts = jax.vmap(_sign_counts)(per_slice)
+  return [counts[i] for i in range(counts.shape[0])]
+
+
 def measure(plan: BudgetPlan, leaf_states: Sequence) -> jax.Array:
   """The size of the current assignments in the budget's units."""
-  counts = [sign_counts(leaf_symbols(s)) for s in leaf_states if s is not None]
+  counts = [c for s in leaf_states if s is not None for c in leaf_counts(s)]
   rate, sparsity = rate_and_sparsity(counts)
   kind = plan.budget.kind
   if kind == "sparsity":
