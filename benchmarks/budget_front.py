@@ -38,6 +38,7 @@ flags.DEFINE_list("budgets", ["bits_per_weight=1.0", "bits_per_weight=0.6",
                               "target_bytes=11000"],
                   "Size targets, one run each: FLAG=VALUE of mnist_lenet.py.")
 flags.DEFINE_string("png", None, "Plot path (default <workdir>/front.png).")
+flags.DEFINE_bool("collect_only", False, "Only read the runs' report.json (after a full run).")
 
 
 def _run(name: str, args: list[str], workdir: pathlib.Path, extra: list[str],
@@ -47,7 +48,8 @@ def _run(name: str, args: list[str], workdir: pathlib.Path, extra: list[str],
   if init_from:
     command.append(f"--init_from={init_from}")
   print("$", " ".join(command), flush=True)
-  subprocess.run(command, check=True, cwd=REPO)
+  if not FLAGS.collect_only:
+    subprocess.run(command, check=True, cwd=REPO)
   report = json.loads((workdir / "report.json").read_text())
   report["name"] = name
   return report
