@@ -85,7 +85,8 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                       "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
                       "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
                       flag_values=fv)
-  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
+  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid; "
+                     "not used with a size budget below).",
                      flag_values=fv)
   flags.DEFINE_float("bits_per_weight", 0.0, "EC2T chain form: train to this rate of the "
                      "ternarized layers (entropy, bits/weight, <= log2 3) instead of --gamma "
