@@ -97,6 +97,8 @@ from ec2t_jax._src.core.selection import describe_selection
 from ec2t_jax._src.core.tracing import forward_order
 from ec2t_jax._src.core.tracing import ForwardOrder
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core.budget import Budget
+from ec2t_jax._src.core.budget import BudgetState
 from ec2t_jax._src.core import StackedLeaf
 from ec2t_jax._src.core.state_access import find_quantizer_state
 from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
@@ -128,6 +130,8 @@ __all__ = (
     "TernarizeReferenceState",
     # EC2T's pure functions
     "assign_by_cost",
+    "Budget",
+    "BudgetState",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",

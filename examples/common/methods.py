@@ -168,6 +168,24 @@ def build(config, selection=None) -> MethodSetup:
     raise UserError(f"--method={config.method} --method_options: {error}") from None
 
 
+def size_budget(config) -> ec2t.Budget | None:
+  """The :class:`ec2t.Budget` of ``--bits_per_weight`` / ``--target_bytes`` /
+  ``--target_sparsity`` (None when all are 0), ramped over ``budget_ramp_steps``."""
+  given = {name: value for name, value in (
+      ("bits_per_weight", getattr(config, "bits_per_weight", 0.0)),
+      ("bytes", getattr(config, "target_bytes", 0.0)),
+      ("sparsity", getattr(config, "target_sparsity", 0.0))) if value}
+  if not given:
+    return None
+  if not 0 <= getattr(config, "budget_ramp", 0.0) <= 1:
+    raise UserError(f"--budget_ramp must be in [0, 1], got {config.budget_ramp}")
+  try:
+    return ec2t.Budget(**given, ramp_steps=getattr(config, "budget_ramp_steps", 0))
+  except ValueError as error:
+    raise UserError(f"size budget (--bits_per_weight / --target_bytes / --target_sparsity): "
+                    f"{error}") from None
+
+
 def _grid(name: str, **knobs) -> dict[str, Any]:
   """``per_filter``, ``max_values`` and ``ternary`` of the library's grid of ``name``."""
   grid = ec2t.get_method(name).grid_for(**knobs)
@@ -206,24 +224,27 @@ def _ec2t(config, options, selection) -> MethodSetup:
   phases; constant when 0). Both use ``config.sustain``.
   """
   del options
+  budget = size_budget(config)
+  if budget is not None and config.ec2t_mode != "chain":
+    raise UserError("a size budget (--bits_per_weight / --target_bytes / --target_sparsity) "
+                    "needs --ec2t_mode=chain")
   if config.ec2t_mode == "reference":
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
         centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection))
+  knob = {"gamma": config.gamma} if budget is None else {"budget": budget}
   if config.ec2t_mode == "chain" and getattr(config, "inner_optimizer", None) is not None:
     return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
-        selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
                      if config.ec2t_steps else config.learning_rate)
     inner = optax.chain(optax.add_decayed_weights(config.weight_decay),
                         optax.adam(learning_rate))
     return MethodSetup(optax.chain(inner, ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
-        selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
