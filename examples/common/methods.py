@@ -195,26 +195,35 @@ def _ec2t(config, options, selection) -> MethodSetup:
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
-@register("twn", {"threshold": "layer"}, description="TWN: threshold=layer|filter")
+def _float_or_none(value):
+  return None if value is None else float(value)
+
+
+@register("twn", {"threshold": "layer", "factor": None},
+          description="TWN: threshold=layer|filter, factor (default 0.7 layer / 0.75 filter)")
 def _twn(config, options, selection) -> MethodSetup:
-  return MethodSetup(optax.chain(_inner(config),
-                                 ec2t.twn(options["threshold"], selection=selection)),
+  return MethodSetup(optax.chain(_inner(config), ec2t.twn(
+      options["threshold"], _float_or_none(options["factor"]), selection=selection)),
                      per_filter=options["threshold"] == "filter")
 
 
-@register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None},
-          description="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper)")
+@register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None,
+                 "latent_step": "update"},
+          description="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper); "
+                      "latent_step=update|gradient")
 def _ttq(config, options, selection) -> MethodSetup:
-  as_float = lambda v: None if v is None else float(v)
+  as_float = _float_or_none
   return MethodSetup(optax.chain(_inner(config), ec2t.ttq(
       options["threshold"], sparsity=as_float(options["sparsity"]),
-      init_scale=as_float(options["init_scale"]), selection=selection)))
+      init_scale=as_float(options["init_scale"]), latent_step=options["latent_step"],
+      selection=selection)))
 
 
-@register("sttn", {"init_factor": 0.7}, description="STTN: init_factor (initial threshold factor)")
+@register("sttn", {"init_factor": 0.7, "latent_step": "update"},
+          description="STTN: init_factor (initial threshold factor), latent_step=update|gradient")
 def _sttn(config, options, selection) -> MethodSetup:
-  return MethodSetup(optax.chain(_inner(config),
-                                 ec2t.sttn(options["init_factor"], selection=selection)),
+  return MethodSetup(optax.chain(_inner(config), ec2t.sttn(
+      options["init_factor"], latent_step=options["latent_step"], selection=selection)),
                      per_filter=True)
 
 
