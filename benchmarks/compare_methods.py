@@ -170,9 +170,14 @@ def _loss(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@jax.jit
+def _predict(params, x):
+  return jnp.argmax(apply_fn(params, x), -1)
+
+
 def accuracy(params, images, labels, batch: int = 2000) -> float:
-  """Top-1 accuracy of ``params`` on standardised ``images``."""
-  predict = jax.jit(lambda p, x: jnp.argmax(apply_fn(p, x), -1))
+  """Top-1 accuracy of ``params`` on ``images`` in ``[0, 1]`` (standardised here)."""
+  predict = _predict
   hits = 0
   for start in range(0, len(images), batch):
     x = standardise(jnp.asarray(images[start:start + batch]))
@@ -207,13 +212,17 @@ def make_step(tx, regularizer=None):
 
 
 def train(params, tx, data, steps: int, seed: int, regularizer=None, state=None,
-          quantized: bool = True):
-  """``steps`` steps of ``tx`` from ``params`` (and ``state``, else ``tx.init``)."""
+          quantized: bool = True, step=None):
+  """``steps`` steps of ``tx`` from ``params`` (and ``state``, else ``tx.init``).
+
+  ``step``: a compiled :func:`make_step` of ``tx`` to reuse (one compilation
+  for both phases).
+  """
   if state is None:
     state = tx.init(params)
     if quantized:
       params = ec2t.ternary_params(params, state)
-  step = make_step(tx, regularizer)
+  step = step or make_step(tx, regularizer)
   for x, y in batches(data, steps, seed):
     params, state = step(params, state, x, y)
   return params, state
@@ -268,9 +277,12 @@ def compress(method: str, point: Point, dense, data, seed: int, phase1_steps: in
   if setup.staged is not None:
     layers = posttrain.count_selected(dense, selection)
     tx, phase2 = setup.staged(phase1_steps, layers)
-  params, state = train(dense, tx, data, phase1_steps, seed, setup.regularizer)
+  step = make_step(tx, setup.regularizer)
+  params, state = train(dense, tx, data, phase1_steps, seed, step=step)
   state = ec2t.set_phase(state, phase2)
-  params, _ = train(params, tx, data, phase2_steps, seed + 7919, state=state)
+  if setup.regularizer is not None:  # phase 2 trains without it (Faraone et al.)
+    step = make_step(tx)
+  params, _ = train(params, tx, data, phase2_steps, seed + 7919, state=state, step=step)
   return params, selection
 
 

@@ -34,6 +34,7 @@ from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.mcq import mcq
 from ec2t_jax._src.methods.slq import mlq
+from ec2t_jax._src.methods.stage_restart import restart_on_stage
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import SlqLeaf
 from ec2t_jax._src.methods.mcq import mcq_quantize
@@ -137,6 +138,7 @@ __all__ = (
     "QuantizerState",
     "prune_calibrated",
     "slq",
+    "restart_on_stage",
     "SlqLeaf",
     "reference_optimizer",
     "report",

@@ -227,7 +227,7 @@ def _sttn(config, options, selection) -> MethodSetup:
                      per_filter=True)
 
 
-@register("faraone", {"strength": 1.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
+@register("faraone", {"strength": 3.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
           description="Faraone et al.: phase 1 regularised full precision, phase 2 pruned ternary")
 def _faraone(config, options, selection) -> MethodSetup:
   if config.phase2_epochs < 1:
@@ -253,13 +253,17 @@ def _portions(text: str) -> tuple[float, ...]:
 
 
 def _staged(config, make: Callable[[int], optax.GradientTransformation],
-            stages: Callable[[int], int], max_values: int, name: str) -> MethodSetup:
+            stages: Callable[[int], int], max_values: int, name: str,
+            restart: bool = True) -> MethodSetup:
   """A staged method: ``make(steps_per_stage)`` is its transformation.
 
   Phase 1 spreads the stages ``0 .. last - 1`` evenly over its steps; phase 2
   starts with ``ec2t.set_phase(opt_state, last)``, so its first update
   freezes every remaining weight on the grid and phase 2 retrains the rest.
+  With ``restart`` the inner optimizer starts afresh at each stage
+  (``ec2t.restart_on_stage``, as the official INQ code).
   """
+  compose = ec2t.restart_on_stage if restart else (lambda a, b: optax.chain(a, b))
   if config.phase2_epochs < 1:
     raise UserError(f"--method={name} needs --phase2_epochs >= 1 (its first phase-2 step "
                     "quantizes the last weights; phase 2 retrains the other parameters)")
@@ -268,36 +272,42 @@ def _staged(config, make: Callable[[int], optax.GradientTransformation],
   def staged(phase1_steps: int, num_layers: int):
     last = stages(num_layers) - 1
     per_stage = max(1, phase1_steps // last) if last > 0 else 0
-    return optax.chain(_inner(config), make(per_stage)), last
+    return compose(_inner(config), make(per_stage)), last
 
-  return MethodSetup(optax.chain(_inner(config), make(0)), staged=staged,
+  return MethodSetup(compose(_inner(config), make(0)), staged=staged,
                      max_values=max_values, phase_starts_are_results=False,
                      ternary=max_values == 3)
 
 
-@register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1"},
-          description="INQ: bits (2 = ternary), portions (accumulated, '/'-separated)")
+@register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1", "restart": True},
+          description="INQ: bits (2 = ternary), portions (accumulated, '/'-separated), "
+                      "restart (fresh inner optimizer per stage)")
 def _inq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
   make = lambda n: ec2t.inq(bits, portions, steps_per_stage=n, selection=selection)
   # {0} and +-2^n for 2^(b-2) exponents (at least one).
-  return _staged(config, make, lambda _: len(portions), 2 * max(1, 2 ** (bits - 2)) + 1, "inq")
+  return _staged(config, make, lambda _: len(portions), 2 * max(1, 2 ** (bits - 2)) + 1, "inq",
+                 options["restart"])
 
 
-@register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1"},
-          description="SLQ: bits (2^bits - 1 clusters; 2 = ternary), portions ('/'-separated)")
+@register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1", "restart": True,
+                 "levels": "float"},
+          description="SLQ: bits (2^(bits-1) + 1 clusters; 2 = ternary), portions ('/'-separated)")
 def _slq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
-  make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, selection=selection)
-  return _staged(config, make, lambda _: len(portions), 2 ** bits - 1, "slq")
+  make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, levels=options["levels"],
+                            selection=selection)
+  return _staged(config, make, lambda _: len(portions), 2 ** (bits - 1) + 1, "slq",
+                 options["restart"])
 
 
-@register("mlq", {"portions": "0.5/1"},
+@register("mlq", {"portions": "0.5/1", "restart": True},
           description="MLQ: ternary, layers staggered one stage apart; portions ('/'-separated)")
 def _mlq(config, options, selection) -> MethodSetup:
   portions = _portions(options["portions"])
   make = lambda n: ec2t.mlq(portions, steps_per_stage=n, selection=selection)
-  return _staged(config, make, lambda layers: layers + len(portions) - 1, 3, "mlq")
+  return _staged(config, make, lambda layers: layers + len(portions) - 1, 3, "mlq",
+                 options["restart"])
 
 
 # ------------------------------------------------------------ post-training methods (issue 10)
