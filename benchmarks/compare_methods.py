@@ -74,6 +74,8 @@ flags.DEFINE_integer("phase2_steps", 200, "Phase 2 steps of every train-time met
 flags.DEFINE_bool("quick", False, "Smoke test: 1 seed, one point per method, tiny budgets, "
                   "1,000 test images, fast calibrated pruning.")
 flags.DEFINE_bool("before", True, "Also run the 'before' rows (seed 0 only).")
+flags.DEFINE_bool("report_only", False, "Only summarise the runs already in the cache.")
+flags.DEFINE_bool("reduced", False, "Only the REDUCED subset of each sweep (and the 'before' rows).")
 flags.DEFINE_string("results_md", None, "Also write the markdown here.")
 flags.DEFINE_string("png", None, "Also write the figure here.")
 
@@ -115,22 +117,40 @@ SWEEPS: dict[str, list[Point]] = {
               {"init_factor": 0.7, "latent_step": "gradient"}, before=True)],
     "faraone": _points("strength", (0.3, 1.0, 3.0, 10.0, 30.0)) + [
         Point("strength=0.01 (old default)", 0.01, {"strength": 0.01}, before=True)],
-    "inq": _points("bits", (2, 3, 5)),
-    "slq": _points("bits", (2, 3, 4)),
+    "inq": _points("bits", (2, 3, 5)) + [
+        Point("bits=2, no restart", 2, {"bits": 2, "restart": False}, before=True)],
+    "slq": _points("bits", (2, 3, 4)) + [
+        Point("bits=3, power-of-two levels, no restart", 3,
+              {"bits": 3, "levels": "power_of_two", "restart": False}, before=True)],
     "mlq": [Point("ternary", 2.0)],
     "mcq": _points("K", (0.25, 0.5, 1.0, 2.0)),
-    "prune": _points("sparsity", (0.5, 0.7, 0.8, 0.9)),
+    "prune": _points("sparsity", (0.5, 0.7, 0.8, 0.9)) + [
+        Point("sparsity=0.7, 30 steps per level", 0.7,
+              {"sparsity": 0.7, "steps_per_level": 30}, before=True)],
 }
+
+# --reduced: the subset run when the shared machine cannot give the full sweep its time.
+REDUCED = {"ec2t": ("gamma=0.0", "gamma=0.2", "gamma=0.35", "gamma=0.5"),
+           "twn": ("factor=0.7", "factor=1.0"),
+           "ttq": ("sparsity=0.5", "sparsity=0.8", "sparsity=0.9"),
+           "sttn": ("init_factor=0.7", "init_factor=1.0"),
+           "faraone": ("strength=1.0", "strength=3.0", "strength=10.0"),
+           "inq": ("bits=2", "bits=5"), "slq": ("bits=2", "bits=3"),
+           "mcq": ("K=0.5", "K=1.0", "K=2.0"),
+           "prune": ("sparsity=0.5", "sparsity=0.7", "sparsity=0.9")}
 
 QUICK_POINTS = {"ec2t": 1, "twn": 1, "ttq": 0, "sttn": 1, "faraone": 2, "inq": 0, "slq": 0,
                 "mlq": 0, "mcq": 2, "prune": 0}
 
 
-def sweep(method: str, quick: bool = False, before: bool = True) -> list[Point]:
+def sweep(method: str, quick: bool = False, before: bool = True,
+          reduced: bool = False) -> list[Point]:
   """The points of ``method`` (its defaults when it has no sweep; one point when ``quick``)."""
   points = SWEEPS.get(method, [Point("defaults", 0.0)])
   if quick:
     return [points[QUICK_POINTS.get(method, 0)]]
+  if reduced and method in REDUCED:
+    points = [p for p in points if p.before or p.label in REDUCED[method]]
   return [p for p in points if before or not p.before]
 
 
@@ -266,7 +286,7 @@ def compress(method: str, point: Point, dense, data, seed: int, phase1_steps: in
   entry = methods_lib.METHODS[method]
   options = {**entry.defaults, **point.options}
   if fast and method == "prune":
-    options.update(calibration_images=64, steps_per_level=5)
+    options.update(calibration_images=64, steps_per_level=5)  # the fast schedule
   setup = entry.builder(_config(method, point, phase1_steps), options, selection)
   if setup.post_training is not None:
     inputs = methods_lib.PostTrainingInputs(
@@ -298,9 +318,19 @@ def measure(params, selection, data, path: pathlib.Path, test_images: int) -> di
           "layer_sparsity": {l["path"]: l["sparsity"] for l in measures["layers"]}}
 
 
+def _run_name(method, point, seed) -> str:
+  return f"{method}__{point.label}__s{seed}".replace(" ", "_").replace("/", "_")
+
+
+def cached(method, point, seed, workdir) -> list[dict]:
+  """The cached result of one run, as a list of zero or one."""
+  cache = workdir / "runs" / f"{_run_name(method, point, seed)}.json"
+  return [json.loads(cache.read_text())] if cache.exists() else []
+
+
 def run_point(method, point, seed, dense, data, workdir, budget) -> dict:
   """One (method, point, seed): cached as ``runs/<method>__<label>__s<seed>.json``."""
-  name = f"{method}__{point.label}__s{seed}".replace(" ", "_").replace("/", "_")
+  name = _run_name(method, point, seed)
   cache = workdir / "runs" / f"{name}.json"
   if cache.exists():
     return json.loads(cache.read_text())
@@ -437,14 +467,16 @@ def main(argv: list[str]) -> None:
   results = []
   for seed in seeds:  # seed-major: an interrupted run still covers every point
     for method in methods:
-      for point in sweep(method, quick, FLAGS.before):
+      for point in sweep(method, quick, FLAGS.before, FLAGS.reduced):
         if point.before and seed != seeds[0]:
+          continue
+        if FLAGS.report_only:
+          results.extend(cached(method, point, seed, workdir))
           continue
         try:
           results.append(run_point(method, point, seed, dense, data, workdir, budget))
         except Exception as error:  # pylint: disable=broad-except
           print(f"{method} {point.label} seed {seed} FAILED: {error!r}", flush=True)
-          raise
   rows = aggregate(results)
   table = markdown(rows, dense_accuracy, dense_bytes)
   cpu, elapsed = time.process_time() - started, time.perf_counter() - wall

@@ -333,9 +333,10 @@ def _mcq(config, options, selection) -> MethodSetup:
 
 
 @register("prune", {"sparsity": 0.5, "calibration": "real", "calibration_images": 300,
-                   "steps_per_level": 30},
+                   "steps_per_level": 0},
           description="Calibrated pruning (post-training): sparsity, calibration=real|fractal, "
-                      "calibration_images, steps_per_level (of each layer's fit)")
+                      "calibration_images, steps_per_level (of each layer's fit; 0: OpenVINO "
+                      "POT's 30 x 40 steps on batches of 50, N > 0: N steps, the fast schedule)")
 def _prune(config, options, selection) -> MethodSetup:
   sparsity, kind, count = options["sparsity"], options["calibration"], options["calibration_images"]
   steps = options["steps_per_level"]
@@ -353,7 +354,8 @@ def _prune(config, options, selection) -> MethodSetup:
     images = posttrain.calibration_images(kind, count, inputs.train_images, inputs.image_shape,
                                           inputs.mean, inputs.std, seed=inputs.seed)
     return posttrain.prune(inputs.params, inputs.apply_fn, images, sparsity,
-                           selection=inputs.selection, steps_per_level=steps)
+                           selection=inputs.selection, steps_per_level=steps or None,
+                           seed=inputs.seed)
 
   del config, selection
   return MethodSetup(None, post_training=run,
