@@ -406,6 +406,26 @@ def markdown(rows: list[dict], dense_accuracy: float, dense_bytes: int) -> str:
   return "\n".join(lines)
 
 
+PANELS = (("sparsity", 100.0, True, "sparsity of the compressed layers (%)"),
+          ("export_bytes", 1e-3, False, "exported model (kB, ec2t.export)"))
+
+
+def _draw_methods(ax, rows, key, scale) -> None:
+  for method in dict.fromkeys(r["method"] for r in rows):
+    rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+    ax.errorbar([scale * r[key] for r in rs], [100 * r["accuracy"] for r in rs],
+                xerr=[scale * r[key + "_std"] for r in rs],
+                yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=2,
+                label=method, linewidth=1)
+
+
+def _draw_front(ax, rows, key, scale, larger_is_better) -> None:
+  front = pareto(rows, key, larger_is_better)
+  points = sorted((r for r in rows if (r["method"], r["label"]) in front), key=lambda r: r[key])
+  ax.plot([scale * r[key] for r in points], [100 * r["accuracy"] for r in points], "k--",
+          linewidth=0.8, label="Pareto front")
+
+
 def figure(rows: list[dict], dense_accuracy: float, path: pathlib.Path) -> None:
   """Two panels: accuracy vs sparsity and accuracy vs exported bytes (mean +- std)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -413,28 +433,15 @@ def figure(rows: list[dict], dense_accuracy: float, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   rows = [r for r in rows if not r["before"]]
-  for method in dict.fromkeys(r["method"] for r in rows):
-    rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
-    for ax, key in zip(axes, ("sparsity", "export_bytes")):
-      scale = 100.0 if key == "sparsity" else 1e-3
-      ax.errorbar([scale * r[key] for r in rs], [100 * r["accuracy"] for r in rs],
-                  xerr=[scale * r[key + "_std"] for r in rs],
-                  yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=2,
-                  label=method, linewidth=1)
-  for ax, key, better in zip(axes, ("sparsity", "export_bytes"), (True, False)):
-    front = sorted((r for r in rows if (r["method"], r["label"]) in pareto(rows, key, better)),
-                   key=lambda r: r[key])
-    scale = 100.0 if key == "sparsity" else 1e-3
-    ax.plot([scale * r[key] for r in front], [100 * r["accuracy"] for r in front], "k--",
-            linewidth=0.8, label="Pareto front")
+  low = min(100 * r["accuracy"] for r in rows)
+  for ax, (key, scale, larger_is_better, label) in zip(axes, PANELS):
+    _draw_methods(ax, rows, key, scale)
+    _draw_front(ax, rows, key, scale, larger_is_better)
     ax.axhline(100 * dense_accuracy, color="gray", linestyle=":", label="dense")
+    ax.set_ylim(max(low - 0.5, 100 * dense_accuracy - 6), 100 * dense_accuracy + 0.3)
+    ax.set_xlabel(label)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-  low = min(100 * r["accuracy"] for r in rows)
-  for ax in axes:
-    ax.set_ylim(max(low - 0.5, 100 * dense_accuracy - 6), 100 * dense_accuracy + 0.3)
-  axes[0].set_xlabel("sparsity of the compressed layers (%)")
-  axes[1].set_xlabel("exported model (kB, ec2t.export)")
   axes[1].legend(fontsize=8, loc="lower right")
   fig.suptitle("MNIST LeNet-5, every method at the same budget (mean +- std over seeds)")
   fig.tight_layout()
