@@ -120,8 +120,8 @@ SWEEPS: dict[str, list[Point]] = {
     "inq": _points("bits", (2, 3, 5)) + [
         Point("bits=2, no restart", 2, {"bits": 2, "restart": False}, before=True)],
     "slq": _points("bits", (2, 3, 4)) + [
-        Point("bits=3, power-of-two levels, no restart", 3,
-              {"bits": 3, "levels": "power_of_two", "restart": False}, before=True)],
+        Point("bits=2, power-of-two levels, no restart", 2,
+              {"bits": 2, "levels": "power_of_two", "restart": False}, before=True)],
     "mlq": [Point("ternary", 2.0)],
     "mcq": _points("K", (0.25, 0.5, 1.0, 2.0)),
     "prune": _points("sparsity", (0.5, 0.7, 0.8, 0.9)) + [
@@ -130,14 +130,15 @@ SWEEPS: dict[str, list[Point]] = {
 }
 
 # --reduced: the subset run when the shared machine cannot give the full sweep its time.
-REDUCED = {"ec2t": ("gamma=0.0", "gamma=0.2", "gamma=0.35", "gamma=0.5"),
+# Listed by priority: the runs go round-robin over the methods in this order.
+REDUCED = {"ec2t": ("gamma=0.35", "gamma=0.5", "gamma=0.2", "gamma=0.0"),
            "twn": ("factor=0.7", "factor=1.0"),
-           "ttq": ("sparsity=0.5", "sparsity=0.8", "sparsity=0.9"),
+           "ttq": ("sparsity=0.8", "sparsity=0.5", "sparsity=0.9"),
            "sttn": ("init_factor=0.7", "init_factor=1.0"),
-           "faraone": ("strength=1.0", "strength=3.0", "strength=10.0"),
+           "faraone": ("strength=3.0", "strength=10.0", "strength=1.0"),
            "inq": ("bits=2", "bits=5"), "slq": ("bits=2", "bits=3"),
-           "mcq": ("K=0.5", "K=1.0", "K=2.0"),
-           "prune": ("sparsity=0.5", "sparsity=0.7", "sparsity=0.9")}
+           "mcq": ("K=1.0", "K=0.5", "K=2.0"),
+           "prune": ("sparsity=0.7", "sparsity=0.9", "sparsity=0.5")}
 
 QUICK_POINTS = {"ec2t": 1, "twn": 1, "ttq": 0, "sttn": 1, "faraone": 2, "inq": 0, "slq": 0,
                 "mlq": 0, "mcq": 2, "prune": 0}
@@ -150,8 +151,26 @@ def sweep(method: str, quick: bool = False, before: bool = True,
   if quick:
     return [points[QUICK_POINTS.get(method, 0)]]
   if reduced and method in REDUCED:
-    points = [p for p in points if p.before or p.label in REDUCED[method]]
+    by_label = {p.label: p for p in points}
+    points = [by_label[label] for label in REDUCED[method]] + [p for p in points if p.before]
   return [p for p in points if before or not p.before]
+
+
+def schedule(methods: list[str], seeds: list[int], quick: bool = False, before: bool = True,
+             reduced: bool = False) -> list[tuple[str, Point, int]]:
+  """The runs, seed-major; within a seed round-robin over the methods (each method's first
+  point, then the 'before' rows, then each method's second point...), so an interrupted run
+  still covers every method."""
+  runs = []
+  for seed in seeds:
+    points = {m: sweep(m, quick, before, reduced) for m in methods}
+    main = {m: [p for p in ps if not p.before] for m, ps in points.items()}
+    rounds = max((len(ps) for ps in main.values()), default=0)
+    for r in range(rounds):
+      runs += [(m, main[m][r], seed) for m in methods if r < len(main[m])]
+      if r == 0 and seed == seeds[0]:
+        runs += [(m, p, seed) for m in methods for p in points[m] if p.before]
+  return runs
 
 
 def registered_methods() -> list[str]:
@@ -472,18 +491,14 @@ def main(argv: list[str]) -> None:
                                  jax.tree.map(np.asarray, dense)).total_bytes
   print(f"dense: accuracy {dense_accuracy:.4f}, {dense_bytes:,} bytes", flush=True)
   results = []
-  for seed in seeds:  # seed-major: an interrupted run still covers every point
-    for method in methods:
-      for point in sweep(method, quick, FLAGS.before, FLAGS.reduced):
-        if point.before and seed != seeds[0]:
-          continue
-        if FLAGS.report_only:
-          results.extend(cached(method, point, seed, workdir))
-          continue
-        try:
-          results.append(run_point(method, point, seed, dense, data, workdir, budget))
-        except Exception as error:  # pylint: disable=broad-except
-          print(f"{method} {point.label} seed {seed} FAILED: {error!r}", flush=True)
+  for method, point, seed in schedule(methods, seeds, quick, FLAGS.before, FLAGS.reduced):
+    if FLAGS.report_only:
+      results.extend(cached(method, point, seed, workdir))
+      continue
+    try:
+      results.append(run_point(method, point, seed, dense, data, workdir, budget))
+    except Exception as error:  # pylint: disable=broad-except
+      print(f"{method} {point.label} seed {seed} FAILED: {error!r}", flush=True)
   rows = aggregate(results)
   table = markdown(rows, dense_accuracy, dense_bytes)
   cpu, elapsed = time.process_time() - started, time.perf_counter() - wall
