@@ -403,7 +403,18 @@ def pareto(rows: list[dict], key: str, larger_is_better: bool) -> set[tuple[str,
   return front
 
 
+def protocol(budget: dict, dense_steps: int, seeds: list[int], reduced: bool) -> str:
+  """The run's protocol, as the first lines of the markdown."""
+  return "\n".join([
+      f"Protocol: dense LeNet-5 trained {dense_steps} steps (Adam 3e-3 cosine, batch 128); every "
+      f"train-time method {budget['phase1']} + {budget['phase2']} steps (phase 1 + phase 2, "
+      "batch 128, L2 5e-6 + Adam 1e-3 constant); post-training methods on the dense model; "
+      f"test on {budget['test_images']:,} MNIST test images; seeds {seeds}"
+      + (" (the REDUCED subset of each sweep)" if reduced else "") + ".", ""])
+
+
 def markdown(rows: list[dict], dense_accuracy: float, dense_bytes: int) -> str:
+  """The table: one row per (method, knob), mean +- std over seeds, front membership."""
   fronts = [r for r in rows if not r["before"]]
   by_sparsity = pareto(fronts, "sparsity", True)
   by_bytes = pareto(fronts, "export_bytes", False)
@@ -500,7 +511,8 @@ def main(argv: list[str]) -> None:
     except Exception as error:  # pylint: disable=broad-except
       print(f"{method} {point.label} seed {seed} FAILED: {error!r}", flush=True)
   rows = aggregate(results)
-  table = markdown(rows, dense_accuracy, dense_bytes)
+  table = protocol(budget, dense_steps, seeds, FLAGS.reduced) + markdown(
+      rows, dense_accuracy, dense_bytes)
   cpu, elapsed = time.process_time() - started, time.perf_counter() - wall
   footer = (f"\n\nThis invocation: {cpu:.0f} s process CPU, {elapsed:.0f} s wall "
             f"(runs read back from the cache cost nothing). Per-run CPU in the last column.")
