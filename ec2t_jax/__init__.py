@@ -8,7 +8,7 @@ Sparse ternary networks by wrapping your optax optimizer::
   params = ec2t.ternary_params(params, opt_state)
 
 Other train-time ternary methods plug into the same chain position and tools:
-``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
 Compressed export and size/operation reports: ``ec2t.export`` and
@@ -20,68 +20,12 @@ map of the code.
 
 from ec2t_jax import export
 from ec2t_jax import report
-from ec2t_jax._src.export.inference import ternary_apply
-from ec2t_jax._src.export.inference import ternary_conv
-from ec2t_jax._src.export.inference import ternary_dense
-from ec2t_jax._src.export.inference import ternary_weights
-from ec2t_jax._src.export.inference import TernaryWeight
-from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
-from ec2t_jax._src.methods.clustering import kmeans_1d
-from ec2t_jax._src.methods.fractals import fractal_images
-from ec2t_jax._src.methods.inq import inq
-from ec2t_jax._src.methods.inq import inq_codebook
-from ec2t_jax._src.methods.inq import InqLeaf
-from ec2t_jax._src.methods.inq import inq_quantize
-from ec2t_jax._src.methods.mcq import mcq
-from ec2t_jax._src.methods.slq import mlq
-from ec2t_jax._src.methods.stage_restart import restart_on_stage
-from ec2t_jax._src.methods.slq import slq
-from ec2t_jax._src.methods.slq import SlqLeaf
-from ec2t_jax._src.methods.mcq import mcq_quantize
-from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
-from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
-from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
-from ec2t_jax._src.methods.sparsity_regularization import threshold_density
-from ec2t_jax._src.methods.sttn import sttn
-from ec2t_jax._src.methods.sttn import sttn_gradients
-from ec2t_jax._src.methods.sttn import sttn_init
-from ec2t_jax._src.methods.sttn import sttn_scale
-from ec2t_jax._src.methods.sttn import sttn_ternarize
-from ec2t_jax._src.methods.sttn import STTNLeaf
-from ec2t_jax._src.methods.sttn import ternary_activation
-from ec2t_jax._src.methods.ternary_ops import threshold_assign
-from ec2t_jax._src.methods.ttq import ttq
-from ec2t_jax._src.methods.ttq import ttq_assign
-from ec2t_jax._src.methods.ttq import ttq_gradients
-from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
-from ec2t_jax._src.methods.ttq import ttq_threshold
-from ec2t_jax._src.methods.ttq import TTQLeaf
-from ec2t_jax._src.methods.twn import twn
-from ec2t_jax._src.methods.twn import twn_optimal_threshold
-from ec2t_jax._src.methods.twn import twn_scale
-from ec2t_jax._src.methods.twn import twn_ternarize
-from ec2t_jax._src.methods.twn import twn_threshold
-from ec2t_jax._src.methods.twn import TWNLeaf
-from ec2t_jax._src.export.packing import ExportFormatError
-from ec2t_jax._src.core.selection import describe_selection
-from ec2t_jax._src.core.selection import LeafPlan
-from ec2t_jax._src.core.selection import Rule
-from ec2t_jax._src.core.selection import Selection
-from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.methods.ec2t.chain import ternarize_transform
 from ec2t_jax._src.methods.ec2t.chain import EC2TLeaf
 from ec2t_jax._src.methods.ec2t.chain import ECPLeaf
-from ec2t_jax._src.methods.ec2t.chain import ternarize_transform
-from ec2t_jax._src.methods.ec2t.reference_mode import reference_optimizer
 from ec2t_jax._src.methods.ec2t.reference_mode import ternarize
+from ec2t_jax._src.methods.ec2t.reference_mode import reference_optimizer
 from ec2t_jax._src.methods.ec2t.reference_mode import TernarizeReferenceState
-from ec2t_jax._src.core.state_access import find_ternarize_state
-from ec2t_jax._src.core.state_access import freeze_assignment
-from ec2t_jax._src.core.state_access import is_frozen
-from ec2t_jax._src.core.state_access import set_phase
-from ec2t_jax._src.core.state_access import ternary_params
-from ec2t_jax._src.core.summary import LayerSummary
-from ec2t_jax._src.core.summary import summary
-from ec2t_jax._src.core.summary import Summary
 from ec2t_jax._src.methods.ec2t.ternary import assign_by_cost
 from ec2t_jax._src.methods.ec2t.ternary import centroid_floor
 from ec2t_jax._src.methods.ec2t.ternary import centroid_gradients
@@ -96,92 +40,190 @@ from ec2t_jax._src.methods.ec2t.ternary import layer_size_decay
 from ec2t_jax._src.methods.ec2t.ternary import nearest_centroid_assign
 from ec2t_jax._src.methods.ec2t.ternary import ternary_entropy
 from ec2t_jax._src.methods.ec2t.ternary import ternary_values
+from ec2t_jax._src.methods.twn import twn
+from ec2t_jax._src.methods.twn import TWNLeaf
+from ec2t_jax._src.methods.twn import twn_optimal_threshold
+from ec2t_jax._src.methods.twn import twn_scale
+from ec2t_jax._src.methods.twn import twn_ternarize
+from ec2t_jax._src.methods.twn import twn_threshold
+from ec2t_jax._src.methods.ttq import ttq
+from ec2t_jax._src.methods.ttq import TTQLeaf
+from ec2t_jax._src.methods.ttq import ttq_assign
+from ec2t_jax._src.methods.ttq import ttq_gradients
+from ec2t_jax._src.methods.ttq import ttq_sparsity_threshold
+from ec2t_jax._src.methods.ttq import ttq_threshold
+from ec2t_jax._src.methods.sttn import sttn
+from ec2t_jax._src.methods.sttn import STTNLeaf
+from ec2t_jax._src.methods.sttn import sttn_gradients
+from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_scale
+from ec2t_jax._src.methods.sttn import sttn_ternarize
+from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.bitnet import absmean_ternarize
+from ec2t_jax._src.methods.bitnet import bitnet
+from ec2t_jax._src.methods.bitnet import BitNetLeaf
+from ec2t_jax._src.methods.bitnet import quantize_activations_int8
+from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
+from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
+from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
+from ec2t_jax._src.methods.sparsity_regularization import threshold_density
+from ec2t_jax._src.methods.ternary_ops import threshold_assign
+from ec2t_jax._src.methods.inq import inq
+from ec2t_jax._src.methods.inq import InqLeaf
+from ec2t_jax._src.methods.inq import inq_codebook
+from ec2t_jax._src.methods.inq import inq_quantize
+from ec2t_jax._src.methods.slq import slq
+from ec2t_jax._src.methods.slq import mlq
+from ec2t_jax._src.methods.slq import SlqLeaf
+from ec2t_jax._src.methods.stage_restart import restart_on_stage
+from ec2t_jax._src.methods.clustering import kmeans_1d
+from ec2t_jax._src.methods.mcq import mcq
+from ec2t_jax._src.methods.mcq import mcq_quantize
+from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
+from ec2t_jax._src.methods import calibrated_pruning_method as _calibrated_pruning_method  # registers 'prune'
+from ec2t_jax._src.methods.fractals import fractal_images
+from ec2t_jax._src.methods.registry import method_registry
+from ec2t_jax._src.methods.registry import get_method
+from ec2t_jax._src.methods.registry import register_method
+from ec2t_jax._src.methods.registry import MethodSpec
+from ec2t_jax._src.methods.registry import Knob
+from ec2t_jax._src.core.selection import Rule
+from ec2t_jax._src.core.selection import Selection
+from ec2t_jax._src.core.selection import LeafPlan
+from ec2t_jax._src.core.selection import describe_selection
 from ec2t_jax._src.core.tracing import forward_order
+from ec2t_jax._src.core.tracing import ForwardOrder
+from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core import StackedLeaf
+from ec2t_jax._src.core.state_access import find_quantizer_state
+from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
+from ec2t_jax._src.core.state_access import ternary_params
+from ec2t_jax._src.core.state_access import set_phase
+from ec2t_jax._src.core.state_access import freeze_assignment
+from ec2t_jax._src.core.state_access import is_frozen
+from ec2t_jax._src.core.summary import summary
+from ec2t_jax._src.core.summary import Summary
+from ec2t_jax._src.core.summary import LayerSummary
+from ec2t_jax._src.export.inference import ternary_apply
+from ec2t_jax._src.export.inference import ternary_conv
+from ec2t_jax._src.export.inference import ternary_dense
+from ec2t_jax._src.export.inference import ternary_weights
+from ec2t_jax._src.export.inference import TernaryWeight
+from ec2t_jax._src.export.packing import ExportFormatError
 
 TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 
 __version__ = "0.1.0"
 
 __all__ = (
+    # The EC2T transformations
+    "ternarize_transform",
+    "EC2TLeaf",
+    "ECPLeaf",
+    "ternarize",
+    "reference_optimizer",
+    "TernarizeReferenceState",
+    # EC2T's pure functions
     "assign_by_cost",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",
     "cluster_probabilities",
-    "describe_selection",
-    "EC2TLeaf",
-    "ECPLeaf",
     "entropy_constrained_assign",
-    "export",
-    "ExportFormatError",
-    "find_ternarize_state",
-    "forward_order",
-    "fractal_images",
-    "freeze_assignment",
     "information_content",
     "initial_centroids",
-    "inq",
-    "inq_codebook",
-    "InqLeaf",
-    "inq_quantize",
-    "is_frozen",
-    "kmeans_1d",
     "lambda_max",
     "latent_gradient",
     "layer_size_decay",
-    "LayerSummary",
-    "LeafPlan",
-    "mcq",
-    "mlq",
-    "mcq_quantize",
     "nearest_centroid_assign",
-    "QuantizerState",
-    "prune_calibrated",
-    "slq",
-    "restart_on_stage",
-    "SlqLeaf",
-    "reference_optimizer",
-    "report",
-    "Rule",
-    "Selection",
-    "set_phase",
-    "summary",
-    "Summary",
-    "ternarize",
-    "ternarize_transform",
-    "TernarizeReferenceState",
-    "TernarizeState",
-    "ternary_apply",
-    "ternary_conv",
-    "ternary_dense",
     "ternary_entropy",
-    "ternary_params",
     "ternary_values",
-    "ternary_weights",
-    "TernaryWeight",
-    # other train-time methods (issue 9)
-    "PrunedTernaryLeaf",
-    "quantization_pruning",
-    "sttn",
-    "STTNLeaf",
-    "ttq",
-    "TTQLeaf",
+    # Other train-time methods: TWN
     "twn",
     "TWNLeaf",
-    "threshold_assign",
-    "sparsity_regularizer",
-    "threshold_density",
+    "twn_optimal_threshold",
+    "twn_scale",
+    "twn_ternarize",
+    "twn_threshold",
+    # TTQ
+    "ttq",
+    "TTQLeaf",
+    "ttq_assign",
+    "ttq_gradients",
+    "ttq_sparsity_threshold",
+    "ttq_threshold",
+    # STTN
+    "sttn",
+    "STTNLeaf",
     "sttn_gradients",
     "sttn_init",
     "sttn_scale",
     "sttn_ternarize",
     "ternary_activation",
-    "ttq_assign",
-    "ttq_gradients",
-    "ttq_sparsity_threshold",
-    "ttq_threshold",
-    "twn_optimal_threshold",
-    "twn_scale",
-    "twn_ternarize",
-    "twn_threshold",
+    # BitNet b1.58
+    "bitnet",
+    "BitNetLeaf",
+    "absmean_ternarize",
+    "quantize_activations_int8",
+    # Faraone et al.
+    "quantization_pruning",
+    "PrunedTernaryLeaf",
+    "sparsity_regularizer",
+    "threshold_density",
+    # Shared ternary op
+    "threshold_assign",
+    # Staged methods: INQ
+    "inq",
+    "InqLeaf",
+    "inq_codebook",
+    "inq_quantize",
+    # SLQ / MLQ
+    "slq",
+    "restart_on_stage",
+    "mlq",
+    "SlqLeaf",
+    # k-means
+    "kmeans_1d",
+    # One-shot (post-training) methods: MCQ
+    "mcq",
+    "mcq_quantize",
+    # Calibrated pruning (data-free: fractal calibration images)
+    "prune_calibrated",
+    "fractal_images",
+    # The method registry
+    "method_registry",
+    "get_method",
+    "register_method",
+    "MethodSpec",
+    "Knob",
+    # Selection
+    "Rule",
+    "Selection",
+    "LeafPlan",
+    "describe_selection",
+    "forward_order",
+    "ForwardOrder",
+    # State and tools for every method
+    "QuantizerState",
+    "TernarizeState",
+    "StackedLeaf",
+    "find_quantizer_state",
+    "find_ternarize_state",
+    "ternary_params",
+    "set_phase",
+    "freeze_assignment",
+    "is_frozen",
+    "summary",
+    "Summary",
+    "LayerSummary",
+    # Ternary inference
+    "ternary_apply",
+    "ternary_conv",
+    "ternary_dense",
+    "ternary_weights",
+    "TernaryWeight",
+    # Export and report
+    "ExportFormatError",
+    "export",
+    "report",
 )

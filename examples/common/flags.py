@@ -61,23 +61,10 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                        flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.",
                        flag_values=fv)
-  # Devices and hosts.
   flags.DEFINE_integer("data_shards", 0, "Cut each split into this many parts (0: one per "
                        "process); each process reads only its parts. Keep it fixed to get "
                        "identical batches on any number of hosts.", flag_values=fv)
-  flags.DEFINE_integer("fsdp", 1, "Size of the mesh axis that shards params and optimizer "
-                       "state (1: pure data parallelism).", flag_values=fv)
-  flags.DEFINE_integer("num_devices", 0, "Use only the first N devices (0: all).",
-                       flag_values=fv)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: "
-                    "auto = when a coordinator is given or a multi-host environment (TPU pod, "
-                    "SLURM, MPI) is detected.", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual launch).",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes (manual launch).",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "This process's index (manual launch).",
-                       flag_values=fv)
+  define_parallel_flags(fv)
   # Full precision.
   flags.DEFINE_integer("fp_epochs", d["fp_epochs"], "Full-precision pretraining epochs (ignored "
                        "with --init_from).", flag_values=fv)
@@ -91,7 +78,7 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
                     "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
                     "phases, ec2t.ternarize_transform).", flag_values=fv)
-  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone; "
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, bitnet, faraone; "
                       "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
@@ -126,6 +113,24 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
   flags.DEFINE_integer("stop_after_steps", 0, "Stop after N steps of this invocation, with a "
                        "checkpoint (0: run to the end); continue with --resume.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
+
+
+def define_parallel_flags(fv: flags.FlagValues) -> None:
+  """Devices and hosts: ``--fsdp``, ``--num_devices`` and the ``jax.distributed`` flags
+  (:func:`common.script.script_main` reads the latter)."""
+  flags.DEFINE_integer("fsdp", 1, "Size of the mesh axis that shards params and optimizer "
+                       "state (1: pure data parallelism).", flag_values=fv)
+  flags.DEFINE_integer("num_devices", 0, "Use only the first N devices (0: all).",
+                       flag_values=fv)
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: "
+                    "auto = when a coordinator is given or a multi-host environment (TPU pod, "
+                    "SLURM, MPI) is detected.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual launch).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (manual launch).",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index (manual launch).",
+                       flag_values=fv)
 
 
 def pipeline_kwargs(fv: flags.FlagValues) -> dict[str, Any]:

@@ -7,12 +7,18 @@ builder's defaults. Every method runs through the same pipeline
 :attr:`MethodSetup.optimizer` (plus :attr:`MethodSetup.regularizer` in the
 loss), then phase 2 with the same optimizer after
 ``ec2t.set_phase(opt_state, 1)`` (EC2T: assignment frozen; Faraone et al.:
-prune and retrain; TWN, TTQ, STTN: one phase, so phase 2 simply trains on).
+prune and retrain; TWN, TTQ, STTN, BitNet: one phase, so phase 2 simply trains on).
 Staged methods (INQ, SLQ, MLQ, :attr:`MethodSetup.staged`) spread their stages
 over phase 1 and start phase 2 at their last stage; post-training methods
 (MCQ, calibrated pruning, :attr:`MethodSetup.post_training`) skip both phases.
 
-Add a method with :func:`register`::
+The methods are the library's registry (``ec2t.method_registry()``): its
+kind (train / staged / one-shot), last phase and grid (values per layer, per
+filter, ternary or not) come from there. A method registered in the library
+runs here with no code of its own (:func:`_from_registry`: the inner
+optimizer chained with ``spec.make_transform(**options)``; staged ones over
+phase 1). :func:`register` adds an example-specific builder (EC2T's two
+modes, Faraone et al.'s regulariser, the post-training calibration inputs)::
 
   @register("mine", {"knob": 0.5})
   def _mine(config, options, selection):
@@ -162,8 +168,30 @@ def build(config, selection=None) -> MethodSetup:
     raise UserError(f"--method={config.method} --method_options: {error}") from None
 
 
+def _grid(name: str, **knobs) -> dict[str, Any]:
+  """``per_filter``, ``max_values`` and ``ternary`` of the library's grid of ``name``."""
+  grid = ec2t.get_method(name).grid_for(**knobs)
+  return {"per_filter": grid.per_filter, "max_values": grid.max_values or 0,
+          "ternary": grid.ternary}
+
+
+def _stages(name: str, **knobs) -> Callable[[int], int]:
+  """Number of stages given the number of quantized layers: the registry's last phase + 1."""
+  spec = ec2t.get_method(name)
+  options = spec.options(**knobs)
+  return lambda num_layers: spec.last_phase(options, num_layers) + 1
+
+
 def _inner(config) -> optax.GradientTransformation:
-  """The inner optimizer every chain-form method shares: L2 + Adam(learning_rate)."""
+  """The inner optimizer every chain-form method shares: L2 + Adam(learning_rate).
+
+  A config with an ``inner_optimizer`` (a callable returning an optax
+  transformation, e.g. the GPT example's AdamW with warm-up and cosine) gives
+  every method that optimizer instead, EC2T's chain form included.
+  """
+  custom = getattr(config, "inner_optimizer", None)
+  if custom is not None:
+    return custom()
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.adam(config.learning_rate))
 
@@ -184,6 +212,10 @@ def _ec2t(config, options, selection) -> MethodSetup:
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
         centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection))
+  if config.ec2t_mode == "chain" and getattr(config, "inner_optimizer", None) is not None:
+    return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
+        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
+        selection=selection)))
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
                      if config.ec2t_steps else config.learning_rate)
@@ -202,9 +234,10 @@ def _float_or_none(value):
 @register("twn", {"threshold": "layer", "factor": None},
           description="TWN: threshold=layer|filter, factor (default 0.7 layer / 0.75 filter)")
 def _twn(config, options, selection) -> MethodSetup:
+  grid = _grid("twn", threshold=options["threshold"])
   return MethodSetup(optax.chain(_inner(config), ec2t.twn(
       options["threshold"], _float_or_none(options["factor"]), selection=selection)),
-                     per_filter=options["threshold"] == "filter")
+                     per_filter=grid["per_filter"], max_values=grid["max_values"])
 
 
 @register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None,
@@ -224,7 +257,7 @@ def _ttq(config, options, selection) -> MethodSetup:
 def _sttn(config, options, selection) -> MethodSetup:
   return MethodSetup(optax.chain(_inner(config), ec2t.sttn(
       options["init_factor"], latent_step=options["latent_step"], selection=selection)),
-                     per_filter=True)
+                     **_grid("sttn"))
 
 
 @register("faraone", {"strength": 3.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
@@ -253,7 +286,7 @@ def _portions(text: str) -> tuple[float, ...]:
 
 
 def _staged(config, make: Callable[[int], optax.GradientTransformation],
-            stages: Callable[[int], int], max_values: int, name: str,
+            stages: Callable[[int], int], grid: dict[str, Any], name: str,
             restart: bool = True) -> MethodSetup:
   """A staged method: ``make(steps_per_stage)`` is its transformation.
 
@@ -275,8 +308,7 @@ def _staged(config, make: Callable[[int], optax.GradientTransformation],
     return compose(_inner(config), make(per_stage)), last
 
   return MethodSetup(compose(_inner(config), make(0)), staged=staged,
-                     max_values=max_values, phase_starts_are_results=False,
-                     ternary=max_values == 3)
+                     phase_starts_are_results=False, **grid)
 
 
 @register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1", "restart": True},
@@ -285,9 +317,9 @@ def _staged(config, make: Callable[[int], optax.GradientTransformation],
 def _inq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
   make = lambda n: ec2t.inq(bits, portions, steps_per_stage=n, selection=selection)
-  # {0} and +-2^n for 2^(b-2) exponents (at least one).
-  return _staged(config, make, lambda _: len(portions), 2 * max(1, 2 ** (bits - 2)) + 1, "inq",
-                 options["restart"])
+  make(0)  # a bad knob fails here, before the registry reads it
+  return _staged(config, make, _stages("inq", bits=bits, portions=portions),
+                 _grid("inq", bits=bits), "inq", options["restart"])
 
 
 @register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1", "restart": True,
@@ -297,8 +329,9 @@ def _slq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
   make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, levels=options["levels"],
                             selection=selection)
-  return _staged(config, make, lambda _: len(portions), 2 ** (bits - 1) + 1, "slq",
-                 options["restart"])
+  make(0)  # a bad knob fails here, before the registry reads it
+  return _staged(config, make, _stages("slq", bits=bits, portions=portions),
+                 _grid("slq", bits=bits, levels=options["levels"]), "slq", options["restart"])
 
 
 @register("mlq", {"portions": "0.5/1", "restart": True},
@@ -306,7 +339,8 @@ def _slq(config, options, selection) -> MethodSetup:
 def _mlq(config, options, selection) -> MethodSetup:
   portions = _portions(options["portions"])
   make = lambda n: ec2t.mlq(portions, steps_per_stage=n, selection=selection)
-  return _staged(config, make, lambda layers: layers + len(portions) - 1, 3, "mlq",
+  make(0)  # a bad knob fails here, before the registry reads it
+  return _staged(config, make, _stages("mlq", portions=portions), _grid("mlq"), "mlq",
                  options["restart"])
 
 
@@ -324,12 +358,9 @@ def _mcq(config, options, selection) -> MethodSetup:
     return posttrain.mcq(inputs.params, samples, seed=inputs.seed, per_neuron=per_neuron,
                          selection=inputs.selection)
 
-  def check(named_leaves):
-    for path, leaf in named_leaves:
-      posttrain.check_integer_multiples(path, leaf, per_filter=per_neuron)
-
+  grid = ec2t.get_method("mcq").grid_for(per_neuron=per_neuron)
   del config, selection
-  return MethodSetup(None, post_training=run, check=check, ternary=False)
+  return MethodSetup(None, post_training=run, check=grid.check, ternary=grid.ternary)
 
 
 @register("prune", {"sparsity": 0.5, "calibration": "real", "calibration_images": 300,
@@ -357,7 +388,39 @@ def _prune(config, options, selection) -> MethodSetup:
                            selection=inputs.selection, steps_per_level=steps or None,
                            seed=inputs.seed)
 
+  grid = ec2t.get_method("prune").grid_for(sparsity=sparsity)
   del config, selection
-  return MethodSetup(None, post_training=run,
-                     check=lambda leaves: posttrain.check_sparsity(leaves, sparsity),
-                     ternary=False)
+  return MethodSetup(None, post_training=run, check=grid.check, ternary=grid.ternary)
+
+
+# ------------------------------------------------- every other method of the library registry
+
+
+def _from_registry(name: str) -> Builder:
+  """A builder for a registered train or staged method with no example builder of its own."""
+  spec = ec2t.get_method(name)
+
+  def build_setup(config, options, selection) -> MethodSetup:
+    if spec.kind == "one_shot":
+      raise UserError(f"--method={name}: one-shot methods need an example builder "
+                      "(their inputs: " + ", ".join(spec.inputs) + ")")
+    grid = _grid(name, **options)
+    if spec.kind == "staged":
+      make = lambda n: spec.make_transform(selection=selection, **{**options,
+                                                                    "steps_per_stage": n})
+      make(0)
+      return _staged(config, make, _stages(name, **options), grid, name)
+    if spec.last_phase(spec.options(**options), 0) > 0 and config.phase2_epochs < 1:
+      raise UserError(f"--method={name} needs --phase2_epochs >= 1 (it reaches its grid in "
+                      "phase 2)")
+    return MethodSetup(optax.chain(_inner(config),
+                                   spec.make_transform(selection=selection, **options)),
+                       **grid)
+
+  return build_setup
+
+
+for _name, _spec in ec2t.method_registry().items():
+  if _name not in METHODS:
+    register(_name, {k: knob.default for k, knob in _spec.knobs.items()},
+             _spec.description)(_from_registry(_name))

@@ -10,6 +10,7 @@ import pytest
 from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import packing
+from ec2t_jax._src.export.record_codecs import filter_ternary
 
 from tests.export.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
 
@@ -246,7 +247,7 @@ def test_tf_and_cb_counts_beyond_what_a_stream_holds_are_rejected_before_decodin
 
 def test_version_1_files_cannot_use_the_new_codecs():
   x = _per_filter(np.random.default_rng(10), (3, 3, 4, 8))
-  stream = packing._tf_stream(packing.filter_ternary_parts(x))
+  stream = filter_ternary.tf_stream(packing.filter_ternary_parts(x))
   data = one_leaf({"c": "tf", "d": "float32", "s": list(x.shape)}, stream, version=1)
   _assert_error(data, "corrupt record")
 

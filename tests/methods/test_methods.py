@@ -17,14 +17,26 @@ import ec2t_jax as ec2t
 from ec2t_jax import export
 from models_for_tests import batch, init, loss_fn, TERNARY_LEAVES
 
-# name -> (transformation, per_filter grid, phase set after the first step)
-METHODS = {
-    "twn_layer": (lambda: ec2t.twn("layer"), False, 0),
-    "twn_filter": (lambda: ec2t.twn("filter"), True, 0),
-    "ttq": (lambda: ec2t.ttq(0.05), False, 0),
-    "sttn": (ec2t.sttn, True, 0),
-    "faraone": (ec2t.quantization_pruning, False, 1),
+# case -> (registered method, its knobs); the registry gives the transformation,
+# whether the grid is per filter, and the phase from which it holds.
+CASES = {
+    "twn_layer": ("twn", {"threshold": "layer"}),
+    "twn_filter": ("twn", {"threshold": "filter"}),
+    "ttq": ("ttq", {"threshold": 0.05}),
+    "sttn": ("sttn", {}),
+    "faraone": ("faraone", {}),
+    "bitnet": ("bitnet", {}),
 }
+
+
+def _case(name, knobs):
+  spec = ec2t.get_method(name)
+  return (lambda: spec.make_transform(**knobs), spec.grid_for(**knobs).per_filter,
+          spec.last_phase(spec.options(**knobs), len(TERNARY_LEAVES)))
+
+
+# name -> (transformation, per_filter grid, phase set after the first step)
+METHODS = {case: _case(*entry) for case, entry in CASES.items()}
 STEPS = 3
 
 
@@ -86,7 +98,8 @@ def test_summary_lists_the_selected_leaves_with_the_method_name(trained):
   name, _, _, opt_state = trained
   summary = ec2t.summary(opt_state)
   assert [r.path for r in summary.layers] == [f"{n}/kernel" for n in TERNARY_LEAVES]
-  expected = {"twn": "TWN", "ttq": "TTQ", "sttn": "STTN", "faraone": "Faraone"}
+  expected = {"twn": "TWN", "ttq": "TTQ", "sttn": "STTN", "faraone": "Faraone",
+              "bitnet": "BitNet"}
   assert summary.method == expected[name.split("_")[0]]
   assert str(summary).startswith(f"{summary.method} summary at step {STEPS}")
   assert {r.mode for r in summary.layers} == {"ternary"}

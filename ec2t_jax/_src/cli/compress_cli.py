@@ -13,6 +13,16 @@ Methods:
 
 Leaves are chosen as in training (the paper's rule: all kernels but the first
 and the last), or by ``--rule REGEX`` (repeatable; only the matching leaves).
+
+The methods are the registry's one-shot ones (``ec2t.method_registry("one_shot")``);
+each runs as ``spec.build(**knobs, **inputs).instant(params)``. Knobs without
+a flag of their own are set with ``--knob NAME=VALUE`` (typed like the
+knob's default).
+
+Refused, in one line on stderr with exit status 2 (as is any other failure):
+an output path that is an input (the checkpoint, the calibration file), a
+checkpoint leaf or calibration input holding NaN or infinity (named), a
+``--normalize`` that is not two finite numbers with a non-zero STD.
 """
 
 from __future__ import annotations
@@ -28,9 +38,17 @@ from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.methods import registry
+from ec2t_jax._src.report import leaf_statistics
 
 PROGRAM = "ec2t_jax.compress"
-METHODS = ("mcq", "prune")
+METHODS = tuple(registry.method_registry("one_shot"))
+# The flags of the built-in methods' knobs: knob name -> attribute of ``args``.
+_KNOB_FLAGS = {
+    "mcq": {"samples_per_weight": "samples_per_weight", "per_neuron": "per_neuron"},
+    "prune": {"sparsity": "sparsity", "steps_per_level": "steps_per_level",
+              "weight_learning_rate": "weight_lr", "bias_learning_rate": "bias_lr"},
+}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -48,11 +66,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli_support.OneLineParser(
       prog=f"python -m {PROGRAM}",
       description="Compress a trained checkpoint with a post-training method (no training) "
                   "and write the packed .ec2t file.")
-  parser.add_argument("method", choices=METHODS, help="mcq or prune (calibrated pruning)")
+  parser.add_argument("method", choices=METHODS,
+                      help="a one-shot method: " + ", ".join(METHODS))
   parser.add_argument("checkpoint", help="orbax checkpoint directory, .npz or packed file")
   parser.add_argument("output", help="packed .ec2t file to write")
   parser.add_argument("--keys", default="params",
@@ -61,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="compress only leaves whose path matches (repeatable); default: the "
                            "paper's rule (all kernels but the first and the last)")
   parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                      help="a knob of the method without a flag of its own (repeatable)")
   mcq = parser.add_argument_group("mcq")
   mcq.add_argument("--samples-per-weight", type=float, default=1.0,
                    help="MCQ samples per weight K (default 1.0)")
@@ -98,8 +119,6 @@ def _calibration_inputs(args, jax):
     raise ValueError(f"--num-calibration must be positive, got {args.num_calibration}")
   if args.calibration == "fractals":
     from ec2t_jax._src.methods.fractals import fractal_images  # pylint: disable=g-import-not-at-top
-    if len(args.normalize) != 2 or args.normalize[1] == 0:
-      raise ValueError(f"--normalize must be MEAN,STD with STD != 0, got {args.normalize}")
     images = fractal_images(args.num_calibration, args.input_shape,
                             jax.random.key(args.seed))
     return (images - args.normalize[0]) / args.normalize[1]
@@ -115,6 +134,77 @@ def _calibration_inputs(args, jax):
   return np.asarray(loaded)[:args.num_calibration]
 
 
+def _typed(text: str, default):
+  if isinstance(default, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"not a boolean: {text!r}")
+    return text.lower() in ("true", "1")
+  if isinstance(default, (int, float)):
+    return type(default)(text)
+  return text
+
+
+def _knobs(args, spec: registry.MethodSpec) -> dict:
+  """The method's knobs from its flags and ``--knob NAME=VALUE``."""
+  knobs = {name: getattr(args, attr) for name, attr in _KNOB_FLAGS.get(spec.name, {}).items()}
+  for item in args.knob:
+    name, sep, text = item.partition("=")
+    if not sep or name not in spec.knobs:
+      raise ValueError(f"--knob {item!r}: not NAME=VALUE with a knob of {spec.name} "
+                       f"({', '.join(sorted(spec.knobs))})")
+    try:
+      knobs[name] = _typed(text, spec.knobs[name].default)
+    except ValueError:
+      raise ValueError(f"--knob {item!r}: {text!r} is not a "
+                       f"{type(spec.knobs[name].default).__name__}") from None
+  return knobs
+
+
+def _method_inputs(args, spec: registry.MethodSpec, apply_fn, meta: dict, jax) -> dict:
+  """What the one-shot method needs beyond its knobs (``spec.inputs``)."""
+  inputs = {}
+  if "key" in spec.inputs:
+    inputs["key"] = jax.random.key(args.seed)
+  if "apply_fn" in spec.inputs:
+    inputs["apply_fn"] = apply_fn
+  if "calibration_data" in spec.inputs:
+    inputs["calibration_data"] = _calibration_inputs(args, jax)
+    meta.update(calibration=args.calibration,
+                num_calibration=int(len(inputs["calibration_data"])))
+  return inputs
+
+
+def _check_normalize(normalize) -> None:
+  if len(normalize) != 2 or not all(np.isfinite(normalize)) or normalize[1] == 0:
+    raise ValueError(f"--normalize must be MEAN,STD (finite numbers, STD != 0), "
+                     f"got {','.join(map(str, normalize))}")
+
+
+def _check_finite(what: str, array) -> None:
+  """Raises ``ValueError`` naming ``what`` if ``array`` is not numeric or holds NaN / inf."""
+  array = np.asarray(array)
+  if array.dtype.kind not in "biufc" and array.dtype.name != "bfloat16":
+    raise ValueError(f"{what} holds {array.dtype} values, not numbers")
+  bad = leaf_statistics.count_nonfinite(array)
+  if bad:
+    raise ValueError(f"{what} holds {bad:,} non-finite values (NaN or inf) of {array.size:,}; "
+                     "refusing to compress")
+
+
+def _check_finite_tree(tree) -> None:
+  for name, array in sources.flat_arrays(tree).items():
+    _check_finite(f"checkpoint leaf {name!r}", array)
+
+
+def _check_arguments(args) -> None:
+  """The cheap checks, before anything is read: paths, method options."""
+  cli_support.refuse_overwriting(
+      [args.output],
+      [args.checkpoint, None if args.calibration == "fractals" else args.calibration])
+  if args.method == "prune":
+    _check_normalize(args.normalize)
+
+
 def _sparsity(tree) -> float:
   leaves = [np.asarray(x) for x in sources.flat_arrays(tree).values()]
   return float(sum((x == 0).sum() for x in leaves) / max(sum(x.size for x in leaves), 1))
@@ -125,16 +215,20 @@ def compress(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.export import exporting  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.methods import calibrated_pruning, common, mcq  # pylint: disable=g-import-not-at-top
-  if args.method == "prune":  # check the cheap things before reading anything
-    if not args.model:
-      raise ValueError("prune needs --model (the network to run forward passes of), e.g. "
-                       "--model lenet5")
+  spec = registry.get_method(args.method)
+  if "apply_fn" in spec.inputs and not args.model:  # check the cheap things before reading
+    raise ValueError(f"{spec.name} needs --model (the network to run forward passes of), "
+                     "e.g. --model lenet5")
+  if args.method == "prune":
     calibrated_pruning.check_sparsity(args.sparsity, "--sparsity")
-  else:
+  elif args.method == "mcq":
     mcq.check_samples(args.samples_per_weight)
+  _check_arguments(args)
+  knobs = spec.options(**_knobs(args, spec))
   keys = tuple(k for k in args.keys.split(",") if k)
   loaded = sources.load_tree(args.checkpoint, keys=keys, max_bytes=args.max_bytes)
   tree = loaded.tree
+  _check_finite_tree(tree)
   params = tree["params"] if len(keys) > 1 else tree
   selection = _selection(args.rule)
   meta = {"method": args.method, "source": str(loaded.path), "seed": args.seed}
@@ -145,24 +239,16 @@ def compress(args) -> dict:
     extra = {k: v for k, v in tree.items() if k != "params"} if len(keys) > 1 else {}
     apply_fn = lambda p, x: model.apply({"params": p, **extra}, x)
     meta["model"] = args.model
-  if args.method == "mcq":
-    if apply_fn is not None:  # the paper's first/last rule in the model's forward order
-      example = np.zeros((1, *args.input_shape), np.float32)
-      selection = common.with_forward_order(selection, apply_fn, params, example)
-    params = mcq.mcq(params, args.samples_per_weight, key=jax.random.key(args.seed),
-                     per_neuron=args.per_neuron, selection=selection)
-    meta.update(samples_per_weight=args.samples_per_weight, per_neuron=args.per_neuron)
-  else:
-    if apply_fn is None:
-      raise ValueError("prune needs --model (the network to run forward passes of), e.g. "
-                       "--model lenet5")
-    inputs = _calibration_inputs(args, jax)
-    params = calibrated_pruning.prune_calibrated(
-        params, apply_fn, inputs, args.sparsity, selection=selection,
-        steps_per_level=args.steps_per_level, weight_learning_rate=args.weight_lr,
-        bias_learning_rate=args.bias_lr)
-    meta.update(sparsity=args.sparsity, calibration=args.calibration,
-                num_calibration=int(len(inputs)))
+  inputs = _method_inputs(args, spec, apply_fn, meta, jax)
+  if "calibration_data" in inputs:
+    _check_finite(f"calibration inputs ({args.calibration})", inputs["calibration_data"])
+  if "calibration_data" not in spec.inputs and apply_fn is not None:  # the paper's first/last rule in the model's forward order
+    example = np.zeros((1, *args.input_shape), np.float32)
+    selection = common.with_forward_order(selection, apply_fn, params, example)
+  params = spec.build(selection=selection, **knobs, **inputs).instant(params)
+  meta.update({name: knobs[name] for name in _KNOB_FLAGS.get(spec.name, spec.knobs)
+               if name in knobs and name not in ("steps_per_level", "weight_learning_rate",
+                                                 "bias_learning_rate")})
   params = jax.tree.map(np.asarray, params)
   out_tree = {**tree, "params": params} if len(keys) > 1 else params
   info = exporting.save(args.output, out_tree, metadata=meta)
@@ -170,15 +256,16 @@ def compress(args) -> dict:
   return meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Command-line entry point; returns the exit status (2 on bad input)."""
-  args = _parser().parse_args(argv)
-  try:
-    meta = compress(args)
-  except cli_support.BAD_INPUT as e:
-    return cli_support.fail(PROGRAM, e)
+def _run(args) -> int:
+  meta = compress(args)
   if not args.quiet:
-    print(f"{args.output}: {meta['bytes']:,} bytes, {args.method}, "
-          f"{meta['zeros']:.1%} of all weights zero; settings: "
-          + json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "zeros")}))
+    cli_support.echo(
+        f"{args.output}: {meta['bytes']:,} bytes, {args.method}, "
+        f"{meta['zeros']:.1%} of all weights zero; settings: "
+        + json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "zeros")}))
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point; returns the exit status (2 on bad input or any failure)."""
+  return cli_support.run(PROGRAM, _parser(), argv, _run)

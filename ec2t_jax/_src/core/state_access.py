@@ -27,8 +27,8 @@ def _find_all(opt_state) -> list:
           if _is_quantizer_state(x)]
 
 
-def find_ternarize_state(opt_state) -> core.QuantizerState:
-  """Returns the one :class:`QuantizerState` inside ``opt_state``.
+def find_quantizer_state(opt_state) -> core.QuantizerState:
+  """Returns the one :class:`QuantizerState` inside ``opt_state`` (any method's).
 
   Args:
     opt_state: any optimizer state (or an ``nnx.Optimizer``) built with one
@@ -45,6 +45,10 @@ def find_ternarize_state(opt_state) -> core.QuantizerState:
         "(was the optimizer built with ec2t.ternarize_transform, ec2t.ternarize"
         " or another ec2t method?)")
   return found[0]
+
+
+# The name from when EC2T was the only method; it finds any method's state.
+find_ternarize_state = find_quantizer_state
 
 
 def ternary_params(params, opt_state):
@@ -70,7 +74,7 @@ def ternary_params(params, opt_state):
   Returns:
     A pytree like ``params`` (plain arrays), dtypes preserved.
   """
-  state = find_ternarize_state(opt_state)
+  state = find_quantizer_state(opt_state)
   params = pure_tree(params)
   core.check_same_tree("params", params, state.leaves)
   leaves, treedef = jax.tree.flatten(params)
@@ -104,10 +108,10 @@ def set_phase(opt_state, phase: int):
   if isinstance(opt_state, nnx_optimizer_type()):
     states = _find_all(opt_state.opt_state)
     if len(states) != 1:
-      find_ternarize_state(opt_state)  # raises the error
+      find_quantizer_state(opt_state)  # raises the error
     states[0].phase.set_value(value)
     return opt_state
-  find_ternarize_state(opt_state)
+  find_quantizer_state(opt_state)
   return jax.tree.map(
       lambda x: x._replace(phase=value) if _is_quantizer_state(x) else x,
       opt_state, is_leaf=_is_quantizer_state)
@@ -135,4 +139,4 @@ def freeze_assignment(opt_state, frozen: bool = True):
 
 def is_frozen(opt_state) -> Any:
   """Whether the assignment is frozen (phase 2), as a bool array."""
-  return find_ternarize_state(opt_state).frozen
+  return find_quantizer_state(opt_state).frozen

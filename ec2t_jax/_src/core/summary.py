@@ -124,6 +124,9 @@ def _scalar(x: Any):
 def summary(opt_state) -> Summary:
   """Summarises every selected leaf of a method's optimizer state.
 
+  A stacked leaf (layers along leading axes) gives one row per slice, named
+  ``path[i]`` (``blocks/c_fc/kernel[3]``).
+
   Args:
     opt_state: an optimizer state holding a :class:`QuantizerState` (any of
       the library's methods), or an ``nnx.Optimizer``.
@@ -140,25 +143,37 @@ def summary(opt_state) -> Summary:
     Dense_0/kernel     8x16  ternary ...
     skipped steps: 0 with non-finite updates, 0 with invalid hyperparameters
   """
-  state = state_access.find_ternarize_state(opt_state)
+  state = state_access.find_quantizer_state(opt_state)
   states, treedef = core.flat_leaf_states(state.leaves)
   paths, _ = jax.tree_util.tree_flatten_with_path(
       treedef.unflatten([0] * len(states)))
   layers, methods = [], []
-  for (path, _), leaf in zip(paths, states):
-    if leaf is None:
+  for (path, _), state_of_leaf in zip(paths, states):
+    if state_of_leaf is None:
       continue
-    value = np.asarray(leaf.value(np.float32))
-    codes = np.asarray(leaf.codes()) if hasattr(leaf, "codes") else value
-    described = leaf.describe()
-    methods.append(described.get("method", type(leaf).__name__))
-    stats = {k: v for k, v in described.items() if k not in ("method", "mode")}
-    layers.append(LayerSummary(
-        path=path_to_str(path), shape=tuple(value.shape),
-        mode=described.get("mode", methods[-1]),
-        sparsity=float(np.mean(value == 0)), entropy=value_entropy(codes),
-        levels=int(np.unique(codes).size),
-        stats={k: _scalar(v) for k, v in stats.items()}))
+    for suffix, leaf in _layers(state_of_leaf):
+      layers.append(_row(path_to_str(path) + suffix, leaf, methods))
   return Summary(tuple(layers), int(state.count), int(state.phase),
                  ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
                  int(state.invalid_hyper_count))
+
+
+def _layers(leaf):
+  """``(suffix, state)`` per layer: one per slice of a stacked leaf."""
+  if isinstance(leaf, core.StackedLeaf):
+    return list(leaf.slices())
+  return [("", leaf)]
+
+
+def _row(path: str, leaf, methods: list) -> LayerSummary:
+  value = np.asarray(leaf.value(np.float32))
+  codes = np.asarray(leaf.codes()) if hasattr(leaf, "codes") else value
+  described = leaf.describe()
+  methods.append(described.get("method", type(leaf).__name__))
+  stats = {k: v for k, v in described.items() if k not in ("method", "mode")}
+  return LayerSummary(
+      path=path, shape=tuple(value.shape),
+      mode=described.get("mode", methods[-1]),
+      sparsity=float(np.mean(value == 0)), entropy=value_entropy(codes),
+      levels=int(np.unique(codes).size),
+      stats={k: _scalar(v) for k, v in stats.items()})

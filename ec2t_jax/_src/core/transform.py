@@ -28,21 +28,10 @@ every method alike:
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
 
-Writing a method (see ``_src/ec2t.py`` for EC2T itself)::
-
-  class MyLeaf(NamedTuple):            # the state of one selected leaf
-    latent: jax.Array
-    scale: jax.Array
-    def value(self, dtype):            # what the params hold
-      return snap_to_grid(self.scale, dtype) * jnp.sign(self.latent)
-    def describe(self):                # columns of ec2t.summary
-      return {"scale": self.scale}
-
-  def init_leaf(param, ctx, hyper): ...
-  def step_leaf(update, leaf, ctx, hyper, phase): ...   # pure, vmap-able
-
-  my_method = Method("mine", init_leaf, step_leaf)
-  tx = quantize_transform(my_method, MyHyper(...), hyper_ranges, selection=...)
+Writing a method: see the docstring of ``_src/core/protocol.py``; a
+:class:`Quantizer` bundles a method with its hyperparameters and selection
+and serves training (:meth:`Quantizer.transform`) and one-shot use
+(:meth:`Quantizer.instant`) alike.
 """
 
 from __future__ import annotations
@@ -59,8 +48,13 @@ from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core.grid import exact_update
 from ec2t_jax._src.core.hyper import check_range, hyper_is_valid, Range
 from ec2t_jax._src.core.protocol import is_leaf_state, LeafContext, Method, NO_PARAMS_MSG, QuantizerState
+from ec2t_jax._src.core.protocol import TreeInfo
+from ec2t_jax._src.core import rule_options
+from ec2t_jax._src.core.protocol import over_slices
+from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.trees import as_mapping
 from ec2t_jax._src.core.trees import path_to_str
+from ec2t_jax._src.core.trees import pure_tree
 
 # ---------------------------------------------------------------------------
 # Trees.
@@ -104,51 +98,103 @@ def check_same_tree(name: str, tree, leaves) -> None:
 # The machinery.
 
 
-def leaf_contexts(state_leaves, params, selection) -> list[Optional[LeafContext]]:
-  """Per-leaf :class:`LeafContext` (flattening order), ``None`` if unselected.
-
-  Which leaves are selected comes from the state (decided at ``init``);
-  the mode and gamma from the rule matching each selected path.
-  """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  states, _ = flat_leaf_states(state_leaves)
-  sizes = [math.prod(np.shape(leaf)) for (_, leaf), s in zip(flat, states)
-           if s is not None]
-  largest = max(sizes, default=1)
+def _contexts(named_leaves, stack_ndims, rules) -> list[Optional[LeafContext]]:
+  """Per leaf ``(path, array)``, its context (``None`` where ``stack_ndims``
+  is ``None``: unselected); ``shape`` and ``size_fraction`` of one slice."""
+  slice_sizes = [math.prod(np.shape(leaf)[k:])
+                 for (_, leaf), k in zip(named_leaves, stack_ndims) if k is not None]
+  largest = max(slice_sizes, default=1)
   out = []
-  for (path, leaf), s in zip(flat, states):
-    if s is None:
+  for (path, leaf), k, rule in zip(named_leaves, stack_ndims, rules):
+    if k is None:
       out.append(None)
       continue
-    name = path_to_str(path)
-    rule = selection.leaf_rule(name)
-    out.append(LeafContext(name, tuple(np.shape(leaf)), jnp.dtype(leaf.dtype),
-                           rule.mode, rule.gamma,
-                           math.prod(np.shape(leaf)) / largest))
+    shape = tuple(np.shape(leaf))
+    out.append(LeafContext(path, shape[k:], jnp.dtype(leaf.dtype), rule.mode,
+                           rule.gamma, math.prod(shape[k:]) / largest,
+                           stack_shape=shape[:k]))
   return out
 
 
-def init_state(method: Method, params, selection, hyper) -> QuantizerState:
-  """Selects leaves (once) and initialises each selected leaf's state."""
+def _stack_ndim(state) -> Optional[int]:
+  if state is None:
+    return None
+  return state.stack_ndim if isinstance(state, StackedLeaf) else 0
+
+
+def leaf_contexts(state_leaves, params, selection) -> list[Optional[LeafContext]]:
+  """Per-leaf :class:`LeafContext` (flattening order), ``None`` if unselected.
+
+  Which leaves are selected, and their stack axes, come from the state
+  (decided at ``init``); the mode and gamma from the rule matching each
+  selected path.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  states, _ = flat_leaf_states(state_leaves)
+  named = [(path_to_str(path), leaf) for path, leaf in flat]
+  rules = [None if s is None else selection.leaf_rule(name)
+           for (name, _), s in zip(named, states)]
+  return _contexts(named, [_stack_ndim(s) for s in states], rules)
+
+
+def slice_indices(stack_shape: tuple) -> jax.Array:
+  """Each slice's flat index, shaped like the stack (int32)."""
+  return jnp.arange(math.prod(stack_shape), dtype=jnp.int32).reshape(stack_shape)
+
+
+def init_leaf_state(method: Method, param, ctx: LeafContext, hyper):
+  """``method.init_leaf``; per slice (``vmap``) for a stacked leaf."""
+  if not ctx.stack_shape:
+    return method.init_leaf(param, ctx, hyper)
+  init = lambda p, i: method.init_leaf(p, ctx._replace(slice_index=i), hyper)
+  k = len(ctx.stack_shape)
+  return StackedLeaf(over_slices(init, k)(param, slice_indices(ctx.stack_shape)), k)
+
+
+def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
+  """The method's tree-level :class:`TreeInfo` (empty without a ``prepare`` hook)."""
+  if method.prepare is None:
+    return TreeInfo()
+  return method.prepare(params, selection, hyper)
+
+
+def init_state(method: Method, params, selection, hyper,
+               info: Optional[TreeInfo] = None) -> QuantizerState:
+  """Selects leaves (once) and initialises each selected leaf's state.
+
+  The method's ``prepare`` hook runs first (or ``info``, its result, is
+  given); its refined selection, if any, plans the leaves, and each selected
+  leaf's ``leaf_info`` entry reaches ``init_leaf`` as ``ctx.info``. Every
+  selected leaf's rule options are checked against ``method.accepts``.
+
+  A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
+  stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
+  its stack axes with the context of one slice.
+  """
+  if info is None:
+    info = prepare_tree(method, params, selection, hyper)
+  selection = selection if info.selection is None else info.selection
+  leaf_info = info.leaf_info or {}
   plans = selection.plan(params)
+  rule_options.check_plans(method, plans)
   # nnx.State would turn the NamedTuples nested in it into States on
   # nnx.update; plain nested dicts keep them.
   params = as_mapping(params)
   flat, treedef = jax.tree.flatten(params)
-  sizes = [leaf.size for leaf, plan in zip(flat, plans) if plan]
-  largest = max(sizes, default=1)
   paths = _paths(params)
+  contexts = _contexts(list(zip(paths, flat)),
+                       [None if plan is None else plan.stack_ndim for plan in plans],
+                       plans)
   leaves = []
-  for leaf, plan, path in zip(flat, plans, paths):
-    if plan is None:
+  for leaf, ctx in zip(flat, contexts):
+    if ctx is None:
       leaves.append(None)
       continue
     # A copy, so no leaf state aliases a param buffer (a step that donates
     # both params and optimizer state would donate one buffer twice).
     leaf = jnp.array(leaf, copy=True)
-    ctx = LeafContext(path, leaf.shape, leaf.dtype, plan.mode, plan.gamma,
-                      leaf.size / largest)
-    leaves.append(method.init_leaf(leaf, ctx, hyper))
+    leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
+                                  hyper))
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
                         invalid_hyper_count=zero,
@@ -160,7 +206,9 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   """Applies ``step(input, leaf, ctx) -> new leaf`` to every selected leaf.
 
   A leaf whose input holds a non-finite number, or every leaf when ``keep``
-  is true, keeps its old state.
+  is true, keeps its old state. A stacked leaf (:class:`StackedLeaf`) is
+  stepped per slice (``vmap`` over its stack axes, each slice with its own
+  ``slice_index`` in the context), and the non-finite guard is per slice.
 
   Each leaf is traced on its own. Stacking leaves of one shape under
   ``jax.vmap`` was measured to compile *slower* on XLA:CPU (ResNet-20's
@@ -191,11 +239,18 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
                        new, leaf)
     return new, ~finite
 
+  def per_slice(x, leaf: StackedLeaf, ctx):
+    run = lambda x, inner, i: guarded(x, inner, ctx._replace(slice_index=i))
+    inner, bad = over_slices(run, leaf.stack_ndim)(
+        x, leaf.inner, slice_indices(ctx.stack_shape))
+    return StackedLeaf(inner, leaf.stack_ndim), jnp.any(bad)
+
   new = list(old)
   nonfinite = []
   for i, ctx in enumerate(contexts):
     if ctx is not None:
-      new[i], bad = guarded(inputs[i], old[i], ctx)
+      run = per_slice if isinstance(old[i], StackedLeaf) else guarded
+      new[i], bad = run(inputs[i], old[i], ctx)
       nonfinite.append(bad)
   any_bad = jnp.any(jnp.stack(nonfinite)) if nonfinite else jnp.asarray(False)
   return new, any_bad
@@ -250,6 +305,7 @@ def quantize_transform(
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
+  rule_options.check_rules(method, chosen)
 
   def init_fn(params):
     return init_state(method, params, chosen, hyper)
@@ -268,3 +324,67 @@ def quantize_transform(
     return advance(state, params, updates, step, inputs, contexts, keep)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+class Quantizer(NamedTuple):
+  """One method, ready for training and for one-shot use.
+
+  The library's transformations are ``Quantizer(...).transform()``; the same
+  object quantizes a model at once with :meth:`instant` (as jaxpruner's
+  updater does with ``instant_sparsify``), from the same per-leaf state.
+
+  Attributes:
+    method: the :class:`Method`.
+    hyper: its numeric (traceable) hyperparameters.
+    hyper_ranges: valid range of each name in ``hyper`` that must be checked.
+    selection: which leaves (see :class:`~ec2t_jax.Selection`).
+
+  Example:
+    >>> from ec2t_jax._src.methods import twn
+    >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
+    >>> q.instant({"w": jnp.array([[0.9, -0.05, 0.3], [-0.6, 0.02, 0.1]])})["w"]
+    Array([[ 0.6,  0. ,  0.6],
+           [-0.6,  0. ,  0. ]], dtype=float32)
+  """
+  method: Method
+  hyper: Any
+  hyper_ranges: Any
+  selection: Any = None
+
+  def transform(self) -> optax.GradientTransformation:
+    """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
+    return quantize_transform(self.method, self.hyper, self.hyper_ranges,
+                              selection=self.selection)
+
+  def instant(self, params, *, return_state: bool = False):
+    """Quantizes ``params`` at once: each selected leaf becomes its initial state's value.
+
+    Leaves a one-shot method's ``prepare`` hook replaced (``TreeInfo.replace``)
+    take their new value; every other leaf is returned as it is.
+
+    Args:
+      params: a parameter tree (Linen params, ``nnx.State``, dict of arrays).
+      return_state: also return the :class:`QuantizerState`.
+
+    Returns:
+      The quantized params (same structure and dtypes), and with
+      ``return_state`` the state as well.
+    """
+    for name, valid in self.hyper_ranges.items():
+      check_range(name, getattr(self.hyper, name), valid)
+    chosen = selection_lib.as_selection(self.selection)
+    rule_options.check_rules(self.method, chosen)
+    info = prepare_tree(self.method, params, chosen, self.hyper)
+    state = init_state(self.method, params, chosen, self.hyper, info)
+    replace = info.replace or {}
+    flat, treedef = jax.tree.flatten(params)
+    states, _ = flat_leaf_states(state.leaves)
+    out = []
+    for leaf, path, leaf_state in zip(flat, _paths(pure_tree(params)), states):
+      if leaf_state is None:
+        out.append(replace.get(path, leaf))
+        continue
+      value = getattr(leaf_state, "instant_value", leaf_state.value)
+      out.append(value(jnp.asarray(leaf).dtype))
+    quantized = treedef.unflatten(out)
+    return (quantized, state) if return_state else quantized

@@ -1,13 +1,15 @@
-"""Shared helpers of the post-training methods: which leaves they touch."""
+"""Helpers several methods share: which leaves they touch, forward ranks, staged steps."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core import tracing
+from ec2t_jax._src.core import trees
 
 
 def selected_leaves(params, selection: selection_lib.SelectionLike) -> list[bool]:
@@ -35,3 +37,42 @@ def with_forward_order(selection: selection_lib.SelectionLike, apply_fn, params,
     return chosen
   order = tuple(tracing.forward_order(apply_fn, params, example))
   return dataclasses.replace(chosen, order=order)
+
+
+def forward_ranks(selection: selection_lib.SelectionLike, params) -> dict[str, int]:
+  """Selected path -> its position in forward order among the selected leaves.
+
+  The order is the selection's (its ``order``, else the tree's own, see
+  :class:`~ec2t_jax.Selection`), as for the paper's first/last rule.
+
+  Example:
+    >>> forward_ranks(lambda path, leaf: True, {"b": jnp.ones(2), "a": jnp.ones(2)})
+    {'a': 0, 'b': 1}
+  """
+  chosen = selection_lib.as_selection(selection)
+  plans = chosen.plan(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
+  paths = [trees.path_to_str(p) for p, _ in flat]
+  selected = [i for i, plan in enumerate(plans) if plan is not None]
+  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
+  return {paths[i]: rank for rank, i in enumerate(ordered)}
+
+
+def masked_step(update: jax.Array, leaf):
+  """Masked retraining: the free latent weights move by ``update``, frozen ones do not.
+
+  ``leaf`` has ``latent`` and a boolean ``frozen`` mask (INQ, SLQ/MLQ).
+  """
+  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
+
+
+def scheduled_stage(phase, steps, steps_per_stage) -> jax.Array:
+  """``max(phase, steps // steps_per_stage)``, or ``phase`` when ``steps_per_stage`` is 0.
+
+  Example:
+    >>> int(scheduled_stage(1, 7, 3))
+    2
+  """
+  per = jnp.asarray(steps_per_stage, jnp.int32)
+  by_steps = jnp.where(per > 0, steps // jnp.maximum(per, 1), 0)
+  return jnp.maximum(jnp.asarray(phase, jnp.int32), by_steps)

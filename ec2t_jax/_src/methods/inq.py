@@ -33,6 +33,9 @@ import optax
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
+from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -224,16 +227,9 @@ def inq_advance(leaf: InqLeaf, stage, portions: jax.Array, bits: int) -> InqLeaf
   return leaf._replace(frozen=frozen, values=values, stage=jnp.maximum(stage, leaf.stage))
 
 
-def masked_step(update: jax.Array, leaf):
-  """Masked retraining: the free latent weights move by ``update``, frozen ones do not."""
-  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
-
-
-def scheduled_stage(phase, steps, steps_per_stage) -> jax.Array:
-  """``max(phase, steps // steps_per_stage)``, or ``phase`` when ``steps_per_stage`` is 0."""
-  per = jnp.asarray(steps_per_stage, jnp.int32)
-  by_steps = jnp.where(per > 0, steps // jnp.maximum(per, 1), 0)
-  return jnp.maximum(jnp.asarray(phase, jnp.int32), by_steps)
+# Shared with SLQ/MLQ; they live in ``methods/common.py`` (kept here by name).
+masked_step = common.masked_step
+scheduled_stage = common.scheduled_stage
 
 
 # ------------------------------------------------------------ the transformation
@@ -282,6 +278,14 @@ def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
     >>> opt_state = tx.init(params)
     >>> params = ec2t.ternary_params(params, opt_state)  # first portion on the codebook
   """
+  return quantizer(bits, portions, steps_per_stage=steps_per_stage,
+                   selection=selection).transform()
+
+
+def quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+              steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None
+              ) -> core.Quantizer:
+  """INQ as a :class:`~core.Quantizer` (training: :func:`inq`; one-shot: ``.instant``)."""
   bits = check_bits(bits)
   portions = check_portions(portions)
   table = jnp.asarray(portions, jnp.float32)
@@ -292,10 +296,33 @@ def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     del ctx
-    stage = scheduled_stage(phase, leaf.steps, hyper.steps_per_stage)
+    stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage)
     leaf = inq_advance(leaf, stage, table, bits)
-    leaf = masked_step(update, leaf)
+    leaf = common.masked_step(update, leaf)
     return leaf._replace(steps=leaf.steps + 1)
 
-  return core.quantize_transform(core.Method("inq", init_leaf, step_leaf),
-                                 InqHyper(steps_per_stage), HYPER_RANGES, selection=selection)
+  return core.Quantizer(core.Method("inq", init_leaf, step_leaf),
+                        InqHyper(steps_per_stage), HYPER_RANGES, selection)
+
+
+def _staged_knobs(bits: int, portions) -> dict:
+  return {"bits": registry.Knob(bits, core.Range(MIN_BITS, MAX_BITS), (2, 3, 5),
+                                doc="bit width (2 = ternary)"),
+          "portions": registry.Knob(tuple(portions), None, (tuple(portions), (0.5, 1.0)),
+                                    doc="accumulated portions, ending at 1"),
+          "steps_per_stage": registry.Knob(0, core.Range(0.0), (0, 100), traced=True,
+                                           doc="advance a stage every this many updates")}
+
+
+def power_of_two_grid(options) -> grids.Grid:
+  """INQ's grid: 0 and ``2 num_magnitudes(bits)`` signed powers of two per layer."""
+  bits = options["bits"]
+  return grids.Grid(2 * num_magnitudes(bits) + 1, leaf_checks=(grids.zero_or_power_of_two,),
+                    ternary=bits == 2)
+
+
+registry.register_method(registry.MethodSpec(
+    name="inq", kind="staged", quantizer=quantizer, transform=inq,
+    knobs=_staged_knobs(5, (0.5, 0.75, 0.875, 1.0)), grid=power_of_two_grid,
+    last_phase=lambda o, layers: len(o["portions"]) - 1,
+    description="Incremental Network Quantization (Zhou et al. 2017)"))

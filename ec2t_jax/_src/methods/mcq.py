@@ -26,8 +26,15 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 
 def mcq_hits(weights: jax.Array, num_samples, offset) -> tuple[jax.Array, jax.Array]:
@@ -88,6 +95,8 @@ def mcq_dequantize(q: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Ar
 
 def check_samples(samples_per_weight) -> float:
   try:
+    if isinstance(samples_per_weight, (str, bytes, bool)):
+      raise TypeError
     value = float(samples_per_weight)
   except (TypeError, ValueError):
     raise ValueError(f"samples_per_weight must be a positive number, got "
@@ -96,6 +105,88 @@ def check_samples(samples_per_weight) -> float:
     raise ValueError(f"samples_per_weight must be a positive finite number, got "
                      f"{samples_per_weight!r}")
   return value
+
+
+# ---------------------------------------------------------------------------
+# MCQ as a method of the shared core: one-shot (``mcq``) and training.
+
+_quantize = jax.jit(mcq_quantize, static_argnames="per_neuron")
+
+
+class MCQLeaf(NamedTuple):
+  """State of one MCQ leaf.
+
+  Attributes:
+    latent: full-precision weights (float32); training moves them.
+    hits: int32 signed hit counts ``q``.
+    scale: float32 scale, a scalar or one per output neuron (last axis).
+    key: the leaf's sampling key (``jax.random.key_data``), kept so that
+      training re-samples with the same offsets.
+  """
+  latent: jax.Array
+  hits: jax.Array
+  scale: jax.Array
+  key: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``q * scale`` with the scale snapped so that ``apply_updates`` lands exactly."""
+    reference = self.scale * jnp.maximum(jnp.max(jnp.abs(self.hits), axis=tuple(
+        range(self.hits.ndim - 1)) if self.scale.ndim else None), 1)
+    scale = core.snap_to_grid(self.scale, dtype, reference=reference)
+    return mcq_dequantize(self.hits, scale, dtype)
+
+  def instant_value(self, dtype) -> jax.Array:
+    """``q * scale`` as :func:`mcq` returns it (unsnapped)."""
+    return mcq_dequantize(self.hits, self.scale, dtype)
+
+  def describe(self) -> dict:
+    return {"method": "MCQ", "mode": "hit counts", "scale": jnp.mean(self.scale)}
+
+  def codes(self) -> jax.Array:
+    """The hit counts: their entropy is the layer's information (scales aside)."""
+    return self.hits
+
+
+class MCQHyper(NamedTuple):
+  """MCQ's numeric hyperparameter: ``K``, samples per weight."""
+  samples_per_weight: Any = 1.0
+
+
+HYPER_RANGES = {"samples_per_weight": core.Range(0.0, low_open=True)}
+
+
+def _leaf_keys(key):
+  """The tree-level hook: one key per leaf of the whole tree, as :func:`mcq` splits them."""
+
+  def prepare(params, selection, hyper) -> core.TreeInfo:
+    del selection, hyper
+    flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
+    keys = jax.random.split(key, len(flat))
+    return core.TreeInfo(leaf_info={trees.path_to_str(p): k for (p, _), k in zip(flat, keys)})
+
+  return prepare
+
+
+def quantizer(samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: bool = False,
+              selection=None) -> core.Quantizer:
+  """MCQ as a :class:`~core.Quantizer`: ``.instant(params)`` is :func:`mcq`;
+  ``.transform()`` trains the latent weights straight through, re-sampling
+  each step with the leaf's own offsets."""
+  samples = check_samples(samples_per_weight)
+
+  def init_leaf(param, ctx, hyper) -> MCQLeaf:
+    q, scales = _quantize(param, hyper.samples_per_weight, ctx.info, per_neuron=per_neuron)
+    return MCQLeaf(jnp.asarray(param, jnp.float32), q, scales, jax.random.key_data(ctx.info))
+
+  def step_leaf(update, leaf: MCQLeaf, ctx, hyper, phase) -> MCQLeaf:
+    del ctx, phase
+    latent = leaf.latent + update
+    q, scales = mcq_quantize(latent, hyper.samples_per_weight,
+                             jax.random.wrap_key_data(leaf.key), per_neuron=per_neuron)
+    return MCQLeaf(latent, q, scales, leaf.key)
+
+  method = core.Method("mcq", init_leaf, step_leaf, prepare=_leaf_keys(key))
+  return core.Quantizer(method, MCQHyper(samples), HYPER_RANGES, selection)
 
 
 def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: bool = False,
@@ -123,6 +214,10 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     counts and float32 scales, ``q * scales`` = the quantized leaf) and
     ``None`` elsewhere.
 
+  Raises:
+    ValueError: if a selected leaf holds NaN or infinity (naming the leaf), or
+      ``samples_per_weight`` is not a positive finite number.
+
   Example:
     >>> params = {"a": jnp.ones((3, 3)), "b": jnp.arange(12.).reshape(3, 4),
     ...           "c": jnp.ones((4, 2))}
@@ -131,21 +226,29 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     True
   """
   from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
-  samples = check_samples(samples_per_weight)
   chosen = common.selected_leaves(params, selection)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  quantize = jax.jit(mcq_quantize, static_argnames="per_neuron")
-  out, integers = [], []
-  for leaf, chosen_leaf, leaf_key in zip(leaves, chosen, keys):
-    if not chosen_leaf:
-      out.append(leaf)
-      integers.append(None)
-      continue
-    q, scales = quantize(leaf, samples, leaf_key, per_neuron=per_neuron)
-    out.append(mcq_dequantize(q, scales, leaf.dtype))
-    integers.append((q, scales))
-  quantized = treedef.unflatten(out)
-  if return_integers:
-    return quantized, treedef.unflatten(integers)
-  return quantized
+  for (path, leaf), picked in zip(jax.tree_util.tree_leaves_with_path(params), chosen):
+    if picked and not bool(jnp.all(jnp.isfinite(leaf))):  # one inf would make its group NaN
+      raise ValueError(f"mcq: leaf {jax.tree_util.keystr(path)} holds non-finite weights "
+                       "(NaN or inf); MCQ needs finite weights")
+  quantized, state = quantizer(samples_per_weight, key=key, per_neuron=per_neuron,
+                               selection=selection).instant(params, return_state=True)
+  if not return_integers:
+    return quantized
+  _, treedef = jax.tree.flatten(params)
+  states, _ = core.flat_leaf_states(state.leaves)
+  return quantized, treedef.unflatten(
+      [None if leaf is None else (leaf.hits, leaf.scale) for leaf in states])
+
+
+registry.register_method(registry.MethodSpec(
+    name="mcq", kind="one_shot", quantizer=quantizer, one_shot=mcq, inputs=("key",),
+    knobs={"samples_per_weight": registry.Knob(1.0, core.Range(0.0, low_open=True),
+                                               (0.5, 1.0, 2.0, 4.0), traced=True,
+                                               doc="K: samples per weight"),
+           "per_neuron": registry.Knob(False, (True, False), (False, True),
+                                       doc="one scale per output neuron")},
+    grid=lambda o: grids.Grid(None, per_filter=o["per_neuron"],
+                              leaf_checks=(grids.integer_multiples(o["per_neuron"]),),
+                              ternary=False),
+    description="Monte Carlo Quantization (Mordido et al. 2019), post-training"))

@@ -41,9 +41,11 @@ import optax
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
-from ec2t_jax._src.core import trees
 
 from ec2t_jax._src.methods import clustering
+from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 from ec2t_jax._src.methods import inq
 
 
@@ -262,31 +264,26 @@ class SlqHyper(NamedTuple):
 HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
 
 
-def _forward_ranks(chosen: selection_lib.Selection, params) -> dict[str, int]:
-  """Selected path -> its position in forward order among the selected leaves."""
-  plans = chosen.plan(params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(params))
-  paths = [trees.path_to_str(p) for p, _ in flat]
-  selected = [i for i, plan in enumerate(plans) if plan is not None]
-  ordered = chosen._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
-  return {paths[i]: rank for rank, i in enumerate(ordered)}
+def _forward_ranks_info(params, selection, hyper) -> core.TreeInfo:
+  """MLQ's tree-level hook: each selected layer's rank in forward order, per slice of a stacked leaf (``ctx.info``)."""
+  del hyper
+  return core.TreeInfo(leaf_info=selection_lib.layer_ranks(selection_lib.as_selection(selection), params))
 
 
-def _transform(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
-               iterations: int, levels: str = "float",
-               recluster: bool = True) -> optax.GradientTransformation:
+def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
+               iterations: int, levels: str = "float", recluster: bool = True) -> core.Quantizer:
   if levels not in LEVELS:
     raise ValueError(f"levels must be one of {LEVELS}, got {levels!r}")
   bits = inq.check_bits(bits)
   portions = inq.check_portions(portions)
   table = jnp.asarray(portions, jnp.float32)
-  chosen = selection_lib.as_selection(selection)
   k = num_clusters(bits)
-  ranks: dict[str, int] = {}
 
   def init_leaf(param, ctx, hyper):
     del hyper
-    rank = ranks.get(ctx.path, 0) if staggered else 0
+    # Layers (slices of stacked leaves too) start one stage after another.
+    rank = (jnp.asarray(ctx.info, jnp.int32)[ctx.slice_index]
+            if staggered and ctx.info is not None else 0)
     leaf = slq_init_leaf(param, k, rank, iterations, levels)
     return advance(leaf, -rank)  # stage 0 now for the first layer (SLQ: all)
 
@@ -296,21 +293,32 @@ def _transform(name: str, bits: int, portions, steps_per_stage, selection, stagg
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     del ctx
-    stage = inq.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
+    stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
     leaf = advance(leaf, stage)
-    leaf = inq.masked_step(update, leaf)
+    leaf = common.masked_step(update, leaf)
     return leaf._replace(steps=leaf.steps + 1)
 
-  tx = core.quantize_transform(core.Method(name, init_leaf, step_leaf),
-                               SlqHyper(steps_per_stage), HYPER_RANGES, selection=chosen)
+  prepare = _forward_ranks_info if staggered else None
+  return core.Quantizer(core.Method(name, init_leaf, step_leaf, prepare=prepare),
+                        SlqHyper(steps_per_stage), HYPER_RANGES, selection)
 
-  def init_fn(params):
-    ranks.clear()
-    if staggered:
-      ranks.update(_forward_ranks(chosen, params))
-    return tx.init(params)
 
-  return optax.GradientTransformation(init_fn, tx.update)
+def slq_quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+                  steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
+                  kmeans_iterations: int = 30, levels: str = "float",
+                  recluster: bool = True) -> core.Quantizer:
+  """SLQ as a :class:`~core.Quantizer` (training: :func:`slq`; one-shot: ``.instant``)."""
+  return _quantizer("slq", bits, portions, steps_per_stage, selection, False,
+                    kmeans_iterations, levels, recluster)
+
+
+def mlq_quantizer(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
+                  selection: selection_lib.SelectionLike = None,
+                  kmeans_iterations: int = 30, levels: str = "float",
+                  recluster: bool = True) -> core.Quantizer:
+  """MLQ as a :class:`~core.Quantizer` (training: :func:`mlq`; one-shot: ``.instant``)."""
+  return _quantizer("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations,
+                    levels, recluster)
 
 
 def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
@@ -346,8 +354,9 @@ def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
   """
-  return _transform("slq", bits, portions, steps_per_stage, selection, False,
-                    kmeans_iterations, levels, recluster)
+  return slq_quantizer(bits, portions, steps_per_stage=steps_per_stage, selection=selection,
+                       kmeans_iterations=kmeans_iterations, levels=levels,
+                       recluster=recluster).transform()
 
 
 def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
@@ -376,5 +385,34 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
   """
-  return _transform("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations,
-                    levels, recluster)
+  return mlq_quantizer(portions, steps_per_stage=steps_per_stage, selection=selection,
+                       kmeans_iterations=kmeans_iterations, levels=levels,
+                       recluster=recluster).transform()
+
+
+def _levels_grid(count: int, levels: str) -> grids.Grid:
+  """At most ``count`` values per layer; on powers of two (and 0) for ``levels="power_of_two"``."""
+  checks = (grids.zero_or_power_of_two,) if levels == "power_of_two" else ()
+  return grids.Grid(count, leaf_checks=checks, ternary=count == 3)
+
+
+_ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+_LEVELS = registry.Knob("float", LEVELS, ("float",),
+                        doc="float centroids (official code) or power_of_two")
+_RECLUSTER = registry.Knob(True, (True, False), (True,),
+                           doc="re-cluster the unlocked levels at each stage")
+registry.register_method(registry.MethodSpec(
+    name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
+    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
+           "kmeans_iterations": _ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER},
+    grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
+    last_phase=lambda o, layers: len(o["portions"]) - 1,
+    description="Single-level quantization (Xu et al. 2018)"))
+registry.register_method(registry.MethodSpec(
+    name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,
+    knobs={name: knob for name, knob in inq._staged_knobs(  # pylint: disable=protected-access
+        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS,
+                                                     "levels": _LEVELS, "recluster": _RECLUSTER},
+    grid=lambda o: _levels_grid(3, o["levels"]),
+    last_phase=lambda o, layers: layers + len(o["portions"]) - 2,
+    description="Multiple-level quantization to ternary (Xu et al. 2018)"))

@@ -31,6 +31,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 from ec2t_jax._src.core.trees import pure_tree
 
 
@@ -157,7 +159,7 @@ def pruning_method() -> core.Method:
   """Faraone et al.'s stages as one :class:`~core.Method` with a phase switch."""
 
   def init_leaf(param, ctx, hyper) -> PrunedTernaryLeaf:
-    twn.check_mode(ctx, "quantization_pruning")
+    del ctx
     latent = ternary_ops.f32(param)
     return PrunedTernaryLeaf(latent, jnp.ones(latent.shape, bool), jnp.asarray(False),
                              jnp.zeros((), jnp.float32))
@@ -203,5 +205,19 @@ def quantization_pruning(factor=twn.LAYER_FACTOR, *,
     >>> # ... train with loss + reg(params), then:
     >>> opt_state = ec2t.set_phase(opt_state, 1)   # prune, retrain ternary
   """
-  return core.quantize_transform(pruning_method(), PruningHyper(factor), _HYPER_RANGES,
-                                 selection=selection)
+  return quantizer(factor, selection=selection).transform()
+
+
+def quantizer(factor=twn.LAYER_FACTOR, *,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """Faraone et al.'s stages 2 and 3 as a :class:`~core.Quantizer` (see :func:`quantization_pruning`)."""
+  return core.Quantizer(pruning_method(), PruningHyper(factor), _HYPER_RANGES, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="faraone", kind="train", quantizer=quantizer, transform=quantization_pruning,
+    knobs={"factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
+                                   (0.5, 0.7, 0.9), traced=True,
+                                   doc="pruning threshold Delta = factor mean|W|")},
+    grid=lambda o: grids.ternary_grid(), last_phase=lambda o, layers: 1,
+    description="Faraone et al.: phase 0 regularised full precision, phase 1 pruned ternary"))

@@ -45,6 +45,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
 from ec2t_jax._src.methods import twn
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 
 def _sgn(x) -> jax.Array:
@@ -228,7 +230,7 @@ def method(per_filter: bool = True, latent_step: str = "update") -> core.Method:
     return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
 
   def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
-    twn.check_mode(ctx, "sttn")
+    del ctx
     return leaf_from(*sttn_init(param, hyper.init_factor))
 
   def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
@@ -267,5 +269,25 @@ def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), sttn())
   """
-  return core.quantize_transform(method(per_filter, latent_step), STTNHyper(init_factor), _HYPER_RANGES,
-                                 selection=selection)
+  return quantizer(init_factor, per_filter=per_filter, latent_step=latent_step,
+                   selection=selection).transform()
+
+
+def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
+              latent_step: str = "update",
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """STTN as a :class:`~core.Quantizer` (training: :func:`sttn`; one-shot: ``.instant``)."""
+  return core.Quantizer(method(per_filter, latent_step), STTNHyper(init_factor), _HYPER_RANGES,
+                        selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="sttn", kind="train", quantizer=quantizer, transform=sttn,
+    knobs={"init_factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
+                                        (0.5, 0.7, 0.9), traced=True,
+                                        doc="initial threshold factor c"),
+           "per_filter": registry.Knob(True, (True, False), (True,),
+                                       doc="one alpha per output filter")},
+    grid=lambda o: grids.ternary_grid(per_filter=o["per_filter"], symmetric_filters=True),
+    description="Soft Threshold Ternary Networks (Xu et al. 2020)"))
+

@@ -25,7 +25,8 @@ from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods import ternary_ops
-from ec2t_jax._src.methods import twn as twn_lib
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 DEFAULT_THRESHOLD = 0.05
 
@@ -156,7 +157,7 @@ def method(fixed_sparsity: bool, init_scale: Optional[float],
   tiny = jnp.finfo(jnp.float32).tiny
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
-    twn_lib.check_mode(ctx, "ttq")
+    del ctx
     latent = ternary_ops.f32(param)
     norm = jnp.max(jnp.abs(latent))
     norm = jnp.where(norm > 0, norm, 1.0)
@@ -234,8 +235,33 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
     >>> tx = optax.chain(optax.adam(1e-3), ttq(threshold=0.05))
     >>> tx_sparse = optax.chain(optax.adam(1e-3), ttq(sparsity=0.6))
   """
+  return quantizer(threshold, sparsity=sparsity, init_scale=init_scale,
+                   scale_update=scale_update, latent_step=latent_step,
+                   selection=selection).transform()
+
+
+def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
+              init_scale: Optional[float] = None, scale_update: float = 1.0,
+              latent_step: str = "update",
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """TTQ as a :class:`~core.Quantizer` (training: :func:`ttq`; one-shot: ``.instant``)."""
   if init_scale is not None:
     core.check_range("init_scale", init_scale, core.Range(0.0, low_open=True))
   hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
-  return core.quantize_transform(method(sparsity is not None, init_scale, latent_step), hyper,
-                                 _HYPER_RANGES, selection=selection)
+  return core.Quantizer(method(sparsity is not None, init_scale, latent_step), hyper, _HYPER_RANGES,
+                        selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="ttq", kind="train", quantizer=quantizer, transform=ttq,
+    knobs={"threshold": registry.Knob(DEFAULT_THRESHOLD, core.Range(0.0, 1.0), (0.02, 0.05, 0.1),
+                                      traced=True, doc="Delta = threshold max|W|"),
+           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
+                                     doc="fixed fraction of zeros (replaces threshold)"),
+           "init_scale": registry.Knob(None, core.Range(0.0, low_open=True), (None, 1.0),
+                                       doc="None: least-squares fit; 1.0: the paper"),
+           "scale_update": registry.Knob(1.0, core.Range(0.0), (0.1, 1.0), traced=True,
+                                         doc="k of the scale steps")},
+    grid=lambda o: grids.ternary_grid(),
+    description="Trained Ternary Quantization (Zhu et al. 2017)"))
+

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 LAYER_FACTOR = 0.7
 FILTER_FACTOR = 0.75
@@ -165,18 +167,11 @@ def _ternarize_leaf(latent, factor, per_filter):
   return assignment, twn_scale(latent, assignment, per_filter=per_filter)
 
 
-def check_mode(ctx: core.LeafContext, method: str) -> None:
-  """Rules may only select leaves for plain quantization (mode ``ternary``)."""
-  if ctx.mode != "ternary":
-    raise ValueError(f"{method} quantizes leaves in mode 'ternary' only; a Rule "
-                     f"selects {ctx.path!r} with mode {ctx.mode!r}")
-
-
 def method(per_filter: bool = False) -> core.Method:
   """TWN's :class:`~core.Method`: identity straight-through, re-threshold each step."""
 
   def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
-    check_mode(ctx, "twn")
+    del ctx
     latent = ternary_ops.f32(param)
     return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
 
@@ -215,9 +210,25 @@ def twn(threshold: str = "layer", factor=None, *,
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)
   """
+  return quantizer(threshold, factor, selection=selection).transform()
+
+
+def quantizer(threshold: str = "layer", factor=None, *,
+              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+  """TWN as a :class:`~core.Quantizer` (training: :func:`twn`; one-shot: ``.instant``)."""
   core.check_choice("threshold", threshold, ("layer", "filter"))
   per_filter = threshold == "filter"
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
-  return core.quantize_transform(method(per_filter), TWNHyper(factor), _HYPER_RANGES,
-                                 selection=selection)
+  return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="twn", kind="train", quantizer=quantizer, transform=twn,
+    knobs={"threshold": registry.Knob("layer", ("layer", "filter"), ("layer", "filter"),
+                                      doc="one Delta/alpha per layer (0.7) or per filter (0.75)"),
+           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 0.9),
+                                   traced=True, doc="Delta = factor mean|W|")},
+    grid=lambda o: grids.ternary_grid(per_filter=o["threshold"] == "filter",
+                                      symmetric_filters=True),
+    description="Ternary Weight Networks (Li et al. 2016)"))

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
 
 
 class EC2TLeaf(NamedTuple):
@@ -201,7 +203,8 @@ def method(*, renormalization="exact", latent_dtype="float32",
   def init(param, ctx, hyper):
     return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties)
 
-  return core.Method("ec2t", init, step_leaf)
+  return core.Method("ec2t", init, step_leaf,
+                     accepts=core.RuleOptions(modes=("ternary", "ecp"), rule_gamma=True))
 
 
 def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain") -> None:
@@ -312,10 +315,43 @@ def ternarize_transform(
     >>> updates, opt_state = tx.update(grads, opt_state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  return quantizer(gamma, init_scale, selection=selection,
+                   centroid_update_scale=centroid_update_scale, floor_factor=floor_factor,
+                   zero_floor=zero_floor, sustain=sustain, renormalization=renormalization,
+                   ties=ties, latent_dtype=latent_dtype, latent_step=latent_step).transform()
+
+
+def quantizer(gamma: float = 0.0, init_scale: float = 0.3, *,
+              selection: selection_lib.SelectionLike = None, centroid_update_scale: float = 0.1,
+              floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
+              renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
+              latent_dtype: str = "float32", latent_step: str = "plain") -> core.Quantizer:
+  """EC2T (chain form) as a :class:`~core.Quantizer`; see :func:`ternarize_transform`."""
   check_static(renormalization, latent_dtype, ties, latent_step)
   hyper = EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
                     centroid_update_scale)
-  return core.quantize_transform(
+  return core.Quantizer(
       method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties,
              latent_step=latent_step),
-      hyper, HYPER_RANGES, selection=selection)
+      hyper, HYPER_RANGES, selection)
+
+
+_knob = registry.Knob
+registry.register_method(registry.MethodSpec(
+    name="ec2t", kind="train", quantizer=quantizer, transform=ternarize_transform,
+    knobs={
+        "gamma": _knob(0.0, HYPER_RANGES["gamma"], (0.0, 0.1, 0.2, 0.4), traced=True,
+                        doc="the EC2T knob: sparsity against accuracy"),
+        "init_scale": _knob(0.3, HYPER_RANGES["init_scale"], (0.2, 0.3, 0.5), traced=True),
+        "centroid_update_scale": _knob(0.1, HYPER_RANGES["centroid_update_scale"],
+                                        (0.1, 1.0), traced=True),
+        "floor_factor": _knob(0.675, HYPER_RANGES["floor_factor"], (0.675,), traced=True),
+        "zero_floor": _knob(0.5, HYPER_RANGES["zero_floor"], (0.5,), traced=True),
+        "sustain": _knob(0.05, HYPER_RANGES["sustain"], (0.05,), traced=True),
+        "renormalization": _knob("exact", ("exact", "reference")),
+        "ties": _knob("zero", ("zero", "reference")),
+        "latent_dtype": _knob("float32"),
+        "latent_step": _knob("plain", ("plain", "ttq")),
+    },
+    grid=lambda o: grids.ternary_grid(),
+    description="Entropy-Constrained Trained Ternarization (chain form)"))

@@ -28,7 +28,11 @@ class TernarizeReferenceState(NamedTuple):
 
 
 def _gradients(grad, leaf: ec2t.EC2TLeaf, negative_centroid_sign):
-  """TTQ conversion of ``dL/dT``: latent and ``(w_n, w_p)`` gradients."""
+  """TTQ conversion of ``dL/dT``: latent and ``(w_n, w_p)`` gradients (per
+  slice of a stacked leaf)."""
+  if isinstance(leaf, core.StackedLeaf):
+    per_slice = lambda g, inner: _gradients(g, inner, negative_centroid_sign)
+    return core.over_slices(per_slice, leaf.stack_ndim)(grad, leaf.inner)
   if isinstance(leaf, ec2t.ECPLeaf):
     zero = jnp.zeros((), jnp.float32)
     return jnp.asarray(grad, jnp.float32), zero, zero
@@ -104,6 +108,7 @@ def ternarize(
   chosen = selection_lib.as_selection(selection)
   method = ec2t.method(renormalization=renormalization,
                        latent_dtype=latent_dtype, ties=ties)
+  core.check_rules(method, chosen)
 
   def masked_params_optimizer(core_state: core.QuantizerState):
     # The leaves selected at init are those with a state; never re-planned.

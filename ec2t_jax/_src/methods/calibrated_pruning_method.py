@@ -1,0 +1,120 @@
+"""Calibrated pruning as a method of the shared core (one-shot and training).
+
+:func:`~ec2t_jax.prune_calibrated` (``calibrated_pruning.py``) is a tree-level
+algorithm: one global threshold over all selected kernels, then per-layer
+calibration on data. Here it is the method's ``prepare`` hook, so the same
+:class:`~core.Quantizer` serves one-shot use (``.instant(params)`` returns
+exactly what ``prune_calibrated`` returns, corrected biases included) and
+training (``.transform()``: the pruned kernels' survivors retrain, the mask
+stays, as jaxpruner's updater keeps its masks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ec2t_jax._src import core
+from ec2t_jax._src.core import trees
+from ec2t_jax._src.methods import calibrated_pruning
+from ec2t_jax._src.methods import common
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
+
+
+class PrunedLeaf(NamedTuple):
+  """State of one calibrated-pruning leaf.
+
+  Attributes:
+    latent: the calibrated kernel (float32; exactly the one-shot result), then
+      its retrained survivors.
+    mask: bool, the survivors.
+  """
+  latent: jax.Array
+  mask: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """The survivors (snapped for exact landing), +0.0 where pruned."""
+    kept = core.snap_to_grid(self.latent, dtype, jnp.max(jnp.abs(self.latent)))
+    return jnp.where(self.mask, kept, 0.0).astype(dtype)
+
+  def instant_value(self, dtype) -> jax.Array:
+    """The kernel :func:`~ec2t_jax.prune_calibrated` returns, bitwise."""
+    return self.latent.astype(dtype)
+
+  def describe(self) -> dict:
+    return {"method": "Calibrated pruning", "mode": "pruned", "kept": jnp.mean(self.mask)}
+
+
+class PruneHyper(NamedTuple):
+  """No traced hyperparameters: the pruning happens once, in ``prepare``."""
+
+
+def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, *,
+              selection=None, **options) -> core.Quantizer:
+  """Calibrated pruning as a :class:`~core.Quantizer`.
+
+  Args:
+    apply_fn, calibration_data, sparsity, selection: as for
+      :func:`~ec2t_jax.prune_calibrated`.
+    **options: its other keyword arguments (``steps_per_level``, learning
+      rates, ``ramp``, corrections), checked here.
+
+  Returns:
+    A quantizer whose ``.instant(params)`` equals ``prune_calibrated(params,
+    apply_fn, calibration_data, sparsity, selection=selection, **options)``.
+  """
+  calibrated_pruning.check_sparsity(sparsity)
+  batches = calibrated_pruning._batches(calibration_data)  # pylint: disable=protected-access
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable (params, x) -> outputs, got {apply_fn!r}")
+  steps = options.get("steps_per_level")
+  if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 0):
+    raise ValueError(f"steps_per_level must be a non-negative integer or None, got {steps!r}")
+  options.pop("return_report", None)
+
+  def prepare(params, selection, hyper) -> core.TreeInfo:
+    del hyper
+    pruned = calibrated_pruning.prune_calibrated(params, apply_fn, batches, sparsity,
+                                                 selection=selection, **options)
+    refined = common.with_forward_order(selection, apply_fn, params, batches[0])
+    flat, _ = jax.tree_util.tree_flatten_with_path(trees.pure_tree(pruned))
+    values = {trees.path_to_str(p): v for p, v in flat}
+    return core.TreeInfo(leaf_info=values, selection=refined, replace=values)
+
+  def init_leaf(param, ctx, hyper) -> PrunedLeaf:
+    del param, hyper
+    kernel = jnp.asarray(ctx.info)
+    return PrunedLeaf(kernel.astype(jnp.float32), kernel != 0)
+
+  def step_leaf(update, leaf: PrunedLeaf, ctx, hyper, phase) -> PrunedLeaf:
+    del ctx, hyper, phase
+    return leaf._replace(latent=jnp.where(leaf.mask, leaf.latent + update, 0.0))
+
+  method = core.Method("prune", init_leaf, step_leaf, prepare=prepare)
+  return core.Quantizer(method, PruneHyper(), {}, selection)
+
+
+registry.register_method(registry.MethodSpec(
+    name="prune", kind="one_shot", quantizer=quantizer,
+    one_shot=calibrated_pruning.prune_calibrated, inputs=("apply_fn", "calibration_data"),
+    knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.3, 0.5, 0.7, 0.9),
+                                     doc="target fraction of zeros, in [0, 1)"),
+           "steps_per_level": registry.Knob(
+               None, core.Range(0.0), (None, 30),
+               doc="None: POT's schedule; N: N Adam steps per level and layer (fast)"),
+           "tuning_iterations": registry.Knob(calibrated_pruning.POT_TUNING_ITERATIONS,
+                                              core.Range(0.0), doc="POT schedule"),
+           "steps_per_iteration": registry.Knob(calibrated_pruning.POT_STEPS_PER_ITERATION,
+                                                core.Range(0.0), doc="POT schedule"),
+           "tuning_batch_size": registry.Knob(calibrated_pruning.POT_BATCH_SIZE,
+                                              core.Range(1.0), doc="POT schedule"),
+           "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
+           "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
+           "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),
+           "statistics_correction": registry.Knob(True, (True, False)),
+           "bias_correction": registry.Knob(True, (True, False))},
+    grid=lambda o: grids.Grid(None, min_sparsity=o["sparsity"], ternary=False),
+    description="Post-training pruning with layer-wise calibration (Lazarevich et al. 2021)"))

@@ -1,0 +1,391 @@
+"""The contract every registered method passes (the model: optax's contrib/_common_test.py).
+
+Parametrised over ``ec2t.method_registry()``: a method registered in the
+library is tested here with no test code of its own. Train and staged methods:
+jit equals eager; a knob traced through ``optax.inject_hyperparams`` equals
+the same knob given at construction; Linen and NNX training land exactly on
+the method's grid (from its ``last_phase``); 8-device sharded equals one
+device; bf16 params keep their dtype; ``ternary_params``, ``summary`` and
+``set_phase`` work; the export round trip is bitwise. One-shot methods:
+``instant`` lands on the grid, equals the public function bitwise, keeps
+bf16, round-trips through the export. Every method: a bad knob and a rule
+option it does not accept are ``ValueError``\\ s naming them.
+
+A toy two-level method, registered below (test code only), passes the whole
+contract by that registration alone.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import ec2t_jax as ec2t
+from ec2t_jax import export
+from ec2t_jax._src import core
+from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods import registry
+
+# ------------------------------------------------------------- a toy method
+
+
+class ToyLeaf(NamedTuple):
+  """Two levels ``{-a, a}``, ``a`` the mean ``|W|``."""
+  latent: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype):
+    a = core.snap_to_grid(self.scale, dtype)
+    return jnp.where(self.latent >= 0, a, -a).astype(dtype)
+
+  def describe(self):
+    return {"method": "Toy", "mode": "two-level", "scale": self.scale}
+
+
+class ToyHyper(NamedTuple):
+  shrink: Any = 1.0
+
+
+def toy_quantizer(shrink=1.0, *, selection=None) -> core.Quantizer:
+  def init_leaf(param, ctx, hyper):
+    del ctx
+    latent = jnp.asarray(param, jnp.float32)
+    return ToyLeaf(latent, hyper.shrink * jnp.mean(jnp.abs(latent)))
+
+  def step_leaf(update, leaf, ctx, hyper, phase):
+    del ctx, phase
+    latent = leaf.latent + update
+    return ToyLeaf(latent, hyper.shrink * jnp.mean(jnp.abs(latent)))
+
+  return core.Quantizer(core.Method("toy", init_leaf, step_leaf), ToyHyper(shrink),
+                        {"shrink": core.Range(0.0, low_open=True)}, selection)
+
+
+def toy(shrink=1.0, *, selection=None):
+  return toy_quantizer(shrink, selection=selection).transform()
+
+
+TOY = "toy_two_level"
+registry.register_method(registry.MethodSpec(
+    name=TOY, kind="train", quantizer=toy_quantizer, transform=toy,
+    knobs={"shrink": registry.Knob(1.0, core.Range(0.0, low_open=True), (0.5, 1.0),
+                                   traced=True)},
+    grid=lambda options: grids.Grid(2, ternary=False)), replace=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unregister_toy():
+  yield
+  registry.unregister_method(TOY)
+
+
+# ------------------------------------------------------------- the model
+
+WIDTH = 16  # divisible by the 8 devices
+
+
+class Mlp(nn.Module):
+  """Dense_0 and Dense_3 stay full precision (the paper's rule); Dense_1, Dense_2 quantized."""
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(3):
+      x = nn.relu(nn.Dense(WIDTH)(x))
+    return nn.Dense(4)(x)
+
+
+SELECTED = ("Dense_1/kernel", "Dense_2/kernel")
+MODEL = Mlp()
+X = jax.random.normal(jax.random.key(1), (16, 8))
+Y = jax.random.normal(jax.random.key(2), (16, 4))
+PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+STEPS = 3
+# Speed only: fewer calibration steps for calibrated pruning.
+FAST_KNOBS = {"prune": {"steps_per_level": 2}}
+
+SPECS = ec2t.method_registry()
+TRAINED = sorted(n for n, s in SPECS.items() if s.kind != "one_shot")
+ONE_SHOT = sorted(n for n, s in SPECS.items() if s.kind == "one_shot")
+# Heavy to compile (k-means, many stages): their NNX and sharded cases are slow.
+HEAVY = {"slq", "mlq", "inq"}
+
+
+def _slow_if_heavy(names):
+  return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+
+
+def _loss(params, x=X, y=Y):
+  return jnp.mean((MODEL.apply({"params": params}, x).astype(jnp.float32) - y) ** 2)
+
+
+def _transform(name, **knobs):
+  return optax.chain(optax.sgd(0.05), SPECS[name].make_transform(**knobs))
+
+
+def _last_phase(name):
+  spec = SPECS[name]
+  return spec.last_phase(spec.options(), len(SELECTED))
+
+
+def _step(tx):
+  def step(params, opt_state):
+    grads = jax.grad(_loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  return step
+
+
+def _train(name, params=PARAMS, *, jit=True, tx=None, shard=None):
+  """``STEPS`` steps; the phase is set to the method's last phase after the first."""
+  tx = tx or _transform(name)
+  params = params if shard is None else shard(params)
+  opt_state = (jax.jit(tx.init) if jit else tx.init)(params)
+  params = ec2t.ternary_params(params, opt_state)
+  step = jax.jit(_step(tx)) if jit else _step(tx)
+  for i in range(STEPS):
+    params, opt_state = step(params, opt_state)
+    if i == 0 and _last_phase(name):
+      opt_state = ec2t.set_phase(opt_state, _last_phase(name))
+  return params, opt_state
+
+
+@functools.cache
+def _trained(name):
+  return _train(name)
+
+
+def _selected(params):
+  flat = {"/".join(str(k.key) for k in path): np.asarray(leaf, np.float32)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return [(path, flat[path]) for path in SELECTED]
+
+
+def _assert_on_grid(name, params):
+  problems = SPECS[name].grid_for().problems(_selected(params))
+  assert not problems, problems
+
+
+# ------------------------------------------------------- train and staged
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_jit_equals_eager(name):
+  params_jit, state_jit = _trained(name)
+  params_eager, state_eager = _train(name, jit=False)
+  chex.assert_trees_all_close(params_eager, params_jit, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(ec2t.find_quantizer_state(state_eager).leaves,
+                              ec2t.find_quantizer_state(state_jit).leaves, atol=1e-6, rtol=1e-5)
+
+
+def _traced_knob(name):
+  knobs = [(k, knob) for k, knob in SPECS[name].knobs.items()
+           if knob.traced and len([v for v in knob.sweep if v is not None]) >= 2]
+  if not knobs:
+    pytest.skip(f"{name} has no traced knob with two sweep values")
+  knob_name, knob = knobs[0]
+  first, second = [v for v in knob.sweep if v is not None][:2]
+  return knob_name, first, second
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
+  knob, first, second = _traced_knob(name)
+  spec = SPECS[name]
+  injected = optax.inject_hyperparams(spec.transform, static_args=("selection",))(
+      **{knob: first}, selection=None)
+  tx = optax.chain(optax.sgd(0.05), injected)
+  opt_state = tx.init(PARAMS)
+  opt_state[1].hyperparams[knob] = jnp.asarray(second, jnp.float32)
+  params = ec2t.ternary_params(PARAMS, opt_state)
+  got, _ = jax.jit(_step(tx))(params, opt_state)
+  direct = _transform(name, **{knob: second})
+  direct_state = direct.init(PARAMS)
+  want, _ = jax.jit(_step(direct))(ec2t.ternary_params(PARAMS, direct_state), direct_state)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_linen_training_lands_exactly_on_the_grid(name):
+  params, opt_state = _trained(name)
+  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
+  _assert_on_grid(name, params)
+  unselected = PARAMS["Dense_0"]["kernel"]
+  assert not np.array_equal(params["Dense_0"]["kernel"], unselected)  # trained, not quantized
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_ternary_params_summary_and_set_phase_work(name):
+  params, opt_state = _trained(name)
+  summary = ec2t.summary(opt_state)
+  assert [row.path for row in summary.layers] == list(SELECTED)
+  assert int(ec2t.find_quantizer_state(opt_state).count) == STEPS
+  later = ec2t.set_phase(opt_state, 5)
+  assert int(ec2t.find_quantizer_state(later).phase) == 5
+  chex.assert_trees_all_equal(ec2t.ternary_params(params, later), params)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_export_round_trips_bitwise(name, tmp_path):
+  params, _ = _trained(name)
+  export.save(tmp_path / "m.ec2t", params)
+  loaded = export.load(tmp_path / "m.ec2t")
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert np.asarray(got).dtype == np.asarray(want).dtype
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_bf16_params_keep_their_dtype_and_land_on_the_grid(name):
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+  params, opt_state = _train(name, params)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
+  _assert_on_grid(name, params)
+
+
+class NnxMlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(8, WIDTH, rngs=rngs), nnx.Linear(WIDTH, WIDTH, rngs=rngs),
+                            nnx.Linear(WIDTH, WIDTH, rngs=rngs), nnx.Linear(WIDTH, 4, rngs=rngs)])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = nnx.relu(layer(x))
+    return self.layers[-1](x)
+
+
+NNX_ORDER = ec2t.Selection(order=tuple(f"layers/{i}/kernel" for i in range(4)))
+
+
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
+def test_nnx_optimizer_keeps_the_model_on_the_grid(name):
+  model = NnxMlp(nnx.Rngs(0))
+  tx = optax.chain(optax.sgd(0.05), SPECS[name].make_transform(selection=NNX_ORDER))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean((m(X) - Y) ** 2))(model))
+
+  for i in range(STEPS):
+    step(model, optimizer)
+    if i == 0 and _last_phase(name):
+      optimizer.opt_state = ec2t.set_phase(optimizer.opt_state, _last_phase(name))
+  state = nnx.as_pure(nnx.state(model, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, state,
+               ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  selected = [(f"layers/{i}/kernel", np.asarray(state["layers"][i]["kernel"])) for i in (1, 2)]
+  problems = SPECS[name].grid_for().problems(selected)
+  assert not problems, problems
+
+
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
+def test_sharded_over_8_devices_equals_one_device(name):
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 and x.shape[-1] == WIDTH
+                                 else P())
+  shard = lambda tree: jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+  params_1, state_1 = _trained(name)
+  params_8, state_8 = _train(name, shard=shard)
+  chex.assert_trees_all_close(params_8, params_1, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(ec2t.find_quantizer_state(state_8).leaves,
+                              ec2t.find_quantizer_state(state_1).leaves, atol=1e-6, rtol=1e-5)
+  assert params_8["Dense_1"]["kernel"].sharding.spec == P(None, "model")
+  _assert_on_grid(name, params_8)
+
+
+# ----------------------------------------------------------------- one-shot
+
+
+def _inputs(name):
+  supplied = {"key": jax.random.key(3), "apply_fn": lambda p, x: MODEL.apply({"params": p}, x),
+              "calibration_data": X}
+  return {k: supplied[k] for k in SPECS[name].inputs}
+
+
+@functools.cache
+def _one_shot(name, dtype=jnp.float32):
+  params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+  quantizer = SPECS[name].build(**FAST_KNOBS.get(name, {}), **_inputs(name))
+  return quantizer.instant(params, return_state=True)
+
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+def test_one_shot_lands_on_the_grid(name):
+  params, state = _one_shot(name)
+  _assert_on_grid(name, params)
+  assert [row.path for row in ec2t.summary(state).layers] == list(SELECTED)
+  chex.assert_trees_all_equal(params["Dense_0"], PARAMS["Dense_0"])
+
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+def test_one_shot_equals_the_public_function_bitwise(name):
+  spec = SPECS[name]
+  if spec.one_shot is None:
+    pytest.skip(f"{name} has no public one-shot function")
+  inputs = _inputs(name)
+  args = [inputs.pop(k) for k in ("apply_fn", "calibration_data") if k in inputs]
+  want = spec.one_shot(PARAMS, *args, **FAST_KNOBS.get(name, {}), **inputs)
+  got, _ = _one_shot(name)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
+  params, _ = _one_shot(name, jnp.bfloat16)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  export.save(tmp_path / "m.ec2t", params)
+  for got, want in zip(jax.tree.leaves(export.load(tmp_path / "m.ec2t")),
+                       jax.tree.leaves(params)):
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+# ------------------------------------------------------------ every method
+
+
+def _bad_values(knob):
+  if isinstance(knob.valid, core.Range):
+    if knob.valid.high != float("inf"):
+      return [knob.valid.high + 1.0]
+    return [knob.valid.low - 1.0]
+  if isinstance(knob.valid, tuple):
+    return ["not-a-choice"]
+  return []
+
+
+BAD_KNOBS = [(name, knob, value) for name, spec in sorted(SPECS.items())
+             for knob, k in sorted(spec.knobs.items()) for value in _bad_values(k)]
+
+
+@pytest.mark.parametrize("name, knob, value", BAD_KNOBS,
+                         ids=[f"{n}-{k}" for n, k, _ in BAD_KNOBS])
+def test_a_bad_knob_is_a_value_error_naming_it(name, knob, value):
+  with pytest.raises(ValueError, match=knob):
+    SPECS[name].build(**{knob: value}, **_inputs(name))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_rule_option_the_method_does_not_accept_is_a_value_error_naming_the_rule(name):
+  accepts = SPECS[name].build(**_inputs(name)).method.accepts
+  rule = (ec2t.Rule("Dense_1/kernel", gamma=0.3) if "ecp" in accepts.modes
+          else ec2t.Rule("Dense_1/kernel", mode="ecp", gamma=0.3))
+  if accepts.rule_gamma and "ecp" in accepts.modes:
+    pytest.skip(f"{name} accepts every rule option")
+  with pytest.raises(ValueError, match=r"'Dense_1/kernel'.*(mode 'ecp'|gamma=0.3)"):
+    quantizer = SPECS[name].build(selection=[rule], **_inputs(name))
+    quantizer.instant(PARAMS)
+
+
+def test_the_toy_method_is_registered_by_this_module_alone():
+  assert SPECS[TOY].kind == "train" and TOY in TRAINED
