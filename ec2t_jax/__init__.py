@@ -79,6 +79,7 @@ from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
+from ec2t_jax._src.methods.stage_restart import restart_on_stage
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.mcq import mcq
 from ec2t_jax._src.methods.mcq import mcq_quantize
@@ -186,6 +187,7 @@ __all__ = (
     "inq_quantize",
     # SLQ / MLQ
     "slq",
+    "restart_on_stage",
     "mlq",
     "SlqLeaf",
     # k-means
