@@ -414,9 +414,11 @@ def quantize_transform(
     state = init_state(method, params, chosen, hyper)
     if budget is None:
       return state
-    states, _ = flat_leaf_states(state.leaves)
+    # Leaves kept stacked in groups are read per leaf (GroupSlot resolved).
+    leaves = state.resolved_leaves()
+    states, _ = flat_leaf_states(leaves)
     return state._replace(budget=budget_lib.init_budget_state(
-        plan_of(params, state.leaves), states, target))
+        plan_of(params, leaves), states, target))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -429,7 +431,7 @@ def quantize_transform(
     keep = ~hyper_is_valid(hyper, hyper_ranges)
     step_hyper = hyper
     if budget is not None:
-      plan = plan_of(params, state.leaves)
+      plan = plan_of(params, state.resolved_leaves())
       keep |= ~budget_lib.target_is_valid(budget.kind, target, plan.smallest_bytes())
       step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
     step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
@@ -437,7 +439,7 @@ def quantize_transform(
     updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
     if budget is None:
       return updates, new_state
-    states, _ = flat_leaf_states(new_state.leaves)
+    states, _ = flat_leaf_states(new_state.resolved_leaves())
     controller = budget_lib.update_budget_state(
         plan, state.budget, states, target, state.count, state.phase >= 1, keep)
     return updates, new_state._replace(budget=controller)
