@@ -10,7 +10,10 @@ thresholds ``b_n, b_p`` from ``ternary.zero_boundaries`` (formula there);
 ``gamma = 0`` gives the midpoints ``-w_n / 2`` and ``w_p / 2``.
 
 Example:
-  >>> fig = weight_histogram(latent, 0.2, 0.25, gammas=(0.0, 0.15))  # doctest: +SKIP
+  >>> import numpy as np
+  >>> from ec2t_jax.plots import save_figure, weight_histogram
+  >>> latent = np.random.default_rng(0).normal(0.0, 0.2, 1000)  # a layer's latent weights
+  >>> fig = weight_histogram(latent, 0.2, 0.25, gammas=(0.0, 0.15))
   >>> save_figure(fig, "layer.png")  # doctest: +SKIP
 """
 
@@ -158,6 +161,7 @@ def accuracy_sparsity_front(points: Sequence[FrontPoint], *, reference: Optional
     The Figure.
 
   Example:
+    >>> from ec2t_jax.plots import accuracy_sparsity_front, FrontPoint
     >>> fig = accuracy_sparsity_front([FrontPoint("ttq", "t=0.05", 0.4, 0.985)])
   """
   fig = Figure(figsize=(7.0, 4.5), dpi=100)

@@ -1,5 +1,8 @@
 """Reference models for the EC2T examples: LeNets for MNIST, CIFAR ResNets, a GPT, PyTorch import.
 
+:func:`small_cnn_example` is the fixture of the docstring examples (a small CNN,
+its params, gradients and an EC2T chain's state).
+
 Example:
   >>> from ec2t_jax import models
   >>> net = models.get_model("resnet20", num_classes=10)
@@ -17,6 +20,7 @@ from ec2t_jax.models.gpt import GPT, GPTConfig, unstack_blocks
 from ec2t_jax.models.lenet import LeNet300100, LeNet5
 from ec2t_jax.models.resnet import (BasicBlock, CifarResNet, cifar_resnet, compound_scaled_resnet,
                                     zero_pad_shortcut)
+from ec2t_jax.models.small_cnn import SmallCNN, SmallCNNExample, small_cnn_example
 from ec2t_jax.models.supernet import (cifar_resnet_from_params, scale_pretrained_resnet,
                                       transfer_to_supernet)
 from ec2t_jax.models.torch_convert import (CheckpointMismatchError, convert_state_dict,
@@ -59,4 +63,6 @@ __all__ = [
     "convert_state_dict", "get_model", "load_state_dict", "load_torch_checkpoint",
     "scale_pretrained_resnet", "to_state_dict", "transfer_to_supernet", "unstack_blocks",
     "zero_pad_shortcut",
+    # The fixture of the docstring examples.
+    "SmallCNN", "SmallCNNExample", "small_cnn_example",
 ]

@@ -14,6 +14,8 @@ grow with depth. Unrolled, the blocks are ``blocks/0``, ``blocks/1``, ...
 
 Example:
   >>> from flax import nnx
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax.models import GPT, GPTConfig
   >>> model = GPT(GPTConfig(vocab_size=65, num_layers=2, width=32, num_heads=2,
   ...                       block_size=16), rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((3, 16), jnp.int32)).shape

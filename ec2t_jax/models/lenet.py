@@ -14,6 +14,7 @@ runs ternarize conv1 to fc2 and keep only the output layer in full precision:
 
 Example:
   >>> import jax, jax.numpy as jnp
+  >>> from ec2t_jax.models import LeNet5
   >>> model = LeNet5(num_classes=10)
   >>> variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape

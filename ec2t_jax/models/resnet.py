@@ -19,6 +19,7 @@ Super-networks (EC2T step one) scale depth and width EfficientNet-style:
 
 Example:
   >>> import jax, jax.numpy as jnp
+  >>> from ec2t_jax.models import cifar_resnet
   >>> model = cifar_resnet(20, num_classes=10)
   >>> variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   >>> sorted(variables)
@@ -173,6 +174,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, depth_multiplier: float =
     An uninitialised :class:`CifarResNet`.
 
   Example:
+    >>> from ec2t_jax.models import cifar_resnet
     >>> cifar_resnet(20).blocks_per_stage
     (3, 3, 3)
   """
@@ -208,6 +210,7 @@ def compound_scaled_resnet(base_depth: int = 44, phi: float = 3.5, alpha: float 
     An uninitialised :class:`CifarResNet`.
 
   Example:
+    >>> from ec2t_jax.models import compound_scaled_resnet
     >>> net = compound_scaled_resnet()
     >>> net.blocks_per_stage, net.stage_features
     ((23, 23, 23), (32, 64, 120))

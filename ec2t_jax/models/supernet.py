@@ -41,6 +41,7 @@ kernel ``K`` (0 keeps the function exactly).
 
 Example:
   >>> import jax, jax.numpy as jnp
+  >>> from ec2t_jax.models import cifar_resnet, scale_pretrained_resnet
   >>> base = cifar_resnet(8)
   >>> variables = jax.jit(base.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   >>> supernet, wide = scale_pretrained_resnet(base, variables, depth_multiplier=1.4,
@@ -97,6 +98,7 @@ def cifar_resnet_from_params(params: Mapping[str, Any], dtype: Any = jnp.float32
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from ec2t_jax.models import cifar_resnet, cifar_resnet_from_params
     >>> v = jax.eval_shape(lambda: cifar_resnet(32).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     >>> cifar_resnet_from_params(v["params"]).blocks_per_stage
     (5, 5, 5)

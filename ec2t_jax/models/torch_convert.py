@@ -29,6 +29,7 @@ as PyTorch does in eval mode, so inference is identical.
 
 Example:
   >>> import numpy as np
+  >>> from ec2t_jax.models import convert_state_dict
   >>> sd = {"fc.weight": np.zeros((3, 5), np.float32), "fc.bias": np.zeros(3, np.float32)}
   >>> params, batch_stats = convert_state_dict(sd)
   >>> params["fc"]["kernel"].shape, batch_stats
@@ -73,6 +74,7 @@ def flax_path(torch_key: str, ndim: int) -> tuple[str, tuple[str, ...]] | None:
     e.g. ``("batch_stats", ("layer1_0", "bn2", "var"))``.
 
   Example:
+    >>> from ec2t_jax.models.torch_convert import flax_path  # internal
     >>> flax_path("layer1.0.conv1.weight", 4)
     ('params', ('layer1_0', 'conv1', 'kernel'))
   """
@@ -201,6 +203,8 @@ def to_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | No
   strict=False)`` (``num_batches_tracked`` is not written).
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.models import to_state_dict
     >>> params = {"layer1_0": {"conv1": {"kernel": np.zeros((3, 3, 16, 32))}}}
     >>> {k: v.shape for k, v in to_state_dict(params).items()}
     {'layer1.0.conv1.weight': (32, 16, 3, 3)}

@@ -26,6 +26,7 @@ Bounded reading: ``build_report(..., max_bytes=...)`` and ``--max-bytes``
 status 2. Layers with NaN / inf weights are flagged in ``warnings``.
 
 Example:
+  >>> from ec2t_jax.report import build_report
   >>> r = build_report("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
   >>> round(r["sparsity"], 3), round(r["scoring_params"]), round(r["flops"] / 1e6, 1)  # doctest: +SKIP
   (0.639, 11810, 8.5)

@@ -31,6 +31,7 @@ def byte_size(text: str) -> int:
   """Parses ``4096``, ``512K``, ``64M``, ``4G`` or ``4GiB`` (binary units) into bytes.
 
   Example:
+    >>> from ec2t_jax._src.cli.cli_support import byte_size  # internal
     >>> byte_size("4G")
     4294967296
   """

@@ -105,6 +105,7 @@ class Budget:
       ``gain <= 0`` or a ``coding_ratio`` outside ``(0, 2]``.
 
   Example:
+    >>> from ec2t_jax import Budget
     >>> Budget(bits_per_weight=0.6).kind, Budget(sparsity=0.9).target
     ('bits_per_weight', 0.9)
   """
@@ -199,6 +200,8 @@ def sign_counts(symbols) -> jax.Array:
   """``(n_negative, n_zero, n_positive)`` of an array, float32.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.core.budget import sign_counts  # internal
     >>> sign_counts(jnp.array([-0.5, 0.0, 0.0, 2.0]))
     Array([1., 2., 1.], dtype=float32)
   """
@@ -222,6 +225,8 @@ def entropy_bits(counts) -> jax.Array:
   """``n x H0`` in bits from cluster counts: ``-sum_c k_c log2(k_c / n)``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.core.budget import entropy_bits  # internal
     >>> entropy_bits(jnp.array([1.0, 2.0, 1.0]))  # 4 weights x 1.5 bits
     Array(6., dtype=float32)
   """
@@ -241,6 +246,8 @@ def rate_and_sparsity(per_leaf_counts: Sequence) -> tuple[jax.Array, jax.Array]:
     :math:`(\\sum_l n_l H_l / N,\\ \\sum_l k_{0,l} / N)`.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.core.budget import rate_and_sparsity  # internal
     >>> r, s = rate_and_sparsity([jnp.array([1.0, 2.0, 1.0]), jnp.array([0.0, 4.0, 0.0])])
     >>> float(r), float(s)
     (0.75, 0.75)
@@ -267,6 +274,7 @@ def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) 
     selected leaf.
 
   Example:
+    >>> from ec2t_jax._src.core.budget import fixed_bytes  # internal
     >>> fixed_bytes([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
     160
   """
@@ -280,6 +288,7 @@ def bytes_to_rate(target_bytes, fixed: float, numel: int, coding_ratio: float):
   """The rate target (bits/weight) of a file size: ``8 (B - F) / (rho N)``.
 
   Example:
+    >>> from ec2t_jax._src.core.budget import bytes_to_rate  # internal
     >>> bytes_to_rate(1000.0, 100.0, 12000, 0.9)
     0.6666666666666666
   """
@@ -290,6 +299,7 @@ def rate_to_bytes(rate, fixed: float, numel: int, coding_ratio: float):
   """The predicted file size of a rate: ``F + rho N R / 8``.
 
   Example:
+    >>> from ec2t_jax._src.core.budget import rate_to_bytes  # internal
     >>> rate_to_bytes(2 / 3, 100.0, 12000, 0.9)
     1000.0
   """
@@ -300,6 +310,7 @@ def ramped_target(start, target, count, ramp_steps: int) -> jax.Array:
   """``start + (target - start) min(1, count / ramp_steps)`` (target if 0 steps).
 
   Example:
+    >>> from ec2t_jax._src.core.budget import ramped_target  # internal
     >>> float(ramped_target(1.5, 0.5, 25, 100))
     1.25
   """
@@ -314,6 +325,7 @@ def controller_step(multiplier, error, gain, low: float, high: float) -> jax.Arr
   """Dual ascent: ``clip(m + gain * error, low, high)``, float32.
 
   Example:
+    >>> from ec2t_jax._src.core.budget import controller_step  # internal
     >>> float(controller_step(0.5, 0.25, 0.4, 0.0, 1.0))
     0.6000000238418579
   """
@@ -329,6 +341,7 @@ def size_error(kind: str, measured, target, bits_per_byte: float = 1.0) -> jax.A
   same error in bits/weight.
 
   Example:
+    >>> from ec2t_jax._src.core.budget import size_error  # internal
     >>> [round(float(e), 6) for e in (size_error("sparsity", 0.8, 0.9),
     ...                               size_error("bytes", 700, 500, 0.001))]
     [0.1, 0.2]

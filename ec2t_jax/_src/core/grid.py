@@ -29,6 +29,8 @@ def snap_to_grid(values, dtype, reference=None) -> jax.Array:
     ``values`` on the grid, float32.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.core.grid import snap_to_grid  # internal
     >>> snap_to_grid(jnp.array([0.1, 0.3]), jnp.float32)  # q = 2^-23
     Array([0.10000002, 0.29999995], dtype=float32)
   """

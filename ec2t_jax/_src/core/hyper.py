@@ -59,6 +59,7 @@ def check_range(name: str, value, valid: Range) -> None:
       is not a scalar.
 
   Example:
+    >>> from ec2t_jax._src.core.hyper import check_range, Range  # internal
     >>> check_range("gamma", "0.2", Range(0.0, 1.0))
     Traceback (most recent call last):
     TypeError: gamma must be a real number in [0, 1], got '0.2' of type str

@@ -1,5 +1,8 @@
 """The method protocol: what a method provides and the state every method keeps.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 A method is a :class:`Method`: a per-leaf ``init_leaf`` and ``step_leaf``
 over a per-leaf state (a ``NamedTuple`` following :class:`LeafState`), plus
 what it declares about itself:
@@ -194,6 +197,8 @@ class QuantizerState(NamedTuple):
     """The tree of one per-leaf field (``None`` where unselected or absent).
 
     Example:
+      >>> from ec2t_jax.models import small_cnn_example
+      >>> state = small_cnn_example().state  # a small CNN (fixture)
       >>> state.field("latent")["Conv_1"]["kernel"].shape
       (3, 3, 4, 8)
       >>> state.field("w_p")["Conv_0"]  # unselected (first layer)

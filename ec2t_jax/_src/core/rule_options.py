@@ -25,8 +25,11 @@ def check_rules(method: Method, selection: selection_lib.Selection) -> None:
   Called at construction, so a bad rule fails before any params exist.
 
   Example:
+    >>> from ec2t_jax import Rule, Selection
+    >>> from ec2t_jax._src.core.protocol import Method  # internal
+    >>> from ec2t_jax._src.core.rule_options import check_rules  # internal
     >>> m = Method("twn", None, None)
-    >>> check_rules(m, selection_lib.Selection([selection_lib.Rule("conv", mode="ecp")]))
+    >>> check_rules(m, Selection([Rule("conv", mode="ecp")]))
     Traceback (most recent call last):
     ...
     ValueError: twn quantizes leaves in mode 'ternary' only; rule 0 ('conv') selects leaves with mode 'ecp'

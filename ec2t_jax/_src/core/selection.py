@@ -1,5 +1,8 @@
 """Which parameter leaves are ternarized, pruned (ECP) or left alone.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Leaves are named by their flattened path: the keys joined with ``/``, e.g.
 ``params/Conv_1/kernel`` for Flax Linen or ``layers/0/kernel`` for the
 ``nnx.State`` of an NNX model.
@@ -100,6 +103,7 @@ class Rule:
       agree with the trace when both are known.
 
   Example:
+    >>> from ec2t_jax import Rule
     >>> rules = [Rule(r"shortcut"), Rule(r"^head/", mode="skip"),
     ...          Rule(r"depthwise", mode="ecp", gamma=0.05),
     ...          Rule(r"^blocks/.*kernel$", stack_axes=(0,))]
@@ -225,10 +229,13 @@ class Selection:
     traced: the :class:`~ec2t_jax.ForwardOrder` itself (set from ``order``).
 
   Example:
-    >>> order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x),
-    ...                            params, x)  # doctest: +SKIP
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
+    >>> order = ec2t.forward_order(lambda p, x: ex.model.apply({"params": p}, x),
+    ...                            ex.params, ex.x)
     >>> tx = ec2t.ternarize_transform(
-    ...     selection=ec2t.Selection(order=order))  # doctest: +SKIP
+    ...     selection=ec2t.Selection(order=order))
   """
   rules: tuple[Rule, ...] = ()
   default: Union[Literal["paper", "all_but_last", "none"], Select] = "paper"
@@ -272,6 +279,7 @@ class Selection:
     which also decides *whether* a leaf is selected).
 
     Example:
+      >>> from ec2t_jax import Selection, Rule
       >>> Selection([Rule("conv", mode="ecp", gamma=0.1)]).leaf_rule("conv2/kernel")
       LeafPlan(path='conv2/kernel', mode='ecp', gamma=0.1, source='rule 0: conv')
       >>> Selection().leaf_rule("fc1/kernel")
@@ -437,6 +445,9 @@ def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
   them: slice 0 of each, then slice 1 of each, ...
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import Selection, Rule
+    >>> from ec2t_jax._src.core.selection import layer_ranks  # internal
     >>> params = {"a": {"kernel": jnp.ones((2, 2))},
     ...           "b": {"kernel": jnp.ones((3, 2, 2))},
     ...           "c": {"kernel": jnp.ones((3, 2, 2))}}
@@ -517,7 +528,19 @@ def describe_selection(params, selection: SelectionLike = None) -> str:
   """A table of every leaf: path, shape, dtype, mode, gamma and why.
 
   Example:
-    >>> print(describe_selection(params, [Rule("Conv_0", mode="ecp")]))  # doctest: +SKIP
+    >>> from ec2t_jax import Rule, describe_selection
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params = small_cnn_example().params  # a small CNN (fixture)
+    >>> print(describe_selection(params, [Rule("Conv_0", mode="ecp")]))
+    path            shape         dtype    mode     gamma   selected by
+    Conv_0/bias     (4,)          float32  ecp      global  rule 0: Conv_0
+    Conv_0/kernel   (3, 3, 1, 4)  float32  ecp      global  rule 0: Conv_0
+    Conv_1/bias     (8,)          float32  -        -       -
+    Conv_1/kernel   (3, 3, 4, 8)  float32  ternary  global  default
+    Dense_0/bias    (16,)         float32  -        -       -
+    Dense_0/kernel  (8, 16)       float32  ternary  global  default
+    Dense_1/bias    (10,)         float32  -        -       -
+    Dense_1/kernel  (16, 10)      float32  -        -       -
   """
   plans = as_selection(selection).plan(params)
   flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))

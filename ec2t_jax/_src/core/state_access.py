@@ -1,5 +1,8 @@
 """Reading and switching a method's state inside any optimizer state.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 The functions here find the :class:`QuantizerState` wherever it sits (inside
 ``optax.chain``, ``optax.inject_hyperparams``, :func:`ternarize`, or an
 ``nnx.Optimizer``), so users never index into optimizer states by hand. They
@@ -100,6 +103,9 @@ def set_phase(opt_state, phase: int):
     The new optimizer state (the same ``nnx.Optimizer`` for NNX).
 
   Example:
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> opt_state = small_cnn_example().opt_state  # a small CNN (fixture)
     >>> opt_state = ec2t.set_phase(opt_state, 1)
   """
   if isinstance(phase, bool) or int(phase) != phase or phase < 0:
@@ -132,6 +138,9 @@ def freeze_assignment(opt_state, frozen: bool = True):
     The new optimizer state (the same ``nnx.Optimizer`` for NNX).
 
   Example:
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> opt_state = small_cnn_example().opt_state  # a small CNN (fixture)
     >>> opt_state = ec2t.freeze_assignment(opt_state)
   """
   return set_phase(opt_state, 1 if frozen else 0)

@@ -1,4 +1,8 @@
-"""Per-layer introspection of a quantized model: ``ec2t.summary``."""
+"""Per-layer introspection of a quantized model: ``ec2t.summary``.
+
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ def value_entropy(values) -> float:
   ternary layer it equals :func:`~ec2t_jax.ternary_entropy` of its assignment.
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax._src.core.summary import value_entropy  # internal
     >>> value_entropy(np.array([0.5, -0.2, 0.0, 0.0]))
     1.5
   """
@@ -149,6 +155,9 @@ def summary(opt_state) -> Summary:
     / ``s.to_dict()`` as data.
 
   Example:
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> opt_state = small_cnn_example().opt_state  # a small CNN (fixture)
     >>> print(ec2t.summary(opt_state))  # doctest: +ELLIPSIS
     EC2T summary at step 0, phase 1
     path ...

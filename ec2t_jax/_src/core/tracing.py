@@ -15,6 +15,7 @@ which kernel).
 
 Example:
   >>> import jax.numpy as jnp
+  >>> from ec2t_jax import forward_order
   >>> params = {"b": {"kernel": jnp.ones((3, 2))}, "a": {"kernel": jnp.ones((2, 4))}}
   >>> forward_order(lambda p, x: x @ p["b"]["kernel"] @ p["a"]["kernel"],
   ...               params, jnp.ones((1, 3)))
@@ -277,6 +278,7 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from ec2t_jax import forward_order
     >>> class Net(nn.Module):
     ...   @nn.compact
     ...   def __call__(self, x):

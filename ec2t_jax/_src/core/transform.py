@@ -471,7 +471,8 @@ class Quantizer(NamedTuple):
       controller drives (see :func:`quantize_transform`); None: no budget.
 
   Example:
-    >>> from ec2t_jax._src.methods import twn
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods import twn  # internal
     >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
     >>> q.instant({"w": jnp.array([[1.0, -0.05, 0.5], [-0.75, 0.02, 0.1]])})["w"]
     Array([[ 0.75,  0.  ,  0.75],

@@ -28,6 +28,9 @@ JSON-able value:
 It also unwraps NNX objects into plain arrays (:func:`pure_tree`).
 
 Example:
+  >>> import jax
+  >>> import numpy as np
+  >>> from ec2t_jax._src.core.trees import flatten, unflatten, path_to_str  # internal
   >>> leaves, structure = flatten({"a": {"k": np.ones(2)}, "b": [np.zeros(1)]})
   >>> [name for name, _ in leaves]
   ['a/k', 'b/0']

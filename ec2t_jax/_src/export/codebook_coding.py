@@ -21,6 +21,8 @@ than ``1 - (K - 1)(f - 2^{-24})``, so each costs at least
 Stream: constriction's compressed ``u32`` words, little-endian, to the end.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.codebook_coding import encode, decode  # internal
   >>> s = np.random.default_rng(0).integers(0, 5, size=1000)
   >>> data = encode(s, 5)
   >>> assert (decode(data, s.size, 5) == s).all()
@@ -54,6 +56,7 @@ def capacity(stream_bytes: int, alphabet: int) -> int:
   """Most symbols a ``cb`` index stream of ``stream_bytes`` bytes can hold.
 
   Example:
+    >>> from ec2t_jax._src.export.codebook_coding import capacity  # internal
     >>> capacity(100, 2) < 400_000
     True
   """

@@ -116,6 +116,8 @@ value ``w_p``. Storage in the ternary codecs is exact, so the default round trip
 is bitwise (arrays come back native-endian with identical bits).
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax.export import pack, unpack
   >>> tree = {"w": np.array([[0.5, 0.0], [-0.25, 0.5]], np.float32)}
   >>> data = pack(tree)
   >>> assert (unpack(data)["w"] == tree["w"]).all()
@@ -197,6 +199,7 @@ def enforce_max_bytes(nbytes: int, max_bytes, *, prefix: str = "", suffix: str =
     ExportFormatError: if ``nbytes > max_bytes``.
 
   Example:
+    >>> from ec2t_jax._src.export.container import enforce_max_bytes  # internal
     >>> enforce_max_bytes(10, 100)
     100
   """

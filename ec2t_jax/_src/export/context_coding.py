@@ -49,6 +49,8 @@ Stream layout (little-endian)::
     u32 words[...]    constriction's compressed words, to the end
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.context_coding import encode, decode  # internal
   >>> s = np.random.default_rng(0).integers(0, 3, size=(8, 4, 3, 3))
   >>> data = encode(s, 3)
   >>> assert (decode(data, s.shape, 3) == s).all()
@@ -91,6 +93,7 @@ def capacity(stream_bytes: int, alphabet: int) -> int:
   """Most symbols a ``tc`` stream of ``stream_bytes`` bytes can hold (module docstring).
 
   Example:
+    >>> from ec2t_jax._src.export.context_coding import capacity  # internal
     >>> capacity(100, 3)
     306298
   """
@@ -105,6 +108,7 @@ def layouts(shape) -> tuple[Layout, ...]:
   ``itertools.combinations`` order) with ``1 < scan positions <= MAX_GROUPS``.
 
   Example:
+    >>> from ec2t_jax._src.export.context_coding import layouts  # internal
     >>> [tuple(l.channels) for l in layouts((64, 32, 3, 3))]
     [(), (0, 1)]
   """

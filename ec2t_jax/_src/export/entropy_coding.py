@@ -45,6 +45,8 @@ Stream layout (all little-endian)::
     u32 words[...]   constriction's compressed words, to the end of the stream
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.entropy_coding import encode_symbols, decode_symbols  # internal
   >>> s = np.random.default_rng(0).integers(0, 3, size=(16, 16, 3, 3))
   >>> data = encode_symbols(s, 3)
   >>> assert (decode_symbols(data, s.shape, 3) == s).all()
@@ -73,6 +75,7 @@ def min_symbol_bits(alphabet: int, floor: float = PROBABILITY_FLOOR) -> float:
   """Least cost of one symbol, ``-log2(1 - (K - 1) floor)`` bits.
 
   Example:
+    >>> from ec2t_jax._src.export.entropy_coding import min_symbol_bits  # internal
     >>> round(min_symbol_bits(3) * 1e7, 3)
     1.72
   """
@@ -85,6 +88,7 @@ def max_symbols(stream_bytes: int, alphabet: int, floor: float = PROBABILITY_FLO
   .. math:: n \\le \\frac{8 B + 64}{-\\log_2(1 - (K - 1) f)}
 
   Example:
+    >>> from ec2t_jax._src.export.entropy_coding import max_symbols  # internal
     >>> max_symbols(4, 3, floor=2.0**-8) < 20_000
     True
   """

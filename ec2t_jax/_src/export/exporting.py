@@ -4,6 +4,8 @@ The public names are re-exported by :mod:`ec2t_jax.export`; the format itself
 is :mod:`ec2t_jax._src.export.packing`.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax.export import save, load
   >>> info = save("/tmp/doc.ec2t", {"w": np.array([0.5, 0.0, -0.5, 0.5], np.float32)})
   >>> load("/tmp/doc.ec2t")["w"]
   array([ 0.5,  0. , -0.5,  0.5], dtype=float32)
@@ -75,6 +77,8 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
     The written file's :class:`PackedInfo`.
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.export import save
     >>> info = save("/tmp/model.ec2t", {"w": np.zeros(4, np.float32)})
     >>> info.records[0].codec
     'raw'

@@ -1,5 +1,8 @@
 """Ternary inference: compute with the assignment, not with the float weights.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 A ternary kernel ``T = w_p M_p - w_n M_n`` (``M_p``, ``M_n`` the 0/1 masks of
 clusters p and n) makes every output of a dense or conv layer
 
@@ -13,6 +16,8 @@ the equivalence, it does not claim a speed-up on CPU/GPU).
 its ``nn.Dense`` / ``nn.Conv`` calls whose kernel is ternary.
 
 Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax import TernaryWeight, ternary_dense
   >>> w = TernaryWeight(jnp.array([[1, 0], [-1, 1]], jnp.int8), 0.5, 0.25)
   >>> ternary_dense(jnp.ones((1, 2)), w)
   Array([[-0.25,  0.25]], dtype=float32)
@@ -168,8 +173,13 @@ def ternary_apply(model: nn.Module, variables, *args, method=None,
     ``model.apply``'s output.
 
   Example:
-    >>> y = ternary_apply(model, variables, x)  # doctest: +SKIP
-    >>> np.testing.assert_allclose(y, model.apply(variables, x), atol=1e-5)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> from ec2t_jax import ternary_apply
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
+    >>> model, variables, x = ex.model, {"params": ex.params}, ex.x
+    >>> y = ternary_apply(model, variables, x)
+    >>> np.testing.assert_allclose(y, model.apply(variables, x), atol=1e-5)
   """
   if ternary is None:
     ternary = ternary_weights(variables.get("params", {}))

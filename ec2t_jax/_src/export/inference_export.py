@@ -27,6 +27,8 @@ compute exactly ``s x + t``: ``mean = 0``, ``var = 1 - eps`` (so that
 ``sqrt(var + eps) = 1``), ``weight`` / ``scale = s``, ``bias = t``.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax.export import fold_batch_norm
   >>> state = {"bn.weight": np.array([2.0], np.float32), "bn.bias": np.array([1.0], np.float32),
   ...          "bn.running_mean": np.array([3.0], np.float32),
   ...          "bn.running_var": np.array([4.0 - 1e-5], np.float32)}

@@ -5,6 +5,8 @@ Shared by the container (:mod:`container`) and the record codecs
 and raises :class:`ExportFormatError`.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.leaf_bytes import from_le_bytes, to_le_bytes  # internal
   >>> x = np.array([1.5, -2.0], np.float32)
   >>> from_le_bytes(to_le_bytes(x), x.dtype, 2).tolist()
   [1.5, -2.0]

@@ -15,6 +15,7 @@ and all names of a file are distinct after the mapping a zip writer applies
 (``\\`` becomes ``/`` where it is the path separator).
 
 Example:
+  >>> from ec2t_jax._src.export.leaf_names import name_problem  # internal
   >>> name_problem("layers/0/kernel") is None
   True
   >>> name_problem("../etc/x")

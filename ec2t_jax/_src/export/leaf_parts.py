@@ -7,6 +7,8 @@ value ``w_p``; *per-filter ternary* when every slice along one axis is
 :data:`MAX_CODEBOOK` distinct bit patterns (:func:`codebook_parts`).
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax.export import ternary_parts
   >>> ternary_parts(np.array([0.3, 0.0, -0.2, 0.3], np.float32)).w_p
   0.30000001192092896
 """
@@ -56,6 +58,8 @@ def ternary_parts(array) -> Optional[TernaryParts]:
     :class:`TernaryParts` or ``None``.
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.export import ternary_parts
     >>> ternary_parts(np.array([0.3, 0.0, -0.2, 0.3], np.float32)).assignment
     array([ 1,  0, -1,  1], dtype=int8)
   """
@@ -123,6 +127,8 @@ def filter_ternary_parts(array, axes=None) -> Optional[FilterTernaryParts]:
     :class:`FilterTernaryParts` or ``None``.
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.export import filter_ternary_parts
     >>> w = np.array([[0.5, 0.0], [-0.5, 2.0], [0.0, -2.0]], np.float32)
     >>> parts = filter_ternary_parts(w)
     >>> parts.axis, parts.positive.tolist(), parts.symmetric
@@ -167,6 +173,8 @@ def codebook_parts(array, max_values: int = MAX_CODEBOOK):
   position of each element's value.
 
   Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.export import codebook_parts
     >>> values, indices = codebook_parts(np.array([4, 1, 4, 4], np.int32))
     >>> values.tolist(), indices.tolist()
     ([1, 4], [1, 0, 1, 1])

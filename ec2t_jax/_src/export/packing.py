@@ -9,6 +9,8 @@ registration each); the symbol coders behind one interface in
 codec registry, so a new codec appears in them by registration alone.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax.export import pack, unpack
   >>> tree = {"w": np.array([[0.5, 0.0], [-0.25, 0.5]], np.float32)}
   >>> data = pack(tree)
   >>> assert (unpack(data)["w"] == tree["w"]).all()

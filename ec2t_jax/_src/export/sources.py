@@ -12,6 +12,7 @@ Three kinds of input are recognised by content, not by name:
   ``params`` entry is taken (or the entries named by ``keys``).
 
 Example:
+  >>> from ec2t_jax.export import load_tree
   >>> loaded = load_tree("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
   >>> loaded.kind, len(loaded.tree)  # doctest: +SKIP
   ('npz', 116)

@@ -15,6 +15,8 @@ values while every slice along axis 0 has at most three (applied again to the
 slices for stacks of stacks).
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.stacking import split_stacked, restack  # internal
   >>> stacked = np.stack([np.array([[0.5, 0.0], [-0.25, 0.5]], np.float32),
   ...                     np.array([[0.0, 0.75], [-0.5, 0.0]], np.float32)])
   >>> tree, split = split_stacked({"blocks": {"kernel": stacked}})

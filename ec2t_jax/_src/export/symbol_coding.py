@@ -28,6 +28,8 @@ can hold (each coder's probability floor), checked before anything is
 allocated.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.export.symbol_coding import SEMI_STATIC, CONTEXT, CODEBOOK  # internal
   >>> s = np.array([[0, 1, 2], [2, 1, 0]])
   >>> all((c.decode(c.encode(s, 3), s.shape, 3) == s).all()
   ...     for c in (SEMI_STATIC, CONTEXT, CODEBOOK))

@@ -1,5 +1,8 @@
 """BitNet b1.58 (Ma et al., "The Era of 1-bit LLMs", 2024): absmean ternary weights.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Each layer's weights ``W`` are replaced by
 
 .. math:: \\tilde W = g \\, \\mathrm{clip}(\\mathrm{round}(W / g), -1, 1),
@@ -50,6 +53,8 @@ def absmean_ternarize(weights, epsilon=EPSILON) -> tuple[jax.Array, jax.Array]:
     scalar ``g``; the ternary weights are ``g * T``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import absmean_ternarize
     >>> a, g = absmean_ternarize(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     >>> a, g  # g = 1.97 / 6; |W| > g / 2 = 0.164 keeps 0.9, 0.3, -0.6
     (Array([ 1,  0,  1, -1,  0,  0], dtype=int8), Array(0.32833335, dtype=float32))
@@ -81,6 +86,8 @@ def quantize_activations_int8(x, epsilon=EPSILON) -> jax.Array:
     ``x`` on the per-token int8 grid, in ``x``'s dtype.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import quantize_activations_int8
     >>> quantize_activations_int8(jnp.array([[1.0, -0.5, 0.25, 0.003]]))
     Array([[ 1.       , -0.503937 ,  0.2519685,  0.       ]], dtype=float32)
   """
@@ -183,6 +190,10 @@ def bitnet(epsilon=EPSILON, *, selection: selection_lib.SelectionLike = None):
     whose leaves are :class:`BitNetLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import bitnet, ternary_params
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adamw(1e-3), bitnet())
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)

@@ -1,5 +1,8 @@
 """Post-training pruning via layer-wise calibration (Lazarevich, Kozlov, Malinin, 2021).
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 No training loop and no labels: only forward passes of the user's model on a
 few hundred calibration inputs (real, or :func:`fractal_images` for the
 data-free mode). At each sparsity level of a two-level ramp
@@ -37,8 +40,13 @@ axis are the output channels; the bias is the sibling leaf named ``bias``
 (a layer without one skips bias correction and tunes only its kernel).
 
 Example:
-  >>> apply_fn = lambda p, x: model.apply({"params": p}, x)  # doctest: +SKIP
-  >>> pruned = prune_calibrated(params, apply_fn, images[:300], sparsity=0.5)  # doctest: +SKIP
+  >>> import jax
+  >>> from ec2t_jax import fractal_images, prune_calibrated
+  >>> from ec2t_jax.models import small_cnn_example
+  >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params
+  >>> apply_fn = lambda p, x: ex.model.apply({"params": p}, x)
+  >>> images = fractal_images(300, (8, 8, 1), jax.random.key(0))  # doctest: +SKIP
+  >>> pruned = prune_calibrated(ex.params, apply_fn, images, sparsity=0.5)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -89,6 +97,8 @@ def global_magnitude_masks(kernels: Sequence[jax.Array], sparsity: float) -> lis
     Boolean masks (True = kept), one per kernel, with its shape.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.calibrated_pruning import global_magnitude_masks  # internal
     >>> [m.tolist() for m in global_magnitude_masks(
     ...     [jnp.array([3., 4.]), jnp.array([1., 0., 0.1])], 0.4)]
     [[True, True], [True, False, False]]

@@ -13,6 +13,8 @@ Initialisation is deterministic: centroids at the quantiles
 centroid. Iterations stop early when the assignment no longer changes.
 
 Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax import kmeans_1d
   >>> centroids, assignment = kmeans_1d(jnp.array([0., 1., 10., 11.]), 2)
   >>> centroids
   Array([ 0.5, 10.5], dtype=float32)

@@ -14,6 +14,8 @@ for ``C > 1`` channels, coloured by a random colour.
 Pixel values are in ``[0, 1]``; normalise them as you normalise real inputs.
 
 Example:
+  >>> import jax
+  >>> from ec2t_jax import fractal_images
   >>> images = fractal_images(4, (28, 28, 1), jax.random.key(0))
   >>> images.shape, bool(images.min() >= 0), bool(images.max() <= 1)
   ((4, 28, 28, 1), True, True)

@@ -1,5 +1,8 @@
 """Incremental Network Quantization (Zhou et al., ICLR 2017): the pure functions.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Each layer gets a power-of-two codebook from its largest magnitude
 ``s = max|W|``::
 
@@ -18,6 +21,8 @@ grows the frozen set to the next portion, choosing the largest of the still
 free weights.
 
 Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax import inq_quantize
   >>> w = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
   >>> inq_quantize(w, bits=3)
   Array([ 1. ,  0. ,  0.5, -0.5,  0. ,  0. ], dtype=float32)
@@ -103,6 +108,7 @@ def inq_codebook(max_abs: jax.Array, bits: int, dtype=jnp.float32) -> jax.Array:
   """The sorted codebook ``{-2^n1, ..., -2^n2, 0, 2^n2, ..., 2^n1}``.
 
   Example:
+    >>> from ec2t_jax import inq_codebook
     >>> inq_codebook(0.9, bits=3)
     Array([-1. , -0.5,  0. ,  0.5,  1. ], dtype=float32)
   """
@@ -137,6 +143,8 @@ def inq_quantize(weights: jax.Array, bits: int) -> jax.Array:
     An array of the same shape and dtype on the codebook.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import inq_quantize
     >>> w = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
     >>> inq_quantize(w, bits=2)
     Array([ 1.,  0.,  0., -1.,  0.,  0.], dtype=float32)
@@ -161,6 +169,8 @@ def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array
     A boolean mask with ``max(round(portion * n), count(frozen))`` entries set.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.inq import inq_frozen_mask  # internal
     >>> inq_frozen_mask(jnp.array([0.1, -0.9, 0.5, 0.2]),
     ...                 jnp.array([False, False, False, True]), 0.5)
     Array([False,  True, False,  True], dtype=bool)
@@ -274,9 +284,13 @@ def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
     :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`InqLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import inq, ternary_params
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), inq(bits=5, steps_per_stage=500))
     >>> opt_state = tx.init(params)
-    >>> params = ec2t.ternary_params(params, opt_state)  # first portion on the codebook
+    >>> params = ternary_params(params, opt_state)  # first portion on the codebook
   """
   return quantizer(bits, portions, steps_per_stage=steps_per_stage,
                    selection=selection).transform()

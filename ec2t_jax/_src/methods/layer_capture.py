@@ -1,5 +1,8 @@
 """Each weight layer's input, captured from forward passes of any JAX model.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 ``apply_fn(params, x)`` is traced once with :func:`jax.make_jaxpr` and the
 jaxpr is evaluated by a small interpreter that follows every parameter leaf
 to the ``dot_general`` / ``conv_general_dilated`` that consumes it (through
@@ -13,8 +16,14 @@ state) and plain functions; only forward passes of the user's model run.
 A leaf used by several layers is captured at its first use.
 
 Example:
-  >>> calls = capture_layer_inputs(apply_fn, params, x, [2])  # doctest: +SKIP
-  >>> y = calls[2].output(calls[2].inputs, kernel)             # doctest: +SKIP
+  >>> from ec2t_jax._src.methods.layer_capture import capture_layer_inputs  # internal
+  >>> from ec2t_jax.models import small_cnn_example
+  >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
+  >>> apply_fn = lambda p, x: ex.model.apply({"params": p}, x)
+  >>> calls, _ = capture_layer_inputs(apply_fn, ex.params, ex.x, [3])  # leaf 3: Conv_1/kernel
+  >>> y = calls[3].output(calls[3].inputs[0], ex.params["Conv_1"]["kernel"])
+  >>> y.shape  # Conv_1 before its bias and ReLU
+  (2, 8, 8, 8)
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ Test vector (``w = [0.5, -0.3, 0.2, 0]``, ``N = 4``, ``xi = 0.5``): hits
 ``[2, 1, 1, 0]``, ``q = [2, -1, 1, 0]``, scale ``0.25``.
 
 Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax._src.methods.mcq import mcq_hits  # internal
   >>> hits, scale = mcq_hits(jnp.array([0.5, -0.3, 0.2, 0.0]), 4, 0.5)
   >>> hits, scale
   (Array([ 2, -1,  1,  0], dtype=int32), Array(0.25, dtype=float32))
@@ -219,6 +221,9 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
       ``samples_per_weight`` is not a positive finite number.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import mcq
     >>> params = {"a": jnp.ones((3, 3)), "b": jnp.arange(12.).reshape(3, 4),
     ...           "c": jnp.ones((4, 2))}
     >>> quantized = mcq(params, 2.0, key=jax.random.key(0))

@@ -175,6 +175,7 @@ def get_method(name: str) -> MethodSpec:
   """The :class:`MethodSpec` registered as ``name``.
 
   Example:
+    >>> from ec2t_jax import get_method
     >>> get_method("twn").kind
     'train'
   """
@@ -189,6 +190,7 @@ def method_registry(kind: Optional[str] = None) -> dict[str, MethodSpec]:
   """Every registered method by name (only those of ``kind`` if given), sorted.
 
   Example:
+    >>> from ec2t_jax import method_registry
     >>> sorted(method_registry("one_shot"))
     ['mcq', 'prune']
   """

@@ -27,6 +27,8 @@
   so the later layers, still full precision, compensate.
 
 Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax._src.methods.slq import quantize_centroids  # internal
   >>> quantize_centroids(jnp.array([-0.3, 0.01, 0.2]))  # levels="power_of_two"
   Array([-0.25,  0.  ,  0.25], dtype=float32)
 """
@@ -53,6 +55,7 @@ def num_clusters(bits: int) -> int:
   """``2^(b-1) + 1`` clusters for ``b`` bits (3 for ternary, 17 at 5 bits), as the official code.
 
   Example:
+    >>> from ec2t_jax._src.methods.slq import num_clusters  # internal
     >>> [num_clusters(b) for b in (2, 3, 5)]
     [3, 5, 17]
   """
@@ -99,6 +102,8 @@ def float_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
   """The layer's ``k`` float levels: k-means centroids, the one nearest zero set to 0.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.slq import float_levels  # internal
     >>> float_levels(jnp.array([-1.0, -1.0, 0.125, -0.125, 0.25, 0.75]), 3)
     Array([-1.  ,  0.  ,  0.75], dtype=float32)
   """
@@ -123,6 +128,8 @@ def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, loc
     power_of_two: round the moved levels to signed powers of two.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.slq import recluster_levels  # internal
     >>> recluster_levels(jnp.array([-2.0, -1.0, 0.0, 0.5, 0.75]),
     ...                  jnp.array([0, 1, 1, 1, 1], bool),  # -2.0 is frozen: not clustered
     ...                  jnp.array([-1.5, 0.0, 0.5]), jnp.array([False, False, False]))
@@ -352,6 +359,8 @@ def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
     :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import slq
     >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
   """
   return slq_quantizer(bits, portions, steps_per_stage=steps_per_stage, selection=selection,
@@ -383,6 +392,8 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
     :class:`~ec2t_jax.QuantizerState` whose leaves are :class:`SlqLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import mlq
     >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
   """
   return mlq_quantizer(portions, steps_per_stage=steps_per_stage, selection=selection,

@@ -1,5 +1,8 @@
 """Sparsity-inducing regularisation for ternary networks (Faraone et al., 2017).
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Faraone et al. train in three stages: (1) with L2 plus a regulariser that
 pushes weights under the ternarisation threshold, (2) prune the weights that
 quantise to zero, (3) retrain the survivors as a ternary network. The paper's
@@ -54,6 +57,8 @@ def threshold_density(weights, factor=twn.LAYER_FACTOR, temperature=0.25) -> jax
     float32 scalar in ``(0, 1)``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import threshold_density
     >>> d = threshold_density(jnp.array([1.0, -1.0]), factor=0.5, temperature=0.25)
     >>> round(float(d), 4)  # sigmoid((1 - 0.5) / 0.125) = sigmoid(4)
     0.982
@@ -95,8 +100,16 @@ def sparsity_regularizer(
     ``jax.grad``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from ec2t_jax import sparsity_regularizer
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
     >>> reg = sparsity_regularizer(l2=1e-4, strength=1e-2)
-    >>> loss = lambda p, x, y: cross_entropy(model.apply(p, x), y) + reg(p)
+    >>> cross_entropy = optax.softmax_cross_entropy_with_integer_labels
+    >>> loss = lambda p, x, y: cross_entropy(ex.model.apply({"params": p}, x), y).mean() + reg(p)
+    >>> bool(loss(ex.params, ex.x, jnp.array([3, 7])) > 0)
+    True
   """
   ternary_ops.check_range("l2", l2, 0.0)
   ternary_ops.check_range("strength", strength, 0.0)
@@ -200,10 +213,15 @@ def quantization_pruning(factor=twn.LAYER_FACTOR, *,
     whose leaves are :class:`PrunedTernaryLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import quantization_pruning, set_phase, sparsity_regularizer
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> reg = sparsity_regularizer(l2=1e-4, strength=1e-2)
     >>> tx = optax.chain(optax.adam(1e-3), quantization_pruning())
+    >>> opt_state = tx.init(params)
     >>> # ... train with loss + reg(params), then:
-    >>> opt_state = ec2t.set_phase(opt_state, 1)   # prune, retrain ternary
+    >>> opt_state = set_phase(opt_state, 1)   # prune, retrain ternary
   """
   return quantizer(factor, selection=selection).transform()
 

@@ -36,6 +36,9 @@ def stage_sum(quantizer_state) -> jax.Array:
   """The sum of the ``stage`` fields of a quantizer state's leaves (0 if none has one).
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax._src.methods.stage_restart import stage_sum  # internal
     >>> tx = ec2t.inq(2, (0.5, 1.0), selection=lambda path, leaf: True)
     >>> int(stage_sum(tx.init({"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))})))  # stage 0, 0
     0
@@ -61,8 +64,10 @@ def restart_on_stage(inner: optax.GradientTransformation,
     find the method's state inside it as usual.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import inq, restart_on_stage
     >>> tx = restart_on_stage(optax.adam(optax.cosine_decay_schedule(1e-3, 500)),
-    ...                       ec2t.inq(5, steps_per_stage=500))
+    ...                       inq(5, steps_per_stage=500))
   """
 
   def init_fn(params):

@@ -67,6 +67,8 @@ def sttn_scale(w1, w2, *, per_filter: bool = True) -> jax.Array:
       broadcasting; the paper) or one for the whole kernel.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import sttn_scale
     >>> sttn_scale(jnp.array([0.5, -0.2, 0.3, -0.4]),
     ...            jnp.array([0.1, 0.3, -0.2, -0.6]), per_filter=False)
     Array(0.325, dtype=float32)
@@ -84,6 +86,8 @@ def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.A
     ``alpha``; the kernel is ``2 * alpha * assignment``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import sttn_ternarize
     >>> a, alpha = sttn_ternarize(jnp.array([0.5, -0.2, 0.3, -0.4]),
     ...                           jnp.array([0.1, 0.3, -0.2, -0.6]), per_filter=False)
     >>> a, 2 * alpha * a
@@ -119,6 +123,8 @@ def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True
   moves by the inner optimizer's step, not ``alpha`` times it.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.sttn import sttn_latent_steps  # internal
     >>> s1, s2 = sttn_latent_steps(jnp.array([0.1, 0.1]), jnp.array([0.5, 2.0]),
     ...                            jnp.array([0.5, -0.5]), per_filter=False)
     >>> s1, s2  # scale term: (0.1 * 2 + 0.1 * 0) / 4 = 0.05
@@ -151,6 +157,8 @@ def sttn_init(weights, factor=twn.LAYER_FACTOR) -> tuple[jax.Array, jax.Array]:
   magnitude ``2 alpha`` is the mean of ``max(|W|, Delta)`` per filter.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import sttn_init
     >>> w1, w2 = sttn_init(jnp.array([0.5, 0.125, -0.5]), factor=1.0)  # Delta = 0.375
     >>> w1, w2
     (Array([ 0.4375,  0.25  , -0.0625], dtype=float32), Array([ 0.0625, -0.125 , -0.4375], dtype=float32))
@@ -170,6 +178,8 @@ def ternary_activation(x, threshold: float = 0.5) -> jax.Array:
   Linen or NNX models (``nn.Sequential([..., ec2t.ternary_activation])``).
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ternary_activation
     >>> ternary_activation(jnp.array([-0.7, 0.2, 0.6]))
     Array([-1.,  0.,  1.], dtype=float32)
   """
@@ -267,6 +277,8 @@ def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
     whose leaves are :class:`STTNLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import sttn
     >>> tx = optax.chain(optax.adam(1e-3), sttn())
   """
   return quantizer(init_factor, per_filter=per_filter, latent_step=latent_step,

@@ -62,6 +62,8 @@ def threshold_assign(weights, threshold) -> jax.Array:
     ``int8`` assignment in ``{-1, 0, 1}`` of ``weights``' shape.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import threshold_assign
     >>> threshold_assign(jnp.array([0.5, -0.1, -0.4]), 0.2)
     Array([ 1,  0, -1], dtype=int8)
   """

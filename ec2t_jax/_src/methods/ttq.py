@@ -39,6 +39,8 @@ def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD) -> jax.Array:
     threshold: the fraction ``t`` in ``[0, 1]``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ttq_threshold
     >>> ttq_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     Array(0.045, dtype=float32)
   """
@@ -59,6 +61,8 @@ def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
     sparsity: the fraction ``r`` in ``[0, 1]``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ttq_sparsity_threshold
     >>> ttq_sparsity_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.5)
     Array(0.1, dtype=float32)
   """
@@ -72,6 +76,8 @@ def ttq_assign(weights, delta) -> jax.Array:
   """TTQ clusters: ``+1`` where ``W > Delta``, ``-1`` where ``W < -Delta``, else 0.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ttq_assign
     >>> ttq_assign(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.045)
     Array([ 1, -1,  1, -1,  0,  1], dtype=int8)
   """
@@ -232,6 +238,8 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
     whose leaves are :class:`TTQLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import ttq
     >>> tx = optax.chain(optax.adam(1e-3), ttq(threshold=0.05))
     >>> tx_sparse = optax.chain(optax.adam(1e-3), ttq(sparsity=0.6))
   """

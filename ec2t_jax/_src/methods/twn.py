@@ -1,5 +1,8 @@
 """Pure functions of Ternary Weight Networks (Li, Zhang, Liu, 2016).
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 TWN approximates ``W`` by ``alpha * T`` with ``T in {-1, 0, 1}``, minimising
 ``||W - alpha T||^2``. For a threshold ``Delta`` (``T_i = sign(W_i)`` where
 ``|W_i| > Delta``) the best scale is the mean magnitude of the kept weights,
@@ -44,6 +47,8 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
     float32 threshold(s), broadcastable against ``weights``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import twn_threshold
     >>> twn_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))  # 0.7 * 0.32833
     Array(0.22983333, dtype=float32)
   """
@@ -58,6 +63,8 @@ def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
   Zero where nothing is kept (an all-zero layer or filter).
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import twn_scale
     >>> w = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1])
     >>> twn_scale(w, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
     Array(0.6, dtype=float32)
@@ -80,6 +87,8 @@ def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
     scale(s); the ternary weights are ``alpha * assignment``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import twn_ternarize
     >>> a, alpha = twn_ternarize(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     >>> a, alpha
     (Array([ 1,  0,  1, -1,  0,  0], dtype=int8), Array(0.6, dtype=float32))
@@ -108,6 +117,8 @@ def twn_optimal_threshold(weights) -> jax.Array:
   magnitude not kept (0 when everything is kept). ``O(n log n)``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import twn_optimal_threshold
     >>> twn_optimal_threshold(jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]))
     Array(0.3, dtype=float32)
   """
@@ -214,6 +225,10 @@ def twn(threshold: str = "layer", factor=None, *,
     whose leaves are :class:`TWNLeaf`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import twn, ternary_params
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), twn(threshold="layer"))
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)

@@ -1,5 +1,8 @@
 """The paper's storage and operation accounting (MicroNet rules), and energy.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Storage ("scoring parameters", 1 parameter = 32 bits). Per weight layer, with
 ``n`` weights, ``nnz`` non-zeros, ``M`` output rows and ``b = 16`` bits per
 stored value (half precision):
@@ -47,7 +50,17 @@ the tree adder switched on (its published script leaves them off for this
 model).
 
 Example:
-  >>> scores = score_layers(flat_weights, cifar_resnet_geometry(shapes))  # doctest: +SKIP
+  >>> import numpy as np
+  >>> from ec2t_jax.report import trace_geometry
+  >>> from ec2t_jax._src.report.accounting import score_layers  # internal
+  >>> from ec2t_jax.models import small_cnn_example
+  >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
+  >>> layers = trace_geometry(lambda p, x: ex.model.apply({"params": p}, x), ex.params, ex.x[:1])
+  >>> flat_weights = {f"{name}/{leaf}": np.asarray(value)
+  ...                 for name, layer in ex.params.items() for leaf, value in layer.items()}
+  >>> scores = score_layers(flat_weights, layers)
+  >>> len(scores)
+  4
 """
 
 from __future__ import annotations

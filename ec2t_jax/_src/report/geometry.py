@@ -1,5 +1,8 @@
 """Layer geometry for operation counts: which weights are convs, and on what feature maps.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 Counting operations needs, per weight layer, its output feature-map size,
 which a parameter tree alone does not hold. Two sources:
 
@@ -18,8 +21,14 @@ Either result saves to JSON (:func:`save_geometry`) for the report command
 (``python -m ec2t_jax.report PATH --geometry FILE``).
 
 Example:
-  >>> fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)  # doctest: +SKIP
-  >>> layers = trace_geometry(fn, params, jnp.zeros((1, 32, 32, 3)))  # doctest: +SKIP
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax.report import save_geometry, trace_geometry
+  >>> from ec2t_jax.models import small_cnn_example
+  >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params
+  >>> fn = lambda p, x: ex.model.apply({"params": p}, x)
+  >>> layers = trace_geometry(fn, ex.params, jnp.zeros((1, 8, 8, 1)))
+  >>> [(layer.kind, layer.out_hw) for layer in layers]
+  [('conv', (8, 8)), ('conv', (8, 8)), ('dense', (1, 1)), ('dense', (1, 1))]
   >>> save_geometry("geometry.json", layers)  # doctest: +SKIP
 """
 

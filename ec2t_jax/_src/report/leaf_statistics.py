@@ -10,6 +10,8 @@ floating point, at least three elements, exactly three distinct bit patterns,
 all finite, one negative, one zero (``+0`` or ``-0``) and one positive.
 
 Example:
+  >>> import numpy as np
+  >>> from ec2t_jax._src.report.leaf_statistics import leaf_statistics  # internal
   >>> s = leaf_statistics(np.array([0.3, 0.0, -0.2, 0.3, 0.0], np.float32))
   >>> s.zeros, s.counts, round(s.w_n, 6), round(s.w_p, 6)
   (2, (1, 2, 2), 0.2, 0.3)

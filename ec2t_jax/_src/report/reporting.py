@@ -8,6 +8,7 @@ its entry, a ``warnings`` line in the report and ``NONFINITE`` in the text
 table): such a layer is never counted as ternary, and the flag says why.
 
 Example:
+  >>> from ec2t_jax.report import build_report
   >>> r = build_report("resnet20_ec2t_spars64.npz")  # doctest: +SKIP
   >>> round(r["sparsity"], 3), round(r["scoring_params"]), round(r["flops"] / 1e6, 1)  # doctest: +SKIP
   (0.639, 11810, 8.5)
@@ -210,6 +211,7 @@ def build_report(source, *, geometry: GeometryLike = "auto",
 
   Example:
     >>> import numpy as np
+    >>> from ec2t_jax.report import build_report
     >>> tree = {"fc": {"kernel": np.array([[0.5, 0.0], [-0.5, 0.5]], np.float32)}}
     >>> r = build_report(tree, geometry="none")
     >>> r["sparsity"], r["layers"][0]["ternary"], r["layers"][0]["w_n"]

@@ -8,6 +8,7 @@ check, the dtype rules, the decoder). When two candidates give streams of the
 same length, the one registered first wins.
 
 Example:
+  >>> from ec2t_jax._src.export.record_codecs import codecs_for_version  # internal
   >>> [c.name for c in codecs_for_version(1)]
   ['raw', 'zs', 'tb', 'te', 'sb', 'se']
 """

@@ -1,5 +1,8 @@
 """EC2T as a method of the shared core: its per-leaf state and step.
 
+Examples build their model, params or optimizer state with the fixture
+:func:`ec2t_jax.models.small_cnn_example`.
+
 The pure math lives in ``_src/methods/ec2t/ternary.py``; this module says what one selected
 leaf holds (:class:`EC2TLeaf`, or :class:`ECPLeaf` for entropy-constrained
 pruning) and how one step moves it (:func:`advance_leaf`). The chain form
@@ -94,6 +97,8 @@ def cluster_means(values, assignment, fallback_n, fallback_p):
   A cluster that is empty gets its fallback.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.ec2t.chain import cluster_means  # internal
     >>> cluster_means(jnp.array([1.0, 3.0, -2.0]), jnp.array([1, 1, 0]), 0.0, 9.0)
     (Array(0., dtype=float32), Array(2., dtype=float32))
   """
@@ -346,6 +351,10 @@ def ternarize_transform(
     whose leaves are :class:`EC2TLeaf` (or :class:`ECPLeaf`).
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import ternarize_transform, ternary_params
+    >>> from ec2t_jax.models import small_cnn_example
+    >>> params, grads = small_cnn_example()[:2]  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), ternarize_transform(gamma=0.2))
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)

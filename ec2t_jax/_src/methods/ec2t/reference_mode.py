@@ -95,6 +95,8 @@ def ternarize(
     :class:`TernarizeReferenceState`.
 
   Example:
+    >>> import optax
+    >>> from ec2t_jax import ternarize
     >>> tx = ternarize(optax.adam(1e-4), optax.adam(1e-4), optax.adam(1e-5),
     ...                gamma=0.15)
   """
@@ -209,6 +211,7 @@ def reference_optimizer(
   Every other argument is forwarded to :func:`ternarize`.
 
   Example:
+    >>> from ec2t_jax import reference_optimizer
     >>> tx = reference_optimizer(gamma=0.15, init_scale=0.3)
   """
   return ternarize(

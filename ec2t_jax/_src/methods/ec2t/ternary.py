@@ -68,6 +68,8 @@ def nearest_centroid_assign(weights, w_n, w_p, *, ties: Ties = "zero") -> jax.Ar
     ``int8`` assignment of ``weights``' shape with values in ``{-1, 0, 1}``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import nearest_centroid_assign
     >>> nearest_centroid_assign(jnp.array([0.4, 0.1, -0.3]), 0.5, 0.5)
     Array([ 1,  0, -1], dtype=int8)
     >>> nearest_centroid_assign(jnp.array([-0.25]), 0.5, 0.5, ties="reference")
@@ -154,6 +156,8 @@ def cluster_probabilities(
     float32 array ``(P_n, P_0, P_p)``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import cluster_probabilities
     >>> cluster_probabilities(jnp.array([1, 1, 1, -1], jnp.int8))
     Array([0.125, 0.5  , 0.375], dtype=float32)
   """
@@ -180,6 +184,8 @@ def information_content(probabilities) -> jax.Array:
   """Information content ``I_c = -log2 P_c`` in bits.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import information_content
     >>> information_content(jnp.array([0.25, 0.5, 0.25]))
     Array([2., 1., 2.], dtype=float32)
   """
@@ -190,6 +196,8 @@ def extremes(weights) -> tuple[jax.Array, jax.Array]:
   """``(|min W|, |max W|)`` as float32 scalars.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.ec2t.ternary import extremes  # internal
     >>> extremes(jnp.array([0.5, -2.0, 1.0]))
     (Array(2., dtype=float32), Array(1., dtype=float32))
   """
@@ -253,6 +261,7 @@ def layer_size_decay(numels: Sequence[int], sustain: float = 0.05):
     A tuple of factors in ``(0, 1]``, one per layer; the largest layer gets 1.
 
   Example:
+    >>> from ec2t_jax import layer_size_decay
     >>> layer_size_decay([100, 50], sustain=0.0)
     (1.0, 0.5)
   """
@@ -297,6 +306,8 @@ def entropy_constrained_assign(
     ``(assignment, lam)``: the ``int8`` assignment and the lambda used.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import entropy_constrained_assign
     >>> w = jnp.array([0.9, 0.1, 0.15, -0.05, -0.6])
     >>> a, lam = entropy_constrained_assign(w, 0.3, 0.3, gamma=0.5)
   """
@@ -323,6 +334,8 @@ def entropy_constrained_lambda(
   and ``lambda = gamma * size_decay * lambda_max(W, w_n, w_p, I)``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.ec2t.ternary import entropy_constrained_lambda  # internal
     >>> lam, info = entropy_constrained_lambda(
     ...     jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1]), 0.3, 0.45, gamma=0.0)
     >>> float(lam), [round(float(i), 4) for i in info]  # P = (1/6, 1/2, 1/3)
@@ -353,6 +366,8 @@ def zero_boundaries(w_n, w_p, lam, information) -> tuple[jax.Array, jax.Array]:
     float32 ``(b_n, b_p)``: weights strictly between them are assigned zero.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.ec2t.ternary import zero_boundaries  # internal
     >>> zero_boundaries(0.5, 0.25, 0.0, jnp.ones(3))
     (Array(-0.25, dtype=float32), Array(0.125, dtype=float32))
   """
@@ -365,6 +380,8 @@ def ternary_values(assignment, w_n, w_p, dtype=jnp.float32) -> jax.Array:
   """The ternary weights ``T`` of an assignment: ``w_p``, ``0`` or ``-w_n``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ternary_values
     >>> ternary_values(jnp.array([1, 0, -1], jnp.int8), 0.2, 0.3)
     Array([ 0.3,  0. , -0.2], dtype=float32)
   """
@@ -457,6 +474,8 @@ def ternary_entropy(assignment) -> jax.Array:
   with the plain frequencies (no EC2T guards). At most ``log2 3`` bits.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import ternary_entropy
     >>> ternary_entropy(jnp.array([1, -1, 0, 0], jnp.int8))
     Array(1.5, dtype=float32)
   """
