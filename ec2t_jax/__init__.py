@@ -8,7 +8,7 @@ Sparse ternary networks by wrapping your optax optimizer::
   params = ec2t.ternary_params(params, opt_state)
 
 Other train-time ternary methods plug into the same chain position and tools:
-``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn`` and Faraone et al.'s
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
 Every method is registered by name with its kind (train / staged /
@@ -63,6 +63,10 @@ from ec2t_jax._src.methods.sttn import sttn_init
 from ec2t_jax._src.methods.sttn import sttn_scale
 from ec2t_jax._src.methods.sttn import sttn_ternarize
 from ec2t_jax._src.methods.sttn import ternary_activation
+from ec2t_jax._src.methods.bitnet import absmean_ternarize
+from ec2t_jax._src.methods.bitnet import bitnet
+from ec2t_jax._src.methods.bitnet import BitNetLeaf
+from ec2t_jax._src.methods.bitnet import quantize_activations_int8
 from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
@@ -75,6 +79,7 @@ from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
+from ec2t_jax._src.methods.stage_restart import restart_on_stage
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.mcq import mcq
 from ec2t_jax._src.methods.mcq import mcq_quantize
@@ -91,7 +96,11 @@ from ec2t_jax._src.core.selection import Selection
 from ec2t_jax._src.core.selection import LeafPlan
 from ec2t_jax._src.core.selection import describe_selection
 from ec2t_jax._src.core.tracing import forward_order
+from ec2t_jax._src.core.tracing import ForwardOrder
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core.budget import Budget
+from ec2t_jax._src.core.budget import BudgetState
+from ec2t_jax._src.core import StackedLeaf
 from ec2t_jax._src.core.state_access import find_quantizer_state
 from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
 from ec2t_jax._src.core.state_access import ternary_params
@@ -122,6 +131,8 @@ __all__ = (
     "TernarizeReferenceState",
     # EC2T's pure functions
     "assign_by_cost",
+    "Budget",
+    "BudgetState",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",
@@ -157,6 +168,11 @@ __all__ = (
     "sttn_scale",
     "sttn_ternarize",
     "ternary_activation",
+    # BitNet b1.58
+    "bitnet",
+    "BitNetLeaf",
+    "absmean_ternarize",
+    "quantize_activations_int8",
     # Faraone et al.
     "quantization_pruning",
     "PrunedTernaryLeaf",
@@ -171,6 +187,7 @@ __all__ = (
     "inq_quantize",
     # SLQ / MLQ
     "slq",
+    "restart_on_stage",
     "mlq",
     "SlqLeaf",
     # k-means
@@ -193,9 +210,11 @@ __all__ = (
     "LeafPlan",
     "describe_selection",
     "forward_order",
+    "ForwardOrder",
     # State and tools for every method
     "QuantizerState",
     "TernarizeState",
+    "StackedLeaf",
     "find_quantizer_state",
     "find_ternarize_state",
     "ternary_params",

@@ -25,6 +25,12 @@ needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8,
     reason="needs 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "
            "(tests/conftest.py sets it)")
+_TFDS_ENV = pathlib.Path(os.environ.get("TFDS_DATA_DIR", str(MNIST_DATA_DIR)))
+SHAKESPEARE_DATA_DIR = (MNIST_DATA_DIR if (MNIST_DATA_DIR / "tiny_shakespeare").is_dir()
+                        else _TFDS_ENV)
+needs_shakespeare = pytest.mark.skipif(
+    not (SHAKESPEARE_DATA_DIR / "tiny_shakespeare").is_dir(),
+    reason=f"tiny_shakespeare not prepared in {SHAKESPEARE_DATA_DIR} (or $TFDS_DATA_DIR)")
 needs_mnist = pytest.mark.skipif(not (MNIST_DATA_DIR / "mnist").is_dir(),
                                  reason=f"MNIST not prepared in {MNIST_DATA_DIR}")
 

@@ -9,7 +9,8 @@ way and their values as floats; everything else is stored as is (float16 on
 request). The file is versioned (version 2; version-1 files are still read),
 has a magic number and a SHA-256 checksum, and restores the same tree with
 bitwise-identical arrays. The format is specified in
-:mod:`ec2t_jax._src.export.packing`, the context model in
+:mod:`ec2t_jax._src.export.container` (one module per record codec in
+:mod:`ec2t_jax._src.export.record_codecs`), the context model in
 :mod:`ec2t_jax._src.export.context_coding`.
 
 Python API::

@@ -1,4 +1,4 @@
-"""Reference models for the EC2T examples: LeNets for MNIST, CIFAR ResNets, PyTorch import.
+"""Reference models for the EC2T examples: LeNets for MNIST, CIFAR ResNets, a GPT, PyTorch import.
 
 Example:
   >>> from ec2t_jax import models
@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from ec2t_jax.models.gpt import GPT, GPTConfig, unstack_blocks
 from ec2t_jax.models.lenet import LeNet300100, LeNet5
 from ec2t_jax.models.resnet import (BasicBlock, CifarResNet, cifar_resnet, compound_scaled_resnet,
                                     zero_pad_shortcut)
@@ -53,8 +54,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "BasicBlock", "CheckpointMismatchError", "CifarResNet", "LeNet300100", "LeNet5",
+    "BasicBlock", "CheckpointMismatchError", "CifarResNet", "GPT", "GPTConfig", "LeNet300100", "LeNet5",
     "MODEL_NAMES", "cifar_resnet", "cifar_resnet_from_params", "compound_scaled_resnet",
     "convert_state_dict", "get_model", "load_state_dict", "load_torch_checkpoint",
-    "scale_pretrained_resnet", "to_state_dict", "transfer_to_supernet", "zero_pad_shortcut",
+    "scale_pretrained_resnet", "to_state_dict", "transfer_to_supernet", "unstack_blocks",
+    "zero_pad_shortcut",
 ]

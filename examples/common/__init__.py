@@ -12,6 +12,7 @@ Modules, one job each:
   global batches from per-process parts;
 * ``checkpoint`` -- orbax checkpoints (latest + best) of the whole train state;
 * ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
+* ``kill_points`` -- a test hook: kill the process at a named write (``--resume`` tests);
 * ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
 * ``pipeline``   -- the whole job: FP -> EC2T phase 1 -> phase 2 -> report;
 * ``report``     -- sizes and the one-screen final report;

@@ -15,6 +15,15 @@ is complete, and older checkpoints are deleted only after that. A crash during
 a save therefore leaves the previous checkpoint usable; the incomplete
 temporary folder is ignored (and cleaned up by the next run).
 
+The pair is written ``latest`` first: a new best state is first saved as
+``latest/<step>`` with ``best_step = <step>`` in its meta, then copied to
+``best/<step>``. ``latest``'s meta is therefore the truth about the pair, and a
+kill between the two saves leaves a pair that :meth:`PhaseCheckpoints.repair`
+completes (it saves ``latest/<best_step>`` as ``best/<best_step>``, the very
+state the interrupted save was writing). It also deletes a ``best`` that no
+``latest`` refers to (left by versions that wrote ``best`` first; such a step
+made every later save of it fail with orbax's ``StepAlreadyExistsError``).
+
 Example:
   >>> ckpts = PhaseCheckpoints("/tmp/run/checkpoints/ec2t_phase1", {"model": "lenet5"})
   >>> # ckpts.save_latest(step, state, meta); state, meta = ckpts.restore("latest", abstract)
@@ -128,6 +137,57 @@ class PhaseCheckpoints:
                          for k, (a, b) in sorted(differences.items()))
       raise UserError(f"checkpoint {self._path(which, meta['step'])} is incompatible with this "
                       f"run ({listed}); use another --workdir or matching flags")
+
+  def repair(self, abstract_state: Any) -> int | None:
+    """Makes ``best`` agree with ``latest`` after a kill between their two saves.
+
+    ``latest``'s meta names the best step (``best_step``; ``None`` before the
+    first evaluation). If ``best`` lacks that step, the state of
+    ``latest/<best_step>`` (kept: it is the newest ``latest``) is saved there;
+    every other ``best`` step is deleted. Without any ``latest``, every ``best``
+    step is an orphan and is deleted. A ``latest`` meta without ``best_step``
+    (older versions, which saved ``best`` first) only loses the ``best`` steps
+    newer than itself: the resumed run writes them again.
+
+    Args:
+      abstract_state: As for :meth:`restore` (needed to copy a state).
+
+    Returns:
+      The step saved to ``best`` from ``latest``, or ``None`` if none was needed.
+
+    Raises:
+      UserError: if the ``best`` step to restore is no longer in ``latest``.
+    """
+    best_manager = self._managers["best"]
+    meta = self.meta("latest")
+    copied = None
+    if meta is None:
+      keep = None
+    elif "best_step" not in meta:  # written best-first: a newer best is an orphan
+      keep = best_manager.latest_step()
+      keep = keep if keep is not None and keep <= meta["step"] else None
+    else:
+      keep = meta["best_step"]
+      if keep is not None and keep not in best_manager.all_steps():
+        self._copy_latest_to_best(keep, abstract_state)
+        copied = keep
+    for step in best_manager.all_steps():
+      if step != keep:
+        best_manager.delete(step)
+    return copied
+
+  def _copy_latest_to_best(self, step: int, abstract_state: Any) -> None:
+    if step not in self._managers["latest"].all_steps():
+      raise UserError(f"cannot repair {self.directory}: its best step {step} is neither in "
+                      "best/ nor in latest/")
+    try:
+      restored = self._managers["latest"].restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax raises many types for mismatching or damaged files
+      raise UserError(f"cannot restore checkpoint {self._path('latest', step)} to repair "
+                      f"best/: {_first_line(error)}") from None
+    self.save("best", step, restored["state"], dict(restored["meta"]))
 
   def close(self) -> None:
     for manager in self._managers.values():

@@ -61,23 +61,10 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                        flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.",
                        flag_values=fv)
-  # Devices and hosts.
   flags.DEFINE_integer("data_shards", 0, "Cut each split into this many parts (0: one per "
                        "process); each process reads only its parts. Keep it fixed to get "
                        "identical batches on any number of hosts.", flag_values=fv)
-  flags.DEFINE_integer("fsdp", 1, "Size of the mesh axis that shards params and optimizer "
-                       "state (1: pure data parallelism).", flag_values=fv)
-  flags.DEFINE_integer("num_devices", 0, "Use only the first N devices (0: all).",
-                       flag_values=fv)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: "
-                    "auto = when a coordinator is given or a multi-host environment (TPU pod, "
-                    "SLURM, MPI) is detected.", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual launch).",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes (manual launch).",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "This process's index (manual launch).",
-                       flag_values=fv)
+  define_parallel_flags(fv)
   # Full precision.
   flags.DEFINE_integer("fp_epochs", d["fp_epochs"], "Full-precision pretraining epochs (ignored "
                        "with --init_from).", flag_values=fv)
@@ -91,14 +78,26 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                     "ec2t.reference_optimizer (the paper's three Adams); chain: "
                     "optax.chain(adam with a cosine decay of --learning_rate over both EC2T "
                     "phases, ec2t.ternarize_transform).", flag_values=fv)
-  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, faraone; "
+  flags.DEFINE_string("method", "ec2t", "Quantization method: ec2t, twn, ttq, sttn, bitnet, faraone; "
                       "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
                       "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
                       "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
                       flag_values=fv)
-  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
+  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid; "
+                     "not used with a size budget below).",
+                     flag_values=fv)
+  flags.DEFINE_float("bits_per_weight", 0.0, "EC2T chain form: train to this rate of the "
+                     "ternarized layers (entropy, bits/weight, <= log2 3) instead of --gamma "
+                     "(ec2t.Budget; 0: no budget).", flag_values=fv)
+  flags.DEFINE_float("target_bytes", 0.0, "EC2T chain form: train to this size of the exported "
+                     "file (ec2t.export, whole params tree) instead of --gamma (0: no budget).",
+                     flag_values=fv)
+  flags.DEFINE_float("target_sparsity", 0.0, "EC2T chain form: train to this sparsity of the "
+                     "ternarized layers instead of --gamma (0: no budget).", flag_values=fv)
+  flags.DEFINE_float("budget_ramp", 0.3, "With a budget: the target ramps in over this fraction "
+                     "of phase 1's steps; phase 1 keeps its last epoch (not its best).",
                      flag_values=fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
                      "(w_p = s |max W|).", flag_values=fv)
@@ -128,13 +127,32 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
   flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
 
 
+def define_parallel_flags(fv: flags.FlagValues) -> None:
+  """Devices and hosts: ``--fsdp``, ``--num_devices`` and the ``jax.distributed`` flags
+  (:func:`common.script.script_main` reads the latter)."""
+  flags.DEFINE_integer("fsdp", 1, "Size of the mesh axis that shards params and optimizer "
+                       "state (1: pure data parallelism).", flag_values=fv)
+  flags.DEFINE_integer("num_devices", 0, "Use only the first N devices (0: all).",
+                       flag_values=fv)
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: "
+                    "auto = when a coordinator is given or a multi-host environment (TPU pod, "
+                    "SLURM, MPI) is detected.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual launch).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (manual launch).",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index (manual launch).",
+                       flag_values=fv)
+
+
 def pipeline_kwargs(fv: flags.FlagValues) -> dict[str, Any]:
   """The :class:`common.pipeline.PipelineConfig` fields that come straight from flags."""
   names = ("workdir", "dataset", "data_dir", "download", "train_split", "val_split",
            "test_split", "batch_size", "eval_batch_size", "data_shards", "steps_per_epoch",
            "augment", "seed", "fsdp", "num_devices", "fp_epochs", "init_from", "ec2t_mode",
            "method", "method_options",
-           "gamma", "init_scale", "sustain", "learning_rate", "weight_decay",
+           "gamma", "bits_per_weight", "target_bytes", "target_sparsity", "budget_ramp",
+           "init_scale", "sustain", "learning_rate", "weight_decay",
            "latent_learning_rate",
            "centroid_learning_rate", "phase1_epochs", "phase2_epochs", "resume",
            "checkpoint_every_steps", "stop_after_steps", "progress")

@@ -5,6 +5,12 @@ read back with :func:`read_jsonl`, e.g. by ``examples/plot_curves.py``) and the
 numeric fields also go to TensorBoard event files in ``<workdir>/tensorboard``
 under ``<phase>/<name>``. Only process 0 writes.
 
+A run killed after writing an epoch's record but before checkpointing that
+epoch writes the record again when it resumes: :meth:`MetricWriter.rewind`
+first drops the records its checkpoint does not cover (and a line torn by the
+kill), so the file of a resumed run equals that of an uninterrupted one.
+TensorBoard event files are append-only: a replayed epoch appears twice there.
+
 Example:
   >>> writer = MetricWriter("/tmp/run")
   >>> writer.write({"phase": "fp", "epoch": 1, "step": 469, "val_accuracy": 0.98})
@@ -55,9 +61,47 @@ class MetricWriter:
         self._tensorboard.add_scalar(f"{prefix}/{name}", float(value), step)
     self._tensorboard.flush()
 
+  def rewind(self, phase: str, step: int | None) -> None:
+    """Drops the records of ``phase`` after ``step`` (all of them if ``None``) and torn lines.
+
+    Called when a phase resumes from its checkpoint at ``step`` (``None``: the
+    phase restarts from scratch), before it writes again. The file is replaced
+    atomically and only if something is dropped.
+
+    Args:
+      phase: The phase that resumes.
+      step: Its checkpoint's step: records with a larger ``"step"`` are dropped.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = [line for line in lines if _covered(line, phase, step)]
+    if kept == lines:
+      return
+    temporary = f"{self.path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, self.path)
+
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _covered(line: str, phase: str, step: int | None) -> bool:
+  """Whether ``line`` is a whole record that a resume of ``phase`` at ``step`` keeps."""
+  if not line.endswith("\n"):
+    return False  # torn by a kill while writing
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  if not isinstance(record, dict) or record.get("phase") != phase:
+    return True
+  return step is not None and int(record.get("step", 0)) <= step
 
 
 def _flatten(record: dict[str, Any], prefix: str = ""):

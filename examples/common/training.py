@@ -31,7 +31,9 @@ import optax
 from common import augment as augment_lib
 from common import checkpoint as checkpoint_lib
 from common import data as data_lib
+from common import kill_points
 from common import parallel
+from common import progress as progress_lib
 from common.cli import UserError
 from common.metrics import MetricWriter
 
@@ -248,6 +250,16 @@ class Runner:
     Resumes from the phase's latest checkpoint when ``resume`` is set; a phase
     already finished is not re-run (its best checkpoint is returned).
 
+    Write order, so that a kill at any instant resumes to the same result as an
+    uninterrupted run: at the end of an epoch the metrics record, then
+    ``latest`` (whose meta names the best step and carries, mid-epoch, the
+    epoch's running sums of the training metrics), then ``best`` if the epoch
+    improved; on resume ``best`` is repaired from ``latest``
+    (:meth:`~common.checkpoint.PhaseCheckpoints.repair`) and ``metrics.jsonl``
+    rewound to the checkpoint (:meth:`~common.metrics.MetricWriter.rewind`).
+    The named points after each write are test hooks
+    (:mod:`common.kill_points`).
+
     Args:
       phase: Name, also the checkpoint folder (``fp``, ``ec2t_phase1``...).
       tx: The optimizer of this phase.
@@ -289,52 +301,46 @@ class Runner:
     if meta is not None and not resume:
       raise UserError(f"{ckpts.directory} already holds checkpoints: pass --resume to continue "
                       "that run, or choose a new --workdir")
+    self._recover(phase, ckpts, abstract, meta, resume)
     total_steps = epochs * self.train.steps_per_epoch
     if meta is not None and meta.get("done"):
-      if keep == "last":
-        state, _ = ckpts.restore("latest", abstract)
-        self._log(f"[{phase}] already finished; keeping its last state (step {meta['step']})")
-        return state, {**meta["info"], "best_val_accuracy": meta["best_val_accuracy"]}
-      state, best_meta = ckpts.restore("best", abstract)
-      self._log(f"[{phase}] already finished; best validation accuracy "
-                f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
-      return state, {**meta["info"], "best_val_accuracy": best_meta["best_val_accuracy"]}
-
+      return self._finished(phase, ckpts, meta, abstract, keep)
     if meta is not None:
-      state, meta = ckpts.restore("latest", abstract)
-      if meta["total_steps"] != total_steps:
-        raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
-                        f"run asks for {total_steps} (epochs or batch flags changed)")
-      best, info = meta["best_val_accuracy"], meta["info"]
-      self._log(f"[{phase}] resuming at step {int(meta['step'])} "
-                f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of the epoch)")
+      state, best, best_step, info, epoch_sums = self._resume(phase, ckpts, abstract, total_steps)
     else:
       state = self.init_state(make_state, *make_state_args)
-      best, info = -1.0, {"epoch_seconds": [], "first_step_seconds": None}
+      best, best_step, info = -1.0, None, {"epoch_seconds": [], "first_step_seconds": None}
+      epoch_sums = None
       if evaluate_start:
         start = self.evaluate(state)
-        best = start["accuracy"]
+        best, best_step = start["accuracy"], 0
         self._record(phase, state, 0, {"val_accuracy": start["accuracy"],
                                        "val_loss": start["loss"]}, epoch_metrics)
-        ckpts.save("best", 0, state, self._meta(0, total_steps, best, info, done=False))
+        self._save_pair(phase, ckpts, 0, state,
+                        self._meta(0, total_steps, best, best_step, info, done=False),
+                        improved=True)
 
     step_fn = self._compile_step(tx, abstract, regularizer)
     step = int(parallel.to_host(state.step))
     while step < total_steps:
       epoch, in_epoch = self.train.position(step)
-      state, step, epoch_train = self._run_epoch(phase, step_fn, state, step, epoch,
-                                                 in_epoch, total_steps, info, ckpts, best)
+      state, step, epoch_train = self._run_epoch(phase, step_fn, state, step, epoch, in_epoch,
+                                                 total_steps, info, ckpts, best, best_step,
+                                                 epoch_sums)
+      epoch_sums = None
       if epoch_train is None:  # interrupted inside the epoch after a checkpoint
         raise StopRequested(f"stopped after {self.steps_run} steps as asked")
       val = self.evaluate(state)
       done = step >= total_steps
-      if val["accuracy"] > best:
-        best = val["accuracy"]
-        ckpts.save("best", step, state, self._meta(step, total_steps, best, info, done=False))
+      improved = val["accuracy"] > best
+      if improved:
+        best, best_step = val["accuracy"], step
       info["best_val_accuracy"] = best
       self._record(phase, state, epoch + 1, {**epoch_train, "val_accuracy": val["accuracy"],
                                              "val_loss": val["loss"]}, epoch_metrics)
-      ckpts.save("latest", step, state, self._meta(step, total_steps, best, info, done=done))
+      self._save_pair(phase, ckpts, step, state,
+                      self._meta(step, total_steps, best, best_step, info, done=done),
+                      improved=improved)
       if self.stop_after_steps and self.steps_run >= self.stop_after_steps and not done:
         raise StopRequested(f"stopped after {self.steps_run} steps as asked")
     info["best_val_accuracy"] = best
@@ -342,6 +348,47 @@ class Runner:
       return state, info
     best_state, _ = ckpts.restore("best", abstract)
     return best_state, info
+
+  def _recover(self, phase, ckpts, abstract, meta, resume):
+    """Repairs a pair of checkpoints half written by a kill; rewinds the metrics to ``meta``."""
+    repaired = ckpts.repair(abstract)
+    if repaired is not None:  # the save of best/<repaired> that the kill interrupted is done
+      kill_points.reached(f"{phase}/{repaired}/best")
+    if resume:
+      self.writer.rewind(phase, None if meta is None else meta["step"])
+
+  def _finished(self, phase, ckpts, meta, abstract, keep):
+    """A phase that its checkpoint says is done: its best (or last) state, not re-run."""
+    if keep == "last":
+      state, _ = ckpts.restore("latest", abstract)
+      self._log(f"[{phase}] already finished; keeping its last state (step {meta['step']})")
+      return state, {**meta["info"], "best_val_accuracy": meta["best_val_accuracy"]}
+    state, best_meta = ckpts.restore("best", abstract)
+    self._log(f"[{phase}] already finished; best validation accuracy "
+              f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
+    return state, {**meta["info"], "best_val_accuracy": best_meta["best_val_accuracy"]}
+
+  def _resume(self, phase, ckpts, abstract, total_steps):
+    """``(state, best, best_step, info, epoch_sums)`` from the latest checkpoint."""
+    state, meta = ckpts.restore("latest", abstract)
+    if meta["total_steps"] != total_steps:
+      raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
+                      f"run asks for {total_steps} (epochs or batch flags changed)")
+    self._log(f"[{phase}] resuming at step {int(meta['step'])} "
+              f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of the epoch)")
+    return (state, meta["best_val_accuracy"], meta.get("best_step"), meta["info"],
+            _sums_from_json(meta.get("epoch_sums")))
+
+  def _save_pair(self, phase, ckpts, step, state, meta, improved):
+    """Saves ``latest`` (which names the best step), then ``best`` if ``improved``."""
+    self._save(phase, ckpts, "latest", step, state, meta)
+    if improved:
+      self._save(phase, ckpts, "best", step, state, meta)
+
+  @staticmethod
+  def _save(phase, ckpts, which, step, state, meta):
+    ckpts.save(which, step, state, meta)
+    kill_points.reached(f"{phase}/{step}/{which}")
 
   def _compile_step(self, tx: optax.GradientTransformation, abstract: Any,
                     regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
@@ -357,12 +404,14 @@ class Runner:
     return self._step_fns[key]
 
   def _run_epoch(self, phase, step_fn, state, step, epoch, in_epoch, total_steps, info, ckpts,
-                 best):
+                 best, best_step, epoch_sums=None):
+    """Runs the rest of epoch ``epoch`` from ``step``; its metrics are averaged over the whole
+    epoch: ``epoch_sums`` carries the sums of its steps before ``step`` (from a checkpoint)."""
     steps_per_epoch = self.train.steps_per_epoch
     end = min((epoch + 1) * steps_per_epoch, total_steps)
     bar = _progress(self.progress and parallel.is_main_process(), end - step,
                     f"{phase} epoch {epoch + 1}", initial=in_epoch, total=steps_per_epoch)
-    sums = None
+    sums = epoch_sums
     started = time.perf_counter()
     batch_sharding = parallel.batch_sharding(self.mesh)
     while step < end:
@@ -381,7 +430,9 @@ class Runner:
       stopping = self.stop_after_steps and self.steps_run >= self.stop_after_steps
       periodic = self.checkpoint_every_steps and step % self.checkpoint_every_steps == 0
       if step < end and (stopping or periodic):
-        ckpts.save("latest", step, state, self._meta(step, total_steps, best, info, done=False))
+        meta = self._meta(step, total_steps, best, best_step, info, done=False)
+        self._save(phase, ckpts, "latest", step, state,
+                   {**meta, "epoch_sums": _sums_to_json(parallel.to_host(sums))})
         if stopping:
           bar.close()
           return state, step, None
@@ -391,23 +442,26 @@ class Runner:
     ran = step - (epoch * steps_per_epoch + in_epoch)
     if in_epoch == 0 and ran == steps_per_epoch:
       info["epoch_seconds"].append(seconds)
+    # Checkpoints of older versions carry no sums: then only this invocation's steps count.
+    counted = ran if epoch_sums is None else step - epoch * steps_per_epoch
     sums = parallel.to_host(sums)
-    return state, step, {"train_loss": float(sums["loss"]) / max(ran, 1),
-                         "train_accuracy": float(sums["accuracy"]) / max(ran, 1),
+    return state, step, {"train_loss": float(sums["loss"]) / max(counted, 1),
+                         "train_accuracy": float(sums["accuracy"]) / max(counted, 1),
                          "epoch_seconds": seconds}
 
   # ------------------------------------------------------------------ bookkeeping
-  def _meta(self, step, total_steps, best, info, done):
+  def _meta(self, step, total_steps, best, best_step, info, done):
     epoch, in_epoch = self.train.position(step)
     return {"epoch": epoch, "step_in_epoch": in_epoch, "total_steps": total_steps,
             "steps_per_epoch": self.train.steps_per_epoch, "best_val_accuracy": best,
-            "info": info, "done": done}
+            "best_step": best_step, "info": info, "done": done}
 
   def _record(self, phase, state, epoch, values, epoch_metrics):
     record = {"phase": phase, "epoch": epoch, "step": int(parallel.to_host(state.step)), **values}
     if epoch_metrics is not None:
       record.update(epoch_metrics(state))
     self.writer.write(record)
+    kill_points.reached(f"{phase}/{record['step']}/record")
     if parallel.is_main_process():
       shown = {k: v for k, v in values.items() if isinstance(v, float)}
       extra = {k: v for k, v in record.items() if k in ("sparsity", "bits_per_weight")}
@@ -421,26 +475,22 @@ class Runner:
       print(message, flush=True)
 
 
-class _NoBar:
-  enabled = False
+def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, list]:
+  """``{name: [value, dtype]}``: exact (a float32 or float64 is exactly a JSON double)."""
+  return {name: [float(value), np.asarray(value).dtype.name] for name, value in sums.items()}
 
-  def update(self, n):
-    pass
 
-  def set_postfix(self, **kwargs):
-    pass
-
-  def close(self):
-    pass
+def _sums_from_json(saved: dict[str, list] | None) -> dict[str, np.ndarray] | None:
+  if saved is None:
+    return None
+  return {name: np.asarray(value, dtype=dtype) for name, (value, dtype) in saved.items()}
 
 
 def _progress(enabled: bool, steps: int, description: str, initial: int, total: int):
-  if not enabled or steps <= 0:
-    return _NoBar()
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
-  bar.enabled = True
-  return bar
+  # A bar on a terminal; in a log (CI, nohup, notebook) nothing: the epoch line is the progress.
+  if steps <= 0:
+    return progress_lib.NoBar()
+  return progress_lib.progress(enabled, total, description, initial=initial)
 
 
 def steps_per_epoch(shard_sizes_min: int, per_shard_batch: int, limit: int = 0) -> int:

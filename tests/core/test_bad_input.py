@@ -1,5 +1,8 @@
 """Bad arguments fail early with a message that names them."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -67,3 +70,40 @@ def test_state_helpers_reject_a_state_without_ec2t():
   _, params = init()
   with pytest.raises(ValueError, match="holds 0 quantizer states"):
     ec2t.summary(optax.adam(1e-3).init(params))
+
+
+# ------------------------------------------------------------------ knob types
+
+
+@pytest.mark.parametrize("value", ["0.2", None, True, 0.2j, [0.2], jnp.array([0.1, 0.2]),
+                                   jnp.array([0.2]), jnp.array(True)])
+def test_a_numeric_knob_given_a_non_number_is_refused_naming_it(value):
+  with pytest.raises((TypeError, ValueError), match=f"gamma must be .*{re.escape(repr(value))}"):
+    ec2t.ternarize_transform(gamma=value)
+
+
+def test_a_string_knob_is_a_type_error_for_every_method():
+  factories = [(ec2t.ternarize_transform, "gamma"), (ec2t.ttq, "threshold"),
+               (ec2t.twn, "factor"), (ec2t.sttn, "init_factor")]
+  for factory, name in factories:
+    with pytest.raises(TypeError, match=f"{name} must be a real number .* got '0.5' of type str"):
+      factory(**{name: "0.5"})
+
+
+@pytest.mark.parametrize("value", [0.3, 1, jnp.float32(0.3), jnp.array(0.3, jnp.bfloat16)])
+def test_real_numbers_and_one_element_arrays_are_accepted_as_knobs(value):
+  ec2t.ternarize_transform(gamma=value)
+
+
+def test_a_traced_knob_is_left_to_the_update_guard():
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones((2, 2))}
+  tx = optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=0.2)
+  state = tx.init(params)
+  updates, _ = jax.jit(tx.update)(params, state, params)  # gamma is a tracer inside jit
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("gamma", ["0.2", True, 0.2j])
+def test_a_rule_gamma_that_is_not_a_number_is_refused(gamma):
+  with pytest.raises(TypeError, match="Rule.gamma must be a real number"):
+    ec2t.Rule("conv", gamma=gamma)

@@ -178,3 +178,40 @@ def test_real_calibration_images_are_a_standardised_subset():
   assert all(np.isclose(expected.ravel(), v).any() for v in images.ravel())
   with pytest.raises(ValueError, match="calibration_images=11 needs that many training images"):
     posttrain.calibration_images("real", 11, pixels, (1, 1, 1), (0.5,), (0.25,))
+
+
+def test_bitnet_is_registered_as_a_chain_method():
+  setup = methods.build(_config("bitnet"))
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 4))},
+            "c": {"kernel": jnp.ones((4, 2))}}
+  summary = __import__("ec2t_jax").summary(setup.optimizer.init(params))
+  assert summary.method == "BitNet" and [r.path for r in summary.layers] == ["b/kernel"]
+
+
+@pytest.mark.parametrize("method", ["ec2t", "bitnet", "twn"])
+def test_a_config_inner_optimizer_replaces_every_methods_inner_adam(method):
+  import dataclasses
+  import optax
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    method: str
+    method_options: str = ""
+    ec2t_mode: str = "chain"
+    gamma: float = 0.2
+    init_scale: float = 0.3
+    sustain: float = 0.05
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    ec2t_steps: int = 0
+    inner_optimizer: object = None
+
+  params = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.linspace(-1, 1, 16)
+                                                     .reshape(4, 4)},
+            "c": {"kernel": jnp.ones((4, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain = methods.build(Config(method, inner_optimizer=lambda: optax.sgd(0.5))).optimizer
+  state = plain.init(params)
+  updates, _ = plain.update(grads, state, params)
+  # SGD(0.5) moves the unselected first kernel by exactly -0.5 (Adam's first step: -1e-3).
+  np.testing.assert_allclose(updates["a"]["kernel"], -0.5)

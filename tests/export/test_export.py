@@ -315,6 +315,31 @@ def test_version_1_files_written_by_the_old_writer_still_decode_bitwise():
     _assert_bitwise(packing.unpack(data), expected)
 
 
+def test_version_2_file_written_before_the_codec_registry_still_decodes_bitwise():
+  """``export_v2.ec2t``: ``packing.pack(_fuzz_tree())`` by the writer of commit 8eac42e."""
+  from tests.export.test_export_hostile import _fuzz_tree  # pylint: disable=g-import-not-at-top
+  data = (REPO / "tests/data/export_v2.ec2t").read_bytes()
+  info, _ = packing.unpack_leaves(data)
+  chex.assert_equal((info.version, [r.codec for r in info.records]),
+                    (2, ["tc", "tb", "zs", "raw", "sc", "sb", "tf", "cb"]))
+  _assert_bitwise(packing.unpack(data), _fuzz_tree())
+
+
+def test_codec_tuples_are_derived_from_the_registry_in_preference_order():
+  chex.assert_equal(packing.CODECS, ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb"))
+  chex.assert_equal(packing.CODECS_BY_VERSION[1], ("raw", "zs", "tb", "te", "sb", "se"))
+  chex.assert_equal(set(packing.RANGE_CODED), {"te", "se", "tc", "sc", "tf", "cb"})
+  chex.assert_equal((packing.TERNARY_CODECS, packing.EXACT_CODECS), (("tb", "te", "tc"), ("tf", "cb")))
+
+
+def test_every_coder_raises_the_one_export_format_error():
+  from ec2t_jax._src.export import codebook_coding  # pylint: disable=g-import-not-at-top
+  for coder in (entropy_coding, context_coding, codebook_coding):
+    assert coder.CodingError is packing.ExportFormatError
+  with pytest.raises(packing.ExportFormatError):
+    codebook_coding.decode(b"\0\0", 10, 2)
+
+
 def test_version_1_file_with_a_tampered_stream_is_still_rejected():
   data = bytearray((REPO / "tests/data/export_v1.ec2t").read_bytes())
   info = packing.read_info(bytes(data))

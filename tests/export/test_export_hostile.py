@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax import export
+from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import entropy_coding
 from ec2t_jax._src.cli import export_cli
@@ -471,3 +472,232 @@ def test_report_flags_non_finite_weights_per_layer():
   assert "bad/kernel has 2 non-finite weights" in r["warnings"][0]
   text = reporting.format_report(r)
   assert "NONFINITE" in text and "WARNING: layer bad/kernel" in text
+
+
+# ------------------------------------------- issue 16: names, symbol counts, overwrites
+
+
+def _two_layer_file() -> bytes:
+  layer = lambda: {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}
+  return packing.pack({"fcA": layer(), "fcB": layer()})
+
+
+def _renamed(data: bytes, *names) -> bytes:
+  """``data`` with its top-level keys renamed (checksum recomputed)."""
+  def edit(header, payload):
+    for entry, name in zip(header["tree"]["d"], names):
+      entry[0] = name
+  return _reseal(data, edit)
+
+
+def test_decode_of_names_holding_nul_fails_in_one_line_instead_of_merging_leaves(tmp_path, capsys):
+  path = tmp_path / "nul.ec2t"
+  path.write_bytes(_renamed(_two_layer_file(), "fc1\x00", "fc1\x00evil"))
+  assert export_cli.main(["--decode", str(path), str(tmp_path / "out.npz")]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "NUL" in err, err
+  assert not (tmp_path / "out.npz").exists()
+  with pytest.raises(packing.ExportFormatError, match="NUL"):
+    export.load(path)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("../../../../etc/x", r"'\.\.' component"), ("/etc/x", "absolute path"),
+    ("..\\..\\evil", r"'\.\.' component"), ("a/../b", r"'\.\.' component"),
+    ("\\evil", "absolute path"), ("C:evil", "absolute path"),
+    ("\ud800", "lone surrogate"), ("x" * 70_000, "bytes long in UTF-8"),
+])
+def test_unsafe_leaf_names_are_refused_at_load_and_at_save(name, match):
+  _assert_error(_renamed(_two_layer_file(), name), match)
+  with pytest.raises(ValueError, match=match):
+    packing.pack({name: np.zeros(2, np.float32)})
+
+
+def test_a_leaf_name_longer_than_a_zip_entry_is_a_one_line_cli_error(tmp_path, capsys):
+  path = tmp_path / "long.ec2t"
+  path.write_bytes(_renamed(_two_layer_file(), "k" * 65_536))
+  assert export_cli.main(["--decode", str(path), str(tmp_path / "out.npz")]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+  assert len(err) < 1000, "the message quotes the name shortened"
+
+
+def test_names_that_are_the_same_npz_entry_are_refused():
+  _assert_error(_renamed(_two_layer_file(), "a\\b", "a/b"), "same .npz entry")
+  with pytest.raises(ValueError, match="same .npz entry"):
+    packing.pack({"a/b": np.zeros(2), "a": {"b": np.ones(2)}})
+
+
+def test_a_5001_digit_integer_key_is_an_export_format_error(tmp_path):
+  data = seal(b'{"tree": {"d": [[' + b"9" * 5001 + b', 0]]}, "leaves": '
+              b'[{"c": "raw", "d": "float32", "s": [1], "n": 4}], "meta": {}}', bytes(4))
+  (tmp_path / "big.ec2t").write_bytes(data)
+  with pytest.raises(packing.ExportFormatError, match="corrupt header"):
+    export.load(tmp_path / "big.ec2t")
+
+
+def _without_crc(record: dict) -> dict:
+  return {k: v for k, v in record.items() if k != "k"}
+
+
+@pytest.mark.parametrize("declared", [98, 99, 101, 102])
+def test_tc_stream_with_symbols_dropped_or_invented_is_refused_without_its_crc(declared):
+  a = np.random.default_rng(3).choice([0, 1, 2], size=100, p=(0.2, 0.6, 0.2))
+  stream = TC_VALUES + context_coding.encode(a, 3)
+  _assert_error(one_leaf({"c": "tc", "d": "float32", "s": [declared]}, stream),
+                "not the encoding of exactly")
+
+
+def test_tf_stream_declaring_an_extra_row_of_filters_is_refused_without_its_crc():
+  rng = np.random.default_rng(0)
+  a = rng.choice([-1, 0, 1], size=(16, 8), p=(0.3, 0.4, 0.3))
+  data = packing.pack({"w": (a * rng.uniform(0.1, 1.0, 8)).astype(np.float32)})
+
+  def edit(header, payload):
+    header["leaves"][0].pop("k")
+    header["leaves"][0]["s"] = [17, 8]  # 8 invented symbols
+
+  assert packing.read_info(data).records[0].codec == "tf"
+  _assert_error(_reseal(data, edit), "not the encoding of exactly")
+
+
+@pytest.mark.parametrize("declared", [2046, 2047])
+def test_codebook_index_stream_holding_more_indices_than_declared_is_refused(declared):
+  values = np.array([1.0, 2.0], np.float32).tobytes()
+  indices = codebook_coding.encode(np.random.default_rng(0).integers(0, 2, size=2048), 2)
+  _assert_error(_cb_leaf(values, indices, declared), "not the encoding of exactly")
+  _assert_error(_cb_leaf(values, indices[:-4], 2048), "not the encoding|range decoder|data left")
+
+
+def test_empty_codebook_index_stream_is_not_2048_zeros():
+  values = np.array([1.0, 2.0], np.float32).tobytes()
+  _assert_error(_cb_leaf(values, b"", 2048), "not the encoding of exactly")
+  with pytest.raises(packing.ExportFormatError, match="2,048 symbols"):
+    codebook_coding.decode(b"", 2048, 2)
+
+
+def _cb_leaf(values: bytes, indices: bytes, count: int) -> bytes:
+  return one_leaf({"c": "cb", "d": "float32", "s": [count]}, b"\x02\x00" + values + indices)
+
+
+def test_a_semi_static_stream_with_no_data_words_is_not_5000_symbols():
+  order0 = entropy_coding.ModelChoice(entropy_coding.ORDER0, (0, 0), 0.0)
+  stream = entropy_coding.encode_symbols(np.ones(5000, np.int8), 3, order0)
+  no_words = stream[:3 + 2 * 2]  # model, cut and table only
+  with pytest.raises(packing.ExportFormatError, match="5,000 symbols"):
+    entropy_coding.decode_symbols(no_words, (5000,), 3)
+  _assert_error(one_leaf({"c": "te", "d": "float32", "s": [5000]}, TERNARY_VALUES + no_words,
+                         version=1), "not the encoding of exactly")
+
+
+def test_bool_leaves_hold_only_zero_and_one():
+  _assert_error(one_leaf({"c": "raw", "d": "bool", "s": [3]}, bytes([0, 1, 2])),
+                "bytes other than 0 and 1")
+  out = packing.unpack(packing.pack({"w": np.array([True, False, True])}))
+  chex.assert_trees_all_equal(out["w"], np.array([True, False, True]))
+
+
+@pytest.mark.parametrize("fn", [export.export_file, export.decode_file, export.export_inference])
+def test_writing_the_output_over_the_input_is_refused_before_anything_is_written(tmp_path, fn):
+  src = tmp_path / "m.npz"
+  np.savez(src, w=np.ones(4, np.float32))
+  before = src.read_bytes()
+  (tmp_path / "link.npz").symlink_to(src)
+  for out in (src, tmp_path / "link.npz", tmp_path / "." / "m.npz"):
+    with pytest.raises(ValueError, match="is the input"):
+      fn(src, out)
+  assert src.read_bytes() == before
+
+
+def _streams_are_encodings(data: bytes) -> bool:
+  """Whether every stream of ``data`` is what its codec writes for the leaf it decodes to."""
+  info, arrays = packing.unpack_leaves(data)
+  offset = 24 + info.header_bytes
+  for record, array in zip(info.records, arrays):
+    alone = packing.pack({"w": array}, codecs={record.codec})
+    if alone[-32 - record.nbytes:-32] != data[offset:offset + record.nbytes]:
+      return False
+    offset += record.nbytes
+  return True
+
+
+def test_decode_of_an_npz_with_traversal_entry_names_is_refused(tmp_path):
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as archive:
+    for name in ("ok.npy", "../../evil.npy"):
+      with archive.open(name, "w") as member:
+        np.lib.format.write_array(member, np.ones(2, np.float32))
+  (tmp_path / "in.npz").write_bytes(buffer.getvalue())
+  with pytest.raises(packing.ExportFormatError, match=r"'\.\.' component"):
+    export.decode_file(tmp_path / "in.npz", tmp_path / "out.npz")
+  assert not (tmp_path / "out.npz").exists()
+
+
+def test_report_of_a_file_with_nul_names_is_a_one_line_error(tmp_path, capsys):
+  path = tmp_path / "nul.ec2t"
+  path.write_bytes(_renamed(_two_layer_file(), "fc1\x00", "fc1\x00evil"))
+  assert report_cli.main([str(path)]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "NUL" in err, err
+
+
+_HOSTILE_NAMES = ("fc\x00", "fc\x00evil", "\udcff", "../x", "/x", "..\\x", "C:\\x", "x" * 5000,
+                  "te")  # the last one clashes with a sibling
+
+
+def test_fuzz_of_counts_names_and_crc_removal_gives_an_error_or_the_original_tree():
+  """Seeded: 240 edits that change what a stream must hold, each with the CRC field removed.
+
+  Edits: a shape that declares more or fewer elements, a stream cut short or
+  extended by whole words, a hostile leaf name. Without the CRC only the
+  exact-count check stands between these and a silently different array. An
+  edit can also make a *valid* file of another tree (a ``tb`` leaf of 8
+  elements whose last is zero is, byte for byte, the ``tb`` stream of its first
+  7): such a file decodes, and every stream is exactly its decoded leaf's
+  encoding (``other``); a ``different`` outcome is a decoded leaf whose stream
+  is not its encoding, and there must be none.
+  """
+  tree = _fuzz_tree()
+  data = packing.pack(tree)
+  info = packing.read_info(data)
+  offsets = np.cumsum([0] + [r.nbytes for r in info.records])
+  rng = np.random.default_rng(2026)
+  outcomes = {"files": 0, "error": 0, "same": 0, "other": 0, "different": 0}
+  for case in range(240):
+    leaf = int(rng.integers(len(info.records)))
+    kind = case % 4
+
+    def edit(header, payload, leaf=leaf, kind=kind, case=case):
+      for record in header["leaves"]:
+        record.pop("k", None)
+      record = header["leaves"][leaf]
+      if kind == 0:  # declare more or fewer elements along one axis
+        axis = int(rng.integers(len(record["s"])))
+        record["s"][axis] = max(0, record["s"][axis] + int(rng.choice([-2, -1, 1, 2, 18])))
+      elif kind in (1, 2):  # cut or extend the stream by whole words
+        start, stop = offsets[leaf], offsets[leaf + 1]
+        words = int(rng.integers(1, 3)) * 4
+        if kind == 1:
+          del payload[max(start, stop - words):stop]
+        else:
+          payload[stop:stop] = rng.integers(0, 256, words).astype(np.uint8).tobytes()
+        record["n"] = len(payload) - sum(r["n"] for i, r in enumerate(header["leaves"])
+                                         if i != leaf)
+      else:  # a hostile name
+        header["tree"]["d"][leaf][0] = _HOSTILE_NAMES[case // 4 % len(_HOSTILE_NAMES)]
+
+    hostile = _reseal(data, edit)
+    outcomes["files"] += 1
+    out, _ = _bounded(packing.unpack, hostile, max_bytes=FUZZ_MAX_BYTES)
+    if isinstance(out, packing.ExportFormatError):
+      assert "\n" not in str(out)
+      outcomes["error"] += 1
+      continue
+    try:
+      _assert_same(out, tree)
+      outcomes["same"] += 1
+    except AssertionError:
+      outcomes["other" if _streams_are_encodings(hostile) else "different"] += 1
+  print(f"count/name fuzz without CRC: {outcomes}")
+  chex.assert_equal(outcomes["different"], 0)
+  assert outcomes["error"] > 200

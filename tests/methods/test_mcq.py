@@ -118,3 +118,23 @@ def test_mcq_nnx_state():
 def test_bad_samples_named(k):
   with pytest.raises(ValueError, match="samples_per_weight"):
     ec2t.mcq(_params(), k, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_mcq_refuses_a_selected_leaf_holding_a_non_finite_weight_and_names_it(bad):
+  params = {"a": jnp.ones((3, 3)), "b": jnp.ones((3, 4)).at[1, 2].set(bad), "c": jnp.ones((4, 2))}
+  with pytest.raises(ValueError, match=r"leaf \['b'\] holds non-finite weights"):
+    ec2t.mcq(params, 1.0, key=jax.random.key(0))
+
+
+def test_mcq_passes_a_non_finite_leaf_it_does_not_quantize_through():
+  params = {"a": jnp.full((3, 3), jnp.inf), "b": jnp.ones((3, 4)), "c": jnp.ones((4, 2))}
+  out = ec2t.mcq(params, 1.0, key=jax.random.key(0))  # "a" is the first layer: kept
+  assert bool(jnp.isinf(out["a"]).all()) and bool(jnp.isfinite(out["b"]).all())
+
+
+@pytest.mark.parametrize("samples", ["2", True, None])
+def test_mcq_samples_per_weight_must_be_a_number(samples):
+  with pytest.raises(ValueError, match="samples_per_weight must be a positive"):
+    ec2t.mcq({"a": jnp.ones((3, 3)), "b": jnp.ones((3, 4)), "c": jnp.ones((4, 2))}, samples,
+             key=jax.random.key(0))

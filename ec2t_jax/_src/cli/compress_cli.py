@@ -18,6 +18,11 @@ The methods are the registry's one-shot ones (``ec2t.method_registry("one_shot")
 each runs as ``spec.build(**knobs, **inputs).instant(params)``. Knobs without
 a flag of their own are set with ``--knob NAME=VALUE`` (typed like the
 knob's default).
+
+Refused, in one line on stderr with exit status 2 (as is any other failure):
+an output path that is an input (the checkpoint, the calibration file), a
+checkpoint leaf or calibration input holding NaN or infinity (named), a
+``--normalize`` that is not two finite numbers with a non-zero STD.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
 from ec2t_jax._src.methods import registry
+from ec2t_jax._src.report import leaf_statistics
 
 PROGRAM = "ec2t_jax.compress"
 METHODS = tuple(registry.method_registry("one_shot"))
@@ -60,7 +66,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli_support.OneLineParser(
       prog=f"python -m {PROGRAM}",
       description="Compress a trained checkpoint with a post-training method (no training) "
                   "and write the packed .ec2t file.")
@@ -113,8 +119,6 @@ def _calibration_inputs(args, jax):
     raise ValueError(f"--num-calibration must be positive, got {args.num_calibration}")
   if args.calibration == "fractals":
     from ec2t_jax._src.methods.fractals import fractal_images  # pylint: disable=g-import-not-at-top
-    if len(args.normalize) != 2 or args.normalize[1] == 0:
-      raise ValueError(f"--normalize must be MEAN,STD with STD != 0, got {args.normalize}")
     images = fractal_images(args.num_calibration, args.input_shape,
                             jax.random.key(args.seed))
     return (images - args.normalize[0]) / args.normalize[1]
@@ -170,6 +174,37 @@ def _method_inputs(args, spec: registry.MethodSpec, apply_fn, meta: dict, jax) -
   return inputs
 
 
+def _check_normalize(normalize) -> None:
+  if len(normalize) != 2 or not all(np.isfinite(normalize)) or normalize[1] == 0:
+    raise ValueError(f"--normalize must be MEAN,STD (finite numbers, STD != 0), "
+                     f"got {','.join(map(str, normalize))}")
+
+
+def _check_finite(what: str, array) -> None:
+  """Raises ``ValueError`` naming ``what`` if ``array`` is not numeric or holds NaN / inf."""
+  array = np.asarray(array)
+  if array.dtype.kind not in "biufc" and array.dtype.name != "bfloat16":
+    raise ValueError(f"{what} holds {array.dtype} values, not numbers")
+  bad = leaf_statistics.count_nonfinite(array)
+  if bad:
+    raise ValueError(f"{what} holds {bad:,} non-finite values (NaN or inf) of {array.size:,}; "
+                     "refusing to compress")
+
+
+def _check_finite_tree(tree) -> None:
+  for name, array in sources.flat_arrays(tree).items():
+    _check_finite(f"checkpoint leaf {name!r}", array)
+
+
+def _check_arguments(args) -> None:
+  """The cheap checks, before anything is read: paths, method options."""
+  cli_support.refuse_overwriting(
+      [args.output],
+      [args.checkpoint, None if args.calibration == "fractals" else args.calibration])
+  if args.method == "prune":
+    _check_normalize(args.normalize)
+
+
 def _sparsity(tree) -> float:
   leaves = [np.asarray(x) for x in sources.flat_arrays(tree).values()]
   return float(sum((x == 0).sum() for x in leaves) / max(sum(x.size for x in leaves), 1))
@@ -188,10 +223,12 @@ def compress(args) -> dict:
     calibrated_pruning.check_sparsity(args.sparsity, "--sparsity")
   elif args.method == "mcq":
     mcq.check_samples(args.samples_per_weight)
+  _check_arguments(args)
   knobs = spec.options(**_knobs(args, spec))
   keys = tuple(k for k in args.keys.split(",") if k)
   loaded = sources.load_tree(args.checkpoint, keys=keys, max_bytes=args.max_bytes)
   tree = loaded.tree
+  _check_finite_tree(tree)
   params = tree["params"] if len(keys) > 1 else tree
   selection = _selection(args.rule)
   meta = {"method": args.method, "source": str(loaded.path), "seed": args.seed}
@@ -203,6 +240,8 @@ def compress(args) -> dict:
     apply_fn = lambda p, x: model.apply({"params": p, **extra}, x)
     meta["model"] = args.model
   inputs = _method_inputs(args, spec, apply_fn, meta, jax)
+  if "calibration_data" in inputs:
+    _check_finite(f"calibration inputs ({args.calibration})", inputs["calibration_data"])
   if "calibration_data" not in spec.inputs and apply_fn is not None:  # the paper's first/last rule in the model's forward order
     example = np.zeros((1, *args.input_shape), np.float32)
     selection = common.with_forward_order(selection, apply_fn, params, example)
@@ -217,15 +256,16 @@ def compress(args) -> dict:
   return meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Command-line entry point; returns the exit status (2 on bad input)."""
-  args = _parser().parse_args(argv)
-  try:
-    meta = compress(args)
-  except cli_support.BAD_INPUT as e:
-    return cli_support.fail(PROGRAM, e)
+def _run(args) -> int:
+  meta = compress(args)
   if not args.quiet:
-    print(f"{args.output}: {meta['bytes']:,} bytes, {args.method}, "
-          f"{meta['zeros']:.1%} of all weights zero; settings: "
-          + json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "zeros")}))
+    cli_support.echo(
+        f"{args.output}: {meta['bytes']:,} bytes, {args.method}, "
+        f"{meta['zeros']:.1%} of all weights zero; settings: "
+        + json.dumps({k: v for k, v in meta.items() if k not in ("bytes", "zeros")}))
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point; returns the exit status (2 on bad input or any failure)."""
+  return cli_support.run(PROGRAM, _parser(), argv, _run)

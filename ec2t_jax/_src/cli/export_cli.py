@@ -1,7 +1,8 @@
 """``python -m ec2t_jax.export``: the command line of :mod:`ec2t_jax.export`.
 
-Bad input (a missing, corrupt, hostile or too large file) is one line on
-stderr and exit status 2, never a traceback.
+Bad input (a missing, corrupt, hostile or too large file, an output path that
+is the input) and any other failure is one line on stderr and exit status 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.export.exporting import decode_file, export_file, export_inference
 from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
 
+PROGRAM = "ec2t_jax.export"
+
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli_support.OneLineParser(
       prog="python -m ec2t_jax.export",
       description="Compress an EC2T model (orbax checkpoint, .npz state dict) into the packed "
                   ".ec2t format, or restore one with --decode.")
@@ -41,25 +44,25 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _export(args) -> int:
+  cli_support.refuse_overwriting([args.output], [args.input])
+  if args.decode:
+    arrays = decode_file(args.input, args.output, max_bytes=args.max_bytes)
+    summary = f"{args.output}: {len(arrays)} arrays restored from {args.input}"
+  elif args.inference:
+    keys = tuple(k for k in (args.keys or "params,batch_stats").split(",") if k)
+    result = export_inference(args.input, args.output, keys=keys, max_bytes=args.max_bytes)
+    summary = result.summary(args.output) + " (inference: batch norm folded, float16 leaves)"
+  else:
+    keys = tuple(k for k in (args.keys or "params").split(",") if k)
+    result = export_file(args.input, args.output, keys=keys, float16=args.float16,
+                         entropy_coding=not args.bitmask_only, max_bytes=args.max_bytes)
+    summary = result.summary(args.output)
+  if not args.quiet:
+    cli_support.echo(summary)
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Command-line entry point; returns the exit status (2 on bad input)."""
-  args = _parser().parse_args(argv)
-  try:
-    if args.decode:
-      arrays = decode_file(args.input, args.output, max_bytes=args.max_bytes)
-      if not args.quiet:
-        print(f"{args.output}: {len(arrays)} arrays restored from {args.input}")
-    elif args.inference:
-      keys = tuple(k for k in (args.keys or "params,batch_stats").split(",") if k)
-      result = export_inference(args.input, args.output, keys=keys, max_bytes=args.max_bytes)
-      if not args.quiet:
-        print(result.summary(args.output) + " (inference: batch norm folded, float16 leaves)")
-    else:
-      keys = tuple(k for k in (args.keys or "params").split(",") if k)
-      result = export_file(args.input, args.output, keys=keys, float16=args.float16,
-                           entropy_coding=not args.bitmask_only, max_bytes=args.max_bytes)
-      if not args.quiet:
-        print(result.summary(args.output))
-  except cli_support.BAD_INPUT as e:
-    return cli_support.fail("ec2t_jax.export", e)
-  return 0
+  return cli_support.run(PROGRAM, _parser(), argv, _export)

@@ -1,6 +1,8 @@
 """``python -m ec2t_jax.report``: the command line of :mod:`ec2t_jax.report`.
 
-Bad input is one line on stderr and exit status 2, never a traceback.
+Bad input, and any other failure (text the terminal cannot show included), is
+one line on stderr and exit status 2, never a traceback. ``--plots`` never
+overwrites the report's inputs.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ec2t_jax._src.cli import cli_support
@@ -15,9 +18,11 @@ from ec2t_jax._src.report.accounting import EXACT_RULES, PAPER_RULES
 from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
 from ec2t_jax._src.report.reporting import build_report, format_report
 
+PROGRAM = "ec2t_jax.report"
+
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli_support.OneLineParser(
       prog="python -m ec2t_jax.report",
       description="Per-layer sparsity, entropy, bytes; totals vs float32 and the paper's "
                   "storage rule; op counts, MicroNet FLOPs and energy.")
@@ -41,28 +46,35 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Command-line entry point; returns the exit status (2 on bad input)."""
-  args = _parser().parse_args(argv)
+def _plot_paths(args) -> list:
+  """The files ``--plots`` may write (checked against the inputs before anything runs)."""
+  if not args.plots:
+    return []
+  return [Path(args.plots) / name for name in ("layer_bars.png", "histograms.png")]
+
+
+def _report(args) -> int:
+  cli_support.refuse_overwriting(_plot_paths(args), [args.path, args.latent])
   rules = PAPER_RULES if args.rules == "paper" else EXACT_RULES
   if args.mul_bits:
     rules = dataclasses.replace(rules, mul_bits=args.mul_bits)
-  try:
-    report = build_report(args.path, geometry=args.geometry, rules=rules,
-                          image_size=args.image_size,
-                          keys=tuple(k for k in args.keys.split(",") if k),
-                          max_bytes=args.max_bytes)
-    if args.plots:
-      from ec2t_jax import plots  # matplotlib only when asked for
-      written = plots.write_report_plots(report, args.plots, source=args.path,
-                                         latent=args.latent, keys=args.keys.split(","))
-      report["plots"] = [str(p) for p in written]
-  except cli_support.BAD_INPUT as e:
-    return cli_support.fail("ec2t_jax.report", e)
+  report = build_report(args.path, geometry=args.geometry, rules=rules,
+                        image_size=args.image_size,
+                        keys=tuple(k for k in args.keys.split(",") if k),
+                        max_bytes=args.max_bytes)
+  if args.plots:
+    from ec2t_jax import plots  # pylint: disable=g-import-not-at-top  # matplotlib only when asked
+    written = plots.write_report_plots(report, args.plots, source=args.path,
+                                       latent=args.latent, keys=args.keys.split(","))
+    report["plots"] = [str(p) for p in written]
   if args.json:
-    print(json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
   else:
-    print(format_report(report))
-    for p in report.get("plots", []):
-      print(f"wrote {p}")
+    text = "\n".join([format_report(report)] + [f"wrote {p}" for p in report.get("plots", [])])
+  cli_support.echo(text)
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point; returns the exit status (2 on bad input)."""
+  return cli_support.run(PROGRAM, _parser(), argv, _report)

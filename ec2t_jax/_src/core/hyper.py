@@ -34,16 +34,42 @@ def is_concrete(x) -> bool:
       and not isinstance(x, jax.core.Tracer))
 
 
+def _as_real(name: str, value, valid: Range) -> np.ndarray:
+  """``value`` as a float64 array, or ``TypeError`` if it is not a real number."""
+  if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+    return np.asarray(float(value))
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    dtype = np.dtype(value.dtype)
+    if dtype.kind in "iuf" or dtype.name == "bfloat16":
+      return np.asarray(value, np.float64)
+  raise TypeError(f"{name} must be a real number in {valid}, got {value!r} "
+                  f"of type {type(value).__name__}")
+
+
 def check_range(name: str, value, valid: Range) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` is outside ``valid``.
+  """Raises if a concrete ``value`` is not a real number inside ``valid``.
 
   Traced values (``inject_hyperparams``) are checked at each update instead,
   see :func:`hyper_is_valid`.
+
+  Raises:
+    TypeError: for anything but a real number or a real-valued array (a
+      string, ``None``, a bool, a complex number).
+    ValueError: for a value outside ``valid``, not finite, or an array that
+      is not a scalar.
+
+  Example:
+    >>> check_range("gamma", "0.2", Range(0.0, 1.0))
+    Traceback (most recent call last):
+    TypeError: gamma must be a real number in [0, 1], got '0.2' of type str
   """
-  if not is_concrete(value):
+  if isinstance(value, jax.core.Tracer):
     return
-  v = np.asarray(value, np.float64)
-  if v.size != 1 or not np.isfinite(v) or not valid.contains(float(v)):
+  v = _as_real(name, value, valid)
+  if v.ndim != 0:
+    raise ValueError(f"{name} must be a scalar in {valid}, got an array of shape {v.shape}: "
+                     f"{value!r}")
+  if not np.isfinite(v) or not valid.contains(float(v)):
     raise ValueError(f"{name} must be in {valid} (finite), got {value!r}")
 
 

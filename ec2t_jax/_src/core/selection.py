@@ -5,10 +5,28 @@ Leaves are named by their flattened path: the keys joined with ``/``, e.g.
 ``nnx.State`` of an NNX model.
 
 **The paper's rule** (the default, ``Selection(default="paper")``): every
-floating-point kernel with ``ndim >= 2`` (leaves named ``embedding`` excluded)
-is ternarized, except the first and the last such leaf *in forward order*, i.e.
-the input and the output layer. ``default="all_but_last"`` keeps only the last
-one (the output layer) in full precision; ``default="none"`` selects nothing.
+floating-point kernel with ``ndim >= 2`` (not named ``bias``) is ternarized,
+except the input and the output layer: the first and the last *layer in
+forward order*. Layers are
+the kernels plus the embedding tables (leaves named ``embedding``, or read by
+an embedding lookup in the traced computation); embeddings are never
+ternarized by default. So in a transformer the token embedding is the input
+layer and the LM head the output layer; with a tied embedding (the head is
+``embedding.attend``) the embedding is both, every block kernel is ternarized,
+and an untied head stays in full precision. The 3-D kernels of
+``DenseGeneral`` / ``nnx.LinearGeneral`` are one layer each.
+``default="all_but_last"`` keeps only the last layer in full precision;
+``default="none"`` selects nothing.
+
+**Stacked layers.** A leaf may hold several layers along leading axes (Linen
+``nn.scan(..., variable_axes={"params": 0})``, ``nnx.vmap``-built stacks applied
+with ``nnx.scan``): ``blocks/c_fc/kernel`` of shape ``(L, d, 4d)`` is ``L``
+layers. :func:`~ec2t_jax.forward_order` finds them (a ``scan`` slices the
+param), ``Rule(..., stack_axes=(0,))`` says so explicitly. Whether a leaf is a
+kernel is judged on one slice, so stacked norms and biases (``(L, d)``) are
+not kernels; every method keeps its per-layer statistics per slice. For the
+first/last rule a stacked leaf counts as one layer (kept whole or ternarized
+whole).
 
 Which published numbers each default reproduces:
 
@@ -56,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2t_jax._src.core import hyper
 from ec2t_jax._src.core.trees import path_to_str
 from ec2t_jax._src.core.trees import pure_tree
 
@@ -74,14 +93,21 @@ class Rule:
       the zero decision is applied, the rest keep their latent value) or
       ``"skip"`` (left to the inner optimizer).
     gamma: this rule's gamma; ``None`` uses the transformation's gamma.
+    stack_axes: the leading axes along which the matched leaves stack layers
+      (``(0,)`` for ``nn.scan``-ed blocks): each slice is one layer with its
+      own statistics. ``None``: what the traced computation shows
+      (``Selection(order=ec2t.forward_order(...))``), else not stacked. Must
+      agree with the trace when both are known.
 
   Example:
     >>> rules = [Rule(r"shortcut"), Rule(r"^head/", mode="skip"),
-    ...          Rule(r"depthwise", mode="ecp", gamma=0.05)]
+    ...          Rule(r"depthwise", mode="ecp", gamma=0.05),
+    ...          Rule(r"^blocks/.*kernel$", stack_axes=(0,))]
   """
   pattern: str
   mode: Mode = "ternary"
   gamma: Optional[float] = None
+  stack_axes: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
     if self.mode not in _MODES:
@@ -91,16 +117,35 @@ class Rule:
     except re.error as e:
       raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular "
                        f"expression: {e}") from None
-    if self.gamma is not None and not 0.0 <= float(self.gamma) <= 1.0:
-      raise ValueError(f"Rule.gamma must be in [0, 1] or None, got {self.gamma}")
+    if self.gamma is not None:  # None: the transformation's gamma
+      hyper.check_range("Rule.gamma", self.gamma, hyper.Range(0.0, 1.0))
+    if self.stack_axes is not None:
+      axes = (self.stack_axes,) if isinstance(self.stack_axes, int) else self.stack_axes
+      try:
+        axes = tuple(axes)
+      except TypeError:
+        axes = None
+      if axes is None or any(isinstance(a, bool) or not isinstance(a, (int, np.integer))
+                             for a in axes) or axes != tuple(range(len(axes))):
+        raise ValueError(
+            f"Rule.stack_axes must be the leading axes (0,), (0, 1), ... or (), "
+            f"got {self.stack_axes!r} (rule {self.pattern!r})")
+      object.__setattr__(self, "stack_axes", tuple(int(a) for a in axes))
 
 
 class LeafPlan(NamedTuple):
-  """What happens to one leaf: its path, mode and gamma (None = global)."""
+  """What happens to one leaf: its path, mode and gamma (None = global), and
+  its number of leading stack axes (0: one layer)."""
   path: str
   mode: Mode
   gamma: Optional[float]
   source: str  # "default", "rule <i>: <pattern>" or "select"
+  stack_ndim: int = 0
+
+  def __repr__(self):
+    stacked = f", stack_ndim={self.stack_ndim}" if self.stack_ndim else ""
+    return (f"LeafPlan(path={self.path!r}, mode={self.mode!r}, "
+            f"gamma={self.gamma!r}, source={self.source!r}{stacked})")
 
 
 Select = Callable[[str, Any], bool]
@@ -115,21 +160,48 @@ def _natural_key(path: str):
           for t in re.split(r"(\d+)", path) if t]
 
 
-def is_kernel(path: str, leaf) -> bool:
-  """A floating leaf with ``ndim >= 2`` that is not an embedding table."""
+def _is_layer_table(path: str, leaf, stack_ndim: int) -> bool:
+  """A floating leaf whose slices (one layer each) have ``ndim >= 2``."""
   return (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-          and len(leaf.shape) >= 2 and path.rsplit("/", 1)[-1] != "embedding")
+          and len(leaf.shape) - stack_ndim >= 2)
 
 
-def _check_selectable(path: str, leaf, reason: str):
+def is_kernel(path: str, leaf, stack_ndim: int = 0) -> bool:
+  """A floating leaf with ``ndim >= 2`` that is not an embedding table or a
+  bias (``DenseGeneral`` with several feature axes has 2-D biases).
+
+  For a stacked leaf (``stack_ndim`` leading axes of layers) one slice is
+  judged, so stacked norms and biases (``(L, d)``) are not kernels.
+  """
+  return (_is_layer_table(path, leaf, stack_ndim)
+          and path.rsplit("/", 1)[-1] not in ("embedding", "bias"))
+
+
+def _check_selectable(path: str, leaf, reason: str, stack_ndim: int = 0):
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise ValueError(f"{reason} selects leaf {path!r} of dtype "
                      f"{getattr(leaf, 'dtype', type(leaf))}; only floating-point "
                      "leaves can be ternarized")
-  if int(np.prod(leaf.shape)) < 2:
-    raise ValueError(f"{reason} selects leaf {path!r} of shape {leaf.shape}; "
+  if int(np.prod(leaf.shape[stack_ndim:])) < 2:
+    what = (f"shape {leaf.shape}" if not stack_ndim else
+            f"shape {leaf.shape} (slices of shape {leaf.shape[stack_ndim:]})")
+    raise ValueError(f"{reason} selects leaf {path!r} of {what}; "
                      "a ternarized leaf needs at least two elements (scalars "
                      "and empty leaves cannot be ternarized)")
+
+
+def _check_stack(path: str, leaf, stack_ndim: int, source: str) -> None:
+  """A stack of layers along ``stack_ndim`` leading axes must fit the leaf."""
+  shape = tuple(getattr(leaf, "shape", ()))
+  if stack_ndim >= len(shape):
+    raise ValueError(
+        f"{source} gives leaf {path!r} of shape {shape} {stack_ndim} stack axes "
+        f"(axes {tuple(range(stack_ndim))}): out of range, a layer must keep at "
+        "least one axis")
+  if any(shape[a] == 0 for a in range(stack_ndim)):
+    raise ValueError(
+        f"{source} gives leaf {path!r} of shape {shape} a stack axis of length "
+        "0: a stack must hold at least one layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +219,10 @@ class Selection:
       by ``"paper"`` and ``"all_but_last"`` to tell the first and last kernel.
       ``None``: the tree's own order (see the module docstring). Every kernel
       must be in it; other paths (biases, unused leaves) may be missing.
+      When it is :func:`~ec2t_jax.forward_order`'s result, what the trace
+      showed is kept in ``traced``: the stacked leaves, each leaf's last use
+      (a tied embedding is also the output layer) and the embedding lookups.
+    traced: the :class:`~ec2t_jax.ForwardOrder` itself (set from ``order``).
 
   Example:
     >>> order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x),
@@ -157,8 +233,11 @@ class Selection:
   rules: tuple[Rule, ...] = ()
   default: Union[Literal["paper", "all_but_last", "none"], Select] = "paper"
   order: Optional[tuple[str, ...]] = None
+  traced: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
+    if self.traced is None and hasattr(self.order, "stack_ndim"):
+      object.__setattr__(self, "traced", self.order)
     object.__setattr__(self, "rules", tuple(self.rules))
     for rule in self.rules:
       if not isinstance(rule, Rule):
@@ -204,6 +283,34 @@ class Selection:
                         f"rule {index}: {rule.pattern}")
     return LeafPlan(path, "ternary", None, "default")
 
+  def stack_ndim(self, path: str, leaf) -> int:
+    """How many leading axes of ``leaf`` stack layers: the first matching
+    rule's ``stack_axes``, else the trace's (``order``), else 0.
+
+    Raises:
+      ValueError: the rule's ``stack_axes`` disagree with the trace, are out
+        of range for the leaf, or a stack axis has length 0.
+    """
+    traced = self.traced
+    seen = traced is not None and path in traced
+    from_trace = traced.stack_ndim.get(path, 0) if seen else None
+    for index, rule in enumerate(self.rules):
+      if re.search(rule.pattern, path):
+        if rule.stack_axes is None:
+          break
+        source = f"Rule {index} ({rule.pattern!r}, stack_axes={rule.stack_axes})"
+        if from_trace is not None and from_trace != len(rule.stack_axes):
+          raise ValueError(
+              f"{source} disagrees with the traced computation for leaf {path!r} "
+              f"of shape {tuple(leaf.shape)}: the trace shows "
+              + (f"{from_trace} stack axes {tuple(range(from_trace))} (a scan "
+                 "slices it)" if from_trace else "no stack axis (no scan slices it)"))
+        _check_stack(path, leaf, len(rule.stack_axes), source)
+        return len(rule.stack_axes)
+    if from_trace:
+      _check_stack(path, leaf, from_trace, "The traced computation (order)")
+    return from_trace or 0
+
   def plan(self, params) -> list[Optional[LeafPlan]]:
     """One :class:`LeafPlan` per leaf of ``params`` (flattening order).
 
@@ -218,6 +325,8 @@ class Selection:
     flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
     paths = [path_to_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
+    stacks = [self.stack_ndim(p, l) if hasattr(l, "shape") else 0
+              for p, l in zip(paths, leaves)]
     plans: list[Optional[LeafPlan]] = [None] * len(leaves)
     claimed = [False] * len(leaves)
     for index, rule in enumerate(self.rules):
@@ -231,13 +340,14 @@ class Selection:
       for i in hits:
         claimed[i] = True
         if rule.mode != "skip":
-          _check_selectable(paths[i], leaves[i], f"Rule {index} ({rule.pattern!r})")
+          _check_selectable(paths[i], leaves[i], f"Rule {index} ({rule.pattern!r})",
+                            stacks[i])
           plans[i] = LeafPlan(paths[i], rule.mode, rule.gamma,
-                              f"rule {index}: {rule.pattern}")
-    for i in self._default_indices(params, flat, paths, leaves):
+                              f"rule {index}: {rule.pattern}", stacks[i])
+    for i in self._default_indices(params, flat, paths, leaves, stacks):
       if not claimed[i]:
-        _check_selectable(paths[i], leaves[i], "The default selection")
-        plans[i] = LeafPlan(paths[i], "ternary", None, "default")
+        _check_selectable(paths[i], leaves[i], "The default selection", stacks[i])
+        plans[i] = LeafPlan(paths[i], "ternary", None, "default", stacks[i])
     if not any(plans):
       raise ValueError(
           "No leaf is selected for ternarization. The paper's rule keeps the "
@@ -245,21 +355,50 @@ class Selection:
           " to choose leaves explicitly. Paths: " + ", ".join(paths))
     return plans
 
-  def _default_indices(self, params, flat, paths, leaves) -> list[int]:
+  def _default_indices(self, params, flat, paths, leaves, stacks) -> list[int]:
     if self.default == "none":
       return []
     if callable(self.default):
       return [i for i, (p, l) in enumerate(zip(paths, leaves))
               if self.default(p, l)]
-    kernels = [i for i, (p, l) in enumerate(zip(paths, leaves)) if is_kernel(p, l)]
-    kernels = self._forward_sorted(kernels, params, flat, paths)
-    return kernels[1:-1] if self.default == "paper" else kernels[:-1]
+    layers, embeddings = self._layers(paths, leaves, stacks)
+    layers = self._forward_sorted(layers, params, flat, paths,
+                                  require=[i for i in layers if i not in embeddings])
+    if not layers:
+      return []
+    drop = {self._last_layer(layers, paths)}
+    if self.default == "paper":
+      drop.add(layers[0])
+    return [i for i in layers if i not in drop and i not in embeddings]
 
-  def _forward_sorted(self, kernels, params, flat, paths) -> list[int]:
-    """``kernels`` (leaf indices) sorted by forward order, best source first."""
+  def _layers(self, paths, leaves, stacks) -> tuple[list[int], set[int]]:
+    """``(kernels and embedding tables, the embedding tables)``, leaf indices."""
+    lookups = self.traced.lookups if self.traced is not None else frozenset()
+    embeddings = {i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
+                  if _is_layer_table(p, l, k)
+                  and (p.rsplit("/", 1)[-1] == "embedding" or p in lookups)}
+    layers = [i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
+              if i in embeddings or is_kernel(p, l, k)]
+    return layers, embeddings
+
+  def _last_layer(self, layers: list[int], paths) -> int:
+    """The output layer: the last one *used* (a tied embedding's head) when
+    the trace says, else the last in forward order."""
+    last_use = self.traced.last_use if self.traced is not None else {}
+    if last_use and all(paths[i] in last_use for i in layers):
+      return max(layers, key=lambda i: last_use[paths[i]])
+    return layers[-1]
+
+  def _forward_sorted(self, kernels, params, flat, paths, require=None) -> list[int]:
+    """``kernels`` (leaf indices) sorted by forward order, best source first.
+
+    Every index of ``require`` (default: all) must be in ``order``; others
+    missing from it (an unused embedding table) are left out.
+    """
     if self.order is not None:
       position = {p: k for k, p in enumerate(self.order)}
-      missing = [paths[i] for i in kernels if paths[i] not in position]
+      required = kernels if require is None else require
+      missing = [paths[i] for i in required if paths[i] not in position]
       if missing:
         shown = ", ".join(repr(p) for p in self.order[:4])
         raise ValueError(
@@ -268,7 +407,8 @@ class Selection:
             + f"; the order holds {shown}{', ...' if len(self.order) > 4 else ''}. "
             "Compute it with ec2t.forward_order(fn, params, *example_args) on "
             "the same tree the optimizer sees, or choose leaves with Rule(...)")
-      return sorted(kernels, key=lambda i: position[paths[i]])
+      return sorted((i for i in kernels if paths[i] in position),
+                    key=lambda i: position[paths[i]])
     ranks = _insertion_ranks(pure_tree(params), [p for p, _ in flat])
     if sorted(range(len(ranks)), key=ranks.__getitem__) != list(range(len(ranks))):
       return sorted(kernels, key=ranks.__getitem__)  # the tree's own order
@@ -286,6 +426,43 @@ class Selection:
           "order: Selection(order=ec2t.forward_order(fn, params, "
           "*example_args)), or choose leaves with Rule(...).", stacklevel=4)
     return kernels
+
+
+def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
+  """Selected path -> forward rank of each of its layers (flat over slices).
+
+  The selected leaves in forward order, each slice of a stacked leaf a layer
+  of its own. Consecutive stacked leaves with the same stack shape (the
+  kernels of one scanned block) interleave as the unrolled model would run
+  them: slice 0 of each, then slice 1 of each, ...
+
+  Example:
+    >>> params = {"a": {"kernel": jnp.ones((2, 2))},
+    ...           "b": {"kernel": jnp.ones((3, 2, 2))},
+    ...           "c": {"kernel": jnp.ones((3, 2, 2))}}
+    >>> ranks = layer_ranks(Selection([Rule("^[bc]/", stack_axes=(0,)),
+    ...                                Rule("^a/")]), params)
+    >>> {k: v.tolist() for k, v in ranks.items()}
+    {'a/kernel': [0], 'b/kernel': [1, 3, 5], 'c/kernel': [2, 4, 6]}
+  """
+  plans = selection.plan(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
+  paths = [path_to_str(p) for p, _ in flat]
+  selected = [i for i, plan in enumerate(plans) if plan is not None]
+  ordered = selection._forward_sorted(selected, params, flat, paths)  # pylint: disable=protected-access
+  stack = lambda i: tuple(np.shape(flat[i][1]))[:plans[i].stack_ndim]
+  ranks, base, k = {}, 0, 0
+  while k < len(ordered):
+    run = [ordered[k]]
+    while (stack(run[0]) and k + len(run) < len(ordered)
+           and stack(ordered[k + len(run)]) == stack(run[0])):
+      run.append(ordered[k + len(run)])
+    n = int(np.prod(stack(run[0])))
+    for j, i in enumerate(run):
+      ranks[paths[i]] = base + j + len(run) * np.arange(n)
+    base += n * len(run)
+    k += len(run)
+  return ranks
 
 
 def _insertion_ranks(tree, key_paths) -> list[tuple]:

@@ -162,7 +162,83 @@ def trace(fn: Callable, params, *inputs, **kwargs):
   return jaxpr, provenances, paths
 
 
-def forward_order(fn: Callable, params, *example_args, **kwargs) -> list[str]:
+class ForwardOrder(list):
+  """:func:`forward_order`'s result: the paths (a ``list``), plus what the
+  trace showed about them, which :class:`~ec2t_jax.Selection` reads.
+
+  Attributes:
+    stack_ndim: path -> number of leading axes along which a ``scan`` slices
+      the leaf (``nn.scan`` / ``nnx.scan`` stacks of layers: one layer per
+      slice); only stacked leaves are listed.
+    last_use: path -> rank of the leaf's *last* use (same counting as the
+      first use that orders the list); a tied embedding is used first (the
+      lookup) and last (the output projection).
+    lookups: paths read by a ``gather`` indexed by the data (embedding
+      lookups).
+  """
+
+  def __init__(self, paths=(), *, stack_ndim=None, last_use=None,
+               lookups=frozenset()):
+    super().__init__(paths)
+    self.stack_ndim = dict(stack_ndim or {})
+    self.last_use = dict(last_use or {})
+    self.lookups = frozenset(lookups)
+
+
+_PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "reduce_precision",
+                 "optimization_barrier")
+
+
+def stacked_leaves(jaxpr, num_leaves: int) -> dict[int, int]:
+  """Leaf index -> number of leading axes sliced by (nested) ``scan``-s.
+
+  Follows each parameter leaf, unchanged or cast, into call bodies and into
+  ``scan``: a leaf passed as one of a scan's ``xs`` is sliced along its
+  leading axis; inside the body, the slice may enter a nested scan (the next
+  axis). Leaves whose slicing is not consistent (two scans slicing different
+  depths) count the deepest.
+  """
+  found: dict[int, int] = {}
+
+  def visit(jaxpr, env):
+    for eqn in jaxpr.eqns:
+      ins = [None if is_literal(v) else env.get(v) for v in eqn.invars]
+      name = eqn.primitive.name
+      if name in _PASS_THROUGH and len(eqn.outvars) == 1:
+        if ins and ins[0] is not None:
+          env[eqn.outvars[0]] = ins[0]
+        continue
+      if name == "scan":
+        body = _as_jaxpr(eqn.params["jaxpr"])
+        n_fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
+        inner = {}
+        for k, (var, entry) in enumerate(zip(body.invars, ins)):
+          if entry is None:
+            continue
+          leaf, depth = entry
+          if k >= n_fixed:
+            found[leaf] = max(found.get(leaf, 0), depth + 1)
+            inner[var] = (leaf, depth + 1)
+          elif k < eqn.params["num_consts"]:
+            inner[var] = entry
+        visit(body, inner)
+        continue
+      if name == "cond":
+        for branch in eqn.params["branches"]:
+          branch = _as_jaxpr(branch)
+          visit(branch, {v: e for v, e in zip(branch.invars, ins[1:])
+                         if e is not None})
+        continue
+      subs = list(sub_jaxprs(eqn))
+      if len(subs) == 1 and len(subs[0].invars) == len(eqn.invars):
+        visit(subs[0], {v: e for v, e in zip(subs[0].invars, ins)
+                        if e is not None})
+
+  visit(jaxpr, {v: (i, 0) for i, v in enumerate(jaxpr.invars[:num_leaves])})
+  return found
+
+
+def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder:
   """Parameter paths in the order ``fn(params, *example_args)`` first uses them.
 
   A leaf is *used* by the first primitive operation (in execution order,
@@ -190,8 +266,11 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> list[str]:
     **kwargs: forwarded to ``fn`` (static, e.g. ``train=False``).
 
   Returns:
-    ``/``-joined paths (``params/Conv_0/kernel``-style, as in
-    :func:`describe_selection`), first used first.
+    A :class:`ForwardOrder`: the ``/``-joined paths
+    (``params/Conv_0/kernel``-style, as in :func:`describe_selection`), first
+    used first, a ``list``; it also carries which leaves are stacks of layers
+    sliced by a ``scan`` (``stack_ndim``), each leaf's last use and which
+    leaves are embedding lookups, which :class:`~ec2t_jax.Selection` uses.
 
   Raises:
     ValueError: ``fn`` uses none of the leaves of ``params``.
@@ -210,11 +289,12 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> list[str]:
   """
   jaxpr, provenances, paths = trace(fn, params, *example_args, **kwargs)
   meets_data: dict[int, int] = {}
+  last_meets: dict[int, int] = {}
   touched: dict[int, int] = {}
+  lookups: set[int] = set()
   counter = [0]
 
   def visit(eqn, ins):
-    del eqn
     counter[0] += 1
     leaves = union(ins).leaves
     for i in leaves:
@@ -222,6 +302,15 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> list[str]:
     if any(p.data for p in ins):
       for i in leaves:
         meets_data.setdefault(i, counter[0])
+      # The last use reads the leaf itself (a value of params only), not an
+      # activation that merely derives from it.
+      for p in ins:
+        if not p.data:
+          for i in p.leaves:
+            last_meets[i] = counter[0]
+    if (eqn.primitive.name == "gather" and len(ins) >= 2
+        and not ins[0].data and ins[1].data):
+      lookups.update(ins[0].leaves)
 
   outs = walk(jaxpr, provenances, visit)
   reaching = union(outs).leaves
@@ -234,4 +323,11 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> list[str]:
         f"({', '.join(paths[:6])}{', ...' if len(paths) > 6 else ''}); does fn "
         "read its first argument (e.g. lambda p, x: model.apply({'params': p}, x))?")
   key = lambda i: ((0, meets_data[i]) if i in meets_data else (1, touched[i]), i)
-  return [paths[i] for i in sorted(used, key=key)]
+  last = lambda i: ((0, last_meets[i]) if i in last_meets else (1, touched[i]), i)
+  ordered = sorted(used, key=key)
+  stacked = stacked_leaves(jaxpr, len(paths))
+  return ForwardOrder(
+      [paths[i] for i in ordered],
+      stack_ndim={paths[i]: n for i, n in stacked.items() if i in used},
+      last_use={paths[i]: rank for rank, i in enumerate(sorted(used, key=last))},
+      lookups={paths[i] for i in lookups if i in used})

@@ -34,6 +34,7 @@ import constriction
 import numpy as np
 
 from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.export.errors import ExportFormatError
 
 MAX_ALPHABET = 256
 FLOOR_MASS = 2.0**-8  # K f
@@ -41,8 +42,7 @@ MIN_BATCH = 64
 _QUANTUM = 2.0**-24  # constriction's probability resolution
 
 
-class CodingError(ValueError):
-  """A codebook-index stream is malformed."""
+CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 def _check_alphabet(alphabet: int) -> None:
@@ -93,11 +93,10 @@ def encode(symbols, alphabet: int) -> bytes:
     raise ValueError("cannot code an empty array")
   if s.min() < 0 or s.max() >= alphabet:
     raise ValueError(f"symbols must lie in [0, {alphabet})")
-  s = s.astype(np.int32)
   counts = np.full(alphabet, 0.5)
   encoder = constriction.stream.queue.RangeEncoder()
   for start, stop in _batches(s.size):
-    encoder.encode(s[start:stop], _model(counts))
+    encoder.encode(s[start:stop].astype(np.int32), _model(counts))
     counts += np.bincount(s[start:stop], minlength=alphabet)
   return encoder.get_compressed().astype("<u4").tobytes()
 
@@ -109,25 +108,33 @@ def decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     ``uint8`` array of ``count`` symbols.
 
   Raises:
-    CodingError: if the stream cannot hold ``count`` symbols (checked first),
-      is not a whole number of words, fails to decode or has data left over.
+    ExportFormatError: if the stream cannot hold ``count`` symbols (checked
+      first), is not a whole number of words, fails to decode, has data left
+      over, or is not exactly the encoding of ``count`` symbols (they are
+      encoded again and must give back the stream byte for byte: an empty or
+      truncated stream is refused).
   """
   _check_alphabet(alphabet)
   if len(data) % 4:
-    raise CodingError("codebook index stream is not a whole number of 32-bit words")
+    raise ExportFormatError("codebook index stream is not a whole number of 32-bit words")
   if not 0 < count <= capacity(len(data), alphabet):
-    raise CodingError(f"a {len(data):,}-byte codebook index stream cannot hold {count:,} symbols")
+    raise ExportFormatError(f"a {len(data):,}-byte codebook index stream cannot hold {count:,} symbols")
   out = np.empty(count, np.uint8)
   counts = np.full(alphabet, 0.5)
+  encoder = constriction.stream.queue.RangeEncoder()
   try:
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32))
     for start, stop in _batches(count):
-      sym = decoder.decode(_model(counts), stop - start)
+      model = _model(counts)
+      sym = decoder.decode(model, stop - start)
+      encoder.encode(sym, model)  # again, with the same model: the stream must come back
       out[start:stop] = sym
       counts += np.bincount(sym, minlength=alphabet)
     exhausted = decoder.maybe_exhausted()
   except Exception as e:  # constriction raises its own types on invalid data.
-    raise CodingError(f"range decoder failed: {e}") from None
+    raise ExportFormatError(f"range decoder failed: {e}") from None
   if not exhausted:
-    raise CodingError("codebook index stream has data left after the last symbol")
+    raise ExportFormatError("codebook index stream has data left after the last symbol")
+  if encoder.get_compressed().astype("<u4").tobytes() != bytes(data):
+    raise ExportFormatError(f"codebook index stream is not the encoding of exactly {count:,} symbols")
   return out

@@ -65,6 +65,7 @@ import constriction
 import numpy as np
 
 from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.export.errors import ExportFormatError
 
 FLOOR = 2.0**-10
 STRENGTH = 8.0
@@ -77,8 +78,7 @@ _QUANTUM = 2.0**-24  # constriction's probability resolution
 _ZERO_SYMBOL = {2: 0, 3: 1}  # the "inactive" symbol: mask 0, ternary 0
 
 
-class CodingError(ValueError):
-  """A context-coded stream is malformed."""
+CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 class Layout(NamedTuple):
@@ -232,8 +232,8 @@ def encode_layout(symbols: np.ndarray, alphabet: int, layout: Layout) -> bytes:
   s = np.asarray(symbols)
   table = _order0_table(s, alphabet)
   model = _Model(s.shape, alphabet, layout, table)
-  grid = np.ascontiguousarray(s.transpose(model.perm)).reshape(model.groups, model.width)
-  grid = grid.astype(np.int64)
+  grid = np.ascontiguousarray(s.astype(np.int8, copy=False).transpose(model.perm))
+  grid = grid.reshape(model.groups, model.width)
   encoder = constriction.stream.queue.RangeEncoder()
   family = constriction.stream.model.Categorical(perfect=False)
   for g in range(model.groups):
@@ -274,9 +274,53 @@ def encode(symbols, alphabet: int, layout: Optional[Layout] = None) -> bytes:
 def _parse_layout(data: bytes, shape) -> tuple[Layout, int]:
   options = layouts(shape)
   if not data or data[0] >= len(options):
-    raise CodingError(f"context-coded stream names layout {data[:1].hex() or 'none'}, "
+    raise ExportFormatError(f"context-coded stream names layout {data[:1].hex() or 'none'}, "
                       f"shape {shape} has {len(options)}")
   return options[data[0]], 1
+
+
+def _stream_table(data: bytes, shape, alphabet: int) -> tuple[Layout, np.ndarray, int]:
+  """Checks a stream's head against ``shape``: ``(layout, order-0 table, start of the words)``."""
+  size = math.prod(shape)
+  if len(shape) > 255:
+    raise ExportFormatError(f"context coding supports at most 255 axes, got {len(shape)}")
+  layout, offset = _parse_layout(data, shape)
+  table_bytes = 2 * (alphabet - 1)
+  words = len(data) - offset - table_bytes
+  if words < 0 or words % 4:
+    raise ExportFormatError("context-coded stream has a truncated table or payload")
+  if size > capacity(len(data), alphabet):
+    raise ExportFormatError(f"a {len(data):,}-byte context-coded stream cannot hold {size:,} symbols")
+  if size == 0:
+    raise ExportFormatError("context-coded stream for an empty array")
+  table = np.frombuffer(data, "<u2", count=alphabet - 1, offset=offset).astype(np.int64)
+  if table.sum() > _TOTAL:
+    raise ExportFormatError("context-coded stream has an invalid order-0 table")
+  return layout, table, offset + table_bytes
+
+
+def _decode_and_reencode(model: _Model, compressed: np.ndarray) -> tuple[np.ndarray, bytes, bool]:
+  """Decodes the ``(groups, width)`` grid and encodes it again with the same probabilities.
+
+  Returns:
+    ``(grid, the re-encoded words, whether the decoder may be exhausted)``.
+  """
+  grid = np.empty((model.groups, model.width), np.int8)
+  family = constriction.stream.model.Categorical(perfect=False)
+  decoder = constriction.stream.queue.RangeDecoder(compressed)
+  encoder = constriction.stream.queue.RangeEncoder()
+  for g in range(model.groups):
+    ctx = model.group_contexts(grid, g)
+    row = grid[g]
+    for start, stop in model.batches(g):
+      c = ctx[start:stop]
+      probabilities = model.probabilities(c)
+      sym = decoder.decode(family, probabilities)
+      encoder.encode(sym, family, probabilities)
+      row[start:stop] = sym
+      model.update(c, sym)
+    model.finish_group(row)
+  return grid, encoder.get_compressed().astype("<u4").tobytes(), decoder.maybe_exhausted()
 
 
 def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
@@ -291,45 +335,26 @@ def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
     ``int8`` array of ``shape``.
 
   Raises:
-    CodingError: if the stream is malformed, holds fewer or more symbols
-      than ``shape`` needs, or cannot hold that many (checked first).
+    ExportFormatError: if the stream is malformed, cannot hold ``prod(shape)``
+      symbols (checked first), or is not exactly :func:`encode_layout`'s
+      stream of the symbols it decodes to: each batch is encoded again with
+      the probabilities it was decoded with, and the words and the order-0
+      table must come back byte for byte (so a stream holding fewer or more
+      symbols than ``shape`` declares is refused).
   """
   shape = tuple(int(n) for n in shape)
   size = math.prod(shape)
-  if len(shape) > 255:
-    raise CodingError(f"context coding supports at most 255 axes, got {len(shape)}")
-  layout, offset = _parse_layout(data, shape)
-  table_bytes = 2 * (alphabet - 1)
-  words = len(data) - offset - table_bytes
-  if words < 0 or words % 4:
-    raise CodingError("context-coded stream has a truncated table or payload")
-  if size > capacity(len(data), alphabet):
-    raise CodingError(f"a {len(data):,}-byte context-coded stream cannot hold {size:,} symbols")
-  if size == 0:
-    raise CodingError("context-coded stream for an empty array")
-  table = np.frombuffer(data, "<u2", count=alphabet - 1, offset=offset).astype(np.int64)
-  if table.sum() > _TOTAL:
-    raise CodingError("context-coded stream has an invalid order-0 table")
+  layout, table, start = _stream_table(data, shape, alphabet)
   model = _Model(shape, alphabet, layout, table)
-  compressed = np.frombuffer(data, "<u4", offset=offset + table_bytes).astype(np.uint32)
-  grid = np.empty((model.groups, model.width), np.int8)
-  family = constriction.stream.model.Categorical(perfect=False)
+  words = bytes(data[start:])
   try:
-    decoder = constriction.stream.queue.RangeDecoder(compressed)
-    for g in range(model.groups):
-      ctx = model.group_contexts(grid, g)
-      row = grid[g]
-      for start, stop in model.batches(g):
-        c = ctx[start:stop]
-        sym = decoder.decode(family, model.probabilities(c))
-        row[start:stop] = sym
-        model.update(c, sym)
-      model.finish_group(row)
-    exhausted = decoder.maybe_exhausted()
+    grid, again, exhausted = _decode_and_reencode(model, np.frombuffer(words, "<u4").astype(np.uint32))
   except Exception as e:  # constriction raises its own types on invalid data.
-    raise CodingError(f"range decoder failed: {e}") from None
+    raise ExportFormatError(f"range decoder failed: {e}") from None
   if not exhausted:
-    raise CodingError("context-coded stream has data left after the last symbol")
+    raise ExportFormatError("context-coded stream has data left after the last symbol")
+  if again != words or not np.array_equal(_order0_table(grid, alphabet), table):
+    raise ExportFormatError(f"context-coded stream is not the encoding of exactly {size:,} symbols")
   inverse = np.argsort(model.perm)
   return np.ascontiguousarray(
       grid.reshape(model.scan_shape + model.chan_shape).transpose(inverse)).reshape(shape)

@@ -58,6 +58,8 @@ from typing import NamedTuple
 import constriction
 import numpy as np
 
+from ec2t_jax._src.export.errors import ExportFormatError
+
 _TOTAL = 65535  # quantized probabilities of one context sum to this
 _MAX_STEPS = 4096  # largest ``mid`` tried (one decoder call per step)
 _MAX_ALPHABET = 16
@@ -89,8 +91,7 @@ def max_symbols(stream_bytes: int, alphabet: int, floor: float = PROBABILITY_FLO
   return int((8 * stream_bytes + _STATE_BITS) / min_symbol_bits(alphabet, floor))
 
 
-class CodingError(ValueError):
-  """A symbol stream is malformed (raised by :func:`decode_symbols`)."""
+CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 class ModelChoice(NamedTuple):
@@ -138,7 +139,7 @@ def _cost_bits(counts: np.ndarray, table: np.ndarray) -> float:
 def _counts(x: np.ndarray, alphabet: int, contextual: bool) -> np.ndarray:
   if not contextual:
     return np.bincount(x.ravel(), minlength=alphabet)[None, :]
-  joint = _contexts(x, alphabet) * alphabet + x
+  joint = _contexts(x.astype(np.int16), alphabet) * alphabet + x  # < 17 * 16: fits int16
   return np.bincount(joint.ravel(), minlength=(alphabet + 1) * alphabet).reshape(
       alphabet + 1, alphabet)
 
@@ -189,7 +190,7 @@ def encode_symbols(symbols, alphabet: int, model: ModelChoice | None = None) -> 
     raise ValueError("cannot entropy-code an empty array")
   if s.min() < 0 or s.max() >= alphabet:
     raise ValueError(f"symbols must lie in [0, {alphabet})")
-  s = s.astype(np.int32)
+  s = s.astype(np.int8, copy=False)  # symbols < 16; batches are widened one at a time
   model = model or choose_model(s, alphabet)
   contextual = model.kind == PREVIOUS
   outer, mid, inner = _view(s.shape, model.cut) if contextual else (1, 1, s.size)
@@ -199,14 +200,80 @@ def encode_symbols(symbols, alphabet: int, model: ModelChoice | None = None) -> 
   encoder = constriction.stream.queue.RangeEncoder()
   family = constriction.stream.model.Categorical(perfect=False)
   if contextual:
-    previous = np.full(x.shape[1], alphabet, np.int32)
-    for row in x:
-      encoder.encode(row, family, probabilities[previous])
+    previous = np.full(x.shape[1], alphabet, np.int8)
+    for row in x:  # in chunks, as decoded: the same stream as one call, bounded memory
+      for at in range(0, row.size, DECODE_CHUNK):
+        chunk = slice(at, at + DECODE_CHUNK)
+        encoder.encode(row[chunk].astype(np.int32), family, probabilities[previous[chunk]])
       previous = row
   else:
-    encoder.encode(x.ravel(), constriction.stream.model.Categorical(probabilities[0], perfect=False))
+    order0 = constriction.stream.model.Categorical(probabilities[0], perfect=False)
+    flat = x.reshape(-1)
+    for at in range(0, flat.size, DECODE_CHUNK):
+      encoder.encode(flat[at:at + DECODE_CHUNK].astype(np.int32), order0)
   head = bytes([model.kind, *model.cut]) + table[:, :-1].astype("<u2").tobytes()
   return head + encoder.get_compressed().astype("<u4").tobytes()
+
+
+class _Head(NamedTuple):
+  """A parsed stream head: the model, its view of the array, its stored table."""
+  model: ModelChoice
+  view: tuple[int, int, int]  # (outer, mid, inner)
+  table: np.ndarray  # (C, K) quantized, the last column implied
+  start: int  # where the words begin
+
+
+def _parse_head(data: bytes, shape: tuple[int, ...], alphabet: int) -> _Head:
+  size = math.prod(shape)
+  if len(data) < 3:
+    raise ExportFormatError("symbol stream too short")
+  kind, a, b = data[0], data[1], data[2]
+  if kind == ORDER0 and (a, b) == (0, 0):
+    contexts, view = 1, (1, 1, size)
+  elif kind == PREVIOUS and 0 <= a < b <= len(shape):
+    contexts, view = alphabet + 1, _view(shape, (a, b))
+    if not 1 < view[1] <= _MAX_STEPS:
+      raise ExportFormatError(f"symbol stream has an invalid context cut ({a}, {b})")
+  else:
+    raise ExportFormatError(f"symbol stream has an unknown model ({kind}, {a}, {b})")
+  start = 3 + 2 * contexts * (alphabet - 1)
+  if len(data) < start or (len(data) - start) % 4:
+    raise ExportFormatError("symbol stream has a truncated table or payload")
+  head = np.frombuffer(data, "<u2", count=contexts * (alphabet - 1), offset=3)
+  head = head.reshape(contexts, alphabet - 1).astype(np.int64)
+  last = _TOTAL - head.sum(axis=1, keepdims=True)
+  if (last < 0).any():
+    raise ExportFormatError("symbol stream has an invalid probability table")
+  if size > max_symbols(len(data) - start, alphabet):
+    raise ExportFormatError(f"a {len(data)}-byte symbol stream cannot hold {size:,} symbols")
+  table = np.concatenate([head, last], axis=1)
+  return _Head(ModelChoice(kind, (a, b), 0.0), view, table, start)
+
+
+def _decode_order0(decoder, encoder, probabilities: np.ndarray, size: int) -> np.ndarray:
+  model = constriction.stream.model.Categorical(probabilities[0], perfect=False)
+  out = np.empty(size, np.int8)
+  for at in range(0, size, DECODE_CHUNK):
+    sym = decoder.decode(model, min(DECODE_CHUNK, size - at))
+    encoder.encode(sym, model)
+    out[at:at + sym.size] = sym
+  return out[None, :]
+
+
+def _decode_contextual(decoder, encoder, probabilities: np.ndarray, mid: int, width: int,
+                       alphabet: int) -> np.ndarray:
+  family = constriction.stream.model.Categorical(perfect=False)
+  out = np.empty((mid, width), np.int8)
+  previous = np.full(width, alphabet, np.int8)
+  for m in range(mid):
+    row = out[m]
+    for at in range(0, width, DECODE_CHUNK):
+      chunk = probabilities[previous[at:at + DECODE_CHUNK]]
+      sym = decoder.decode(family, chunk)
+      encoder.encode(sym, family, chunk)
+      row[at:at + sym.size] = sym
+    previous = row
+  return out
 
 
 def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
@@ -221,56 +288,29 @@ def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
     ``int8`` array of ``shape``.
 
   Raises:
-    CodingError: if the stream is malformed.
+    ExportFormatError: if the stream is malformed or is not exactly
+      :func:`encode_symbols`' stream of the ``prod(shape)`` symbols it decodes
+      to under its model: each chunk is encoded again with the probabilities
+      it was decoded with, and the words and the table must come back byte for
+      byte (so a stream holding fewer or more symbols is refused).
   """
   shape = tuple(int(n) for n in shape)
   size = math.prod(shape)
-  if len(data) < 3:
-    raise CodingError("symbol stream too short")
-  kind, a, b = data[0], data[1], data[2]
-  if kind == ORDER0 and (a, b) == (0, 0):
-    contexts = 1
-    outer, mid, inner = 1, 1, size
-  elif kind == PREVIOUS and 0 <= a < b <= len(shape):
-    contexts = alphabet + 1
-    outer, mid, inner = _view(shape, (a, b))
-    if not 1 < mid <= _MAX_STEPS:
-      raise CodingError(f"symbol stream has an invalid context cut ({a}, {b})")
-  else:
-    raise CodingError(f"symbol stream has an unknown model ({kind}, {a}, {b})")
-  table_bytes = 2 * contexts * (alphabet - 1)
-  words = len(data) - 3 - table_bytes
-  if words < 0 or words % 4:
-    raise CodingError("symbol stream has a truncated table or payload")
-  head = np.frombuffer(data, "<u2", count=contexts * (alphabet - 1), offset=3)
-  head = head.reshape(contexts, alphabet - 1).astype(np.int64)
-  last = _TOTAL - head.sum(axis=1, keepdims=True)
-  if (last < 0).any():
-    raise CodingError("symbol stream has an invalid probability table")
-  probabilities = np.concatenate([head, last], axis=1).astype(np.float64) / _TOTAL
-  compressed = np.frombuffer(data, "<u4", offset=3 + table_bytes).astype(np.uint32)
-  if size > max_symbols(len(data) - 3 - table_bytes, alphabet):
-    raise CodingError(f"a {len(data)}-byte symbol stream cannot hold {size:,} symbols")
+  head = _parse_head(data, shape, alphabet)
+  outer, mid, inner = head.view
+  probabilities = head.table.astype(np.float64) / _TOTAL
+  words = bytes(data[head.start:])
+  encoder = constriction.stream.queue.RangeEncoder()
   try:
-    decoder = constriction.stream.queue.RangeDecoder(compressed)
-    if contexts == 1:
-      model = constriction.stream.model.Categorical(probabilities[0], perfect=False)
-      out = np.empty(size, np.int8)
-      for at in range(0, size, DECODE_CHUNK):
-        n = min(DECODE_CHUNK, size - at)
-        out[at:at + n] = decoder.decode(model, n)
+    decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, "<u4").astype(np.uint32))
+    if head.model.kind == ORDER0:
+      x = _decode_order0(decoder, encoder, probabilities, size)
     else:
-      family = constriction.stream.model.Categorical(perfect=False)
-      width = outer * inner
-      out = np.empty((mid, width), np.int8)
-      previous = np.full(width, alphabet, np.int8)
-      for m in range(mid):
-        row = out[m]
-        for at in range(0, width, DECODE_CHUNK):
-          n = min(DECODE_CHUNK, width - at)
-          row[at:at + n] = decoder.decode(family, probabilities[previous[at:at + n]])
-        previous = row
-      out = out.reshape(mid, outer, inner).transpose(1, 0, 2)
+      x = _decode_contextual(decoder, encoder, probabilities, mid, outer * inner, alphabet)
   except Exception as e:  # constriction raises its own types on invalid data.
-    raise CodingError(f"range decoder failed: {e}") from None
-  return np.ascontiguousarray(out).reshape(shape)
+    raise ExportFormatError(f"range decoder failed: {e}") from None
+  table = _quantize(_counts(x, alphabet, head.model.kind == PREVIOUS))
+  if (encoder.get_compressed().astype("<u4").tobytes() != words
+      or not np.array_equal(table, head.table)):
+    raise ExportFormatError(f"symbol stream is not the encoding of exactly {size:,} symbols")
+  return np.ascontiguousarray(x.reshape(mid, outer, inner).transpose(1, 0, 2)).reshape(shape)

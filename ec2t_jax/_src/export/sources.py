@@ -32,6 +32,7 @@ import numpy as np
 
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import stacking
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
@@ -125,9 +126,8 @@ def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict
     entries = archive.infolist()
   except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
     raise ValueError(f"not a readable .npz archive: {e}") from None
-  declared = sum(info.file_size for info in entries)
-  if declared > max_bytes:
-    raise ValueError(f".npz entries declare {declared:,} bytes, more than max_bytes={max_bytes:,}")
+  packing.enforce_max_bytes(sum(info.file_size for info in entries), max_bytes,
+                            prefix=".npz entries declare ")
   out = {}
   with archive:
     for info in entries:
@@ -182,13 +182,18 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
     tree, item = _restore_orbax(path, tuple(keys))
     tree = _to_numpy(tree)
     return LoadedTree(tree, "checkpoint", str(item))
-  size = path.stat().st_size
-  if size > max_bytes:
-    raise ValueError(f"{path}: {size:,} bytes, more than max_bytes={max_bytes:,}")
-  data = path.read_bytes()
+  data = read_bounded(path, max_bytes)
   if data.startswith(packing.MAGIC[:4]):
     info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
-    return LoadedTree(trees.unflatten(arrays, info.structure), "packed", str(path), info)
+    tree = trees.unflatten(arrays, info.structure)
+    user = info.meta.get("user")
+    split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
+    if split:
+      try:
+        tree = stacking.restack(tree, split)
+      except ValueError as e:
+        raise packing.ExportFormatError(f"{path}: corrupt file: {e}") from None
+    return LoadedTree(tree, "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
       tree = read_npz(data, max_bytes=max_bytes)
@@ -197,6 +202,17 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
     return LoadedTree(tree, "npz", str(path))
   raise ValueError(f"{path}: neither an ec2t packed file, an .npz archive nor an orbax "
                    "checkpoint directory")
+
+
+def read_bounded(path, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> bytes:
+  """A file's bytes, refused (before reading) if it is larger than ``max_bytes``.
+
+  Raises:
+    packing.ExportFormatError: if the file is larger than ``max_bytes``.
+  """
+  path = Path(path)
+  packing.enforce_max_bytes(path.stat().st_size, max_bytes, prefix=f"{path}: ")
+  return path.read_bytes()
 
 
 def _to_numpy(tree):
@@ -216,6 +232,25 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
       raise ValueError(f"two leaves are both named {name!r}")
     out[name] = array
   return out
+
+
+def refuse_overwriting_input(source, out_path) -> None:
+  """Refuses an output that is the input, after resolving links (``realpath``, ``samefile``).
+
+  Called before anything is read or written, so the input survives.
+
+  Raises:
+    ValueError: if ``out_path`` names the same file as ``source``.
+  """
+  same = os.path.realpath(source) == os.path.realpath(out_path)
+  if not same:
+    try:
+      same = os.path.samefile(source, out_path)  # hard links, bind mounts
+    except OSError:  # one of them does not exist: nothing to overwrite
+      same = False
+  if same:
+    raise ValueError(f"output {str(out_path)!r} is the input {str(source)!r}: refusing to "
+                     "overwrite the input; choose another output path")
 
 
 def atomic_write(path, data: bytes) -> None:

@@ -95,6 +95,8 @@ def mcq_dequantize(q: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Ar
 
 def check_samples(samples_per_weight) -> float:
   try:
+    if isinstance(samples_per_weight, (str, bytes, bool)):
+      raise TypeError
     value = float(samples_per_weight)
   except (TypeError, ValueError):
     raise ValueError(f"samples_per_weight must be a positive number, got "
@@ -212,6 +214,10 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     counts and float32 scales, ``q * scales`` = the quantized leaf) and
     ``None`` elsewhere.
 
+  Raises:
+    ValueError: if a selected leaf holds NaN or infinity (naming the leaf), or
+      ``samples_per_weight`` is not a positive finite number.
+
   Example:
     >>> params = {"a": jnp.ones((3, 3)), "b": jnp.arange(12.).reshape(3, 4),
     ...           "c": jnp.ones((4, 2))}
@@ -219,12 +225,18 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     >>> int(jnp.sum(quantized["b"] != 0)) <= 12
     True
   """
+  from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
+  chosen = common.selected_leaves(params, selection)
+  for (path, leaf), picked in zip(jax.tree_util.tree_leaves_with_path(params), chosen):
+    if picked and not bool(jnp.all(jnp.isfinite(leaf))):  # one inf would make its group NaN
+      raise ValueError(f"mcq: leaf {jax.tree_util.keystr(path)} holds non-finite weights "
+                       "(NaN or inf); MCQ needs finite weights")
   quantized, state = quantizer(samples_per_weight, key=key, per_neuron=per_neuron,
                                selection=selection).instant(params, return_state=True)
   if not return_integers:
     return quantized
   _, treedef = jax.tree.flatten(params)
-  states, _ = core.flat_leaf_states(state.leaves)
+  states, _ = core.flat_leaf_states(state.resolved_leaves())
   return quantized, treedef.unflatten(
       [None if leaf is None else (leaf.hits, leaf.scale) for leaf in states])
 

@@ -58,7 +58,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.report import leaf_statistics
 from ec2t_jax._src.report.geometry import LayerGeometry
 
 ENERGY_PJ = {"fp32": {"mult": 3.7, "add": 0.9}, "fp16": {"mult": 1.1, "add": 0.4}}
@@ -207,8 +207,96 @@ def _ops(layer: LayerGeometry, ternary: bool, live_out: int, nnz: int) -> OpCoun
   return OpCount(float(mults), float(max(vector - 1.0, 0.0) * outputs))
 
 
+def _dead_channels(view: Optional[np.ndarray], layer: LayerGeometry, rules: CountingRules,
+                   previous_dead: tuple) -> tuple[tuple, tuple]:
+  """``(dead_out, dead_in)``: all-zero output filters and the input channels dropped."""
+  if view is None or not rules.dead_channels or layer.kind != "conv":
+    return (), ()
+  dead_out = tuple(int(o) for o in np.flatnonzero(~view.any(axis=(1, 2))))
+  if rules.dead_inputs == "previous":
+    dead_in = tuple(i for i in previous_dead if i < view.shape[1])
+  else:
+    dead_in = tuple(int(i) for i in np.flatnonzero(~view.any(axis=(0, 2))))
+  return dead_out, dead_in
+
+
+class _Live(NamedTuple):
+  numel: int
+  nnz: int
+  full_nnz: int
+  out: int
+  inputs: int
+
+
+def _live_counts(w: np.ndarray, view: Optional[np.ndarray], layer: LayerGeometry,
+                 dead_out: tuple, dead_in: tuple) -> _Live:
+  """Elements and non-zeros left after dropping dead channels (no copy of the weights)."""
+  full_nnz = int(np.count_nonzero(w))
+  if view is None:
+    return _Live(w.size, full_nnz, full_nnz, layer.out_channels, layer.in_channels)
+  live_out, live_in = view.shape[0] - len(dead_out), view.shape[1] - len(dead_in)
+  # Dead output filters hold only zeros: only the dropped input slices remove non-zeros.
+  nnz = full_nnz - sum(int(np.count_nonzero(view[:, i, :])) for i in dead_in)
+  return _Live(live_out * live_in * view.shape[2], nnz, full_nnz, live_out, live_in)
+
+
+def _storage_formats(live: _Live, ternary: bool, rules: CountingRules) -> dict:
+  """Every candidate storage format's size in scoring params (see the module docstring)."""
+  vb, numel, nnz = rules.value_bits, live.numel, live.nnz
+  formats = {"bitmask": nnz * vb / 32 + (numel / 32 if nnz < numel else 0.0)}
+  if ternary:
+    formats["ternary1"] = math.ceil((2 * numel + 2 * vb) / 32)
+    if rules.compressed_formats:
+      formats["csr"] = math.ceil((nnz * (vb + 1) + (live.out + 1) * vb + 2 * vb) / 32)
+      formats["cer"] = math.ceil((nnz * vb + 2 * (live.out + 1) * vb + 2 * vb) / 32)
+      formats["ternary2"] = math.ceil((numel + nnz + 2 * vb) / 32)
+  return formats
+
+
+def _flops(layer: LayerGeometry, ternary: bool, live: _Live, ops_live: OpCount,
+           residual: bool, rules: CountingRules) -> tuple[float, float]:
+  """MicroNet-weighted ``(mults, adds)``: the layer, its bias, ReLU and residual add."""
+  outputs = layer.positions * live.out
+  flop_mults = ops_live.mults * rules.mul_bits / 32
+  if ternary and rules.tree_adder and live.out:
+    flop_adds = (tree_adder_bits(live.nnz / live.out, rules.value_bits) * layer.positions
+                 * live.out / 32)
+  else:
+    flop_adds = ops_live.adds * rules.add_bits / 32
+  if layer.bias:
+    flop_adds += outputs * rules.add_bits / 32
+  if layer.activation == "relu":
+    flop_mults += outputs * rules.mul_bits / 32
+  if residual:
+    flop_adds += outputs * rules.add_bits / 32
+  return float(flop_mults), float(flop_adds)
+
+
+def _score_layer(layer: LayerGeometry, w: np.ndarray, ternary: bool, residual: bool,
+                 previous_dead: tuple, rules: CountingRules) -> LayerScore:
+  view = _oi_view(w, layer)
+  dead_out, dead_in = _dead_channels(view, layer, rules, previous_dead)
+  live = _live_counts(w, view, layer, dead_out, dead_in)
+  formats = _storage_formats(live, ternary, rules)
+  best = min(formats, key=formats.get)
+  bias_params = (live.out if layer.kind == "conv" else layer.out_channels) if layer.bias else 0
+  scoring = formats[best] + bias_params * rules.value_bits / 32
+  ops_live = _ops(layer, ternary, live.out, live.nnz)
+  ops_dead = _ops(layer, ternary, layer.out_channels, live.full_nnz)
+  dense_vector = w.size / max(layer.out_channels, 1)
+  dense_outputs = layer.positions * layer.out_channels
+  ops_dense = OpCount(float(dense_vector * dense_outputs),
+                      float((dense_vector - 1) * dense_outputs))
+  density = live.nnz / live.numel if live.numel else 0.0
+  flop_mults, flop_adds = _flops(layer, ternary, live, ops_live, residual, rules)
+  return LayerScore(layer.path, ternary, best, float(scoring), formats, dead_out, dead_in,
+                    live.inputs, live.out, density, ops_dead, ops_live, ops_dense,
+                    flop_mults, flop_adds)
+
+
 def score_layers(flat: Mapping[str, np.ndarray], layers: Sequence[LayerGeometry],
-                 rules: CountingRules = PAPER_RULES) -> list[LayerScore]:
+                 rules: CountingRules = PAPER_RULES, *,
+                 ternary: Optional[Mapping[str, bool]] = None) -> list[LayerScore]:
   """Scores every layer of ``layers`` with its weights from ``flat``.
 
   Args:
@@ -216,6 +304,8 @@ def score_layers(flat: Mapping[str, np.ndarray], layers: Sequence[LayerGeometry]
     layers: the geometry, in forward order (order matters for the reference's
       dead-input rule and ``skip_adds="last"``).
     rules: :class:`CountingRules`.
+    ternary: ``{path: whether the leaf is ternary}`` if already known (the
+      report computes it once); leaves it lacks are examined here.
 
   Returns:
     One :class:`LayerScore` per layer.
@@ -223,68 +313,22 @@ def score_layers(flat: Mapping[str, np.ndarray], layers: Sequence[LayerGeometry]
   Raises:
     KeyError: if a layer's weight leaf is missing from ``flat``.
   """
-  vb = rules.value_bits
   residual = [i for i, layer in enumerate(layers) if layer.residual_add]
   counted_residual = set(residual[-1:] if rules.skip_adds == "last" else residual)
+  ternary = ternary or {}
   previous_dead: tuple = ()
   out = []
   for index, layer in enumerate(layers):
     if layer.path not in flat:
       raise KeyError(f"geometry names {layer.path!r}, which is not a leaf of the tree")
     w = np.asarray(flat[layer.path])
-    ternary = rules.ternary_rules and packing.ternary_parts(w) is not None
-    view = _oi_view(w, layer)
-    dead_out: tuple = ()
-    dead_in: tuple = ()
-    if view is not None and rules.dead_channels and layer.kind == "conv":
-      dead_out = tuple(int(o) for o in np.flatnonzero(~view.any(axis=(1, 2))))
-      if rules.dead_inputs == "previous":
-        dead_in = tuple(i for i in previous_dead if i < view.shape[1])
-      else:
-        dead_in = tuple(int(i) for i in np.flatnonzero(~view.any(axis=(0, 2))))
-    previous_dead = dead_out
-    if view is not None:
-      keep_o = np.setdiff1d(np.arange(view.shape[0]), dead_out)
-      keep_i = np.setdiff1d(np.arange(view.shape[1]), dead_in)
-      live = view[np.ix_(keep_o, keep_i)]
-      live_out, live_in = len(keep_o), len(keep_i)
-    else:
-      live, live_out, live_in = w, layer.out_channels, layer.in_channels
-    numel, nnz = live.size, int(np.count_nonzero(live))
-    full_nnz = int(np.count_nonzero(w))
-    density = nnz / numel if numel else 0.0
-    formats = {"bitmask": nnz * vb / 32 + (numel / 32 if nnz < numel else 0.0)}
-    if ternary:
-      formats["ternary1"] = math.ceil((2 * numel + 2 * vb) / 32)
-      if rules.compressed_formats:
-        formats["csr"] = math.ceil((nnz * (vb + 1) + (live_out + 1) * vb + 2 * vb) / 32)
-        formats["cer"] = math.ceil((nnz * vb + 2 * (live_out + 1) * vb + 2 * vb) / 32)
-        formats["ternary2"] = math.ceil((numel + nnz + 2 * vb) / 32)
-    best = min(formats, key=formats.get)
-    bias_params = (live_out if layer.kind == "conv" else layer.out_channels) if layer.bias else 0
-    scoring = formats[best] + bias_params * vb / 32
-
-    ops_live = _ops(layer, ternary, live_out, nnz)
-    ops_dead = _ops(layer, ternary, layer.out_channels, full_nnz)
-    dense_vector = w.size / max(layer.out_channels, 1)
-    dense_outputs = layer.positions * layer.out_channels
-    ops_dense = OpCount(float(dense_vector * dense_outputs),
-                        float((dense_vector - 1) * dense_outputs))
-    outputs = layer.positions * live_out
-    flop_mults = ops_live.mults * rules.mul_bits / 32
-    if ternary and rules.tree_adder and live_out:
-      flop_adds = tree_adder_bits(nnz / live_out, vb) * layer.positions * live_out / 32
-    else:
-      flop_adds = ops_live.adds * rules.add_bits / 32
-    if layer.bias:
-      flop_adds += outputs * rules.add_bits / 32
-    if layer.activation == "relu":
-      flop_mults += outputs * rules.mul_bits / 32
-    if index in counted_residual:
-      flop_adds += outputs * rules.add_bits / 32
-    out.append(LayerScore(layer.path, ternary, best, float(scoring), formats, dead_out, dead_in,
-                          live_in, live_out, density, ops_dead, ops_live, ops_dense,
-                          float(flop_mults), float(flop_adds)))
+    is_ternary = ternary.get(layer.path)
+    if is_ternary is None:
+      is_ternary = leaf_statistics.leaf_statistics(w).ternary
+    score = _score_layer(layer, w, rules.ternary_rules and is_ternary,
+                         index in counted_residual, previous_dead, rules)
+    previous_dead = score.dead_out
+    out.append(score)
   return out
 
 

@@ -122,53 +122,65 @@ def cifar_resnet_geometry(shapes: dict[str, Sequence[int]], *,
   if len(stem) != 1 or len(head) != 1 or not blocks:
     return None
   torch_style = stem[0].endswith(".weight")
+  layers = [_conv(shapes, stem[0], torch_style, image_size, 1, False)]
+  layers += _block_convs(shapes, blocks, torch_style, image_size)
+  dense = _dense_head(shapes, head[0], torch_style)
+  if dense.in_channels != layers[-1].out_channels:
+    return None
+  return _fold_norms(layers, paths, torch_style) + [dense]
 
-  def conv(path, size, stride, residual):
-    shape = tuple(shapes[path])
-    if len(shape) != 4:
-      raise ValueError(f"{path}: expected a 4-d conv kernel, got shape {shape}")
-    if torch_style:
-      out_c, in_c, kh, kw = shape
-      in_axis, out_axis = 1, 0
-    else:
-      kh, kw, in_c, out_c = shape
-      in_axis, out_axis = 2, 3
-    return LayerGeometry(path, "conv", in_c, out_c, (kh, kw), (size, size), stride,
-                         in_axis, out_axis, residual_add=residual)
 
-  layers = [conv(stem[0], image_size, 1, False)]
+def _conv(shapes, path: str, torch_style: bool, size: int, stride: int,
+          residual: bool) -> LayerGeometry:
+  """A conv layer of a CIFAR ResNet from its kernel's shape (OIHW or HWIO)."""
+  shape = tuple(shapes[path])
+  if len(shape) != 4:
+    raise ValueError(f"{path}: expected a 4-d conv kernel, got shape {shape}")
+  if torch_style:
+    out_c, in_c, kh, kw = shape
+    in_axis, out_axis = 1, 0
+  else:
+    kh, kw, in_c, out_c = shape
+    in_axis, out_axis = 2, 3
+  return LayerGeometry(path, "conv", in_c, out_c, (kh, kw), (size, size), stride,
+                       in_axis, out_axis, residual_add=residual)
+
+
+def _block_convs(shapes, blocks, torch_style: bool, image_size: int) -> list[LayerGeometry]:
+  """The residual blocks' convs in forward order (stride 2 where a stage starts)."""
   order = sorted(blocks, key=lambda mp: (int(mp[0]["stage"]), int(mp[0]["block"]),
                                          mp[0]["name"].startswith("shortcut"), mp[0]["name"]))
-  previous_width = layers[0].out_channels
-  last_conv: dict = {}
-  for m, path in order:
-    last_conv[(m["stage"], m["block"])] = path
+  last_conv = {(m["stage"], m["block"]): path for m, path in order}
+  layers = []
   for m, path in order:
     stage, block = int(m["stage"]), int(m["block"])
     size = max(1, image_size // 2 ** (stage - 1))
-    first = m["name"] == "conv1"
-    stride = 2 if stage > 1 and block == 0 and (first or m["name"].startswith("shortcut")) else 1
+    shortcut = m["name"].startswith("shortcut")
+    stride = 2 if stage > 1 and block == 0 and (m["name"] == "conv1" or shortcut) else 1
     residual = path == last_conv[(m["stage"], m["block"])] and m["name"].startswith("conv")
-    layer = conv(path, size, stride, residual)
-    if m["name"].startswith("shortcut"):
-      layer = layer._replace(activation=None)
-    layers.append(layer)
-    previous_width = layer.out_channels
-  hshape = tuple(shapes[head[0]])
-  if len(hshape) != 2:
-    raise ValueError(f"{head[0]}: expected a 2-d dense kernel, got shape {hshape}")
+    layer = _conv(shapes, path, torch_style, size, stride, residual)
+    layers.append(layer._replace(activation=None) if shortcut else layer)
+  return layers
+
+
+def _dense_head(shapes, path: str, torch_style: bool) -> LayerGeometry:
+  """The classifier (``linear`` / ``fc``) from its kernel's shape."""
+  shape = tuple(shapes[path])
+  if len(shape) != 2:
+    raise ValueError(f"{path}: expected a 2-d dense kernel, got shape {shape}")
   if torch_style:
-    (out_f, in_f), in_axis, out_axis = hshape, 1, 0
+    (out_f, in_f), in_axis, out_axis = shape, 1, 0
   else:
-    (in_f, out_f), in_axis, out_axis = hshape, 0, 1
-  if in_f != previous_width:
-    return None
-  layers.append(LayerGeometry(head[0], "dense", in_f, out_f, (1, 1), (1, 1), 1, in_axis,
-                              out_axis, bias=True, activation=None))
-  # Batch norms fold into the bias of the conv before them.
+    (in_f, out_f), in_axis, out_axis = shape, 0, 1
+  return LayerGeometry(path, "dense", in_f, out_f, (1, 1), (1, 1), 1, in_axis,
+                       out_axis, bias=True, activation=None)
+
+
+def _fold_norms(layers, paths, torch_style: bool) -> list[LayerGeometry]:
+  """Each conv with the batch norm after it (``bn{k}``, ``shortcut.1``) folded into its bias."""
   sep = "." if torch_style else "/"
   folded = []
-  for layer in layers[:-1]:
+  for layer in layers:
     block = _BLOCK.match(layer.path)
     if block is None:
       module, norm = "", "bn1"
@@ -177,7 +189,7 @@ def cifar_resnet_geometry(shapes: dict[str, Sequence[int]], *,
       name = block["name"]
       norm = (name[:-1] + "1") if name.startswith("shortcut") else "bn" + name[4:]
     folded.append(layer._replace(folded=_folded_norm(paths, module, norm, sep)))
-  return folded + [layers[-1]]
+  return folded
 
 
 # ---------------------------------------------------------------------- tracing

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 
 from ec2t_jax._src.report import accounting
 from ec2t_jax._src.export import packing
 from ec2t_jax._src.export import sources
-from ec2t_jax._src.methods.ec2t import ternary
+from ec2t_jax._src.export import stacking
+from ec2t_jax._src.core import trees
 from ec2t_jax._src.report.accounting import PAPER_RULES, CountingRules
 from ec2t_jax._src.report.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
+from ec2t_jax._src.report.leaf_statistics import LeafStatistics, leaf_statistics
 
 GeometryLike = Union[None, str, Path, Sequence[LayerGeometry]]
 
@@ -49,16 +51,133 @@ def _resolve_geometry(geometry: GeometryLike, flat, image_size: int):
   return list(geometry), f"given geometry ({len(geometry)} layers)"
 
 
-def _count_nonfinite(array: np.ndarray) -> int:
-  if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
-    return 0
-  return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False)
-                                                       if array.dtype.name == "bfloat16"
-                                                       else array)))
+class _Source(NamedTuple):
+  tree: Any
+  kind: str
+  name: str
+  info: packing.PackedInfo
+  measured: str
 
 
-def _round(x, digits=6):
-  return None if x is None else float(round(float(x), digits))
+def _per_slice(tree):
+  """One layer per slice of a stacked leaf (``nn.scan`` blocks), as in the file."""
+  leaves, structure = trees.flatten(tree)
+  tree, _ = stacking.split_stacked(trees.unflatten([a for _, a in leaves], structure))
+  return tree
+
+
+def _load_source(source, keys, max_bytes, float16) -> _Source:
+  """The tree (stacked leaves split per slice) and its packed-file header (a
+  tree is packed in memory to measure it)."""
+  if isinstance(source, (str, Path)):
+    loaded = sources.load_tree(source, keys=keys, max_bytes=max_bytes)
+    if loaded.info is not None:
+      return _Source(_per_slice(loaded.tree), loaded.kind, loaded.path, loaded.info, "file")
+    tree, kind, name = _per_slice(loaded.tree), loaded.kind, loaded.path
+  else:
+    tree, kind, name = _per_slice(source), "tree", "<tree>"
+  info = packing.read_info(packing.pack(tree, float16=float16))
+  return _Source(tree, kind, name, info, "in-memory pack")
+
+
+def _layer_geometry(geometry: GeometryLike, flat, image_size: int):
+  """``(layers to score, known geometry or None, architecture, notes)``."""
+  layers_geo, architecture = _resolve_geometry(geometry, flat, image_size)
+  if layers_geo is not None:
+    return layers_geo, layers_geo, architecture, []
+  notes = ["no architecture: storage counted per leaf without dead channels; "
+           "op counts omitted (pass a geometry, see trace_geometry)"]
+  geo = [_leaf_geometry(p, a) for p, a in flat.items()
+         if a.ndim >= 2 and not accounting.is_statistic(p)]
+  return geo, None, architecture, notes
+
+
+def _other_leaves(flat, geo, layers_geo, rules: CountingRules):
+  """Leaves outside the geometry (counted at ``value_bits`` each): names, elements, note."""
+  covered = accounting.covered_leaves(geo, flat)
+  other = [p for p in flat if p not in covered and not accounting.is_statistic(p)]
+  other_numel = sum(flat[p].size for p in other)
+  notes = []
+  if other and layers_geo is not None:
+    notes.append(f"{len(other)} leaves outside the geometry counted at {rules.value_bits} "
+                 f"bits each: {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+  return other, other_numel, notes
+
+
+def _nonfinite_warning(path: str, stats: LeafStatistics) -> str:
+  return (f"layer {path} has {stats.nonfinite:,} non-finite weights (NaN or inf) of "
+          f"{stats.numel:,}: not counted as ternary; its sizes and op counts are not meaningful")
+
+
+def _layer_entry(score, w: np.ndarray, stats: LeafStatistics, record, layer_geo) -> dict:
+  """One row of the report's ``layers``."""
+  entry = {
+      "path": score.path, "shape": list(w.shape), "numel": int(w.size),
+      "ternary": stats.ternary, "nonfinite": stats.nonfinite,
+      "sparsity": stats.zeros / max(w.size, 1),
+      "w_n": stats.w_n, "w_p": stats.w_p, "entropy_bits": stats.entropy_bits(),
+      "bits_per_weight": record.bits_per_weight if record else None,
+      "bytes": record.nbytes if record else None,
+      "codec": record.codec if record else None,
+      "format": score.format, "scoring_params": score.scoring_params,
+      "dead_out_channels": len(score.dead_out), "dead_in_channels": len(score.dead_in),
+  }
+  if layer_geo is not None:
+    entry.update(out_hw=list(layer_geo.out_hw),
+                 mults=score.ops_live.mults, adds=score.ops_live.adds,
+                 mults_with_dead=score.ops_dead.mults, adds_with_dead=score.ops_dead.adds)
+  return entry
+
+
+class _TernaryTotals(NamedTuple):
+  """Sums over the ternary layers."""
+  zeros: int = 0
+  numel: int = 0
+  entropy_bytes: float = 0.0
+  payload: float = 0.0
+  paper: float = 0.0
+  bitmask: float = 0.0
+
+  def add(self, score, w: np.ndarray, stats: LeafStatistics, record) -> "_TernaryTotals":
+    n, z = w.size, stats.zeros
+    return _TernaryTotals(
+        self.zeros + z, self.numel + n, self.entropy_bytes + n * stats.entropy_bits() / 8,
+        self.payload + (record.nbytes if record else 0),
+        self.paper + score.formats[score.format] * 4,
+        self.bitmask + (n + 7) // 8 + (n - z + 7) // 8 + 3 * w.dtype.itemsize)
+
+
+def _layer_entries(scores, flat, statistics, records, layers_geo):
+  """``(layers, warnings, ternary totals)`` of the scored layers."""
+  by_path: dict = {}
+  for g in layers_geo or ():
+    by_path.setdefault(g.path, g)
+  layers, warnings, totals = [], [], _TernaryTotals()
+  for score in scores:
+    w, stats, record = flat[score.path], statistics[score.path], records.get(score.path)
+    if stats.nonfinite:
+      warnings.append(_nonfinite_warning(score.path, stats))
+    layers.append(_layer_entry(score, w, stats, record, by_path.get(score.path)))
+    if stats.ternary:
+      totals = totals.add(score, w, stats, record)
+  return layers, warnings, totals
+
+
+def _operations(scores) -> dict:
+  """FLOPs, op counts and energy of the scored layers (only with a known geometry)."""
+  def total(field):
+    return accounting.OpCount(sum(getattr(s, field).mults for s in scores),
+                              sum(getattr(s, field).adds for s in scores))
+  live, dead, dense = total("ops_live"), total("ops_dead"), total("ops_dense")
+  mults = sum(s.flop_mults for s in scores)
+  adds = sum(s.flop_adds for s in scores)
+  return dict(
+      flops=mults + adds, flops_detail={"mults": mults, "adds": adds},
+      ops={"with_dead_channels": dead._asdict(), "without_dead_channels": live._asdict(),
+           "dense_float": dense._asdict()},
+      energy_uj={"ternary_fp16": live.energy_pj("fp16") / 1e6,
+                 "ternary_fp32": live.energy_pj("fp32") / 1e6,
+                 "dense_fp32": dense.energy_pj("fp32") / 1e6})
 
 
 def build_report(source, *, geometry: GeometryLike = "auto",
@@ -66,6 +185,9 @@ def build_report(source, *, geometry: GeometryLike = "auto",
                  keys: Sequence[str] = ("params",), float16: bool = False,
                  max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict:
   """Builds the report of a packed file, a checkpoint, an ``.npz`` or a tree.
+
+  Memory: beyond the decoded arrays, each leaf is read in chunks
+  (:mod:`~ec2t_jax._src.report.leaf_statistics`), never copied whole.
 
   Args:
     source: path (packed file, ``.npz``, orbax checkpoint directory) or a tree.
@@ -78,121 +200,60 @@ def build_report(source, *, geometry: GeometryLike = "auto",
       non-ternary leaves.
     max_bytes: largest input file / decoded size accepted (default 4 GiB).
 
+  A leaf stacking ternary layers (``nn.scan`` blocks) is reported per slice,
+  ``blocks/c_fc/kernel[3]``, as the packed file stores it.
+
   Returns:
     A JSON-able dict; top-level keys include ``sparsity``, ``scoring_params``,
     ``flops``, ``bytes``, ``layers`` and ``warnings`` (one line per layer
     with non-finite weights; its entry's ``nonfinite`` counts them).
+
+  Example:
+    >>> import numpy as np
+    >>> tree = {"fc": {"kernel": np.array([[0.5, 0.0], [-0.5, 0.5]], np.float32)}}
+    >>> r = build_report(tree, geometry="none")
+    >>> r["sparsity"], r["layers"][0]["ternary"], r["layers"][0]["w_n"]
+    (0.25, True, 0.5)
   """
-  if isinstance(source, (str, Path)):
-    loaded = sources.load_tree(source, keys=keys, max_bytes=max_bytes)
-    tree, kind, name, info = loaded.tree, loaded.kind, loaded.path, loaded.info
-  else:
-    tree, kind, name, info = source, "tree", "<tree>", None
-  flat = sources.flat_arrays(tree)
-  measured = "file"
-  if info is None:
-    info = packing.read_info(packing.pack(tree, float16=float16))
-    measured = "in-memory pack"
-  records = {r.path: r for r in info.records}
-  layers_geo, architecture = _resolve_geometry(geometry, flat, image_size)
-  notes = []
-  if layers_geo is None:
-    notes.append("no architecture: storage counted per leaf without dead channels; "
-                 "op counts omitted (pass a geometry, see trace_geometry)")
-    geo = [_leaf_geometry(p, a) for p, a in flat.items()
-           if a.ndim >= 2 and not accounting.is_statistic(p)]
-  else:
-    geo = layers_geo
-  scores = accounting.score_layers(flat, geo, rules)
-  covered = accounting.covered_leaves(geo, flat)
-  other = [p for p in flat if p not in covered and not accounting.is_statistic(p)]
-  other_numel = sum(flat[p].size for p in other)
+  src = _load_source(source, keys, max_bytes, float16)
+  flat = sources.flat_arrays(src.tree)
+  geo, layers_geo, architecture, notes = _layer_geometry(geometry, flat, image_size)
+  statistics = {g.path: leaf_statistics(flat[g.path]) for g in geo if g.path in flat}
+  scores = accounting.score_layers(flat, geo, rules,
+                                   ternary={p: s.ternary for p, s in statistics.items()})
+  other, other_numel, other_notes = _other_leaves(flat, geo, layers_geo, rules)
   scoring = sum(s.scoring_params for s in scores) + other_numel * rules.value_bits / 32
-  if other and layers_geo is not None:
-    notes.append(f"{len(other)} leaves outside the geometry counted at {rules.value_bits} "
-                 f"bits each: {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
-
-  layers = []
-  warnings = []
-  ternary_entropy_bytes = ternary_payload = ternary_paper = ternary_bitmask = 0.0
-  ternary_zeros = ternary_numel = 0
-  for score in scores:
-    w = flat[score.path]
-    record = records.get(score.path)
-    parts = packing.ternary_parts(w)
-    entropy = float(ternary.ternary_entropy(parts.assignment)) if parts is not None else None
-    zeros = int(w.size - np.count_nonzero(w))
-    nonfinite = _count_nonfinite(w)
-    if nonfinite:
-      warnings.append(f"layer {score.path} has {nonfinite:,} non-finite weights (NaN or inf) of "
-                      f"{w.size:,}: not counted as ternary; its sizes and op counts are not "
-                      "meaningful")
-    entry = {
-        "path": score.path, "shape": list(w.shape), "numel": int(w.size),
-        "ternary": parts is not None, "nonfinite": nonfinite,
-        "sparsity": zeros / max(w.size, 1),
-        "w_n": parts.w_n if parts is not None else None,
-        "w_p": parts.w_p if parts is not None else None,
-        "entropy_bits": entropy,
-        "bits_per_weight": record.bits_per_weight if record else None,
-        "bytes": record.nbytes if record else None,
-        "codec": record.codec if record else None,
-        "format": score.format, "scoring_params": score.scoring_params,
-        "dead_out_channels": len(score.dead_out), "dead_in_channels": len(score.dead_in),
-    }
-    if layers_geo is not None:
-      entry.update(out_hw=list(next(g.out_hw for g in geo if g.path == score.path)),
-                   mults=score.ops_live.mults, adds=score.ops_live.adds,
-                   mults_with_dead=score.ops_dead.mults, adds_with_dead=score.ops_dead.adds)
-    layers.append(entry)
-    if parts is not None:
-      ternary_zeros += zeros
-      ternary_numel += w.size
-      ternary_entropy_bytes += w.size * entropy / 8
-      ternary_payload += record.nbytes if record else 0
-      ternary_paper += score.formats[score.format] * 4
-      ternary_bitmask += (w.size + 7) // 8 + (w.size - zeros + 7) // 8 + 3 * w.dtype.itemsize
-
+  records = {r.path: r for r in src.info.records}
+  layers, warnings, ternary_totals = _layer_entries(scores, flat, statistics, records,
+                                                    layers_geo)
   zeros, total = accounting.paper_sparsity(flat)
-  float32_bytes = sum(4 * a.size for a in flat.values())
+  info = src.info
   report: dict[str, Any] = {
-      "source": name, "kind": kind, "architecture": architecture,
+      "source": src.name, "kind": src.kind, "architecture": architecture,
       "rules": dataclasses.asdict(rules),
       "sparsity": zeros / total if total else 0.0,
       "sparsity_detail": {"zeros": zeros, "parameters": total,
-                          "ternary_zeros": ternary_zeros, "ternary_weights": ternary_numel},
+                          "ternary_zeros": ternary_totals.zeros,
+                          "ternary_weights": ternary_totals.numel},
       "params": total,
       "scoring_params": scoring,
       "scoring_params_basis": "geometry" if layers_geo is not None else "per leaf",
       "flops": None, "flops_detail": None, "ops": None, "energy_uj": None,
       "bytes": {
-          "file": info.total_bytes, "measured": measured,
+          "file": info.total_bytes, "measured": src.measured,
           "header": info.total_bytes - info.payload_bytes, "payload": info.payload_bytes,
-          "float32": float32_bytes, "paper_rule": scoring * 4,
-          "ternary": {"payload": ternary_payload, "entropy_bound": ternary_entropy_bytes,
-                      "paper_rule": ternary_paper, "bitmask": ternary_bitmask},
+          "float32": sum(4 * a.size for a in flat.values()), "paper_rule": scoring * 4,
+          "ternary": {"payload": ternary_totals.payload,
+                      "entropy_bound": ternary_totals.entropy_bytes,
+                      "paper_rule": ternary_totals.paper, "bitmask": ternary_totals.bitmask},
       },
       "layers": layers,
       "other_leaves": {"count": len(other), "numel": int(other_numel)},
-      "notes": notes,
+      "notes": notes + other_notes,
       "warnings": warnings,
   }
   if layers_geo is not None:
-    live = accounting.OpCount(sum(s.ops_live.mults for s in scores),
-                              sum(s.ops_live.adds for s in scores))
-    dead = accounting.OpCount(sum(s.ops_dead.mults for s in scores),
-                              sum(s.ops_dead.adds for s in scores))
-    dense = accounting.OpCount(sum(s.ops_dense.mults for s in scores),
-                               sum(s.ops_dense.adds for s in scores))
-    mults = sum(s.flop_mults for s in scores)
-    adds = sum(s.flop_adds for s in scores)
-    report.update(
-        flops=mults + adds, flops_detail={"mults": mults, "adds": adds},
-        ops={"with_dead_channels": dead._asdict(), "without_dead_channels": live._asdict(),
-             "dense_float": dense._asdict()},
-        energy_uj={"ternary_fp16": live.energy_pj("fp16") / 1e6,
-                   "ternary_fp32": live.energy_pj("fp32") / 1e6,
-                   "dense_fp32": dense.energy_pj("fp32") / 1e6})
+    report.update(_operations(scores))
   return report
 
 

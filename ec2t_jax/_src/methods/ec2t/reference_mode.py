@@ -28,7 +28,11 @@ class TernarizeReferenceState(NamedTuple):
 
 
 def _gradients(grad, leaf: ec2t.EC2TLeaf, negative_centroid_sign):
-  """TTQ conversion of ``dL/dT``: latent and ``(w_n, w_p)`` gradients."""
+  """TTQ conversion of ``dL/dT``: latent and ``(w_n, w_p)`` gradients (per
+  slice of a stacked leaf)."""
+  if isinstance(leaf, core.StackedLeaf):
+    per_slice = lambda g, inner: _gradients(g, inner, negative_centroid_sign)
+    return core.over_slices(per_slice, leaf.stack_ndim)(grad, leaf.inner)
   if isinstance(leaf, ec2t.ECPLeaf):
     zero = jnp.zeros((), jnp.float32)
     return jnp.asarray(grad, jnp.float32), zero, zero
@@ -129,7 +133,7 @@ def ternarize(
     core.check_same_tree("params", params, core_state.leaves)
     contexts = core.leaf_contexts(core_state.leaves, params, chosen)
     flat_grads, treedef = jax.tree.flatten(grads)
-    old, _ = core.flat_leaf_states(core_state.leaves)
+    old, _ = core.flat_leaf_states(core_state.resolved_leaves())
     converted = [None if leaf is None else
                  _gradients(g, leaf, negative_centroid_sign)
                  for g, leaf in zip(flat_grads, old)]

@@ -1,0 +1,383 @@
+r"""A ternary character-level GPT on tiny Shakespeare: full precision, then EC2T, then a report.
+
+nanoGPT's CPU configuration by default (``ec2t_jax.models.GPT``: 4 layers, 4
+heads, width 128, context 64, tied embedding, biases, GELU MLP of 4x width,
+pre-LayerNorm, no dropout; AdamW 1e-3 with 100 warm-up steps and a cosine to
+1e-4 at 2000, beta2 0.99, weight decay 0.1 on matrices, gradient clip 1.0,
+batch 12, 2000 iterations). Then the method (``--method``, default EC2T) ternarizes
+every linear kernel of the blocks -- the paper's rule in the traced forward order:
+the token embedding is the first layer, the tied LM head the last, so they stay in
+full precision, as in BitNet -- in phase 1 (assignment trained) and phase 2
+(assignment frozen), with the same AdamW (no weight decay)
+and a cosine from ``--learning_rate``. It reports the validation loss of both
+models (nanoGPT's val split: the tfds ``validation`` + ``test`` splits), the
+per-layer summary, the sizes (2-bit packed, entropy bound, exported file) and a
+few lines sampled from each model.
+
+``--scan_layers`` stacks the blocks (``nnx.vmap``) and applies them with
+``nnx.scan``; ``--fsdp`` shards params and optimizer state, several processes
+join with ``jax.distributed`` as in the CNN examples; ``--resume`` continues
+exactly where a run stopped. Data: ``tfds.load("tiny_shakespeare")``, prepared
+offline::
+
+  TFDS_DATA_DIR=../shared/data/tfds python examples/shakespeare_gpt.py
+  python examples/shakespeare_gpt.py --method=bitnet --workdir=runs/gpt_bitnet \
+      --init_from=runs/shakespeare_gpt/checkpoints/fp/latest
+  python examples/shakespeare_gpt.py --scan_layers --workdir=runs/gpt_scan
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from common import flags as flags_lib
+from common.script import script_main
+
+PHASES = ("fp", "ec2t_phase1", "ec2t_phase2")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """Defines this script's flags on ``fv``."""
+  d = lambda *a, **k: flags.DEFINE_integer(*a, flag_values=fv, **k)
+  f = lambda *a, **k: flags.DEFINE_float(*a, flag_values=fv, **k)
+  flags.DEFINE_string("workdir", "runs/shakespeare_gpt", "Output folder: checkpoints/, "
+                      "metrics.jsonl, tensorboard/, report.json, model.ec2t.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.",
+                      flag_values=fv)
+  # Model.
+  d("num_layers", 4, "Transformer blocks.")
+  d("num_heads", 4, "Attention heads.")
+  d("width", 128, "Embedding width.")
+  d("block_size", 64, "Context length.")
+  flags.DEFINE_bool("scan_layers", False, "Stack the blocks (nnx.vmap) and apply them with "
+                    "nnx.scan.", flag_values=fv)
+  # Full precision (nanoGPT's CPU configuration).
+  d("batch_size", 12, "Global batch (windows).")
+  d("eval_batch_size", 256, "Global batch of the validation windows.")
+  d("fp_steps", 2000, "Full-precision iterations (ignored with --init_from).")
+  f("fp_learning_rate", 1e-3, "Peak learning rate of pretraining.")
+  f("min_learning_rate", 1e-4, "Learning rate at the end of pretraining's cosine.")
+  d("warmup_steps", 100, "Linear warm-up of pretraining.")
+  f("beta2", 0.99, "AdamW beta2.")
+  f("weight_decay", 0.1, "AdamW weight decay of pretraining (matrices only).")
+  f("clip", 1.0, "Gradient clipping (global norm).")
+  flags.DEFINE_string("init_from", None, "Full-precision checkpoint folder of this script "
+                      "(e.g. runs/shakespeare_gpt/checkpoints/fp/latest) instead of pretraining.",
+                      flag_values=fv)
+  # The method.
+  flags.DEFINE_string("method", "ec2t", "Quantization method (examples/common/methods.py): "
+                      "ec2t, bitnet, twn, ttq, sttn, faraone, inq, slq, mlq, mcq.",
+                      flag_values=fv)
+  flags.DEFINE_string("method_options", "", "The method's own knobs, key=value,...",
+                      flag_values=fv)
+  f("gamma", 0.15, "EC2T sparsity knob.")
+  f("init_scale", 0.3, "EC2T initial centroid scaler.")
+  f("sustain", 0.05, "EC2T layer-size decay sustain.")
+  f("learning_rate", 5e-4, "Peak AdamW learning rate of phases 1 and 2 (cosine to 0).")
+  f("ec2t_weight_decay", 0.0, "AdamW weight decay in phases 1 and 2 (matrices only).")
+  d("phase1_steps", 750, "Steps of phase 1 (0: pretrain only).")
+  d("phase2_steps", 250, "Steps of phase 2 (EC2T: assignment frozen).")
+  # Run control.
+  d("seed", 0, "Seed of initialisation, data order and sampling.")
+  d("eval_every", 250, "Evaluate, record and checkpoint every N steps.")
+  d("sample_chars", 300, "Characters sampled from each model (0: none).")
+  flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.",
+                    flag_values=fv)
+  d("stop_after_steps", 0, "Stop after N steps of this invocation, with a checkpoint.")
+  flags.DEFINE_bool("progress", True, "Progress (a bar on a terminal, lines every 10% in a "
+                    "log).", flag_values=fv)
+  flags_lib.define_parallel_flags(fv)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """What :func:`common.methods.build` reads (the image pipeline's names)."""
+  method: str
+  method_options: str
+  gamma: float
+  init_scale: float
+  sustain: float
+  learning_rate: float
+  weight_decay: float
+  phase2_epochs: int
+  ec2t_steps: int
+  inner_optimizer: Callable[[], Any]
+  ec2t_mode: str = "chain"
+  latent_learning_rate: float = 0.0
+  centroid_learning_rate: float = 0.0
+
+
+def adamw(schedule, beta2: float, weight_decay: float, clip: float):
+  """nanoGPT's optimizer: clip, AdamW with weight decay on matrices only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(schedule, b1=0.9, b2=beta2, weight_decay=weight_decay,
+                                 mask=decay_mask))
+
+
+def paper_selection(init_params, apply_fn, block_size: int):
+  """The paper's rule in the traced forward order: the token embedding is the first layer and
+  the tied LM head the last, so every linear kernel of the blocks is ternarized (BitNet's choice
+  too), one layer per slice of scanned blocks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
+  order = ec2t.forward_order(apply_fn, jax.eval_shape(init_params),
+                             jnp.zeros((1, block_size), jnp.int32))
+  return ec2t.Selection(order=order)
+
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _model_keys(tree):
+  if isinstance(tree, dict):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _model_keys(v)
+            for k, v in tree.items()}
+  return tree
+
+
+def build_model(fv, vocab_size: int):
+  """``(init_params() -> params, apply_fn(params, tokens) -> logits)`` of the GPT."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+  config = models.GPTConfig(vocab_size=vocab_size, block_size=fv.block_size,
+                            num_layers=fv.num_layers, num_heads=fv.num_heads, width=fv.width,
+                            scan_layers=fv.scan_layers)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.GPT(config, rngs=nnx.Rngs(0))))
+
+  def init_params():
+    model = models.GPT(config, rngs=nnx.Rngs(fv.seed))
+    return _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  def apply_fn(params, tokens):
+    return nnx.merge(graphdef, _model_keys(params))(tokens)
+
+  return init_params, apply_fn
+
+
+def _mesh(fv):
+  import jax  # pylint: disable=g-import-not-at-top
+  from common import parallel  # pylint: disable=g-import-not-at-top
+  from common.cli import UserError  # pylint: disable=g-import-not-at-top
+  if not fv.num_devices or fv.num_devices == jax.device_count():
+    return parallel.make_mesh(fv.fsdp)
+  if jax.process_count() > 1 or fv.num_devices > jax.device_count() or fv.num_devices % fv.fsdp:
+    raise UserError(f"--num_devices={fv.num_devices} must be at most the {jax.device_count()} "
+                    f"devices of a single process and a multiple of --fsdp={fv.fsdp}")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((fv.num_devices // fv.fsdp, fv.fsdp), ("data", "fsdp"),
+                       axis_types=(auto, auto), devices=jax.devices()[:fv.num_devices])
+
+
+def method_setup(fv, selection, total_steps: int):
+  """The method's :class:`common.methods.MethodSetup` with this script's AdamW inside."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from common import methods  # pylint: disable=g-import-not-at-top
+  schedule = optax.cosine_decay_schedule(fv.learning_rate, max(total_steps, 1))
+  config = MethodConfig(
+      method=fv.method, method_options=fv.method_options, gamma=fv.gamma,
+      init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
+      weight_decay=fv.ec2t_weight_decay, phase2_epochs=fv.phase2_steps, ec2t_steps=total_steps,
+      inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip))
+  return methods.build(config, selection)
+
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs the job described by parsed flags ``fv``; returns the results dict."""
+  # pylint: disable=g-import-not-at-top  (after jax.distributed starts)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import ec2t_jax as ec2t
+  from common import checkpoint as checkpoint_lib
+  from common import language
+  from common import parallel
+  from common import pipeline
+  from common.cli import UserError
+  from common.metrics import MetricWriter
+  from common.training import TrainState
+
+  main = parallel.is_main_process()
+  log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+  for name in ("phase1_steps", "phase2_steps"):
+    if fv[name].value < 0:
+      raise UserError(f"--{name} must be >= 0, got {fv[name].value}")
+  if fv.init_from is None and fv.fp_steps < 1:
+    raise UserError("full-precision model needed: set --fp_steps > 0 or --init_from")
+  total = fv.phase1_steps + fv.phase2_steps
+  method_setup(fv, None, total)  # bad --method flags fail before loading data
+  mesh = _mesh(fv)
+  data = language.load_tiny_shakespeare(fv.data_dir)
+  init_params, apply_fn = build_model(fv, len(data.vocab))
+  selection = paper_selection(init_params, apply_fn, fv.block_size)
+  setup = method_setup(fv, selection, total)
+  if setup.post_training is not None and fv.method != "mcq":
+    raise UserError(f"--method={fv.method} calibrates on images; this example runs the "
+                    "training-time methods and mcq")
+  fingerprint = {"model": f"gpt{fv.num_layers}x{fv.num_heads}x{fv.width}x{fv.block_size}"
+                          + ("-scan" if fv.scan_layers else ""),
+                 "dataset": "tiny_shakespeare", "method": fv.method,
+                 "method_options": fv.method_options, "gamma": fv.gamma}
+  checkpoint_lib.check_workdir(fv.workdir, fingerprint, fv.resume, PHASES)
+  writer = MetricWriter(fv.workdir, enabled=main)
+  runner = language.LMRunner(apply_fn, data, mesh, fv.batch_size, fv.block_size, fv.workdir,
+                             fingerprint, writer, seed=fv.seed, eval_every=fv.eval_every,
+                             eval_batch_size=fv.eval_batch_size, progress=fv.progress,
+                             stop_after_steps=fv.stop_after_steps)
+  log(f"tiny_shakespeare: {len(data.train):,} training and {len(data.val):,} validation "
+      f"characters, {len(data.vocab)} symbols; {jax.process_count()} process(es), mesh "
+      f"{dict(mesh.shape)}")
+
+  # ---- full precision
+  fp_schedule = optax.warmup_cosine_decay_schedule(0.0, fv.fp_learning_rate, fv.warmup_steps,
+                                                   max(fv.fp_steps, fv.warmup_steps + 1),
+                                                   end_value=fv.min_learning_rate)
+  fp_tx = adamw(fp_schedule, fv.beta2, fv.weight_decay, fv.clip)
+  results: dict[str, Any] = {"model": fingerprint["model"], "method": fv.method,
+                             "method_options": fv.method_options, "gamma": fv.gamma,
+                             "learning_rate": fv.learning_rate, "phase1_steps": fv.phase1_steps,
+                             "phase2_steps": fv.phase2_steps, "scan_layers": fv.scan_layers}
+  if fv.init_from:
+    params, _ = checkpoint_lib.restore_variables(fv.init_from)
+    fp_state = runner.init_state(lambda p: TrainState.create(p, {}, fp_tx, fv.seed), params)
+    log(f"[fp] loaded {fv.init_from}")
+  else:
+    fp_state, fp_info = runner.run_phase(
+        "fp", fp_tx, fv.fp_steps, lambda: TrainState.create(init_params(), {}, fp_tx, fv.seed),
+        resume=fv.resume)
+    results["fp_seconds"] = fp_info["seconds"]
+  results["fp_val_loss"] = runner.evaluate(fp_state.params)
+  log(f"[fp] validation loss {results['fp_val_loss']:.4f}")
+  samples = {"fp": language.sample_text(apply_fn, fp_state.params, data, fv.block_size,
+                                        fv.sample_chars, seed=fv.seed)} if fv.sample_chars else {}
+  if fv.phase1_steps == 0:
+    return _finish(fv, results, samples, writer, log)
+
+  # ---- the method
+  results["total_params"] = language.count_params(fp_state.params)
+  if setup.post_training is not None:  # MCQ
+    host = parallel.to_host(fp_state.params)
+    from common.methods import PostTrainingInputs
+    params = setup.post_training(PostTrainingInputs(
+        params=host, apply_fn=apply_fn, train_images=None, image_shape=(fv.block_size,),
+        mean=(0.0,), std=(1.0,), seed=fv.seed, selection=selection))
+    state = runner.init_state(lambda p: TrainState.create(p, {}, fp_tx, fv.seed),
+                              jax.tree.map(np.asarray, params))
+    return _report(fv, runner, state, None, setup, selection, results, samples, writer, log,
+                   apply_fn, data)
+  tx, phase2_phase = setup.optimizer, 1
+  if setup.staged is not None:
+    layers = sum(p is not None for p in selection.plan(fp_state.params))
+    tx, phase2_phase = setup.staged(fv.phase1_steps, layers)
+
+  def start_phase1(params):
+    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.ternary_params)
+
+  state, info1 = runner.run_phase("ec2t_phase1", tx, fv.phase1_steps, start_phase1,
+                                  (fp_state.params,), resume=fv.resume,
+                                  epoch_metrics=pipeline.ec2t_epoch_metrics,
+                                  regularizer=setup.regularizer)
+  seconds, val_loss = info1["seconds"], info1["val_loss"]
+  if fv.phase2_steps > 0:
+    def start_phase2(last):
+      return last._replace(step=jnp.zeros((), jnp.int32),
+                           opt_state=ec2t.set_phase(last.opt_state, phase2_phase))
+    state, info2 = runner.run_phase("ec2t_phase2", tx, fv.phase2_steps, start_phase2, (state,),
+                                    resume=fv.resume, epoch_metrics=pipeline.ec2t_epoch_metrics)
+    seconds, val_loss = seconds + info2["seconds"], info2["val_loss"]
+  results["method_seconds"] = seconds
+  results["val_loss"] = val_loss  # of the last state, measured at the end of its phase
+  return _report(fv, runner, state, ec2t.summary(parallel.to_host(state.opt_state)), setup,
+                 selection, results, samples, writer, log, apply_fn, data)
+
+
+def _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
+            apply_fn, data):
+  """Validation loss, sparsity, sizes, export and samples of the quantized model."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
+  from common import language, parallel, posttrain  # pylint: disable=g-import-not-at-top
+  from common import report as report_lib  # pylint: disable=g-import-not-at-top
+  host_params = parallel.to_host(state.params)
+  named = posttrain.selected_leaves(host_params, selection)
+  if fv.scan_layers:  # one layer per slice of the stacked blocks
+    named = [(f"{path}[{i}]", leaf[i]) for path, leaf in named for i in range(leaf.shape[0])]
+  if setup.check is not None:
+    setup.check(named)
+  else:  # every quantized kernel is on the method's grid
+    for path, leaf in named:
+      posttrain.check_at_most_values(path, np.asarray(leaf), setup.max_values, setup.per_filter)
+  measures = posttrain.compression_measures(named)
+  if "val_loss" not in results:
+    results["val_loss"] = runner.evaluate(state.params)
+  results.update({"sparsity": measures["sparsity"],
+                  "bits_per_weight": measures["bits_per_weight"],
+                  "ternary_layers": len(named), "ternary_weights": measures["numel"]})
+  results["sizes"] = report_lib.model_sizes(
+      results["total_params"], [(l["numel"], l["entropy"]) for l in measures["layers"]])
+  if parallel.is_main_process():
+    exported = ec2t.export.save(os.path.join(fv.workdir, "model.ec2t"), host_params)
+    results["export_bytes"] = exported.total_bytes
+  if fv.sample_chars:
+    samples[fv.method] = language.sample_text(apply_fn, state.params, data, fv.block_size,
+                                              fv.sample_chars, seed=fv.seed)
+  if summary is not None:
+    log(summary)
+  return _finish(fv, results, samples, writer, log)
+
+
+def format_report(r: dict) -> str:
+  """The one-screen comparison of the full-precision and the quantized model."""
+  name = "EC2T" if r["method"] == "ec2t" else r["method"]
+  rows = [("validation loss (nats/char)", f"{r['fp_val_loss']:.4f}",
+           f"{r['val_loss']:.4f}  ({r['val_loss'] - r['fp_val_loss']:+.4f})"),
+          ("quantized kernels", "-", f"{r['ternary_layers']} layers, "
+                                     f"{r['ternary_weights']:,} of {r['total_params']:,} weights"),
+          ("sparsity of the quantized kernels", "-", f"{100 * r['sparsity']:.1f}%"),
+          ("bits/weight (entropy)", "32", f"{r['bits_per_weight']:.3f}"),
+          ("size, float32 / 2-bit packed", f"{r['sizes']['float32_bits'] / 8:,.0f} B",
+           f"{r['sizes']['packed_bits'] / 8:,.0f} B"),
+          ("size, entropy bound", "", f"{r['sizes']['entropy_bits'] / 8:,.0f} B")]
+  if r.get("export_bytes"):
+    rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} B  "
+                 f"({r['export_bytes'] * 8 / r['sizes']['packed_bits']:.3f}x 2-bit packed)"))
+  rows.insert(0, ("", "full precision", name))
+  widths = [max(len(row[c]) for row in rows) for c in range(3)]
+  knobs = f"gamma={r['gamma']:g}" if r["method"] == "ec2t" else r["method_options"]
+  title = f" {name} on tiny Shakespeare, {r['model']}" + (f", {knobs} " if knobs else " ")
+  lines = [title.center(sum(widths) + 4, "=")]
+  lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows]
+  return "\n".join(lines + ["=" * (sum(widths) + 4)])
+
+
+def _finish(fv, results, samples, writer, log) -> dict:
+  from common import parallel  # pylint: disable=g-import-not-at-top
+  results["samples"] = samples
+  if "val_loss" in results:
+    log(format_report(results))
+  for name, text in samples.items():
+    log(f"---- sampled from the {name} model ----\n{text}")
+  if parallel.is_main_process():
+    with open(os.path.join(fv.workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=float)
+  writer.close()
+  return results
+
+
+if __name__ == "__main__":
+  define_flags(flags.FLAGS)
+  app.run(script_main(run))
