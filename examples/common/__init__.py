@@ -13,6 +13,8 @@ Modules, one job each:
 * ``checkpoint`` -- orbax checkpoints (latest + best) of the whole train state;
 * ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
 * ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
+* ``progress``   -- a tqdm bar on a terminal only; in logs nothing or a line per 10%;
+* ``language``   -- tiny Shakespeare, step-keyed batches, the step loop of the GPT example;
 * ``pipeline``   -- the whole job: FP -> EC2T phase 1 -> phase 2 -> report;
 * ``report``     -- sizes and the one-screen final report;
 * ``methods``    -- the ``--method`` registry;
