@@ -107,7 +107,10 @@ def _points(key: str, values, fmt="{}", **extra) -> list[Point]:
 
 # The knob of each method, swept. Every other option keeps its registered default.
 SWEEPS: dict[str, list[Point]] = {
-    "ec2t": [Point(f"gamma={g}", g, config={"gamma": g}) for g in (0.0, 0.2, 0.35, 0.5, 0.7)],
+    "ec2t": [Point(f"gamma={g}", g, config={"gamma": g}) for g in (0.0, 0.2, 0.35, 0.5, 0.7)] + [
+        # The size budget (ec2t.Budget): a target bits/weight, ramped in over 30% of phase 1.
+        Point(f"bits_per_weight={b}", b, config={"bits_per_weight": b, "budget_ramp": 0.3})
+        for b in (0.6, 1.0)],
     "twn": _points("factor", (0.5, 0.7, 1.0, 1.4)),
     "ttq": _points("sparsity", (0.5, 0.7, 0.8, 0.9)) + [
         Point("sparsity=0.8, exact-gradient step", 0.8,
@@ -289,6 +292,8 @@ def _config(method: str, point: Point, phase1_steps: int) -> types.SimpleNamespa
                 latent_learning_rate=1e-3, centroid_learning_rate=1e-4, phase2_epochs=1,
                 phase1_steps=phase1_steps)
   config.update(point.config)
+  if "budget_ramp" in point.config:  # the example's --budget_ramp: a fraction of phase 1
+    config["budget_ramp_steps"] = int(point.config["budget_ramp"] * phase1_steps)
   return types.SimpleNamespace(**config)
 
 
