@@ -20,7 +20,7 @@ Example:
   >>> from ec2t_jax.models import small_cnn_example
   >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
   >>> apply_fn = lambda p, x: ex.model.apply({"params": p}, x)
-  >>> calls, _ = capture_layer_inputs(apply_fn, ex.params, ex.x, [3])  # leaf 3: Conv_1/kernel
+  >>> calls, _ = capture_layer_inputs(apply_fn, ex.params, [ex.x], [3])  # 3: Conv_1/kernel
   >>> y = calls[3].output(calls[3].inputs[0], ex.params["Conv_1"]["kernel"])
   >>> y.shape  # Conv_1 before its bias and ReLU
   (2, 8, 8, 8)
