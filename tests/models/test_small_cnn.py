@@ -16,7 +16,8 @@ def test_selected_kernels_hold_at_most_three_values_and_the_first_layer_stays_de
 def test_state_is_the_quantizer_state_of_opt_state():
   example = small_cnn_example()
   assert example.state.field("w_p")["Dense_1"] == {"bias": None, "kernel": None}
-  assert np.array_equal(ec2t.find_quantizer_state(example.opt_state).field("latent")["Conv_1"]["kernel"],
+  found = ec2t.find_quantizer_state(example.opt_state)
+  assert np.array_equal(found.field("latent")["Conv_1"]["kernel"],
                         example.state.field("latent")["Conv_1"]["kernel"])
 
 
