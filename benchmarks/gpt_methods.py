@@ -26,6 +26,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -126,6 +127,7 @@ def _plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   extra = FLAGS.example_flags.split()
   seeds = [int(s) for s in FLAGS.seeds.split(",") if s]
   runs = [r for r in FLAGS.runs.split(",") if r]

@@ -17,8 +17,10 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 import json
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from ec2t_jax._src.export import packing
 
 REPO = Path(__file__).resolve().parents[1]
 _CHUNK = 1 << 22
+_FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, header bytes, payload bytes
 
 
 def tiny_huge_file(path, shape, *, nonzeros_every: int = 100_003) -> int:
@@ -51,13 +54,13 @@ def tiny_huge_file(path, shape, *, nonzeros_every: int = 100_003) -> int:
     crc = zlib.crc32(values[symbols[start:start + _CHUNK]].tobytes(), crc)
   stream = values[[0, 2]].tobytes() + b"\0" + context_coding.encode(symbols, 3)
   del symbols
-  # pylint: disable=protected-access  # the container as packing.pack writes it
-  meta = {"writer": "ec2t_jax", "coder": f"constriction {packing._constriction_version()}"}
+  # The container as the format spec (and packing.pack) writes it.
+  meta = {"writer": "ec2t_jax", "coder": f"constriction {metadata.version('constriction')}"}
   record = {"c": "tc", "d": "float32", "s": [int(n) for n in shape], "n": len(stream), "k": crc}
   header = zlib.compress(json.dumps({"tree": {"d": [["w", 0]]}, "leaves": [record],
                                      "meta": meta}).encode(), 9)
-  body = packing._FIXED.pack(packing.MAGIC, packing.FORMAT_VERSION, 0, len(header),
-                             len(stream)) + header + stream
+  body = _FIXED.pack(packing.MAGIC, packing.FORMAT_VERSION, 0, len(header),
+                     len(stream)) + header + stream
   data = body + hashlib.sha256(body).digest()
   Path(path).write_bytes(data)
   return len(data)

@@ -5,9 +5,10 @@ heads, width 128, context 64, tied embedding, biases, GELU MLP of 4x width,
 pre-LayerNorm, no dropout; AdamW 1e-3 with 100 warm-up steps and a cosine to
 1e-4 at 2000, beta2 0.99, weight decay 0.1 on matrices, gradient clip 1.0,
 batch 12, 2000 iterations). Then the method (``--method``, default EC2T) ternarizes
-every linear kernel of the blocks -- the token embedding / tied LM head and the
-position embedding stay in full precision, as in BitNet -- in phase 1 (assignment
-trained) and phase 2 (assignment frozen), with the same AdamW (no weight decay)
+every linear kernel of the blocks -- the paper's rule in the traced forward order:
+the token embedding is the first layer, the tied LM head the last, so they stay in
+full precision, as in BitNet -- in phase 1 (assignment trained) and phase 2
+(assignment frozen), with the same AdamW (no weight decay)
 and a cosine from ``--learning_rate``. It reports the validation loss of both
 models (nanoGPT's val split: the tfds ``validation`` + ``test`` splits), the
 per-layer summary, the sizes (2-bit packed, entropy bound, exported file) and a
@@ -123,11 +124,16 @@ def adamw(schedule, beta2: float, weight_decay: float, clip: float):
                                  mask=decay_mask))
 
 
-def block_kernels():
-  """The selection: every linear kernel of the blocks (BitNet's choice, the paper's rule for a
-  tied-embedding GPT: the embedding is the first and the tied head the last layer)."""
+def paper_selection(init_params, apply_fn, block_size: int):
+  """The paper's rule in the traced forward order: the token embedding is the first layer and
+  the tied LM head the last, so every linear kernel of the blocks is ternarized (BitNet's choice
+  too), one layer per slice of scanned blocks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
-  return ec2t.Selection([ec2t.Rule(r"^blocks/.*kernel$")], default="none")
+  order = ec2t.forward_order(apply_fn, jax.eval_shape(init_params),
+                             jnp.zeros((1, block_size), jnp.int32))
+  return ec2t.Selection(order=order)
 
 
 def _str_keys(tree):
@@ -212,15 +218,16 @@ def run(fv: flags.FlagValues) -> dict:
       raise UserError(f"--{name} must be >= 0, got {fv[name].value}")
   if fv.init_from is None and fv.fp_steps < 1:
     raise UserError("full-precision model needed: set --fp_steps > 0 or --init_from")
-  selection = block_kernels()
   total = fv.phase1_steps + fv.phase2_steps
-  setup = method_setup(fv, selection, total)  # bad --method flags fail before loading data
-  if setup.post_training is not None and fv.method != "mcq":
-    raise UserError(f"--method={fv.method} calibrates on images; this example runs the "
-                    "training-time methods and mcq")
+  method_setup(fv, None, total)  # bad --method flags fail before loading data
   mesh = _mesh(fv)
   data = language.load_tiny_shakespeare(fv.data_dir)
   init_params, apply_fn = build_model(fv, len(data.vocab))
+  selection = paper_selection(init_params, apply_fn, fv.block_size)
+  setup = method_setup(fv, selection, total)
+  if setup.post_training is not None and fv.method != "mcq":
+    raise UserError(f"--method={fv.method} calibrates on images; this example runs the "
+                    "training-time methods and mcq")
   fingerprint = {"model": f"gpt{fv.num_layers}x{fv.num_heads}x{fv.width}x{fv.block_size}"
                           + ("-scan" if fv.scan_layers else ""),
                  "dataset": "tiny_shakespeare", "method": fv.method,

@@ -144,6 +144,18 @@ def test_report_of_a_leaf_named_by_a_lone_surrogate_never_raises(tmp_path, capsy
     assert status == 2 and len(captured.err.strip().splitlines()) == 1
 
 
+def test_paths_stdout_cannot_encode_are_printed_escaped_by_every_cli(tmp_path, capsys):
+  """A file name with a byte that is not UTF-8 (``\\udcff`` in Python) in export and report."""
+  x = _checkpoint(tmp_path / "x.npz")
+  packed = tmp_path / "o\udcff.ec2t"
+  assert export_cli.main([str(x), str(packed)]) == 0
+  assert "o\\udcff.ec2t" in capsys.readouterr().out
+  assert report_cli.main([str(packed)]) == 0
+  assert "o\\udcff.ec2t (packed)" in capsys.readouterr().out
+  assert compress_cli.main(["mcq", str(x), str(tmp_path / "m\udcff.ec2t")]) == 0
+  assert "m\\udcff.ec2t" in capsys.readouterr().out
+
+
 def test_export_decode_of_a_leaf_name_longer_than_a_zip_entry_allows_is_one_line(tmp_path,
                                                                                   capsys):
   (tmp_path / "l.ec2t").write_bytes(_raw_leaf_file("w" * 70_000))

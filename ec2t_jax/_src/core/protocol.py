@@ -174,6 +174,8 @@ class QuantizerState(NamedTuple):
       so that one ``vmap``-ed step serves them all (compile time that does
       not grow with depth); read them per leaf with :meth:`field` or
       :meth:`resolved_leaves`.
+    budget: the size-budget controller's ``BudgetState`` (multiplier,
+      target, reached size), or ``None`` without a :class:`~ec2t_jax.Budget`.
   """
   count: jax.Array
   phase: jax.Array
@@ -181,6 +183,7 @@ class QuantizerState(NamedTuple):
   invalid_hyper_count: jax.Array
   leaves: Any
   groups: tuple = ()
+  budget: Any = None
 
   @property
   def frozen(self) -> jax.Array:

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ec2t_jax._src.core import budget as budget_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core.grid import exact_update
 from ec2t_jax._src.core.hyper import check_range, hyper_is_valid, Range
@@ -370,6 +371,9 @@ def quantize_transform(
     hyper_ranges: dict[str, Range],
     *,
     selection: selection_lib.SelectionLike = None,
+    budget: Optional[budget_lib.Budget] = None,
+    knob: Optional[budget_lib.Knob] = None,
+    budget_target=None,
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
 
@@ -379,6 +383,15 @@ def quantize_transform(
     hyper_ranges: valid range of each name in ``hyper`` that must be checked;
       concrete values are checked here, traced ones at every update.
     selection: which leaves to quantize (see :class:`~ec2t_jax.Selection`).
+    budget: a size :class:`~ec2t_jax.Budget`: every step then uses the
+      method's ``knob`` (a field of ``hyper``) at the controller's multiplier,
+      measures the new assignments and updates the multiplier (see
+      ``_src/core/budget.py``); the controller holds in ``phase >= 1``.
+    knob: which hyperparameter the controller drives (needed with ``budget``).
+    budget_target: the budget's target value if not ``budget``'s own (may be
+      traced, e.g. through ``optax.inject_hyperparams``); a traced value that
+      is non-finite or out of range skips the step like an invalid
+      hyperparameter.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantizerState`.
@@ -387,9 +400,25 @@ def quantize_transform(
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
   rule_options.check_rules(method, chosen)
+  if budget is not None:
+    if knob is None:
+      raise ValueError(f"method {method.name!r} does not accept a Budget")
+    target = budget.target if budget_target is None else budget_target
+    budget_lib.check_target(budget.kind, target)
+
+  def plan_of(params, state_leaves):
+    states, _ = flat_leaf_states(state_leaves)
+    return budget_lib.plan_budget(budget, knob, jax.tree.leaves(params), states)
 
   def init_fn(params):
-    return init_state(method, params, chosen, hyper)
+    state = init_state(method, params, chosen, hyper)
+    if budget is None:
+      return state
+    # Leaves kept stacked in groups are read per leaf (GroupSlot resolved).
+    leaves = state.resolved_leaves()
+    states, _ = flat_leaf_states(leaves)
+    return state._replace(budget=budget_lib.init_budget_state(
+        plan_of(params, leaves), states, target))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -400,9 +429,20 @@ def quantize_transform(
     inputs = [None if ctx is None else jnp.asarray(u, jnp.float32)
               for u, ctx in zip(jax.tree.leaves(updates), contexts)]
     keep = ~hyper_is_valid(hyper, hyper_ranges)
-    step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, hyper,
+    step_hyper = hyper
+    if budget is not None:
+      plan = plan_of(params, state.resolved_leaves())
+      keep |= ~budget_lib.target_is_valid(budget.kind, target, plan.smallest_bytes())
+      step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
+    step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
                                                  state.phase)
-    return advance(state, params, updates, step, inputs, contexts, keep)
+    updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
+    if budget is None:
+      return updates, new_state
+    states, _ = flat_leaf_states(new_state.resolved_leaves())
+    controller = budget_lib.update_budget_state(
+        plan, state.budget, states, target, state.count, state.phase >= 1, keep)
+    return updates, new_state._replace(budget=controller)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -427,23 +467,29 @@ class Quantizer(NamedTuple):
     hyper: its numeric (traceable) hyperparameters.
     hyper_ranges: valid range of each name in ``hyper`` that must be checked.
     selection: which leaves (see :class:`~ec2t_jax.Selection`).
+    budget, knob, budget_target: a size budget and the hyperparameter its
+      controller drives (see :func:`quantize_transform`); None: no budget.
 
   Example:
     >>> from ec2t_jax._src.methods import twn
     >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
-    >>> q.instant({"w": jnp.array([[0.9, -0.05, 0.3], [-0.6, 0.02, 0.1]])})["w"]
-    Array([[ 0.6,  0. ,  0.6],
-           [-0.6,  0. ,  0. ]], dtype=float32)
+    >>> q.instant({"w": jnp.array([[1.0, -0.05, 0.5], [-0.75, 0.02, 0.1]])})["w"]
+    Array([[ 0.75,  0.  ,  0.75],
+           [-0.75,  0.  ,  0.  ]], dtype=float32)
   """
   method: Method
   hyper: Any
   hyper_ranges: Any
   selection: Any = None
+  budget: Any = None
+  knob: Any = None
+  budget_target: Any = None
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
     return quantize_transform(self.method, self.hyper, self.hyper_ranges,
-                              selection=self.selection)
+                              selection=self.selection, budget=self.budget, knob=self.knob,
+                              budget_target=self.budget_target)
 
   def instant(self, params, *, return_state: bool = False):
     """Quantizes ``params`` at once: each selected leaf becomes its initial state's value.
