@@ -1,9 +1,9 @@
 """Peak resident memory of ``python -m ec2t_jax.report`` and ``--decode`` on a tiny huge file.
 
 The file is a packed ``.ec2t`` holding one float32 ternary kernel of ``N``
-elements (``4 N`` bytes decoded, shape ``(N / 1000, 1000)``) coded with the ``tc`` codec: almost every
-weight zero, so the stream is a few kilobytes while the file *declares*
-hundreds of megabytes. Each command runs in a fresh process under
+elements (``4 N`` bytes decoded, shape ``(N / 1000, 1000)``) coded with the
+``tc`` codec: almost every weight zero, so the stream is a few kilobytes while
+the file *declares* hundreds of megabytes. Each command runs in a fresh process under
 ``/usr/bin/time -v``; the baseline is the same command on a 3-element file
 (the interpreter, numpy, JAX and the library). Prints one Markdown row per
 command: peak RSS, peak above the baseline, and that excess as a multiple of the
@@ -17,8 +17,10 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 import json
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from ec2t_jax._src.export import packing
 
 REPO = Path(__file__).resolve().parents[1]
 _CHUNK = 1 << 22
+_FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, header bytes, payload bytes
 
 
 def tiny_huge_file(path, shape, *, nonzeros_every: int = 100_003) -> int:
@@ -51,12 +54,13 @@ def tiny_huge_file(path, shape, *, nonzeros_every: int = 100_003) -> int:
     crc = zlib.crc32(values[symbols[start:start + _CHUNK]].tobytes(), crc)
   stream = values[[0, 2]].tobytes() + b"\0" + context_coding.encode(symbols, 3)
   del symbols
-  meta = {"writer": "ec2t_jax", "coder": f"constriction {packing._constriction_version()}"}  # pylint: disable=protected-access
+  # The container as the format spec (and packing.pack) writes it.
+  meta = {"writer": "ec2t_jax", "coder": f"constriction {metadata.version('constriction')}"}
   record = {"c": "tc", "d": "float32", "s": [int(n) for n in shape], "n": len(stream), "k": crc}
   header = zlib.compress(json.dumps({"tree": {"d": [["w", 0]]}, "leaves": [record],
                                      "meta": meta}).encode(), 9)
-  body = packing._FIXED.pack(packing.MAGIC, packing.FORMAT_VERSION, 0, len(header),  # pylint: disable=protected-access
-                             len(stream)) + header + stream
+  body = _FIXED.pack(packing.MAGIC, packing.FORMAT_VERSION, 0, len(header),
+                     len(stream)) + header + stream
   data = body + hashlib.sha256(body).digest()
   Path(path).write_bytes(data)
   return len(data)
@@ -80,7 +84,8 @@ def main(decoded_mb: float = 800.0) -> None:
     tmp = Path(tmp)
     size = tiny_huge_file(tmp / "huge.ec2t", shape)
     tiny_huge_file(tmp / "tiny.ec2t", (1, 3), nonzeros_every=1)
-    print(f"file: {size:,} bytes declaring {decoded:,} bytes ({numel:,} float32 elements, shape {shape})\n")
+    print(f"file: {size:,} bytes declaring {decoded:,} bytes ({numel:,} float32 elements, "
+          f"shape {shape})\n")
     print("| command | peak RSS (MB) | baseline (MB) | excess (MB) | excess / decoded |")
     print("|---|---:|---:|---:|---:|")
     commands = {

@@ -1,7 +1,9 @@
 r"""Cost of EC2T per training step, measured side by side in one run.
 
 For a LeNet-5-sized and a ResNet-20-sized model (batch 128, this machine's
-devices) it times the jitted training step of
+devices), and a nanoGPT-sized character GPT (12 blocks, width 128, 4 heads,
+context 64, batch 12, tied embedding; ``gpt12``: blocks unrolled, ``gpt12scan``:
+blocks stacked with ``nn.scan``) it times the jitted training step of
 
 * ``adam``: plain ``optax.adam`` on full-precision params,
 * ``chain``: ``optax.chain(optax.adam, ec2t.ternarize_transform(gamma=0.2))``,
@@ -14,12 +16,19 @@ ResNet-20-sized model.
 
 It also times compiling each step (tracing, lowering and XLA compilation of a
 fresh ``jax.jit``), interleaved the same way over ``--compile_rounds`` rounds.
-Target: ``chain`` <= 1.5x ``adam`` on ResNet-20 (every method built on the
-shared core pays the same per-leaf machinery).
+Targets: ``chain`` <= 1.5x ``adam`` on ResNet-20 and the unrolled GPT, <= 1.3x
+on the scanned GPT (every method built on the shared core pays the same
+machinery; same-shape leaves share one stacked state and one ``vmap``-ed step,
+the layers of a scanned leaf are its slices), step time <= 1.05x.
+
+Every variant selects with the traced forward order (``ec2t.forward_order``):
+for the GPTs that is what makes the tied embedding both the input and the
+output layer, so every block kernel is ternarized.
 
 Run::
 
   python benchmarks/step_overhead.py [--rounds 30] [--batch 128] [--compile_rounds 3]
+  python benchmarks/step_overhead.py --models resnet20,gpt12,gpt12scan --rounds 10
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from absl import flags
 import jax
 import optax
 
+import flax.linen as nn
+import jax.numpy as jnp
+
 import ec2t_jax as ec2t
 from ec2t_jax import models
 
@@ -42,15 +54,55 @@ _COMPILE_ROUNDS = flags.DEFINE_integer(
     "compile_rounds", 3, "Compilations per variant (0 skips compile timing).")
 _MODELS = flags.DEFINE_list("models", ["lenet5", "resnet8", "resnet20"],
                             "Models to measure.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["adam", "chain", "reference"],
+    "Optimizers to measure (adam is the baseline and always runs); chain_per_leaf is the "
+    "chain with every leaf's state on its own (no same-shape groups).")
 _GAMMA = 0.2
+_GPT = {"vocab": 65, "width": 128, "heads": 4, "context": 64, "batch": 12}
 
 
-def _optimizers():
+class _Block(nn.Module):
+  """nanoGPT's block: pre-LayerNorm causal self-attention and a GELU MLP."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    width, heads = _GPT["width"], _GPT["heads"]
+    h = nn.Dense(3 * width, name="c_attn")(nn.LayerNorm(name="ln_1")(x))
+    q, k, v = jnp.split(h.reshape(*h.shape[:-1], 3 * heads, width // heads), 3, axis=-2)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    a = nn.dot_product_attention(q, k, v, mask=mask).reshape(x.shape)
+    x = x + nn.Dense(width, name="attn_proj")(a)
+    h = nn.gelu(nn.Dense(4 * width, name="c_fc")(nn.LayerNorm(name="ln_2")(x)))
+    return x + nn.Dense(width, name="c_proj")(h), None
+
+
+class _GPTModel(nn.Module):
+  """Character GPT with a tied embedding; ``scan``: blocks stacked by nn.scan."""
+  layers: int = 12
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    wte = nn.Embed(_GPT["vocab"], _GPT["width"], name="wte")
+    wpe = nn.Embed(_GPT["context"], _GPT["width"], name="wpe")
+    x = wte(tokens) + wpe(jnp.arange(tokens.shape[1]))
+    if self.scan:
+      x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=self.layers)(name="blocks")(x, None)
+    else:
+      for i in range(self.layers):
+        x, _ = _Block(name=f"blocks_{i}")(x)
+    return wte.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+def _optimizers(order):
+  selection = ec2t.Selection(order=order)
   return {
       "adam": optax.adam(1e-4),
       "chain": optax.chain(optax.adam(1e-4),
-                           ec2t.ternarize_transform(gamma=_GAMMA)),
-      "reference": ec2t.reference_optimizer(gamma=_GAMMA),
+                           ec2t.ternarize_transform(gamma=_GAMMA, selection=selection)),
+      "reference": ec2t.reference_optimizer(gamma=_GAMMA, selection=selection),
   }
 
 
@@ -90,14 +142,32 @@ def _bytes(tree) -> int:
 
 
 def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
-  x = jax.random.normal(jax.random.key(0), (batch, *input_shape))
-  y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+  if input_shape == "tokens":
+    batch = _GPT["batch"]
+    tokens = jax.random.randint(jax.random.key(0), (batch, _GPT["context"] + 1), 0,
+                                _GPT["vocab"])
+    x, y = tokens[:, :-1], tokens[:, 1:]
+  else:
+    x = jax.random.normal(jax.random.key(0), (batch, *input_shape))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
   variables = model.init(jax.random.key(2), x)
   has_batch_stats = "batch_stats" in variables
+  order = ec2t.forward_order(
+      lambda p, x: model.apply({**variables, "params": p}, x), variables["params"], x)
   runs = {}
-  for label, tx in _optimizers().items():
+  chosen = {"adam", *_VARIANTS.value}
+  optimizers = _optimizers(order)
+  optimizers["chain_per_leaf"] = optimizers["chain"]
+  for label, tx in optimizers.items():
+    if label not in chosen:
+      continue
     params = variables["params"]
     opt_state = tx.init(params)
+    if label == "chain_per_leaf":  # the update takes either layout
+      opt_state = jax.tree.map(
+          lambda s: s._replace(leaves=s.resolved_leaves(), groups=())
+          if isinstance(s, ec2t.QuantizerState) else s,
+          opt_state, is_leaf=lambda s: isinstance(s, ec2t.QuantizerState))
     if label != "adam":
       params = ec2t.ternary_params(params, opt_state)
     step = jax.jit(_make_step(model, tx, has_batch_stats))
@@ -123,6 +193,10 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
       run["carry"] = carry
   params_bytes = _bytes(variables["params"])
   base = statistics.median(runs["adam"]["times"])
+  if "chain" in runs:
+    chain_state = ec2t.find_ternarize_state(runs["chain"]["carry"][2])
+    print(f"\n{name}: chain ternarizes {len(ec2t.summary(chain_state).layers)} layers; "
+          f"{len(chain_state.groups)} groups of same-shape leaves share a stacked state")
   print(f"\n{name}: {params_bytes / 4 / 1e3:.1f}K params, batch {batch}, "
         f"{rounds} interleaved rounds")
   print(f"  {'variant':<10} {'median ms':>10} {'vs adam':>8} {'state/params':>13}"
@@ -151,6 +225,8 @@ def main(argv):
       "lenet5": ("LeNet-5", models.LeNet5(), (28, 28, 1)),
       "resnet8": ("ResNet-8", models.cifar_resnet(8), (32, 32, 3)),
       "resnet20": ("ResNet-20", models.cifar_resnet(20), (32, 32, 3)),
+      "gpt12": ("GPT 12x128 unrolled", _GPTModel(12, scan=False), "tokens"),
+      "gpt12scan": ("GPT 12x128 scanned", _GPTModel(12, scan=True), "tokens"),
   }
   for key in _MODELS.value:
     if key not in available:

@@ -11,6 +11,10 @@ Other train-time ternary methods plug into the same chain position and tools:
 ``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
+Every method is registered by name with its kind (train / staged /
+one-shot), knobs and grid: ``ec2t.method_registry()``, ``ec2t.get_method(name)``;
+``ec2t.register_method(spec)`` adds one (see ``_src/methods/registry.py``).
+
 Compressed export and size/operation reports: ``ec2t.export`` and
 ``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
 ec2t_jax.report``); plots: ``ec2t_jax.plots`` (needs matplotlib); reference
@@ -75,6 +79,7 @@ from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
+from ec2t_jax._src.methods.stage_restart import restart_on_stage
 from ec2t_jax._src.methods.clustering import kmeans_1d
 from ec2t_jax._src.methods.mcq import mcq
 from ec2t_jax._src.methods.mcq import mcq_quantize
@@ -93,6 +98,8 @@ from ec2t_jax._src.core.selection import describe_selection
 from ec2t_jax._src.core.tracing import forward_order
 from ec2t_jax._src.core.tracing import ForwardOrder
 from ec2t_jax._src.core import QuantizerState
+from ec2t_jax._src.core.budget import Budget
+from ec2t_jax._src.core.budget import BudgetState
 from ec2t_jax._src.core import StackedLeaf
 from ec2t_jax._src.core.state_access import find_quantizer_state
 from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
@@ -124,6 +131,8 @@ __all__ = (
     "TernarizeReferenceState",
     # EC2T's pure functions
     "assign_by_cost",
+    "Budget",
+    "BudgetState",
     "centroid_floor",
     "centroid_gradients",
     "cluster_counts",
@@ -178,6 +187,7 @@ __all__ = (
     "inq_quantize",
     # SLQ / MLQ
     "slq",
+    "restart_on_stage",
     "mlq",
     "SlqLeaf",
     # k-means

@@ -60,3 +60,60 @@ def train(model, params, tx, steps=5, seed=0, jit=True):
     params, opt_state, loss = step(params, opt_state, x, y)
     losses.append(float(loss))
   return params, opt_state, losses
+
+
+# ------------------------------------------------- tiny GPTs (stacked layers)
+
+VOCAB, WIDTH, CONTEXT = 11, 8, 5
+
+
+class TinyBlock(nn.Module):
+  """Pre-LayerNorm MLP block with a 3-D ``DenseGeneral`` projection."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    h = nn.DenseGeneral((2, WIDTH // 2), name="attn")(nn.LayerNorm(name="ln_1")(x))
+    x = x + nn.DenseGeneral(WIDTH, axis=(-2, -1), name="attn_proj")(nn.gelu(h))
+    h = nn.Dense(4 * WIDTH, name="c_fc")(nn.LayerNorm(name="ln_2")(x))
+    return x + nn.Dense(WIDTH, name="c_proj")(nn.gelu(h)), None
+
+
+class TinyGPT(nn.Module):
+  """Token embedding, ``layers`` blocks (``scan``: one ``nn.scan`` of them,
+  leaves ``blocks/...`` of shape ``(layers, ...)``; else ``blocks_0`` ...),
+  final LayerNorm, tied (``wte.attend``) or untied (``head``) output."""
+  layers: int = 3
+  scan: bool = True
+  tied: bool = True
+
+  @nn.compact
+  def __call__(self, tokens):
+    wte = nn.Embed(VOCAB, WIDTH, name="wte")
+    x = wte(tokens)
+    if self.scan:
+      x, _ = nn.scan(TinyBlock, variable_axes={"params": 0},
+                     split_rngs={"params": True},
+                     length=self.layers)(name="blocks")(x, None)
+    else:
+      for i in range(self.layers):
+        x, _ = TinyBlock(name=f"blocks_{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    return wte.attend(x) if self.tied else nn.Dense(VOCAB, use_bias=False, name="head")(x)
+
+
+def token_batch(seed=0, n=4):
+  tokens = jax.random.randint(jax.random.key(seed), (n, CONTEXT + 1), 0, VOCAB)
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+def unstack_blocks(params, layers: int, key="blocks"):
+  """The unrolled model's params from the scanned model's (same weights)."""
+  out = {k: v for k, v in params.items() if k != key}
+  for i in range(layers):
+    out[f"{key}_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[key])
+  return out
+
+
+def gpt_loss(model, params, tokens, targets):
+  logits = model.apply({"params": params}, tokens)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()

@@ -12,6 +12,7 @@ Modules, one job each:
   global batches from per-process parts;
 * ``checkpoint`` -- orbax checkpoints (latest + best) of the whole train state;
 * ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
+* ``kill_points`` -- a test hook: kill the process at a named write (``--resume`` tests);
 * ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
 * ``progress``   -- a tqdm bar on a terminal only; in logs nothing or a line per 10%;
 * ``language``   -- tiny Shakespeare, step-keyed batches, the step loop of the GPT example;

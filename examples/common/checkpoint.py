@@ -138,7 +138,7 @@ class PhaseCheckpoints:
       raise UserError(f"checkpoint {self._path(which, meta['step'])} is incompatible with this "
                       f"run ({listed}); use another --workdir or matching flags")
 
-  def repair(self, abstract_state: Any) -> None:
+  def repair(self, abstract_state: Any) -> int | None:
     """Makes ``best`` agree with ``latest`` after a kill between their two saves.
 
     ``latest``'s meta names the best step (``best_step``; ``None`` before the
@@ -152,11 +152,15 @@ class PhaseCheckpoints:
     Args:
       abstract_state: As for :meth:`restore` (needed to copy a state).
 
+    Returns:
+      The step saved to ``best`` from ``latest``, or ``None`` if none was needed.
+
     Raises:
       UserError: if the ``best`` step to restore is no longer in ``latest``.
     """
     best_manager = self._managers["best"]
     meta = self.meta("latest")
+    copied = None
     if meta is None:
       keep = None
     elif "best_step" not in meta:  # written best-first: a newer best is an orphan
@@ -166,9 +170,11 @@ class PhaseCheckpoints:
       keep = meta["best_step"]
       if keep is not None and keep not in best_manager.all_steps():
         self._copy_latest_to_best(keep, abstract_state)
+        copied = keep
     for step in best_manager.all_steps():
       if step != keep:
         best_manager.delete(step)
+    return copied
 
   def _copy_latest_to_best(self, step: int, abstract_state: Any) -> None:
     if step not in self._managers["latest"].all_steps():

@@ -85,7 +85,19 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                       "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
                       "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
                       flag_values=fv)
-  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid).",
+  flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid; "
+                     "not used with a size budget below).",
+                     flag_values=fv)
+  flags.DEFINE_float("bits_per_weight", 0.0, "EC2T chain form: train to this rate of the "
+                     "ternarized layers (entropy, bits/weight, <= log2 3) instead of --gamma "
+                     "(ec2t.Budget; 0: no budget).", flag_values=fv)
+  flags.DEFINE_float("target_bytes", 0.0, "EC2T chain form: train to this size of the exported "
+                     "file (ec2t.export, whole params tree) instead of --gamma (0: no budget).",
+                     flag_values=fv)
+  flags.DEFINE_float("target_sparsity", 0.0, "EC2T chain form: train to this sparsity of the "
+                     "ternarized layers instead of --gamma (0: no budget).", flag_values=fv)
+  flags.DEFINE_float("budget_ramp", 0.3, "With a budget: the target ramps in over this fraction "
+                     "of phase 1's steps; phase 1 keeps its last epoch (not its best).",
                      flag_values=fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
                      "(w_p = s |max W|).", flag_values=fv)
@@ -139,7 +151,8 @@ def pipeline_kwargs(fv: flags.FlagValues) -> dict[str, Any]:
            "test_split", "batch_size", "eval_batch_size", "data_shards", "steps_per_epoch",
            "augment", "seed", "fsdp", "num_devices", "fp_epochs", "init_from", "ec2t_mode",
            "method", "method_options",
-           "gamma", "init_scale", "sustain", "learning_rate", "weight_decay",
+           "gamma", "bits_per_weight", "target_bytes", "target_sparsity", "budget_ramp",
+           "init_scale", "sustain", "learning_rate", "weight_decay",
            "latent_learning_rate",
            "centroid_learning_rate", "phase1_epochs", "phase2_epochs", "resume",
            "checkpoint_every_steps", "stop_after_steps", "progress")

@@ -11,7 +11,8 @@ TEST HOOK ONLY; it does nothing unless one of these environment variables is set
 A point is named ``<phase>/<step>/<write>``: right after phase ``<phase>``
 finished writing ``<write>`` for its step ``<step>``, where ``<write>`` is
 ``record`` (the epoch's line of ``metrics.jsonl``), ``latest`` or ``best`` (the
-orbax checkpoint, committed). A kill between two points is equivalent to a kill at
+orbax checkpoint, committed; the step-based GPT runner of :mod:`common.language`
+has ``record`` and ``latest`` only). A kill between two points is equivalent to a kill at
 the earlier one (only computation happens in between; a kill inside an orbax save
 leaves a temporary folder that orbax ignores). So killing a run at every point it
 reaches, and resuming each time, covers every instant of the run.

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from common import checkpoint as checkpoint_lib
+from common import kill_points
 from common import parallel
 from common import progress as progress_lib
 from common.cli import UserError
@@ -273,13 +274,21 @@ class LMRunner:
       ckpts.close()
 
   def _start(self, phase, steps, abstract, make_state, make_state_args, ckpts, resume):
-    """``(state, info, done)``: restored from the latest checkpoint, or fresh."""
+    """``(state, info, done, loss_sums)``: restored from the latest checkpoint, or fresh.
+
+    ``loss_sums`` are the ``(sum, count)`` of the training losses since the last
+    record, carried by the checkpoint so that a resumed run records the same
+    means. Records written after the checkpoint (a kill between the record and
+    the checkpoint) are dropped from ``metrics.jsonl`` first.
+    """
     meta = ckpts.meta("latest")
     if meta is not None and not resume:
       raise UserError(f"{ckpts.directory} already holds checkpoints: pass --resume to continue "
                       "that run, or choose a new --workdir")
+    if resume:
+      self.writer.rewind(phase, None if meta is None else meta["step"])
     if meta is None:
-      return self.init_state(make_state, *make_state_args), {"seconds": 0.0}, False
+      return self.init_state(make_state, *make_state_args), {"seconds": 0.0}, False, (0.0, 0)
     state, meta = ckpts.restore("latest", abstract)
     if meta["total_steps"] != steps:
       raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
@@ -288,7 +297,7 @@ class LMRunner:
       self._log(f"[{phase}] already finished: validation loss {meta['info']['val_loss']:.4f}")
     else:
       self._log(f"[{phase}] resuming at step {meta['step']}")
-    return state, meta["info"], bool(meta.get("done"))
+    return state, meta["info"], bool(meta.get("done")), tuple(meta.get("loss_sums", (0.0, 0)))
 
   def _record(self, phase, state, step, train_loss, info, epoch_metrics):
     info["val_loss"] = self.evaluate(state.params)
@@ -297,6 +306,7 @@ class LMRunner:
     if epoch_metrics is not None:
       record.update(epoch_metrics(state))
     self.writer.write(record)
+    kill_points.reached(f"{phase}/{step}/record")
     extra = f"  sparsity {record['sparsity']:.4f}" if "sparsity" in record else ""
     self._log(f"[{phase}] step {step}: train loss {train_loss:.4f}  "
               f"val loss {info['val_loss']:.4f}{extra}")
@@ -304,8 +314,8 @@ class LMRunner:
   def _run_phase(self, phase, tx, steps, make_state, make_state_args, ckpts, resume,
                  epoch_metrics, regularizer):
     abstract = self.abstract(make_state, *make_state_args)
-    state, info, done = self._start(phase, steps, abstract, make_state, make_state_args, ckpts,
-                                    resume)
+    state, info, done, (loss_sum, loss_count) = self._start(
+        phase, steps, abstract, make_state, make_state_args, ckpts, resume)
     if done:
       return state, info
     step_fn = self._step_fn(tx, abstract, regularizer)
@@ -313,7 +323,7 @@ class LMRunner:
     bar = progress_lib.progress(self.progress and parallel.is_main_process(), steps, phase,
                                 initial=step, lines=True)
     batch_sharding = parallel.batch_sharding(self.mesh)
-    loss_sum, loss_count, started = 0.0, 0, time.perf_counter()
+    started = time.perf_counter()
     while step < steps:
       local = train_batch(self.data.train, step, self.batch_size, self.block_size,
                           self.seed + zlib.crc32(phase.encode()), jax.process_index(),
@@ -334,7 +344,9 @@ class LMRunner:
           self._record(phase, state, step, float(parallel.to_host(loss_sum)) / loss_count, info,
                        epoch_metrics)
           loss_sum, loss_count = 0.0, 0
-        ckpts.save("latest", step, state, {"total_steps": steps, "info": info, "done": done})
+        ckpts.save("latest", step, state, {"total_steps": steps, "info": info, "done": done,
+                                           "loss_sums": [loss_sum, loss_count]})
+        kill_points.reached(f"{phase}/{step}/latest")
         started = time.perf_counter()
         if stopping and not done:
           bar.close()

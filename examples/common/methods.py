@@ -168,6 +168,24 @@ def build(config, selection=None) -> MethodSetup:
     raise UserError(f"--method={config.method} --method_options: {error}") from None
 
 
+def size_budget(config) -> ec2t.Budget | None:
+  """The :class:`ec2t.Budget` of ``--bits_per_weight`` / ``--target_bytes`` /
+  ``--target_sparsity`` (None when all are 0), ramped over ``budget_ramp_steps``."""
+  given = {name: value for name, value in (
+      ("bits_per_weight", getattr(config, "bits_per_weight", 0.0)),
+      ("bytes", getattr(config, "target_bytes", 0.0)),
+      ("sparsity", getattr(config, "target_sparsity", 0.0))) if value}
+  if not given:
+    return None
+  if not 0 <= getattr(config, "budget_ramp", 0.0) <= 1:
+    raise UserError(f"--budget_ramp must be in [0, 1], got {config.budget_ramp}")
+  try:
+    return ec2t.Budget(**given, ramp_steps=getattr(config, "budget_ramp_steps", 0))
+  except ValueError as error:
+    raise UserError(f"size budget (--bits_per_weight / --target_bytes / --target_sparsity): "
+                    f"{error}") from None
+
+
 def _grid(name: str, **knobs) -> dict[str, Any]:
   """``per_filter``, ``max_values`` and ``ternary`` of the library's grid of ``name``."""
   grid = ec2t.get_method(name).grid_for(**knobs)
@@ -206,52 +224,64 @@ def _ec2t(config, options, selection) -> MethodSetup:
   phases; constant when 0). Both use ``config.sustain``.
   """
   del options
+  budget = size_budget(config)
+  if budget is not None and config.ec2t_mode != "chain":
+    raise UserError("a size budget (--bits_per_weight / --target_bytes / --target_sparsity) "
+                    "needs --ec2t_mode=chain")
   if config.ec2t_mode == "reference":
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
         centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection))
+  knob = {"gamma": config.gamma} if budget is None else {"budget": budget}
   if config.ec2t_mode == "chain" and getattr(config, "inner_optimizer", None) is not None:
     return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
-        selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
                      if config.ec2t_steps else config.learning_rate)
     inner = optax.chain(optax.add_decayed_weights(config.weight_decay),
                         optax.adam(learning_rate))
     return MethodSetup(optax.chain(inner, ec2t.ternarize_transform(
-        gamma=config.gamma, init_scale=config.init_scale, sustain=config.sustain,
-        selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
-@register("twn", {"threshold": "layer"}, description="TWN: threshold=layer|filter")
+def _float_or_none(value):
+  return None if value is None else float(value)
+
+
+@register("twn", {"threshold": "layer", "factor": None},
+          description="TWN: threshold=layer|filter, factor (default 0.7 layer / 0.75 filter)")
 def _twn(config, options, selection) -> MethodSetup:
   grid = _grid("twn", threshold=options["threshold"])
-  return MethodSetup(optax.chain(_inner(config),
-                                 ec2t.twn(options["threshold"], selection=selection)),
+  return MethodSetup(optax.chain(_inner(config), ec2t.twn(
+      options["threshold"], _float_or_none(options["factor"]), selection=selection)),
                      per_filter=grid["per_filter"], max_values=grid["max_values"])
 
 
-@register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None},
-          description="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper)")
+@register("ttq", {"threshold": 0.05, "sparsity": None, "init_scale": None,
+                 "latent_step": "update"},
+          description="TTQ: threshold=t, or sparsity=r; init_scale=None (fit) or 1.0 (paper); "
+                      "latent_step=update|gradient")
 def _ttq(config, options, selection) -> MethodSetup:
-  as_float = lambda v: None if v is None else float(v)
+  as_float = _float_or_none
   return MethodSetup(optax.chain(_inner(config), ec2t.ttq(
       options["threshold"], sparsity=as_float(options["sparsity"]),
-      init_scale=as_float(options["init_scale"]), selection=selection)))
+      init_scale=as_float(options["init_scale"]), latent_step=options["latent_step"],
+      selection=selection)))
 
 
-@register("sttn", {"init_factor": 0.7}, description="STTN: init_factor (initial threshold factor)")
+@register("sttn", {"init_factor": 0.7, "latent_step": "update"},
+          description="STTN: init_factor (initial threshold factor), latent_step=update|gradient")
 def _sttn(config, options, selection) -> MethodSetup:
-  return MethodSetup(optax.chain(_inner(config),
-                                 ec2t.sttn(options["init_factor"], selection=selection)),
+  return MethodSetup(optax.chain(_inner(config), ec2t.sttn(
+      options["init_factor"], latent_step=options["latent_step"], selection=selection)),
                      **_grid("sttn"))
 
 
-@register("faraone", {"strength": 1.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
+@register("faraone", {"strength": 3.0, "l2": 0.0, "factor": 0.7, "temperature": 0.25},
           description="Faraone et al.: phase 1 regularised full precision, phase 2 pruned ternary")
 def _faraone(config, options, selection) -> MethodSetup:
   if config.phase2_epochs < 1:
@@ -277,13 +307,17 @@ def _portions(text: str) -> tuple[float, ...]:
 
 
 def _staged(config, make: Callable[[int], optax.GradientTransformation],
-            stages: Callable[[int], int], grid: dict[str, Any], name: str) -> MethodSetup:
+            stages: Callable[[int], int], grid: dict[str, Any], name: str,
+            restart: bool = True) -> MethodSetup:
   """A staged method: ``make(steps_per_stage)`` is its transformation.
 
   Phase 1 spreads the stages ``0 .. last - 1`` evenly over its steps; phase 2
   starts with ``ec2t.set_phase(opt_state, last)``, so its first update
   freezes every remaining weight on the grid and phase 2 retrains the rest.
+  With ``restart`` the inner optimizer starts afresh at each stage
+  (``ec2t.restart_on_stage``, as the official INQ code).
   """
+  compose = ec2t.restart_on_stage if restart else (lambda a, b: optax.chain(a, b))
   if config.phase2_epochs < 1:
     raise UserError(f"--method={name} needs --phase2_epochs >= 1 (its first phase-2 step "
                     "quantizes the last weights; phase 2 retrains the other parameters)")
@@ -292,39 +326,43 @@ def _staged(config, make: Callable[[int], optax.GradientTransformation],
   def staged(phase1_steps: int, num_layers: int):
     last = stages(num_layers) - 1
     per_stage = max(1, phase1_steps // last) if last > 0 else 0
-    return optax.chain(_inner(config), make(per_stage)), last
+    return compose(_inner(config), make(per_stage)), last
 
-  return MethodSetup(optax.chain(_inner(config), make(0)), staged=staged,
+  return MethodSetup(compose(_inner(config), make(0)), staged=staged,
                      phase_starts_are_results=False, **grid)
 
 
-@register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1"},
-          description="INQ: bits (2 = ternary), portions (accumulated, '/'-separated)")
+@register("inq", {"bits": 5, "portions": "0.5/0.75/0.875/1", "restart": True},
+          description="INQ: bits (2 = ternary), portions (accumulated, '/'-separated), "
+                      "restart (fresh inner optimizer per stage)")
 def _inq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
   make = lambda n: ec2t.inq(bits, portions, steps_per_stage=n, selection=selection)
   make(0)  # a bad knob fails here, before the registry reads it
   return _staged(config, make, _stages("inq", bits=bits, portions=portions),
-                 _grid("inq", bits=bits), "inq")
+                 _grid("inq", bits=bits), "inq", options["restart"])
 
 
-@register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1"},
-          description="SLQ: bits (2^bits - 1 clusters; 2 = ternary), portions ('/'-separated)")
+@register("slq", {"bits": 2, "portions": "0.5/0.75/0.875/1", "restart": True,
+                 "levels": "float"},
+          description="SLQ: bits (2^(bits-1) + 1 clusters; 2 = ternary), portions ('/'-separated)")
 def _slq(config, options, selection) -> MethodSetup:
   bits, portions = options["bits"], _portions(options["portions"])
-  make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, selection=selection)
+  make = lambda n: ec2t.slq(bits, portions, steps_per_stage=n, levels=options["levels"],
+                            selection=selection)
   make(0)  # a bad knob fails here, before the registry reads it
   return _staged(config, make, _stages("slq", bits=bits, portions=portions),
-                 _grid("slq", bits=bits), "slq")
+                 _grid("slq", bits=bits, levels=options["levels"]), "slq", options["restart"])
 
 
-@register("mlq", {"portions": "0.5/1"},
+@register("mlq", {"portions": "0.5/1", "restart": True},
           description="MLQ: ternary, layers staggered one stage apart; portions ('/'-separated)")
 def _mlq(config, options, selection) -> MethodSetup:
   portions = _portions(options["portions"])
   make = lambda n: ec2t.mlq(portions, steps_per_stage=n, selection=selection)
   make(0)  # a bad knob fails here, before the registry reads it
-  return _staged(config, make, _stages("mlq", portions=portions), _grid("mlq"), "mlq")
+  return _staged(config, make, _stages("mlq", portions=portions), _grid("mlq"), "mlq",
+                 options["restart"])
 
 
 # ------------------------------------------------------------ post-training methods (issue 10)
@@ -347,9 +385,10 @@ def _mcq(config, options, selection) -> MethodSetup:
 
 
 @register("prune", {"sparsity": 0.5, "calibration": "real", "calibration_images": 300,
-                   "steps_per_level": 30},
+                   "steps_per_level": 0},
           description="Calibrated pruning (post-training): sparsity, calibration=real|fractal, "
-                      "calibration_images, steps_per_level (of each layer's fit)")
+                      "calibration_images, steps_per_level (of each layer's fit; 0: OpenVINO "
+                      "POT's 30 x 40 steps on batches of 50, N > 0: N steps, the fast schedule)")
 def _prune(config, options, selection) -> MethodSetup:
   sparsity, kind, count = options["sparsity"], options["calibration"], options["calibration_images"]
   steps = options["steps_per_level"]
@@ -367,7 +406,8 @@ def _prune(config, options, selection) -> MethodSetup:
     images = posttrain.calibration_images(kind, count, inputs.train_images, inputs.image_shape,
                                           inputs.mean, inputs.std, seed=inputs.seed)
     return posttrain.prune(inputs.params, inputs.apply_fn, images, sparsity,
-                           selection=inputs.selection, steps_per_level=steps)
+                           selection=inputs.selection, steps_per_level=steps or None,
+                           seed=inputs.seed)
 
   grid = ec2t.get_method("prune").grid_for(sparsity=sparsity)
   del config, selection

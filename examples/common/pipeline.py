@@ -92,6 +92,13 @@ class PipelineConfig:
   method: str = "ec2t"
   method_options: str = ""
   gamma: float = 0.2
+  # Size budget of EC2T's chain form (at most one non-zero; methods.size_budget).
+  bits_per_weight: float = 0.0
+  target_bytes: float = 0.0
+  target_sparsity: float = 0.0
+  budget_ramp: float = 0.3
+  # Steps of the budget's ramp (set by run() from budget_ramp x phase-1 steps).
+  budget_ramp_steps: int = 0
   init_scale: float = 0.3
   sustain: float = 0.05
   learning_rate: float = 1e-4
@@ -111,11 +118,16 @@ class PipelineConfig:
 
 
 def ec2t_epoch_metrics(state: training.TrainState) -> dict[str, Any]:
-  """Sparsity and entropy of the ternarized layers, total and per layer."""
+  """Sparsity and entropy of the ternarized layers, total and per layer (and the budget's
+  multiplier when there is one)."""
   summary = ec2t.summary(parallel.to_host(state.opt_state))
   totals = summary.totals
-  return {"sparsity": totals["sparsity"], "bits_per_weight": totals["entropy"],
-          "layer_sparsity": {layer.path: layer.sparsity for layer in summary.layers}}
+  metrics = {"sparsity": totals["sparsity"], "bits_per_weight": totals["entropy"],
+             "layer_sparsity": {layer.path: layer.sparsity for layer in summary.layers}}
+  if summary.budget:
+    metrics.update(budget_reached=summary.budget["reached"],
+                   budget_multiplier=summary.budget["multiplier"])
+  return metrics
 
 
 def _mesh(config: PipelineConfig) -> jax.sharding.Mesh:
@@ -270,7 +282,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   selection = ec2t.Selection(order=order)
   setup = methods_lib.build(
       dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
-                          * train.steps_per_epoch), selection)
+                          * train.steps_per_epoch,
+                          budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs
+                                                * train.steps_per_epoch)), selection)
+  keep_last = _phase1_keeps_last(config, setup)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
     return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
                           results, writer, main, log)
@@ -296,7 +311,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),
       resume=config.resume, evaluate_start=setup.phase_starts_are_results,
       epoch_metrics=ec2t_epoch_metrics, regularizer=setup.regularizer,
-      keep="last" if setup.staged is not None else "best")
+      keep="last" if keep_last else "best")
   del fp_state
 
   # ---- phase 2: best phase-1 state, phase 1 set (EC2T: assignment frozen; staged methods:
@@ -332,6 +347,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       "phase1_seconds_per_epoch": _typical(info1["epoch_seconds"]),
       "phase2_seconds_per_epoch": _typical(info2["epoch_seconds"]),
   })
+  results["budget"] = summary.budget  # None without a size budget
   results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
   # Every quantized leaf of the final params is on the method's grid: at most
   # ``max_values`` values (3: ternary), per filter for per-filter methods.
@@ -345,6 +361,12 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       json.dump(results, f, indent=2, default=float)
   writer.close()
   return results
+
+
+def _phase1_keeps_last(config: PipelineConfig, setup: methods_lib.MethodSetup) -> bool:
+  """Staged methods (earlier epochs half quantized) and size budgets (earlier epochs above
+  the target) keep phase 1's last epoch, not its best."""
+  return setup.staged is not None or methods_lib.size_budget(config) is not None
 
 
 def _typical(seconds: list[float]) -> float | None:

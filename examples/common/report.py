@@ -40,6 +40,20 @@ def _kib(bits: float) -> str:
   return f"{bits / 8 / 1024:,.1f} KiB"
 
 
+def _budget_rows(budget: dict | None) -> list[tuple[str, str, str]]:
+  """The size budget's row: target, reached size and the controller's multiplier."""
+  if not budget:
+    return []
+  fmt = (lambda v: f"{v:,.0f} bytes") if budget["kind"] == "bytes" else (lambda v: f"{v:.4g}")
+  return [(f"size budget ({budget['kind']})", "",
+           f"target {fmt(budget['target'])}, reached {fmt(budget['reached'])}, "
+           f"multiplier {budget['multiplier']:.3f}")]
+
+
+def _ec2t_knob(r: dict[str, Any]) -> str:
+  return f"{r['budget']['kind']} budget" if r.get("budget") else f"gamma={r['gamma']:g}"
+
+
 def format_report(results: dict[str, Any]) -> str:
   """Renders the results dict of :func:`common.pipeline.run` as a short table."""
   r = results
@@ -63,6 +77,7 @@ def format_report(results: dict[str, Any]) -> str:
                f"{_kib(sizes['entropy_bits'])}  ({sizes['ratio_entropy']:.3f}x float32)"))
   if r.get("export_bytes"):
     rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} bytes"))
+  rows += _budget_rows(r.get("budget"))
   fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
   if r.get("posttrain_seconds") is not None:
     rows.append(("post-training time", "-", f"{r['posttrain_seconds']:.2f} s"))
@@ -71,7 +86,7 @@ def format_report(results: dict[str, Any]) -> str:
   elif ec2t_s:
     rows.append(("train time per epoch", "-", f"{ec2t_s:.2f} s"))
   widths = [max(len(row[c]) for row in rows) for c in range(3)]
-  knobs = (f"gamma={r['gamma']:g}" if method == "ec2t" else
+  knobs = (_ec2t_knob(r) if method == "ec2t" else
            ", ".join(f"{k}={v}" for k, v in r.get("method_options", {}).items()))
   title = f" {name}: {r['model']} on {r['dataset']}" + (f", {knobs} " if knobs else " ")
   lines = [title.center(sum(widths) + 4, "=")]

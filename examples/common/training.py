@@ -301,34 +301,16 @@ class Runner:
     if meta is not None and not resume:
       raise UserError(f"{ckpts.directory} already holds checkpoints: pass --resume to continue "
                       "that run, or choose a new --workdir")
-    ckpts.repair(abstract)  # a kill between the saves of latest and best
-    if resume:
-      self.writer.rewind(phase, None if meta is None else meta["step"])
+    self._recover(phase, ckpts, abstract, meta, resume)
     total_steps = epochs * self.train.steps_per_epoch
     if meta is not None and meta.get("done"):
-      if keep == "last":
-        state, _ = ckpts.restore("latest", abstract)
-        self._log(f"[{phase}] already finished; keeping its last state (step {meta['step']})")
-        return state, {**meta["info"], "best_val_accuracy": meta["best_val_accuracy"]}
-      state, best_meta = ckpts.restore("best", abstract)
-      self._log(f"[{phase}] already finished; best validation accuracy "
-                f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
-      return state, {**meta["info"], "best_val_accuracy": best_meta["best_val_accuracy"]}
-
-    epoch_sums = None
+      return self._finished(phase, ckpts, meta, abstract, keep)
     if meta is not None:
-      state, meta = ckpts.restore("latest", abstract)
-      if meta["total_steps"] != total_steps:
-        raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
-                        f"run asks for {total_steps} (epochs or batch flags changed)")
-      best, info = meta["best_val_accuracy"], meta["info"]
-      best_step = meta.get("best_step")
-      epoch_sums = _sums_from_json(meta.get("epoch_sums"))
-      self._log(f"[{phase}] resuming at step {int(meta['step'])} "
-                f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of the epoch)")
+      state, best, best_step, info, epoch_sums = self._resume(phase, ckpts, abstract, total_steps)
     else:
       state = self.init_state(make_state, *make_state_args)
       best, best_step, info = -1.0, None, {"epoch_seconds": [], "first_step_seconds": None}
+      epoch_sums = None
       if evaluate_start:
         start = self.evaluate(state)
         best, best_step = start["accuracy"], 0
@@ -366,6 +348,36 @@ class Runner:
       return state, info
     best_state, _ = ckpts.restore("best", abstract)
     return best_state, info
+
+  def _recover(self, phase, ckpts, abstract, meta, resume):
+    """Repairs a pair of checkpoints half written by a kill; rewinds the metrics to ``meta``."""
+    repaired = ckpts.repair(abstract)
+    if repaired is not None:  # the save of best/<repaired> that the kill interrupted is done
+      kill_points.reached(f"{phase}/{repaired}/best")
+    if resume:
+      self.writer.rewind(phase, None if meta is None else meta["step"])
+
+  def _finished(self, phase, ckpts, meta, abstract, keep):
+    """A phase that its checkpoint says is done: its best (or last) state, not re-run."""
+    if keep == "last":
+      state, _ = ckpts.restore("latest", abstract)
+      self._log(f"[{phase}] already finished; keeping its last state (step {meta['step']})")
+      return state, {**meta["info"], "best_val_accuracy": meta["best_val_accuracy"]}
+    state, best_meta = ckpts.restore("best", abstract)
+    self._log(f"[{phase}] already finished; best validation accuracy "
+              f"{best_meta['best_val_accuracy']:.4f} (step {best_meta['step']})")
+    return state, {**meta["info"], "best_val_accuracy": best_meta["best_val_accuracy"]}
+
+  def _resume(self, phase, ckpts, abstract, total_steps):
+    """``(state, best, best_step, info, epoch_sums)`` from the latest checkpoint."""
+    state, meta = ckpts.restore("latest", abstract)
+    if meta["total_steps"] != total_steps:
+      raise UserError(f"[{phase}] checkpoint was written for {meta['total_steps']} steps, this "
+                      f"run asks for {total_steps} (epochs or batch flags changed)")
+    self._log(f"[{phase}] resuming at step {int(meta['step'])} "
+              f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of the epoch)")
+    return (state, meta["best_val_accuracy"], meta.get("best_step"), meta["info"],
+            _sums_from_json(meta.get("epoch_sums")))
 
   def _save_pair(self, phase, ckpts, step, state, meta, improved):
     """Saves ``latest`` (which names the best step), then ``best`` if ``improved``."""

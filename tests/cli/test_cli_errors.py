@@ -81,6 +81,14 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, caps
            [x, tmp_path / "p.ec2t", tmp_path / "cal.npy"], capsys)
 
 
+def test_an_output_over_a_file_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys):
+  checkpoint = tmp_path / "ckpt"
+  checkpoint.mkdir()
+  (checkpoint / "_METADATA").write_bytes(b"{}")
+  _refused(["export", str(checkpoint), str(checkpoint / "_METADATA")],
+           [checkpoint / "_METADATA"], capsys)
+
+
 def test_report_plots_never_overwrite_the_report_input(tmp_path, capsys):
   source = tmp_path / "layer_bars.png"  # a packed file that happens to bear a plot's name
   export.save(source, {"w": np.zeros(4, np.float32)})
@@ -136,6 +144,18 @@ def test_report_of_a_leaf_named_by_a_lone_surrogate_never_raises(tmp_path, capsy
     assert status == 2 and len(captured.err.strip().splitlines()) == 1
 
 
+def test_paths_stdout_cannot_encode_are_printed_escaped_by_every_cli(tmp_path, capsys):
+  """A file name with a byte that is not UTF-8 (``\\udcff`` in Python) in export and report."""
+  x = _checkpoint(tmp_path / "x.npz")
+  packed = tmp_path / "o\udcff.ec2t"
+  assert export_cli.main([str(x), str(packed)]) == 0
+  assert "o\\udcff.ec2t" in capsys.readouterr().out
+  assert report_cli.main([str(packed)]) == 0
+  assert "o\\udcff.ec2t (packed)" in capsys.readouterr().out
+  assert compress_cli.main(["mcq", str(x), str(tmp_path / "m\udcff.ec2t")]) == 0
+  assert "m\\udcff.ec2t" in capsys.readouterr().out
+
+
 def test_export_decode_of_a_leaf_name_longer_than_a_zip_entry_allows_is_one_line(tmp_path,
                                                                                   capsys):
   (tmp_path / "l.ec2t").write_bytes(_raw_leaf_file("w" * 70_000))
@@ -164,8 +184,8 @@ def _random_argv(rng, tokens):
   return [tokens[i] for i in picks]
 
 
-def test_random_argv_gives_success_or_one_line_and_status_2(tmp_path, capsys):
-  """Seeded: 90 random command lines over the three CLIs, their options and crafted files."""
+def _fuzz_setup(tmp_path):
+  """Crafted files, output paths and the tokens random command lines are drawn from."""
   x = _checkpoint(tmp_path / "x.npz")
   export.save(tmp_path / "p.ec2t", {"w": np.array([0.5, 0.0, -0.5, 0.0], np.float32)})
   (tmp_path / "s.ec2t").write_bytes(_raw_leaf_file("\udcff\ud800"))
@@ -184,14 +204,26 @@ def test_random_argv_gives_success_or_one_line_and_status_2(tmp_path, capsys):
                                              "--samples-per-weight", "1e309", "--per-neuron",
                                              "--seed", "--normalize", "--sparsity", "2"],
   }
-  rng = np.random.default_rng(16)
-  outcomes = {0: 0, 2: 0}
-  for case in range(90):
+  return files, outputs, tokens
+
+
+def _random_argvs(tmp_path, count, seed):
+  """``count`` seeded ``(cli name, argv)``; half with the positional arguments filled."""
+  files, outputs, tokens = _fuzz_setup(tmp_path)
+  rng = np.random.default_rng(seed)
+  for case in range(count):
     name = list(MAINS)[case % 3]
     argv = _random_argv(rng, tokens[name])
-    if case % 2:  # half of them with the positional arguments filled
+    if case % 2:
       argv = ([str(rng.choice(["mcq", "prune"]))] if name == "compress" else []) + \
           [files[case % len(files)]] + ([] if name == "report" else [outputs[case % 3]]) + argv
+    yield name, argv
+
+
+def test_random_argv_gives_success_or_one_line_and_status_2(tmp_path, capsys):
+  """Seeded: 90 random command lines over the three CLIs, their options and crafted files."""
+  outcomes = {0: 0, 2: 0}
+  for name, argv in _random_argvs(tmp_path, 90, seed=16):
     try:
       status = MAINS[name](argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
@@ -204,6 +236,29 @@ def test_random_argv_gives_success_or_one_line_and_status_2(tmp_path, capsys):
     outcomes[status] += 1
   print(f"random argv: {outcomes}")
   assert outcomes[0] > 0 and outcomes[2] > 30
+
+
+@pytest.mark.slow
+def test_random_argv_in_real_processes_gives_success_or_one_line_and_status_2(tmp_path):
+  """Seeded: 24 random command lines, each a fresh ``python -m`` (strict UTF-8 stdout)."""
+  env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
+  outcomes = {0: 0, 2: 0}
+  for name, argv in _random_argvs(tmp_path, 24, seed=61):
+    argv = [a.encode("utf-8", "surrogateescape") if "\udc80" <= a[:1] <= "\udcff" else
+            a.encode("utf-8", "backslashreplace") for a in argv]
+    argv = [a.replace(b"\x00", b"") for a in argv]  # exec cannot pass NUL bytes
+    result = subprocess.run([sys.executable.encode(), b"-m", f"ec2t_jax.{name}".encode(), *argv],
+                            capture_output=True, cwd=REPO, env=env, timeout=300, check=False)
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    warnings_removed = [l for l in err.strip().splitlines()
+                        if "Warning" not in l and not l.startswith("  ")]
+    assert "Traceback" not in err, (name, argv, err[-2000:])
+    assert result.returncode in (0, 2), (name, argv, err[-2000:])
+    if result.returncode == 2:
+      assert len(warnings_removed) == 1, (name, argv, err)
+    outcomes[result.returncode] += 1
+  print(f"random argv in processes: {outcomes}")
+  assert outcomes[2] > 8
 
 
 def test_in_a_real_process_a_surrogate_name_and_an_output_over_the_input_are_one_line(

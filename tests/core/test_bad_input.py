@@ -101,3 +101,9 @@ def test_a_traced_knob_is_left_to_the_update_guard():
   state = tx.init(params)
   updates, _ = jax.jit(tx.update)(params, state, params)  # gamma is a tracer inside jit
   assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("gamma", ["0.2", True, 0.2j])
+def test_a_rule_gamma_that_is_not_a_number_is_refused(gamma):
+  with pytest.raises(TypeError, match="Rule.gamma must be a real number"):
+    ec2t.Rule("conv", gamma=gamma)

@@ -77,13 +77,35 @@ def test_each_process_takes_its_rows_of_the_same_global_batch():
   np.testing.assert_array_equal(np.concatenate([p["x"] for p in parts]), whole["x"])
 
 
-@pytest.mark.slow  # three more tiny runs (~1 min)
-def test_a_stopped_run_resumes_exactly(tmp_path):
+class _Killed(BaseException):
+  """Stands in for the SIGKILL of common.kill_points in-process (nothing in the run catches it)."""
+
+
+def _raise(point):
+  raise _Killed(point)
+
+
+def _metrics_without_timings(workdir):
+  from common import metrics  # pylint: disable=g-import-not-at-top
+  return [{k: v for k, v in r.items() if "seconds" not in k}
+          for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow  # four more tiny runs (~1 min)
+def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch):
+  from common import kill_points  # pylint: disable=g-import-not-at-top
   whole = _run(tmp_path / "whole", "--sample_chars=0")
   with pytest.raises(StopRequested):
     _run(tmp_path / "cut", "--sample_chars=0", "--stop_after_steps=14")  # inside phase 1
+  monkeypatch.setattr(kill_points, "_kill", _raise)
+  monkeypatch.setenv(kill_points.KILL_AT, "ec2t_phase1/4/record")  # killed before its checkpoint
+  with pytest.raises(_Killed):
+    _run(tmp_path / "cut", "--sample_chars=0", "--resume")
+  monkeypatch.delenv(kill_points.KILL_AT)
   resumed = _run(tmp_path / "cut", "--sample_chars=0", "--resume")
   assert resumed["val_loss"] == whole["val_loss"]
+  # No record twice, and the mean train loss of the stopped interval counts its every step.
+  assert _metrics_without_timings(tmp_path / "cut") == _metrics_without_timings(tmp_path / "whole")
   a = checkpoint.read_state(tmp_path / "whole" / "checkpoints" / "ec2t_phase2" / "latest")
   b = checkpoint.read_state(tmp_path / "cut" / "checkpoints" / "ec2t_phase2" / "latest")
   chex.assert_trees_all_equal(a["params"], b["params"])

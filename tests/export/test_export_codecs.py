@@ -10,6 +10,7 @@ import pytest
 from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import packing
+from ec2t_jax._src.export.record_codecs import filter_ternary
 
 from tests.export.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
 
@@ -246,7 +247,7 @@ def test_tf_and_cb_counts_beyond_what_a_stream_holds_are_rejected_before_decodin
 
 def test_version_1_files_cannot_use_the_new_codecs():
   x = _per_filter(np.random.default_rng(10), (3, 3, 4, 8))
-  stream = packing._tf_stream(packing.filter_ternary_parts(x))
+  stream = filter_ternary.tf_stream(packing.filter_ternary_parts(x))
   data = one_leaf({"c": "tf", "d": "float32", "s": list(x.shape)}, stream, version=1)
   _assert_error(data, "corrupt record")
 
@@ -266,3 +267,35 @@ def test_tiny_valid_cb_and_tf_files_decode_bitwise_within_max_bytes():
     out, peak = _bounded(packing.unpack, data, max_bytes=FUZZ_MAX_BYTES)
     chex.assert_trees_all_equal(out["w"].reshape(-1), np.zeros(count, np.float32))
     assert peak < 2 * 13 * count
+
+
+# ------------------------------------------------------------ the codec registry
+
+
+def _constant_codec():
+  """A toy record codec (test code only): a leaf holding one value, stored once."""
+  from ec2t_jax._src.export.leaf_bytes import from_le_bytes, to_le_bytes, uint_view  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.export.record_codecs.protocol import RecordCodec  # pylint: disable=g-import-not-at-top
+
+  def encode(leaf):
+    flat = uint_view(leaf.stored.reshape(-1))
+    return to_le_bytes(leaf.stored.reshape(-1)[:1]) if flat.size and (flat == flat[0]).all() else None
+
+  def decode(record, stream):
+    return np.repeat(from_le_bytes(stream, record.storage_dtype, 1), record.numel)
+
+  return RecordCodec("k1", versions=(2,), encode=encode, decode=decode,
+                     fits=lambda r: r.numel > 0 and r.nbytes == r.itemsize)
+
+
+def test_a_codec_added_by_one_registration_is_written_checked_and_read(monkeypatch):
+  from ec2t_jax._src.export import record_codecs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(record_codecs, "_REGISTRY", dict(record_codecs._REGISTRY))  # pylint: disable=protected-access
+  record_codecs.register(_constant_codec())
+  x = np.full((40, 25), 0.375, np.float32)
+  record = _codec_and_round_trip(x)
+  chex.assert_equal((record.codec, record.nbytes), ("k1", 4))
+  data = one_leaf({"c": "k1", "d": "float32", "s": [10]}, bytes(8))
+  _assert_error(data, "cannot hold 10 elements")  # its capacity rule, applied by the container
+  _assert_error(one_leaf({"c": "k1", "d": "float32", "s": [10]}, bytes(4), version=1),
+                "corrupt record")  # not a version-1 codec

@@ -621,6 +621,26 @@ def _streams_are_encodings(data: bytes) -> bool:
   return True
 
 
+def test_decode_of_an_npz_with_traversal_entry_names_is_refused(tmp_path):
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as archive:
+    for name in ("ok.npy", "../../evil.npy"):
+      with archive.open(name, "w") as member:
+        np.lib.format.write_array(member, np.ones(2, np.float32))
+  (tmp_path / "in.npz").write_bytes(buffer.getvalue())
+  with pytest.raises(packing.ExportFormatError, match=r"'\.\.' component"):
+    export.decode_file(tmp_path / "in.npz", tmp_path / "out.npz")
+  assert not (tmp_path / "out.npz").exists()
+
+
+def test_report_of_a_file_with_nul_names_is_a_one_line_error(tmp_path, capsys):
+  path = tmp_path / "nul.ec2t"
+  path.write_bytes(_renamed(_two_layer_file(), "fc1\x00", "fc1\x00evil"))
+  assert report_cli.main([str(path)]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "NUL" in err, err
+
+
 _HOSTILE_NAMES = ("fc\x00", "fc\x00evil", "\udcff", "../x", "/x", "..\\x", "C:\\x", "x" * 5000,
                   "te")  # the last one clashes with a sibling
 

@@ -201,3 +201,72 @@ def test_leaf_not_used_by_a_layer_named(linen):
   with pytest.raises(ValueError, match="extra"):
     ec2t.prune_calibrated(params, apply_fn, x, 0.5,
                           selection=ec2t.Selection([ec2t.Rule("extra")], default="none"))
+
+
+def test_default_budget_is_pots_30_iterations_of_40_steps_on_50_inputs():
+  # The old default was 30 steps per level (steps_per_level=30).
+  import inspect  # pylint: disable=g-import-not-at-top
+  defaults = {k: v.default for k, v in inspect.signature(cp.prune_calibrated).parameters.items()}
+  assert defaults["steps_per_level"] is None
+  assert (defaults["tuning_iterations"], defaults["steps_per_iteration"],
+          defaults["tuning_batch_size"]) == (30, 40, 50)
+
+
+def _dense0_call(linen):
+  _, params, apply_fn, x = linen
+  leaves = jax.tree.leaves(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  i = next(j for j, p in enumerate(paths) if "Dense_0" in p and "kernel" in p)
+  bias = params["Dense_0"]["bias"]
+  calls, _ = layer_capture.capture_layer_inputs(apply_fn, params, [x[:16], x[16:]], [i])
+  call = calls[i]
+  targets = [call.output(b, leaves[i]) + bias for b in call.inputs]
+  mask = cp.global_magnitude_masks([leaves[i]], 0.7)[0]
+  return call, jnp.where(mask, leaves[i], 0.0), bias, mask, targets
+
+
+def test_pot_schedule_one_full_batch_step_is_one_masked_adam_step(linen):
+  # Oracle: optax.adam on the pooled output error, gradients masked, by hand.
+  call, kernel, bias, mask, targets = _dense0_call(linen)
+  calibrate = cp.make_pot_calibrator(call, True, iterations=1, steps_per_iteration=1,
+                                     batch_size=32, weight_learning_rate=1e-2,
+                                     bias_learning_rate=1e-2)
+  new_kernel, new_bias, (before, after) = calibrate(kernel, bias, mask, targets)
+  x, t = jnp.concatenate(call.inputs), jnp.concatenate(targets)
+  loss = lambda k, b: jnp.mean((call.output(x, k) + b - t) ** 2)
+  gk, gb = jax.grad(loss, argnums=(0, 1))(kernel, bias)
+  import optax  # pylint: disable=g-import-not-at-top
+  uk, _ = optax.adam(1e-2).update(gk * mask, optax.adam(1e-2).init(kernel))
+  ub, _ = optax.adam(1e-2).update(gb, optax.adam(1e-2).init(bias))
+  want_k, want_b = jnp.where(mask, kernel + uk, 0.0), bias + ub
+  if float(loss(want_k, want_b)) < float(loss(kernel, bias)):
+    np.testing.assert_allclose(new_kernel, want_k, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new_bias, want_b, rtol=1e-5, atol=1e-7)
+  assert float(before) == pytest.approx(float(loss(kernel, bias)), rel=1e-5)
+  assert float(after) <= float(before)
+
+
+def test_pot_schedule_reduces_the_error_and_keeps_the_mask(linen):
+  call, kernel, bias, mask, targets = _dense0_call(linen)
+  calibrate = cp.make_pot_calibrator(call, True, iterations=4, steps_per_iteration=5,
+                                     batch_size=8, weight_learning_rate=1e-3,
+                                     bias_learning_rate=1e-3)
+  new_kernel, _, (before, after) = calibrate(kernel, bias, mask, targets)
+  assert float(after) < 0.95 * float(before)
+  np.testing.assert_array_equal(new_kernel == 0, ~mask)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_is_refused_naming_the_leaf(linen, bad):
+  _, params, apply_fn, x = linen
+  broken = jax.tree.map(lambda v: v, params)
+  broken["Dense_0"]["kernel"] = broken["Dense_0"]["kernel"].at[0, 0].set(bad)
+  with pytest.raises(ValueError, match="Dense_0/kernel.*non-finite"):
+    ec2t.prune_calibrated(broken, apply_fn, x, 0.5, steps_per_level=0)
+
+
+def test_non_finite_calibration_data_is_refused_naming_the_batch(linen):
+  _, params, apply_fn, x = linen
+  with pytest.raises(ValueError, match="calibration_data batch 1 holds non-finite"):
+    ec2t.prune_calibrated(params, apply_fn, [x[:16], x[16:].at[0].set(np.nan)], 0.5,
+                          steps_per_level=0)

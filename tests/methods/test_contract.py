@@ -114,8 +114,11 @@ FAST_KNOBS = {"prune": {"steps_per_level": 2}}
 SPECS = ec2t.method_registry()
 TRAINED = sorted(n for n, s in SPECS.items() if s.kind != "one_shot")
 ONE_SHOT = sorted(n for n, s in SPECS.items() if s.kind == "one_shot")
-# Heavy to compile (k-means, many stages): their NNX and sharded cases are slow.
-HEAVY = {"slq", "mlq", "inq"}
+# Slow to compile or to run eagerly (k-means, stages, EC2T's assignment, Faraone's two
+# phases): the cases that compile their own steps (eager, inject_hyperparams, NNX, sharded,
+# bf16) are marked slow for these (CI runs them); the cases sharing one compiled training
+# (grid, tools, export) and the construction checks run by default for every method.
+HEAVY = {"ec2t", "faraone", "inq", "mlq", "slq", "prune"}
 
 
 def _slow_if_heavy(names):
@@ -176,7 +179,7 @@ def _assert_on_grid(name, params):
 # ------------------------------------------------------- train and staged
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
 def test_jit_equals_eager(name):
   params_jit, state_jit = _trained(name)
   params_eager, state_eager = _train(name, jit=False)
@@ -187,29 +190,45 @@ def test_jit_equals_eager(name):
 
 def _traced_knob(name):
   knobs = [(k, knob) for k, knob in SPECS[name].knobs.items()
-           if knob.traced and len([v for v in knob.sweep if v is not None]) >= 2]
+           if knob.traced and any(v is not None for v in knob.sweep)]
   if not knobs:
-    pytest.skip(f"{name} has no traced knob with two sweep values")
+    pytest.skip(f"{name} has no traced knob")
   knob_name, knob = knobs[0]
-  first, second = [v for v in knob.sweep if v is not None][:2]
-  return knob_name, first, second
+  return knob_name, [v for v in knob.sweep if v is not None][-1]
 
 
-@pytest.mark.parametrize("name", TRAINED)
-def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
-  knob, first, second = _traced_knob(name)
+def _injected(name, knob, value):
   spec = SPECS[name]
-  injected = optax.inject_hyperparams(spec.transform, static_args=("selection",))(
-      **{knob: first}, selection=None)
-  tx = optax.chain(optax.sgd(0.05), injected)
+  static = ("selection",) + tuple(k for k, v in spec.knobs.items() if not v.traced)
+  injected = optax.inject_hyperparams(spec.transform, static_args=static)(
+      **{knob: value}, selection=None)
+  return optax.chain(optax.sgd(0.05), injected)
+
+
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
+def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
+  knob, value = _traced_knob(name)
+  tx = _injected(name, knob, value)
   opt_state = tx.init(PARAMS)
-  opt_state[1].hyperparams[knob] = jnp.asarray(second, jnp.float32)
-  params = ec2t.ternary_params(PARAMS, opt_state)
-  got, _ = jax.jit(_step(tx))(params, opt_state)
-  direct = _transform(name, **{knob: second})
+  got, _ = jax.jit(_step(tx))(ec2t.ternary_params(PARAMS, opt_state), opt_state)
+  direct = _transform(name, **{knob: value})
   direct_state = direct.init(PARAMS)
   want, _ = jax.jit(_step(direct))(ec2t.ternary_params(PARAMS, direct_state), direct_state)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
+def test_an_invalid_traced_knob_skips_the_step_and_is_counted(name):
+  knob, value = _traced_knob(name)
+  tx = _injected(name, knob, value)
+  opt_state = tx.init(PARAMS)
+  params = ec2t.ternary_params(PARAMS, opt_state)
+  opt_state[1].hyperparams[knob] = jnp.asarray(jnp.nan, jnp.float32)
+  new_params, new_state = jax.jit(_step(tx))(params, opt_state)
+  assert int(ec2t.find_quantizer_state(new_state).invalid_hyper_count) == 1
+  for path in SELECTED:  # the quantized leaves keep their state, so their values
+    layer = path.split("/")[0]
+    np.testing.assert_array_equal(new_params[layer]["kernel"], params[layer]["kernel"])
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -242,7 +261,7 @@ def test_export_round_trips_bitwise(name, tmp_path):
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
 def test_bf16_params_keep_their_dtype_and_land_on_the_grid(name):
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
   params, opt_state = _train(name, params)
@@ -280,7 +299,7 @@ def test_nnx_optimizer_keeps_the_model_on_the_grid(name):
   for i in range(STEPS):
     step(model, optimizer)
     if i == 0 and _last_phase(name):
-      optimizer.opt_state = ec2t.set_phase(optimizer.opt_state, _last_phase(name))
+      ec2t.set_phase(optimizer, _last_phase(name))  # in place
   state = nnx.as_pure(nnx.state(model, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, state,
                ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
@@ -341,7 +360,7 @@ def test_one_shot_equals_the_public_function_bitwise(name):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-@pytest.mark.parametrize("name", ONE_SHOT)
+@pytest.mark.parametrize("name", _slow_if_heavy(ONE_SHOT))
 def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
   params, _ = _one_shot(name, jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}

@@ -136,4 +136,5 @@ def test_mcq_passes_a_non_finite_leaf_it_does_not_quantize_through():
 @pytest.mark.parametrize("samples", ["2", True, None])
 def test_mcq_samples_per_weight_must_be_a_number(samples):
   with pytest.raises(ValueError, match="samples_per_weight must be a positive"):
-    ec2t.mcq({"a": jnp.ones((3, 3))}, samples, key=jax.random.key(0))
+    ec2t.mcq({"a": jnp.ones((3, 3)), "b": jnp.ones((3, 4)), "c": jnp.ones((4, 2))}, samples,
+             key=jax.random.key(0))

@@ -165,7 +165,7 @@ def test_twn_step_moves_latent_by_the_update_and_rethresholds():
 
 
 def test_ttq_step_scales_latent_and_moves_scales_by_cluster_means():
-  before, after, params = _one_step(ec2t.ttq(0.05, selection=ALL))
+  before, after, params = _one_step(ec2t.ttq(0.05, latent_step="gradient", selection=ALL))
   u, a = -0.05 * np.asarray(GRAD), np.asarray(before.assignment)
   norm = float(np.abs(KERNEL).max())
   s = np.where(a > 0, before.w_p, np.where(a < 0, before.w_n, norm)) / norm
@@ -176,6 +176,13 @@ def test_ttq_step_scales_latent_and_moves_scales_by_cluster_means():
   chex.assert_trees_all_equal(after.assignment, ec2t.ttq_assign(after.latent, delta))
   np.testing.assert_allclose(params["w"], np.where(
       after.assignment > 0, after.w_p, np.where(after.assignment < 0, -after.w_n, 0)), rtol=1e-6)
+
+
+def test_ttq_default_step_moves_latent_by_the_whole_update():
+  # The old default scaled the non-zero clusters' steps by w / max|W| < 1.
+  before, after, _ = _one_step(ec2t.ttq(0.05, selection=ALL))
+  np.testing.assert_allclose(after.latent, np.asarray(before.latent) - 0.05 * np.asarray(GRAD),
+                             rtol=1e-6)
 
 
 def test_ttq_initial_scales_fit_each_cluster_or_follow_the_paper():
@@ -193,13 +200,30 @@ def test_ttq_fixed_sparsity_keeps_the_fraction_of_zeros():
 
 
 def test_sttn_step_follows_the_straight_through_gradients_and_clamps():
-  before, after, params = _one_step(ec2t.sttn(selection=ALL), lr=5.0)
+  before, after, params = _one_step(ec2t.sttn(latent_step="gradient", selection=ALL), lr=5.0)
   g1, g2 = ec2t.sttn_gradients(-5.0 * GRAD, before.latent, before.latent2)
   np.testing.assert_allclose(after.latent, np.clip(before.latent + g1, -1, 1), rtol=1e-5)
   np.testing.assert_allclose(after.latent2, np.clip(before.latent2 + g2, -1, 1), rtol=1e-5)
   assert np.abs(np.asarray(after.latent)).max() == 1.0  # the large step hit the clamp
   a, alpha = ec2t.sttn_ternarize(after.latent, after.latent2)
   np.testing.assert_allclose(params["w"], 2 * alpha * a, rtol=1e-6)
+
+
+def test_sttn_default_step_is_not_shrunk_by_the_scale():
+  # Oracle: the straight-through term moves a latent weight inside [-1, 1] by u itself
+  # (the exact gradient map, the old default, moves it by alpha * u, alpha ~ 0.1 here).
+  before, after, _ = _one_step(ec2t.sttn(selection=ALL), lr=1e-3)
+  u = -1e-3 * np.asarray(GRAD)
+  s1, s2 = (np.sign(np.asarray(before.latent)), np.sign(np.asarray(before.latent2)))
+  sgn = lambda w: np.where(np.asarray(w) >= 0, 1.0, -1.0)
+  scale_term = (u * (sgn(before.latent) + sgn(before.latent2))).sum(0, keepdims=True) / (
+      2 * u.shape[0])
+  np.testing.assert_allclose(after.latent, np.asarray(before.latent) + u + s1 * scale_term,
+                             rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(after.latent2, np.asarray(before.latent2) + u + s2 * scale_term,
+                             rtol=1e-5, atol=1e-8)
+  alpha = np.asarray(before.scale)
+  assert np.all(alpha < 0.5)  # so the old map would have moved them by less than half of u
 
 
 def test_quantization_pruning_passes_updates_through_before_the_switch():

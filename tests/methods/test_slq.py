@@ -45,3 +45,44 @@ class FreezeTest(chex.TestCase):
     r2 = slq.freeze_clusters(moved, r.frozen, r.values, 0.9, levels)
     np.testing.assert_array_equal(r2.values[r.frozen], r.values[r.frozen])
     assert set(np.unique(np.asarray(r2.values[r2.frozen]))) <= set(np.asarray(levels).tolist())
+
+
+def test_cluster_count_is_the_official_codes_two_to_the_b_minus_one_plus_one():
+  # The old count 2^b - 1 gave 31 clusters at 5 bits where the official code uses 17.
+  assert [slq.num_clusters(b) for b in (2, 3, 4, 5)] == [3, 5, 9, 17]
+
+
+def test_float_levels_are_the_kmeans_centroids_with_the_one_nearest_zero_at_zero():
+  w = jax.random.normal(jax.random.key(3), (200,))
+  centroids = np.asarray(slq.clustering.kmeans_1d(w, 5).centroids)
+  expected = np.where(np.arange(5) == np.argmin(np.abs(centroids)), 0.0, centroids)
+  np.testing.assert_allclose(slq.float_levels(w, 5), expected, rtol=1e-6)
+  assert not set(np.asarray(slq.float_levels(w, 5)).tolist()) <= set(
+      np.asarray(slq.slq_levels(w, 5)).tolist())  # not rounded to powers of two
+
+
+def test_recluster_moves_only_unlocked_non_zero_levels_to_the_free_weights_means():
+  # Numpy oracle: one Lloyd pass converges here (clusters {-1}, {0.05}, {0.6, 0.8}).
+  w = jnp.array([-5.0, -1.0, 0.05, 0.6, 0.8])
+  free = jnp.array([False, True, True, True, True])
+  levels = jnp.array([-1.5, 0.0, 0.5])
+  got = slq.recluster_levels(w, free, levels, jnp.array([False, False, False]))
+  np.testing.assert_allclose(got, [-1.0, 0.0, 0.7], rtol=1e-6)
+  locked = slq.recluster_levels(w, free, levels, jnp.array([True, False, False]))
+  np.testing.assert_allclose(locked, [-1.5, 0.0, 0.7], rtol=1e-6)
+
+
+def test_advance_reclusters_at_later_stages_and_keeps_at_most_k_values():
+  w = jax.random.normal(jax.random.key(4), (300,))
+  leaf = slq.slq_advance(slq.slq_init_leaf(w, 5), 0, jnp.array([0.5, 0.8, 1.0]))
+  first, locked = np.asarray(leaf.levels), np.asarray(leaf.locked)
+  assert locked.any() and not locked.all()
+  leaf = leaf._replace(latent=leaf.latent + 0.3)  # retraining moved the free weights
+  leaf = slq.slq_advance(leaf, 1, jnp.array([0.5, 0.8, 1.0]))
+  moved = np.asarray(leaf.levels) != first
+  assert moved.any()  # re-clustered on the moved free weights
+  assert not moved[locked].any()  # frozen clusters' levels stay
+  leaf = slq.slq_advance(leaf._replace(latent=leaf.latent - 0.2), 2, jnp.array([0.5, 0.8, 1.0]))
+  assert bool(leaf.frozen.all())
+  assert len(np.unique(np.asarray(leaf.values))) <= 5
+  assert set(np.unique(np.asarray(leaf.values)).tolist()) <= set(np.asarray(leaf.levels).tolist())

@@ -43,6 +43,14 @@ def test_value_and_gradient_match_the_documented_formula():
   assert not np.any(np.asarray(grads["Dense_0"]["bias"]))
 
 
+def test_default_strength_is_the_measured_three_not_the_former_one_hundredth():
+  params = _params()
+  value = ec2t.sparsity_regularizer()(params)
+  expected = sum(_numpy_value_and_grad(params[name]["kernel"], 0.0, 3.0, 0.7, 0.25)[0]
+                 for name in ("Conv_1", "Dense_0"))
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
 def test_gradient_step_shrinks_weights_and_most_near_the_threshold():
   w = jnp.asarray(np.random.default_rng(1).normal(size=(400, 5)), jnp.float32)
   reg = ec2t.sparsity_regularizer(strength=1.0, selection=lambda path, leaf: True)

@@ -117,17 +117,24 @@ def run(program: str, parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     return fail(program, e)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-  if a.resolve() == b.resolve():
+def _overwrites(out: Path, source: Path) -> bool:
+  """Whether writing ``out`` replaces ``source`` or a file inside the directory ``source``."""
+  target, original = out.resolve(), source.resolve()
+  if target == original:
     return True
   try:
-    return os.path.samefile(a, b)  # hard links, bind mounts
+    if os.path.samefile(out, source):  # hard links, bind mounts
+      return True
   except OSError:
-    return False
+    pass
+  return original.is_dir() and original in target.parents and target.exists()
 
 
 def refuse_overwriting(outputs: Iterable, inputs: Iterable) -> None:
   """Raises ``ValueError`` if an output path names one of the inputs (after links).
+
+  Also refused: an existing file inside an input directory (a checkpoint's own
+  files).
 
   Args:
     outputs: paths the command will write (``None`` entries are skipped).
@@ -136,6 +143,6 @@ def refuse_overwriting(outputs: Iterable, inputs: Iterable) -> None:
   inputs = [Path(p) for p in inputs if p is not None]
   for out in (Path(p) for p in outputs if p is not None):
     for source in inputs:
-      if _same_file(out, source):
+      if _overwrites(out, source):
         raise ValueError(f"the output {str(out)!r} is the input {str(source)!r}; "
                          "refusing to overwrite it (choose another output path)")

@@ -8,6 +8,7 @@ imported by name. Nothing here imports from ``methods``, ``export``,
 ``report`` or ``cli``.
 """
 
+from ec2t_jax._src.core import budget
 from ec2t_jax._src.core.grid import exact_update
 from ec2t_jax._src.core.grid import snap_to_grid
 from ec2t_jax._src.core.hyper import check_choice
@@ -15,6 +16,7 @@ from ec2t_jax._src.core.hyper import check_range
 from ec2t_jax._src.core.hyper import hyper_is_valid
 from ec2t_jax._src.core.hyper import is_concrete
 from ec2t_jax._src.core.hyper import Range
+from ec2t_jax._src.core.protocol import GroupSlot
 from ec2t_jax._src.core.protocol import is_leaf_state
 from ec2t_jax._src.core.protocol import LeafContext
 from ec2t_jax._src.core.protocol import LeafState
@@ -32,6 +34,7 @@ from ec2t_jax._src.core.transform import advance
 from ec2t_jax._src.core.transform import check_same_tree
 from ec2t_jax._src.core.transform import emit_updates
 from ec2t_jax._src.core.transform import flat_leaf_states
+from ec2t_jax._src.core.transform import group_states
 from ec2t_jax._src.core.transform import init_leaf_state
 from ec2t_jax._src.core.transform import init_state
 from ec2t_jax._src.core.transform import leaf_contexts
@@ -39,4 +42,5 @@ from ec2t_jax._src.core.transform import prepare_tree
 from ec2t_jax._src.core.transform import Quantizer
 from ec2t_jax._src.core.transform import quantize_transform
 from ec2t_jax._src.core.transform import slice_indices
+from ec2t_jax._src.core.transform import step_groups
 from ec2t_jax._src.core.transform import step_leaves

@@ -167,13 +167,23 @@ class QuantizerState(NamedTuple):
     invalid_hyper_count: updates skipped (all selected leaves kept their
       state) because a traced hyperparameter was non-finite or out of range.
     leaves: a tree like the params: a method's :class:`LeafState` at each
-      selected leaf, ``None`` elsewhere.
+      selected leaf (a :class:`StackedLeaf` for a stack of layers, a
+      :class:`GroupSlot` for a leaf whose state lives in ``groups``),
+      ``None`` elsewhere.
+    groups: :class:`StackedLeaf` states of same-shape leaves kept stacked,
+      so that one ``vmap``-ed step serves them all (compile time that does
+      not grow with depth); read them per leaf with :meth:`field` or
+      :meth:`resolved_leaves`.
+    budget: the size-budget controller's ``BudgetState`` (multiplier,
+      target, reached size), or ``None`` without a :class:`~ec2t_jax.Budget`.
   """
   count: jax.Array
   phase: jax.Array
   nonfinite_count: jax.Array
   invalid_hyper_count: jax.Array
   leaves: Any
+  groups: tuple = ()
+  budget: Any = None
 
   @property
   def frozen(self) -> jax.Array:
@@ -189,8 +199,20 @@ class QuantizerState(NamedTuple):
       >>> state.field("w_p")["Conv_0"]  # unselected (first layer)
       {'bias': None, 'kernel': None}
     """
-    return jax.tree.map(lambda leaf: getattr(leaf, name, None), self.leaves,
-                        is_leaf=is_leaf_state)
+    def get(leaf):
+      if isinstance(leaf, GroupSlot):
+        stacked = getattr(self.groups[leaf.group].inner, name, None)
+        return None if stacked is None else stacked[leaf.index]
+      return getattr(leaf, name, None)
+    return jax.tree.map(get, self.leaves, is_leaf=is_leaf_state)
+
+  def resolved_leaves(self):
+    """:attr:`leaves` with each :class:`GroupSlot` replaced by its leaf's
+    own state (sliced out of its group)."""
+    return jax.tree.map(
+        lambda leaf: (self.groups[leaf.group].slice(leaf.index)
+                      if isinstance(leaf, GroupSlot) else leaf),
+        self.leaves, is_leaf=is_leaf_state)
 
   @property
   def latent(self):
@@ -200,7 +222,7 @@ class QuantizerState(NamedTuple):
 
 def is_leaf_state(x) -> bool:
   """Whether ``x`` is one selected leaf's state (or ``None``)."""
-  return x is None or isinstance(x, StackedLeaf) or (
+  return x is None or isinstance(x, (StackedLeaf, GroupSlot)) or (
       isinstance(x, tuple) and hasattr(x, "_fields") and hasattr(x, "value")
       and hasattr(x, "describe"))
 
@@ -278,6 +300,37 @@ class StackedLeaf:
     for flat in range(math.prod(self.stack_shape)):
       index = np.unravel_index(flat, self.stack_shape)
       yield (slice_suffix(index), jax.tree.map(lambda x: x[index], self.inner))
+
+
+@jax.tree_util.register_pytree_node_class
+class GroupSlot:
+  """Where a leaf's state is: slice ``index`` of ``QuantizerState.groups[group]``.
+
+  Holds no arrays (static), so a state's leaves stay a tree like the params
+  while same-shape leaves share one stacked state.
+  """
+  __slots__ = ("group", "index")
+
+  def __init__(self, group: int, index: int):
+    self.group, self.index = int(group), int(index)
+
+  def tree_flatten(self):
+    return (), (self.group, self.index)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del children
+    return cls(*aux)
+
+  def __eq__(self, other):
+    return (isinstance(other, GroupSlot)
+            and (self.group, self.index) == (other.group, other.index))
+
+  def __hash__(self):
+    return hash((GroupSlot, self.group, self.index))
+
+  def __repr__(self):
+    return f"GroupSlot(group={self.group}, index={self.index})"
 
 
 def slice_suffix(index) -> str:

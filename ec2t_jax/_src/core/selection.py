@@ -5,8 +5,9 @@ Leaves are named by their flattened path: the keys joined with ``/``, e.g.
 ``nnx.State`` of an NNX model.
 
 **The paper's rule** (the default, ``Selection(default="paper")``): every
-floating-point kernel with ``ndim >= 2`` is ternarized, except the input and
-the output layer: the first and the last *layer in forward order*. Layers are
+floating-point kernel with ``ndim >= 2`` (not named ``bias``) is ternarized,
+except the input and the output layer: the first and the last *layer in
+forward order*. Layers are
 the kernels plus the embedding tables (leaves named ``embedding``, or read by
 an embedding lookup in the traced computation); embeddings are never
 ternarized by default. So in a transformer the token embedding is the input
@@ -73,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2t_jax._src.core import hyper
 from ec2t_jax._src.core.trees import path_to_str
 from ec2t_jax._src.core.trees import pure_tree
 
@@ -115,8 +117,8 @@ class Rule:
     except re.error as e:
       raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular "
                        f"expression: {e}") from None
-    if self.gamma is not None and not 0.0 <= float(self.gamma) <= 1.0:
-      raise ValueError(f"Rule.gamma must be in [0, 1] or None, got {self.gamma}")
+    if self.gamma is not None:  # None: the transformation's gamma
+      hyper.check_range("Rule.gamma", self.gamma, hyper.Range(0.0, 1.0))
     if self.stack_axes is not None:
       axes = (self.stack_axes,) if isinstance(self.stack_axes, int) else self.stack_axes
       try:
@@ -165,13 +167,14 @@ def _is_layer_table(path: str, leaf, stack_ndim: int) -> bool:
 
 
 def is_kernel(path: str, leaf, stack_ndim: int = 0) -> bool:
-  """A floating leaf with ``ndim >= 2`` that is not an embedding table.
+  """A floating leaf with ``ndim >= 2`` that is not an embedding table or a
+  bias (``DenseGeneral`` with several feature axes has 2-D biases).
 
   For a stacked leaf (``stack_ndim`` leading axes of layers) one slice is
   judged, so stacked norms and biases (``(L, d)``) are not kernels.
   """
   return (_is_layer_table(path, leaf, stack_ndim)
-          and path.rsplit("/", 1)[-1] != "embedding")
+          and path.rsplit("/", 1)[-1] not in ("embedding", "bias"))
 
 
 def _check_selectable(path: str, leaf, reason: str, stack_ndim: int = 0):
@@ -358,22 +361,33 @@ class Selection:
     if callable(self.default):
       return [i for i, (p, l) in enumerate(zip(paths, leaves))
               if self.default(p, l)]
+    layers, embeddings = self._layers(paths, leaves, stacks)
+    layers = self._forward_sorted(layers, params, flat, paths,
+                                  require=[i for i in layers if i not in embeddings])
+    if not layers:
+      return []
+    drop = {self._last_layer(layers, paths)}
+    if self.default == "paper":
+      drop.add(layers[0])
+    return [i for i in layers if i not in drop and i not in embeddings]
+
+  def _layers(self, paths, leaves, stacks) -> tuple[list[int], set[int]]:
+    """``(kernels and embedding tables, the embedding tables)``, leaf indices."""
     lookups = self.traced.lookups if self.traced is not None else frozenset()
     embeddings = {i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
                   if _is_layer_table(p, l, k)
                   and (p.rsplit("/", 1)[-1] == "embedding" or p in lookups)}
     layers = [i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
               if i in embeddings or is_kernel(p, l, k)]
-    layers = self._forward_sorted(layers, params, flat, paths,
-                                  require=[i for i in layers if i not in embeddings])
-    if not layers:
-      return []
-    last = layers[-1]
-    if self.traced is not None and all(paths[i] in self.traced.last_use
-                                       for i in layers):
-      last = max(layers, key=lambda i: self.traced.last_use[paths[i]])
-    drop = {last} | ({layers[0]} if self.default == "paper" else set())
-    return [i for i in layers if i not in drop and i not in embeddings]
+    return layers, embeddings
+
+  def _last_layer(self, layers: list[int], paths) -> int:
+    """The output layer: the last one *used* (a tied embedding's head) when
+    the trace says, else the last in forward order."""
+    last_use = self.traced.last_use if self.traced is not None else {}
+    if last_use and all(paths[i] in last_use for i in layers):
+      return max(layers, key=lambda i: last_use[paths[i]])
+    return layers[-1]
 
   def _forward_sorted(self, kernels, params, flat, paths, require=None) -> list[int]:
     """``kernels`` (leaf indices) sorted by forward order, best source first.
@@ -426,8 +440,8 @@ def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
     >>> params = {"a": {"kernel": jnp.ones((2, 2))},
     ...           "b": {"kernel": jnp.ones((3, 2, 2))},
     ...           "c": {"kernel": jnp.ones((3, 2, 2))}}
-    >>> ranks = layer_ranks(Selection([Rule("kernel", stack_axes=None),
-    ...                                Rule("^[bc]/", stack_axes=(0,))]), params)
+    >>> ranks = layer_ranks(Selection([Rule("^[bc]/", stack_axes=(0,)),
+    ...                                Rule("^a/")]), params)
     >>> {k: v.tolist() for k, v in ranks.items()}
     {'a/kernel': [0], 'b/kernel': [1, 3, 5], 'c/kernel': [2, 4, 6]}
   """

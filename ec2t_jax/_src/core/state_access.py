@@ -78,7 +78,7 @@ def ternary_params(params, opt_state):
   params = pure_tree(params)
   core.check_same_tree("params", params, state.leaves)
   leaves, treedef = jax.tree.flatten(params)
-  states, _ = core.flat_leaf_states(state.leaves)
+  states, _ = core.flat_leaf_states(state.resolved_leaves())
   out = [p if leaf is None else leaf.value(jnp.asarray(p).dtype)
          for p, leaf in zip(leaves, states)]
   return treedef.unflatten(out)

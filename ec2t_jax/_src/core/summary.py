@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -62,7 +62,10 @@ class Summary:
   Totals: ``numel`` (selected weights), ``zeros``, ``sparsity`` (zeros over
   selected weights) and ``entropy`` (numel-weighted mean bits/weight).
   ``nonfinite_count`` and ``invalid_hyper_count`` count the skipped steps
-  (see :class:`~ec2t_jax.QuantizerState`).
+  (see :class:`~ec2t_jax.QuantizerState`). ``budget``: with a
+  :class:`~ec2t_jax.Budget`, its ``kind``, ``target``, ``reached`` (the
+  last assignment's size in the budget's units) and the controller's
+  ``multiplier``; else None.
   """
   layers: tuple[LayerSummary, ...]
   step: int
@@ -70,6 +73,7 @@ class Summary:
   method: str = ""
   nonfinite_count: int = 0
   invalid_hyper_count: int = 0
+  budget: Optional[dict] = None
 
   @property
   def frozen(self) -> bool:
@@ -88,6 +92,7 @@ class Summary:
     return {"step": self.step, "phase": self.phase, "frozen": self.frozen,
             "nonfinite_count": self.nonfinite_count,
             "invalid_hyper_count": self.invalid_hyper_count,
+            "budget": self.budget,
             "layers": [l._asdict() for l in self.layers],
             "totals": self.totals}
 
@@ -113,7 +118,15 @@ class Summary:
     skipped = (f"skipped steps: {self.nonfinite_count} with non-finite updates,"
                f" {self.invalid_hyper_count} with invalid hyperparameters")
     return (f"{self.method} summary at step {self.step}, {phase}\n" + "\n".join(lines)
-            + "\n" + skipped)
+            + "\n" + skipped + self._budget_line())
+
+  def _budget_line(self) -> str:
+    if not self.budget:
+      return ""
+    b = self.budget
+    fmt = (lambda v: f"{v:,.0f} bytes") if b["kind"] == "bytes" else (lambda v: f"{v:.4g}")
+    return (f"\nbudget: {b['kind']} target {fmt(b['target'])}, reached {fmt(b['reached'])}"
+            f" (multiplier {b['multiplier']:.4g})")
 
 
 def _scalar(x: Any):
@@ -144,7 +157,7 @@ def summary(opt_state) -> Summary:
     skipped steps: 0 with non-finite updates, 0 with invalid hyperparameters
   """
   state = state_access.find_quantizer_state(opt_state)
-  states, treedef = core.flat_leaf_states(state.leaves)
+  states, treedef = core.flat_leaf_states(state.resolved_leaves())
   paths, _ = jax.tree_util.tree_flatten_with_path(
       treedef.unflatten([0] * len(states)))
   layers, methods = [], []
@@ -153,9 +166,11 @@ def summary(opt_state) -> Summary:
       continue
     for suffix, leaf in _layers(state_of_leaf):
       layers.append(_row(path_to_str(path) + suffix, leaf, methods))
+  budget = getattr(state, "budget", None)
   return Summary(tuple(layers), int(state.count), int(state.phase),
                  ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
-                 int(state.invalid_hyper_count))
+                 int(state.invalid_hyper_count),
+                 None if budget is None else budget.describe())
 
 
 def _layers(leaf):

@@ -21,9 +21,16 @@ every method alike:
   ``optax.inject_hyperparams``) that are non-finite or out of range make the
   whole step keep the state (``invalid_hyper_count``); a tree that does not
   match the one given to ``init`` is an error naming the first differing path;
-* **compile time**: each selected leaf is traced once per step; the shared
-  pure functions keep their passes few (one reduction for several
-  statistics), see :func:`step_leaves`;
+* **stacked layers**: a leaf holding several layers along leading axes
+  (``nn.scan`` / ``nnx.vmap`` stacks, see :class:`~ec2t_jax.Selection`) gets
+  one state per slice (:class:`StackedLeaf`); the method's ``init_leaf`` and
+  ``step_leaf`` are ``vmap``-ed over the stack axes, so every per-layer
+  statistic is per slice without per-method code;
+* **compile time**: same-shape leaves (the blocks of an unrolled network)
+  keep their states stacked in ``QuantizerState.groups`` and one
+  ``vmap``-ed step serves each group (:func:`group_states`,
+  :func:`step_groups`), so the traced step does not grow with depth; the
+  only per-step stacking is of the incoming updates;
 * **shared tools**: :func:`~ec2t_jax.ternary_params`, :func:`~ec2t_jax.summary`,
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
@@ -44,10 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ec2t_jax._src.core import budget as budget_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core.grid import exact_update
 from ec2t_jax._src.core.hyper import check_range, hyper_is_valid, Range
 from ec2t_jax._src.core.protocol import is_leaf_state, LeafContext, Method, NO_PARAMS_MSG, QuantizerState
+from ec2t_jax._src.core.protocol import GroupSlot
 from ec2t_jax._src.core.protocol import TreeInfo
 from ec2t_jax._src.core import rule_options
 from ec2t_jax._src.core.protocol import over_slices
@@ -159,7 +168,7 @@ def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
 
 
 def init_state(method: Method, params, selection, hyper,
-               info: Optional[TreeInfo] = None) -> QuantizerState:
+               info: Optional[TreeInfo] = None, *, group: bool = True) -> QuantizerState:
   """Selects leaves (once) and initialises each selected leaf's state.
 
   The method's ``prepare`` hook runs first (or ``info``, its result, is
@@ -169,7 +178,8 @@ def init_state(method: Method, params, selection, hyper,
 
   A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
   stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
-  its stack axes with the context of one slice.
+  its stack axes with the context of one slice. With ``group``, same-shape
+  leaves keep their states stacked (:func:`group_states`).
   """
   if info is None:
     info = prepare_tree(method, params, selection, hyper)
@@ -195,10 +205,42 @@ def init_state(method: Method, params, selection, hyper,
     leaf = jnp.array(leaf, copy=True)
     leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
                                   hyper))
+  leaves, groups = group_states(leaves, contexts) if group else (leaves, ())
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
                         invalid_hyper_count=zero,
-                        leaves=treedef.unflatten(leaves))
+                        leaves=treedef.unflatten(leaves), groups=groups)
+
+
+def group_states(leaves: list, contexts: list) -> tuple[list, tuple]:
+  """Stacks the states of leaves that one ``vmap``-ed step can serve.
+
+  Leaves group when their contexts are equal but for the path (same shape,
+  dtype, mode, gamma, size fraction) and their states have the same type,
+  structure, shapes and dtypes. Each group of two or more becomes one
+  :class:`StackedLeaf` of ``QuantizerState.groups``; its leaves hold a
+  :class:`GroupSlot`. Stacked leaves (layers of one leaf) are not grouped.
+
+  Returns:
+    ``(leaves with GroupSlots, groups)``.
+  """
+  members: dict = {}
+  for i, (leaf, ctx) in enumerate(zip(leaves, contexts)):
+    if leaf is None or isinstance(leaf, StackedLeaf):
+      continue
+    arrays = jax.tree.leaves(leaf)
+    key = (type(leaf), ctx._replace(path="", slice_index=0), jax.tree.structure(leaf),
+           tuple((x.shape, jnp.dtype(x.dtype)) for x in arrays))
+    members.setdefault(key, []).append(i)
+  out, groups = list(leaves), []
+  for indices in members.values():
+    if len(indices) < 2:
+      continue
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[leaves[i] for i in indices])
+    for j, i in enumerate(indices):
+      out[i] = GroupSlot(len(groups), j)
+    groups.append(StackedLeaf(stacked, 1))
+  return out, tuple(groups)
 
 
 def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
@@ -210,11 +252,11 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   stepped per slice (``vmap`` over its stack axes, each slice with its own
   ``slice_index`` in the context), and the non-finite guard is per slice.
 
-  Each leaf is traced on its own. Stacking leaves of one shape under
-  ``jax.vmap`` was measured to compile *slower* on XLA:CPU (ResNet-20's
-  chained update: 5.5 s against 3.6 s of CPU time; the stacking and
-  unstacking around the vmapped body cost more than the body saves), so the
-  compile time grows with the number of selected leaves.
+  Each leaf is traced on its own; leaves whose state lives in a group
+  (:class:`GroupSlot`) are skipped here and stepped by :func:`step_groups`.
+  (An earlier version stacked same-shape leaves' states *and* inputs under
+  ``jax.vmap`` at every step and compiled slower on XLA:CPU, 5.5 s against
+  3.6 s for ResNet-20; groups keep the states stacked between steps.)
 
   Args:
     step: the per-leaf step (closing over hyperparameters and phase).
@@ -248,7 +290,7 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   new = list(old)
   nonfinite = []
   for i, ctx in enumerate(contexts):
-    if ctx is not None:
+    if ctx is not None and not isinstance(old[i], GroupSlot):
       run = per_slice if isinstance(old[i], StackedLeaf) else guarded
       new[i], bad = run(inputs[i], old[i], ctx)
       nonfinite.append(bad)
@@ -256,12 +298,23 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   return new, any_bad
 
 
-def emit_updates(updates, params, new_leaves: list):
-  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere."""
+def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
+  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere.
+
+  A leaf in a group takes its slice of the group's value.
+  """
   flat_updates, treedef = jax.tree.flatten(updates)
   flat_params = treedef.flatten_up_to(params)
-  out = [u if leaf is None else
-         exact_update(leaf.value(jnp.asarray(p).dtype), p)
+  values: dict = {}
+
+  def value(leaf, dtype):
+    if isinstance(leaf, GroupSlot):
+      if (leaf.group, dtype) not in values:
+        values[leaf.group, dtype] = groups[leaf.group].value(dtype)
+      return values[leaf.group, dtype][leaf.index]
+    return leaf.value(dtype)
+
+  out = [u if leaf is None else exact_update(value(leaf, jnp.asarray(p).dtype), p)
          for u, p, leaf in zip(flat_updates, flat_params, new_leaves)]
   return treedef.unflatten(out)
 
@@ -275,12 +328,41 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
   """
   old, treedef = flat_leaf_states(state.leaves)
   new, any_bad = step_leaves(step, inputs, old, contexts, keep)
+  groups, group_bad = step_groups(step, inputs, old, contexts, state.groups, keep)
+  any_bad = any_bad | group_bad
   new_state = state._replace(
       count=optax.safe_increment(state.count),
       nonfinite_count=state.nonfinite_count + (any_bad & ~keep).astype(jnp.int32),
       invalid_hyper_count=state.invalid_hyper_count + keep.astype(jnp.int32),
-      leaves=treedef.unflatten(new))
-  return emit_updates(updates, params, new), new_state
+      leaves=treedef.unflatten(new), groups=groups)
+  return emit_updates(updates, params, new, groups), new_state
+
+
+def step_groups(step: Callable, inputs: list, slots: list, contexts: list,
+                groups: tuple, keep: jax.Array) -> tuple[tuple, jax.Array]:
+  """Steps every group of ``QuantizerState.groups`` with one ``vmap``-ed step.
+
+  The inputs of a group's leaves are stacked (the only per-step stacking:
+  the states stay stacked), then stepped like the slices of a stacked leaf.
+
+  Returns:
+    ``(new groups, any non-finite input)``.
+  """
+  if not groups:
+    return groups, jnp.asarray(False)
+  members: list[list[int]] = [[] for _ in groups]
+  for i, slot in enumerate(slots):
+    if isinstance(slot, GroupSlot):
+      members[slot.group].append(i)
+  new, bad = [], []
+  for group, indices in zip(groups, members):
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[inputs[i] for i in indices])
+    ctx = contexts[indices[0]]._replace(stack_shape=(len(indices),))
+    (leaf,), any_bad = step_leaves(step, [stacked], [group], [ctx], keep)
+    new.append(leaf)
+    bad.append(any_bad)
+  return tuple(new), jnp.any(jnp.stack(bad))
 
 
 def quantize_transform(
@@ -289,6 +371,9 @@ def quantize_transform(
     hyper_ranges: dict[str, Range],
     *,
     selection: selection_lib.SelectionLike = None,
+    budget: Optional[budget_lib.Budget] = None,
+    knob: Optional[budget_lib.Knob] = None,
+    budget_target=None,
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
 
@@ -298,6 +383,15 @@ def quantize_transform(
     hyper_ranges: valid range of each name in ``hyper`` that must be checked;
       concrete values are checked here, traced ones at every update.
     selection: which leaves to quantize (see :class:`~ec2t_jax.Selection`).
+    budget: a size :class:`~ec2t_jax.Budget`: every step then uses the
+      method's ``knob`` (a field of ``hyper``) at the controller's multiplier,
+      measures the new assignments and updates the multiplier (see
+      ``_src/core/budget.py``); the controller holds in ``phase >= 1``.
+    knob: which hyperparameter the controller drives (needed with ``budget``).
+    budget_target: the budget's target value if not ``budget``'s own (may be
+      traced, e.g. through ``optax.inject_hyperparams``); a traced value that
+      is non-finite or out of range skips the step like an invalid
+      hyperparameter.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantizerState`.
@@ -306,9 +400,25 @@ def quantize_transform(
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
   rule_options.check_rules(method, chosen)
+  if budget is not None:
+    if knob is None:
+      raise ValueError(f"method {method.name!r} does not accept a Budget")
+    target = budget.target if budget_target is None else budget_target
+    budget_lib.check_target(budget.kind, target)
+
+  def plan_of(params, state_leaves):
+    states, _ = flat_leaf_states(state_leaves)
+    return budget_lib.plan_budget(budget, knob, jax.tree.leaves(params), states)
 
   def init_fn(params):
-    return init_state(method, params, chosen, hyper)
+    state = init_state(method, params, chosen, hyper)
+    if budget is None:
+      return state
+    # Leaves kept stacked in groups are read per leaf (GroupSlot resolved).
+    leaves = state.resolved_leaves()
+    states, _ = flat_leaf_states(leaves)
+    return state._replace(budget=budget_lib.init_budget_state(
+        plan_of(params, leaves), states, target))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -319,11 +429,30 @@ def quantize_transform(
     inputs = [None if ctx is None else jnp.asarray(u, jnp.float32)
               for u, ctx in zip(jax.tree.leaves(updates), contexts)]
     keep = ~hyper_is_valid(hyper, hyper_ranges)
-    step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, hyper,
+    step_hyper = hyper
+    if budget is not None:
+      plan = plan_of(params, state.resolved_leaves())
+      keep |= ~budget_lib.target_is_valid(budget.kind, target, plan.smallest_bytes())
+      step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
+    step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
                                                  state.phase)
-    return advance(state, params, updates, step, inputs, contexts, keep)
+    updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
+    if budget is None:
+      return updates, new_state
+    states, _ = flat_leaf_states(new_state.resolved_leaves())
+    controller = budget_lib.update_budget_state(
+        plan, state.budget, states, target, state.count, state.phase >= 1, keep)
+    return updates, new_state._replace(budget=controller)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _instant_value(leaf_state, dtype):
+  """The state's ``instant_value`` (else ``value``), per slice when stacked."""
+  value = lambda s: getattr(s, "instant_value", s.value)(dtype)
+  if isinstance(leaf_state, StackedLeaf):
+    return over_slices(value, leaf_state.stack_ndim)(leaf_state.inner)
+  return value(leaf_state)
 
 
 class Quantizer(NamedTuple):
@@ -338,23 +467,29 @@ class Quantizer(NamedTuple):
     hyper: its numeric (traceable) hyperparameters.
     hyper_ranges: valid range of each name in ``hyper`` that must be checked.
     selection: which leaves (see :class:`~ec2t_jax.Selection`).
+    budget, knob, budget_target: a size budget and the hyperparameter its
+      controller drives (see :func:`quantize_transform`); None: no budget.
 
   Example:
     >>> from ec2t_jax._src.methods import twn
     >>> q = twn.quantizer("layer", selection=lambda path, leaf: True)
-    >>> q.instant({"w": jnp.array([[0.9, -0.05, 0.3], [-0.6, 0.02, 0.1]])})["w"]
-    Array([[ 0.6,  0. ,  0.6],
-           [-0.6,  0. ,  0. ]], dtype=float32)
+    >>> q.instant({"w": jnp.array([[1.0, -0.05, 0.5], [-0.75, 0.02, 0.1]])})["w"]
+    Array([[ 0.75,  0.  ,  0.75],
+           [-0.75,  0.  ,  0.  ]], dtype=float32)
   """
   method: Method
   hyper: Any
   hyper_ranges: Any
   selection: Any = None
+  budget: Any = None
+  knob: Any = None
+  budget_target: Any = None
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
     return quantize_transform(self.method, self.hyper, self.hyper_ranges,
-                              selection=self.selection)
+                              selection=self.selection, budget=self.budget, knob=self.knob,
+                              budget_target=self.budget_target)
 
   def instant(self, params, *, return_state: bool = False):
     """Quantizes ``params`` at once: each selected leaf becomes its initial state's value.
@@ -375,7 +510,7 @@ class Quantizer(NamedTuple):
     chosen = selection_lib.as_selection(self.selection)
     rule_options.check_rules(self.method, chosen)
     info = prepare_tree(self.method, params, chosen, self.hyper)
-    state = init_state(self.method, params, chosen, self.hyper, info)
+    state = init_state(self.method, params, chosen, self.hyper, info, group=False)
     replace = info.replace or {}
     flat, treedef = jax.tree.flatten(params)
     states, _ = flat_leaf_states(state.leaves)
@@ -384,7 +519,6 @@ class Quantizer(NamedTuple):
       if leaf_state is None:
         out.append(replace.get(path, leaf))
         continue
-      value = getattr(leaf_state, "instant_value", leaf_state.value)
-      out.append(value(jnp.asarray(leaf).dtype))
+      out.append(_instant_value(leaf_state, jnp.asarray(leaf).dtype))
     quantized = treedef.unflatten(out)
     return (quantized, state) if return_state else quantized

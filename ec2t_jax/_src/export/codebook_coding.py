@@ -121,10 +121,13 @@ def decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     raise ExportFormatError(f"a {len(data):,}-byte codebook index stream cannot hold {count:,} symbols")
   out = np.empty(count, np.uint8)
   counts = np.full(alphabet, 0.5)
+  encoder = constriction.stream.queue.RangeEncoder()
   try:
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32))
     for start, stop in _batches(count):
-      sym = decoder.decode(_model(counts), stop - start)
+      model = _model(counts)
+      sym = decoder.decode(model, stop - start)
+      encoder.encode(sym, model)  # again, with the same model: the stream must come back
       out[start:stop] = sym
       counts += np.bincount(sym, minlength=alphabet)
     exhausted = decoder.maybe_exhausted()
@@ -132,6 +135,6 @@ def decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
     raise ExportFormatError(f"range decoder failed: {e}") from None
   if not exhausted:
     raise ExportFormatError("codebook index stream has data left after the last symbol")
-  if encode(out, alphabet) != bytes(data):
+  if encoder.get_compressed().astype("<u4").tobytes() != bytes(data):
     raise ExportFormatError(f"codebook index stream is not the encoding of exactly {count:,} symbols")
   return out

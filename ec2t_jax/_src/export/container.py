@@ -102,11 +102,12 @@ justify. Before anything is allocated it checks:
 
 zlib streams are inflated with a maximum output size and range-coded streams
 are decoded in chunks of :data:`entropy_coding.DECODE_CHUNK` symbols into one
-preallocated ``int8`` array, then encoded again, batch by batch, to check that
-they are exactly the stream (:mod:`symbol_coding`); a reader's peak memory is
-about the decoded tree (at most ``max_bytes``) plus one leaf's ``int8``
-assignments (twice, while it is checked), plus the file. ``max_bytes`` is
-enforced by one function, :func:`enforce_max_bytes`, for every size a reader
+preallocated ``int8`` array, each batch encoded again with the probabilities
+it was decoded with, to check that the stream is exactly their encoding
+(:mod:`symbol_coding`; about +25% decoding CPU time); a reader's peak memory
+is about the decoded tree (at most ``max_bytes``) plus one leaf's ``int8``
+assignment, plus the file. ``max_bytes`` is enforced by one function,
+:func:`enforce_max_bytes`, for every size a reader
 is asked to accept (the file, an ``.npz``'s entries, the decoded arrays).
 
 A leaf is *ternary* when it is floating point, finite and holds exactly three

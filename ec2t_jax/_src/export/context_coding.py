@@ -279,24 +279,8 @@ def _parse_layout(data: bytes, shape) -> tuple[Layout, int]:
   return options[data[0]], 1
 
 
-def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
-  """Inverse of :func:`encode`.
-
-  Args:
-    data: the stream.
-    shape: the array's shape.
-    alphabet: ``K`` used when encoding.
-
-  Returns:
-    ``int8`` array of ``shape``.
-
-  Raises:
-    ExportFormatError: if the stream is malformed, cannot hold ``prod(shape)``
-      symbols (checked first), or holds fewer or more: the decoded symbols are
-      encoded again under the stream's layout and must give back the stream
-      byte for byte.
-  """
-  shape = tuple(int(n) for n in shape)
+def _stream_table(data: bytes, shape, alphabet: int) -> tuple[Layout, np.ndarray, int]:
+  """Checks a stream's head against ``shape``: ``(layout, order-0 table, start of the words)``."""
   size = math.prod(shape)
   if len(shape) > 255:
     raise ExportFormatError(f"context coding supports at most 255 axes, got {len(shape)}")
@@ -312,29 +296,65 @@ def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
   table = np.frombuffer(data, "<u2", count=alphabet - 1, offset=offset).astype(np.int64)
   if table.sum() > _TOTAL:
     raise ExportFormatError("context-coded stream has an invalid order-0 table")
-  model = _Model(shape, alphabet, layout, table)
-  compressed = np.frombuffer(data, "<u4", offset=offset + table_bytes).astype(np.uint32)
+  return layout, table, offset + table_bytes
+
+
+def _decode_and_reencode(model: _Model, compressed: np.ndarray) -> tuple[np.ndarray, bytes, bool]:
+  """Decodes the ``(groups, width)`` grid and encodes it again with the same probabilities.
+
+  Returns:
+    ``(grid, the re-encoded words, whether the decoder may be exhausted)``.
+  """
   grid = np.empty((model.groups, model.width), np.int8)
   family = constriction.stream.model.Categorical(perfect=False)
+  decoder = constriction.stream.queue.RangeDecoder(compressed)
+  encoder = constriction.stream.queue.RangeEncoder()
+  for g in range(model.groups):
+    ctx = model.group_contexts(grid, g)
+    row = grid[g]
+    for start, stop in model.batches(g):
+      c = ctx[start:stop]
+      probabilities = model.probabilities(c)
+      sym = decoder.decode(family, probabilities)
+      encoder.encode(sym, family, probabilities)
+      row[start:stop] = sym
+      model.update(c, sym)
+    model.finish_group(row)
+  return grid, encoder.get_compressed().astype("<u4").tobytes(), decoder.maybe_exhausted()
+
+
+def decode(data: bytes, shape, alphabet: int) -> np.ndarray:
+  """Inverse of :func:`encode`.
+
+  Args:
+    data: the stream.
+    shape: the array's shape.
+    alphabet: ``K`` used when encoding.
+
+  Returns:
+    ``int8`` array of ``shape``.
+
+  Raises:
+    ExportFormatError: if the stream is malformed, cannot hold ``prod(shape)``
+      symbols (checked first), or is not exactly :func:`encode_layout`'s
+      stream of the symbols it decodes to: each batch is encoded again with
+      the probabilities it was decoded with, and the words and the order-0
+      table must come back byte for byte (so a stream holding fewer or more
+      symbols than ``shape`` declares is refused).
+  """
+  shape = tuple(int(n) for n in shape)
+  size = math.prod(shape)
+  layout, table, start = _stream_table(data, shape, alphabet)
+  model = _Model(shape, alphabet, layout, table)
+  words = bytes(data[start:])
   try:
-    decoder = constriction.stream.queue.RangeDecoder(compressed)
-    for g in range(model.groups):
-      ctx = model.group_contexts(grid, g)
-      row = grid[g]
-      for start, stop in model.batches(g):
-        c = ctx[start:stop]
-        sym = decoder.decode(family, model.probabilities(c))
-        row[start:stop] = sym
-        model.update(c, sym)
-      model.finish_group(row)
-    exhausted = decoder.maybe_exhausted()
+    grid, again, exhausted = _decode_and_reencode(model, np.frombuffer(words, "<u4").astype(np.uint32))
   except Exception as e:  # constriction raises its own types on invalid data.
     raise ExportFormatError(f"range decoder failed: {e}") from None
   if not exhausted:
     raise ExportFormatError("context-coded stream has data left after the last symbol")
-  inverse = np.argsort(model.perm)
-  out = np.ascontiguousarray(
-      grid.reshape(model.scan_shape + model.chan_shape).transpose(inverse)).reshape(shape)
-  if encode_layout(out, alphabet, layout) != bytes(data):
+  if again != words or not np.array_equal(_order0_table(grid, alphabet), table):
     raise ExportFormatError(f"context-coded stream is not the encoding of exactly {size:,} symbols")
-  return out
+  inverse = np.argsort(model.perm)
+  return np.ascontiguousarray(
+      grid.reshape(model.scan_shape + model.chan_shape).transpose(inverse)).reshape(shape)

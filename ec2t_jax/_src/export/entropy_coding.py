@@ -215,6 +215,67 @@ def encode_symbols(symbols, alphabet: int, model: ModelChoice | None = None) -> 
   return head + encoder.get_compressed().astype("<u4").tobytes()
 
 
+class _Head(NamedTuple):
+  """A parsed stream head: the model, its view of the array, its stored table."""
+  model: ModelChoice
+  view: tuple[int, int, int]  # (outer, mid, inner)
+  table: np.ndarray  # (C, K) quantized, the last column implied
+  start: int  # where the words begin
+
+
+def _parse_head(data: bytes, shape: tuple[int, ...], alphabet: int) -> _Head:
+  size = math.prod(shape)
+  if len(data) < 3:
+    raise ExportFormatError("symbol stream too short")
+  kind, a, b = data[0], data[1], data[2]
+  if kind == ORDER0 and (a, b) == (0, 0):
+    contexts, view = 1, (1, 1, size)
+  elif kind == PREVIOUS and 0 <= a < b <= len(shape):
+    contexts, view = alphabet + 1, _view(shape, (a, b))
+    if not 1 < view[1] <= _MAX_STEPS:
+      raise ExportFormatError(f"symbol stream has an invalid context cut ({a}, {b})")
+  else:
+    raise ExportFormatError(f"symbol stream has an unknown model ({kind}, {a}, {b})")
+  start = 3 + 2 * contexts * (alphabet - 1)
+  if len(data) < start or (len(data) - start) % 4:
+    raise ExportFormatError("symbol stream has a truncated table or payload")
+  head = np.frombuffer(data, "<u2", count=contexts * (alphabet - 1), offset=3)
+  head = head.reshape(contexts, alphabet - 1).astype(np.int64)
+  last = _TOTAL - head.sum(axis=1, keepdims=True)
+  if (last < 0).any():
+    raise ExportFormatError("symbol stream has an invalid probability table")
+  if size > max_symbols(len(data) - start, alphabet):
+    raise ExportFormatError(f"a {len(data)}-byte symbol stream cannot hold {size:,} symbols")
+  table = np.concatenate([head, last], axis=1)
+  return _Head(ModelChoice(kind, (a, b), 0.0), view, table, start)
+
+
+def _decode_order0(decoder, encoder, probabilities: np.ndarray, size: int) -> np.ndarray:
+  model = constriction.stream.model.Categorical(probabilities[0], perfect=False)
+  out = np.empty(size, np.int8)
+  for at in range(0, size, DECODE_CHUNK):
+    sym = decoder.decode(model, min(DECODE_CHUNK, size - at))
+    encoder.encode(sym, model)
+    out[at:at + sym.size] = sym
+  return out[None, :]
+
+
+def _decode_contextual(decoder, encoder, probabilities: np.ndarray, mid: int, width: int,
+                       alphabet: int) -> np.ndarray:
+  family = constriction.stream.model.Categorical(perfect=False)
+  out = np.empty((mid, width), np.int8)
+  previous = np.full(width, alphabet, np.int8)
+  for m in range(mid):
+    row = out[m]
+    for at in range(0, width, DECODE_CHUNK):
+      chunk = probabilities[previous[at:at + DECODE_CHUNK]]
+      sym = decoder.decode(family, chunk)
+      encoder.encode(sym, family, chunk)
+      row[at:at + sym.size] = sym
+    previous = row
+  return out
+
+
 def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
   """Inverse of :func:`encode_symbols`.
 
@@ -227,62 +288,29 @@ def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
     ``int8`` array of ``shape``.
 
   Raises:
-    ExportFormatError: if the stream is malformed or is not exactly the
-      encoding of ``prod(shape)`` symbols (decoded symbols are encoded again
-      under the stream's model and must give back the stream byte for byte, so
-      a stream holding fewer or more symbols, or any other bytes, is refused).
+    ExportFormatError: if the stream is malformed or is not exactly
+      :func:`encode_symbols`' stream of the ``prod(shape)`` symbols it decodes
+      to under its model: each chunk is encoded again with the probabilities
+      it was decoded with, and the words and the table must come back byte for
+      byte (so a stream holding fewer or more symbols is refused).
   """
   shape = tuple(int(n) for n in shape)
   size = math.prod(shape)
-  if len(data) < 3:
-    raise ExportFormatError("symbol stream too short")
-  kind, a, b = data[0], data[1], data[2]
-  if kind == ORDER0 and (a, b) == (0, 0):
-    contexts = 1
-    outer, mid, inner = 1, 1, size
-  elif kind == PREVIOUS and 0 <= a < b <= len(shape):
-    contexts = alphabet + 1
-    outer, mid, inner = _view(shape, (a, b))
-    if not 1 < mid <= _MAX_STEPS:
-      raise ExportFormatError(f"symbol stream has an invalid context cut ({a}, {b})")
-  else:
-    raise ExportFormatError(f"symbol stream has an unknown model ({kind}, {a}, {b})")
-  table_bytes = 2 * contexts * (alphabet - 1)
-  words = len(data) - 3 - table_bytes
-  if words < 0 or words % 4:
-    raise ExportFormatError("symbol stream has a truncated table or payload")
-  head = np.frombuffer(data, "<u2", count=contexts * (alphabet - 1), offset=3)
-  head = head.reshape(contexts, alphabet - 1).astype(np.int64)
-  last = _TOTAL - head.sum(axis=1, keepdims=True)
-  if (last < 0).any():
-    raise ExportFormatError("symbol stream has an invalid probability table")
-  probabilities = np.concatenate([head, last], axis=1).astype(np.float64) / _TOTAL
-  compressed = np.frombuffer(data, "<u4", offset=3 + table_bytes).astype(np.uint32)
-  if size > max_symbols(len(data) - 3 - table_bytes, alphabet):
-    raise ExportFormatError(f"a {len(data)}-byte symbol stream cannot hold {size:,} symbols")
+  head = _parse_head(data, shape, alphabet)
+  outer, mid, inner = head.view
+  probabilities = head.table.astype(np.float64) / _TOTAL
+  words = bytes(data[head.start:])
+  encoder = constriction.stream.queue.RangeEncoder()
   try:
-    decoder = constriction.stream.queue.RangeDecoder(compressed)
-    if contexts == 1:
-      model = constriction.stream.model.Categorical(probabilities[0], perfect=False)
-      out = np.empty(size, np.int8)
-      for at in range(0, size, DECODE_CHUNK):
-        n = min(DECODE_CHUNK, size - at)
-        out[at:at + n] = decoder.decode(model, n)
+    decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, "<u4").astype(np.uint32))
+    if head.model.kind == ORDER0:
+      x = _decode_order0(decoder, encoder, probabilities, size)
     else:
-      family = constriction.stream.model.Categorical(perfect=False)
-      width = outer * inner
-      out = np.empty((mid, width), np.int8)
-      previous = np.full(width, alphabet, np.int8)
-      for m in range(mid):
-        row = out[m]
-        for at in range(0, width, DECODE_CHUNK):
-          n = min(DECODE_CHUNK, width - at)
-          row[at:at + n] = decoder.decode(family, probabilities[previous[at:at + n]])
-        previous = row
-      out = out.reshape(mid, outer, inner).transpose(1, 0, 2)
+      x = _decode_contextual(decoder, encoder, probabilities, mid, outer * inner, alphabet)
   except Exception as e:  # constriction raises its own types on invalid data.
     raise ExportFormatError(f"range decoder failed: {e}") from None
-  out = np.ascontiguousarray(out).reshape(shape)
-  if encode_symbols(out, alphabet, ModelChoice(kind, (a, b), 0.0)) != bytes(data):
+  table = _quantize(_counts(x, alphabet, head.model.kind == PREVIOUS))
+  if (encoder.get_compressed().astype("<u4").tobytes() != words
+      or not np.array_equal(table, head.table)):
     raise ExportFormatError(f"symbol stream is not the encoding of exactly {size:,} symbols")
-  return out
+  return np.ascontiguousarray(x.reshape(mid, outer, inner).transpose(1, 0, 2)).reshape(shape)

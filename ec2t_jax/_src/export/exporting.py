@@ -22,6 +22,7 @@ from ec2t_jax._src.export import inference_export
 from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import packing
 from ec2t_jax._src.export import sources
+from ec2t_jax._src.export import stacking
 from ec2t_jax._src.export.packing import (DEFAULT_MAX_BYTES, ExportFormatError, PackedInfo, pack,
                                    read_info, unpack)
 from ec2t_jax._src.export.sources import load_tree
@@ -65,6 +66,11 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
     metadata: JSON-able dict stored in the header.
     full_precision: leaf paths kept in their dtype even with ``float16``.
 
+  A leaf stacking ternary layers along its leading axis (``nn.scan`` blocks:
+  a different ternary grid per slice) is stored as one record per slice,
+  ``kernel[0]``, ``kernel[1]``, ... (see :mod:`ec2t_jax._src.export.stacking`);
+  :func:`load` stacks them back bitwise.
+
   Returns:
     The written file's :class:`PackedInfo`.
 
@@ -73,6 +79,15 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
     >>> info.records[0].codec
     'raw'
   """
+  full_precision = set(full_precision)
+  flat, structure = trees.flatten(tree)
+  tree, split = stacking.split_stacked(trees.unflatten([a for _, a in flat], structure),
+                                       keep=full_precision)
+  if split:
+    if metadata and stacking.METADATA_KEY in metadata:
+      raise ValueError(f"metadata key {stacking.METADATA_KEY!r} is reserved for the "
+                       "stacked leaves split into one record per slice")
+    metadata = {**(metadata or {}), stacking.METADATA_KEY: split}
   data = pack(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
               full_precision=full_precision)
   sources.atomic_write(path, data)
@@ -95,7 +110,17 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
     ExportFormatError: wrong magic or version, truncated or corrupted file,
       or one declaring more than ``max_bytes``.
   """
-  return unpack(_read_packed(path, max_bytes), max_bytes=max_bytes)
+  data = _read_packed(path, max_bytes)
+  return _restacked(unpack(data, max_bytes=max_bytes), read_info(data, max_bytes=max_bytes))
+
+
+def _restacked(tree, info, stack=np.stack):
+  user = info.meta.get("user")
+  split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
+  try:
+    return stacking.restack(tree, split, stack) if split else tree
+  except ValueError as e:
+    raise ExportFormatError(f"corrupt file: {e}") from None
 
 
 def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
@@ -103,14 +128,15 @@ def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
 
   The assignment (``int8``) and the two values are what the ternary
   inference path (:func:`ec2t_jax._src.export.inference.ternary_dense` /
-  ``ternary_conv``) computes with.
+  ``ternary_conv``) computes with. A stacked leaf comes back as a list of its
+  slices (one :class:`TernaryWeight` per layer).
   """
   info, arrays = packing.unpack_leaves(_read_packed(path, max_bytes), max_bytes=max_bytes)
   leaves = []
   for array in arrays:
     weight = inference.as_ternary(array)
     leaves.append(array if weight is None else weight)
-  return trees.unflatten(leaves, info.structure)
+  return _restacked(trees.unflatten(leaves, info.structure), info, stack=list)
 
 
 def _sizes(tree) -> tuple[int, int]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import stacking
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
@@ -184,7 +185,15 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
   data = read_bounded(path, max_bytes)
   if data.startswith(packing.MAGIC[:4]):
     info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
-    return LoadedTree(trees.unflatten(arrays, info.structure), "packed", str(path), info)
+    tree = trees.unflatten(arrays, info.structure)
+    user = info.meta.get("user")
+    split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
+    if split:
+      try:
+        tree = stacking.restack(tree, split)
+      except ValueError as e:
+        raise packing.ExportFormatError(f"{path}: corrupt file: {e}") from None
+    return LoadedTree(tree, "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
       tree = read_npz(data, max_bytes=max_bytes)

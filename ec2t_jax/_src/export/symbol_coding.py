@@ -12,8 +12,9 @@ The record codecs (:mod:`record_codecs`) code small-alphabet symbol arrays
   order 0 in C order, ``2 <= K <= 256``.
 
 Every ``decode`` returns exactly ``prod(shape)`` symbols or raises
-:class:`ExportFormatError`: the decoded symbols are encoded again and must give
-back the stream byte for byte (encoding is deterministic), so a stream holding
+:class:`ExportFormatError`: each decoded batch is encoded again with the
+probabilities it was decoded with, and the stream must come back byte for byte
+(encoding is deterministic), so a stream holding
 fewer or more symbols than the shape declares is refused whether or not the
 record carries a CRC. One case no reader can refuse: the coders' last 32-bit
 word leaves slack, so a stream can be at once the exact encoding of ``n`` and

@@ -70,9 +70,9 @@ def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, 
   batches = calibrated_pruning._batches(calibration_data)  # pylint: disable=protected-access
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable (params, x) -> outputs, got {apply_fn!r}")
-  steps = options.get("steps_per_level", 30)
-  if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-    raise ValueError(f"steps_per_level must be a non-negative integer, got {steps!r}")
+  steps = options.get("steps_per_level")
+  if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 0):
+    raise ValueError(f"steps_per_level must be a non-negative integer or None, got {steps!r}")
   options.pop("return_report", None)
 
   def prepare(params, selection, hyper) -> core.TreeInfo:
@@ -102,8 +102,15 @@ registry.register_method(registry.MethodSpec(
     one_shot=calibrated_pruning.prune_calibrated, inputs=("apply_fn", "calibration_data"),
     knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.3, 0.5, 0.7, 0.9),
                                      doc="target fraction of zeros, in [0, 1)"),
-           "steps_per_level": registry.Knob(30, core.Range(0.0), (0, 30),
-                                            doc="Adam steps per level and layer"),
+           "steps_per_level": registry.Knob(
+               None, core.Range(0.0), (None, 30),
+               doc="None: POT's schedule; N: N Adam steps per level and layer (fast)"),
+           "tuning_iterations": registry.Knob(calibrated_pruning.POT_TUNING_ITERATIONS,
+                                              core.Range(0.0), doc="POT schedule"),
+           "steps_per_iteration": registry.Knob(calibrated_pruning.POT_STEPS_PER_ITERATION,
+                                                core.Range(0.0), doc="POT schedule"),
+           "tuning_batch_size": registry.Knob(calibrated_pruning.POT_BATCH_SIZE,
+                                              core.Range(1.0), doc="POT schedule"),
            "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
            "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
            "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),

@@ -46,8 +46,8 @@ def forward_ranks(selection: selection_lib.SelectionLike, params) -> dict[str, i
   :class:`~ec2t_jax.Selection`), as for the paper's first/last rule.
 
   Example:
-    >>> forward_ranks(lambda path, leaf: True, {"b": jnp.ones(2), "a": jnp.ones(2)})
-    {'a': 0, 'b': 1}
+    >>> forward_ranks(lambda path, leaf: True, {"fc2": jnp.ones(2), "fc1": jnp.ones(2)})
+    {'fc2': 0, 'fc1': 1}
   """
   chosen = selection_lib.as_selection(selection)
   plans = chosen.plan(params)

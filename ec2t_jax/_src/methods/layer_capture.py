@@ -78,43 +78,64 @@ def _sub_jaxpr(eqn):
   return None
 
 
-def _run(jaxpr, consts, args, provenance_in, wanted, found):
-  env, provenance = {}, {}
-  for var, value in zip(jaxpr.constvars, consts):
-    env[var] = value
-  for var, value, prov in zip(jaxpr.invars, args, provenance_in):
-    env[var] = value
-    if prov is not None:
-      provenance[var] = prov
-  read = lambda v: v.val if _is_literal(v) else env[v]
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    prov = [None if _is_literal(v) else provenance.get(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    sub = _sub_jaxpr(eqn) if name in _CALLS and any(prov) else None
-    if sub is not None and len(sub[0].invars) == len(ins):
-      outs, out_prov = _run(sub[0], sub[1], ins, prov, wanted, found)
-      for var, value, p in zip(eqn.outvars, outs, out_prov):
-        env[var] = value
-        if p is not None:
-          provenance[var] = p
+class _Frame:
+  """Values and kernel provenance of one jaxpr's variables while it is interpreted."""
+
+  def __init__(self, jaxpr, consts, args, provenance_in):
+    self.env, self.provenance = dict(zip(jaxpr.constvars, consts)), {}
+    for var, value, prov in zip(jaxpr.invars, args, provenance_in):
+      self.env[var] = value
+      if prov is not None:
+        self.provenance[var] = prov
+
+  def read(self, var):
+    return var.val if _is_literal(var) else self.env[var]
+
+  def origin(self, var):
+    return None if _is_literal(var) else self.provenance.get(var)
+
+  def write(self, outvars, values, provenances=None):
+    for i, (var, value) in enumerate(zip(outvars, values)):
+      self.env[var] = value
+      if provenances is not None and provenances[i] is not None:
+        self.provenance[var] = provenances[i]
+
+
+def _record_layer(eqn, ins, prov, wanted, found) -> None:
+  """At a dot/conv with exactly one operand traced to a wanted leaf: record the layer."""
+  for position in (0, 1):
+    p = prov[position]
+    if p is None or prov[1 - position] is not None:
       continue
-    outs = _bind(eqn.primitive, eqn.params, ins)
-    for var, value in zip(eqn.outvars, outs):
-      env[var] = value
-    if name in _LAYER_PRIMITIVES and len(ins) == 2:
-      for position in (0, 1):
-        p = prov[position]
-        if p is not None and prov[1 - position] is None:
-          leaf, ops = p
-          if leaf in wanted and leaf not in found:
-            found[leaf] = (eqn.primitive, dict(eqn.params), position, ops, ins[1 - position])
-    elif name in _KERNEL_OPS and len(ins) == 1 and prov[0] is not None:
-      leaf, ops = prov[0]
-      provenance[eqn.outvars[0]] = (leaf, ops + ((eqn.primitive, dict(eqn.params)),))
-  outs = [read(v) for v in jaxpr.outvars]
-  out_prov = [None if _is_literal(v) else provenance.get(v) for v in jaxpr.outvars]
-  return outs, out_prov
+    leaf, ops = p
+    if leaf in wanted and leaf not in found:
+      found[leaf] = (eqn.primitive, dict(eqn.params), position, ops, ins[1 - position])
+
+
+def _step(frame: _Frame, eqn, wanted, found) -> None:
+  """Interprets one equation: nested calls recursively, layers recorded, kernel ops followed."""
+  ins = [frame.read(v) for v in eqn.invars]
+  prov = [frame.origin(v) for v in eqn.invars]
+  name = eqn.primitive.name
+  sub = _sub_jaxpr(eqn) if name in _CALLS and any(prov) else None
+  if sub is not None and len(sub[0].invars) == len(ins):
+    outs, out_prov = _run(sub[0], sub[1], ins, prov, wanted, found)
+    frame.write(eqn.outvars, outs, out_prov)
+    return
+  frame.write(eqn.outvars, _bind(eqn.primitive, eqn.params, ins))
+  if name in _LAYER_PRIMITIVES and len(ins) == 2:
+    _record_layer(eqn, ins, prov, wanted, found)
+  elif name in _KERNEL_OPS and len(ins) == 1 and prov[0] is not None:
+    leaf, ops = prov[0]
+    frame.provenance[eqn.outvars[0]] = (leaf, ops + ((eqn.primitive, dict(eqn.params)),))
+
+
+def _run(jaxpr, consts, args, provenance_in, wanted, found):
+  """Evaluates ``jaxpr``; returns its outputs and their kernel provenance."""
+  frame = _Frame(jaxpr, consts, args, provenance_in)
+  for eqn in jaxpr.eqns:
+    _step(frame, eqn, wanted, found)
+  return ([frame.read(v) for v in jaxpr.outvars], [frame.origin(v) for v in jaxpr.outvars])
 
 
 def capture_layer_inputs(apply_fn: Callable, params, batches: Sequence[jax.Array],

@@ -236,7 +236,7 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
   if not return_integers:
     return quantized
   _, treedef = jax.tree.flatten(params)
-  states, _ = core.flat_leaf_states(state.leaves)
+  states, _ = core.flat_leaf_states(state.resolved_leaves())
   return quantized, treedef.unflatten(
       [None if leaf is None else (leaf.hits, leaf.scale) for leaf in states])
 

@@ -3,12 +3,18 @@
 **The library's interpretation** (the paper's exact details were not verified):
 
 * A layer's weights are clustered by 1-D k-means (:func:`ec2t_jax.kmeans_1d`)
-  into ``k = 2^b - 1`` clusters (``b`` bits; 3 for ternary), once, when
-  quantization starts (:func:`slq_levels`).
-* Centroids are quantized to low precision: the centroid nearest zero becomes
-  exactly 0 (the pruned cluster), every other one the nearest signed power of
-  two (``3 * 2^(n-2) <= |c| < 3 * 2^(n-1)`` gives ``2^n``, as in INQ). These
-  ``k`` levels stay the layer's values, so it needs ``b`` bits per weight.
+  into ``k = 2^(b-1) + 1`` clusters (``b`` bits; 3 for ternary, 17 at 5 bits),
+  as the official SLQ code does (:func:`num_clusters`).
+* The centroid nearest zero becomes exactly 0 (the pruned cluster); the others
+  stay **float** centroids (``levels="float"``, the official code). The
+  library's former variant, ``levels="power_of_two"``, rounds every other
+  centroid to the nearest signed power of two (``3 * 2^(n-2) <= |c| <
+  3 * 2^(n-1)`` gives ``2^n``, as in INQ; :func:`quantize_centroids`).
+* **Re-clustering at each stage** (:func:`recluster_levels`): before a stage
+  freezes more weights, the levels not frozen yet move to the k-means
+  centroids of the free (retrained) weights, by Lloyd iterations started from
+  the current levels; the levels of frozen clusters and the zero level stay,
+  so the layer never holds more than ``k`` values.
 * At each stage the free weights join their nearest level's cluster; a
   cluster's *quantization loss* is the mean of ``(w - level)^2`` over its
   free members. Clusters are frozen in ascending loss, whole clusters at a
@@ -21,7 +27,7 @@
   so the later layers, still full precision, compensate.
 
 Example:
-  >>> quantize_centroids(jnp.array([-0.3, 0.01, 0.2]))
+  >>> quantize_centroids(jnp.array([-0.3, 0.01, 0.2]))  # levels="power_of_two"
   Array([-0.25,  0.  ,  0.25], dtype=float32)
 """
 
@@ -44,8 +50,16 @@ from ec2t_jax._src.methods import inq
 
 
 def num_clusters(bits: int) -> int:
-  """``2^b - 1`` clusters for ``b`` bits (3 for ternary)."""
-  return 2 ** bits - 1
+  """``2^(b-1) + 1`` clusters for ``b`` bits (3 for ternary, 17 at 5 bits), as the official code.
+
+  Example:
+    >>> [num_clusters(b) for b in (2, 3, 5)]
+    [3, 5, 17]
+  """
+  return 2 ** (bits - 1) + 1
+
+
+LEVELS = ("float", "power_of_two")
 
 
 def nearest_power_of_two_signed(values: jax.Array) -> jax.Array:
@@ -65,19 +79,67 @@ def quantize_centroids(centroids: jax.Array) -> jax.Array:
 
 
 class ClusterFreeze(NamedTuple):
-  """One stage's decision: the new frozen mask and the frozen weights' values."""
+  """One stage's decision: the new frozen mask, the frozen weights' values, the clusters taken."""
   frozen: jax.Array
   values: jax.Array
   losses: jax.Array
+  taken: Any = None
 
 
 def slq_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
-  """The layer's ``k`` quantized levels: k-means centroids through :func:`quantize_centroids`.
+  """The layer's ``k`` power-of-two levels: k-means centroids through :func:`quantize_centroids`.
 
   Returns:
     float32 ``(k,)``, ascending (equal neighbours possible after rounding).
   """
   return jnp.sort(quantize_centroids(clustering.kmeans_1d(weights, k, iterations).centroids))
+
+
+def float_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
+  """The layer's ``k`` float levels: k-means centroids, the one nearest zero set to 0.
+
+  Example:
+    >>> float_levels(jnp.array([-1.0, -1.0, 0.125, -0.125, 0.25, 0.75]), 3)
+    Array([-1.  ,  0.  ,  0.75], dtype=float32)
+  """
+  centroids = clustering.kmeans_1d(weights, k, iterations).centroids
+  return jnp.where(jnp.arange(k) == jnp.argmin(jnp.abs(centroids)), 0.0, centroids)
+
+
+def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, locked: jax.Array,
+                     iterations: int = 30, power_of_two: bool = False) -> jax.Array:
+  """Moves the unlocked, non-zero levels to the k-means centroids of the free weights.
+
+  Lloyd iterations started from ``levels``: each free weight joins its
+  nearest level, and every level neither ``locked`` (a frozen cluster's) nor
+  0 moves to its members' mean (an empty cluster keeps its level).
+
+  Args:
+    weights: the layer's latent weights.
+    free: boolean mask of the weights still training.
+    levels: float32 ``(k,)`` current levels.
+    locked: boolean ``(k,)``, the levels that must not move.
+    iterations: Lloyd iterations (static).
+    power_of_two: round the moved levels to signed powers of two.
+
+  Example:
+    >>> recluster_levels(jnp.array([-2.0, -1.0, 0.0, 0.5, 0.75]),
+    ...                  jnp.array([0, 1, 1, 1, 1], bool),  # -2.0 is frozen: not clustered
+    ...                  jnp.array([-1.5, 0.0, 0.5]), jnp.array([False, False, False]))
+    Array([-1.   ,  0.   ,  0.625], dtype=float32)
+  """
+  flat = weights.reshape(-1).astype(jnp.float32)
+  fixed = locked | (levels == 0)
+
+  def lloyd(_, current):
+    assignment = clustering.nearest_centroid(flat, current)
+    means = clustering.cluster_means(flat, assignment, current, free.reshape(-1))
+    return jnp.where(fixed, current, means)
+
+  moved = jax.lax.fori_loop(0, iterations, lloyd, levels.astype(jnp.float32))
+  if power_of_two:
+    moved = jnp.where(fixed, moved, nearest_power_of_two_signed(moved))
+  return moved
 
 
 def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, portion,
@@ -114,7 +176,7 @@ def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, po
   take = jnp.zeros((k,), bool).at[order].set(take_sorted)
   newly = take[assignment].reshape(weights.shape) & free
   new_values = jnp.where(newly, levels[assignment].reshape(weights.shape), values)
-  return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses)
+  return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses, take)
 
 
 # ----------------------------------------------------------- one leaf's state
@@ -127,13 +189,15 @@ class SlqLeaf(NamedTuple):
     latent: float32 full-precision weights (the free ones retrain).
     frozen: bool mask of the frozen weights.
     values: the frozen weights' levels (0 where free).
-    levels: float32 ``(k,)`` quantized k-means levels of the layer (fixed at
-      ``init`` from the pretrained weights).
+    levels: float32 ``(k,)`` k-means levels of the layer (from the pretrained
+      weights at ``init``; the unlocked ones re-clustered at each stage).
     stage: int32 index of the portion applied so far; ``-1`` before the
       layer's first stage (MLQ's later layers).
     rank: int32 position of the layer in forward order among the selected
       ones (MLQ starts layer ``r`` ``r`` stages late; 0 for SLQ).
     steps: int32 number of steps taken (drives ``steps_per_stage``).
+    locked: bool ``(k,)``, the levels of clusters frozen so far (they no
+      longer move when the layer is re-clustered).
   """
   latent: jax.Array
   frozen: jax.Array
@@ -142,6 +206,7 @@ class SlqLeaf(NamedTuple):
   stage: jax.Array
   rank: jax.Array
   steps: jax.Array
+  locked: Any = None
 
   def value(self, dtype) -> jax.Array:
     """Levels where frozen, latent weights (snapped for exact landing) elsewhere."""
@@ -153,23 +218,38 @@ class SlqLeaf(NamedTuple):
             "frozen": jnp.mean(self.frozen), "stage": self.stage}
 
 
-def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30) -> SlqLeaf:
+def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30,
+                  levels: str = "float") -> SlqLeaf:
   """A layer not quantized yet (stage -1), its levels from k-means of the pretrained weights."""
   latent = jnp.asarray(param, jnp.float32)
   zero = jnp.zeros((), jnp.int32)
+  first = (float_levels if levels == "float" else slq_levels)(latent, k, iterations)
   return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
-                 slq_levels(latent, k, iterations), jnp.full((), -1, jnp.int32),
-                 jnp.asarray(rank, jnp.int32), zero)
+                 first, jnp.full((), -1, jnp.int32), jnp.asarray(rank, jnp.int32), zero,
+                 jnp.zeros((k,), bool))
 
 
-def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array) -> SlqLeaf:
-  """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started)."""
+def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array, *, recluster: bool = True,
+                power_of_two: bool = False, iterations: int = 30) -> SlqLeaf:
+  """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started).
+
+  With ``recluster`` the unlocked levels first follow the free weights
+  (:func:`recluster_levels`, skipped at the layer's first stage, whose levels
+  are fresh from ``init``); then :func:`freeze_clusters` grows the frozen set.
+  """
   stage = jnp.clip(jnp.asarray(stage, jnp.int32), -1, portions.shape[0] - 1)
   later = (stage > leaf.stage) & (stage >= 0)
+  locked = leaf.locked if leaf.locked is not None else jnp.zeros(leaf.levels.shape, bool)
+  levels = leaf.levels
+  if recluster:
+    moved = recluster_levels(leaf.latent, ~leaf.frozen, levels, locked, iterations,
+                             power_of_two)
+    levels = jnp.where(later & (leaf.stage >= 0), moved, levels)
   step = freeze_clusters(leaf.latent, leaf.frozen, leaf.values,
-                         portions[jnp.maximum(stage, 0)], leaf.levels)
+                         portions[jnp.maximum(stage, 0)], levels)
   return leaf._replace(frozen=jnp.where(later, step.frozen, leaf.frozen),
                        values=jnp.where(later, step.values, leaf.values),
+                       levels=levels, locked=jnp.where(later, locked | step.taken, locked),
                        stage=jnp.maximum(stage, leaf.stage))
 
 
@@ -191,7 +271,9 @@ def _forward_ranks_info(params, selection, hyper) -> core.TreeInfo:
 
 
 def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
-               iterations: int) -> core.Quantizer:
+               iterations: int, levels: str = "float", recluster: bool = True) -> core.Quantizer:
+  if levels not in LEVELS:
+    raise ValueError(f"levels must be one of {LEVELS}, got {levels!r}")
   bits = inq.check_bits(bits)
   portions = inq.check_portions(portions)
   table = jnp.asarray(portions, jnp.float32)
@@ -202,13 +284,17 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
     # Layers (slices of stacked leaves too) start one stage after another.
     rank = (jnp.asarray(ctx.info, jnp.int32)[ctx.slice_index]
             if staggered and ctx.info is not None else 0)
-    leaf = slq_init_leaf(param, k, rank, iterations)
-    return slq_advance(leaf, -rank, table)  # stage 0 now for the first layer (SLQ: all)
+    leaf = slq_init_leaf(param, k, rank, iterations, levels)
+    return advance(leaf, -rank)  # stage 0 now for the first layer (SLQ: all)
+
+  def advance(leaf, stage):
+    return slq_advance(leaf, stage, table, recluster=recluster,
+                       power_of_two=levels == "power_of_two", iterations=iterations)
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     del ctx
     stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
-    leaf = slq_advance(leaf, stage, table)
+    leaf = advance(leaf, stage)
     leaf = common.masked_step(update, leaf)
     return leaf._replace(steps=leaf.steps + 1)
 
@@ -219,37 +305,47 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
 
 def slq_quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
                   steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
-                  kmeans_iterations: int = 30) -> core.Quantizer:
+                  kmeans_iterations: int = 30, levels: str = "float",
+                  recluster: bool = True) -> core.Quantizer:
   """SLQ as a :class:`~core.Quantizer` (training: :func:`slq`; one-shot: ``.instant``)."""
   return _quantizer("slq", bits, portions, steps_per_stage, selection, False,
-                    kmeans_iterations)
+                    kmeans_iterations, levels, recluster)
 
 
 def mlq_quantizer(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
                   selection: selection_lib.SelectionLike = None,
-                  kmeans_iterations: int = 30) -> core.Quantizer:
+                  kmeans_iterations: int = 30, levels: str = "float",
+                  recluster: bool = True) -> core.Quantizer:
   """MLQ as a :class:`~core.Quantizer` (training: :func:`mlq`; one-shot: ``.instant``)."""
-  return _quantizer("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations)
+  return _quantizer("mlq", 2, portions, steps_per_stage, selection, True, kmeans_iterations,
+                    levels, recluster)
 
 
 def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
         steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
-        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+        kmeans_iterations: int = 30, levels: str = "float",
+        recluster: bool = True) -> optax.GradientTransformation:
   """Single-level quantization as the last transformation of an optax chain.
 
-  At ``init`` each selected layer gets its ``2^bits - 1`` quantized k-means
-  levels and its lowest-loss clusters, up to ``portions[0]`` of the layer, are
-  frozen (module docstring). Stage ``s`` freezes more clusters up to
-  ``portions[s]``; the free weights retrain with the masked incoming update.
+  At ``init`` each selected layer gets its ``2^(bits-1) + 1`` k-means levels
+  and its lowest-loss clusters, up to ``portions[0]`` of the layer, are
+  frozen (module docstring). Stage ``s`` re-clusters the levels not frozen yet
+  on the free weights and freezes more clusters up to ``portions[s]``; the
+  free weights retrain with the masked incoming update.
   Stages advance with the phase (``ec2t.set_phase``) or every
   ``steps_per_stage`` updates.
 
   Args:
-    bits: bit width in ``[2, 8]`` (``2^bits - 1`` clusters).
+    bits: bit width in ``[2, 8]`` (``2^(bits-1) + 1`` clusters).
     portions: accumulated portions, strictly increasing, ending at 1.
     steps_per_stage: advance a stage every this many updates (0: by phase only).
     selection: which leaves (``None`` = the paper's rule).
-    kmeans_iterations: Lloyd iterations of the initial clustering.
+    kmeans_iterations: Lloyd iterations of each clustering.
+    levels: ``"float"`` (k-means centroids, the official code) or
+      ``"power_of_two"`` (the library's former variant: centroids rounded to
+      signed powers of two).
+    recluster: re-cluster the unlocked levels at each stage (the official
+      code); ``False`` keeps the levels of ``init``.
 
   Returns:
     An ``optax.GradientTransformation`` with state
@@ -259,12 +355,13 @@ def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
     >>> tx = optax.chain(optax.adam(1e-3), slq(bits=4, steps_per_stage=500))
   """
   return slq_quantizer(bits, portions, steps_per_stage=steps_per_stage, selection=selection,
-                       kmeans_iterations=kmeans_iterations).transform()
+                       kmeans_iterations=kmeans_iterations, levels=levels,
+                       recluster=recluster).transform()
 
 
 def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
-        selection: selection_lib.SelectionLike = None,
-        kmeans_iterations: int = 30) -> optax.GradientTransformation:
+        selection: selection_lib.SelectionLike = None, kmeans_iterations: int = 30,
+        levels: str = "float", recluster: bool = True) -> optax.GradientTransformation:
   """Multiple-level quantization to ternary weights (3 clusters per layer).
 
   SLQ's width level (clusters frozen by quantization loss, the rest retrain)
@@ -278,7 +375,8 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
     portions: accumulated portions of each layer, ending at 1.
     steps_per_stage: advance a stage every this many updates (0: by phase only).
     selection: which leaves (``None`` = the paper's rule).
-    kmeans_iterations: Lloyd iterations of the initial clustering.
+    kmeans_iterations: Lloyd iterations of each clustering.
+    levels, recluster: as in :func:`slq`.
 
   Returns:
     An ``optax.GradientTransformation`` with state
@@ -288,25 +386,33 @@ def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
     >>> tx = optax.chain(optax.adam(1e-3), mlq(steps_per_stage=500))
   """
   return mlq_quantizer(portions, steps_per_stage=steps_per_stage, selection=selection,
-                       kmeans_iterations=kmeans_iterations).transform()
+                       kmeans_iterations=kmeans_iterations, levels=levels,
+                       recluster=recluster).transform()
 
 
-def _levels_grid(levels: int, bits: int) -> grids.Grid:
-  return grids.Grid(levels, leaf_checks=(grids.zero_or_power_of_two,), ternary=levels == 3)
+def _levels_grid(count: int, levels: str) -> grids.Grid:
+  """At most ``count`` values per layer; on powers of two (and 0) for ``levels="power_of_two"``."""
+  checks = (grids.zero_or_power_of_two,) if levels == "power_of_two" else ()
+  return grids.Grid(count, leaf_checks=checks, ternary=count == 3)
 
 
 _ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+_LEVELS = registry.Knob("float", LEVELS, ("float",),
+                        doc="float centroids (official code) or power_of_two")
+_RECLUSTER = registry.Knob(True, (True, False), (True,),
+                           doc="re-cluster the unlocked levels at each stage")
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
     knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
-           "kmeans_iterations": _ITERATIONS},
-    grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["bits"]),
+           "kmeans_iterations": _ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER},
+    grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
     last_phase=lambda o, layers: len(o["portions"]) - 1,
     description="Single-level quantization (Xu et al. 2018)"))
 registry.register_method(registry.MethodSpec(
     name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,
     knobs={name: knob for name, knob in inq._staged_knobs(  # pylint: disable=protected-access
-        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS},
-    grid=lambda o: _levels_grid(3, 2),
+        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS,
+                                                     "levels": _LEVELS, "recluster": _RECLUSTER},
+    grid=lambda o: _levels_grid(3, o["levels"]),
     last_phase=lambda o, layers: layers + len(o["portions"]) - 2,
     description="Multiple-level quantization to ternary (Xu et al. 2018)"))

@@ -20,6 +20,15 @@ XNOR-Net's scale term included,
    (\\mathrm{sgn} W_{1,k} + \\mathrm{sgn} W_{2,k}),
 
 with ``g = dL/dT``; latent weights are clamped to ``[-1, 1]`` after each step.
+
+In the chain form the incoming update ``u`` is what the inner optimizer
+proposes for ``T``. An adaptive optimizer (Adam) has already normalised it, so
+by default (``latent_step="update"``, :func:`sttn_latent_steps`) the latent
+kernels move by the same map *without* the factor ``alpha`` of the
+straight-through term (``alpha`` is 0.006-0.011 on LeNet-5: with it the latent
+weights would move ~100x slower than the inner optimizer's step).
+``latent_step="gradient"`` keeps the exact map (:func:`sttn_gradients`), the
+right choice under ``optax.sgd``, where ``u = -lr g``.
 Activations can be ternarised to ``{-1, 0, 1}`` at ``+-0.5`` with
 :func:`ternary_activation` (straight-through inside ``|x| < 1``).
 """
@@ -98,6 +107,39 @@ def sttn_gradients(grad, w1, w2, *, per_filter: bool = True) -> tuple[jax.Array,
       2.0 * _filter_size(g, per_filter))
   step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
   return step(w1), step(w2)
+
+
+def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True
+                      ) -> tuple[jax.Array, jax.Array]:
+  """The latent steps for an already normalised update ``u`` (``latent_step="update"``).
+
+  :func:`sttn_gradients` with the straight-through term's ``alpha`` replaced
+  by 1 (:math:`[|W_{j,i}| \\le 1] u_i + \\mathrm{sign}(W_{j,i}) \\sum_{k \\in f(i)}
+  u_k (\\mathrm{sgn} W_{1,k} + \\mathrm{sgn} W_{2,k}) / 2n`), so a latent weight
+  moves by the inner optimizer's step, not ``alpha`` times it.
+
+  Example:
+    >>> s1, s2 = sttn_latent_steps(jnp.array([0.1, 0.1]), jnp.array([0.5, 2.0]),
+    ...                            jnp.array([0.5, -0.5]), per_filter=False)
+    >>> s1, s2  # scale term: (0.1 * 2 + 0.1 * 0) / 4 = 0.05
+    (Array([0.15, 0.05], dtype=float32), Array([0.15, 0.05], dtype=float32))
+  """
+  u, w1, w2 = ternary_ops.f32(update), ternary_ops.f32(w1), ternary_ops.f32(w2)
+  axes = ternary_ops.filter_axes(u.ndim, per_filter)
+  scale_term = jnp.sum(u * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
+      2.0 * _filter_size(u, per_filter))
+  step = lambda w: (jnp.abs(w) <= 1.0) * u + jnp.sign(w) * scale_term
+  return step(w1), step(w2)
+
+
+LATENT_STEPS = ("update", "gradient")
+
+
+def check_latent_step(latent_step: str) -> str:
+  """Validates ``latent_step`` (``"update"`` or ``"gradient"``), naming it."""
+  if latent_step not in LATENT_STEPS:
+    raise ValueError(f"latent_step must be one of {LATENT_STEPS}, got {latent_step!r}")
+  return latent_step
 
 
 def sttn_init(weights, factor=twn.LAYER_FACTOR) -> tuple[jax.Array, jax.Array]:
@@ -180,8 +222,9 @@ class STTNHyper(NamedTuple):
 _HYPER_RANGES = {"init_factor": core.Range(0.0, low_open=True)}
 
 
-def method(per_filter: bool = True) -> core.Method:
+def method(per_filter: bool = True, latent_step: str = "update") -> core.Method:
   """STTN's :class:`~core.Method` (chain form, see :func:`sttn`)."""
+  steps_of = sttn_latent_steps if check_latent_step(latent_step) == "update" else sttn_gradients
 
   def leaf_from(w1, w2) -> STTNLeaf:
     return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
@@ -192,7 +235,7 @@ def method(per_filter: bool = True) -> core.Method:
 
   def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
     del ctx, hyper, phase  # one phase
-    step1, step2 = sttn_gradients(update, leaf.latent, leaf.latent2, per_filter=per_filter)
+    step1, step2 = steps_of(update, leaf.latent, leaf.latent2, per_filter=per_filter)
     return leaf_from(jnp.clip(leaf.latent + step1, -1.0, 1.0),
                      jnp.clip(leaf.latent2 + step2, -1.0, 1.0))
 
@@ -200,20 +243,23 @@ def method(per_filter: bool = True) -> core.Method:
 
 
 def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
-         selection: selection_lib.SelectionLike = None):
+         latent_step: str = "update", selection: selection_lib.SelectionLike = None):
   """Soft Threshold Ternary Networks as the last transformation of an optax chain.
 
   Each selected leaf keeps two latent kernels ``W1, W2`` (initialised by
   :func:`sttn_init`); the params hold ``T = B1 + B2`` with values
   ``{-2 alpha, 0, 2 alpha}`` per output filter. The incoming update ``u`` (what
-  the inner optimizer proposes to add to ``T``) moves both kernels by the
-  gradient map of :func:`sttn_gradients` (linear in ``u``; with
-  ``optax.sgd(lr)`` it is SGD on the straight-through gradients), then both
-  are clamped to ``[-1, 1]``.
+  the inner optimizer proposes to add to ``T``) moves both kernels by
+  :func:`sttn_latent_steps` (``latent_step="update"``, for adaptive inner
+  optimizers: the step is not shrunk by ``alpha``) or by the exact gradient
+  map of :func:`sttn_gradients` (``latent_step="gradient"``: linear in ``u``;
+  with ``optax.sgd(lr)`` it is SGD on the straight-through gradients), then
+  both are clamped to ``[-1, 1]``.
 
   Args:
     init_factor: ``c > 0`` of the initial threshold ``c mean|W|``.
     per_filter: one ``alpha`` per output filter (the paper) or per layer.
+    latent_step: ``"update"`` (default) or ``"gradient"`` (see above).
     selection: which leaves (see :func:`ternarize_transform`).
 
   Returns:
@@ -223,13 +269,16 @@ def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
   Example:
     >>> tx = optax.chain(optax.adam(1e-3), sttn())
   """
-  return quantizer(init_factor, per_filter=per_filter, selection=selection).transform()
+  return quantizer(init_factor, per_filter=per_filter, latent_step=latent_step,
+                   selection=selection).transform()
 
 
 def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
+              latent_step: str = "update",
               selection: selection_lib.SelectionLike = None) -> core.Quantizer:
   """STTN as a :class:`~core.Quantizer` (training: :func:`sttn`; one-shot: ``.instant``)."""
-  return core.Quantizer(method(per_filter), STTNHyper(init_factor), _HYPER_RANGES, selection)
+  return core.Quantizer(method(per_filter, latent_step), STTNHyper(init_factor), _HYPER_RANGES,
+                        selection)
 
 
 registry.register_method(registry.MethodSpec(
@@ -241,3 +290,4 @@ registry.register_method(registry.MethodSpec(
                                        doc="one alpha per output filter")},
     grid=lambda o: grids.ternary_grid(per_filter=o["per_filter"], symmetric_filters=True),
     description="Soft Threshold Ternary Networks (Xu et al. 2020)"))
+

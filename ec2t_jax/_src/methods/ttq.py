@@ -146,8 +146,14 @@ def _cluster_mean(values, mask):
   return ternary_ops.masked_mean(values, mask, per_filter=False)
 
 
-def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
+LATENT_STEPS = ("update", "gradient")
+
+
+def method(fixed_sparsity: bool, init_scale: Optional[float],
+           latent_step: str = "update") -> core.Method:
   """TTQ's :class:`~core.Method` (chain form, see :func:`ttq`)."""
+  if latent_step not in LATENT_STEPS:
+    raise ValueError(f"latent_step must be one of {LATENT_STEPS}, got {latent_step!r}")
   tiny = jnp.finfo(jnp.float32).tiny
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
@@ -165,12 +171,15 @@ def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
 
   def step_leaf(update, leaf: TTQLeaf, ctx, hyper: TTQHyper, phase) -> TTQLeaf:
     del ctx, phase  # one phase
-    latent_step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n / leaf.norm,
-                                      leaf.w_p / leaf.norm)
+    if latent_step == "update":  # the inner optimizer's step, as it is
+      step = ternary_ops.f32(update)
+    else:  # the scaled straight-through gradient map
+      step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n / leaf.norm,
+                                 leaf.w_p / leaf.norm)
     k = ternary_ops.f32(hyper.scale_update)
     w_n = leaf.w_n - k * _cluster_mean(update, leaf.assignment < 0)
     w_p = leaf.w_p + k * _cluster_mean(update, leaf.assignment > 0)
-    latent = leaf.latent + latent_step
+    latent = leaf.latent + step
     assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
     return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment,
                    leaf.norm)
@@ -180,7 +189,7 @@ def method(fixed_sparsity: bool, init_scale: Optional[float]) -> core.Method:
 
 def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
         init_scale: Optional[float] = None, scale_update: float = 1.0,
-        selection: selection_lib.SelectionLike = None):
+        latent_step: str = "update", selection: selection_lib.SelectionLike = None):
   """Trained Ternary Quantization as the last transformation of an optax chain.
 
   Each selected leaf keeps latent weights ``W`` and two trained scales; the
@@ -189,10 +198,14 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
   threshold, :func:`ttq_sparsity_threshold`) recomputed after every step. The
   incoming update ``u`` (what the inner optimizer proposes to add to ``T``):
 
-  * latent weights, TTQ's scaled straight-through: ``W += s u`` with
+  * latent weights: ``W += u`` (``latent_step="update"``, the default: an
+    adaptive inner optimizer such as Adam has already normalised ``u``, and
+    multipliers below 1 would only slow the non-zero weights against the
+    zeros), or TTQ's scaled straight-through ``W += s u`` with
     ``s = (W_n, 1, W_p) / m`` on ``(n, 0, p)``, ``m`` the pretrained
-    ``max|W|`` (TTQ trains on weights normalised by ``max|W|``, where the
-    multipliers are the scales themselves);
+    ``max|W|`` (``latent_step="gradient"``: TTQ trains on weights normalised
+    by ``max|W|``, where the multipliers are the scales themselves; with
+    ``optax.sgd(lr)`` it is SGD on the paper's gradient);
   * scales, the exact cluster gradients as a least-squares step:
     ``W_p += k mean_{p}(u)``, ``W_n -= k mean_{n}(u)`` (``k = scale_update``;
     with ``optax.sgd(lr)`` this is SGD on ``sum_p g`` and ``-sum_n g`` with a
@@ -210,6 +223,7 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
     init_scale: ``None`` (fit) or the initial scales on normalised weights
       (``> 0``).
     scale_update: ``k >= 0`` above (0 freezes the scales).
+    latent_step: ``"update"`` (default) or ``"gradient"`` (see above).
     selection: which leaves (TTQ keeps the first and last layer in full
       precision: the default rule).
 
@@ -222,17 +236,19 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
     >>> tx_sparse = optax.chain(optax.adam(1e-3), ttq(sparsity=0.6))
   """
   return quantizer(threshold, sparsity=sparsity, init_scale=init_scale,
-                   scale_update=scale_update, selection=selection).transform()
+                   scale_update=scale_update, latent_step=latent_step,
+                   selection=selection).transform()
 
 
 def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
               init_scale: Optional[float] = None, scale_update: float = 1.0,
+              latent_step: str = "update",
               selection: selection_lib.SelectionLike = None) -> core.Quantizer:
   """TTQ as a :class:`~core.Quantizer` (training: :func:`ttq`; one-shot: ``.instant``)."""
   if init_scale is not None:
     core.check_range("init_scale", init_scale, core.Range(0.0, low_open=True))
   hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
-  return core.Quantizer(method(sparsity is not None, init_scale), hyper, _HYPER_RANGES,
+  return core.Quantizer(method(sparsity is not None, init_scale, latent_step), hyper, _HYPER_RANGES,
                         selection)
 
 
@@ -248,3 +264,4 @@ registry.register_method(registry.MethodSpec(
                                          doc="k of the scale steps")},
     grid=lambda o: grids.ternary_grid(),
     description="Trained Ternary Quantization (Zhu et al. 2017)"))
+

@@ -16,7 +16,7 @@ straight-through gradient to the latent full-precision weights.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +184,8 @@ def method(per_filter: bool = False) -> core.Method:
 
 
 def twn(threshold: str = "layer", factor=None, *,
-        selection: selection_lib.SelectionLike = None):
+        selection: selection_lib.SelectionLike = None,
+        budget: Optional[core.budget.Budget] = None, budget_target=None):
   """Ternary Weight Networks as the last transformation of an optax chain.
 
   Each selected leaf keeps latent weights ``W`` in the state; the params hold
@@ -200,6 +201,13 @@ def twn(threshold: str = "layer", factor=None, *,
       2022 revision).
     factor: override of the threshold factor (``> 0``).
     selection: which leaves (see :func:`ternarize_transform`).
+    budget: a :class:`~ec2t_jax.Budget` (``sparsity`` or ``bits_per_weight``;
+      ``bytes`` with ``threshold="layer"``): the factor is then set every step
+      by the budget's controller (dual ascent on the size error, gain 0.5 per
+      unit, factor in ``[0.001, 5]``, starting at the default factor) instead
+      of ``factor``; held in ``phase >= 1``.
+    budget_target: the budget's target if not its own (traceable, see
+      :func:`ternarize_transform`).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantizerState`
@@ -210,17 +218,32 @@ def twn(threshold: str = "layer", factor=None, *,
     >>> opt_state = tx.init(params)
     >>> params = ternary_params(params, opt_state)
   """
-  return quantizer(threshold, factor, selection=selection).transform()
+  return quantizer(threshold, factor, selection=selection, budget=budget,
+                   budget_target=budget_target).transform()
 
 
 def quantizer(threshold: str = "layer", factor=None, *,
-              selection: selection_lib.SelectionLike = None) -> core.Quantizer:
+              selection: selection_lib.SelectionLike = None,
+              budget: Optional[core.budget.Budget] = None,
+              budget_target=None) -> core.Quantizer:
   """TWN as a :class:`~core.Quantizer` (training: :func:`twn`; one-shot: ``.instant``)."""
   core.check_choice("threshold", threshold, ("layer", "filter"))
   per_filter = threshold == "filter"
+  if budget is not None and factor is not None:
+    raise ValueError(f"twn takes factor or budget, not both (factor={factor!r}, "
+                     f"budget={budget!r})")
+  if budget is not None and per_filter and budget.kind == "bytes":
+    raise ValueError("twn(threshold='filter') stores one scale per filter; Budget(bytes=...) "
+                     "models one pair of centroids per layer: use threshold='layer', or a "
+                     "sparsity or bits_per_weight budget")
+  if budget is None and budget_target is not None:
+    raise ValueError(f"budget_target={budget_target!r} needs a budget=Budget(...)")
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
-  return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection)
+  knob = None if budget is None else core.budget.Knob(
+      "factor", initial=factor, low=1e-3, high=5.0, gain=0.5)
+  return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection,
+                        budget=budget, knob=knob, budget_target=budget_target)
 
 
 registry.register_method(registry.MethodSpec(

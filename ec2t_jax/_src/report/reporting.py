@@ -24,6 +24,8 @@ import numpy as np
 from ec2t_jax._src.report import accounting
 from ec2t_jax._src.export import packing
 from ec2t_jax._src.export import sources
+from ec2t_jax._src.export import stacking
+from ec2t_jax._src.core import trees
 from ec2t_jax._src.report.accounting import PAPER_RULES, CountingRules
 from ec2t_jax._src.report.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
 from ec2t_jax._src.report.leaf_statistics import LeafStatistics, leaf_statistics
@@ -57,15 +59,23 @@ class _Source(NamedTuple):
   measured: str
 
 
+def _per_slice(tree):
+  """One layer per slice of a stacked leaf (``nn.scan`` blocks), as in the file."""
+  leaves, structure = trees.flatten(tree)
+  tree, _ = stacking.split_stacked(trees.unflatten([a for _, a in leaves], structure))
+  return tree
+
+
 def _load_source(source, keys, max_bytes, float16) -> _Source:
-  """The tree and its packed-file header (a tree is packed in memory to measure it)."""
+  """The tree (stacked leaves split per slice) and its packed-file header (a
+  tree is packed in memory to measure it)."""
   if isinstance(source, (str, Path)):
     loaded = sources.load_tree(source, keys=keys, max_bytes=max_bytes)
     if loaded.info is not None:
-      return _Source(loaded.tree, loaded.kind, loaded.path, loaded.info, "file")
-    tree, kind, name = loaded.tree, loaded.kind, loaded.path
+      return _Source(_per_slice(loaded.tree), loaded.kind, loaded.path, loaded.info, "file")
+    tree, kind, name = _per_slice(loaded.tree), loaded.kind, loaded.path
   else:
-    tree, kind, name = source, "tree", "<tree>"
+    tree, kind, name = _per_slice(source), "tree", "<tree>"
   info = packing.read_info(packing.pack(tree, float16=float16))
   return _Source(tree, kind, name, info, "in-memory pack")
 
@@ -190,10 +200,20 @@ def build_report(source, *, geometry: GeometryLike = "auto",
       non-ternary leaves.
     max_bytes: largest input file / decoded size accepted (default 4 GiB).
 
+  A leaf stacking ternary layers (``nn.scan`` blocks) is reported per slice,
+  ``blocks/c_fc/kernel[3]``, as the packed file stores it.
+
   Returns:
     A JSON-able dict; top-level keys include ``sparsity``, ``scoring_params``,
     ``flops``, ``bytes``, ``layers`` and ``warnings`` (one line per layer
     with non-finite weights; its entry's ``nonfinite`` counts them).
+
+  Example:
+    >>> import numpy as np
+    >>> tree = {"fc": {"kernel": np.array([[0.5, 0.0], [-0.5, 0.5]], np.float32)}}
+    >>> r = build_report(tree, geometry="none")
+    >>> r["sparsity"], r["layers"][0]["ternary"], r["layers"][0]["w_n"]
+    (0.25, True, 0.5)
   """
   src = _load_source(source, keys, max_bytes, float16)
   flat = sources.flat_arrays(src.tree)

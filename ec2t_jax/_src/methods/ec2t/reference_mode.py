@@ -133,7 +133,7 @@ def ternarize(
     core.check_same_tree("params", params, core_state.leaves)
     contexts = core.leaf_contexts(core_state.leaves, params, chosen)
     flat_grads, treedef = jax.tree.flatten(grads)
-    old, _ = core.flat_leaf_states(core_state.leaves)
+    old, _ = core.flat_leaf_states(core_state.resolved_leaves())
     converted = [None if leaf is None else
                  _gradients(g, leaf, negative_centroid_sign)
                  for g, leaf in zip(flat_grads, old)]

@@ -1,0 +1,496 @@
+r"""Size budgets: train to a size, not to a knob.
+
+A :class:`Budget` names one target for the quantized model: a rate in
+bits/weight, a file size in bytes (what :func:`ec2t_jax.export.save` writes
+for the whole params tree) or a sparsity. During training a controller
+drives one of the method's knobs (EC2T: a multiplier ``m`` on every selected
+layer's lambda, TWN: its threshold factor) so that the measured size of the
+current assignment meets the target. These are the pure pieces; the
+transformation (:func:`~ec2t_jax._src.core.transform.quantize_transform`)
+composes them.
+
+**Rate of an assignment.** For a ternary layer ``l`` of ``n_l`` weights with
+cluster frequencies ``P_c`` (``c`` in negative, zero, positive), the rate is
+its zeroth-order entropy
+
+.. math:: H_l = -\sum_c P_c \log_2 P_c,
+
+and the rate of the model is the numel-weighted mean over the selected
+layers, :math:`R = \sum_l n_l H_l / \sum_l n_l` bits/weight (the total that
+:func:`~ec2t_jax.summary` prints). Its sparsity is
+:math:`S = \sum_l n_l P_{0,l} / \sum_l n_l`.
+
+**Bytes.** The export's context coder stores a ternary layer in about
+``coding_ratio x n_l x H_l`` bits plus its two centroids: 0.90-0.92 on the
+official ResNet-20 checkpoints' 3x3 convs (``benchmarks/RESULTS_export.md``),
+1.00-1.03 on LeNet-5's dense layers (no kernel neighbours to exploit;
+``benchmarks/RESULTS_budget.md``), hence the default ``rho = 1.0``, which
+errs on the large side for conv nets (pass ``coding_ratio=0.9`` there). The
+other leaves are stored as raw bytes at most. So a file of ``B`` bytes has
+
+.. math:: B \approx F + \frac{\rho}{8} \sum_l n_l H_l
+          = F + \frac{\rho N}{8} R,
+
+with ``F`` = :func:`fixed_bytes` (file header and checksum, per-leaf header
+records, centroids, every full-precision leaf at its raw size) and
+``N = sum_l n_l``; a bytes target ``B*`` is the rate target
+:math:`R^* = 8 (B^* - F) / (\rho N)` (:func:`bytes_to_rate`). The smallest
+reachable file is ``F`` (every selected weight zero).
+
+**Controller.** The knob ``m`` is updated every step by dual ascent on the
+error ``e`` between the measured size and the target (the integral, "I",
+controller of the Lagrange multiplier of the size constraint):
+
+.. math:: m_{t+1} = \mathrm{clip}(m_t + \eta\, e_t,\ m_{lo},\ m_{hi}),
+          \qquad e_t = R_t - R^*_t \ \text{(rates)}, \quad
+          e_t = S^*_t - S_t \ \text{(sparsity)},
+
+positive when the model is too large, so a larger ``m`` (more zeros) answers
+it. **Ramp**: the target moves linearly from the size of the first
+assignment ``R_0`` to the target over ``ramp_steps`` updates,
+:math:`R^*_t = R_0 + (R^* - R_0) \min(1, t / T_{ramp})`, so the first steps do
+not destroy accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ec2t_jax._src.core.hyper import is_concrete
+from ec2t_jax._src.core.protocol import StackedLeaf
+
+MAX_BITS_PER_WEIGHT = math.log2(3)
+KINDS = ("bits_per_weight", "bytes", "sparsity")
+# Measured on the export (benchmarks/RESULTS_budget.md, "bytes model"):
+# coded bytes of a ternary layer over n H / 8 (LeNet-5: 1.00-1.03).
+DEFAULT_CODING_RATIO = 1.0
+# ``24 + H + P + 32``: the fixed header and the SHA-256 (packing.py).
+FILE_OVERHEAD_BYTES = 24 + 32
+# Header JSON per leaf (zlib-compressed record and tree entry; LeNet-5's
+# 10 leaves: 271-273 bytes).
+HEADER_BYTES_PER_LEAF = 28
+# A context-coded ternary stream beyond its ``rho n H / 8``: the centroids
+# (2 x itemsize), the -0.0 flag and the range coder's flush.
+TERNARY_STREAM_EXTRA_BYTES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A size target for a quantizing transformation: exactly one of three.
+
+  Args:
+    bits_per_weight: rate of the selected layers' assignments, the
+      numel-weighted zeroth-order entropy, in ``(0, log2 3]``.
+    bytes: size of the file :func:`ec2t_jax.export.save` writes for the whole
+      params tree (full-precision leaves included), ``> 0`` (checked against
+      the smallest reachable size at ``init``).
+    sparsity: fraction of zeros among the selected weights, in ``(0, 1)``.
+    ramp_steps: the target moves in linearly from the first assignment's size
+      over this many updates (0: at once).
+    gain: the controller's step ``eta`` (None: the method's default; EC2T
+      0.05 per bit of error).
+    coding_ratio: bytes budgets only: the export's coded bits of a ternary
+      layer over ``numel x H0`` (1.0; measured 1.00-1.03 on LeNet-5's dense
+      layers, 0.90-0.92 on ResNet-20's convs).
+
+  Raises:
+    ValueError: no target or more than one, a target <= 0, NaN or infinite,
+      ``bits_per_weight > log2 3``, ``sparsity >= 1``, ``ramp_steps < 0``,
+      ``gain <= 0`` or a ``coding_ratio`` outside ``(0, 2]``.
+
+  Example:
+    >>> Budget(bits_per_weight=0.6).kind, Budget(sparsity=0.9).target
+    ('bits_per_weight', 0.9)
+  """
+  bits_per_weight: Optional[float] = None
+  bytes: Optional[float] = None
+  sparsity: Optional[float] = None
+  ramp_steps: int = 0
+  gain: Optional[float] = None
+  coding_ratio: float = DEFAULT_CODING_RATIO
+
+  def __post_init__(self):
+    given = [k for k in KINDS if getattr(self, k) is not None]
+    if len(given) != 1:
+      raise ValueError("Budget takes exactly one of bits_per_weight, bytes, sparsity; got "
+                       + (", ".join(f"{k}={getattr(self, k)!r}" for k in given) or "none"))
+    check_target(self.kind, self.target)
+    if not (isinstance(self.ramp_steps, (int, np.integer)) and self.ramp_steps >= 0):
+      raise ValueError(f"Budget ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
+    if self.gain is not None and not (_finite(self.gain) and self.gain > 0):
+      raise ValueError(f"Budget gain must be finite and > 0, got {self.gain!r}")
+    if not (_finite(self.coding_ratio) and 0 < self.coding_ratio <= 2):
+      raise ValueError(f"Budget coding_ratio must be in (0, 2], got {self.coding_ratio!r}")
+
+  @property
+  def kind(self) -> str:
+    """``"bits_per_weight"``, ``"bytes"`` or ``"sparsity"``."""
+    return next(k for k in KINDS if getattr(self, k) is not None)
+
+  @property
+  def target(self):
+    """The target's value."""
+    return getattr(self, self.kind)
+
+
+def _finite(x) -> bool:
+  try:
+    return math.isfinite(float(x))
+  except (TypeError, ValueError):
+    return False
+
+
+def check_target(kind: str, value) -> None:
+  """Raises ``ValueError`` for a concrete target out of its range."""
+  if not is_concrete(value):
+    return
+  if np.size(value) != 1 or not _finite(np.asarray(value).item()) or value <= 0:
+    raise ValueError(f"Budget {kind} must be finite and > 0, got {value!r}")
+  if kind == "bits_per_weight" and value > MAX_BITS_PER_WEIGHT:
+    raise ValueError(f"Budget bits_per_weight must be at most log2(3) = "
+                     f"{MAX_BITS_PER_WEIGHT:.4f} (a ternary weight), got {value!r}")
+  if kind == "sparsity" and value >= 1:
+    raise ValueError(f"Budget sparsity must be below 1, got {value!r}")
+
+
+def target_is_valid(kind: str, value, smallest_bytes: float = 0.0) -> jax.Array:
+  """Whether a (traced) target is finite and in range, as a bool scalar."""
+  v = jnp.asarray(value, jnp.float32)
+  ok = jnp.isfinite(v) & (v > 0)
+  if kind == "bits_per_weight":
+    ok &= v <= MAX_BITS_PER_WEIGHT
+  elif kind == "sparsity":
+    ok &= v < 1
+  else:
+    ok &= v >= smallest_bytes
+  return ok
+
+
+class BudgetState(NamedTuple):
+  """The controller's state (in :attr:`QuantizerState.budget`), in the budget's units.
+
+  Attributes:
+    multiplier: the knob ``m`` the next step uses (float32).
+    kind: index of the budget's kind in :data:`KINDS` (int32).
+    start: size of the first assignment, where the ramp starts (bits/weight,
+      predicted bytes or sparsity).
+    measured: size of the last assignment, same units.
+    target: the (ramped) target of the last update, same units.
+  """
+  multiplier: jax.Array
+  kind: jax.Array
+  start: jax.Array
+  measured: jax.Array
+  target: jax.Array
+
+  def describe(self) -> dict:
+    """``{"kind", "target", "reached", "multiplier"}`` as Python numbers."""
+    return {"kind": KINDS[int(self.kind)], "target": float(self.target),
+            "reached": float(self.measured), "multiplier": float(self.multiplier)}
+
+
+def sign_counts(symbols) -> jax.Array:
+  """``(n_negative, n_zero, n_positive)`` of an array, float32.
+
+  Example:
+    >>> sign_counts(jnp.array([-0.5, 0.0, 0.0, 2.0]))
+    Array([1., 2., 1.], dtype=float32)
+  """
+  return _sign_counts(jnp.asarray(symbols))
+
+
+def _add_pairs(x, y):
+  return tuple(a + b for a, b in zip(x, y))
+
+
+@jax.jit
+def _sign_counts(symbols):
+  # One variadic reduction (one pass); jitted so eager calls (init) compile once.
+  s = jnp.sign(symbols.astype(jnp.float32))
+  terms = ((s < 0).astype(jnp.float32), (s == 0).astype(jnp.float32),
+           (s > 0).astype(jnp.float32))
+  return jnp.stack(jax.lax.reduce(terms, (0.0,) * 3, _add_pairs, tuple(range(s.ndim))))
+
+
+def entropy_bits(counts) -> jax.Array:
+  """``n x H0`` in bits from cluster counts: ``-sum_c k_c log2(k_c / n)``.
+
+  Example:
+    >>> entropy_bits(jnp.array([1.0, 2.0, 1.0]))  # 4 weights x 1.5 bits
+    Array(6., dtype=float32)
+  """
+  k = jnp.asarray(counts, jnp.float32)
+  n = jnp.sum(k)
+  safe = jnp.where(k > 0, k, 1.0)
+  return -jnp.sum(jnp.where(k > 0, k * jnp.log2(safe / jnp.maximum(n, 1.0)), 0.0))
+
+
+def rate_and_sparsity(per_leaf_counts: Sequence) -> tuple[jax.Array, jax.Array]:
+  """Numel-weighted rate (bits/weight) and sparsity over layers.
+
+  Args:
+    per_leaf_counts: per selected layer, its :func:`sign_counts`.
+
+  Returns:
+    :math:`(\\sum_l n_l H_l / N,\\ \\sum_l k_{0,l} / N)`.
+
+  Example:
+    >>> r, s = rate_and_sparsity([jnp.array([1.0, 2.0, 1.0]), jnp.array([0.0, 4.0, 0.0])])
+    >>> float(r), float(s)
+    (0.75, 0.75)
+  """
+  bits = sum(entropy_bits(c) for c in per_leaf_counts)
+  total = sum(jnp.sum(c) for c in per_leaf_counts)
+  zeros = sum(c[1] for c in per_leaf_counts)
+  total = jnp.maximum(total, 1.0)
+  return bits / total, zeros / total
+
+
+def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) -> int:
+  """``F``: the bytes of an exported file that do not depend on the rate.
+
+  Args:
+    unselected: ``(numel, itemsize)`` of every leaf kept in full precision
+      (counted at its raw size; the export may store it smaller).
+    selected: ``numel`` of every selected (ternary) leaf; each costs its header
+      record and :data:`TERNARY_STREAM_EXTRA_BYTES`.
+
+  Returns:
+    :data:`FILE_OVERHEAD_BYTES` + :data:`HEADER_BYTES_PER_LEAF` per leaf +
+    the full-precision bytes + :data:`TERNARY_STREAM_EXTRA_BYTES` per
+    selected leaf.
+
+  Example:
+    >>> fixed_bytes([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
+    160
+  """
+  leaves = len(unselected) + len(selected)
+  return (FILE_OVERHEAD_BYTES + HEADER_BYTES_PER_LEAF * leaves
+          + sum(n * size for n, size in unselected)
+          + TERNARY_STREAM_EXTRA_BYTES * len(selected))
+
+
+def bytes_to_rate(target_bytes, fixed: float, numel: int, coding_ratio: float):
+  """The rate target (bits/weight) of a file size: ``8 (B - F) / (rho N)``.
+
+  Example:
+    >>> bytes_to_rate(1000.0, 100.0, 12000, 0.9)
+    0.6666666666666666
+  """
+  return 8.0 * (target_bytes - fixed) / (coding_ratio * numel)
+
+
+def rate_to_bytes(rate, fixed: float, numel: int, coding_ratio: float):
+  """The predicted file size of a rate: ``F + rho N R / 8``.
+
+  Example:
+    >>> rate_to_bytes(2 / 3, 100.0, 12000, 0.9)
+    1000.0
+  """
+  return fixed + coding_ratio * numel * rate / 8.0
+
+
+def ramped_target(start, target, count, ramp_steps: int) -> jax.Array:
+  """``start + (target - start) min(1, count / ramp_steps)`` (target if 0 steps).
+
+  Example:
+    >>> float(ramped_target(1.5, 0.5, 25, 100))
+    1.25
+  """
+  target = jnp.asarray(target, jnp.float32)
+  if ramp_steps <= 0:
+    return target
+  fraction = jnp.minimum(jnp.asarray(count, jnp.float32) / ramp_steps, 1.0)
+  return start + (target - start) * fraction
+
+
+def controller_step(multiplier, error, gain, low: float, high: float) -> jax.Array:
+  """Dual ascent: ``clip(m + gain * error, low, high)``, float32.
+
+  Example:
+    >>> float(controller_step(0.5, 0.25, 0.4, 0.0, 1.0))
+    0.6000000238418579
+  """
+  m = jnp.asarray(multiplier, jnp.float32) + jnp.asarray(gain, jnp.float32) * error
+  return jnp.clip(m, low, high).astype(jnp.float32)
+
+
+def size_error(kind: str, measured, target, bits_per_byte: float = 1.0) -> jax.Array:
+  """``e``, positive when the model is too large.
+
+  ``R - R*`` (bits/weight), ``S* - S`` (sparsity) or, for bytes,
+  ``(B - B*) * bits_per_byte`` with ``bits_per_byte = 8 / (rho N)``: the
+  same error in bits/weight.
+
+  Example:
+    >>> [round(float(e), 6) for e in (size_error("sparsity", 0.8, 0.9),
+    ...                               size_error("bytes", 700, 500, 0.001))]
+    [0.1, 0.2]
+  """
+  measured = jnp.asarray(measured, jnp.float32)
+  target = jnp.asarray(target, jnp.float32)
+  if kind == "sparsity":
+    return target - measured
+  if kind == "bytes":
+    return (measured - target) * bits_per_byte
+  return measured - target
+
+
+class Knob(NamedTuple):
+  """Which hyperparameter of a method a budget's controller drives.
+
+  Attributes:
+    name: the field of the method's hyper ``NamedTuple``.
+    initial: its value at ``init``.
+    low, high: its range (the controller clips to it).
+    gain: default controller step (per unit of :func:`size_error`).
+  """
+  name: str
+  initial: float
+  low: float
+  high: float
+  gain: float
+
+
+# ---------------------------------------------------------------------------
+# The controller over a tree of leaf states (used by quantize_transform).
+
+
+class BudgetPlan(NamedTuple):
+  """Static facts of a budget on one params tree (from shapes only).
+
+  Attributes:
+    budget: the :class:`Budget`.
+    knob: the method's :class:`Knob`.
+    numel: ``N``, the selected weights.
+    fixed: ``F`` (:func:`fixed_bytes`).
+    bits_per_byte: ``8 / (rho N)``: a byte of error in bits/weight.
+  """
+  budget: Budget
+  knob: Knob
+  numel: int
+  fixed: int
+  bits_per_byte: float
+
+  @property
+  def gain(self) -> float:
+    return self.knob.gain if self.budget.gain is None else self.budget.gain
+
+  def smallest_bytes(self) -> int:
+    """The smallest reachable file: every selected weight zero."""
+    return self.fixed
+
+
+def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
+                leaf_states: Sequence) -> BudgetPlan:
+  """The :class:`BudgetPlan` of a params tree (flattening order, states None-aligned).
+
+  Raises:
+    ValueError: a bytes budget with a selected leaf that is not ternary (ECP
+      keeps full-precision survivors, which this model does not count).
+  """
+  unselected, selected = [], []
+  for param, leaf in zip(param_leaves, leaf_states):
+    n = int(np.prod(np.shape(param)))
+    if leaf is None:
+      unselected.append((n, np.dtype(param.dtype).itemsize))
+    else:
+      selected.append(n)
+      if budget.kind == "bytes":
+        _check_bytes_model(leaf)
+  numel = sum(selected)
+  return BudgetPlan(budget, knob, numel, fixed_bytes(unselected, selected),
+                    8.0 / (budget.coding_ratio * max(numel, 1)))
+
+
+def _check_bytes_model(leaf) -> None:
+  if isinstance(leaf, StackedLeaf):
+    raise ValueError("Budget(bytes=...) models one ternary record per leaf; a stacked leaf "
+                     "holds one layer per slice (use bits_per_weight or sparsity)")
+  if leaf.describe().get("mode") == "ecp":
+    raise ValueError("Budget(bytes=...) models ternary leaves only; a selected leaf is "
+                     "in mode 'ecp' (use bits_per_weight or sparsity)")
+
+
+def leaf_symbols(leaf) -> jax.Array:
+  """The ternary symbols of a leaf state: its ``assignment`` or its value's sign."""
+  if hasattr(leaf, "assignment"):
+    return leaf.assignment
+  return leaf.value(jnp.float32)
+
+
+def leaf_counts(leaf) -> list:
+  """:func:`sign_counts` per layer of a leaf state: one, or one per slice of a
+  :class:`StackedLeaf` (each slice is a layer with its own entropy)."""
+  symbols = jnp.asarray(leaf_symbols(leaf))
+  if not isinstance(leaf, StackedLeaf):
+    return [sign_counts(symbols)]
+  per_slice = symbols.reshape((-1,) + symbols.shape[leaf.stack_ndim:])
+  counts = jax.vmap(_sign_counts)(per_slice)
+  return [counts[i] for i in range(counts.shape[0])]
+
+
+def measure(plan: BudgetPlan, leaf_states: Sequence) -> jax.Array:
+  """The size of the current assignments in the budget's units."""
+  counts = [c for s in leaf_states if s is not None for c in leaf_counts(s)]
+  rate, sparsity = rate_and_sparsity(counts)
+  kind = plan.budget.kind
+  if kind == "sparsity":
+    return sparsity
+  if kind == "bytes":
+    return rate_to_bytes(rate, plan.fixed, plan.numel, plan.budget.coding_ratio)
+  return rate
+
+
+def init_budget_state(plan: BudgetPlan, leaf_states: Sequence, target) -> BudgetState:
+  """The controller's first state; checks that a bytes target is reachable.
+
+  Raises:
+    ValueError: a concrete bytes target below :meth:`BudgetPlan.smallest_bytes`.
+  """
+  kind = plan.budget.kind
+  if kind == "bytes" and is_concrete(target) and float(target) < plan.smallest_bytes():
+    raise ValueError(
+        f"Budget bytes={target!r} is unreachable for these params: the full-precision "
+        f"leaves, headers and centroids alone take {plan.smallest_bytes():,} bytes (the "
+        f"smallest reachable size)")
+  start = measure(plan, leaf_states)
+  first_target = ramped_target(start, target, 0, plan.budget.ramp_steps)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return BudgetState(multiplier=f32(plan.knob.initial),
+                     kind=jnp.asarray(KINDS.index(kind), jnp.int32), start=f32(start),
+                     measured=f32(start), target=f32(first_target))
+
+
+def update_budget_state(plan: BudgetPlan, old: BudgetState, leaf_states: Sequence, target,
+                        count, frozen, skipped) -> BudgetState:
+  """One controller update after a step with ``old.multiplier``.
+
+  Args:
+    plan: the :class:`BudgetPlan`.
+    old: the state the step used.
+    leaf_states: the new leaf states (None where unselected).
+    target: the budget's target (maybe traced), in its units.
+    count: the step's index (``QuantizerState.count`` before it), for the ramp.
+    frozen: bool scalar: the assignment is frozen (``phase >= 1``): the
+      multiplier is kept, the measurement still updated.
+    skipped: bool scalar: the step was skipped (invalid hyperparameter or
+      target): the whole state is kept.
+
+  Returns:
+    The new :class:`BudgetState`.
+  """
+  kind = plan.budget.kind
+  measured = measure(plan, leaf_states)
+  goal = ramped_target(old.start, target, count, plan.budget.ramp_steps)
+  error = size_error(kind, measured, goal, plan.bits_per_byte)
+  m = controller_step(old.multiplier, error, plan.gain, plan.knob.low, plan.knob.high)
+  keep = lambda new, prev: jnp.where(skipped, prev, jnp.asarray(new, jnp.float32))
+  return old._replace(multiplier=jnp.where(frozen | skipped, old.multiplier, m),
+                      measured=keep(measured, old.measured), target=keep(goal, old.target))

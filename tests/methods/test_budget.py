@@ -1,0 +1,367 @@
+"""Size budgets: the controller's pure functions, EC2T trained to a size, bad input."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import ec2t_jax as ec2t
+from ec2t_jax._src import core
+from ec2t_jax._src.core import budget as budget_lib
+from tests.models_for_tests import batch, init, loss_fn
+
+# ---------------------------------------------------------------------------
+# Pure functions against numpy / hand-computed oracles.
+
+
+def _numpy_entropy(values):
+  _, counts = np.unique(np.asarray(values).ravel(), return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def test_sign_counts_count_negative_zero_positive():
+  x = np.array([[-2.0, 0.0, 0.5], [0.0, 0.0, -1.0]], np.float32)
+  np.testing.assert_array_equal(budget_lib.sign_counts(x), [2.0, 3.0, 1.0])
+
+
+@pytest.mark.parametrize("counts", [[1, 2, 1], [0, 10, 0], [5, 0, 7], [3, 3, 3]])
+def test_entropy_bits_is_numel_times_numpy_entropy(counts):
+  values = np.repeat([-1, 0, 1], counts)
+  expected = values.size * _numpy_entropy(values)
+  np.testing.assert_allclose(budget_lib.entropy_bits(jnp.array(counts, jnp.float32)),
+                             expected, rtol=1e-6, atol=1e-6)
+
+
+def test_rate_and_sparsity_are_numel_weighted_over_layers():
+  rng = np.random.default_rng(0)
+  layers = [rng.choice([-1, 0, 1], size=n, p=p) for n, p in
+            ((100, (0.1, 0.8, 0.1)), (300, (0.3, 0.4, 0.3)), (50, (0.0, 1.0, 0.0)))]
+  rate, sparsity = budget_lib.rate_and_sparsity([budget_lib.sign_counts(a) for a in layers])
+  numel = sum(a.size for a in layers)
+  np.testing.assert_allclose(rate, sum(a.size * _numpy_entropy(a) for a in layers) / numel,
+                             rtol=1e-5)
+  np.testing.assert_allclose(sparsity, sum((a == 0).sum() for a in layers) / numel, rtol=1e-6)
+
+
+def test_ramp_is_linear_then_flat():
+  got = [float(budget_lib.ramped_target(1.5, 0.5, t, 10)) for t in (0, 5, 10, 20)]
+  np.testing.assert_allclose(got, [1.5, 1.0, 0.5, 0.5], rtol=1e-6)
+  assert float(budget_lib.ramped_target(1.5, 0.5, 0, 0)) == 0.5
+
+
+def test_controller_step_is_clipped_dual_ascent():
+  np.testing.assert_allclose(budget_lib.controller_step(0.5, 0.2, 0.5, 0.0, 1.0), 0.6, rtol=1e-6)
+  assert float(budget_lib.controller_step(0.9, 1.0, 0.5, 0.0, 1.0)) == 1.0
+  assert float(budget_lib.controller_step(0.1, -1.0, 0.5, 0.0, 1.0)) == 0.0
+
+
+def test_size_error_is_positive_when_too_large():
+  assert float(budget_lib.size_error("bits_per_weight", 0.8, 0.6)) > 0
+  assert float(budget_lib.size_error("sparsity", 0.7, 0.9)) > 0  # too few zeros
+  np.testing.assert_allclose(budget_lib.size_error("bytes", 1100.0, 1000.0, 8 / 9000), 0.8 / 9,
+                             rtol=1e-6)
+
+
+def test_bytes_and_rate_maps_are_inverse_and_affine():
+  fixed, numel, rho = 5000.0, 60000, 0.9
+  rate = budget_lib.bytes_to_rate(8000.0, fixed, numel, rho)
+  assert rate == pytest.approx(8 * 3000 / (0.9 * 60000))
+  assert budget_lib.rate_to_bytes(rate, fixed, numel, rho) == pytest.approx(8000.0)
+
+
+def test_fixed_bytes_counts_headers_full_precision_and_centroids():
+  got = budget_lib.fixed_bytes([(10, 4), (3, 2)], [100, 50])
+  expected = (budget_lib.FILE_OVERHEAD_BYTES + 4 * budget_lib.HEADER_BYTES_PER_LEAF + 46
+              + 2 * budget_lib.TERNARY_STREAM_EXTRA_BYTES)
+  assert got == expected
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits_per_weight=0.0), "bits_per_weight must be finite and > 0"),
+    (dict(bits_per_weight=-0.5), "bits_per_weight must be finite and > 0"),
+    (dict(bits_per_weight=float("nan")), "bits_per_weight must be finite"),
+    (dict(bytes=float("inf")), "bytes must be finite"),
+    (dict(bits_per_weight=1.6), "at most log2"),
+    (dict(sparsity=1.0), "sparsity must be below 1"),
+    (dict(sparsity=0.0), "sparsity must be finite and > 0"),
+    (dict(bits_per_weight=0.5, sparsity=0.9), "exactly one of .*bits_per_weight=0.5, sparsity=0.9"),
+    (dict(), "exactly one of .*none"),
+    (dict(sparsity=0.5, ramp_steps=-1), "ramp_steps"),
+    (dict(sparsity=0.5, gain=0.0), "gain"),
+    (dict(bytes=1000, coding_ratio=0.0), "coding_ratio"),
+])
+def test_bad_budgets_are_refused_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ec2t.Budget(**kwargs)
+
+
+def test_log2_3_bits_per_weight_is_accepted():
+  assert ec2t.Budget(bits_per_weight=math.log2(3)).target == math.log2(3)
+
+
+def test_gamma_and_budget_together_are_refused():
+  with pytest.raises(ValueError, match="gamma or budget, not both"):
+    ec2t.ternarize_transform(gamma=0.3, budget=ec2t.Budget(sparsity=0.5))
+
+
+def test_budget_target_without_budget_is_refused():
+  with pytest.raises(ValueError, match="needs a budget"):
+    ec2t.ternarize_transform(budget_target=0.5)
+
+
+def test_bad_concrete_budget_target_is_refused_at_construction():
+  with pytest.raises(ValueError, match="at most log2"):
+    ec2t.ternarize_transform(budget=ec2t.Budget(bits_per_weight=0.5), budget_target=2.0)
+
+
+def test_unreachable_bytes_budget_names_the_smallest_size_at_init():
+  _, params = init()
+  smallest = budget_lib.fixed_bytes(
+      [(p.size, 4) for k, v in params.items() for n, p in v.items()
+       if not (n == "kernel" and k in ("Conv_1", "Conv_2", "Dense_0"))],
+      [params[k]["kernel"].size for k in ("Conv_1", "Conv_2", "Dense_0")])
+  tx = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=smallest - 1))
+  with pytest.raises(ValueError, match=f"unreachable.*{smallest:,} bytes"):
+    tx.init(params)
+  tx = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=smallest))
+  assert tx.init(params).budget is not None
+
+
+def test_other_methods_without_a_knob_refuse_a_budget():
+  from ec2t_jax._src.methods.ec2t import chain  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="does not accept a Budget"):
+    core.quantize_transform(chain.method(), chain.EC2THyper(), chain.HYPER_RANGES,
+                            budget=ec2t.Budget(sparsity=0.5))
+
+
+# ---------------------------------------------------------------------------
+# The controller on a small model.
+
+STEPS = 100
+
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(tx):
+  """One jitted training step per transformation (compiled once per test)."""
+  model, _ = init()
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def _run(tx, params, steps, opt_state=None, start=0):
+  step = _step_fn(tx)
+  if opt_state is None:
+    opt_state = tx.init(params)
+    params = ec2t.ternary_params(params, opt_state)
+  for i in range(start, start + steps):
+    x, y = batch(i % 4, n=32)
+    params, opt_state = step(params, opt_state, x, y)
+  return params, opt_state
+
+
+@pytest.fixture(scope="module")
+def bits_run():
+  _, params = init()
+  budget = ec2t.Budget(bits_per_weight=0.9, ramp_steps=30, gain=0.2)
+  tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(budget=budget))
+  return tx, params, _run(tx, params, STEPS)
+
+
+def test_controller_reaches_a_bits_per_weight_budget_within_3_percent(bits_run):
+  _, _, (_, opt_state) = bits_run
+  summary = ec2t.summary(opt_state)
+  # The reached rate, measured independently from the final assignments.
+  assert summary.totals["entropy"] == pytest.approx(0.9, rel=0.03)
+  assert summary.budget["reached"] == pytest.approx(summary.totals["entropy"], rel=1e-5)
+  assert 0 < summary.budget["multiplier"] < 1
+
+
+def test_summary_shows_target_reached_and_multiplier(bits_run):
+  _, _, (_, opt_state) = bits_run
+  text = str(ec2t.summary(opt_state))
+  assert "budget: bits_per_weight target 0.9, reached" in text
+  assert "multiplier" in text
+
+
+def test_budget_holds_in_phase_2(bits_run):
+  tx, _, (params, opt_state) = bits_run
+  frozen = ec2t.set_phase(opt_state, 1)
+  params2, opt_state2 = _run(tx, params, 10, frozen, start=STEPS)
+  before, after = ec2t.find_ternarize_state(frozen), ec2t.find_ternarize_state(opt_state2)
+  assert float(after.budget.multiplier) == float(before.budget.multiplier)
+  chex.assert_trees_all_equal(before.field("assignment"), after.field("assignment"))
+  assert float(after.budget.measured) == pytest.approx(float(before.budget.measured))
+
+
+def test_controller_reaches_a_sparsity_budget_within_3_percent():
+  _, params = init()
+  tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
+      budget=ec2t.Budget(sparsity=0.8, gain=0.3)))
+  _, opt_state = _run(tx, params, 60)
+  assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.8, rel=0.03)
+
+
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+def test_rule_gammas_stay_ratios_under_the_multiplier():
+  # Dense_0's lambda gets half the multiplier: it ends denser than with ratio 1.
+  _, params = init()
+  rules = [ec2t.Rule("Conv_0", mode="skip"), ec2t.Rule("Dense_1", mode="skip"),
+           ec2t.Rule("Dense_0/kernel", gamma=0.0), ec2t.Rule("kernel")]
+  tx = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform(
+      selection=rules, budget=ec2t.Budget(sparsity=0.7, gain=0.5)))
+  _, opt_state = _run(tx, params, 30)
+  layers = {l.path: l for l in ec2t.summary(opt_state).layers}
+  state = ec2t.find_ternarize_state(opt_state)
+  assert float(state.field("lam")["Dense_0"]["kernel"]) == 0.0  # ratio 0: never constrained
+  assert float(state.field("lam")["Conv_1"]["kernel"]) > 0.0
+  assert layers["Conv_1/kernel"].sparsity > layers["Dense_0/kernel"].sparsity
+
+
+def test_resume_mid_ramp_is_exact(tmp_path):
+  _, params = init()
+  tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
+      budget=ec2t.Budget(bits_per_weight=0.8, ramp_steps=30)))
+  straight_params, straight_state = _run(tx, params, 20)
+  half_params, half_state = _run(tx, params, 10)
+  assert int(ec2t.find_ternarize_state(half_state).count) < 30  # mid-ramp
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", {"params": half_params, "opt_state": half_state})
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        tmp_path / "ckpt", {"params": half_params, "opt_state": tx.init(params)})
+  resumed_params, resumed_state = _run(tx, restored["params"], 10, restored["opt_state"],
+                                       start=10)
+  chex.assert_trees_all_equal(resumed_params, straight_params)
+  chex.assert_trees_all_equal(ec2t.find_ternarize_state(resumed_state).budget,
+                              ec2t.find_ternarize_state(straight_state).budget)
+
+
+def test_traced_target_through_inject_hyperparams_and_invalid_target_skips():
+  _, params = init()
+  tx = optax.chain(optax.adam(1e-3), optax.inject_hyperparams(
+      ec2t.ternarize_transform, static_args=("selection",))(
+          budget=ec2t.Budget(bits_per_weight=0.9), budget_target=0.9))
+  _, opt_state = _run(tx, params, 5)
+  core_state = ec2t.find_ternarize_state(opt_state)
+  assert int(core_state.invalid_hyper_count) == 0
+  assert float(core_state.budget.target) == pytest.approx(0.9)
+  opt_state[1].hyperparams["budget_target"] = jnp.asarray(0.5)
+  new_params, new_state = _run(tx, params, 1, opt_state, start=5)
+  assert float(ec2t.find_ternarize_state(new_state).budget.target) == pytest.approx(0.5)
+  for bad in (float("nan"), 1.7, -0.1):
+    bad_input = jax.tree.map(lambda x: x, new_state)  # a copy: hyperparams is a dict
+    bad_input[1].hyperparams["budget_target"] = jnp.asarray(bad)
+    _, bad_state = _run(tx, new_params, 1, bad_input, start=6)
+    before, after = (ec2t.find_ternarize_state(s) for s in (new_state, bad_state))
+    assert int(after.invalid_hyper_count) == int(before.invalid_hyper_count) + 1
+    chex.assert_trees_all_equal(after.budget, before.budget)
+    chex.assert_trees_all_equal(after.leaves, before.leaves)
+
+
+# ---------------------------------------------------------------------------
+# The default is EC2T.
+
+
+def test_default_ternarize_transform_is_entropy_constrained():
+  _, params = init()
+  tx = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform())
+  _, opt_state = _run(tx, params, 1)
+  lam = ec2t.find_ternarize_state(opt_state).field("lam")
+  assert float(lam["Conv_1"]["kernel"]) > 0  # gamma = 0 would give lambda = 0
+  explicit = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform(gamma=0.35))
+  _, explicit_state = _run(explicit, params, 1)
+  chex.assert_trees_all_equal(ec2t.find_ternarize_state(explicit_state).leaves,
+                              ec2t.find_ternarize_state(opt_state).leaves)
+
+
+# ---------------------------------------------------------------------------
+# Bytes: the file ec2t.export writes.
+
+
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path):
+  _, params = init()
+  probe = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e9)).init(params)
+  smallest = int(budget_lib.plan_budget(
+      ec2t.Budget(bytes=1e9), chain_knob(), jax.tree.leaves(params),
+      core.flat_leaf_states(probe.leaves)[0]).fixed)
+  target = smallest + 350  # about 0.7 bits/weight on the 3,968 ternary weights
+  tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
+      budget=ec2t.Budget(bytes=target, gain=0.3)))
+  params, opt_state = _run(tx, params, 60)
+  written = ec2t.export.save(tmp_path / "model.ec2t", params).total_bytes
+  assert written == pytest.approx(target, rel=0.05)
+  assert ec2t.summary(opt_state).budget["reached"] == pytest.approx(target, rel=0.03)
+
+
+def chain_knob():
+  from ec2t_jax._src.methods.ec2t import chain  # pylint: disable=g-import-not-at-top
+  return chain.BUDGET_KNOB
+
+
+# ---------------------------------------------------------------------------
+# TWN: a sparsity budget through its threshold factor.
+
+
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+def test_twn_reaches_a_sparsity_budget_through_its_threshold():
+  _, params = init()
+  tx = optax.chain(optax.adam(1e-3), ec2t.twn(budget=ec2t.Budget(sparsity=0.85)))
+  _, opt_state = _run(tx, params, 40)
+  state = ec2t.find_ternarize_state(opt_state)
+  assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.85, rel=0.03)
+  assert float(state.budget.multiplier) > 0.7  # the factor rose from TWN's 0.7
+
+
+def test_twn_refuses_factor_with_budget_and_bytes_per_filter():
+  with pytest.raises(ValueError, match="factor or budget"):
+    ec2t.twn(factor=0.7, budget=ec2t.Budget(sparsity=0.5))
+  with pytest.raises(ValueError, match="threshold='layer'"):
+    ec2t.twn("filter", budget=ec2t.Budget(bytes=10_000))
+
+
+# ---------------------------------------------------------------------------
+# Stacked layers (nn.scan): each slice is a layer with its own entropy.
+
+
+def _stacked_params():
+  from tests.models_for_tests import TinyGPT, token_batch  # pylint: disable=g-import-not-at-top
+  model = TinyGPT(layers=3, scan=True, tied=True)
+  tokens, _ = token_batch()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
+  return params, ec2t.Selection(order=order)
+
+
+def test_rate_of_stacked_leaves_is_the_numel_weighted_mean_over_slices():
+  params, selection = _stacked_params()
+  state = ec2t.ternarize_transform(budget=ec2t.Budget(bits_per_weight=0.5),
+                                   selection=selection).init(params)
+  summary = ec2t.summary(state)
+  assert any("[2]" in row.path for row in summary.layers)  # one row per slice
+  np.testing.assert_allclose(float(state.budget.measured), summary.totals["entropy"],
+                             rtol=1e-5)
+
+
+def test_bytes_budget_refuses_stacked_leaves():
+  params, selection = _stacked_params()
+  tx = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e6), selection=selection)
+  with pytest.raises(ValueError, match="stacked leaf"):
+    tx.init(params)
