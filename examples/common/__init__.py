@@ -14,6 +14,8 @@ Modules, one job each:
 * ``metrics``    -- JSON lines + TensorBoard (tensorboardX);
 * ``kill_points`` -- a test hook: kill the process at a named write (``--resume`` tests);
 * ``training``   -- train state, sharded train/eval steps, the epoch loop of a phase;
+* ``progress``   -- a tqdm bar on a terminal only; in logs nothing or a line per 10%;
+* ``language``   -- tiny Shakespeare, step-keyed batches, the step loop of the GPT example;
 * ``pipeline``   -- the whole job: FP -> EC2T phase 1 -> phase 2 -> report;
 * ``report``     -- sizes and the one-screen final report;
 * ``methods``    -- the ``--method`` registry;

@@ -114,9 +114,11 @@ FAST_KNOBS = {"prune": {"steps_per_level": 2}}
 SPECS = ec2t.method_registry()
 TRAINED = sorted(n for n, s in SPECS.items() if s.kind != "one_shot")
 ONE_SHOT = sorted(n for n, s in SPECS.items() if s.kind == "one_shot")
-# Slow to compile or to run eagerly (k-means, stages, EC2T's assignment): their eager,
-# NNX, sharded and bf16 cases are marked slow (CI runs them; the default suite stays fast).
-HEAVY = {"ec2t", "inq", "mlq", "slq"}
+# Slow to compile or to run eagerly (k-means, stages, EC2T's assignment, Faraone's two
+# phases): the cases that compile their own steps (eager, inject_hyperparams, NNX, sharded,
+# bf16) are marked slow for these (CI runs them); the cases sharing one compiled training
+# (grid, tools, export) and the construction checks run by default for every method.
+HEAVY = {"ec2t", "faraone", "inq", "mlq", "slq", "prune"}
 
 
 def _slow_if_heavy(names):
@@ -203,7 +205,7 @@ def _injected(name, knob, value):
   return optax.chain(optax.sgd(0.05), injected)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
 def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
   knob, value = _traced_knob(name)
   tx = _injected(name, knob, value)
@@ -215,7 +217,7 @@ def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
 def test_an_invalid_traced_knob_skips_the_step_and_is_counted(name):
   knob, value = _traced_knob(name)
   tx = _injected(name, knob, value)
@@ -358,7 +360,7 @@ def test_one_shot_equals_the_public_function_bitwise(name):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-@pytest.mark.parametrize("name", ONE_SHOT)
+@pytest.mark.parametrize("name", _slow_if_heavy(ONE_SHOT))
 def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
   params, _ = _one_shot(name, jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
