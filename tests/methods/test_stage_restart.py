@@ -49,3 +49,20 @@ def test_updates_equal_the_plain_chain_until_the_first_restart():
     u2, s2 = plain.update(GRADS, s2, params)
     np.testing.assert_array_equal(u1["b"], u2["b"])
     params = optax.apply_updates(params, u1)
+
+
+def test_same_shape_layers_grouped_in_the_state_still_restart():
+  # Two selected leaves of one shape live stacked in QuantizerState.groups.
+  params = {"b": PARAMS["b"], "b2": PARAMS["b"] * 0.5}
+  grads = {k: jnp.full(v.shape, 0.1) for k, v in params.items()}
+  inner = optax.scale_by_schedule(lambda count: 1.0 / (count + 1.0))
+  tx = ec2t.restart_on_stage(inner, ec2t.inq(5, (0.5, 1.0), steps_per_stage=2,
+                                             selection=lambda path, leaf: True))
+  state = tx.init(params)
+  p = ec2t.ternary_params(params, state)
+  counts = []
+  for _ in range(4):
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    counts.append(int(state.inner.count))
+  assert counts == [1, 2, 0, 1]

@@ -35,6 +35,8 @@ class RestartState(NamedTuple):
 def stage_sum(quantizer_state) -> jax.Array:
   """The sum of the ``stage`` fields of a quantizer state's leaves (0 if none has one).
 
+  Reads grouped (same-shape, stacked) leaves too, through ``QuantizerState.field``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import ec2t_jax as ec2t
@@ -43,10 +45,8 @@ def stage_sum(quantizer_state) -> jax.Array:
     >>> int(stage_sum(tx.init({"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))})))  # stage 0, 0
     0
   """
-  is_leaf = lambda x: x is None or hasattr(x, "stage") and hasattr(x, "_fields")
-  found = [x.stage for x in jax.tree.leaves(quantizer_state.leaves, is_leaf=is_leaf)
-           if x is not None and hasattr(x, "stage")]
-  return sum((jnp.asarray(s, jnp.int32) for s in found), jnp.zeros((), jnp.int32))
+  stages = jax.tree.leaves(quantizer_state.field("stage"))
+  return sum((jnp.sum(jnp.asarray(s, jnp.int32)) for s in stages), jnp.zeros((), jnp.int32))
 
 
 def restart_on_stage(inner: optax.GradientTransformation,
