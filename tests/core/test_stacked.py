@@ -151,7 +151,8 @@ def _assert_same_assignments(scanned_state, unrolled_state, field="assignment"):
       np.testing.assert_array_equal(s[layer][leaf][i], u[f"blocks_{i}"][layer][leaf])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [
+    "ec2t", *(pytest.param(m, marks=pytest.mark.slow) for m in ("mlq", "ttq", "twn"))])
 def test_linen_scanned_and_unrolled_follow_the_same_trajectory(method):
   scan_model, scan_params, scan_order = _linen(scan=True)
   unroll_model = TinyGPT(layers=LAYERS, scan=False)
@@ -176,6 +177,7 @@ def test_linen_scanned_and_unrolled_follow_the_same_trajectory(method):
     _assert_same_assignments(q_s, q_u)
 
 
+@pytest.mark.slow
 def test_reference_mode_scanned_and_unrolled_follow_the_same_trajectory():
   scan_model, scan_params, scan_order = _linen(scan=True)
   unroll_model = TinyGPT(layers=LAYERS, scan=False)
@@ -270,7 +272,8 @@ def _train_nnx(model, make_tx, steps):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer
 
 
-@pytest.mark.parametrize("method", ["ec2t", "twn", "ttq"])
+@pytest.mark.parametrize("method", [
+    "ec2t", *(pytest.param(m, marks=pytest.mark.slow) for m in ("twn", "ttq"))])
 def test_nnx_scanned_and_unrolled_follow_the_same_trajectory(method):
   scanned, unrolled = _nnx_pair()
   p_s, opt_s = _train_nnx(scanned, METHODS[method], steps=4)
