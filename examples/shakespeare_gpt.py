@@ -255,6 +255,7 @@ def run(fv: flags.FlagValues) -> dict:
                              "phase2_steps": fv.phase2_steps, "scan_layers": fv.scan_layers}
   if fv.init_from:
     params, _ = checkpoint_lib.restore_variables(fv.init_from)
+    params = jax.tree.map(np.asarray, params)  # restored on one device; the mesh may span more
     fp_state = runner.init_state(lambda p: TrainState.create(p, {}, fp_tx, fv.seed), params)
     log(f"[fp] loaded {fv.init_from}")
   else:
