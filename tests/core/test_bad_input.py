@@ -75,11 +75,17 @@ def test_state_helpers_reject_a_state_without_ec2t():
 # ------------------------------------------------------------------ knob types
 
 
-@pytest.mark.parametrize("value", ["0.2", None, True, 0.2j, [0.2], jnp.array([0.1, 0.2]),
+@pytest.mark.parametrize("value", ["0.2", True, 0.2j, [0.2], jnp.array([0.1, 0.2]),
                                    jnp.array([0.2]), jnp.array(True)])
 def test_a_numeric_knob_given_a_non_number_is_refused_naming_it(value):
   with pytest.raises((TypeError, ValueError), match=f"gamma must be .*{re.escape(repr(value))}"):
     ec2t.ternarize_transform(gamma=value)
+
+
+def test_none_for_a_numeric_knob_without_a_default_meaning_is_refused_naming_it():
+  # (gamma=None is documented: the default operating point, see "Train to a size".)
+  with pytest.raises(TypeError, match="sustain must be .*None"):
+    ec2t.ternarize_transform(sustain=None)
 
 
 def test_a_string_knob_is_a_type_error_for_every_method():
