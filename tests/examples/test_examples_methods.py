@@ -12,6 +12,7 @@ import mnist_lenet
 from common import methods
 from common import pipeline
 from common.cli import UserError
+import ec2t_jax as ec2t
 from ec2t_jax import export
 from ec2t_jax import models
 
