@@ -24,3 +24,16 @@ def _empty_doctest_namespace(request):
   if dtest is not None:
     dtest.globs.clear()
     dtest.globs["__name__"] = "__main__"
+
+
+_SLOW_BY_DURATION = os.path.join(os.path.dirname(__file__), "tests", "slow_by_duration.txt")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the ``-m "not slow"`` deselection
+def pytest_collection_modifyitems(items):
+  """Marks ``slow`` the tests listed in ``tests/slow_by_duration.txt``."""
+  with open(_SLOW_BY_DURATION, encoding="utf-8") as f:
+    slow = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+  for item in items:
+    if item.nodeid in slow:
+      item.add_marker(pytest.mark.slow)
