@@ -79,7 +79,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs, key=value,...",
                       flag_values=fv)
-  f("gamma", 0.15, "EC2T sparsity knob.")
+  f("gamma", 0.15, "EC2T sparsity knob (not used with a size budget).")
+  flags_lib.define_budget_flags(fv)
   f("init_scale", 0.3, "EC2T initial centroid scaler.")
   f("sustain", 0.05, "EC2T layer-size decay sustain.")
   f("learning_rate", 5e-4, "Peak AdamW learning rate of phases 1 and 2 (cosine to 0).")
@@ -114,6 +115,11 @@ class MethodConfig:
   ec2t_mode: str = "chain"
   latent_learning_rate: float = 0.0
   centroid_learning_rate: float = 0.0
+  bits_per_weight: float = 0.0
+  target_bytes: float = 0.0
+  target_sparsity: float = 0.0
+  budget_ramp: float = 0.0
+  budget_ramp_steps: int = 0
 
 
 def adamw(schedule, beta2: float, weight_decay: float, clip: float):
@@ -193,8 +199,16 @@ def method_setup(fv, selection, total_steps: int):
       method=fv.method, method_options=fv.method_options, gamma=fv.gamma,
       init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
       weight_decay=fv.ec2t_weight_decay, phase2_epochs=fv.phase2_steps, ec2t_steps=total_steps,
-      inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip))
+      inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip),
+      **budget_fields(fv))
   return methods.build(config, selection)
+
+
+def budget_fields(fv) -> dict[str, Any]:
+  """The size budget's flags (all 0: none), with the ramp in steps of phase 1."""
+  return {"bits_per_weight": fv.bits_per_weight, "target_bytes": fv.target_bytes,
+          "target_sparsity": fv.target_sparsity, "budget_ramp": fv.budget_ramp,
+          "budget_ramp_steps": int(fv.budget_ramp * fv.phase1_steps)}
 
 
 def run(fv: flags.FlagValues) -> dict:
@@ -234,6 +248,9 @@ def run(fv: flags.FlagValues) -> dict:
                           + ("-scan" if fv.scan_layers else ""),
                  "dataset": "tiny_shakespeare", "method": fv.method,
                  "method_options": fv.method_options, "gamma": fv.gamma}
+  budget = {k: v for k, v in budget_fields(fv).items() if k != "budget_ramp_steps"}
+  if any(budget[k] for k in ("bits_per_weight", "target_bytes", "target_sparsity")):
+    fingerprint["budget"] = budget  # runs without a budget keep their former fingerprint
   checkpoint_lib.check_workdir(fv.workdir, fingerprint, fv.resume, PHASES)
   writer = MetricWriter(fv.workdir, enabled=main)
   runner = language.LMRunner(apply_fn, data, mesh, fv.batch_size, fv.block_size, fv.workdir,
@@ -304,8 +321,10 @@ def run(fv: flags.FlagValues) -> dict:
     seconds, val_loss = seconds + info2["seconds"], info2["val_loss"]
   results["method_seconds"] = seconds
   results["val_loss"] = val_loss  # of the last state, measured at the end of its phase
-  return _report(fv, runner, state, ec2t.summary(parallel.to_host(state.opt_state)), setup,
-                 selection, results, samples, writer, log, apply_fn, data)
+  summary = ec2t.summary(parallel.to_host(state.opt_state))
+  results["budget"] = summary.budget  # None without a size budget
+  return _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
+                 apply_fn, data)
 
 
 def _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
@@ -345,6 +364,7 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
 
 def format_report(r: dict) -> str:
   """The one-screen comparison of the full-precision and the quantized model."""
+  from common import report as report_lib  # pylint: disable=g-import-not-at-top
   name = "EC2T" if r["method"] == "ec2t" else r["method"]
   rows = [("validation loss (nats/char)", f"{r['fp_val_loss']:.4f}",
            f"{r['val_loss']:.4f}  ({r['val_loss'] - r['fp_val_loss']:+.4f})"),
@@ -358,9 +378,11 @@ def format_report(r: dict) -> str:
   if r.get("export_bytes"):
     rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} B  "
                  f"({r['export_bytes'] * 8 / r['sizes']['packed_bits']:.3f}x 2-bit packed)"))
+  rows += report_lib.budget_rows(r.get("budget"))
   rows.insert(0, ("", "full precision", name))
   widths = [max(len(row[c]) for row in rows) for c in range(3)]
-  knobs = f"gamma={r['gamma']:g}" if r["method"] == "ec2t" else r["method_options"]
+  knobs = ((f"{r['budget']['kind']} budget" if r.get("budget") else f"gamma={r['gamma']:g}")
+           if r["method"] == "ec2t" else r["method_options"])
   title = f" {name} on tiny Shakespeare, {r['model']}" + (f", {knobs} " if knobs else " ")
   lines = [title.center(sum(widths) + 4, "=")]
   lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows]

@@ -88,17 +88,7 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
   flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid; "
                      "not used with a size budget below).",
                      flag_values=fv)
-  flags.DEFINE_float("bits_per_weight", 0.0, "EC2T chain form: train to this rate of the "
-                     "ternarized layers (entropy, bits/weight, <= log2 3) instead of --gamma "
-                     "(ec2t.Budget; 0: no budget).", flag_values=fv)
-  flags.DEFINE_float("target_bytes", 0.0, "EC2T chain form: train to this size of the exported "
-                     "file (ec2t.export, whole params tree) instead of --gamma (0: no budget).",
-                     flag_values=fv)
-  flags.DEFINE_float("target_sparsity", 0.0, "EC2T chain form: train to this sparsity of the "
-                     "ternarized layers instead of --gamma (0: no budget).", flag_values=fv)
-  flags.DEFINE_float("budget_ramp", 0.3, "With a budget: the target ramps in over this fraction "
-                     "of phase 1's steps; phase 1 keeps its last epoch (not its best).",
-                     flag_values=fv)
+  define_budget_flags(fv)
   flags.DEFINE_float("init_scale", d["init_scale"], "Initial centroid scaler s "
                      "(w_p = s |max W|).", flag_values=fv)
   flags.DEFINE_float("learning_rate", d["learning_rate"], "Adam learning rate: of the "
@@ -125,6 +115,23 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
   flags.DEFINE_integer("stop_after_steps", 0, "Stop after N steps of this invocation, with a "
                        "checkpoint (0: run to the end); continue with --resume.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
+
+
+def define_budget_flags(fv: flags.FlagValues) -> None:
+  """EC2T's size budget (``ec2t.Budget``, chain form): ``--bits_per_weight``,
+  ``--target_bytes``, ``--target_sparsity`` (at most one non-zero) and ``--budget_ramp``;
+  :func:`common.methods.size_budget` reads them."""
+  flags.DEFINE_float("bits_per_weight", 0.0, "EC2T chain form: train to this rate of the "
+                     "ternarized layers (entropy, bits/weight, <= log2 3) instead of --gamma "
+                     "(ec2t.Budget; 0: no budget).", flag_values=fv)
+  flags.DEFINE_float("target_bytes", 0.0, "EC2T chain form: train to this size of the exported "
+                     "file (ec2t.export, whole params tree) instead of --gamma (0: no budget).",
+                     flag_values=fv)
+  flags.DEFINE_float("target_sparsity", 0.0, "EC2T chain form: train to this sparsity of the "
+                     "ternarized layers instead of --gamma (0: no budget).", flag_values=fv)
+  flags.DEFINE_float("budget_ramp", 0.3, "With a budget: the target ramps in over this fraction "
+                     "of phase 1's steps; phase 1 keeps its last epoch (not its best).",
+                     flag_values=fv)
 
 
 def define_parallel_flags(fv: flags.FlagValues) -> None:

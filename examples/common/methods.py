@@ -162,6 +162,9 @@ def build(config, selection=None) -> MethodSetup:
   order of the layers); default the paper's rule by the tree's order.
   """
   options = parse_options(config.method, config.method_options)
+  if config.method != "ec2t" and size_budget(config) is not None:
+    raise UserError(f"a size budget (--bits_per_weight / --target_bytes / --target_sparsity) "
+                    f"trains EC2T's chain form; --method={config.method} takes none")
   try:
     return METHODS[config.method].builder(config, options, selection)
   except ValueError as error:  # a knob out of range: name it as the user typed it

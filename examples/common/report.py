@@ -40,7 +40,7 @@ def _kib(bits: float) -> str:
   return f"{bits / 8 / 1024:,.1f} KiB"
 
 
-def _budget_rows(budget: dict | None) -> list[tuple[str, str, str]]:
+def budget_rows(budget: dict | None) -> list[tuple[str, str, str]]:
   """The size budget's row: target, reached size and the controller's multiplier."""
   if not budget:
     return []
@@ -77,7 +77,7 @@ def format_report(results: dict[str, Any]) -> str:
                f"{_kib(sizes['entropy_bits'])}  ({sizes['ratio_entropy']:.3f}x float32)"))
   if r.get("export_bytes"):
     rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} bytes"))
-  rows += _budget_rows(r.get("budget"))
+  rows += budget_rows(r.get("budget"))
   fp_s, ec2t_s = r.get("fp_seconds_per_epoch"), r.get("ec2t_seconds_per_epoch")
   if r.get("posttrain_seconds") is not None:
     rows.append(("post-training time", "-", f"{r['posttrain_seconds']:.2f} s"))

@@ -13,6 +13,7 @@ import examples_support as support  # puts examples/ on the path
 import ec2t_jax as ec2t
 import shakespeare_gpt
 from common import checkpoint, language
+from common.cli import UserError
 from common.training import StopRequested
 from ec2t_jax import export
 
@@ -121,6 +122,23 @@ def test_every_registered_training_method_runs_from_the_full_precision_checkpoin
   results = _run(tmp_path / method, f"--method={method}", f"--init_from={init}",
                  "--sample_chars=0")
   assert np.isfinite(results["val_loss"]) and results["ternary_layers"] == 8
+
+
+@pytest.mark.slow  # a tiny run of 60 + 4 steps (~20 s)
+def test_a_size_budget_trains_ec2t_to_its_target_and_reports_it(tiny, tmp_path):
+  workdir, _ = tiny
+  results = _run(tmp_path / "budget", "--target_sparsity=0.7", "--phase1_steps=60",
+                 f"--init_from={os.path.join(workdir, 'checkpoints', 'fp', 'latest')}",
+                 "--sample_chars=0")
+  assert results["budget"]["kind"] == "sparsity"
+  np.testing.assert_allclose(results["budget"]["target"], 0.7, rtol=1e-6)  # float32 state
+  assert abs(results["budget"]["reached"] - 0.7) < 0.05
+  np.testing.assert_allclose(results["sparsity"], results["budget"]["reached"], atol=1e-6)
+
+
+def test_a_size_budget_for_another_method_is_refused(tmp_path):
+  with pytest.raises(UserError, match="--method=bitnet takes none"):
+    _run(tmp_path / "refused", "--method=bitnet", "--bits_per_weight=0.8")
 
 
 @pytest.mark.slow  # 8 fake devices, FSDP
