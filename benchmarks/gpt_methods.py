@@ -63,6 +63,39 @@ def _cached(workdir: str, args: list[str]) -> dict:
   return results
 
 
+def _float16_export(workdir: str) -> dict:
+  """Bytes and validation loss of the run's ``model.ec2t`` re-exported with its float leaves
+  (embeddings, LayerNorms, biases) as float16 (``ec2t.export.save(..., float16=True)``),
+  cached in ``<workdir>/float16.json``."""
+  cache = os.path.join(workdir, "float16.json")
+  if os.path.exists(cache):
+    with open(cache, encoding="utf-8") as f:
+      return json.load(f)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import shakespeare_gpt  # pylint: disable=g-import-not-at-top
+  from common import language  # pylint: disable=g-import-not-at-top
+  from ec2t_jax import export  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  shakespeare_gpt.define_flags(fv)
+  fv(["shakespeare_gpt"])
+  data = language.load_tiny_shakespeare()
+  _, apply_fn = shakespeare_gpt.build_model(fv, len(data.vocab))
+  blob = export.pack(export.load(os.path.join(workdir, "model.ec2t")), float16=True)
+  params = export.unpack(blob)
+  eval_step = jax.jit(language.make_eval_step(apply_fn))
+  windows = language.eval_windows(data.val, fv.block_size)
+  loss = count = 0.0
+  for start in range(0, len(windows["x"]), fv.eval_batch_size):
+    batch = {k: v[start:start + fv.eval_batch_size] for k, v in windows.items()}
+    sums = eval_step(params, {**batch, "mask": np.ones(len(batch["x"]), np.float32)})
+    loss, count = loss + float(sums["loss"]), count + float(sums["count"])
+  result = {"float16_bytes": len(blob), "float16_val_loss": loss / count}
+  with open(cache, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+  return result
+
+
 def _runs(seeds, runs):
   for run in runs:
     method, _, gamma = run.partition(":")
@@ -85,11 +118,15 @@ def _table(fp: dict, rows: dict[str, list[dict]], command: str) -> str:
            "head, position embedding, LayerNorms and biases stay float32. Validation loss in "
            "nats/char on tfds validation+test (nanoGPT's val split). Mean over seeds "
            "[min, max].", "",
+           "Float16 columns: the same file with the float leaves stored as float16 "
+           "(`ec2t.export.save(..., float16=True)`; the ternary kernels are unchanged) and the "
+           "validation loss of that file.", "",
            "| method | seeds | val loss | sparsity | bits/weight | 2-bit packed (B) | "
-           "exported (B) | exported / BitNet packed |",
-           "|---|---|---|---|---|---|---|---|",
+           "exported (B) | exported / BitNet packed | float16 export (B) | its val loss | "
+           "float16 export / BitNet packed |",
+           "|---|---|---|---|---|---|---|---|---|---|---|",
            f"| full precision | 1 | {fp['fp_val_loss']:.4f} | - | 32 | - | "
-           f"{fp['total_params'] * 4:,} (float32) | - |"]
+           f"{fp['total_params'] * 4:,} (float32) | - | - | - | - |"]
   bitnet_packed = None
   if "bitnet" in rows:
     bitnet_packed = rows["bitnet"][0]["sizes"]["packed_bits"] / 8
@@ -99,11 +136,14 @@ def _table(fp: dict, rows: dict[str, list[dict]], command: str) -> str:
     bits = np.array([r["bits_per_weight"] for r in runs])
     exported = np.array([r["export_bytes"] for r in runs])
     packed = runs[0]["sizes"]["packed_bits"] / 8
-    ratio = (f"{exported.mean() / bitnet_packed:.3f}" if bitnet_packed else "-")
+    half = np.array([r["float16_bytes"] for r in runs])
+    half_loss = np.array([r["float16_val_loss"] for r in runs])
+    ratio = lambda size: f"{size / bitnet_packed:.3f}" if bitnet_packed else "-"
     lines.append(
         f"| {name} | {len(runs)} | {loss.mean():.4f} [{loss.min():.4f}, {loss.max():.4f}] | "
         f"{100 * sparsity.mean():.1f}% | {bits.mean():.3f} | {packed:,.0f} | "
-        f"{exported.mean():,.0f} | {ratio} |")
+        f"{exported.mean():,.0f} | {ratio(exported.mean())} | {half.mean():,.0f} | "
+        f"{half_loss.mean():.4f} | {ratio(half.mean())} |")
   return "\n".join(lines) + "\n"
 
 
@@ -140,7 +180,7 @@ def main(argv):
     workdir = os.path.join(FLAGS.workdir, f"{name}_s{seed}")
     if FLAGS.cached_only and not os.path.exists(os.path.join(workdir, "report.json")):
       continue
-    result = _cached(workdir, [init, *args, *extra])
+    result = {**_cached(workdir, [init, *args, *extra]), **_float16_export(workdir)}
     rows.setdefault(name, []).append(result)
     fp.setdefault("total_params", result["total_params"])
     command = "python benchmarks/gpt_methods.py " + " ".join(

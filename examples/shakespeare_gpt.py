@@ -91,6 +91,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   d("seed", 0, "Seed of initialisation, data order and sampling.")
   d("eval_every", 250, "Evaluate, record and checkpoint every N steps.")
   d("sample_chars", 300, "Characters sampled from each model (0: none).")
+  flags.DEFINE_bool("export_float16", False, "Store the leaves that stay full precision "
+                    "(embeddings, LayerNorms, biases) as float16 in model.ec2t (lossy: the "
+                    "report then gives the validation loss of the exported model too).",
+                    flag_values=fv)
   flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.",
                     flag_values=fv)
   d("stop_after_steps", 0, "Stop after N steps of this invocation, with a checkpoint.")
@@ -120,6 +124,7 @@ class MethodConfig:
   target_sparsity: float = 0.0
   budget_ramp: float = 0.0
   budget_ramp_steps: int = 0
+  export_float16: bool = False
 
 
 def adamw(schedule, beta2: float, weight_decay: float, clip: float):
@@ -208,7 +213,8 @@ def budget_fields(fv) -> dict[str, Any]:
   """The size budget's flags (all 0: none), with the ramp in steps of phase 1."""
   return {"bits_per_weight": fv.bits_per_weight, "target_bytes": fv.target_bytes,
           "target_sparsity": fv.target_sparsity, "budget_ramp": fv.budget_ramp,
-          "budget_ramp_steps": int(fv.budget_ramp * fv.phase1_steps)}
+          "budget_ramp_steps": int(fv.budget_ramp * fv.phase1_steps),
+          "export_float16": fv.export_float16}
 
 
 def run(fv: flags.FlagValues) -> dict:
@@ -248,7 +254,8 @@ def run(fv: flags.FlagValues) -> dict:
                           + ("-scan" if fv.scan_layers else ""),
                  "dataset": "tiny_shakespeare", "method": fv.method,
                  "method_options": fv.method_options, "gamma": fv.gamma}
-  budget = {k: v for k, v in budget_fields(fv).items() if k != "budget_ramp_steps"}
+  budget = {k: v for k, v in budget_fields(fv).items()
+            if k not in ("budget_ramp_steps", "export_float16")}
   if any(budget[k] for k in ("bits_per_weight", "target_bytes", "target_sparsity")):
     fingerprint["budget"] = budget  # runs without a budget keep their former fingerprint
   checkpoint_lib.check_workdir(fv.workdir, fingerprint, fv.resume, PHASES)
@@ -352,8 +359,13 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
   results["sizes"] = report_lib.model_sizes(
       results["total_params"], [(l["numel"], l["entropy"]) for l in measures["layers"]])
   if parallel.is_main_process():
-    exported = ec2t.export.save(os.path.join(fv.workdir, "model.ec2t"), host_params)
+    exported = ec2t.export.save(os.path.join(fv.workdir, "model.ec2t"), host_params,
+                                float16=fv.export_float16)
     results["export_bytes"] = exported.total_bytes
+  results["export_float16"] = fv.export_float16
+  if fv.export_float16:  # every process decodes the same bytes, then evaluates together
+    shipped = ec2t.export.unpack(ec2t.export.pack(host_params, float16=True))
+    results["export_val_loss"] = runner.evaluate(shipped)
   if fv.sample_chars:
     samples[fv.method] = language.sample_text(apply_fn, state.params, data, fv.block_size,
                                               fv.sample_chars, seed=fv.seed)
@@ -376,8 +388,11 @@ def format_report(r: dict) -> str:
            f"{r['sizes']['packed_bits'] / 8:,.0f} B"),
           ("size, entropy bound", "", f"{r['sizes']['entropy_bits'] / 8:,.0f} B")]
   if r.get("export_bytes"):
-    rows.append(("exported file (ec2t.export)", "", f"{r['export_bytes']:,} B  "
+    rows.append(("exported file (ec2t.export)" + (", float16" if r.get("export_float16") else ""),
+                 "", f"{r['export_bytes']:,} B  "
                  f"({r['export_bytes'] * 8 / r['sizes']['packed_bits']:.3f}x 2-bit packed)"))
+  if r.get("export_val_loss") is not None:
+    rows.append(("validation loss of the exported file", "", f"{r['export_val_loss']:.4f}"))
   rows += report_lib.budget_rows(r.get("budget"))
   rows.insert(0, ("", "full precision", name))
   widths = [max(len(row[c]) for row in rows) for c in range(3)]

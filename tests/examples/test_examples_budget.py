@@ -18,6 +18,7 @@ class _Config:
   budget_ramp: float = 0.3
   budget_ramp_steps: int = 120
   ec2t_mode: str = "chain"
+  export_float16: bool = False
 
 
 def test_no_budget_flag_means_no_budget():
@@ -30,6 +31,13 @@ def test_no_budget_flag_means_no_budget():
 def test_each_flag_gives_its_budget_with_the_ramp(flag, kind):
   got = methods.size_budget(_Config(**{flag: 0.5}))
   assert got == ec2t.Budget(**{kind: 0.5}, ramp_steps=120)
+
+
+def test_a_bytes_budget_of_a_float16_export_counts_float_leaves_at_two_bytes():
+  config = dataclasses.replace(_Config(target_bytes=9000.0), export_float16=True)
+  assert methods.size_budget(config) == ec2t.Budget(bytes=9000.0, ramp_steps=120, float16=True)
+  config = dataclasses.replace(_Config(target_sparsity=0.9), export_float16=True)
+  assert methods.size_budget(config) == ec2t.Budget(sparsity=0.9, ramp_steps=120)
 
 
 def test_two_budget_flags_are_a_one_line_error():

@@ -136,6 +136,17 @@ def test_a_size_budget_trains_ec2t_to_its_target_and_reports_it(tiny, tmp_path):
   np.testing.assert_allclose(results["sparsity"], results["budget"]["reached"], atol=1e-6)
 
 
+@pytest.mark.slow  # a tiny run from the full-precision checkpoint (~20 s)
+def test_a_float16_export_is_smaller_and_reports_the_loss_of_the_file(tiny, tmp_path):
+  workdir, float32 = tiny
+  results = _run(tmp_path / "f16", "--gamma=0.2", "--export_float16", "--sample_chars=0",
+                 f"--init_from={os.path.join(workdir, 'checkpoints', 'fp', 'latest')}")
+  assert results["export_bytes"] < float32["export_bytes"]
+  wte = np.asarray(export.load(tmp_path / "f16" / "model.ec2t")["wte"]["embedding"])
+  np.testing.assert_array_equal(wte, wte.astype(np.float16).astype(np.float32))
+  assert abs(results["export_val_loss"] - results["val_loss"]) < 0.01
+
+
 def test_a_size_budget_for_another_method_is_refused(tmp_path):
   with pytest.raises(UserError, match="--method=bitnet takes none"):
     _run(tmp_path / "refused", "--method=bitnet", "--bits_per_weight=0.8")

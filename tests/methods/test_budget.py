@@ -100,6 +100,8 @@ def test_fixed_bytes_counts_headers_full_precision_and_centroids():
     (dict(sparsity=0.5, ramp_steps=-1), "ramp_steps"),
     (dict(sparsity=0.5, gain=0.0), "gain"),
     (dict(bytes=1000, coding_ratio=0.0), "coding_ratio"),
+    (dict(sparsity=0.5, float16=True), "float16 .* for a bytes budget"),
+    (dict(bytes=1000, float16=1), "float16 .* is a bool"),
 ])
 def test_bad_budgets_are_refused_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -295,18 +297,30 @@ def test_default_ternarize_transform_is_entropy_constrained():
 # Bytes: the file ec2t.export writes.
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
-def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path):
-  _, params = init()
+def _smallest_bytes(params, **budget) -> int:
   probe = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e9)).init(params)
-  smallest = int(budget_lib.plan_budget(
-      ec2t.Budget(bytes=1e9), chain_knob(), jax.tree.leaves(params),
+  return int(budget_lib.plan_budget(
+      ec2t.Budget(bytes=1e9, **budget), chain_knob(), jax.tree.leaves(params),
       core.flat_leaf_states(probe.leaves)[0]).fixed)
-  target = smallest + 350  # about 0.7 bits/weight on the 3,968 ternary weights
+
+
+def test_a_float16_bytes_budget_counts_full_precision_floats_at_two_bytes():
+  _, params = init()
+  full_precision = sum(p.size for k, v in params.items() for n, p in v.items()
+                       if not (n == "kernel" and k in ("Conv_1", "Conv_2", "Dense_0")))
+  assert (_smallest_bytes(params) - _smallest_bytes(params, float16=True)
+          == 2 * full_precision)
+
+
+@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.parametrize("float16", [False, True])
+def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path, float16):
+  _, params = init()
+  target = _smallest_bytes(params, float16=float16) + 350  # ~0.7 bits/w on 3,968 weights
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
-      budget=ec2t.Budget(bytes=target, gain=0.3)))
+      budget=ec2t.Budget(bytes=target, gain=0.3, float16=float16)))
   params, opt_state = _run(tx, params, 60)
-  written = ec2t.export.save(tmp_path / "model.ec2t", params).total_bytes
+  written = ec2t.export.save(tmp_path / "model.ec2t", params, float16=float16).total_bytes
   assert written == pytest.approx(target, rel=0.05)
   assert ec2t.summary(opt_state).budget["reached"] == pytest.approx(target, rel=0.03)
 

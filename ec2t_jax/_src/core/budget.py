@@ -26,7 +26,9 @@ official ResNet-20 checkpoints' 3x3 convs (``benchmarks/RESULTS_export.md``),
 1.00-1.03 on LeNet-5's dense layers (no kernel neighbours to exploit;
 ``benchmarks/RESULTS_budget.md``), hence the default ``rho = 1.0``, which
 errs on the large side for conv nets (pass ``coding_ratio=0.9`` there). The
-other leaves are stored as raw bytes at most. So a file of ``B`` bytes has
+other leaves are stored as raw bytes at most (float32/float64 ones as 2-byte
+float16 when the file is written with ``float16=True`` and the budget says
+so). So a file of ``B`` bytes has
 
 .. math:: B \approx F + \frac{\rho}{8} \sum_l n_l H_l
           = F + \frac{\rho N}{8} R,
@@ -98,11 +100,15 @@ class Budget:
     coding_ratio: bytes budgets only: the export's coded bits of a ternary
       layer over ``numel x H0`` (1.0; measured 1.00-1.03 on LeNet-5's dense
       layers, 0.90-0.92 on ResNet-20's convs).
+    float16: bytes budgets only: the file will be written with
+      ``ec2t.export.save(..., float16=True)``, so the float32/float64 leaves
+      kept in full precision count 2 bytes per value.
 
   Raises:
     ValueError: no target or more than one, a target <= 0, NaN or infinite,
       ``bits_per_weight > log2 3``, ``sparsity >= 1``, ``ramp_steps < 0``,
-      ``gain <= 0`` or a ``coding_ratio`` outside ``(0, 2]``.
+      ``gain <= 0``, a ``coding_ratio`` outside ``(0, 2]`` or ``float16``
+      without a bytes target.
 
   Example:
     >>> from ec2t_jax import Budget
@@ -115,6 +121,7 @@ class Budget:
   ramp_steps: int = 0
   gain: Optional[float] = None
   coding_ratio: float = DEFAULT_CODING_RATIO
+  float16: bool = False
 
   def __post_init__(self):
     given = [k for k in KINDS if getattr(self, k) is not None]
@@ -128,6 +135,10 @@ class Budget:
       raise ValueError(f"Budget gain must be finite and > 0, got {self.gain!r}")
     if not (_finite(self.coding_ratio) and 0 < self.coding_ratio <= 2):
       raise ValueError(f"Budget coding_ratio must be in (0, 2], got {self.coding_ratio!r}")
+    if not isinstance(self.float16, (bool, np.bool_)) or (self.float16
+                                                           and self.kind != "bytes"):
+      raise ValueError(f"Budget float16 (the export's float16 option) is a bool for a bytes "
+                       f"budget, got float16={self.float16!r} with {self.kind}")
 
   @property
   def kind(self) -> str:
@@ -412,7 +423,7 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
   for param, leaf in zip(param_leaves, leaf_states):
     n = int(np.prod(np.shape(param)))
     if leaf is None:
-      unselected.append((n, np.dtype(param.dtype).itemsize))
+      unselected.append((n, _stored_itemsize(np.dtype(param.dtype), budget.float16)))
     else:
       selected.append(n)
       if budget.kind == "bytes":
@@ -420,6 +431,11 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
   numel = sum(selected)
   return BudgetPlan(budget, knob, numel, fixed_bytes(unselected, selected),
                     8.0 / (budget.coding_ratio * max(numel, 1)))
+
+
+def _stored_itemsize(dtype: np.dtype, float16: bool) -> int:
+  """Bytes per value of a full-precision leaf in the file (the export's float16 option)."""
+  return 2 if float16 and dtype.name in ("float32", "float64") else dtype.itemsize
 
 
 def _check_bytes_model(leaf) -> None:
