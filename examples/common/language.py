@@ -344,8 +344,9 @@ class LMRunner:
           self._record(phase, state, step, float(parallel.to_host(loss_sum)) / loss_count, info,
                        epoch_metrics)
           loss_sum, loss_count = 0.0, 0
+        pending = float(parallel.to_host(loss_sum))  # JSON; exact: the float32 sum
         ckpts.save("latest", step, state, {"total_steps": steps, "info": info, "done": done,
-                                           "loss_sums": [loss_sum, loss_count]})
+                                           "loss_sums": [pending, loss_count]})
         kill_points.reached(f"{phase}/{step}/latest")
         started = time.perf_counter()
         if stopping and not done:
