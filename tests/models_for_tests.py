@@ -1,5 +1,6 @@
 """Small Flax models and a loss shared by the tests."""
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,21 @@ class SmallCNN(nn.Module):
 
 
 TERNARY_LEAVES = ("Conv_1", "Conv_2", "Dense_0")
+
+
+class SmallNnxCNN(nnx.Module):
+  """The NNX twin of SmallCNN's shape: conv1 and fc2 stay full precision."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+    self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv1(x))
+    x = nnx.relu(self.conv2(x)).mean((1, 2))
+    return self.fc2(nnx.relu(self.fc1(x)))
 
 
 def batch(seed=0, n=16):

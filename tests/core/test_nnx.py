@@ -6,24 +6,11 @@ import numpy as np
 import optax
 
 import ec2t_jax as ec2t
-
-
-class _Cnn(nnx.Module):
-
-  def __init__(self, rngs):
-    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
-    self.fc1 = nnx.Linear(16, 32, rngs=rngs)
-    self.fc2 = nnx.Linear(32, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.conv1(x))
-    x = nnx.relu(self.conv2(x)).mean((1, 2))
-    return self.fc2(nnx.relu(self.fc1(x)))
+from tests.models_for_tests import SmallNnxCNN
 
 
 def _setup(gamma=0.2):
-  model = _Cnn(nnx.Rngs(0))
+  model = SmallNnxCNN(nnx.Rngs(0))
   tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=gamma))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
@@ -46,7 +33,7 @@ def _batch(seed):
 
 
 def test_default_rule_on_nnx_skips_first_and_last_layer():
-  model = _Cnn(nnx.Rngs(0))
+  model = SmallNnxCNN(nnx.Rngs(0))
   plans = ec2t.Selection().plan(nnx.state(model, nnx.Param))
   assert {p.path for p in plans if p} == {"conv2/kernel", "fc1/kernel"}
 

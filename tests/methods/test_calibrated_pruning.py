@@ -88,16 +88,7 @@ def test_capture_gives_the_layer_inputs(linen):
 
 
 def test_calibration_reduces_the_layer_output_error(linen):
-  _, params, apply_fn, x = linen
-  leaves = jax.tree.leaves(params)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  i = next(j for j, p in enumerate(paths) if "Dense_0" in p and "kernel" in p)
-  bias = params["Dense_0"]["bias"]
-  calls, _ = layer_capture.capture_layer_inputs(apply_fn, params, [x[:16], x[16:]], [i])
-  call = calls[i]
-  targets = [call.output(b, leaves[i]) + bias for b in call.inputs]
-  mask = cp.global_magnitude_masks([leaves[i]], 0.7)[0]
-  kernel = jnp.where(mask, leaves[i], 0.0)
+  call, kernel, bias, mask, targets = _dense0_call(linen)
   plain = cp.layer_output_error(call, kernel, bias, targets)
   new_kernel, new_bias, (before, after) = cp.calibrate_layer(
       call, kernel, bias, mask, targets, steps=20, weight_learning_rate=1e-3,

@@ -1,7 +1,6 @@
 """INQ, SLQ and MLQ transformations on the shared core: grids, exact landing, stages, Linen, NNX."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -121,20 +120,8 @@ def test_mlq_is_ternary_and_layers_start_one_stage_apart():
 
 
 def test_nnx_optimizer_with_inq_and_mlq():
-  class Cnn(nnx.Module):
-    def __init__(self, rngs):
-      self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
-      self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
-      self.fc1 = nnx.Linear(16, 32, rngs=rngs)
-      self.fc2 = nnx.Linear(32, 10, rngs=rngs)
-
-    def __call__(self, x):
-      x = nnx.relu(self.conv1(x))
-      x = nnx.relu(self.conv2(x)).mean((1, 2))
-      return self.fc2(nnx.relu(self.fc1(x)))
-
   for method in (ec2t.inq(2, steps_per_stage=1), ec2t.mlq(steps_per_stage=1)):
-    model = Cnn(nnx.Rngs(0))
+    model = models.SmallNnxCNN(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), method), wrt=nnx.Param)
     nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
 
