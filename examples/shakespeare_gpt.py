@@ -125,6 +125,7 @@ class MethodConfig:
   budget_ramp: float = 0.0
   budget_ramp_steps: int = 0
   export_float16: bool = False
+  budget_fixed_bytes: float = 0.0
 
 
 def adamw(schedule, beta2: float, weight_decay: float, clip: float):
@@ -195,8 +196,9 @@ def _mesh(fv):
                        axis_types=(auto, auto), devices=jax.devices()[:fv.num_devices])
 
 
-def method_setup(fv, selection, total_steps: int):
-  """The method's :class:`common.methods.MethodSetup` with this script's AdamW inside."""
+def method_setup(fv, selection, total_steps: int, budget_fixed_bytes: float = 0.0):
+  """The method's :class:`common.methods.MethodSetup` with this script's AdamW inside
+  (``budget_fixed_bytes``: ``F`` of a ``--target_bytes`` budget, 0: the library's bound)."""
   import optax  # pylint: disable=g-import-not-at-top
   from common import methods  # pylint: disable=g-import-not-at-top
   schedule = optax.cosine_decay_schedule(fv.learning_rate, max(total_steps, 1))
@@ -205,7 +207,7 @@ def method_setup(fv, selection, total_steps: int):
       init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
       weight_decay=fv.ec2t_weight_decay, phase2_epochs=fv.phase2_steps, ec2t_steps=total_steps,
       inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip),
-      **budget_fields(fv))
+      budget_fixed_bytes=budget_fixed_bytes, **budget_fields(fv))
   return methods.build(config, selection)
 
 
@@ -296,6 +298,9 @@ def run(fv: flags.FlagValues) -> dict:
 
   # ---- the method
   results["total_params"] = language.count_params(fp_state.params)
+  if fv.target_bytes:  # F measured on the full-precision model: its float leaves, packed
+    setup = method_setup(fv, selection, total, ec2t.export.fixed_bytes(
+        parallel.to_host(fp_state.params), selection, float16=fv.export_float16))
   if setup.post_training is not None:  # MCQ
     host = parallel.to_host(fp_state.params)
     from common.methods import PostTrainingInputs

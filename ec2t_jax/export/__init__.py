@@ -47,6 +47,7 @@ loaded dict back with ``nnx.replace_by_pure_dict(state, loaded)`` then
 :func:`load_ternary` and :mod:`ec2t_jax._src.export.inference`.
 """
 
+from ec2t_jax._src.export.budget_bytes import fixed_bytes
 from ec2t_jax._src.export.exporting import (ExportResult, decode_file, export_file,
                                      export_inference, load, load_inference, load_ternary,
                                      save)
@@ -61,6 +62,6 @@ from ec2t_jax._src.export.sources import load_tree
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",
     "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
-    "export_inference", "fold_batch_norm", "load", "load_inference", "load_ternary",
+    "export_inference", "fixed_bytes", "fold_batch_norm", "load", "load_inference", "load_ternary",
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
 ]

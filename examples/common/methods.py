@@ -174,7 +174,8 @@ def build(config, selection=None) -> MethodSetup:
 def size_budget(config) -> ec2t.Budget | None:
   """The :class:`ec2t.Budget` of ``--bits_per_weight`` / ``--target_bytes`` /
   ``--target_sparsity`` (None when all are 0), ramped over ``budget_ramp_steps``; a bytes
-  budget counts float leaves at 2 bytes when the example exports them as float16."""
+  budget takes ``budget_fixed_bytes`` (``ec2t.export.fixed_bytes`` of the full-precision model,
+  measured by the example) and the example's float16 export."""
   given = {name: value for name, value in (
       ("bits_per_weight", getattr(config, "bits_per_weight", 0.0)),
       ("bytes", getattr(config, "target_bytes", 0.0)),
@@ -184,9 +185,11 @@ def size_budget(config) -> ec2t.Budget | None:
   if not 0 <= getattr(config, "budget_ramp", 0.0) <= 1:
     raise UserError(f"--budget_ramp must be in [0, 1], got {config.budget_ramp}")
   try:
-    float16 = {"float16": True} if "bytes" in given and getattr(config, "export_float16",
-                                                                 False) else {}
-    return ec2t.Budget(**given, ramp_steps=getattr(config, "budget_ramp_steps", 0), **float16)
+    measured = {}
+    if "bytes" in given:  # the file's rate-independent part, as the example will export it
+      measured = {"float16": bool(getattr(config, "export_float16", False)),
+                  "fixed_bytes": getattr(config, "budget_fixed_bytes", 0.0) or None}
+    return ec2t.Budget(**given, ramp_steps=getattr(config, "budget_ramp_steps", 0), **measured)
   except ValueError as error:
     raise UserError(f"size budget (--bits_per_weight / --target_bytes / --target_sparsity): "
                     f"{error}") from None

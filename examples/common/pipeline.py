@@ -99,6 +99,8 @@ class PipelineConfig:
   budget_ramp: float = 0.3
   # Steps of the budget's ramp (set by run() from budget_ramp x phase-1 steps).
   budget_ramp_steps: int = 0
+  # F of a --target_bytes budget (set by run(): ec2t.export.fixed_bytes of the FP params).
+  budget_fixed_bytes: float = 0.0
   init_scale: float = 0.3
   sustain: float = 0.05
   learning_rate: float = 1e-4
@@ -284,7 +286,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
                           * train.steps_per_epoch,
                           budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs
-                                                * train.steps_per_epoch)), selection)
+                                                * train.steps_per_epoch),
+                          budget_fixed_bytes=(ec2t.export.fixed_bytes(
+                              parallel.to_host(fp_state.params), selection)
+                                              if config.target_bytes else 0.0)), selection)
   keep_last = _phase1_keeps_last(config, setup)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
     return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,

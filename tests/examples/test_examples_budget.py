@@ -19,6 +19,7 @@ class _Config:
   budget_ramp_steps: int = 120
   ec2t_mode: str = "chain"
   export_float16: bool = False
+  budget_fixed_bytes: float = 0.0
 
 
 def test_no_budget_flag_means_no_budget():
@@ -33,10 +34,13 @@ def test_each_flag_gives_its_budget_with_the_ramp(flag, kind):
   assert got == ec2t.Budget(**{kind: 0.5}, ramp_steps=120)
 
 
-def test_a_bytes_budget_of_a_float16_export_counts_float_leaves_at_two_bytes():
-  config = dataclasses.replace(_Config(target_bytes=9000.0), export_float16=True)
-  assert methods.size_budget(config) == ec2t.Budget(bytes=9000.0, ramp_steps=120, float16=True)
-  config = dataclasses.replace(_Config(target_sparsity=0.9), export_float16=True)
+def test_a_bytes_budget_takes_the_measured_fixed_bytes_and_the_float16_export():
+  config = dataclasses.replace(_Config(target_bytes=9000.0), export_float16=True,
+                               budget_fixed_bytes=4321.0)
+  assert methods.size_budget(config) == ec2t.Budget(bytes=9000.0, ramp_steps=120, float16=True,
+                                                    fixed_bytes=4321.0)
+  config = dataclasses.replace(_Config(target_sparsity=0.9), export_float16=True,
+                               budget_fixed_bytes=4321.0)
   assert methods.size_budget(config) == ec2t.Budget(sparsity=0.9, ramp_steps=120)
 
 

@@ -136,6 +136,16 @@ def test_a_size_budget_trains_ec2t_to_its_target_and_reports_it(tiny, tmp_path):
   np.testing.assert_allclose(results["sparsity"], results["budget"]["reached"], atol=1e-6)
 
 
+@pytest.mark.slow  # a tiny run of 60 + 4 steps (~20 s)
+def test_a_bytes_budget_lands_within_5_percent_of_the_exported_file(tiny, tmp_path):
+  workdir, _ = tiny
+  results = _run(tmp_path / "bytes", "--target_bytes=15500", "--phase1_steps=60",
+                 f"--init_from={os.path.join(workdir, 'checkpoints', 'fp', 'latest')}",
+                 "--sample_chars=0")
+  assert results["export_bytes"] == pytest.approx(15500, rel=0.05)
+  assert results["budget"]["reached"] == pytest.approx(15500, rel=0.03)
+
+
 @pytest.mark.slow  # a tiny run from the full-precision checkpoint (~20 s)
 def test_a_float16_export_is_smaller_and_reports_the_loss_of_the_file(tiny, tmp_path):
   workdir, float32 = tiny

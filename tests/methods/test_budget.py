@@ -102,6 +102,9 @@ def test_fixed_bytes_counts_headers_full_precision_and_centroids():
     (dict(bytes=1000, coding_ratio=0.0), "coding_ratio"),
     (dict(sparsity=0.5, float16=True), "float16 .* for a bytes budget"),
     (dict(bytes=1000, float16=1), "float16 .* is a bool"),
+    (dict(sparsity=0.5, fixed_bytes=100), "fixed_bytes .* for a bytes budget"),
+    (dict(bytes=1000, fixed_bytes=0), "fixed_bytes must be finite and > 0"),
+    (dict(bytes=1000, fixed_bytes=float("nan")), "fixed_bytes must be finite"),
 ])
 def test_bad_budgets_are_refused_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -310,6 +313,15 @@ def test_a_float16_bytes_budget_counts_full_precision_floats_at_two_bytes():
                        if not (n == "kernel" and k in ("Conv_1", "Conv_2", "Dense_0")))
   assert (_smallest_bytes(params) - _smallest_bytes(params, float16=True)
           == 2 * full_precision)
+
+
+def test_a_measured_fixed_bytes_replaces_the_models_bound():
+  _, params = init()
+  measured = ec2t.Budget(bytes=1e9, fixed_bytes=1234.2)
+  probe = ec2t.ternarize_transform(budget=measured).init(params)
+  plan = budget_lib.plan_budget(measured, chain_knob(), jax.tree.leaves(params),
+                                core.flat_leaf_states(probe.leaves)[0])
+  assert plan.fixed == 1235 and plan.smallest_bytes() == 1235
 
 
 @pytest.mark.slow  # a third compiled training loop (CI runs the slow set)

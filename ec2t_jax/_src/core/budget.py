@@ -34,7 +34,8 @@ so). So a file of ``B`` bytes has
           = F + \frac{\rho N}{8} R,
 
 with ``F`` = :func:`fixed_bytes` (file header and checksum, per-leaf header
-records, centroids, every full-precision leaf at its raw size) and
+records, centroids, every full-precision leaf at its raw size; or ``F``
+measured by packing those leaves, ``Budget(fixed_bytes=...)``) and
 ``N = sum_l n_l``; a bytes target ``B*`` is the rate target
 :math:`R^* = 8 (B^* - F) / (\rho N)` (:func:`bytes_to_rate`). The smallest
 reachable file is ``F`` (every selected weight zero).
@@ -103,12 +104,17 @@ class Budget:
     float16: bytes budgets only: the file will be written with
       ``ec2t.export.save(..., float16=True)``, so the float32/float64 leaves
       kept in full precision count 2 bytes per value.
+    fixed_bytes: bytes budgets only: ``F`` measured on the params
+      (:func:`ec2t_jax.export.fixed_bytes`: the full-precision leaves as the
+      export really stores them, compressed) instead of the model's bound
+      (those leaves at their raw size), which is loose when they are a large
+      part of the file (a GPT's embeddings: 11% over).
 
   Raises:
     ValueError: no target or more than one, a target <= 0, NaN or infinite,
       ``bits_per_weight > log2 3``, ``sparsity >= 1``, ``ramp_steps < 0``,
-      ``gain <= 0``, a ``coding_ratio`` outside ``(0, 2]`` or ``float16``
-      without a bytes target.
+      ``gain <= 0``, a ``coding_ratio`` outside ``(0, 2]``, or ``float16`` /
+      ``fixed_bytes`` without a bytes target (``fixed_bytes`` must be > 0).
 
   Example:
     >>> from ec2t_jax import Budget
@@ -122,6 +128,7 @@ class Budget:
   gain: Optional[float] = None
   coding_ratio: float = DEFAULT_CODING_RATIO
   float16: bool = False
+  fixed_bytes: Optional[float] = None
 
   def __post_init__(self):
     given = [k for k in KINDS if getattr(self, k) is not None]
@@ -139,6 +146,10 @@ class Budget:
                                                            and self.kind != "bytes"):
       raise ValueError(f"Budget float16 (the export's float16 option) is a bool for a bytes "
                        f"budget, got float16={self.float16!r} with {self.kind}")
+    if self.fixed_bytes is not None and not (self.kind == "bytes" and _finite(self.fixed_bytes)
+                                             and self.fixed_bytes > 0):
+      raise ValueError(f"Budget fixed_bytes must be finite and > 0, for a bytes budget; got "
+                       f"fixed_bytes={self.fixed_bytes!r} with {self.kind}")
 
   @property
   def kind(self) -> str:
@@ -429,8 +440,9 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
       if budget.kind == "bytes":
         _check_bytes_model(leaf)
   numel = sum(selected)
-  return BudgetPlan(budget, knob, numel, fixed_bytes(unselected, selected),
-                    8.0 / (budget.coding_ratio * max(numel, 1)))
+  fixed = (fixed_bytes(unselected, selected) if budget.fixed_bytes is None
+           else int(math.ceil(budget.fixed_bytes)))
+  return BudgetPlan(budget, knob, numel, fixed, 8.0 / (budget.coding_ratio * max(numel, 1)))
 
 
 def _stored_itemsize(dtype: np.dtype, float16: bool) -> int:
