@@ -290,7 +290,7 @@ def test_default_ternarize_transform_is_entropy_constrained():
   _, opt_state = _run(tx, params, 1)
   lam = ec2t.find_ternarize_state(opt_state).field("lam")
   assert float(lam["Conv_1"]["kernel"]) > 0  # gamma = 0 would give lambda = 0
-  explicit = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform(gamma=0.35))
+  explicit = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform(gamma=0.2))
   _, explicit_state = _run(explicit, params, 1)
   chex.assert_trees_all_equal(ec2t.find_ternarize_state(explicit_state).resolved_leaves(),
                               ec2t.find_ternarize_state(opt_state).resolved_leaves())
