@@ -445,13 +445,27 @@ PANELS = (("sparsity", 100.0, True, "sparsity of the compressed layers (%)"),
           ("export_bytes", 1e-3, False, "exported model (kB, ec2t.export)"))
 
 
+def _series(row: dict) -> str:
+  """The legend entry of a row: its method, EC2T's size-budget runs apart from its gammas."""
+  budget = row["method"] == "ec2t" and row["label"].startswith(("bits_per_weight", "bytes"))
+  return "ec2t (size budget)" if budget else row["method"]
+
+
 def _draw_methods(ax, rows, key, scale) -> None:
-  for method in dict.fromkeys(r["method"] for r in rows):
-    rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  colours = plt.get_cmap("tab20").colors
+  colours = colours[::2] + colours[1::2]  # the 10 strong colours first, then their light twins
+  markers = "os^vDP*Xph<>"
+  ec2t_style = {"ec2t": {"color": "black", "linewidth": 1.6},
+                "ec2t (size budget)": {"color": "black", "marker": "*", "markersize": 12,
+                                       "linestyle": "none"}}
+  for i, series in enumerate(dict.fromkeys(_series(r) for r in rows)):
+    rs = sorted((r for r in rows if _series(r) == series), key=lambda r: r[key])
+    style = {"marker": markers[i % len(markers)], "color": colours[i % len(colours)],
+             "linewidth": 1, **ec2t_style.get(series, {})}
     ax.errorbar([scale * r[key] for r in rs], [100 * r["accuracy"] for r in rs],
                 xerr=[scale * r[key + "_std"] for r in rs],
-                yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=2,
-                label=method, linewidth=1)
+                yerr=[100 * r["accuracy_std"] for r in rs], capsize=2, label=series, **style)
 
 
 def _draw_front(ax, rows, key, scale, larger_is_better) -> None:
