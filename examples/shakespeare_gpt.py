@@ -12,9 +12,10 @@ full precision, as in BitNet -- in phase 1 (assignment trained) and phase 2
 and a cosine from ``--learning_rate``. It reports the validation loss of both
 models (nanoGPT's val split: the tfds ``validation`` + ``test`` splits), the
 per-layer summary, the sizes (2-bit packed, entropy bound, exported file) and a
-few lines sampled from each model. Measured (benchmarks/RESULTS_gpt.md, one seed): full
-precision 1.8829 val loss; EC2T (gamma 0.15) 1.9044 at 81.5% sparsity, 168,601 B exported;
-BitNet 1.8746 at 35.1%.
+few lines sampled from each model. Measured (benchmarks/RESULTS_gpt.md, 2 seeds): full
+precision 1.8829 val loss; EC2T (gamma 0.15) 1.9047 at 81.4% sparsity, 168,814 B exported
+(128,102 B with ``--export_float16``); BitNet 1.8774 at 35.1%. The size budget flags
+(``--bits_per_weight`` ...) train EC2T to a size instead of ``--gamma``.
 
 ``--scan_layers`` stacks the blocks (``nnx.vmap``) and applies them with
 ``nnx.scan``; ``--fsdp`` shards params and optimizer state, several processes
