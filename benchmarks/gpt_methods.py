@@ -81,8 +81,8 @@ def _float16_export(workdir: str) -> dict:
   fv(["shakespeare_gpt"])
   data = language.load_tiny_shakespeare()
   _, apply_fn = shakespeare_gpt.build_model(fv, len(data.vocab))
-  blob = export.pack(export.load(os.path.join(workdir, "model.ec2t")), float16=True)
-  params = export.unpack(blob)
+  blob = export.encode(export.load(os.path.join(workdir, "model.ec2t")), float16=True)
+  params = export.decode(blob)
   eval_step = jax.jit(language.make_eval_step(apply_fn))
   windows = language.eval_windows(data.val, fv.block_size)
   loss = count = 0.0

@@ -370,7 +370,7 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
     results["export_bytes"] = exported.total_bytes
   results["export_float16"] = fv.export_float16
   if fv.export_float16:  # every process decodes the same bytes, then evaluates together
-    shipped = ec2t.export.unpack(ec2t.export.pack(host_params, float16=True))
+    shipped = ec2t.export.decode(ec2t.export.encode(host_params, float16=True))
     results["export_val_loss"] = runner.evaluate(shipped)
   if fv.sample_chars:
     samples[fv.method] = language.sample_text(apply_fn, state.params, data, fv.block_size,

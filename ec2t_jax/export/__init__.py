@@ -18,6 +18,7 @@ Python API::
     from ec2t_jax import export
     export.save("model.ec2t", params)            # Linen params, NNX state, npz dict
     params = export.load("model.ec2t")          # the same tree, numpy arrays
+    data = export.encode(params); export.decode(data)  # the same, in memory
     export.export_file("ckpt_dir", "model.ec2t")  # orbax checkpoint / .npz -> packed
     export.decode_file("model.ec2t", "model.npz")
     export.export_inference("ckpt.npz", "model.ec2t")  # inference file
@@ -48,7 +49,7 @@ loaded dict back with ``nnx.replace_by_pure_dict(state, loaded)`` then
 """
 
 from ec2t_jax._src.export.budget_bytes import fixed_bytes
-from ec2t_jax._src.export.exporting import (ExportResult, decode_file, export_file,
+from ec2t_jax._src.export.exporting import (ExportResult, decode, decode_file, encode, export_file,
                                      export_inference, load, load_inference, load_ternary,
                                      save)
 from ec2t_jax._src.export.inference_export import fold_batch_norm, unfold_batch_norm
@@ -61,7 +62,7 @@ from ec2t_jax._src.export.sources import load_tree
 
 __all__ = [
     "CODECS", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAGIC", "ExportFormatError",
-    "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode_file", "export_file",
+    "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode", "decode_file", "encode", "export_file",
     "export_inference", "fixed_bytes", "fold_batch_norm", "load", "load_inference", "load_ternary",
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
 ]

@@ -282,14 +282,15 @@ def run(config: PipelineConfig) -> dict[str, Any]:
       lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
       params_shape, stats_shape, dummy)
   selection = ec2t.Selection(order=order)
+  # A bytes budget's F: the full-precision leaves as the export will store them.
+  fixed_bytes = (ec2t.export.fixed_bytes(parallel.to_host(fp_state.params), selection)
+                 if config.target_bytes else 0.0)
   setup = methods_lib.build(
       dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
                           * train.steps_per_epoch,
                           budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs
                                                 * train.steps_per_epoch),
-                          budget_fixed_bytes=(ec2t.export.fixed_bytes(
-                              parallel.to_host(fp_state.params), selection)
-                                              if config.target_bytes else 0.0)), selection)
+                          budget_fixed_bytes=fixed_bytes), selection)
   keep_last = _phase1_keeps_last(config, setup)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
     return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,

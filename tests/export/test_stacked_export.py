@@ -66,3 +66,14 @@ def test_a_leaf_ternary_as_a_whole_is_not_split():
 def test_restack_of_a_record_not_matching_the_tree_is_an_error():
   with pytest.raises(ValueError, match="does not match the tree"):
     stacking.restack({"a": {"k[0]": np.zeros(2)}}, [[["a", "k"], 2]])
+
+
+def test_encode_splits_stacked_ternary_layers_as_save_does_so_float16_keeps_them_exact():
+  stacked = np.stack([np.array([[0.33, -0.33], [0.0, 0.33]], np.float32),
+                      np.array([[0.0, 0.1], [-0.1, 0.0]], np.float32)])
+  tree = {"k": stacked, "b": np.array([0.1234567, 2.5], np.float32)}
+  decoded = export.decode(export.encode(tree, float16=True))
+  np.testing.assert_array_equal(decoded["k"], stacked)
+  np.testing.assert_array_equal(decoded["b"], tree["b"].astype(np.float16).astype(np.float32))
+  # The record-level pack sees one leaf of five values: float16, so not exact.
+  assert not np.array_equal(export.unpack(export.pack(tree, float16=True))["k"], stacked)

@@ -19,7 +19,7 @@ import numpy as np
 from ec2t_jax._src.core import budget as budget_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import exporting
 
 
 def fixed_bytes(params, selection: selection_lib.SelectionLike = None, *,
@@ -33,8 +33,9 @@ def fixed_bytes(params, selection: selection_lib.SelectionLike = None, *,
   leaf's header record) and ``e`` =
   :data:`~ec2t_jax._src.core.budget.TERNARY_STREAM_EXTRA_BYTES` (centroids and
   coder flush) for each of the ``n_sel`` selected leaves. The full-precision
-  leaves change during training, so ``F`` measured before it is an estimate
-  (their compressed size moves little: the embeddings' by well under 1%).
+  leaves change during training, so ``F`` measured before it is an estimate:
+  on the character GPT, measured on the full-precision model, the file written
+  after 1,000 more steps was 130 B (0.08%) above the controller's size.
 
   Args:
     params: the params tree the transformation will see (concrete arrays).
@@ -58,5 +59,5 @@ def fixed_bytes(params, selection: selection_lib.SelectionLike = None, *,
   kept = {trees.path_to_str(path): np.asarray(leaf)
           for (path, leaf), plan in zip(flat, plans) if plan is None}
   selected = sum(plan is not None for plan in plans)
-  return (len(packing.pack(kept, float16=float16))
+  return (len(exporting.encode(kept, float16=float16))
           + selected * (budget_lib.HEADER_BYTES_PER_LEAF + budget_lib.TERNARY_STREAM_EXTRA_BYTES))

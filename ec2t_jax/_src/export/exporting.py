@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -83,6 +82,27 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
     >>> info.records[0].codec
     'raw'
   """
+  data = encode(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
+                full_precision=full_precision)
+  sources.atomic_write(path, data)
+  return read_info(data)
+
+
+def encode(tree, *, float16: bool = False, entropy_coding: bool = True,
+           metadata: Optional[dict] = None, full_precision=()) -> bytes:
+  """The bytes :func:`save` writes, in memory (arguments as for :func:`save`).
+
+  Unlike the record-level :func:`pack`, a leaf stacking ternary layers is
+  split into one record per slice first, as :func:`save` does.
+
+  Example:
+    >>> import numpy as np
+    >>> from ec2t_jax.export import decode, encode
+    >>> stacked = np.stack([np.array([[0.33, -0.33], [0.0, 0.33]], np.float32),
+    ...                     np.array([[0.0, 0.1], [-0.1, 0.0]], np.float32)])  # 2 ternary layers
+    >>> bool((decode(encode({"k": stacked}, float16=True))["k"] == stacked).all())
+    True
+  """
   full_precision = set(full_precision)
   flat, structure = trees.flatten(tree)
   tree, split = stacking.split_stacked(trees.unflatten([a for _, a in flat], structure),
@@ -92,10 +112,8 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
       raise ValueError(f"metadata key {stacking.METADATA_KEY!r} is reserved for the "
                        "stacked leaves split into one record per slice")
     metadata = {**(metadata or {}), stacking.METADATA_KEY: split}
-  data = pack(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
+  return pack(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
               full_precision=full_precision)
-  sources.atomic_write(path, data)
-  return read_info(data)
 
 
 def _read_packed(path, max_bytes: int) -> bytes:
@@ -114,7 +132,15 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
     ExportFormatError: wrong magic or version, truncated or corrupted file,
       or one declaring more than ``max_bytes``.
   """
-  data = _read_packed(path, max_bytes)
+  return decode(_read_packed(path, max_bytes), max_bytes=max_bytes)
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES):
+  """The tree of bytes :func:`encode` made (what :func:`load` reads from a file).
+
+  Raises:
+    ExportFormatError: as :func:`load`.
+  """
   return _restacked(unpack(data, max_bytes=max_bytes), read_info(data, max_bytes=max_bytes))
 
 
