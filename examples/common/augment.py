@@ -6,6 +6,7 @@ draws exactly the same crops and flips. Per-example keys are split from one
 key for the whole global batch, so the result does not depend on the mesh.
 
 Example:
+  >>> from common.augment import random_flip_and_crop
   >>> import jax, jax.numpy as jnp
   >>> images = jnp.zeros((2, 32, 32, 3))
   >>> random_flip_and_crop(images, jax.random.key(0)).shape

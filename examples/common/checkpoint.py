@@ -25,6 +25,7 @@ state the interrupted save was writing). It also deletes a ``best`` that no
 made every later save of it fail with orbax's ``StepAlreadyExistsError``).
 
 Example:
+  >>> from common.checkpoint import PhaseCheckpoints
   >>> ckpts = PhaseCheckpoints("/tmp/run/checkpoints/ec2t_phase1", {"model": "lenet5"})
   >>> # ckpts.save_latest(step, state, meta); state, meta = ckpts.restore("latest", abstract)
 """

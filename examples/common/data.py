@@ -13,6 +13,7 @@ Images stay ``uint8`` on the host; normalisation and augmentation run on the
 accelerator inside the jitted step (:mod:`common.augment`).
 
 Example:
+  >>> from common.data import dataset_spec
   >>> spec = dataset_spec("mnist")
   >>> spec.num_classes, spec.image_shape
   (10, (28, 28, 1))
@@ -94,6 +95,7 @@ def shards_of_process(num_shards: int, process_index: int, process_count: int) -
   """Shard numbers read by one process (a contiguous block).
 
   Example:
+    >>> from common.data import shards_of_process
     >>> list(shards_of_process(4, process_index=1, process_count=2))
     [2, 3]
   """
@@ -188,6 +190,8 @@ class TrainBatches:
     seed: Base seed of the per-epoch, per-shard permutations.
 
   Example:
+    >>> import numpy as np
+    >>> from common.data import Shard, TrainBatches
     >>> shard = Shard(0, np.zeros((10, 2, 2, 1), np.uint8), np.arange(10, dtype=np.int32))
     >>> batches = TrainBatches([shard], per_shard_batch=4, steps_per_epoch=2, seed=0)
     >>> batches.batch(0)["label"].shape

@@ -5,6 +5,7 @@ lets tests parse flags into a private ``flags.FlagValues()`` for each script.
 
 Example:
   >>> from absl import flags
+  >>> from common.flags import define_common_flags
   >>> fv = flags.FlagValues()
   >>> define_common_flags(fv, workdir="runs/demo", dataset_default="mnist",
   ...                     datasets=("mnist",))

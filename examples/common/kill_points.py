@@ -18,6 +18,7 @@ leaves a temporary folder that orbax ignores). So killing a run at every point i
 reaches, and resuming each time, covers every instant of the run.
 
 Example:
+  >>> from common.kill_points import reached
   >>> reached("ec2t_phase1/4/latest")  # no-op unless the environment asks for it
 """
 

@@ -16,6 +16,8 @@ What the GPT example (``examples/shakespeare_gpt.py``) and its benchmark share:
 * :func:`sample_text`: text sampled from a model.
 
 Example:
+  >>> import numpy as np
+  >>> from common.language import train_batch
   >>> batch = train_batch(np.arange(100), step=3, batch_size=4, block_size=8, seed=0)
   >>> batch["x"].shape, bool((batch["y"][:, :-1] == batch["x"][:, 1:]).all())
   ((4, 8), True)

@@ -12,6 +12,7 @@ kill), so the file of a resumed run equals that of an uninterrupted one.
 TensorBoard event files are append-only: a replayed epoch appears twice there.
 
 Example:
+  >>> from common.metrics import MetricWriter
   >>> writer = MetricWriter("/tmp/run")
   >>> writer.write({"phase": "fp", "epoch": 1, "step": 469, "val_accuracy": 0.98})
   >>> writer.close()

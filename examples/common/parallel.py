@@ -9,6 +9,7 @@
 * :func:`global_batch` assembles the global batch from each process's local part.
 
 Example:
+  >>> from common.parallel import make_mesh
   >>> mesh = make_mesh(fsdp=1)
   >>> mesh.axis_names
   ('data', 'fsdp')
@@ -106,8 +107,10 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1024) -> P
   stay replicated, as do arrays with no divisible dimension.
 
   Example:
-    >>> fsdp_spec((3, 3, 16, 32), fsdp_size=2)
-    PartitionSpec(None, None, None, 'fsdp')
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from common.parallel import fsdp_spec
+    >>> fsdp_spec((3, 3, 16, 32), fsdp_size=2) == P(None, None, None, "fsdp")
+    True
   """
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()

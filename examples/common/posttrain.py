@@ -15,6 +15,8 @@ This module imports only the library, so ``benchmarks/`` can import it as
 ``examples.common.posttrain`` and the example scripts as ``common.posttrain``.
 
 Example:
+  >>> import numpy as np
+  >>> from common.posttrain import compression_measures
   >>> leaves = [("w", np.array([0.0, 0.5, 0.5, -0.5]))]
   >>> compression_measures(leaves)["bits_per_weight"]
   1.5

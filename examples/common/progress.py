@@ -7,6 +7,7 @@ loops print themselves (``lines=False``), or one line per tenth of the run
 (``lines=True``, for step-based loops without epochs).
 
 Example:
+  >>> from common.progress import progress
   >>> import io
   >>> log = io.StringIO()
   >>> bar = progress(True, 20, "fp", stream=log, lines=True)

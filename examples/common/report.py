@@ -6,6 +6,7 @@ entropy plus the centroids ("entropy bound", what an ideal entropy coder
 reaches); every other parameter stays float32.
 
 Example:
+  >>> from common.report import model_sizes
   >>> sizes = model_sizes(total_params=1000, layers=[(800, 1.0)])
   >>> round(sizes["ratio_entropy"], 3)
   0.226
