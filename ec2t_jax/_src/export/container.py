@@ -140,7 +140,7 @@ from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import record_codecs
 from ec2t_jax._src.export.errors import ExportFormatError
-from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, inflate, to_le_bytes, uint_view
+from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, crc32_le, inflate, uint_view
 from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 
 MAGIC = b"\x89EC2T\r\n\x1a"
@@ -256,7 +256,7 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
     record["v"] = storage.name
   if codec.range_coded:  # CRC of what decoding must give back
     decoded = leaf.array if storage == array.dtype else leaf.stored.astype(array.dtype)
-    record["k"] = zlib.crc32(to_le_bytes(decoded))
+    record["k"] = crc32_le(decoded)
   return record, streams[codec]
 
 
@@ -507,7 +507,7 @@ def decode_record(record: LeafRecord, stream: bytes, written_with: str = "?") ->
   if record.dtype == "bool" and (uint_view(flat) > 1).any():
     raise ExportFormatError(f"bool leaf {record.path!r} holds bytes other than 0 and 1")
   array = flat.reshape(record.shape)
-  if record.crc is not None and zlib.crc32(to_le_bytes(array)) != record.crc:
+  if record.crc is not None and crc32_le(array) != record.crc:
     raise ExportFormatError(
         f"leaf {record.path!r} decodes to different content than was written (CRC mismatch); "
         f"written with {written_with}, read with constriction {constriction_version()}")

@@ -129,7 +129,12 @@ def _layouts(shape: tuple[int, ...]) -> tuple[Layout, ...]:
 
 
 def _order0_table(symbols: np.ndarray, alphabet: int) -> np.ndarray:
-  counts = np.bincount(symbols.reshape(-1), minlength=alphabet).astype(np.float64)
+  flat = symbols.reshape(-1)
+  counts = np.zeros(alphabet, np.int64)
+  # In chunks: bincount copies its input to intp, 8 bytes per symbol at once otherwise.
+  for start in range(0, flat.size, entropy_coding.DECODE_CHUNK):
+    counts += np.bincount(flat[start:start + entropy_coding.DECODE_CHUNK], minlength=alphabet)
+  counts = counts.astype(np.float64)
   table = np.floor(_TOTAL * counts / max(counts.sum(), 1)).astype(np.int64)
   return table[:-1]
 
@@ -174,8 +179,8 @@ class _Model:
 
   def group_contexts(self, grid: np.ndarray, g: int) -> np.ndarray:
     """Contexts of group ``g``'s symbols; ``grid`` is ``(groups, width)`` symbols so far."""
-    if not self.scan_shape:
-      return np.zeros(self.width, np.int64)
+    if not self.scan_shape:  # one context for all: a read-only view, no 8 bytes per symbol
+      return np.broadcast_to(np.zeros(1, np.int64), (self.width,))
     k1 = self.k + 1
     last = self.scan_shape[-1]
     ctx = np.empty(self.width, np.int64)

@@ -43,6 +43,30 @@ def to_le_bytes(array: np.ndarray) -> bytes:
   return uint_view(array).astype(f"<u{array.dtype.itemsize}", copy=False).tobytes()
 
 
+# Values per zlib.crc32 call in :func:`crc32_le` (bounds the little-endian copy on big-endian hosts).
+CRC_CHUNK = 1 << 20
+
+
+def crc32_le(array: np.ndarray) -> int:
+  """``zlib.crc32(to_le_bytes(array))``, chunk by chunk: no copy of the whole array.
+
+  Example:
+    >>> import zlib
+    >>> import numpy as np
+    >>> from ec2t_jax._src.export.leaf_bytes import crc32_le, to_le_bytes  # internal
+    >>> x = np.arange(5, dtype=np.float32)
+    >>> crc32_le(x) == zlib.crc32(to_le_bytes(x))
+    True
+  """
+  array = contiguous(array)
+  words = uint_view(array).reshape(-1)
+  crc = 0
+  for start in range(0, words.size, CRC_CHUNK):
+    chunk = words[start:start + CRC_CHUNK].astype(f"<u{array.dtype.itemsize}", copy=False)
+    crc = zlib.crc32(np.ascontiguousarray(chunk), crc)
+  return crc
+
+
 def from_le_bytes(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
   """``count`` values of ``dtype`` from exactly ``count * itemsize`` little-endian bytes."""
   if len(data) != count * dtype.itemsize:

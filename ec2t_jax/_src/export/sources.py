@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -260,6 +261,18 @@ def atomic_write(path, data: bytes) -> None:
   A failure leaves an existing ``path`` untouched. The new file gets the mode
   of the file it replaces, else the usual ``0o666 & ~umask``.
   """
+  with atomic_writer(path) as f:
+    f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path):
+  """A binary file whose content replaces ``path`` only when the block ends without error.
+
+  What the block writes goes to a temporary file beside ``path`` (flushed and
+  fsynced, then ``os.replace``-d); an exception leaves an existing ``path``
+  untouched and removes the temporary file. Mode as in :func:`atomic_write`.
+  """
   path = Path(path)
   directory = path.parent if str(path.parent) else Path(".")
   try:
@@ -271,7 +284,7 @@ def atomic_write(path, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, mode)
@@ -291,9 +304,8 @@ def atomic_save_npz(path, arrays: dict[str, np.ndarray]) -> None:
   ``file`` or ``allow_pickle``, which ``np.savez(**arrays)`` would take as its
   own arguments.
   """
-  buffer = io.BytesIO()
-  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-    for key, array in arrays.items():
-      with archive.open(f"{key}.npy", "w", force_zip64=True) as entry:
-        np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)
-  atomic_write(path, buffer.getvalue())
+  with atomic_writer(path) as f:  # streamed into the file: no copy of the archive in memory
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+      for key, array in arrays.items():
+        with archive.open(f"{key}.npy", "w", force_zip64=True) as entry:
+          np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)
