@@ -34,6 +34,7 @@ import numpy as np
 import ec2t_jax as ec2t
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.methods import common as methods_common
+from ec2t_jax._src.methods import grids
 
 CALIBRATIONS = ("real", "fractal")
 
@@ -117,32 +118,21 @@ def compression_measures(named_leaves: Sequence[tuple[str, np.ndarray]]) -> dict
 
 
 def check_at_most_values(path: str, leaf: np.ndarray, most: int, per_filter: bool = False) -> None:
-  """Asserts ``leaf`` holds at most ``most`` distinct values (per output filter)."""
-  groups = leaf.reshape(-1, leaf.shape[-1]).T if per_filter else [leaf]
-  found = max(np.unique(g).size for g in groups)
-  if found > most:
-    raise AssertionError(f"{path} has {found} distinct values" + (" in one filter" if per_filter
-                                                                   else "") + f", at most {most}")
+  """Asserts ``leaf`` holds at most ``most`` distinct values (per output filter):
+  the registry's :func:`~ec2t_jax._src.methods.grids.at_most_values`."""
+  _assert_none(grids.at_most_values(most, per_filter)(path, np.asarray(leaf)))
 
 
 def check_integer_multiples(path: str, leaf: np.ndarray, per_filter: bool = False,
                             largest_divisor: int = 16) -> None:
-  """Asserts every value is an integer multiple ``q * s`` of one scale ``s`` (per filter).
+  """Asserts every value is an integer multiple ``q * s`` of one scale ``s`` (per filter):
+  the registry's :func:`~ec2t_jax._src.methods.grids.integer_multiples`."""
+  _assert_none(grids.integer_multiples(per_filter, largest_divisor)(path, np.asarray(leaf)))
 
-  ``s`` is the smallest non-zero magnitude divided by the smallest ``m <=
-  largest_divisor`` that makes all values integers (to 1e-4 relative).
-  """
-  groups = leaf.reshape(-1, leaf.shape[-1]).T if per_filter else [leaf.reshape(-1)]
-  for group in groups:
-    nonzero = np.abs(group[group != 0]).astype(np.float64)
-    if not nonzero.size:
-      continue
-    for m in range(1, largest_divisor + 1):
-      q = group / (nonzero.min() / m)
-      if np.all(np.abs(q - np.round(q)) < 1e-4 * np.maximum(1.0, np.abs(q))):
-        break
-    else:
-      raise AssertionError(f"{path}: values are not integer multiples of one scale")
+
+def _assert_none(problem: str | None) -> None:
+  if problem is not None:
+    raise AssertionError(problem)
 
 
 def check_sparsity(named_leaves: Sequence[tuple[str, np.ndarray]], target: float,
