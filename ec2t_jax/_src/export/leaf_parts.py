@@ -74,16 +74,32 @@ def ternary_parts(array) -> Optional[TernaryParts]:
   if patterns.size != 3:
     return None
   values = patterns.view(array.dtype)
-  as_float = values.astype(np.float64)
-  if not np.isfinite(as_float).all():
-    return None
-  order = np.argsort(as_float, kind="stable")
-  neg, zero, pos = as_float[order]
-  if not (neg < 0 and zero == 0 and pos > 0):
+  order = ternary_order(values)
+  if order is None:
     return None
   rank = np.empty(3, np.int8)
   rank[order] = np.array([-1, 0, 1], np.int8)
   return TernaryParts(rank[inverse].reshape(array.shape), values[order])
+
+
+def ternary_order(values: np.ndarray) -> Optional[np.ndarray]:
+  """The order that sorts three distinct values to ``(negative, 0, positive)``, or ``None``
+  unless they are finite and exactly that: one negative, a zero and one positive.
+
+  Example:
+    >>> import numpy as np
+    >>> from ec2t_jax._src.export.leaf_parts import ternary_order  # internal
+    >>> ternary_order(np.array([0.5, -0.25, 0.0], np.float32)).tolist()
+    [1, 2, 0]
+    >>> ternary_order(np.array([0.5, 0.25, 0.0], np.float32)) is None
+    True
+  """
+  as_float = np.asarray(values).astype(np.float64)
+  if not np.isfinite(as_float).all():
+    return None
+  order = np.argsort(as_float, kind="stable")
+  neg, zero, pos = as_float[order]
+  return order if neg < 0 and zero == 0 and pos > 0 else None
 
 
 class FilterTernaryParts(NamedTuple):

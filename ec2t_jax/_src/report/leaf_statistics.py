@@ -24,8 +24,10 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from ec2t_jax._src.export import leaf_parts
+from ec2t_jax._src.export.leaf_bytes import FLOAT_NAMES
+
 CHUNK_ELEMENTS = 1 << 20  # about 4 MiB of float32 per step
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 class LeafStatistics(NamedTuple):
@@ -65,7 +67,7 @@ class LeafStatistics(NamedTuple):
 
 
 def _is_float(array: np.ndarray) -> bool:
-  return array.dtype.name in _FLOAT_NAMES or array.dtype.kind in "fc"
+  return array.dtype.name in FLOAT_NAMES or array.dtype.kind in "fc"
 
 
 def chunks(array) -> Iterator[np.ndarray]:
@@ -101,19 +103,15 @@ def _bit_pattern_counts(array: np.ndarray) -> Optional[dict[int, int]]:
 
 def _ternary_values(array: np.ndarray):
   """``(values, counts)`` ordered negative, zero, positive, or ``None`` if not ternary."""
-  if array.dtype.name not in _FLOAT_NAMES or array.size < 3:
+  if array.dtype.name not in FLOAT_NAMES or array.size < 3:
     return None
   found = _bit_pattern_counts(array)
   if found is None or len(found) != 3:
     return None
   patterns = np.array(list(found), f"u{array.dtype.itemsize}")
   values = patterns.view(array.dtype)
-  as_float = values.astype(np.float64)
-  if not np.isfinite(as_float).all():
-    return None
-  order = np.argsort(as_float, kind="stable")
-  neg, zero, pos = as_float[order]
-  if not (neg < 0 and zero == 0 and pos > 0):
+  order = leaf_parts.ternary_order(values)
+  if order is None:
     return None
   counts = [found[int(p)] for p in patterns[order]]
   return values[order], (counts[0], counts[1], counts[2])
