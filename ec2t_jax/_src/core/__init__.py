@@ -10,6 +10,7 @@ imported by name. Nothing here imports from ``methods``, ``export``,
 
 from ec2t_jax._src.core import budget
 from ec2t_jax._src.core.grid import exact_update
+from ec2t_jax._src.core.grid import scaled_assignment
 from ec2t_jax._src.core.grid import snap_to_grid
 from ec2t_jax._src.core.hyper import check_choice
 from ec2t_jax._src.core.hyper import check_range

@@ -49,6 +49,19 @@ def snap_to_grid(values, dtype, reference=None) -> jax.Array:
   return jnp.round(values / quantum) * quantum
 
 
+def scaled_assignment(scale, assignment, dtype) -> jax.Array:
+  """``s * T`` in ``dtype`` with each scale snapped on its own grid (``reference=scale``),
+  the value of a scaled ternary leaf (TWN, BitNet): one scale, or one per output filter.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.core.grid import scaled_assignment  # internal
+    >>> scaled_assignment(jnp.float32(0.5), jnp.array([-1, 0, 1], jnp.int8), jnp.float32)
+    Array([-0.5,  0. ,  0.5], dtype=float32)
+  """
+  return (snap_to_grid(scale, dtype, reference=scale) * assignment).astype(dtype)
+
+
 def exact_update(target, current) -> jax.Array:
   """``target - current`` in ``current``'s dtype; exact on a snapped grid."""
   current = jnp.asarray(current)

@@ -121,8 +121,7 @@ class BitNetLeaf(NamedTuple):
 
   def value(self, dtype) -> jax.Array:
     """``g * T`` with ``g`` snapped to the grid (exact landing)."""
-    scale = core.snap_to_grid(self.scale, dtype, reference=self.scale)
-    return (scale * self.assignment).astype(dtype)
+    return core.scaled_assignment(self.scale, self.assignment, dtype)
 
   def describe(self) -> dict:
     return {"method": "BitNet", "mode": "ternary", "scale": self.scale}

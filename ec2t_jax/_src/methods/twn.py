@@ -153,8 +153,7 @@ class TWNLeaf(NamedTuple):
 
   def value(self, dtype) -> jax.Array:
     """``alpha * T``; each filter's ``alpha`` snapped on its own grid."""
-    alpha = core.snap_to_grid(self.scale, dtype, reference=self.scale)
-    return (alpha * self.assignment).astype(dtype)
+    return core.scaled_assignment(self.scale, self.assignment, dtype)
 
   def describe(self) -> dict:
     return {"method": "TWN", "mode": "ternary", "scale": self.scale}
