@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 
 
 def _same(a, b) -> bool:
@@ -68,19 +68,19 @@ def _resnet20_trees(path: Path) -> dict:
 def measure(path: Path, tree=None, meta=None) -> str:
   if tree is None:
     data = path.read_bytes()
-    info, arrays = packing.unpack_leaves(data)
-    tree = packing.unpack(data)
+    info, arrays = container.unpack_leaves(data)
+    tree = container.unpack(data)
     meta = info.meta.get("user")
   else:
-    data = packing.pack(tree)
-    info, arrays = packing.unpack_leaves(data)
-  before = packing.pack(tree, metadata=meta, codecs=set(packing.CODECS) - {"tf", "cb"})
-  after = packing.pack(tree, metadata=meta)
+    data = container.pack(tree)
+    info, arrays = container.unpack_leaves(data)
+  before = container.pack(tree, metadata=meta, codecs=set(container.CODECS) - {"tf", "cb"})
+  after = container.pack(tree, metadata=meta)
   for packed in (before, after):
-    assert _same(packing.unpack_leaves(packed)[1], arrays), path
-  old = {r.path: r.codec for r in packing.read_info(before).records}
+    assert _same(container.unpack_leaves(packed)[1], arrays), path
+  old = {r.path: r.codec for r in container.read_info(before).records}
   changed = collections.Counter(f"{old[r.path]} -> {r.codec}"
-                                for r in packing.read_info(after).records if r.codec != old[r.path])
+                                for r in container.read_info(after).records if r.codec != old[r.path])
   changed = ", ".join(f"{n} x {change}" for change, n in sorted(changed.items())) or "-"
   stored = f"{len(data):,}" if path.exists() else "-"
   return (f"| {path.parent.name}/{path.name} | {stored} | {len(before):,} | {len(after):,} | "

@@ -33,7 +33,7 @@ import numpy as np
 from ec2t_jax import export
 from ec2t_jax import report
 from ec2t_jax._src.export import context_coding
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/ec2t-reference"
 NAMES = ("fp", "ec2t_spars45", "ec2t_spars64", "ec2t_spars73")
@@ -61,7 +61,7 @@ def _order0_pack(tree) -> bytes:
   layouts = context_coding.layouts
   context_coding.layouts = lambda shape: layouts(shape)[:1]
   try:
-    data = packing.pack(tree)
+    data = container.pack(tree)
   finally:
     context_coding.layouts = layouts
   return data
@@ -111,11 +111,11 @@ def _sizes_table(repeats: int, logits: bool) -> tuple[list[str], list[str]]:
       tree = {k: npz[k] for k in npz.files}
     npz_bytes = path.stat().st_size
     gz = len(gzip.compress(path.read_bytes(), compresslevel=9))
-    data = packing.pack(tree)
-    assert all(a.tobytes() == tree[k].tobytes() for k, a in packing.unpack(data).items())
+    data = container.pack(tree)
+    assert all(a.tobytes() == tree[k].tobytes() for k, a in container.unpack(data).items())
     order0 = _order0_pack(tree)
-    assert all(a.tobytes() == tree[k].tobytes() for k, a in packing.unpack(order0).items())
-    bitmask = len(packing.pack(tree, entropy_coding=False))
+    assert all(a.tobytes() == tree[k].tobytes() for k, a in container.unpack(order0).items())
+    bitmask = len(container.pack(tree, entropy_coding=False))
     with tempfile.TemporaryDirectory() as tmp:
       inference_file = Path(tmp) / "inference.ec2t"
       inference_bytes = export.export_inference(path, inference_file).info.total_bytes
@@ -130,15 +130,15 @@ def _sizes_table(repeats: int, logits: bool) -> tuple[list[str], list[str]]:
                           f"{inference_bytes / paper:.3f} | {errors[0]:.4f} | {errors[1]:.4f} |")
     t = r["bytes"]["ternary"]
     if r["sparsity_detail"]["ternary_weights"]:
-      o0 = sum(rec.nbytes for rec in packing.read_info(order0).records
-               if rec.codec in packing.TERNARY_CODECS)
+      o0 = sum(rec.nbytes for rec in container.read_info(order0).records
+               if rec.codec in container.TERNARY_CODECS)
       ternary.append(
           f"| {name} | {r['sparsity_detail']['ternary_weights']:,} | {t['entropy_bound']:,.0f} | "
           f"{t['payload']:,.0f} | {t['payload'] / t['entropy_bound']:.3f} | {o0:,} | "
           f"{o0 / t['entropy_bound']:.3f} | {t['bitmask']:,.0f} | {t['paper_rule']:,.0f} |")
-    enc = _median_seconds(lambda: packing.pack(tree), repeats)
-    dec = _median_seconds(lambda: packing.unpack(data), repeats)
-    cpu = _median_seconds(lambda: packing.unpack(data), repeats, time.process_time)
+    enc = _median_seconds(lambda: container.pack(tree), repeats)
+    dec = _median_seconds(lambda: container.unpack(data), repeats)
+    cpu = _median_seconds(lambda: container.unpack(data), repeats, time.process_time)
     mb = _float32_mb(tree)
     speed.append(f"| resnet20_{name} | {mb:.2f} | {enc:.4f} | {dec:.4f} | {mb / dec:.1f} | "
                  f"{cpu:.4f} | {mb / cpu:.1f} |")
@@ -213,10 +213,10 @@ def main(argv=None) -> int:
   rules = _rules_table()
   if args.large:
     tree = _large_model(args.large)
-    data = packing.pack(tree)
-    enc = _median_seconds(lambda: packing.pack(tree), max(1, args.repeats // 2))
-    dec = _median_seconds(lambda: packing.unpack(data), max(1, args.repeats // 2))
-    cpu = _median_seconds(lambda: packing.unpack(data), max(1, args.repeats // 2),
+    data = container.pack(tree)
+    enc = _median_seconds(lambda: container.pack(tree), max(1, args.repeats // 2))
+    dec = _median_seconds(lambda: container.unpack(data), max(1, args.repeats // 2))
+    cpu = _median_seconds(lambda: container.unpack(data), max(1, args.repeats // 2),
                           time.process_time)
     mb = _float32_mb(tree)
     speed.append(f"| synthetic {sum(v.size for v in tree.values()):,} weights (64% sparse "

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ec2t_jax._src.export import context_coding
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 
 REPO = Path(__file__).resolve().parents[1]
 _CHUNK = 1 << 22
@@ -54,12 +54,12 @@ def tiny_huge_file(path, shape, *, nonzeros_every: int = 100_003) -> int:
     crc = zlib.crc32(values[symbols[start:start + _CHUNK]].tobytes(), crc)
   stream = values[[0, 2]].tobytes() + b"\0" + context_coding.encode(symbols, 3)
   del symbols
-  # The container as the format spec (and packing.pack) writes it.
+  # The container as the format spec (and container.pack) writes it.
   meta = {"writer": "ec2t_jax", "coder": f"constriction {metadata.version('constriction')}"}
   record = {"c": "tc", "d": "float32", "s": [int(n) for n in shape], "n": len(stream), "k": crc}
   header = zlib.compress(json.dumps({"tree": {"d": [["w", 0]]}, "leaves": [record],
                                      "meta": meta}).encode(), 9)
-  body = _FIXED.pack(packing.MAGIC, packing.FORMAT_VERSION, 0, len(header),
+  body = _FIXED.pack(container.MAGIC, container.FORMAT_VERSION, 0, len(header),
                      len(stream)) + header + stream
   data = body + hashlib.sha256(body).digest()
   Path(path).write_bytes(data)

@@ -13,7 +13,7 @@ Other train-time ternary methods plug into the same chain position and tools:
 
 Every method is registered by name with its kind (train / staged /
 one-shot), knobs and grid: ``ec2t.method_registry()``, ``ec2t.get_method(name)``;
-``ec2t.register_method(spec)`` adds one (see ``_src/methods/registry.py``).
+``ec2t.register_method(spec)`` adds one (see ``_src/methods/_support/registry.py``).
 
 Compressed export and size/operation reports: ``ec2t.export`` and
 ``ec2t.report`` (also ``python -m ec2t_jax.export`` / ``python -m
@@ -71,7 +71,7 @@ from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
 from ec2t_jax._src.methods.sparsity_regularization import threshold_density
-from ec2t_jax._src.methods.ternary_ops import threshold_assign
+from ec2t_jax._src.methods._support.ternary_ops import threshold_assign
 from ec2t_jax._src.methods.inq import inq
 from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_codebook
@@ -79,18 +79,17 @@ from ec2t_jax._src.methods.inq import inq_quantize
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
-from ec2t_jax._src.methods.stage_restart import restart_on_stage
-from ec2t_jax._src.methods.clustering import kmeans_1d
+from ec2t_jax._src.methods._support.stage_restart import restart_on_stage
+from ec2t_jax._src.methods._support.clustering import kmeans_1d
 from ec2t_jax._src.methods.mcq import mcq
 from ec2t_jax._src.methods.mcq import mcq_quantize
-from ec2t_jax._src.methods.calibrated_pruning import prune_calibrated
-from ec2t_jax._src.methods import calibrated_pruning_method as _calibrated_pruning_method  # registers 'prune'
-from ec2t_jax._src.methods.fractals import fractal_images
-from ec2t_jax._src.methods.registry import method_registry
-from ec2t_jax._src.methods.registry import get_method
-from ec2t_jax._src.methods.registry import register_method
-from ec2t_jax._src.methods.registry import MethodSpec
-from ec2t_jax._src.methods.registry import Knob
+from ec2t_jax._src.methods.calibrated_pruning.pruning import prune_calibrated
+from ec2t_jax._src.methods._support.fractals import fractal_images
+from ec2t_jax._src.methods._support.registry import method_registry
+from ec2t_jax._src.methods._support.registry import get_method
+from ec2t_jax._src.methods._support.registry import register_method
+from ec2t_jax._src.methods._support.registry import MethodSpec
+from ec2t_jax._src.methods._support.registry import Knob
 from ec2t_jax._src.core.selection import Rule
 from ec2t_jax._src.core.selection import Selection
 from ec2t_jax._src.core.selection import LeafPlan
@@ -115,7 +114,7 @@ from ec2t_jax._src.export.inference import ternary_conv
 from ec2t_jax._src.export.inference import ternary_dense
 from ec2t_jax._src.export.inference import ternary_weights
 from ec2t_jax._src.export.inference import TernaryWeight
-from ec2t_jax._src.export.packing import ExportFormatError
+from ec2t_jax._src.export.errors import ExportFormatError
 
 TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
 

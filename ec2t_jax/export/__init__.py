@@ -54,10 +54,10 @@ from ec2t_jax._src.export.exporting import (ExportResult, decode, decode_file, e
                                      save)
 from ec2t_jax._src.export.inference_export import fold_batch_norm, unfold_batch_norm
 from ec2t_jax._src.export.inference import TernaryWeight
-from ec2t_jax._src.export.packing import (CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC,
-                                   ExportFormatError, FilterTernaryParts, LeafRecord, PackedInfo,
-                                   codebook_parts, filter_ternary_parts, pack, read_info,
-                                   ternary_parts, unpack)
+from ec2t_jax._src.export.container import CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC, PackedInfo, pack, read_info, unpack
+from ec2t_jax._src.export.errors import ExportFormatError
+from ec2t_jax._src.export.leaf_parts import FilterTernaryParts, codebook_parts, filter_ternary_parts, ternary_parts
+from ec2t_jax._src.export.record_codecs import LeafRecord
 from ec2t_jax._src.export.sources import load_tree
 
 __all__ = [

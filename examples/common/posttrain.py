@@ -33,8 +33,8 @@ import numpy as np
 
 import ec2t_jax as ec2t
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.methods import common as methods_common
-from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods._support import common as methods_common
+from ec2t_jax._src.methods._support import grids
 
 CALIBRATIONS = ("real", "fractal")
 
@@ -119,14 +119,14 @@ def compression_measures(named_leaves: Sequence[tuple[str, np.ndarray]]) -> dict
 
 def check_at_most_values(path: str, leaf: np.ndarray, most: int, per_filter: bool = False) -> None:
   """Asserts ``leaf`` holds at most ``most`` distinct values (per output filter):
-  the registry's :func:`~ec2t_jax._src.methods.grids.at_most_values`."""
+  the registry's :func:`~ec2t_jax._src.methods._support.grids.at_most_values`."""
   _assert_none(grids.at_most_values(most, per_filter)(path, np.asarray(leaf)))
 
 
 def check_integer_multiples(path: str, leaf: np.ndarray, per_filter: bool = False,
                             largest_divisor: int = 16) -> None:
   """Asserts every value is an integer multiple ``q * s`` of one scale ``s`` (per filter):
-  the registry's :func:`~ec2t_jax._src.methods.grids.integer_multiples`."""
+  the registry's :func:`~ec2t_jax._src.methods._support.grids.integer_multiples`."""
   _assert_none(grids.integer_multiples(per_filter, largest_divisor)(path, np.asarray(leaf)))
 
 

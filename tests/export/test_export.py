@@ -23,7 +23,9 @@ from ec2t_jax import export
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import entropy_coding
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
+from ec2t_jax._src.export import errors
+from ec2t_jax._src.export import leaf_parts
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.cli import export_cli
@@ -82,7 +84,7 @@ def _reseal(data: bytes, edit) -> bytes:
   header = json.loads(zlib.decompress(data[24:24 + h]))
   edit(header)
   new = zlib.compress(json.dumps(header).encode())
-  body = struct.pack("<8sHHIQ", packing.MAGIC, version, flags, len(new), p) + new + \
+  body = struct.pack("<8sHHIQ", container.MAGIC, version, flags, len(new), p) + new + \
       data[24 + h:24 + h + p]
   return body + hashlib.sha256(body).digest()
 
@@ -91,7 +93,7 @@ def _reseal(data: bytes, edit) -> bytes:
 
 
 def test_every_codec_is_exercised_by_the_fuzz_tree():
-  info = packing.read_info(packing.pack(_every_codec_tree()))
+  info = container.read_info(container.pack(_every_codec_tree()))
   chex.assert_equal({r.path: r.codec for r in info.records},
                     {k: k for k in _every_codec_tree()})
 
@@ -112,7 +114,7 @@ def test_round_trip_is_bitwise_for_mixed_dtypes_and_structures():
       7: {"int_key": np.float32(2.5)},
       "list": [np.ones(2, np.float32), (np.zeros(3, np.int32), None)],
   }
-  restored = packing.unpack(packing.pack(tree))
+  restored = container.unpack(container.pack(tree))
   chex.assert_equal(list(restored), list(tree))
   _assert_bitwise(restored, tree)
 
@@ -121,17 +123,17 @@ def test_random_ternary_model_round_trip_is_bitwise_and_detects_ternary_leaves()
   rng = np.random.default_rng(2)
   tree = {f"layer{i}": {"kernel": _ternary(rng, (3, 3, 16, 16)), "bias": rng.normal(size=16)
                         .astype(np.float32)} for i in range(3)}
-  data = packing.pack(tree)
-  info = packing.read_info(data)
+  data = container.pack(tree)
+  info = container.read_info(data)
   codecs = {r.path: r.codec for r in info.records}
-  assert all(codecs[f"layer{i}/kernel"] in packing.TERNARY_CODECS for i in range(3))
-  _assert_bitwise(packing.unpack(data), tree)
+  assert all(codecs[f"layer{i}/kernel"] in container.TERNARY_CODECS for i in range(3))
+  _assert_bitwise(container.unpack(data), tree)
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_official_checkpoint_round_trip_is_bitwise_with_keys_in_order(name):
   state = _official(name)
-  restored = packing.unpack(packing.pack(state))
+  restored = container.unpack(container.pack(state))
   chex.assert_equal(list(restored), list(state))
   _assert_bitwise(restored, state)
 
@@ -145,7 +147,7 @@ def test_linen_params_round_trip_and_apply_identically():
                         template)
   params = jax.tree.map(lambda w: jnp.where(jnp.abs(w) < 0.1, 0.0, jnp.sign(w) * 0.2)
                         if w.ndim == 4 else w, params)
-  restored = packing.unpack(packing.pack(params))
+  restored = container.unpack(container.pack(params))
   _assert_bitwise(restored, jax.tree.map(np.asarray, params))
   chex.assert_trees_all_equal(model.apply({"params": restored}, x),
                               model.apply({"params": params}, x))
@@ -187,19 +189,19 @@ def test_trained_ec2t_model_round_trips_bitwise():
   model, params = models_for_tests.init()
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(gamma=0.2))
   params, _, _ = models_for_tests.train(model, params, tx, steps=2)
-  data = packing.pack(params)
-  codecs = {r.path: r.codec for r in packing.read_info(data).records}
+  data = container.pack(params)
+  codecs = {r.path: r.codec for r in container.read_info(data).records}
   for name in models_for_tests.TERNARY_LEAVES:
-    assert codecs[f"{name}/kernel"] in packing.TERNARY_CODECS, codecs
-  _assert_bitwise(packing.unpack(data), jax.tree.map(np.asarray, params))
+    assert codecs[f"{name}/kernel"] in container.TERNARY_CODECS, codecs
+  _assert_bitwise(container.unpack(data), jax.tree.map(np.asarray, params))
 
 
 def test_float16_option_shrinks_non_ternary_leaves_and_keeps_ternary_exact():
   rng = np.random.default_rng(3)
   tree = {"dense": rng.normal(size=(64, 64)).astype(np.float32),
           "ternary": _ternary(rng, (64, 64))}
-  exact, half = packing.pack(tree), packing.pack(tree, float16=True)
-  restored = packing.unpack(half)
+  exact, half = container.pack(tree), container.pack(tree, float16=True)
+  restored = container.unpack(half)
   assert len(half) < len(exact) - 4000
   chex.assert_trees_all_equal(restored["ternary"], tree["ternary"])
   chex.assert_trees_all_equal(restored["dense"],
@@ -211,20 +213,20 @@ def test_float16_option_on_sparse_leaves_matches_a_float16_cast():
   sparse = np.zeros(2000, np.float32)
   sparse[rng.choice(2000, 100, replace=False)] = rng.normal(size=100)
   sparse[:3] = 1e-9  # underflows to zero in float16
-  data = packing.pack({"s": sparse}, float16=True)
-  chex.assert_equal(packing.read_info(data).records[0].codec, "sc")
-  chex.assert_trees_all_equal(packing.unpack(data)["s"],
+  data = container.pack({"s": sparse}, float16=True)
+  chex.assert_equal(container.read_info(data).records[0].codec, "sc")
+  chex.assert_trees_all_equal(container.unpack(data)["s"],
                               sparse.astype(np.float16).astype(np.float32))
 
 
 def test_float16_option_keeps_values_that_would_overflow():
   tree = {"big": np.full(32, 1e6, np.float32)}
-  chex.assert_trees_all_equal(packing.unpack(packing.pack(tree, float16=True)), tree)
+  chex.assert_trees_all_equal(container.unpack(container.pack(tree, float16=True)), tree)
 
 
 def test_bitmask_only_uses_the_papers_two_masks():
   tree = {"w": _ternary(np.random.default_rng(4), (3, 3, 32, 32))}
-  info = packing.read_info(packing.pack(tree, entropy_coding=False))
+  info = container.read_info(container.pack(tree, entropy_coding=False))
   numel = tree["w"].size
   nnz = np.count_nonzero(tree["w"])
   chex.assert_equal(info.records[0].codec, "tb")
@@ -242,13 +244,13 @@ def _large_ternary_layers():
     for name in OFFICIAL:
       state = _official(name)
       layers.update({f"{name}/{k}": v for k, v in state.items()
-                     if v.size >= 10_000 and packing.ternary_parts(v) is not None})
+                     if v.size >= 10_000 and leaf_parts.ternary_parts(v) is not None})
   return layers
 
 
 def test_version_1_coder_is_within_two_percent_of_zeroth_order_entropy_or_below():
   for path, w in _large_ternary_layers().items():
-    assignment = packing.ternary_parts(w).assignment
+    assignment = leaf_parts.ternary_parts(w).assignment
     bound = w.size * float(ternary.ternary_entropy(assignment)) / 8
     coded = len(entropy_coding.encode_symbols(assignment + 1, 3))
     assert coded <= 1.02 * bound, (path, coded, bound)
@@ -256,7 +258,7 @@ def test_version_1_coder_is_within_two_percent_of_zeroth_order_entropy_or_below(
 
 def test_context_coding_is_within_two_percent_of_zeroth_order_entropy_or_below():
   for path, w in _large_ternary_layers().items():
-    assignment = packing.ternary_parts(w).assignment
+    assignment = leaf_parts.ternary_parts(w).assignment
     bound = w.size * float(ternary.ternary_entropy(assignment)) / 8
     coded = len(context_coding.encode(assignment + 1, 3))
     assert coded <= 1.02 * bound, (path, coded, bound)
@@ -264,7 +266,7 @@ def test_context_coding_is_within_two_percent_of_zeroth_order_entropy_or_below()
 
 def test_context_coding_is_never_larger_than_the_bitmasks():
   for path, w in _large_ternary_layers().items():
-    a = packing.ternary_parts(w).assignment
+    a = leaf_parts.ternary_parts(w).assignment
     bitmask = (a.size + 7) // 8 + (np.count_nonzero(a) + 7) // 8
     assert len(context_coding.encode(a + 1, 3)) <= bitmask, path
 
@@ -273,11 +275,11 @@ def test_context_coding_is_never_larger_than_the_bitmasks():
 def test_ternary_layers_pack_to_at_most_0_92_numel_h0(name):
   """Issue 11's target: the ternary layers' streams (values included) <= 0.92 numel H0."""
   state = _official(name)
-  info = packing.read_info(packing.pack(state))
+  info = container.read_info(container.pack(state))
   records = {r.path: r for r in info.records}
   packed = bound = 0.0
   for key, w in state.items():
-    parts = packing.ternary_parts(w)
+    parts = leaf_parts.ternary_parts(w)
     if parts is None:
       continue
     record = records[key]
@@ -303,50 +305,50 @@ def test_context_streams_decode_under_every_layout():
 def test_version_1_files_written_by_the_old_writer_still_decode_bitwise():
   for name, float16 in (("export_v1.ec2t", False), ("export_v1_float16.ec2t", True)):
     data = (REPO / "tests/data" / name).read_bytes()
-    info, _ = packing.unpack_leaves(data)
+    info, _ = container.unpack_leaves(data)
     chex.assert_equal(info.version, 1)
     chex.assert_equal(sorted({r.codec for r in info.records}), ["raw", "sb", "se", "tb", "te", "zs"])
     expected = v1_tree()
     if float16:
       expected = trees.unflatten(
           [a.astype(np.float16).astype(a.dtype) if a.dtype in (np.float32, np.float64)
-           and packing.ternary_parts(a) is None else a for _, a in trees.flatten(expected)[0]],
+           and leaf_parts.ternary_parts(a) is None else a for _, a in trees.flatten(expected)[0]],
           trees.flatten(expected)[1])
-    _assert_bitwise(packing.unpack(data), expected)
+    _assert_bitwise(container.unpack(data), expected)
 
 
 def test_version_2_file_written_before_the_codec_registry_still_decodes_bitwise():
-  """``export_v2.ec2t``: ``packing.pack(_fuzz_tree())`` by the writer of commit 8eac42e."""
+  """``export_v2.ec2t``: ``container.pack(_fuzz_tree())`` by the writer of commit 8eac42e."""
   from tests.export.test_export_hostile import _fuzz_tree  # pylint: disable=g-import-not-at-top
   data = (REPO / "tests/data/export_v2.ec2t").read_bytes()
-  info, _ = packing.unpack_leaves(data)
+  info, _ = container.unpack_leaves(data)
   chex.assert_equal((info.version, [r.codec for r in info.records]),
                     (2, ["tc", "tb", "zs", "raw", "sc", "sb", "tf", "cb"]))
-  _assert_bitwise(packing.unpack(data), _fuzz_tree())
+  _assert_bitwise(container.unpack(data), _fuzz_tree())
 
 
 def test_codec_tuples_are_derived_from_the_registry_in_preference_order():
-  chex.assert_equal(packing.CODECS, ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb"))
-  chex.assert_equal(packing.CODECS_BY_VERSION[1], ("raw", "zs", "tb", "te", "sb", "se"))
-  chex.assert_equal(set(packing.RANGE_CODED), {"te", "se", "tc", "sc", "tf", "cb"})
-  chex.assert_equal((packing.TERNARY_CODECS, packing.EXACT_CODECS), (("tb", "te", "tc"), ("tf", "cb")))
+  chex.assert_equal(container.CODECS, ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb"))
+  chex.assert_equal(container.CODECS_BY_VERSION[1], ("raw", "zs", "tb", "te", "sb", "se"))
+  chex.assert_equal(set(container.RANGE_CODED), {"te", "se", "tc", "sc", "tf", "cb"})
+  chex.assert_equal((container.TERNARY_CODECS, container.EXACT_CODECS), (("tb", "te", "tc"), ("tf", "cb")))
 
 
 def test_every_coder_raises_the_one_export_format_error():
   from ec2t_jax._src.export import codebook_coding  # pylint: disable=g-import-not-at-top
   for coder in (entropy_coding, context_coding, codebook_coding):
-    assert coder.CodingError is packing.ExportFormatError
-  with pytest.raises(packing.ExportFormatError):
+    assert coder.CodingError is errors.ExportFormatError
+  with pytest.raises(errors.ExportFormatError):
     codebook_coding.decode(b"\0\0", 10, 2)
 
 
 def test_version_1_file_with_a_tampered_stream_is_still_rejected():
   data = bytearray((REPO / "tests/data/export_v1.ec2t").read_bytes())
-  info = packing.read_info(bytes(data))
+  info = container.read_info(bytes(data))
   data[24 + info.header_bytes + 20] ^= 0x10  # inside the first (te) stream
   body = bytes(data[:-32])
-  with pytest.raises(packing.ExportFormatError):
-    packing.unpack(body + hashlib.sha256(body).digest())
+  with pytest.raises(errors.ExportFormatError):
+    container.unpack(body + hashlib.sha256(body).digest())
 
 
 def test_symbol_streams_decode_under_every_model_choice():
@@ -363,26 +365,26 @@ def test_symbol_streams_decode_under_every_model_choice():
 
 
 def test_every_truncation_raises_a_clear_error():
-  data = packing.pack(_every_codec_tree())
+  data = container.pack(_every_codec_tree())
   for length in range(len(data)):
-    with pytest.raises(packing.ExportFormatError, match="truncated|magic"):
-      packing.unpack(data[:length])
+    with pytest.raises(errors.ExportFormatError, match="truncated|magic"):
+      container.unpack(data[:length])
 
 
 def test_every_single_bit_flip_raises_a_clear_error():
-  data = bytearray(packing.pack(_every_codec_tree()))
+  data = bytearray(container.pack(_every_codec_tree()))
   for bit in range(8 * len(data)):
     data[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(packing.ExportFormatError):
-      packing.unpack(bytes(data))
+    with pytest.raises(errors.ExportFormatError):
+      container.unpack(bytes(data))
     data[bit // 8] ^= 1 << (bit % 8)
-  packing.unpack(bytes(data))  # restored: still valid
+  container.unpack(bytes(data))  # restored: still valid
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_random_corruption_never_yields_a_model(draw):
-  data = bytearray(packing.pack(_every_codec_tree()))
+  data = bytearray(container.pack(_every_codec_tree()))
   kind = draw.draw(st.sampled_from(["overwrite", "insert", "delete", "append"]))
   at = draw.draw(st.integers(0, len(data) - 1))
   chunk = draw.draw(st.binary(min_size=1, max_size=16))
@@ -396,28 +398,28 @@ def test_random_corruption_never_yields_a_model(draw):
     del data[at:at + len(chunk)]
   else:
     data += chunk
-  with pytest.raises(packing.ExportFormatError):
-    packing.unpack(bytes(data))
+  with pytest.raises(errors.ExportFormatError):
+    container.unpack(bytes(data))
 
 
 def test_wrong_magic_is_reported_as_such():
-  data = packing.pack({"w": np.ones(3, np.float32)})
-  with pytest.raises(packing.ExportFormatError, match="bad magic"):
-    packing.unpack(b"PK\x03\x04" + data[4:])
+  data = container.pack({"w": np.ones(3, np.float32)})
+  with pytest.raises(errors.ExportFormatError, match="bad magic"):
+    container.unpack(b"PK\x03\x04" + data[4:])
 
 
 def test_wrong_version_is_reported_with_the_supported_one():
-  data = bytearray(packing.pack({"w": np.ones(3, np.float32)}))
+  data = bytearray(container.pack({"w": np.ones(3, np.float32)}))
   struct.pack_into("<H", data, 8, 3)
   body = bytes(data[:-32])
-  with pytest.raises(packing.ExportFormatError, match="unsupported format version 3.*supports 1, 2"):
-    packing.unpack(body + hashlib.sha256(body).digest())
+  with pytest.raises(errors.ExportFormatError, match="unsupported format version 3.*supports 1, 2"):
+    container.unpack(body + hashlib.sha256(body).digest())
 
 
 def test_trailing_bytes_are_rejected():
-  data = packing.pack({"w": np.ones(3, np.float32)})
-  with pytest.raises(packing.ExportFormatError, match="trailing"):
-    packing.unpack(data + b"\0")
+  data = container.pack({"w": np.ones(3, np.float32)})
+  with pytest.raises(errors.ExportFormatError, match="trailing"):
+    container.unpack(data + b"\0")
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -433,22 +435,22 @@ def test_trailing_bytes_are_rejected():
     (lambda h: h.pop("meta"), "missing"),
 ])
 def test_consistent_checksum_but_inconsistent_header_is_rejected(edit, message):
-  data = _reseal(packing.pack(_every_codec_tree()), edit)
-  with pytest.raises(packing.ExportFormatError, match=message):
-    packing.unpack(data)
+  data = _reseal(container.pack(_every_codec_tree()), edit)
+  with pytest.raises(errors.ExportFormatError, match=message):
+    container.unpack(data)
 
 
 def test_tampered_entropy_stream_is_caught_by_the_leaf_crc():
   tree = {"w": _ternary(np.random.default_rng(7), (32, 32, 3, 3), p=(0.1, 0.8, 0.1))}
-  data = packing.pack(tree)
-  info = packing.read_info(data)
+  data = container.pack(tree)
+  info = container.read_info(data)
   assert info.records[0].codec == "tc"
 
   def flip_crc(header):
     header["leaves"][0]["k"] ^= 1
 
-  with pytest.raises(packing.ExportFormatError, match="CRC"):
-    packing.unpack(_reseal(data, flip_crc))
+  with pytest.raises(errors.ExportFormatError, match="CRC"):
+    container.unpack(_reseal(data, flip_crc))
 
 
 # ------------------------------------------------------------------- files, CLI
@@ -498,7 +500,7 @@ def test_cli_exports_an_npz_and_decodes_it_under_the_original_keys(tmp_path, cap
 
 
 def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path, capsys):
-  (tmp_path / "bad.ec2t").write_bytes(packing.MAGIC + b"\0" * 10)
+  (tmp_path / "bad.ec2t").write_bytes(container.MAGIC + b"\0" * 10)
   assert export_cli.main(["--decode", str(tmp_path / "bad.ec2t"), str(tmp_path / "o.npz")]) == 2
   err = capsys.readouterr().err
   chex.assert_equal(len(err.strip().splitlines()), 1)

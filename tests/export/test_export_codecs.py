@@ -9,7 +9,8 @@ import pytest
 
 from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
+from ec2t_jax._src.export import leaf_parts
 from ec2t_jax._src.export.record_codecs import filter_ternary
 
 from tests.export.test_export_hostile import FUZZ_MAX_BYTES, _assert_error, _bounded, one_leaf
@@ -36,10 +37,10 @@ def _per_filter(rng, shape, axis=-1, dtype=np.float32, symmetric=True, dead=0, z
 
 
 def _codec_and_round_trip(x, **kw):
-  data = packing.pack({"x": x}, **kw)
-  out = packing.unpack(data)["x"]
+  data = container.pack({"x": x}, **kw)
+  out = container.unpack(data)["x"]
   _assert_bitwise(out, x)
-  return packing.read_info(data).records[0]
+  return container.read_info(data).records[0]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, ml_dtypes.bfloat16])
@@ -53,7 +54,7 @@ def test_random_per_filter_ternary_leaves_round_trip_bitwise_as_tf(dtype, symmet
 
 def test_per_filter_scales_along_a_first_axis_and_negative_zeros_round_trip_bitwise():
   x = _per_filter(np.random.default_rng(1), (32, 8, 3, 3), axis=0, zero=-0.0)
-  parts = packing.filter_ternary_parts(x)
+  parts = leaf_parts.filter_ternary_parts(x)
   chex.assert_equal((parts.axis, parts.zero_is_negative, parts.symmetric), (0, True, True))
   chex.assert_equal(_codec_and_round_trip(x).codec, "tf")
 
@@ -62,19 +63,19 @@ def test_filter_ternary_parts_rejects_leaves_with_a_third_magnitude_in_a_filter(
   x = _per_filter(np.random.default_rng(2), (3, 3, 4, 8))
   x[0, 0, 0, 0] = 0.77
   x[1, 0, 0, 0] = 0.0
-  assert packing.filter_ternary_parts(x) is None
+  assert leaf_parts.filter_ternary_parts(x) is None
 
 
 def test_filter_ternary_parts_rejects_leaves_with_both_zero_signs():
   x = _per_filter(np.random.default_rng(2), (3, 3, 4, 8))
   x.flat[np.flatnonzero(x == 0)[0]] = -0.0
-  assert packing.filter_ternary_parts(x) is None
+  assert leaf_parts.filter_ternary_parts(x) is None
 
 
 def test_tf_is_chosen_over_sparse_floats_and_is_several_times_smaller():
   x = _per_filter(np.random.default_rng(3), (5, 5, 20, 50))
-  tf = len(packing.pack({"x": x}))
-  old = len(packing.pack({"x": x}, codecs=set(packing.CODECS) - {"tf", "cb"}))
+  tf = len(container.pack({"x": x}))
+  old = len(container.pack({"x": x}, codecs=set(container.CODECS) - {"tf", "cb"}))
   assert 3 * tf < old, (tf, old)
 
 
@@ -110,7 +111,7 @@ def test_mcq_like_leaf_of_hit_counts_times_a_scale_round_trips_bitwise_as_cb(dty
 def test_cb_keeps_negative_zero_and_nan_patterns_apart():
   x = np.tile(np.array([0.0, -0.0, np.nan, 1.5, -1.5], np.float32), 40)
   _codec_and_round_trip(x)
-  assert packing.codebook_parts(x)[0].size == 5
+  assert leaf_parts.codebook_parts(x)[0].size == 5
 
 
 def test_new_codecs_are_chosen_only_when_smaller():
@@ -123,15 +124,15 @@ def test_new_codecs_are_chosen_only_when_smaller():
       "per_filter": _per_filter(rng, (3, 3, 16, 32)),
       "codebook": rng.choice([0.0, 0.5, 1.0, 3.0], size=(64, 64)).astype(np.float32),
   }
-  info = packing.read_info(packing.pack(leaves))
+  info = container.read_info(container.pack(leaves))
   for record in info.records:
     sizes = {}
-    for codec in packing.CODECS:
+    for codec in container.CODECS:
       try:
-        data = packing.pack({"x": leaves[record.path]}, codecs={codec})
+        data = container.pack({"x": leaves[record.path]}, codecs={codec})
       except ValueError:
         continue
-      sizes[codec] = packing.read_info(data).records[0].nbytes
+      sizes[codec] = container.read_info(data).records[0].nbytes
     chex.assert_equal(record.nbytes, min(sizes.values()))
     assert sizes[record.codec] == record.nbytes, (record.path, sizes)
   chosen = {r.path: r.codec for r in info.records}
@@ -144,16 +145,16 @@ def test_float16_option_keeps_tf_and_cb_leaves_exact():
   rng = np.random.default_rng(7)
   tree = {"tf": _per_filter(rng, (3, 3, 8, 16)),
           "cb": rng.choice([0.1, 0.2, 0.3], size=(32, 32)).astype(np.float32)}
-  data = packing.pack(tree, float16=True)
-  out = packing.unpack(data)
+  data = container.pack(tree, float16=True)
+  out = container.unpack(data)
   for k in tree:
     _assert_bitwise(out[k], tree[k])
-  chex.assert_equal([r.codec for r in packing.read_info(data).records], ["tf", "cb"])
+  chex.assert_equal([r.codec for r in container.read_info(data).records], ["tf", "cb"])
 
 
 def test_without_entropy_coding_neither_new_codec_is_written():
   x = _per_filter(np.random.default_rng(8), (3, 3, 8, 16))
-  record = packing.read_info(packing.pack({"x": x}, entropy_coding=False)).records[0]
+  record = container.read_info(container.pack({"x": x}, entropy_coding=False)).records[0]
   assert record.codec not in ("tf", "cb")
 
 
@@ -247,7 +248,7 @@ def test_tf_and_cb_counts_beyond_what_a_stream_holds_are_rejected_before_decodin
 
 def test_version_1_files_cannot_use_the_new_codecs():
   x = _per_filter(np.random.default_rng(10), (3, 3, 4, 8))
-  stream = filter_ternary.tf_stream(packing.filter_ternary_parts(x))
+  stream = filter_ternary.tf_stream(leaf_parts.filter_ternary_parts(x))
   data = one_leaf({"c": "tf", "d": "float32", "s": list(x.shape)}, stream, version=1)
   _assert_error(data, "corrupt record")
 
@@ -264,7 +265,7 @@ def test_tiny_valid_cb_and_tf_files_decode_bitwise_within_max_bytes():
   for data in (cb, tf):
     assert len(data) < 2000
     _assert_error(data, "more than max_bytes", max_bytes=2**20)
-    out, peak = _bounded(packing.unpack, data, max_bytes=FUZZ_MAX_BYTES)
+    out, peak = _bounded(container.unpack, data, max_bytes=FUZZ_MAX_BYTES)
     chex.assert_trees_all_equal(out["w"].reshape(-1), np.zeros(count, np.float32))
     assert peak < 2 * 13 * count
 

@@ -26,7 +26,8 @@ from ec2t_jax._src.export import codebook_coding
 from ec2t_jax._src.export import context_coding
 from ec2t_jax._src.export import entropy_coding
 from ec2t_jax._src.cli import export_cli
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
+from ec2t_jax._src.export import errors
 from ec2t_jax._src.cli import report_cli
 from ec2t_jax._src.report import reporting
 from ec2t_jax._src.export import sources
@@ -40,11 +41,11 @@ FUZZ_MAX_BYTES = 32 * MiB  # the decoded-size limit the fuzzed reads run under
 PEAK_BUDGET = 3 * FUZZ_MAX_BYTES  # decoded arrays + int8 assignments + the file, with room
 
 
-def seal(header, payload: bytes = b"", version: int = packing.FORMAT_VERSION) -> bytes:
+def seal(header, payload: bytes = b"", version: int = container.FORMAT_VERSION) -> bytes:
   """A file with any header (dict, or raw bytes to compress) and a valid checksum."""
   raw = header if isinstance(header, bytes) else json.dumps(header).encode()
   compressed = zlib.compress(raw)
-  body = struct.pack("<8sHHIQ", packing.MAGIC, version, 0, len(compressed), len(payload))
+  body = struct.pack("<8sHHIQ", container.MAGIC, version, 0, len(compressed), len(payload))
   body += compressed + payload
   return body + hashlib.sha256(body).digest()
 
@@ -75,7 +76,7 @@ def _bounded(fn, *args, **kwargs):
   try:
     try:
       out = fn(*args, **kwargs)
-    except packing.ExportFormatError as e:
+    except errors.ExportFormatError as e:
       out = e
     return out, tracemalloc.get_traced_memory()[1]
   finally:
@@ -83,11 +84,11 @@ def _bounded(fn, *args, **kwargs):
 
 
 def _assert_error(data, match, **kwargs):
-  out, peak = _bounded(packing.unpack, data, **kwargs)
-  assert isinstance(out, packing.ExportFormatError), f"decoded instead of failing: {match}"
+  out, peak = _bounded(container.unpack, data, **kwargs)
+  assert isinstance(out, errors.ExportFormatError), f"decoded instead of failing: {match}"
   assert "\n" not in str(out)
   assert peak < PEAK_BUDGET, f"{peak / MiB:.1f} MiB to reject a {len(data)}-byte file"
-  assert pytest.raises(packing.ExportFormatError, packing.unpack, data, **kwargs).match(match)
+  assert pytest.raises(errors.ExportFormatError, container.unpack, data, **kwargs).match(match)
 
 
 # ------------------------------------------------------------------ crafted files
@@ -119,7 +120,7 @@ def test_tiny_valid_file_decoding_to_many_megabytes_obeys_max_bytes():
   data = one_leaf({"c": "te", "d": "float32", "s": [count]}, TERNARY_VALUES + stream, version=1)
   assert len(data) < 400
   _assert_error(data, "more than max_bytes=1,048,576", max_bytes=MiB)
-  out, peak = _bounded(packing.unpack, data, max_bytes=FUZZ_MAX_BYTES)
+  out, peak = _bounded(container.unpack, data, max_bytes=FUZZ_MAX_BYTES)
   chex.assert_trees_all_equal(out["w"], np.zeros(count, np.float32))
   assert peak < 2 * 5 * count  # float32 result + int8 symbols, twice over
 
@@ -130,7 +131,7 @@ def test_tiny_valid_context_coded_file_decodes_bitwise_within_max_bytes():
   data = one_leaf({"c": "tc", "d": "float32", "s": [count]}, stream)
   assert len(data) < 2000
   _assert_error(data, "more than max_bytes", max_bytes=MiB)
-  out, peak = _bounded(packing.unpack, data, max_bytes=FUZZ_MAX_BYTES)
+  out, peak = _bounded(container.unpack, data, max_bytes=FUZZ_MAX_BYTES)
   chex.assert_trees_all_equal(out["w"], np.zeros(count, np.float32))
   assert peak < 2 * 13 * count  # float32 result, int8 symbols, int64 contexts of a batch
 
@@ -172,7 +173,7 @@ def test_deep_tree_structure_is_rejected_and_a_moderately_deep_tree_round_trips(
   tree = np.float32(1.0)
   for _ in range(30):
     tree = {"k": tree}
-  restored = packing.unpack(packing.pack(tree))
+  restored = container.unpack(container.pack(tree))
   for _ in range(30):
     restored = restored["k"]
   chex.assert_trees_all_equal(restored, np.float32(1.0))
@@ -193,7 +194,7 @@ def test_huge_or_malformed_shapes_are_rejected(shape, match):
 
 
 def test_empty_leaf_decodes_to_the_empty_array_unless_an_axis_is_absurd():
-  out = packing.unpack(one_leaf({"c": "raw", "d": "float32", "s": [2**30, 0]}, b""))
+  out = container.unpack(one_leaf({"c": "raw", "d": "float32", "s": [2**30, 0]}, b""))
   chex.assert_shape(out["w"], (2**30, 0))
   _assert_error(one_leaf({"c": "raw", "d": "float32", "s": [2**62, 0]}, b""), "corrupt record")
 
@@ -253,11 +254,11 @@ def test_fuzz_reseal_gives_an_error_or_the_original_tree_in_bounded_memory(versi
   """
   if version == 2:
     tree = _fuzz_tree()
-    data = packing.pack(tree)
+    data = container.pack(tree)
   else:
     tree = v1_tree()
     data = (REPO / "tests/data/export_v1.ec2t").read_bytes()
-  info = packing.read_info(data)
+  info = container.read_info(data)
   rng = np.random.default_rng(1234)
   offsets = np.cumsum([0] + [r.nbytes for r in info.records])
   coded = [i for i, r in enumerate(info.records) if r.crc is not None]
@@ -283,9 +284,9 @@ def test_fuzz_reseal_gives_an_error_or_the_original_tree_in_bounded_memory(versi
       hostile = _reseal(data, edit)
     except ValueError:  # json cannot write this value (NaN is written, so this is rare)
       continue
-    out, peak = _bounded(packing.unpack, hostile, max_bytes=FUZZ_MAX_BYTES)
+    out, peak = _bounded(container.unpack, hostile, max_bytes=FUZZ_MAX_BYTES)
     worst = max(worst, peak)
-    if isinstance(out, packing.ExportFormatError):
+    if isinstance(out, errors.ExportFormatError):
       assert "\n" not in str(out)
       outcomes["error"] += 1
     else:
@@ -302,7 +303,6 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 from tests.export import test_export_hostile as t
 from ec2t_jax._src.export import entropy_coding
-from ec2t_jax._src.export import packing
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -332,12 +332,12 @@ size, rss = status("VmSize"), status("VmRSS")
 resource.setrlimit(resource.RLIMIT_AS, (size + t.CAP, size + t.CAP))
 for data in hostile:
     try:
-        packing.unpack(data, max_bytes=t.FUZZ_MAX_BYTES)
+        container.unpack(data, max_bytes=t.FUZZ_MAX_BYTES)
         raise SystemExit("decoded a hostile file")
-    except packing.ExportFormatError:
+    except errors.ExportFormatError:
         pass
 hostile_hwm = status("VmHWM") - rss
-out = packing.unpack(valid, max_bytes=t.FUZZ_MAX_BYTES)
+out = container.unpack(valid, max_bytes=t.FUZZ_MAX_BYTES)
 assert not out["w"].any() and out["w"].shape == (count,)
 print(hostile_hwm, status("VmHWM") - rss, status("VmPeak") - size)
 """
@@ -479,7 +479,7 @@ def test_report_flags_non_finite_weights_per_layer():
 
 def _two_layer_file() -> bytes:
   layer = lambda: {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}
-  return packing.pack({"fcA": layer(), "fcB": layer()})
+  return container.pack({"fcA": layer(), "fcB": layer()})
 
 
 def _renamed(data: bytes, *names) -> bytes:
@@ -497,7 +497,7 @@ def test_decode_of_names_holding_nul_fails_in_one_line_instead_of_merging_leaves
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "NUL" in err, err
   assert not (tmp_path / "out.npz").exists()
-  with pytest.raises(packing.ExportFormatError, match="NUL"):
+  with pytest.raises(errors.ExportFormatError, match="NUL"):
     export.load(path)
 
 
@@ -510,7 +510,7 @@ def test_decode_of_names_holding_nul_fails_in_one_line_instead_of_merging_leaves
 def test_unsafe_leaf_names_are_refused_at_load_and_at_save(name, match):
   _assert_error(_renamed(_two_layer_file(), name), match)
   with pytest.raises(ValueError, match=match):
-    packing.pack({name: np.zeros(2, np.float32)})
+    container.pack({name: np.zeros(2, np.float32)})
 
 
 def test_a_leaf_name_longer_than_a_zip_entry_is_a_one_line_cli_error(tmp_path, capsys):
@@ -525,14 +525,14 @@ def test_a_leaf_name_longer_than_a_zip_entry_is_a_one_line_cli_error(tmp_path, c
 def test_names_that_are_the_same_npz_entry_are_refused():
   _assert_error(_renamed(_two_layer_file(), "a\\b", "a/b"), "same .npz entry")
   with pytest.raises(ValueError, match="same .npz entry"):
-    packing.pack({"a/b": np.zeros(2), "a": {"b": np.ones(2)}})
+    container.pack({"a/b": np.zeros(2), "a": {"b": np.ones(2)}})
 
 
 def test_a_5001_digit_integer_key_is_an_export_format_error(tmp_path):
   data = seal(b'{"tree": {"d": [[' + b"9" * 5001 + b', 0]]}, "leaves": '
               b'[{"c": "raw", "d": "float32", "s": [1], "n": 4}], "meta": {}}', bytes(4))
   (tmp_path / "big.ec2t").write_bytes(data)
-  with pytest.raises(packing.ExportFormatError, match="corrupt header"):
+  with pytest.raises(errors.ExportFormatError, match="corrupt header"):
     export.load(tmp_path / "big.ec2t")
 
 
@@ -551,13 +551,13 @@ def test_tc_stream_with_symbols_dropped_or_invented_is_refused_without_its_crc(d
 def test_tf_stream_declaring_an_extra_row_of_filters_is_refused_without_its_crc():
   rng = np.random.default_rng(0)
   a = rng.choice([-1, 0, 1], size=(16, 8), p=(0.3, 0.4, 0.3))
-  data = packing.pack({"w": (a * rng.uniform(0.1, 1.0, 8)).astype(np.float32)})
+  data = container.pack({"w": (a * rng.uniform(0.1, 1.0, 8)).astype(np.float32)})
 
   def edit(header, payload):
     header["leaves"][0].pop("k")
     header["leaves"][0]["s"] = [17, 8]  # 8 invented symbols
 
-  assert packing.read_info(data).records[0].codec == "tf"
+  assert container.read_info(data).records[0].codec == "tf"
   _assert_error(_reseal(data, edit), "not the encoding of exactly")
 
 
@@ -572,7 +572,7 @@ def test_codebook_index_stream_holding_more_indices_than_declared_is_refused(dec
 def test_empty_codebook_index_stream_is_not_2048_zeros():
   values = np.array([1.0, 2.0], np.float32).tobytes()
   _assert_error(_cb_leaf(values, b"", 2048), "not the encoding of exactly")
-  with pytest.raises(packing.ExportFormatError, match="2,048 symbols"):
+  with pytest.raises(errors.ExportFormatError, match="2,048 symbols"):
     codebook_coding.decode(b"", 2048, 2)
 
 
@@ -584,7 +584,7 @@ def test_a_semi_static_stream_with_no_data_words_is_not_5000_symbols():
   order0 = entropy_coding.ModelChoice(entropy_coding.ORDER0, (0, 0), 0.0)
   stream = entropy_coding.encode_symbols(np.ones(5000, np.int8), 3, order0)
   no_words = stream[:3 + 2 * 2]  # model, cut and table only
-  with pytest.raises(packing.ExportFormatError, match="5,000 symbols"):
+  with pytest.raises(errors.ExportFormatError, match="5,000 symbols"):
     entropy_coding.decode_symbols(no_words, (5000,), 3)
   _assert_error(one_leaf({"c": "te", "d": "float32", "s": [5000]}, TERNARY_VALUES + no_words,
                          version=1), "not the encoding of exactly")
@@ -593,7 +593,7 @@ def test_a_semi_static_stream_with_no_data_words_is_not_5000_symbols():
 def test_bool_leaves_hold_only_zero_and_one():
   _assert_error(one_leaf({"c": "raw", "d": "bool", "s": [3]}, bytes([0, 1, 2])),
                 "bytes other than 0 and 1")
-  out = packing.unpack(packing.pack({"w": np.array([True, False, True])}))
+  out = container.unpack(container.pack({"w": np.array([True, False, True])}))
   chex.assert_trees_all_equal(out["w"], np.array([True, False, True]))
 
 
@@ -611,10 +611,10 @@ def test_writing_the_output_over_the_input_is_refused_before_anything_is_written
 
 def _streams_are_encodings(data: bytes) -> bool:
   """Whether every stream of ``data`` is what its codec writes for the leaf it decodes to."""
-  info, arrays = packing.unpack_leaves(data)
+  info, arrays = container.unpack_leaves(data)
   offset = 24 + info.header_bytes
   for record, array in zip(info.records, arrays):
-    alone = packing.pack({"w": array}, codecs={record.codec})
+    alone = container.pack({"w": array}, codecs={record.codec})
     if alone[-32 - record.nbytes:-32] != data[offset:offset + record.nbytes]:
       return False
     offset += record.nbytes
@@ -628,7 +628,7 @@ def test_decode_of_an_npz_with_traversal_entry_names_is_refused(tmp_path):
       with archive.open(name, "w") as member:
         np.lib.format.write_array(member, np.ones(2, np.float32))
   (tmp_path / "in.npz").write_bytes(buffer.getvalue())
-  with pytest.raises(packing.ExportFormatError, match=r"'\.\.' component"):
+  with pytest.raises(errors.ExportFormatError, match=r"'\.\.' component"):
     export.decode_file(tmp_path / "in.npz", tmp_path / "out.npz")
   assert not (tmp_path / "out.npz").exists()
 
@@ -658,8 +658,8 @@ def test_fuzz_of_counts_names_and_crc_removal_gives_an_error_or_the_original_tre
   is not its encoding, and there must be none.
   """
   tree = _fuzz_tree()
-  data = packing.pack(tree)
-  info = packing.read_info(data)
+  data = container.pack(tree)
+  info = container.read_info(data)
   offsets = np.cumsum([0] + [r.nbytes for r in info.records])
   rng = np.random.default_rng(2026)
   outcomes = {"files": 0, "error": 0, "same": 0, "other": 0, "different": 0}
@@ -688,8 +688,8 @@ def test_fuzz_of_counts_names_and_crc_removal_gives_an_error_or_the_original_tre
 
     hostile = _reseal(data, edit)
     outcomes["files"] += 1
-    out, _ = _bounded(packing.unpack, hostile, max_bytes=FUZZ_MAX_BYTES)
-    if isinstance(out, packing.ExportFormatError):
+    out, _ = _bounded(container.unpack, hostile, max_bytes=FUZZ_MAX_BYTES)
+    if isinstance(out, errors.ExportFormatError):
       assert "\n" not in str(out)
       outcomes["error"] += 1
       continue

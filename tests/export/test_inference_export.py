@@ -12,7 +12,8 @@ import pytest
 from ec2t_jax import export
 from ec2t_jax._src.cli import export_cli
 from ec2t_jax._src.export import inference
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
+from ec2t_jax._src.export import errors
 
 DATA = Path(__file__).parents[2].parent / "shared/data/ec2t-reference"
 PAPER_SPARS64_BYTES = 47_240  # 11.81K scoring params x 4 B, the paper's count
@@ -81,7 +82,7 @@ def test_flax_variables_export_and_run_on_the_ternary_path(tmp_path):
   export.save(tmp_path / "vars.ec2t", variables)
   result = export.export_inference(tmp_path / "vars.ec2t", tmp_path / "inf.ec2t")
   records = {r.path: r for r in result.info.records}
-  chex.assert_equal(records["params/Conv_0/kernel"].codec in packing.TERNARY_CODECS, True)
+  chex.assert_equal(records["params/Conv_0/kernel"].codec in container.TERNARY_CODECS, True)
   chex.assert_equal(records["params/Dense_0/kernel"].storage, "float16")
   chex.assert_equal(records["params/BatchNorm_0/scale"].storage, "float32")
   restored = export.load_inference(tmp_path / "inf.ec2t")
@@ -93,7 +94,7 @@ def test_flax_variables_export_and_run_on_the_ternary_path(tmp_path):
 
 def test_loading_a_plain_file_as_inference_file_is_an_error(tmp_path):
   export.save(tmp_path / "m.ec2t", {"w": np.ones(3, np.float32)})
-  with pytest.raises(packing.ExportFormatError, match="not an inference file"):
+  with pytest.raises(errors.ExportFormatError, match="not an inference file"):
     export.load_inference(tmp_path / "m.ec2t")
 
 
@@ -106,7 +107,7 @@ def test_inference_file_with_hostile_settings_is_an_export_format_error(tmp_path
                                                                          match):
   tree = {"params": {"bn": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)}}}
   export.save(tmp_path / "m.ec2t", tree, metadata={"inference": settings})
-  with pytest.raises(packing.ExportFormatError, match=match):
+  with pytest.raises(errors.ExportFormatError, match=match):
     export.load_inference(tmp_path / "m.ec2t")
 
 

@@ -8,7 +8,7 @@ import pytest
 import ec2t_jax as ec2t
 from ec2t_jax import export
 from ec2t_jax import report
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 from ec2t_jax._src.export import stacking
 from models_for_tests import TinyGPT, token_batch
 
@@ -28,7 +28,7 @@ def test_stacked_kernel_is_stored_as_one_ternary_record_per_slice(stacked_params
   info = export.save(tmp_path / "gpt.ec2t", {"params": stacked_params})
   codecs = {r.path: r.codec for r in info.records}
   for i in range(3):
-    assert codecs[f"params/blocks/c_fc/kernel[{i}]"] in packing.TERNARY_CODECS
+    assert codecs[f"params/blocks/c_fc/kernel[{i}]"] in container.TERNARY_CODECS
   assert "params/blocks/c_fc/kernel" not in codecs
   assert "params/blocks/c_fc/bias" in codecs  # biases are not split
 

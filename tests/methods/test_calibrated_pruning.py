@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import ec2t_jax as ec2t
-from ec2t_jax._src.methods import calibrated_pruning as cp
-from ec2t_jax._src.methods import layer_capture
+from ec2t_jax._src.methods.calibrated_pruning import pruning as cp
+from ec2t_jax._src.methods._support import layer_capture
 from tests import models_for_tests as models
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ec2t_jax._src.methods import clustering
+from ec2t_jax._src.methods._support import clustering
 
 
 class KMeansTest(chex.TestCase):

@@ -31,8 +31,8 @@ import pytest
 import ec2t_jax as ec2t
 from ec2t_jax import export
 from ec2t_jax._src import core
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 # ------------------------------------------------------------- a toy method
 

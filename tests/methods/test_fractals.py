@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ec2t_jax as ec2t
-from ec2t_jax._src.methods import fractals
+from ec2t_jax._src.methods._support import fractals
 
 
 @pytest.fixture(scope="module")

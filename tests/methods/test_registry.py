@@ -8,8 +8,8 @@ import pytest
 
 import ec2t_jax as ec2t
 from ec2t_jax._src import core
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 from ec2t_jax._src.methods import twn
 
 BUILT_IN = {"ec2t": "train", "twn": "train", "ttq": "train", "sttn": "train", "faraone": "train",

@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import leaf_parts
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.report import leaf_statistics as stats_lib
 
@@ -31,7 +31,7 @@ def test_chunked_statistics_equal_the_whole_array_oracles(monkeypatch, chunk):
   monkeypatch.setattr(stats_lib, "CHUNK_ELEMENTS", chunk)
   for array in _cases(np.random.default_rng(chunk)):
     got = stats_lib.leaf_statistics(array)
-    parts = packing.ternary_parts(array)
+    parts = leaf_parts.ternary_parts(array)
     assert got.ternary == (parts is not None), array
     assert got.zeros == array.size - np.count_nonzero(array)
     as_float = array.astype(np.float64) if array.dtype.kind != "i" else array

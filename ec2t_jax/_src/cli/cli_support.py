@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from ec2t_jax._src.export.packing import ExportFormatError
+from ec2t_jax._src.export.errors import ExportFormatError
 
 # Errors that mean "this input cannot be used": reported as their message alone.
 # Anything else is reported with its type name first (it is still one line).

@@ -37,8 +37,8 @@ import numpy as np
 from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.export import sources
-from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.export.container import DEFAULT_MAX_BYTES
+from ec2t_jax._src.methods._support import registry
 from ec2t_jax._src.report import leaf_statistics
 
 PROGRAM = "ec2t_jax.compress"
@@ -121,7 +121,7 @@ def _calibration_inputs(args, jax):
   if args.num_calibration < 1:
     raise ValueError(f"--num-calibration must be positive, got {args.num_calibration}")
   if args.calibration == "fractals":
-    from ec2t_jax._src.methods.fractals import fractal_images  # pylint: disable=g-import-not-at-top
+    from ec2t_jax._src.methods._support.fractals import fractal_images  # pylint: disable=g-import-not-at-top
     images = fractal_images(args.num_calibration, args.input_shape,
                             jax.random.key(args.seed))
     return (images - args.normalize[0]) / args.normalize[1]
@@ -217,7 +217,9 @@ def compress(args) -> dict:
   """Runs one method on the checkpoint and writes ``args.output``; returns the metadata."""
   import jax  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.export import exporting  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src.methods import calibrated_pruning, common, mcq  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods import mcq  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods._support import common  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods.calibrated_pruning import pruning as calibrated_pruning  # pylint: disable=g-import-not-at-top
   spec = registry.get_method(args.method)
   if "apply_fn" in spec.inputs and not args.model:  # check the cheap things before reading
     raise ValueError(f"{spec.name} needs --model (the network to run forward passes of), "

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.export.exporting import decode_file, export_file, export_inference
-from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.export.container import DEFAULT_MAX_BYTES
 
 PROGRAM = "ec2t_jax.export"
 

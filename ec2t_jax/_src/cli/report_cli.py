@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.report.accounting import EXACT_RULES, PAPER_RULES
-from ec2t_jax._src.export.packing import DEFAULT_MAX_BYTES
+from ec2t_jax._src.export.container import DEFAULT_MAX_BYTES
 from ec2t_jax._src.report.reporting import build_report, format_report
 
 PROGRAM = "ec2t_jax.report"

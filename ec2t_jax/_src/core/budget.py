@@ -73,7 +73,7 @@ KINDS = ("bits_per_weight", "bytes", "sparsity")
 # Measured on the export (benchmarks/RESULTS_budget.md, "bytes model"):
 # coded bytes of a ternary layer over n H / 8 (LeNet-5: 1.00-1.03).
 DEFAULT_CODING_RATIO = 1.0
-# ``24 + H + P + 32``: the fixed header and the SHA-256 (packing.py).
+# ``24 + H + P + 32``: the fixed header and the SHA-256 (container.py).
 FILE_OVERHEAD_BYTES = 24 + 32
 # Header JSON per leaf (zlib-compressed record and tree entry; LeNet-5's
 # 10 leaves: 271-273 bytes).

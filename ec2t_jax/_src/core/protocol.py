@@ -24,7 +24,7 @@ transformation of an optax chain) and one-shot use
 holds the method with its hyperparameters and selection and offers both.
 
 Writing a method, then registering it (see
-``ec2t_jax/_src/methods/registry.py``)::
+``ec2t_jax/_src/methods/_support/registry.py``)::
 
   class MyLeaf(NamedTuple):            # the state of one selected leaf
     latent: jax.Array
@@ -75,6 +75,9 @@ class LeafContext(NamedTuple):
       inside the core's ``vmap``; 0 for an unstacked leaf).
     info: this leaf's entry of the method's :class:`TreeInfo` (``init_leaf``
       only; None without a ``prepare`` hook or at ``update``).
+    output_axis: the output-channel axis of one slice (index into ``shape``;
+      per-channel statistics and scales run along the other axes). The
+      selection plan sets it (``LeafPlan.output_axis``); default: the last.
   """
   path: str
   shape: tuple
@@ -85,6 +88,7 @@ class LeafContext(NamedTuple):
   stack_shape: tuple = ()
   slice_index: Any = 0
   info: Any = None
+  output_axis: int = -1
 
 
 class LeafState(Protocol):

@@ -138,13 +138,15 @@ class Rule:
 
 
 class LeafPlan(NamedTuple):
-  """What happens to one leaf: its path, mode and gamma (None = global), and
-  its number of leading stack axes (0: one layer)."""
+  """What happens to one leaf: its path, mode and gamma (None = global), its
+  number of leading stack axes (0: one layer) and the output-channel axis of
+  one slice (-1: the last)."""
   path: str
   mode: Mode
   gamma: Optional[float]
   source: str  # "default", "rule <i>: <pattern>" or "select"
   stack_ndim: int = 0
+  output_axis: int = -1
 
   def __repr__(self):
     stacked = f", stack_ndim={self.stack_ndim}" if self.stack_ndim else ""

@@ -121,7 +121,8 @@ def _contexts(named_leaves, stack_ndims, rules) -> list[Optional[LeafContext]]:
     shape = tuple(np.shape(leaf))
     out.append(LeafContext(path, shape[k:], jnp.dtype(leaf.dtype), rule.mode,
                            rule.gamma, math.prod(shape[k:]) / largest,
-                           stack_shape=shape[:k]))
+                           stack_shape=shape[:k],
+                           output_axis=getattr(rule, "output_axis", -1)))
   return out
 
 

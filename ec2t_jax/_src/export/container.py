@@ -559,3 +559,12 @@ def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES):
     return trees.unflatten(arrays, info.structure)
   except ValueError as e:
     raise ExportFormatError(f"corrupt header: {e}") from None
+
+
+# Codec names by property, derived from the codec registry (a new codec appears
+# here by its registration alone).
+CODECS = record_codecs.names(FORMAT_VERSION)  # what this version writes
+CODECS_BY_VERSION = {v: record_codecs.names(v) for v in SUPPORTED_VERSIONS}
+TERNARY_CODECS = record_codecs.all_names(ternary=True)
+RANGE_CODED = record_codecs.all_names(range_coded=True)
+EXACT_CODECS = record_codecs.all_names(own_dtype=True, ternary=False)  # own dtype under float16

@@ -1,7 +1,7 @@
 """Files in the packed format: save / load, export a checkpoint, decode to ``.npz``.
 
 The public names are re-exported by :mod:`ec2t_jax.export`; the format itself
-is :mod:`ec2t_jax._src.export.packing`.
+is :mod:`ec2t_jax._src.export.container`.
 
 Example:
   >>> import numpy as np
@@ -21,11 +21,11 @@ from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import inference
 from ec2t_jax._src.export import inference_export
 from ec2t_jax._src.export import leaf_names
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.export import stacking
-from ec2t_jax._src.export.packing import (DEFAULT_MAX_BYTES, ExportFormatError, PackedInfo, pack,
-                                   read_info, unpack)
+from ec2t_jax._src.export.container import DEFAULT_MAX_BYTES, PackedInfo, pack, read_info, unpack
+from ec2t_jax._src.export.errors import ExportFormatError
 from ec2t_jax._src.export.sources import load_tree
 
 
@@ -47,8 +47,8 @@ class ExportResult(NamedTuple):
 
   def summary(self, out_path) -> str:
     records = self.info.records
-    ternary = sum(r.codec in packing.TERNARY_CODECS for r in records)
-    coded = sum(r.codec in packing.RANGE_CODED for r in records)
+    ternary = sum(r.codec in container.TERNARY_CODECS for r in records)
+    coded = sum(r.codec in container.RANGE_CODED for r in records)
     ratio = self.float32_bytes / max(self.info.total_bytes, 1)
     return (f"{out_path}: {self.info.total_bytes:,} bytes from {self.source_path} "
             f"({self.source_kind}, {len(records)} leaves, {self.float32_bytes:,} bytes as float32: "
@@ -161,7 +161,7 @@ def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
   ``ternary_conv``) computes with. A stacked leaf comes back as a list of its
   slices (one :class:`TernaryWeight` per layer).
   """
-  info, arrays = packing.unpack_leaves(_read_packed(path, max_bytes), max_bytes=max_bytes)
+  info, arrays = container.unpack_leaves(_read_packed(path, max_bytes), max_bytes=max_bytes)
   leaves = []
   for array in arrays:
     weight = inference.as_ternary(array)
@@ -298,7 +298,7 @@ def load_inference(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
       :func:`export_inference`.
   """
   data = _read_packed(path, max_bytes)
-  info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
+  info, arrays = container.unpack_leaves(data, max_bytes=max_bytes)
   user = info.meta.get("user")
   settings = user.get("inference") if isinstance(user, dict) else None
   if not isinstance(settings, dict) or not isinstance(settings.get("eps"), float):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import leaf_parts
 
 
 class TernaryWeight(NamedTuple):
@@ -57,7 +57,7 @@ class TernaryWeight(NamedTuple):
 
 def as_ternary(kernel) -> Optional[TernaryWeight]:
   """:class:`TernaryWeight` of a concrete kernel holding exactly ``{-w_n, 0, w_p}``, else None."""
-  parts = packing.ternary_parts(np.asarray(kernel))
+  parts = leaf_parts.ternary_parts(np.asarray(kernel))
   if parts is None:
     return None
   return TernaryWeight(parts.assignment, np.asarray(-parts.values[0]), np.asarray(parts.values[2]))

@@ -2,7 +2,7 @@
 
 Three kinds of input are recognised by content, not by name:
 
-* a **packed** ``.ec2t`` file (starts with :data:`packing.MAGIC`);
+* a **packed** ``.ec2t`` file (starts with :data:`container.MAGIC`);
 * an ``.npz`` **state dict** (a zip archive, e.g. the official EC2T ResNet-20
   weights): a flat dict whose keys stay exactly as they are;
 * an **orbax checkpoint** directory, as written by
@@ -33,7 +33,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
+from ec2t_jax._src.export import errors
 from ec2t_jax._src.export import stacking
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -46,7 +47,7 @@ class LoadedTree(NamedTuple):
     tree: the parameter tree (numpy arrays).
     kind: ``"packed"``, ``"npz"`` or ``"checkpoint"``.
     path: the file or directory actually read.
-    info: the :class:`packing.PackedInfo` of a packed file, else ``None``.
+    info: the :class:`container.PackedInfo` of a packed file, else ``None``.
   """
   tree: Any
   kind: str
@@ -113,7 +114,7 @@ def _npy_header(member, name: str):
   raise ValueError(f"entry {name!r}: .npy format version {version} is not supported")
 
 
-def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+def read_npz(data: bytes, *, max_bytes: int = container.DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
   """Reads an uncompressed or deflated ``.npz`` without trusting its headers.
 
   Each entry's declared shape and dtype must match its stored size (which the
@@ -128,7 +129,7 @@ def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict
     entries = archive.infolist()
   except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
     raise ValueError(f"not a readable .npz archive: {e}") from None
-  packing.enforce_max_bytes(sum(info.file_size for info in entries), max_bytes,
+  container.enforce_max_bytes(sum(info.file_size for info in entries), max_bytes,
                             prefix=".npz entries declare ")
   out = {}
   with archive:
@@ -141,7 +142,7 @@ def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict
           shape, fortran, dtype = _npy_header(member, name)
           if dtype.hasobject:
             raise ValueError(f"entry {name!r} holds Python objects (pickles are refused)")
-          if len(shape) > packing.MAX_NDIM:
+          if len(shape) > container.MAX_NDIM:
             raise ValueError(f"entry {name!r} has {len(shape)} dimensions")
           nbytes = math.prod(shape) * dtype.itemsize
           stored = info.file_size - member.tell()
@@ -159,7 +160,7 @@ def read_npz(data: bytes, *, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict
 
 
 def load_tree(path, *, keys: Sequence[str] = ("params",),
-              max_bytes: int = packing.DEFAULT_MAX_BYTES) -> LoadedTree:
+              max_bytes: int = container.DEFAULT_MAX_BYTES) -> LoadedTree:
   """Reads a parameter tree from a packed file, an ``.npz`` or an orbax checkpoint.
 
   Args:
@@ -174,7 +175,7 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
-    packing.ExportFormatError: for a corrupted packed file.
+    errors.ExportFormatError: for a corrupted packed file.
     ValueError: for anything else that cannot be read.
   """
   path = Path(path)
@@ -185,8 +186,8 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
     tree = _to_numpy(tree)
     return LoadedTree(tree, "checkpoint", str(item))
   data = read_bounded(path, max_bytes)
-  if data.startswith(packing.MAGIC[:4]):
-    info, arrays = packing.unpack_leaves(data, max_bytes=max_bytes)
+  if data.startswith(container.MAGIC[:4]):
+    info, arrays = container.unpack_leaves(data, max_bytes=max_bytes)
     tree = trees.unflatten(arrays, info.structure)
     user = info.meta.get("user")
     split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
@@ -194,7 +195,7 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
       try:
         tree = stacking.restack(tree, split)
       except ValueError as e:
-        raise packing.ExportFormatError(f"{path}: corrupt file: {e}") from None
+        raise errors.ExportFormatError(f"{path}: corrupt file: {e}") from None
     return LoadedTree(tree, "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
@@ -206,14 +207,14 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
                    "checkpoint directory")
 
 
-def read_bounded(path, max_bytes: int = packing.DEFAULT_MAX_BYTES) -> bytes:
+def read_bounded(path, max_bytes: int = container.DEFAULT_MAX_BYTES) -> bytes:
   """A file's bytes, refused (before reading) if it is larger than ``max_bytes``.
 
   Raises:
-    packing.ExportFormatError: if the file is larger than ``max_bytes``.
+    errors.ExportFormatError: if the file is larger than ``max_bytes``.
   """
   path = Path(path)
-  packing.enforce_max_bytes(path.stat().st_size, max_bytes, prefix=f"{path}: ")
+  container.enforce_max_bytes(path.stat().st_size, max_bytes, prefix=f"{path}: ")
   return path.read_bytes()
 
 

@@ -38,9 +38,9 @@ import optax
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
-from ec2t_jax._src.methods import common
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import common
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 MIN_BITS = 2
 MAX_BITS = 8

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 
 def mcq_hits(weights: jax.Array, num_samples, offset) -> tuple[jax.Array, jax.Array]:
@@ -230,7 +230,7 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
     >>> int(jnp.sum(quantized["b"] != 0)) <= 12
     True
   """
-  from ec2t_jax._src.methods import common  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods._support import common  # pylint: disable=g-import-not-at-top
   chosen = common.selected_leaves(params, selection)
   for (path, leaf), picked in zip(jax.tree_util.tree_leaves_with_path(params), chosen):
     if picked and not bool(jnp.all(jnp.isfinite(leaf))):  # one inf would make its group NaN

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
-from ec2t_jax._src.methods import ternary_ops
+from ec2t_jax._src.methods._support import ternary_ops
 from ec2t_jax._src.methods import twn
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 
 def _sgn(x) -> jax.Array:

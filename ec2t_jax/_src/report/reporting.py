@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Sequence, Union
 import numpy as np
 
 from ec2t_jax._src.report import accounting
-from ec2t_jax._src.export import packing
+from ec2t_jax._src.export import container
 from ec2t_jax._src.export import sources
 from ec2t_jax._src.export import stacking
 from ec2t_jax._src.core import trees
@@ -56,7 +56,7 @@ class _Source(NamedTuple):
   tree: Any
   kind: str
   name: str
-  info: packing.PackedInfo
+  info: container.PackedInfo
   measured: str
 
 
@@ -77,7 +77,7 @@ def _load_source(source, keys, max_bytes, float16) -> _Source:
     tree, kind, name = _per_slice(loaded.tree), loaded.kind, loaded.path
   else:
     tree, kind, name = _per_slice(source), "tree", "<tree>"
-  info = packing.read_info(packing.pack(tree, float16=float16))
+  info = container.read_info(container.pack(tree, float16=float16))
   return _Source(tree, kind, name, info, "in-memory pack")
 
 
@@ -184,7 +184,7 @@ def _operations(scores) -> dict:
 def build_report(source, *, geometry: GeometryLike = "auto",
                  rules: CountingRules = PAPER_RULES, image_size: int = 32,
                  keys: Sequence[str] = ("params",), float16: bool = False,
-                 max_bytes: int = packing.DEFAULT_MAX_BYTES) -> dict:
+                 max_bytes: int = container.DEFAULT_MAX_BYTES) -> dict:
   """Builds the report of a packed file, a checkpoint, an ``.npz`` or a tree.
 
   Memory: beyond the decoded arrays, each leaf is read in chunks

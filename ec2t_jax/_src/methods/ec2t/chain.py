@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from ec2t_jax._src import core
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 
 class EC2TLeaf(NamedTuple):

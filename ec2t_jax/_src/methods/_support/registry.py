@@ -8,7 +8,7 @@ registered method). Public accessors: :func:`~ec2t_jax.method_registry`,
 Adding a method = one module + one registration. In the method's module
 (see ``_src/core/protocol.py`` for writing the method itself)::
 
-  from ec2t_jax._src.methods import grids, registry
+  from ec2t_jax._src.methods._support import grids, registry
 
   def quantizer(factor=0.7, *, selection=None) -> core.Quantizer: ...
   def mine(factor=0.7, *, selection=None):        # public: the optax transformation
@@ -20,8 +20,10 @@ Adding a method = one module + one registration. In the method's module
                                      sweep=(0.5, 0.7, 0.9), traced=True)},
       grid=lambda options: grids.ternary_grid()))
 
-and import the module from ``ec2t_jax/__init__.py`` (which exports
-``mine``); registration happens at import.
+and add the module to :data:`BUILTIN_MODULES` (a built-in method) or import
+it before use (a user's method); registration happens at import, and the
+registry imports every built-in module before it answers, so it is complete
+whatever was imported first.
 
 Kinds:
 
@@ -38,11 +40,12 @@ Kinds:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 from typing import Any, Callable, Mapping, Optional
 
 from ec2t_jax._src import core
-from ec2t_jax._src.methods import grids
+from ec2t_jax._src.methods._support import grids
 
 KINDS = ("train", "staged", "one_shot")
 
@@ -154,6 +157,25 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
+# The built-in methods: one line each. Each module registers its method(s) at import.
+BUILTIN_MODULES = (
+    "ec2t_jax._src.methods.ec2t.chain",
+    "ec2t_jax._src.methods.twn",
+    "ec2t_jax._src.methods.ttq",
+    "ec2t_jax._src.methods.sttn",
+    "ec2t_jax._src.methods.bitnet",
+    "ec2t_jax._src.methods.sparsity_regularization",
+    "ec2t_jax._src.methods.inq",
+    "ec2t_jax._src.methods.slq",
+    "ec2t_jax._src.methods.mcq",
+    "ec2t_jax._src.methods.calibrated_pruning.method",
+)
+
+
+def _load_builtins() -> None:
+  for module in BUILTIN_MODULES:
+    importlib.import_module(module)
+
 
 def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
   """Adds ``spec`` under ``spec.name``; a second method of that name is an error unless ``replace``."""
@@ -179,6 +201,7 @@ def get_method(name: str) -> MethodSpec:
     >>> get_method("twn").kind
     'train'
   """
+  _load_builtins()
   try:
     return _REGISTRY[name]
   except KeyError:
@@ -196,5 +219,6 @@ def method_registry(kind: Optional[str] = None) -> dict[str, MethodSpec]:
   """
   if kind is not None:
     core.check_choice("kind", kind, KINDS)
+  _load_builtins()
   return {name: spec for name, spec in sorted(_REGISTRY.items())
           if kind is None or spec.kind == kind}

@@ -7,7 +7,7 @@ check results the same way.
 
 Example:
   >>> import numpy as np
-  >>> from ec2t_jax._src.methods.grids import ternary_grid  # internal
+  >>> from ec2t_jax._src.methods._support.grids import ternary_grid  # internal
   >>> grid = ternary_grid()
   >>> grid.problems([("w", np.array([0.0, 0.5, -0.25, 0.5]))])
   []

@@ -60,8 +60,8 @@ import numpy as np
 import optax
 
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.methods import common
-from ec2t_jax._src.methods import layer_capture
+from ec2t_jax._src.methods._support import common
+from ec2t_jax._src.methods._support import layer_capture
 
 
 # ---------------------------------------------------------------- pure functions
@@ -98,7 +98,7 @@ def global_magnitude_masks(kernels: Sequence[jax.Array], sparsity: float) -> lis
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from ec2t_jax._src.methods.calibrated_pruning import global_magnitude_masks  # internal
+    >>> from ec2t_jax._src.methods.calibrated_pruning.pruning import global_magnitude_masks  # internal
     >>> [m.tolist() for m in global_magnitude_masks(
     ...     [jnp.array([3., 4.]), jnp.array([1., 0., 0.1])], 0.4)]
     [[True, True], [True, False, False]]

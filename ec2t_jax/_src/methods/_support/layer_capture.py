@@ -16,7 +16,7 @@ state) and plain functions; only forward passes of the user's model run.
 A leaf used by several layers is captured at its first use.
 
 Example:
-  >>> from ec2t_jax._src.methods.layer_capture import capture_layer_inputs  # internal
+  >>> from ec2t_jax._src.methods._support.layer_capture import capture_layer_inputs  # internal
   >>> from ec2t_jax.models import small_cnn_example
   >>> ex = small_cnn_example()  # a small CNN (fixture): ex.model, ex.params, ex.x
   >>> apply_fn = lambda p, x: ex.model.apply({"params": p}, x)

@@ -47,7 +47,7 @@ def forward_ranks(selection: selection_lib.SelectionLike, params) -> dict[str, i
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from ec2t_jax._src.methods.common import forward_ranks  # internal
+    >>> from ec2t_jax._src.methods._support.common import forward_ranks  # internal
     >>> forward_ranks(lambda path, leaf: True, {"fc2": jnp.ones(2), "fc1": jnp.ones(2)})
     {'fc2': 0, 'fc1': 1}
   """
@@ -72,7 +72,7 @@ def scheduled_stage(phase, steps, steps_per_stage) -> jax.Array:
   """``max(phase, steps // steps_per_stage)``, or ``phase`` when ``steps_per_stage`` is 0.
 
   Example:
-    >>> from ec2t_jax._src.methods.common import scheduled_stage  # internal
+    >>> from ec2t_jax._src.methods._support.common import scheduled_stage  # internal
     >>> int(scheduled_stage(1, 7, 3))
     2
   """

@@ -40,7 +40,7 @@ def stage_sum(quantizer_state) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp
     >>> import ec2t_jax as ec2t
-    >>> from ec2t_jax._src.methods.stage_restart import stage_sum  # internal
+    >>> from ec2t_jax._src.methods._support.stage_restart import stage_sum  # internal
     >>> tx = ec2t.inq(2, (0.5, 1.0), selection=lambda path, leaf: True)
     >>> int(stage_sum(tx.init({"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))})))  # stage 0, 0
     0

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 
 from ec2t_jax._src import core
 from ec2t_jax._src.core import trees
-from ec2t_jax._src.methods import calibrated_pruning
-from ec2t_jax._src.methods import common
-from ec2t_jax._src.methods import grids
-from ec2t_jax._src.methods import registry
+from ec2t_jax._src.methods.calibrated_pruning import pruning as calibrated_pruning
+from ec2t_jax._src.methods._support import common
+from ec2t_jax._src.methods._support import grids
+from ec2t_jax._src.methods._support import registry
 
 
 class PrunedLeaf(NamedTuple):

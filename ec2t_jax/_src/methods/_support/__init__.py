@@ -1,0 +1,1 @@
+"""Helpers the methods share: the registry, grids, k-means, layer capture, stage restarts."""

@@ -1,0 +1,1 @@
+"""Calibrated pruning: the tree-level algorithm (``pruning``) and the method on the shared core (``method``)."""
