@@ -60,6 +60,7 @@ from ec2t_jax._src.methods.sttn import sttn
 from ec2t_jax._src.methods.sttn import STTNLeaf
 from ec2t_jax._src.methods.sttn import sttn_gradients
 from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_official_gradients
 from ec2t_jax._src.methods.sttn import sttn_scale
 from ec2t_jax._src.methods.sttn import sttn_ternarize
 from ec2t_jax._src.methods.sttn import ternary_activation
@@ -164,6 +165,7 @@ __all__ = (
     "STTNLeaf",
     "sttn_gradients",
     "sttn_init",
+    "sttn_official_gradients",
     "sttn_scale",
     "sttn_ternarize",
     "ternary_activation",
