@@ -77,6 +77,8 @@ from ec2t_jax._src.methods.inq import inq
 from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_codebook
 from ec2t_jax._src.methods.inq import inq_quantize
+from ec2t_jax._src.methods.inq import official_stage_optimizer
+from ec2t_jax._src.methods.inq import official_stage_schedule
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
@@ -186,6 +188,8 @@ __all__ = (
     "InqLeaf",
     "inq_codebook",
     "inq_quantize",
+    "official_stage_optimizer",
+    "official_stage_schedule",
     # SLQ / MLQ
     "slq",
     "restart_on_stage",
