@@ -229,7 +229,7 @@ def _prune80_real(ctx):
          "80%, same global L2-normalised threshold, no correction or calibration")
 def _prune80_plain(ctx):
   return _prune(ctx, 0.8, _real_images(ctx), ramp=0.0, steps_per_level=0,
-                statistics_correction=False, bias_correction=False)
+                statistics_correction="none", bias_correction=False)
 
 
 @add_row("prune50_fractal", "calibrated pruning", "50%, 300 fractals (data-free)")

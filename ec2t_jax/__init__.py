@@ -60,6 +60,7 @@ from ec2t_jax._src.methods.sttn import sttn
 from ec2t_jax._src.methods.sttn import STTNLeaf
 from ec2t_jax._src.methods.sttn import sttn_gradients
 from ec2t_jax._src.methods.sttn import sttn_init
+from ec2t_jax._src.methods.sttn import sttn_official_gradients
 from ec2t_jax._src.methods.sttn import sttn_scale
 from ec2t_jax._src.methods.sttn import sttn_ternarize
 from ec2t_jax._src.methods.sttn import ternary_activation
@@ -76,6 +77,8 @@ from ec2t_jax._src.methods.inq import inq
 from ec2t_jax._src.methods.inq import InqLeaf
 from ec2t_jax._src.methods.inq import inq_codebook
 from ec2t_jax._src.methods.inq import inq_quantize
+from ec2t_jax._src.methods.inq import official_stage_optimizer
+from ec2t_jax._src.methods.inq import official_stage_schedule
 from ec2t_jax._src.methods.slq import slq
 from ec2t_jax._src.methods.slq import mlq
 from ec2t_jax._src.methods.slq import SlqLeaf
@@ -164,6 +167,7 @@ __all__ = (
     "STTNLeaf",
     "sttn_gradients",
     "sttn_init",
+    "sttn_official_gradients",
     "sttn_scale",
     "sttn_ternarize",
     "ternary_activation",
@@ -184,6 +188,8 @@ __all__ = (
     "InqLeaf",
     "inq_codebook",
     "inq_quantize",
+    "official_stage_optimizer",
+    "official_stage_schedule",
     # SLQ / MLQ
     "slq",
     "restart_on_stage",

@@ -230,18 +230,18 @@ def test_pot_schedule_one_full_batch_step_is_one_masked_adam_step(linen):
   uk, _ = optax.adam(1e-2).update(gk * mask, optax.adam(1e-2).init(kernel))
   ub, _ = optax.adam(1e-2).update(gb, optax.adam(1e-2).init(bias))
   want_k, want_b = jnp.where(mask, kernel + uk, 0.0), bias + ub
-  if float(loss(want_k, want_b)) < float(loss(kernel, bias)):
-    np.testing.assert_allclose(new_kernel, want_k, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(new_bias, want_b, rtol=1e-5, atol=1e-7)
+  # POT keeps the last iterate; the first step always has its gradient (previous loss 0).
+  np.testing.assert_allclose(new_kernel, want_k, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new_bias, want_b, rtol=1e-5, atol=1e-7)
   assert float(before) == pytest.approx(float(loss(kernel, bias)), rel=1e-5)
-  assert float(after) <= float(before)
+  assert float(after) == pytest.approx(float(loss(want_k, want_b)), rel=1e-5)
 
 
 def test_pot_schedule_reduces_the_error_and_keeps_the_mask(linen):
   call, kernel, bias, mask, targets = _dense0_call(linen)
   calibrate = cp.make_pot_calibrator(call, True, iterations=4, steps_per_iteration=5,
                                      batch_size=8, weight_learning_rate=1e-3,
-                                     bias_learning_rate=1e-3)
+                                     bias_learning_rate=1e-3, keep_best=True)
   new_kernel, _, (before, after) = calibrate(kernel, bias, mask, targets)
   assert float(after) < 0.95 * float(before)
   np.testing.assert_array_equal(new_kernel == 0, ~mask)
@@ -261,3 +261,71 @@ def test_non_finite_calibration_data_is_refused_naming_the_batch(linen):
   with pytest.raises(ValueError, match="calibration_data batch 1 holds non-finite"):
     ec2t.prune_calibrated(params, apply_fn, [x[:16], x[16:].at[0].set(np.nan)], 0.5,
                           steps_per_level=0)
+
+
+def _pot_sparsify_node(weights_oihw, pruned):
+  """numpy transcription of POT's ``MagnitudeSparsity._sparsify_node`` correction
+  (``correct_weight_bias``) for a kernel with output channels first."""
+  sparse = weights_oihw.copy()
+  sparse[pruned] = 0
+  axis = tuple(range(1, weights_oihw.ndim))
+  bcast = (...,) + (np.newaxis,) * (weights_oihw.ndim - 1)
+  a = (np.std(weights_oihw, axis=axis) / (np.std(sparse, axis=axis) + 1e-9))[bcast]
+  b = (np.mean(weights_oihw, axis=axis) - np.mean(sparse * a, axis=axis))[bcast]
+  new = weights_oihw * a + b
+  new[pruned] = 0
+  return new
+
+
+def test_pot_statistics_correction_matches_the_transcribed_pot_code():
+  w = np.asarray(jax.random.normal(jax.random.key(3), (3, 3, 4, 5)) + 0.1, np.float32)
+  keep = np.abs(w) > 0.8  # 80%-ish sparse channels
+  got = np.asarray(cp.pot_channel_statistics(jnp.asarray(w), jnp.asarray(keep)))
+  to_oihw = lambda x: np.transpose(x, (3, 2, 0, 1))
+  np.testing.assert_allclose(to_oihw(got), _pot_sparsify_node(to_oihw(w), ~to_oihw(keep)),
+                             rtol=1e-5, atol=1e-6)
+  # POT's survivors differ from the exact restoration of mean and std.
+  exact = np.asarray(cp.correct_channel_statistics(jnp.where(keep, w, 0.0), jnp.asarray(keep),
+                                                   jnp.asarray(w)))
+  assert np.max(np.abs(exact - got)) > 1e-3
+
+
+def _adam_tx():
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.multi_transform({"kernel": optax.adam(0.1), "bias": optax.adam(0.1)},
+                               {"kernel": "kernel", "bias": "bias"})
+
+
+def test_pot_step_takes_a_gradient_only_when_the_loss_did_not_decrease():
+  import optax  # pylint: disable=g-import-not-at-top
+  variables = {"kernel": jnp.array([[1.0, 2.0], [0.0, -1.0]]), "bias": jnp.array([0.5, 0.0])}
+  mask = jnp.array([[True, True], [False, True]])
+  loss_fn = lambda v: jnp.sum((v["kernel"] - 0.3) ** 2) + jnp.sum(v["bias"] ** 2)
+  tx = _adam_tx()
+  state = tx.init(variables)
+  # Step 1 (previous 0 <= loss): the masked gradient.
+  v1, s1, l1 = cp.pot_tuning_step(loss_fn, tx, variables, state, jnp.float32(0.0), mask, True)
+  g = jax.grad(loss_fn)(variables)
+  u, want_state = tx.update({"kernel": g["kernel"] * mask, "bias": g["bias"]}, state, variables)
+  want = optax.apply_updates(variables, u)
+  np.testing.assert_allclose(v1["kernel"], jnp.where(mask, want["kernel"], 0.0), rtol=1e-6)
+  np.testing.assert_allclose(v1["bias"], want["bias"], rtol=1e-6)
+  assert float(l1) == pytest.approx(float(loss_fn(variables)))
+  # Step 2 with a larger previous loss (the loss decreased): Adam steps on a zero gradient.
+  v2, _, _ = cp.pot_tuning_step(loss_fn, tx, v1, s1, jnp.float32(1e9), mask, True)
+  zero = jax.tree.map(jnp.zeros_like, v1)
+  u2, _ = tx.update(zero, want_state, v1)
+  want2 = optax.apply_updates(v1, u2)
+  np.testing.assert_allclose(v2["kernel"], jnp.where(mask, want2["kernel"], 0.0), rtol=1e-6)
+  np.testing.assert_allclose(v2["bias"], want2["bias"], rtol=1e-6)
+  # ... and with increase_only=False the gradient is used anyway.
+  v3, _, _ = cp.pot_tuning_step(loss_fn, tx, v1, s1, jnp.float32(1e9), mask, True,
+                                increase_only=False)
+  assert not np.allclose(v3["bias"], v2["bias"])
+
+
+def test_unknown_statistics_correction_is_refused_by_name(linen):
+  _, params, apply_fn, x = linen
+  with pytest.raises(ValueError, match="statistics_correction must be one of"):
+    ec2t.prune_calibrated(params, apply_fn, x, 0.5, steps_per_level=0,
+                          statistics_correction=True)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ec2t_jax as ec2t
+
 from ec2t_jax._src.methods import inq
 
 W = jnp.array([0.9, -0.05, 0.3, -0.6, 0.02, 0.1], jnp.float32)
@@ -102,3 +104,38 @@ def test_bad_bits_named(bits):
 def test_bad_portions_named(portions, why):
   with pytest.raises(ValueError, match=f"portions.*{why}|{why}"):
     inq.check_portions(portions)
+
+
+def test_default_portions_are_the_official_run_py_ones():
+  assert ec2t.get_method("inq").options()["portions"] == (0.3, 0.6, 0.8, 1.0)
+
+
+def test_official_stage_schedule_is_the_solver_step_policy_scaled_to_the_stage():
+  # solver.prototxt: base_lr 0.003, gamma 0.2 every 15000 of 63000 iterations.
+  sched = ec2t.official_stage_schedule(63000)
+  for t in (0, 14999, 15000, 29999, 30000, 45000, 62999):
+    np.testing.assert_allclose(float(sched(t)), 0.003 * 0.2 ** (t // 15000), rtol=1e-6)
+
+
+def test_official_stage_optimizer_restarts_and_anneals_within_each_stage():
+  import optax  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)}
+  tx = ec2t.restart_on_stage(ec2t.official_stage_optimizer(8),
+                             ec2t.inq(3, (0.5, 1.0), steps_per_stage=8,
+                                      selection=lambda path, leaf: True))
+  state = tx.init(params)
+  inner_counts = []
+  for _ in range(12):
+    _, state = tx.update({"w": jnp.zeros((4, 4))}, state, params)
+    inner_counts.append(int(optax.tree_utils.tree_get(state.inner, "count")))
+  # The inner solver restarts when the stage advances (at the 9th update) ...
+  assert inner_counts[7] == 8 and inner_counts[8] == 0 and inner_counts[11] == 3
+  # ... so the 8th update, the stage's last, ran at count 7: the annealed rate.
+  sched = ec2t.official_stage_schedule(8)
+  np.testing.assert_allclose(float(sched(7)), 0.003 * 0.2 ** 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_a_schedule_that_cannot_restart_is_refused(bad):
+  with pytest.raises(ValueError, match="steps_per_stage must be a positive integer"):
+    ec2t.official_stage_schedule(bad)

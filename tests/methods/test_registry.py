@@ -42,8 +42,9 @@ def test_registering_a_name_twice_is_an_error_unless_replacing():
 
 def test_options_fill_defaults_and_name_unknown_or_bad_knobs():
   spec = ec2t.get_method("ttq")
-  assert spec.options(threshold=0.1) == {"threshold": 0.1, "sparsity": None, "init_scale": None,
-                                         "scale_update": 1.0}
+  assert spec.options(threshold=0.1) == {"threshold": 0.1, "sparsity": None, "init_scale": 1.0,
+                                         "scale_update": 1.0, "latent_step": "gradient",
+                                         "scale_step": "sum"}
   with pytest.raises(ValueError, match="no knob 'gamma'"):
     spec.options(gamma=0.1)
   with pytest.raises(ValueError, match="scale_update"):

@@ -4,6 +4,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+import ec2t_jax as ec2t
 
 from ec2t_jax._src.methods import slq
 
@@ -86,3 +89,87 @@ def test_advance_reclusters_at_later_stages_and_keeps_at_most_k_values():
   assert bool(leaf.frozen.all())
   assert len(np.unique(np.asarray(leaf.values))) <= 5
   assert set(np.unique(np.asarray(leaf.values)).tolist()) <= set(np.asarray(leaf.levels).tolist())
+
+
+def _official_kmeans(data, num, epochs=10):
+  """numpy transcription of ``Kmeans`` / ``kmeans_pre`` (yuhuixu1993/SLQ kmeans.hpp):
+  returns the kernel (centroids) and T_vec (the last assignment)."""
+  data = np.asarray(data, np.float32)
+  n_max = float(np.max(np.abs(data)))
+  n_max = 2.0 ** np.floor(np.log(n_max) / np.log(2))
+  kernel = np.zeros(num, np.float32)
+  for i in range(1, num, 2):
+    kernel[i] = n_max / 2 ** ((i - 1) // 2)
+    kernel[i + 1] = -kernel[i]
+  t_vec = np.zeros(data.size, np.int64)
+  for _ in range(epochs):
+    for i, x in enumerate(data):
+      tmp, score = 0, (x - kernel[0]) ** 2
+      for j in range(num):
+        if (x - kernel[j]) ** 2 < score:
+          tmp, score = j, (x - kernel[j]) ** 2
+      t_vec[i] = tmp
+    for i in range(1, num):  # the zero centroid stays
+      members = data[t_vec == i]
+      if members.size:
+        kernel[i] = members.sum() / members.size
+  return kernel, t_vec
+
+
+FIXED_5_BIT_LAYER = np.asarray(jax.random.normal(jax.random.key(42), (300,)) * 0.05, np.float32)
+
+
+def test_official_levels_and_assignment_match_the_transcribed_official_kmeans():
+  want_kernel, want_t = _official_kmeans(FIXED_5_BIT_LAYER, 17)
+  levels, assignment = slq.official_levels(jnp.asarray(FIXED_5_BIT_LAYER), 17)
+  np.testing.assert_allclose(levels, want_kernel, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(assignment, want_t)
+
+
+def test_official_initial_codebook_is_powers_of_two_with_zero_pinned():
+  # One Lloyd iteration from the start on weights that sit on the start exactly.
+  w = jnp.array([0.0, 0.5, -0.5, 0.25, -0.25, 0.125, -0.125, 0.7])  # n_max = 0.5
+  levels, _ = slq.official_levels(w, 9, iterations=0)
+  np.testing.assert_array_equal(levels, [0, 0.5, -0.5, 0.25, -0.25, 0.125, -0.125, 0.0625,
+                                         -0.0625])
+
+
+def test_official_freezing_order_takes_zero_and_the_largest_magnitudes_first():
+  tx = ec2t.slq(5, selection=lambda path, leaf: True)
+  leaf = tx.init({"w": jnp.asarray(FIXED_5_BIT_LAYER)}).leaves["w"]
+  kernel, t_vec = _official_kmeans(FIXED_5_BIT_LAYER, 17)
+  # Stage 0: T_vec < 5 (the code's "here 3"): clusters 0, +-n_max, +-n_max/2.
+  np.testing.assert_array_equal(np.asarray(leaf.frozen), t_vec < 5)
+  np.testing.assert_allclose(np.asarray(leaf.values)[t_vec < 5], kernel[t_vec[t_vec < 5]],
+                             rtol=1e-5)
+  # The loss order of the earlier reading freezes the smallest magnitudes first instead.
+  loss = ec2t.slq(5, freeze_order="loss", init="quantile", selection=lambda path, leaf: True)
+  loss_leaf = loss.init({"w": jnp.asarray(FIXED_5_BIT_LAYER)}).leaves["w"]
+  frozen_magnitude = np.abs(FIXED_5_BIT_LAYER)[np.asarray(loss_leaf.frozen)].mean()
+  official_magnitude = np.abs(FIXED_5_BIT_LAYER)[np.asarray(leaf.frozen)].mean()
+  assert official_magnitude > frozen_magnitude
+
+
+def test_official_cluster_counts_per_stage():
+  assert slq.official_cluster_counts(5) == (5, 9, 13, 15, 17)
+  assert slq.official_cluster_counts(4) == (3, 5, 7, 9)
+  assert slq.official_cluster_counts(2) == (3,)
+  spec = ec2t.get_method("slq")
+  assert spec.last_phase(spec.options(), 3) == 4  # five stages at 5 bits
+
+
+@pytest.mark.parametrize("counts, message", [
+    ((5, 9, 17, 13), "strictly increasing"),
+    ((4, 9, 17), "odd counts"),
+    ((5, 9, 15), "must end at 17"),
+    ((5, 19), "odd counts"),
+    ((), "non-empty"),
+])
+def test_cluster_counts_the_official_scheme_cannot_partition_are_refused(counts, message):
+  with pytest.raises(ValueError, match=message):
+    ec2t.slq(5, cluster_counts=counts)
+
+
+def test_portions_with_the_official_order_are_refused_naming_both():
+  with pytest.raises(ValueError, match="portions=.*freeze_order='loss'"):
+    ec2t.slq(5, (0.5, 1.0))

@@ -34,7 +34,7 @@ def test_inner_count_restarts_after_the_step_that_begins_each_stage():
 
 def test_a_phase_switch_restarts_the_inner_optimizer():
   inner = optax.scale_by_schedule(lambda count: 1.0 / (count + 1.0))
-  tx = ec2t.restart_on_stage(inner, ec2t.slq(3, (0.5, 1.0), selection=ONLY_B))
+  tx = ec2t.restart_on_stage(inner, ec2t.slq(3, (0.5, 1.0), freeze_order="loss", selection=ONLY_B))
   assert _counts(tx, 5, phase_at=(3, 1)) == [1, 2, 3, 0, 1]
 
 

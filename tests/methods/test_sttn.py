@@ -97,3 +97,65 @@ def test_activation_ternarizes_at_half_with_straight_through_inside_one():
   np.testing.assert_array_equal(ec2t.ternary_activation(x), [-1, -1, 0, 0, 1, 1, 1])
   grad = jax.grad(lambda x: jnp.sum(jnp.arange(7.0) * ec2t.ternary_activation(x)))(x)
   np.testing.assert_array_equal(grad, [0, 1, 2, 3, 4, 5, 0])
+
+
+def _official_grad_weight(weight_oihw, grad_oihw):
+  """numpy transcription of ``BinOp.updateBinaryGradWeight`` (WeixiangXu/STTN util.py)
+  for one 4-D torch kernel ``(out, in, kh, kw)``."""
+  n = weight_oihw[0].size
+  m_add = np.sign(weight_oihw) * grad_oihw
+  m_add = m_add.sum(axis=(1, 2, 3), keepdims=True) / n
+  m_add = np.broadcast_to(m_add, weight_oihw.shape) * np.sign(weight_oihw)
+  m = grad_oihw.copy()
+  m[(weight_oihw < -1.960) | (weight_oihw > 1.960)] = 0
+  return m + m_add
+
+
+def _to_torch(x):  # (kh, kw, in, out) -> (out, in, kh, kw)
+  return np.transpose(np.asarray(x), (3, 2, 0, 1))
+
+
+def test_official_gradients_match_the_transcribed_official_code_on_a_kernel_with_zeros():
+  w1, w2 = _kernels(6)
+  a, _ = ec2t.sttn_ternarize(w1, w2)
+  assert np.any(np.asarray(a) == 0)  # signs disagree somewhere: T = 0 there
+  g = np.random.default_rng(7).normal(size=w1.shape).astype(np.float32)
+  got1, got2 = ec2t.sttn_official_gradients(g, w1, w2)
+  for got, w in ((got1, w1), (got2, w2)):
+    np.testing.assert_allclose(_to_torch(got), _official_grad_weight(_to_torch(w), _to_torch(g)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_official_scale_term_differs_from_the_joint_one_where_the_kernel_is_zero():
+  w1, w2 = jnp.array([0.5, -0.5]), jnp.array([0.5, 0.5])  # T = [2a, 0]
+  g = jnp.array([0.1, 0.3])
+  official, _ = ec2t.sttn_official_gradients(g, w1, w2, per_filter=False)
+  # own signs (+, -): (0.1 - 0.3) / 2 = -0.1; joint signs (2, 0): 0.2 / 4 = 0.05
+  np.testing.assert_allclose(official, [0.1 - 0.1, 0.3 + 0.1], rtol=1e-6, atol=1e-7)
+  exact_step, _ = ec2t.sttn_gradients(g, w1, w2, per_filter=False)
+  alpha = 0.5
+  np.testing.assert_allclose(exact_step, [alpha * 0.1 + 0.05, alpha * 0.3 - 0.05], rtol=1e-6)
+
+
+def test_official_gradient_is_the_default_and_exact_is_an_option():
+  w = {"w": jnp.asarray(np.random.default_rng(8).normal(size=(4, 3)), jnp.float32)}
+  u = {"w": jnp.full((4, 3), 0.01, jnp.float32)}
+  select = lambda path, leaf: True
+  steps = {}
+  for gradient in ("official", "exact"):
+    tx = ec2t.sttn(gradient=gradient, selection=select)
+    state = tx.init(w)
+    _, new = tx.update(u, state, w)
+    steps[gradient] = new.leaves["w"].latent - state.leaves["w"].latent
+  default = ec2t.sttn(selection=select)
+  state = default.init(w)
+  _, new = default.update(u, state, w)
+  chex.assert_trees_all_equal(new.leaves["w"].latent - state.leaves["w"].latent,
+                              steps["official"])
+  assert not np.allclose(steps["official"], steps["exact"])
+
+
+def test_unknown_gradient_rule_is_refused_by_name():
+  import pytest
+  with pytest.raises(ValueError, match="gradient must be one of"):
+    ec2t.sttn(gradient="xnor")

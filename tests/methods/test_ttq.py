@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ec2t_jax as ec2t
@@ -92,3 +93,60 @@ def test_threshold_outside_unit_interval_is_rejected_by_name(value):
 def test_sparsity_outside_unit_interval_is_rejected_by_name(value):
   with pytest.raises(ValueError, match="sparsity"):
     ec2t.ttq_sparsity_threshold(W, value)
+
+
+def _official_tw_ternarize(x, w_p, w_n, thre):
+  """JAX transcription of ``tw_ternarize`` (czhu95/ternarynet ternary.py) with its
+  gradient overrides: ``Sign`` -> identity and ``Mul`` -> ``Add`` in
+  ``sign(x) * stop_gradient(mask_z)``, then ``* mask_np``."""
+  thre_x = jax.lax.stop_gradient(jnp.max(jnp.abs(x)) * thre)
+  ones = jnp.ones_like(x)
+  mask_p = jnp.where(x > thre_x, ones * w_p, ones)
+  mask_np = jnp.where(x < -thre_x, ones * w_n, mask_p)
+  mask_z = jnp.where((x < thre_x) & (x > -thre_x), 0.0, 1.0)
+  # Forward sign(x) * mask_z; backward identity to x (the two overrides).
+  w = x + jax.lax.stop_gradient(jnp.sign(x) * mask_z - x)
+  return w * mask_np
+
+
+def test_default_step_under_sgd_is_the_official_gradient_step():
+  rng = np.random.default_rng(11)
+  kernel = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  grad = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  lr = 0.01
+  tx = optax.chain(optax.sgd(lr), ec2t.ttq(selection=lambda path, leaf: True))
+  params = {"w": kernel}
+  state = tx.init(params)
+  params = ec2t.ternary_params(params, state)
+  before = ec2t.find_quantizer_state(state).leaves["w"]
+  # The official forward at the same state reproduces the params ...
+  np.testing.assert_allclose(_official_tw_ternarize(kernel, before.w_p, before.w_n, 0.05),
+                             params["w"], rtol=1e-6)
+  # ... and one SGD step moves the latent weights and both scales by -lr * its gradients.
+  g_x, g_p, g_n = jax.grad(
+      lambda x, p, n: jnp.sum(grad * _official_tw_ternarize(x, p, n, 0.05)),
+      argnums=(0, 1, 2))(kernel, before.w_p, before.w_n)
+  _, state = tx.update({"w": grad}, state, params)
+  after = ec2t.find_quantizer_state(state).leaves["w"]
+  np.testing.assert_allclose(after.latent, kernel - lr * g_x, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(after.w_p, before.w_p - lr * g_p, rtol=1e-5)
+  np.testing.assert_allclose(after.w_n, before.w_n - lr * g_n, rtol=1e-5)
+
+
+def test_official_scale_gradients_equal_jax_grad_of_the_official_forward():
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  w_p, w_n = jnp.float32(0.7), jnp.float32(1.3)
+  a = ec2t.ttq_assign(x, ec2t.ttq_threshold(x, 0.05))
+  latent, grad_n, grad_p = ec2t.ttq_gradients(g, a, w_n, w_p)
+  oracle = jax.grad(lambda x, p, n: jnp.sum(g * _official_tw_ternarize(x, p, n, 0.05)),
+                    argnums=(0, 1, 2))(x, w_p, w_n)
+  np.testing.assert_allclose(latent, oracle[0], rtol=1e-6)
+  np.testing.assert_allclose(grad_p, oracle[1], rtol=1e-5)
+  np.testing.assert_allclose(grad_n, oracle[2], rtol=1e-5)
+
+
+def test_unknown_scale_step_is_refused_by_name():
+  with pytest.raises(ValueError, match="scale_step"):
+    ec2t.ttq(scale_step="median")

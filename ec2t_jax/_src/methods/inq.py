@@ -16,9 +16,13 @@ thresholds at the midpoints ``3 * 2^(n-2)`` between neighbouring powers, and
 non-zero bits hold sign and exponent; the zero takes the remaining code.
 
 Training freezes the largest-magnitude weights first, by accumulated
-portions (``0.5, 0.75, 0.875, 1.0`` for 5 bits); :func:`inq_frozen_mask`
-grows the frozen set to the next portion, choosing the largest of the still
-free weights.
+portions (``0.3, 0.6, 0.8, 1.0``, the official ``run.py``; the paper's 5-bit
+schedule was ``0.5, 0.75, 0.875, 1.0``); :func:`inq_frozen_mask` grows the
+frozen set to the next portion, choosing the largest of the still free
+weights. Each official stage is a fresh run of the solver (SGD, momentum
+0.9, learning rate 0.003 times 0.2 every 15k of 63k iterations, weight decay
+5e-4): :func:`official_stage_optimizer` is that solver scaled to a stage's
+length, for :func:`~ec2t_jax.restart_on_stage`.
 
 Example:
   >>> import jax.numpy as jnp
@@ -253,7 +257,64 @@ class InqHyper(NamedTuple):
 HYPER_RANGES = {"steps_per_stage": core.Range(0.0)}
 
 
-def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+OFFICIAL_PORTIONS = (0.3, 0.6, 0.8, 1.0)
+# The official solver.prototxt: base_lr 0.003, step policy gamma 0.2 every 15000 of 63000
+# iterations, momentum 0.9, weight_decay 5e-4.
+OFFICIAL_LEARNING_RATE = 0.003
+OFFICIAL_DECAY = 0.2
+OFFICIAL_STEP_FRACTION = 15000 / 63000
+OFFICIAL_MOMENTUM = 0.9
+OFFICIAL_WEIGHT_DECAY = 5e-4
+
+
+def official_stage_schedule(steps_per_stage: int, learning_rate: float = OFFICIAL_LEARNING_RATE
+                            ) -> optax.Schedule:
+  """The official solver's step schedule scaled to one stage of ``steps_per_stage`` steps.
+
+  ``lr(t) = learning_rate * 0.2^floor(t / s)`` with ``s = round(15/63 *
+  steps_per_stage)``: the solver's ``lr_policy: "step"`` (``stepsize``
+  15000 of ``max_iter`` 63000), so a stage ends at ``0.2^4`` of its start.
+
+  Raises:
+    ValueError: ``steps_per_stage`` not a positive integer (named).
+
+  Example:
+    >>> from ec2t_jax import official_stage_schedule
+    >>> sched = official_stage_schedule(63)
+    >>> [round(float(sched(t)), 7) for t in (0, 14, 15, 30, 62)]
+    [0.003, 0.003, 0.0006, 0.00012, 4.8e-06]
+  """
+  if (isinstance(steps_per_stage, bool) or not isinstance(steps_per_stage, int)
+      or steps_per_stage < 1):
+    raise ValueError(f"steps_per_stage must be a positive integer (the stage's length, so "
+                     f"that the schedule can restart), got {steps_per_stage!r}")
+  steps = steps_per_stage
+  every = max(1, round(OFFICIAL_STEP_FRACTION * steps))
+  return optax.exponential_decay(learning_rate, transition_steps=every,
+                                 decay_rate=OFFICIAL_DECAY, staircase=True)
+
+
+def official_stage_optimizer(steps_per_stage: int, learning_rate: float = OFFICIAL_LEARNING_RATE
+                             ) -> optax.GradientTransformation:
+  """The official INQ solver for one stage: L2 5e-4, SGD with momentum 0.9 on the step schedule.
+
+  Wrap the method with :func:`~ec2t_jax.restart_on_stage` so that every
+  stage starts the solver afresh (momentum and schedule), as each official
+  stage is a new Caffe run from the previous stage's model:
+
+    >>> import ec2t_jax as ec2t
+    >>> tx = ec2t.restart_on_stage(ec2t.official_stage_optimizer(1000),
+    ...                            ec2t.inq(steps_per_stage=1000))
+
+  (Caffe adds ``lr * g`` to its momentum buffer, optax ``g`` before scaling:
+  the two differ only in the steps right after a learning-rate drop.)
+  """
+  return optax.chain(optax.add_decayed_weights(OFFICIAL_WEIGHT_DECAY),
+                     optax.sgd(official_stage_schedule(steps_per_stage, learning_rate),
+                               momentum=OFFICIAL_MOMENTUM))
+
+
+def inq(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
         steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None
         ) -> optax.GradientTransformation:
   """Incremental Network Quantization as the last transformation of an optax chain.
@@ -272,8 +333,9 @@ def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
   Args:
     bits: bit width in ``[2, 8]``; 2 = ternary ``{0, +-2^n1}``, 5 = the paper's.
     portions: accumulated portions, strictly increasing, ending at 1
-      (the paper's 5-bit schedule by default; its ternary ResNet-18 used
-      ``(0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 1.0)``).
+      (the official ``run.py``'s ``(0.3, 0.6, 0.8, 1.0)`` by default; the
+      paper's 5-bit schedule was ``(0.5, 0.75, 0.875, 1.0)``, its ternary
+      ResNet-18 ``(0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 1.0)``).
     steps_per_stage: advance a stage every this many updates (0: by phase only).
     selection: which leaves (``None`` = the paper's rule; the INQ paper
       quantizes all layers: pass ``ec2t.Selection(default=lambda p, l: l.ndim >= 2)``
@@ -296,7 +358,7 @@ def inq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
                    selection=selection).transform()
 
 
-def quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+def quantizer(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
               steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None
               ) -> core.Quantizer:
   """INQ as a :class:`~core.Quantizer` (training: :func:`inq`; one-shot: ``.instant``)."""
@@ -337,6 +399,6 @@ def power_of_two_grid(options) -> grids.Grid:
 
 registry.register_method(registry.MethodSpec(
     name="inq", kind="staged", quantizer=quantizer, transform=inq,
-    knobs=_staged_knobs(5, (0.5, 0.75, 0.875, 1.0)), grid=power_of_two_grid,
+    knobs=_staged_knobs(5, OFFICIAL_PORTIONS), grid=power_of_two_grid,
     last_phase=lambda o, layers: len(o["portions"]) - 1,
     description="Incremental Network Quantization (Zhou et al. 2017)"))

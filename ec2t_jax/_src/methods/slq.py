@@ -1,10 +1,27 @@
 """Single- and multiple-level quantization (Xu et al., AAAI 2018): the pure functions.
 
-**The library's interpretation** (the paper's exact details were not verified):
+**SLQ as the official code runs it** (``yuhuixu1993/SLQ``,
+``include/caffe/kmeans.hpp``), the defaults:
 
-* A layer's weights are clustered by 1-D k-means (:func:`ec2t_jax.kmeans_1d`)
-  into ``k = 2^(b-1) + 1`` clusters (``b`` bits; 3 for ternary, 17 at 5 bits),
-  as the official SLQ code does (:func:`num_clusters`).
+* ``k = 2^(b-1) + 1`` clusters (``b`` bits; 3 for ternary, 17 at 5 bits,
+  :func:`num_clusters`), started at ``0, +-n_max, +-n_max/2, ...`` with
+  ``n_max = 2^floor(log2 max|W|)``, the zero cluster pinned at 0 during 10
+  Lloyd iterations (:func:`official_levels`, ``init="official"``);
+* clusters are frozen **by index** (``freeze_order="index"``): stage ``s``
+  freezes every weight whose nearest cluster has index ``< c_s`` (the zero
+  cluster and the largest magnitudes first), with the cluster counts
+  ``c = (5, 9, 13, 15, 17)`` at 5 bits (the code's ``T_vec < 5, < 9, ...``;
+  :func:`official_cluster_counts` for other widths).
+
+Where the official code needs hand edits between stages (it re-reads the
+previous centroids from a file), the library re-clusters the levels not
+frozen yet on the free weights (below).
+
+**The library's earlier reading**, kept as options (``init="quantile"``,
+``freeze_order="loss"``, ``portions``):
+
+* A layer's weights are clustered by 1-D k-means (:func:`ec2t_jax.kmeans_1d`,
+  quantile start, 30 iterations) into ``k`` clusters.
 * The centroid nearest zero becomes exactly 0 (the pruned cluster); the others
   stay **float** centroids (``levels="float"``, the official code). The
   library's former variant, ``levels="power_of_two"``, rounds every other
@@ -35,7 +52,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import math
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +105,110 @@ class ClusterFreeze(NamedTuple):
   values: jax.Array
   losses: jax.Array
   taken: Any = None
+
+
+OFFICIAL_ITERATIONS = 10
+FREEZE_ORDERS = ("index", "loss")
+INITS = ("official", "quantile")
+# The 5-bit code freezes T_vec < 5, 9, 13, 15, 17: 2, 4, 6, 7, 8 of its 8 pairs.
+_OFFICIAL_PAIR_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0)
+
+
+def official_levels(weights: jax.Array, k: int, iterations: int = OFFICIAL_ITERATIONS
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The official k-means of one layer (``Kmeans`` in ``kmeans.hpp``).
+
+  Start ``c_0 = 0``, ``c_{2j-1} = n_max / 2^(j-1)``, ``c_{2j} = -c_{2j-1}``
+  (``n_max = 2^floor(log2 max|W|)``); each Lloyd iteration assigns every
+  weight to its nearest centroid (ties: the lower index) and moves every
+  centroid but ``c_0`` to its members' mean (an empty one stays).
+
+  Returns:
+    ``(levels, assignment)``: float32 ``(k,)`` in the code's index order, and
+    the last iteration's assignment (made before its update, as the code's
+    ``T_vec``), int32 of ``weights``' shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.slq import official_levels  # internal
+    >>> levels, _ = official_levels(jnp.array([0.9, -0.6, 0.1, 0.3, -0.05]), 5, 1)
+    >>> levels  # start [0, 0.5, -0.5, 0.25, -0.25]
+    Array([ 0.  ,  0.9 , -0.6 ,  0.3 , -0.25], dtype=float32)
+  """
+  flat = jnp.asarray(weights, jnp.float32).reshape(-1)
+  largest = jnp.max(jnp.abs(flat))
+  n_max = jnp.exp2(jnp.floor(jnp.log2(jnp.where(largest > 0, largest, 1.0))))
+  index = jnp.arange(k)
+  magnitude = n_max / jnp.exp2(((index - 1) // 2).astype(jnp.float32))
+  start = jnp.where(index == 0, 0.0, jnp.where(index % 2 == 1, magnitude, -magnitude))
+
+  def lloyd(_, carry):
+    levels, _ = carry
+    assignment = clustering.nearest_centroid(flat, levels)
+    means = clustering.cluster_means(flat, assignment, levels)
+    return jnp.where(index == 0, 0.0, means), assignment
+
+  levels, assignment = jax.lax.fori_loop(
+      0, iterations, lloyd, (start.astype(jnp.float32), jnp.zeros(flat.shape, jnp.int32)))
+  return levels, assignment.reshape(jnp.shape(weights))
+
+
+def official_cluster_counts(bits: int) -> tuple[int, ...]:
+  """The clusters frozen after each stage: ``(5, 9, 13, 15, 17)`` at 5 bits, as the code.
+
+  Other widths keep the code's fractions of the ``2^(b-2)`` signed pairs
+  (1/4, 1/2, 3/4, 7/8, all), rounded up: ``1 + 2 ceil(f pairs)``, repeats
+  dropped.
+
+  Example:
+    >>> from ec2t_jax._src.methods.slq import official_cluster_counts  # internal
+    >>> official_cluster_counts(5), official_cluster_counts(3)
+    ((5, 9, 13, 15, 17), (3, 5))
+  """
+  pairs = (num_clusters(inq.check_bits(bits)) - 1) // 2
+  counts = [1 + 2 * math.ceil(f * pairs - 1e-9) for f in _OFFICIAL_PAIR_FRACTIONS]
+  return tuple(sorted(set(counts)))
+
+
+def check_cluster_counts(counts, k: int) -> tuple[int, ...]:
+  """Validates cluster counts for index freezing: odd, strictly increasing, ending at ``k``.
+
+  Odd because a stage freezes the zero cluster and whole ``+-`` pairs.
+  """
+  try:
+    values = tuple(int(c) for c in counts)
+  except (TypeError, ValueError):
+    raise ValueError(f"cluster_counts must be a sequence of integers, got {counts!r}") from None
+  if not values or any(isinstance(c, bool) or int(c) != c for c in counts):
+    raise ValueError(f"cluster_counts must be a non-empty sequence of integers, got {counts!r}")
+  if any(c % 2 == 0 or not 1 <= c <= k for c in values):
+    raise ValueError(f"cluster_counts must be odd counts in [1, {k}] (the zero cluster and "
+                     f"whole +- pairs of the {k} clusters), got {counts!r}")
+  if any(b <= a for a, b in zip(values, values[1:])):
+    raise ValueError(f"cluster_counts must be strictly increasing, got {counts!r}")
+  if values[-1] != k:
+    raise ValueError(f"cluster_counts must end at {k} (every cluster frozen), got {counts!r}")
+  return values
+
+
+def freeze_by_index(weights: jax.Array, frozen: jax.Array, values: jax.Array, count,
+                    levels: jax.Array) -> ClusterFreeze:
+  """Freezes every free weight whose nearest level has index ``< count`` (the official order).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.slq import freeze_by_index  # internal
+    >>> step = freeze_by_index(jnp.array([0.9, 0.01, 0.3]), jnp.zeros(3, bool), jnp.zeros(3),
+    ...                        3, jnp.array([0.0, 1.0, -1.0, 0.5, -0.5]))
+    >>> step.frozen, step.values  # 0.3 is nearest 0.5 (index 3): still free
+    (Array([ True,  True, False], dtype=bool), Array([1., 0., 0.], dtype=float32))
+  """
+  k = levels.shape[0]
+  assignment = clustering.nearest_centroid(weights, levels)
+  newly = (assignment < count) & ~frozen
+  new_values = jnp.where(newly, levels[assignment], values)
+  return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), None,
+                       jnp.arange(k) < count)
 
 
 def slq_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
@@ -226,23 +348,31 @@ class SlqLeaf(NamedTuple):
 
 
 def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30,
-                  levels: str = "float") -> SlqLeaf:
+                  levels: str = "float", init: str = "quantile") -> SlqLeaf:
   """A layer not quantized yet (stage -1), its levels from k-means of the pretrained weights."""
   latent = jnp.asarray(param, jnp.float32)
   zero = jnp.zeros((), jnp.int32)
-  first = (float_levels if levels == "float" else slq_levels)(latent, k, iterations)
+  if init == "official":
+    first = official_levels(latent, k, iterations)[0]
+    if levels == "power_of_two":
+      first = jnp.where(first == 0, 0.0, nearest_power_of_two_signed(first))
+  else:
+    first = (float_levels if levels == "float" else slq_levels)(latent, k, iterations)
   return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
                  first, jnp.full((), -1, jnp.int32), jnp.asarray(rank, jnp.int32), zero,
                  jnp.zeros((k,), bool))
 
 
 def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array, *, recluster: bool = True,
-                power_of_two: bool = False, iterations: int = 30) -> SlqLeaf:
+                power_of_two: bool = False, iterations: int = 30,
+                freeze_order: str = "loss") -> SlqLeaf:
   """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started).
 
   With ``recluster`` the unlocked levels first follow the free weights
   (:func:`recluster_levels`, skipped at the layer's first stage, whose levels
-  are fresh from ``init``); then :func:`freeze_clusters` grows the frozen set.
+  are fresh from ``init``); then :func:`freeze_clusters` (``freeze_order=
+  "loss"``, ``portions`` the accumulated portions) or :func:`freeze_by_index`
+  (``"index"``, ``portions`` the cluster counts) grows the frozen set.
   """
   stage = jnp.clip(jnp.asarray(stage, jnp.int32), -1, portions.shape[0] - 1)
   later = (stage > leaf.stage) & (stage >= 0)
@@ -252,8 +382,8 @@ def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array, *, recluster: bool = 
     moved = recluster_levels(leaf.latent, ~leaf.frozen, levels, locked, iterations,
                              power_of_two)
     levels = jnp.where(later & (leaf.stage >= 0), moved, levels)
-  step = freeze_clusters(leaf.latent, leaf.frozen, leaf.values,
-                         portions[jnp.maximum(stage, 0)], levels)
+  freeze = freeze_by_index if freeze_order == "index" else freeze_clusters
+  step = freeze(leaf.latent, leaf.frozen, leaf.values, portions[jnp.maximum(stage, 0)], levels)
   return leaf._replace(frozen=jnp.where(later, step.frozen, leaf.frozen),
                        values=jnp.where(later, step.values, leaf.values),
                        levels=levels, locked=jnp.where(later, locked | step.taken, locked),
@@ -277,13 +407,37 @@ def _forward_ranks_info(params, selection, hyper) -> core.TreeInfo:
   return core.TreeInfo(leaf_info=selection_lib.layer_ranks(selection_lib.as_selection(selection), params))
 
 
+def stage_table(bits: int, portions, cluster_counts, freeze_order: str) -> tuple:
+  """The per-stage table: cluster counts (``"index"``) or accumulated portions (``"loss"``)."""
+  core.check_choice("freeze_order", freeze_order, FREEZE_ORDERS)
+  k = num_clusters(inq.check_bits(bits))
+  if freeze_order == "index":
+    if portions is not None:
+      raise ValueError(f"portions={portions!r} is for freeze_order='loss'; the official "
+                       "order freezes whole clusters: pass cluster_counts")
+    counts = official_cluster_counts(bits) if cluster_counts is None else cluster_counts
+    return check_cluster_counts(counts, k)
+  if cluster_counts is not None:
+    raise ValueError(f"cluster_counts={cluster_counts!r} is for freeze_order='index'; "
+                     "freeze_order='loss' takes portions")
+  return inq.check_portions(DEFAULT_PORTIONS if portions is None else portions)
+
+
+DEFAULT_PORTIONS = (0.5, 0.75, 0.875, 1.0)
+
+
 def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, staggered: bool,
-               iterations: int, levels: str = "float", recluster: bool = True) -> core.Quantizer:
+               iterations, levels: str = "float", recluster: bool = True,
+               freeze_order: str = "loss", init: str = "quantile",
+               cluster_counts=None) -> core.Quantizer:
   if levels not in LEVELS:
     raise ValueError(f"levels must be one of {LEVELS}, got {levels!r}")
+  core.check_choice("init", init, INITS)
   bits = inq.check_bits(bits)
-  portions = inq.check_portions(portions)
-  table = jnp.asarray(portions, jnp.float32)
+  table = jnp.asarray(stage_table(bits, portions, cluster_counts, freeze_order),
+                      jnp.int32 if freeze_order == "index" else jnp.float32)
+  if iterations is None:
+    iterations = OFFICIAL_ITERATIONS if init == "official" else 30
   k = num_clusters(bits)
 
   def init_leaf(param, ctx, hyper):
@@ -291,12 +445,13 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
     # Layers (slices of stacked leaves too) start one stage after another.
     rank = (jnp.asarray(ctx.info, jnp.int32)[ctx.slice_index]
             if staggered and ctx.info is not None else 0)
-    leaf = slq_init_leaf(param, k, rank, iterations, levels)
+    leaf = slq_init_leaf(param, k, rank, iterations, levels, init)
     return advance(leaf, -rank)  # stage 0 now for the first layer (SLQ: all)
 
   def advance(leaf, stage):
     return slq_advance(leaf, stage, table, recluster=recluster,
-                       power_of_two=levels == "power_of_two", iterations=iterations)
+                       power_of_two=levels == "power_of_two", iterations=iterations,
+                       freeze_order=freeze_order)
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     del ctx
@@ -310,13 +465,15 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
                         SlqHyper(steps_per_stage), HYPER_RANGES, selection)
 
 
-def slq_quantizer(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+def slq_quantizer(bits: int = 5, portions: Optional[Sequence[float]] = None, *,
                   steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
-                  kmeans_iterations: int = 30, levels: str = "float",
-                  recluster: bool = True) -> core.Quantizer:
+                  kmeans_iterations: Optional[int] = None, levels: str = "float",
+                  recluster: bool = True, freeze_order: str = "index",
+                  init: str = "official",
+                  cluster_counts: Optional[Sequence[int]] = None) -> core.Quantizer:
   """SLQ as a :class:`~core.Quantizer` (training: :func:`slq`; one-shot: ``.instant``)."""
   return _quantizer("slq", bits, portions, steps_per_stage, selection, False,
-                    kmeans_iterations, levels, recluster)
+                    kmeans_iterations, levels, recluster, freeze_order, init, cluster_counts)
 
 
 def mlq_quantizer(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
@@ -328,31 +485,42 @@ def mlq_quantizer(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: in
                     levels, recluster)
 
 
-def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
+def slq(bits: int = 5, portions: Optional[Sequence[float]] = None, *,
         steps_per_stage: int = 0, selection: selection_lib.SelectionLike = None,
-        kmeans_iterations: int = 30, levels: str = "float",
-        recluster: bool = True) -> optax.GradientTransformation:
+        kmeans_iterations: Optional[int] = None, levels: str = "float",
+        recluster: bool = True, freeze_order: str = "index", init: str = "official",
+        cluster_counts: Optional[Sequence[int]] = None) -> optax.GradientTransformation:
   """Single-level quantization as the last transformation of an optax chain.
 
   At ``init`` each selected layer gets its ``2^(bits-1) + 1`` k-means levels
-  and its lowest-loss clusters, up to ``portions[0]`` of the layer, are
-  frozen (module docstring). Stage ``s`` re-clusters the levels not frozen yet
-  on the free weights and freezes more clusters up to ``portions[s]``; the
-  free weights retrain with the masked incoming update.
-  Stages advance with the phase (``ec2t.set_phase``) or every
+  (:func:`official_levels`) and the clusters of index below
+  ``cluster_counts[0]`` are frozen (the official order; module docstring).
+  Stage ``s`` re-clusters the levels not frozen yet on the free weights and
+  freezes the clusters below ``cluster_counts[s]``; the free weights retrain
+  with the masked incoming update. With ``freeze_order="loss"`` (the earlier
+  reading) the lowest-loss clusters are frozen up to ``portions[s]`` of the
+  layer instead. Stages advance with the phase (``ec2t.set_phase``) or every
   ``steps_per_stage`` updates.
 
   Args:
     bits: bit width in ``[2, 8]`` (``2^(bits-1) + 1`` clusters).
-    portions: accumulated portions, strictly increasing, ending at 1.
+    portions: ``freeze_order="loss"`` only: accumulated portions, strictly
+      increasing, ending at 1 (None: ``(0.5, 0.75, 0.875, 1.0)``).
     steps_per_stage: advance a stage every this many updates (0: by phase only).
     selection: which leaves (``None`` = the paper's rule).
-    kmeans_iterations: Lloyd iterations of each clustering.
+    kmeans_iterations: Lloyd iterations of each clustering (None: 10 with
+      ``init="official"``, 30 with ``"quantile"``).
     levels: ``"float"`` (k-means centroids, the official code) or
       ``"power_of_two"`` (the library's former variant: centroids rounded to
       signed powers of two).
     recluster: re-cluster the unlocked levels at each stage (the official
       code); ``False`` keeps the levels of ``init``.
+    freeze_order: ``"index"`` (official) or ``"loss"`` (see above).
+    init: ``"official"`` (power-of-two start, zero pinned) or ``"quantile"``
+      (:func:`ec2t_jax.kmeans_1d`, zero set afterwards).
+    cluster_counts: ``freeze_order="index"`` only: clusters frozen after each
+      stage, odd, strictly increasing, ending at ``2^(bits-1) + 1`` (None:
+      :func:`official_cluster_counts`).
 
   Returns:
     An ``optax.GradientTransformation`` with state
@@ -365,7 +533,8 @@ def slq(bits: int = 5, portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), *,
   """
   return slq_quantizer(bits, portions, steps_per_stage=steps_per_stage, selection=selection,
                        kmeans_iterations=kmeans_iterations, levels=levels,
-                       recluster=recluster).transform()
+                       recluster=recluster, freeze_order=freeze_order, init=init,
+                       cluster_counts=cluster_counts).transform()
 
 
 def mlq(portions: Sequence[float] = (0.5, 1.0), *, steps_per_stage: int = 0,
@@ -408,6 +577,8 @@ def _levels_grid(count: int, levels: str) -> grids.Grid:
 
 
 _ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+_SLQ_ITERATIONS = registry.Knob(None, core.Range(1.0), (None,),
+                                doc="Lloyd iterations (None: 10 official, 30 quantile)")
 _LEVELS = registry.Knob("float", LEVELS, ("float",),
                         doc="float centroids (official code) or power_of_two")
 _RECLUSTER = registry.Knob(True, (True, False), (True,),
@@ -415,9 +586,18 @@ _RECLUSTER = registry.Knob(True, (True, False), (True,),
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
     knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
-           "kmeans_iterations": _ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER},
+           "portions": registry.Knob(None, None, (None,),
+                                     doc="freeze_order='loss': accumulated portions"),
+           "kmeans_iterations": _SLQ_ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER,
+           "freeze_order": registry.Knob("index", FREEZE_ORDERS, FREEZE_ORDERS,
+                                         doc="index (official: zero and largest first) or loss"),
+           "init": registry.Knob("official", INITS, INITS,
+                                 doc="official (power-of-two start) or quantile k-means"),
+           "cluster_counts": registry.Knob(None, None, (None,),
+                                           doc="freeze_order='index': clusters per stage")},
     grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
-    last_phase=lambda o, layers: len(o["portions"]) - 1,
+    last_phase=lambda o, layers: len(stage_table(o["bits"], o["portions"], o["cluster_counts"],
+                                                 o["freeze_order"])) - 1,
     description="Single-level quantization (Xu et al. 2018)"))
 registry.register_method(registry.MethodSpec(
     name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,

@@ -10,21 +10,35 @@ output filter (output filters on the last axis, ``n`` elements per filter):
 threshold is learned rather than set. Inference adds the two binary kernels
 into one ternary kernel.
 
-Gradients (this library's reading; the paper's exact formula could not be
-checked): the exact gradient of the forward above with the sign replaced by
-the clipped straight-through estimator ``d sgn(x)/dx = [|x| <= 1]``, i.e.
-XNOR-Net's scale term included,
+Gradients, ``g = dL/dT`` (``gradient=`` option):
 
-.. math:: \\frac{\\partial L}{\\partial W_{j,i}} = \\alpha [|W_{j,i}| \\le 1] g_i
-   + \\frac{\\mathrm{sign}(W_{j,i})}{2n} \\sum_{k \\in f(i)} g_k
-   (\\mathrm{sgn} W_{1,k} + \\mathrm{sgn} W_{2,k}),
+* ``"official"`` (default): the official code's ``updateBinaryGradWeight``
+  (``WeixiangXu/STTN`` ``util.py``), run on each binary kernel on its own:
+  a plain straight-through term (no ``alpha``, cut at ``|W| > 1.96``) plus
+  XNOR-Net's scale term over the kernel's *own* signs, ``n`` elements per
+  filter (torch's ``sign(0) = 0``):
 
-with ``g = dL/dT``; latent weights are clamped to ``[-1, 1]`` after each step.
+  .. math:: \\frac{\\partial L}{\\partial W_{j,i}} = [|W_{j,i}| \\le 1.96] g_i
+     + \\frac{\\mathrm{sign}(W_{j,i})}{n} \\sum_{k \\in f(i)}
+     \\mathrm{sign}(W_{j,k}) g_k;
+
+* ``"exact"`` (this library's earlier reading): the exact gradient of the
+  forward above with the sign replaced by the clipped straight-through
+  estimator ``d sgn(x)/dx = [|x| <= 1]``, i.e. the scale term over *both*
+  kernels' signs, which differs from the official one where ``T = 0``:
+
+  .. math:: \\frac{\\partial L}{\\partial W_{j,i}} = \\alpha [|W_{j,i}| \\le 1] g_i
+     + \\frac{\\mathrm{sign}(W_{j,i})}{2n} \\sum_{k \\in f(i)} g_k
+     (\\mathrm{sgn} W_{1,k} + \\mathrm{sgn} W_{2,k}).
+
+Latent weights are clamped to ``[-1, 1]`` after each step (the official
+``clampConvParams``), so the official cut at 1.96 never acts.
 
 In the chain form the incoming update ``u`` is what the inner optimizer
-proposes for ``T``. An adaptive optimizer (Adam) has already normalised it, so
-by default (``latent_step="update"``, :func:`sttn_latent_steps`) the latent
-kernels move by the same map *without* the factor ``alpha`` of the
+proposes for ``T``; the latent kernels move by the chosen map applied to
+``u`` (it is linear). The official map has no ``alpha``; with
+``gradient="exact"`` and ``latent_step="update"`` (:func:`sttn_latent_steps`)
+the latent kernels move by the exact map *without* the factor ``alpha`` of the
 straight-through term (``alpha`` is 0.006-0.011 on LeNet-5: with it the latent
 weights would move ~100x slower than the inner optimizer's step).
 ``latent_step="gradient"`` keeps the exact map (:func:`sttn_gradients`), the
@@ -96,6 +110,39 @@ def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.A
   w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
   assignment = (0.5 * (_sgn(w1) + _sgn(w2))).astype(jnp.int8)
   return assignment, sttn_scale(w1, w2, per_filter=per_filter)
+
+
+OFFICIAL_STE_CLIP = 1.96
+GRADIENTS = ("official", "exact")
+
+
+def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True
+                            ) -> tuple[jax.Array, jax.Array]:
+  """The official ``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (``gradient="official"``).
+
+  Per binary kernel ``W_j`` on its own (``updateBinaryGradWeight`` of
+  ``WeixiangXu/STTN``): ``[|W_j| <= 1.96] g + sign(W_j) * sum_f(sign(W_j) g) / n``,
+  ``n`` the elements of one filter, ``sign(0) = 0``. Linear in ``grad``, so it
+  is also the latent step for an optimizer's proposed change of ``T``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import sttn_official_gradients
+    >>> g1, g2 = sttn_official_gradients(jnp.array([0.1, 0.1]), jnp.array([0.5, -0.5]),
+    ...                                  jnp.array([0.5, 0.5]), per_filter=False)
+    >>> g1, g2  # W1's own signs cancel: no scale term; W2's: (0.1 + 0.1) / 2
+    (Array([0.1, 0.1], dtype=float32), Array([0.2, 0.2], dtype=float32))
+  """
+  g = ternary_ops.f32(grad)
+  axes = ternary_ops.filter_axes(g.ndim, per_filter)
+  n = _filter_size(g, per_filter)
+
+  def step(w):
+    w = ternary_ops.f32(w)
+    scale_term = jnp.sum(jnp.sign(w) * g, axis=axes, keepdims=per_filter) / n
+    return (jnp.abs(w) <= OFFICIAL_STE_CLIP) * g + jnp.sign(w) * scale_term
+
+  return step(w1), step(w2)
 
 
 def sttn_gradients(grad, w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -232,9 +279,21 @@ class STTNHyper(NamedTuple):
 _HYPER_RANGES = {"init_factor": core.Range(0.0, low_open=True)}
 
 
-def method(per_filter: bool = True, latent_step: str = "update") -> core.Method:
+def check_gradient(gradient: str) -> str:
+  """Validates ``gradient`` (``"official"`` or ``"exact"``), naming it."""
+  if gradient not in GRADIENTS:
+    raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+  return gradient
+
+
+def method(per_filter: bool = True, latent_step: str = "update",
+           gradient: str = "official") -> core.Method:
   """STTN's :class:`~core.Method` (chain form, see :func:`sttn`)."""
-  steps_of = sttn_latent_steps if check_latent_step(latent_step) == "update" else sttn_gradients
+  check_latent_step(latent_step)
+  if check_gradient(gradient) == "official":
+    steps_of = sttn_official_gradients  # no alpha: the same map for both latent steps
+  else:
+    steps_of = sttn_latent_steps if latent_step == "update" else sttn_gradients
 
   def leaf_from(w1, w2) -> STTNLeaf:
     return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
@@ -253,23 +312,29 @@ def method(per_filter: bool = True, latent_step: str = "update") -> core.Method:
 
 
 def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
-         latent_step: str = "update", selection: selection_lib.SelectionLike = None):
+         latent_step: str = "update", gradient: str = "official",
+         selection: selection_lib.SelectionLike = None):
   """Soft Threshold Ternary Networks as the last transformation of an optax chain.
 
   Each selected leaf keeps two latent kernels ``W1, W2`` (initialised by
   :func:`sttn_init`); the params hold ``T = B1 + B2`` with values
   ``{-2 alpha, 0, 2 alpha}`` per output filter. The incoming update ``u`` (what
-  the inner optimizer proposes to add to ``T``) moves both kernels by
-  :func:`sttn_latent_steps` (``latent_step="update"``, for adaptive inner
-  optimizers: the step is not shrunk by ``alpha``) or by the exact gradient
-  map of :func:`sttn_gradients` (``latent_step="gradient"``: linear in ``u``;
-  with ``optax.sgd(lr)`` it is SGD on the straight-through gradients), then
-  both are clamped to ``[-1, 1]``.
+  the inner optimizer proposes to add to ``T``) moves both kernels by the
+  official gradient map :func:`sttn_official_gradients` (``gradient="official"``,
+  the default: each kernel's own scale term, no ``alpha``; with
+  ``optax.sgd(lr)`` it is SGD as the official code runs it), or, with
+  ``gradient="exact"``, by :func:`sttn_latent_steps` (``latent_step="update"``,
+  for adaptive inner optimizers: the step is not shrunk by ``alpha``) or the
+  exact gradient map of :func:`sttn_gradients` (``latent_step="gradient"``);
+  then both are clamped to ``[-1, 1]``.
 
   Args:
     init_factor: ``c > 0`` of the initial threshold ``c mean|W|``.
     per_filter: one ``alpha`` per output filter (the paper) or per layer.
-    latent_step: ``"update"`` (default) or ``"gradient"`` (see above).
+    latent_step: ``"update"`` (default) or ``"gradient"`` (see above; with
+      ``gradient="official"`` both are the official map).
+    gradient: ``"official"`` (default) or ``"exact"`` (see the module
+      docstring: the earlier reading, scale term over both kernels' signs).
     selection: which leaves (see :func:`ternarize_transform`).
 
   Returns:
@@ -282,15 +347,15 @@ def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
     >>> tx = optax.chain(optax.adam(1e-3), sttn())
   """
   return quantizer(init_factor, per_filter=per_filter, latent_step=latent_step,
-                   selection=selection).transform()
+                   gradient=gradient, selection=selection).transform()
 
 
 def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
-              latent_step: str = "update",
+              latent_step: str = "update", gradient: str = "official",
               selection: selection_lib.SelectionLike = None) -> core.Quantizer:
   """STTN as a :class:`~core.Quantizer` (training: :func:`sttn`; one-shot: ``.instant``)."""
-  return core.Quantizer(method(per_filter, latent_step), STTNHyper(init_factor), _HYPER_RANGES,
-                        selection)
+  return core.Quantizer(method(per_filter, latent_step, gradient), STTNHyper(init_factor),
+                        _HYPER_RANGES, selection)
 
 
 registry.register_method(registry.MethodSpec(
@@ -299,7 +364,9 @@ registry.register_method(registry.MethodSpec(
                                         (0.5, 0.7, 0.9), traced=True,
                                         doc="initial threshold factor c"),
            "per_filter": registry.Knob(True, (True, False), (True,),
-                                       doc="one alpha per output filter")},
+                                       doc="one alpha per output filter"),
+           "gradient": registry.Knob("official", GRADIENTS, ("official", "exact"),
+                                     doc="official (own-sign scale term) or exact")},
     grid=lambda o: grids.ternary_grid(per_filter=o["per_filter"], symmetric_filters=True),
     description="Soft Threshold Ternary Networks (Xu et al. 2020)"))
 

@@ -12,6 +12,11 @@ two per-layer scales: ``T_i = W_p`` where ``W_i > Delta``, ``0`` where
 The scale gradients are exact calculus; the latent one is TTQ's scaled
 straight-through estimator. A fixed-sparsity variant picks ``Delta`` so that a
 fraction ``r`` of the weights is zero (:func:`ttq_sparsity_threshold`).
+
+The official code (``czhu95/ternarynet`` ``examples/Ternary-Net/ternary.py``,
+``tw_ternarize``) makes ``W_p`` and ``W_n`` ordinary variables initialised to
+1.0 and trained by the network's optimizer (momentum SGD) on exactly these
+gradients; :func:`ttq`'s defaults reproduce that step under ``optax.sgd``.
 """
 
 from __future__ import annotations
@@ -113,14 +118,11 @@ class TTQLeaf(NamedTuple):
     w_n: the trained negative scale ``W_n`` (float32 scalar, > 0).
     w_p: the trained positive scale ``W_p`` (float32 scalar, > 0).
     assignment: ``int8`` clusters in ``{-1, 0, 1}``.
-    norm: ``max|W|`` of the pretrained layer: TTQ's normalisation, the unit
-      of the straight-through multipliers.
   """
   latent: jax.Array
   w_n: jax.Array
   w_p: jax.Array
   assignment: jax.Array
-  norm: jax.Array
 
   def value(self, dtype) -> jax.Array:
     """``T`` with ``W_n`` and ``W_p`` snapped to one grid (exact landing)."""
@@ -152,84 +154,96 @@ def _cluster_mean(values, mask):
   return ternary_ops.masked_mean(values, mask, per_filter=False)
 
 
-LATENT_STEPS = ("update", "gradient")
+def _cluster_sum(values, mask):
+  return jnp.sum(jnp.where(mask, ternary_ops.f32(values), 0.0))
+
+
+LATENT_STEPS = ("gradient", "update")
+SCALE_STEPS = ("sum", "mean")
+OFFICIAL_INIT_SCALE = 1.0
 
 
 def method(fixed_sparsity: bool, init_scale: Optional[float],
-           latent_step: str = "update") -> core.Method:
+           latent_step: str = "gradient", scale_step: str = "sum") -> core.Method:
   """TTQ's :class:`~core.Method` (chain form, see :func:`ttq`)."""
-  if latent_step not in LATENT_STEPS:
-    raise ValueError(f"latent_step must be one of {LATENT_STEPS}, got {latent_step!r}")
+  core.check_choice("latent_step", latent_step, LATENT_STEPS)
+  core.check_choice("scale_step", scale_step, SCALE_STEPS)
   tiny = jnp.finfo(jnp.float32).tiny
+  reduce = _cluster_sum if scale_step == "sum" else _cluster_mean
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
     del ctx
     latent = ternary_ops.f32(param)
-    norm = jnp.max(jnp.abs(latent))
-    norm = jnp.where(norm > 0, norm, 1.0)
     assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
     if init_scale is None:  # least-squares fit of each side
       w_n = _cluster_mean(-latent, assignment < 0)
       w_p = _cluster_mean(latent, assignment > 0)
-    else:  # the paper: init_scale on weights normalised by max|W|
-      w_n = w_p = init_scale * norm
-    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment, norm)
+    else:  # the official code: both variables start at 1.0
+      w_n = w_p = jnp.full((), init_scale, jnp.float32)
+    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment)
 
   def step_leaf(update, leaf: TTQLeaf, ctx, hyper: TTQHyper, phase) -> TTQLeaf:
     del ctx, phase  # one phase
     if latent_step == "update":  # the inner optimizer's step, as it is
       step = ternary_ops.f32(update)
-    else:  # the scaled straight-through gradient map
-      step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n / leaf.norm,
-                                 leaf.w_p / leaf.norm)
+    else:  # the official scaled straight-through map: (W_n, 1, W_p) on (n, 0, p)
+      step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n, leaf.w_p)
     k = ternary_ops.f32(hyper.scale_update)
-    w_n = leaf.w_n - k * _cluster_mean(update, leaf.assignment < 0)
-    w_p = leaf.w_p + k * _cluster_mean(update, leaf.assignment > 0)
+    w_n = leaf.w_n - k * reduce(update, leaf.assignment < 0)
+    w_p = leaf.w_p + k * reduce(update, leaf.assignment > 0)
     latent = leaf.latent + step
     assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
-    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment,
-                   leaf.norm)
+    return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment)
 
   return core.Method("ttq", init_leaf, step_leaf)
 
 
 def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
-        init_scale: Optional[float] = None, scale_update: float = 1.0,
-        latent_step: str = "update", selection: selection_lib.SelectionLike = None):
+        init_scale: Optional[float] = OFFICIAL_INIT_SCALE, scale_update: float = 1.0,
+        latent_step: str = "gradient", scale_step: str = "sum",
+        selection: selection_lib.SelectionLike = None):
   """Trained Ternary Quantization as the last transformation of an optax chain.
 
   Each selected leaf keeps latent weights ``W`` and two trained scales; the
   params hold ``T = W_p`` where ``W > Delta``, ``-W_n`` where ``W < -Delta``
   and 0 elsewhere, with ``Delta = threshold * max|W|`` (or the fixed-sparsity
   threshold, :func:`ttq_sparsity_threshold`) recomputed after every step. The
-  incoming update ``u`` (what the inner optimizer proposes to add to ``T``):
+  incoming update ``u`` (what the inner optimizer proposes to add to ``T``;
+  ``u = -lr g`` under ``optax.sgd``):
 
-  * latent weights: ``W += u`` (``latent_step="update"``, the default: an
-    adaptive inner optimizer such as Adam has already normalised ``u``, and
-    multipliers below 1 would only slow the non-zero weights against the
-    zeros), or TTQ's scaled straight-through ``W += s u`` with
-    ``s = (W_n, 1, W_p) / m`` on ``(n, 0, p)``, ``m`` the pretrained
-    ``max|W|`` (``latent_step="gradient"``: TTQ trains on weights normalised
-    by ``max|W|``, where the multipliers are the scales themselves; with
-    ``optax.sgd(lr)`` it is SGD on the paper's gradient);
-  * scales, the exact cluster gradients as a least-squares step:
-    ``W_p += k mean_{p}(u)``, ``W_n -= k mean_{n}(u)`` (``k = scale_update``;
-    with ``optax.sgd(lr)`` this is SGD on ``sum_p g`` and ``-sum_n g`` with a
-    per-cluster rate ``k lr / |cluster|``).
+  * latent weights: TTQ's scaled straight-through ``W += s u`` with
+    ``s = (W_n, 1, W_p)`` on ``(n, 0, p)`` (``latent_step="gradient"``, the
+    default, the official code's gradient), or ``W += u``
+    (``latent_step="update"``: an adaptive inner optimizer such as Adam has
+    already normalised ``u``, and multipliers below 1 would only slow the
+    non-zero weights against the zeros);
+  * scales, the official code's variables: ``W_p += k sum_{p}(u)``,
+    ``W_n -= k sum_{n}(u)`` (``scale_step="sum"``, the default; ``k =
+    scale_update``; with ``optax.sgd(lr)`` this is SGD on ``sum_p g`` and
+    ``-sum_n g``, the official step), or the least-squares step
+    ``W_p += k mean_{p}(u)``, ``W_n -= k mean_{n}(u)`` (``scale_step="mean"``,
+    this library's earlier default: ``|p|`` times smaller, bounded by ``k``
+    times the learning rate under Adam).
 
-  Initial scales: by default the least-squares fit (mean ``|W|`` of each
-  cluster), so a pretrained network keeps its scale; ``init_scale=1.0``
-  is the paper's initialisation (``W_p = W_n = 1`` on normalised weights, i.e.
-  ``max|W|``), suited to networks with batch normalisation.
+  With the defaults and ``optax.sgd(lr, momentum=0.9)`` (the official
+  optimizer) a step is the official one. Under Adam prefer
+  ``latent_step="update", scale_step="mean", init_scale=None`` (the earlier
+  defaults; the benchmarks say which they ran).
+
+  Initial scales: ``W_p = W_n = init_scale`` (1.0, the official variables'
+  initialiser; suited to networks with batch normalisation), or ``None``:
+  the least-squares fit (mean ``|W|`` of each cluster), so a pretrained
+  network without normalisation keeps its scale.
 
   Args:
     threshold: ``t`` in ``[0, 1]`` (0.05 in TTQ).
     sparsity: if given, the fraction ``r`` in ``[0, 1]`` of zeros per layer
       (the fixed-sparsity variant; ``threshold`` is then unused).
-    init_scale: ``None`` (fit) or the initial scales on normalised weights
-      (``> 0``).
+    init_scale: the initial ``W_p = W_n`` (``> 0``; 1.0 official) or ``None``
+      (fit).
     scale_update: ``k >= 0`` above (0 freezes the scales).
-    latent_step: ``"update"`` (default) or ``"gradient"`` (see above).
+    latent_step: ``"gradient"`` (default) or ``"update"`` (see above).
+    scale_step: ``"sum"`` (default) or ``"mean"`` (see above).
     selection: which leaves (TTQ keeps the first and last layer in full
       precision: the default rule).
 
@@ -245,19 +259,19 @@ def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = Non
   """
   return quantizer(threshold, sparsity=sparsity, init_scale=init_scale,
                    scale_update=scale_update, latent_step=latent_step,
-                   selection=selection).transform()
+                   scale_step=scale_step, selection=selection).transform()
 
 
 def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,
-              init_scale: Optional[float] = None, scale_update: float = 1.0,
-              latent_step: str = "update",
+              init_scale: Optional[float] = OFFICIAL_INIT_SCALE, scale_update: float = 1.0,
+              latent_step: str = "gradient", scale_step: str = "sum",
               selection: selection_lib.SelectionLike = None) -> core.Quantizer:
   """TTQ as a :class:`~core.Quantizer` (training: :func:`ttq`; one-shot: ``.instant``)."""
   if init_scale is not None:
     core.check_range("init_scale", init_scale, core.Range(0.0, low_open=True))
   hyper = TTQHyper(threshold, 0.0 if sparsity is None else sparsity, scale_update)
-  return core.Quantizer(method(sparsity is not None, init_scale, latent_step), hyper, _HYPER_RANGES,
-                        selection)
+  return core.Quantizer(method(sparsity is not None, init_scale, latent_step, scale_step),
+                        hyper, _HYPER_RANGES, selection)
 
 
 registry.register_method(registry.MethodSpec(
@@ -266,10 +280,15 @@ registry.register_method(registry.MethodSpec(
                                       traced=True, doc="Delta = threshold max|W|"),
            "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
                                      doc="fixed fraction of zeros (replaces threshold)"),
-           "init_scale": registry.Knob(None, core.Range(0.0, low_open=True), (None, 1.0),
-                                       doc="None: least-squares fit; 1.0: the paper"),
+           "init_scale": registry.Knob(OFFICIAL_INIT_SCALE, core.Range(0.0, low_open=True),
+                                       (None, 1.0),
+                                       doc="initial W_p = W_n (1.0: official); None: fit"),
            "scale_update": registry.Knob(1.0, core.Range(0.0), (0.1, 1.0), traced=True,
-                                         doc="k of the scale steps")},
+                                         doc="k of the scale steps"),
+           "latent_step": registry.Knob("gradient", LATENT_STEPS, LATENT_STEPS,
+                                        doc="gradient (official scaled STE) or update"),
+           "scale_step": registry.Knob("sum", SCALE_STEPS, SCALE_STEPS,
+                                       doc="sum (official) or mean of u per cluster")},
     grid=lambda o: grids.ternary_grid(),
     description="Trained Ternary Quantization (Zhu et al. 2017)"))
 

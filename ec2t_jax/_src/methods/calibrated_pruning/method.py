@@ -114,7 +114,13 @@ registry.register_method(registry.MethodSpec(
            "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
            "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
            "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),
-           "statistics_correction": registry.Knob(True, (True, False)),
-           "bias_correction": registry.Knob(True, (True, False))},
+           "statistics_correction": registry.Knob(
+               "pot", calibrated_pruning.STATISTICS_CORRECTIONS, ("pot", "exact"),
+               doc="pot: POT's a = std(W)/std(Wm); exact: mean and std restored"),
+           "bias_correction": registry.Knob(True, (True, False)),
+           "grads_on_loss_increase_only": registry.Knob(
+               True, (True, False), doc="POT: a gradient only when the batch loss rose"),
+           "keep_best": registry.Knob(False, (True, False),
+                                      doc="keep the best iterate on the pool (else the last)")},
     grid=lambda o: grids.Grid(None, min_sparsity=o["sparsity"], ternary=False),
     description="Post-training pruning with layer-wise calibration (Lazarevich et al. 2021)"))

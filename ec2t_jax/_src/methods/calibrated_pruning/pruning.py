@@ -13,21 +13,29 @@ data-free mode). At each sparsity level of a two-level ramp
    quantile over all of them prunes the smallest scores, so per-layer
    sparsity varies (:func:`global_magnitude_masks`).
 2. **Per-output-channel statistics correction**: the surviving weights of
-   each output channel are scaled and shifted, ``v -> a v + b``, so that the
-   channel (zeros included) has the dense channel's mean and standard
-   deviation again (:func:`correct_channel_statistics`; library's reading of
-   the paper's "restore std and mean").
+   each output channel are scaled and shifted, ``v -> a v + b``; by default
+   as OpenVINO POT's ``MagnitudeSparsity`` does it,
+   ``a = std(W) / std(W m)``, ``b = mean(W) - mean(a W m)``
+   (:func:`pot_channel_statistics`), or (``statistics_correction="exact"``,
+   this library's earlier reading) so that the channel, zeros included, has
+   the dense channel's mean and standard deviation exactly
+   (:func:`correct_channel_statistics`).
 3. **Bias correction**: the layer's bias gets the mean (over the calibration
    set and positions) of the dense minus the pruned layer's output, on the
    full-precision model's inputs to that layer (:func:`bias_offset`).
 4. **Layer-wise calibration**: each pruned layer alone (kernel and bias) is
    tuned with Adam (weights lr 1e-5, bias lr 1e-4) to match the dense
    layer's output on those inputs; gradients and updates are masked so the
-   sparsity pattern stays, and the iterate with the smallest output error is
-   kept, so calibration never increases it. The default budget is OpenVINO
-   POT's (:func:`make_pot_calibrator`): per level and layer, 30 tuning
-   iterations, each of 40 Adam steps on a batch of 50 inputs drawn from the
-   calibration pool (300 images in the paper): 1,200 steps. The fast schedule
+   sparsity pattern stays. The default is OpenVINO POT's
+   ``SparseModelFinetuning`` (:func:`make_pot_calibrator`): per level and
+   layer, 30 tuning iterations, each of 40 Adam steps on a batch of 50 inputs
+   drawn from the calibration pool (300 images in the paper): 1,200 steps; a
+   step's gradient is computed only when the batch loss did not decrease
+   since the previous step (``calculate_grads_on_loss_increase_only``; Adam
+   still steps, on a zero gradient, otherwise: :func:`pot_tuning_step`), and
+   the last iterate is kept. ``keep_best=True`` (with
+   ``grads_on_loss_increase_only=False``, this library's earlier schedule)
+   keeps the iterate with the smallest error on the whole pool instead. The fast schedule
    (``steps_per_level=N``, :func:`make_calibrator`) takes ``N`` steps over the
    calibration batches in turn (for tests and quick runs).
 
@@ -114,6 +122,41 @@ def global_magnitude_masks(kernels: Sequence[jax.Array], sparsity: float) -> lis
     masks.append(keep[start:start + k.size].reshape(k.shape))
     start += k.size
   return masks
+
+
+STATISTICS_CORRECTIONS = ("pot", "exact", "none")
+POT_STD_EPS = 1e-9
+
+
+def pot_channel_statistics(weights: jax.Array, mask: jax.Array) -> jax.Array:
+  """POT's per-output-channel correction of the survivors (``statistics_correction="pot"``).
+
+  OpenVINO POT's ``MagnitudeSparsity._sparsify_node`` (``correct_weight_bias``),
+  per output channel (the last axis here; POT's kernels have it first) of the
+  current weights ``W`` and keep-mask ``m``:
+
+  .. math:: a = \\frac{\\mathrm{std}(W)}{\\mathrm{std}(W m) + 10^{-9}}, \\quad
+     b = \\mathrm{mean}(W) - \\mathrm{mean}(a W m), \\quad
+     W' = (a W + b) m.
+
+  The channel's mean and std come back only approximately (the zeros are
+  not shifted); :func:`correct_channel_statistics` restores them exactly.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax._src.methods.calibrated_pruning.pruning import pot_channel_statistics  # internal
+    >>> w = jnp.array([[1.0], [-1.0], [0.1], [-0.1]])
+    >>> pot_channel_statistics(w, jnp.abs(w) > 0.5).ravel()  # a = std(W) / std(W m)
+    Array([ 1.0049876, -1.0049876,  0.       ,  0.       ], dtype=float32)
+  """
+  out = weights.shape[-1]
+  w = weights.reshape(-1, out).astype(jnp.float32)
+  keep = mask.reshape(-1, out)
+  sparse = jnp.where(keep, w, 0.0)
+  a = jnp.std(w, axis=0) / (jnp.std(sparse, axis=0) + POT_STD_EPS)
+  b = jnp.mean(w, axis=0) - jnp.mean(sparse * a, axis=0)
+  corrected = jnp.where(keep, w * a + b, 0.0)
+  return corrected.reshape(weights.shape).astype(weights.dtype)
 
 
 def correct_channel_statistics(weights: jax.Array, mask: jax.Array, dense: jax.Array) -> jax.Array:
@@ -233,23 +276,57 @@ POT_STEPS_PER_ITERATION = 40
 POT_BATCH_SIZE = 50
 
 
+def _layer_optimizer(weight_learning_rate, bias_learning_rate):
+  return optax.multi_transform(
+      {"kernel": optax.adam(weight_learning_rate), "bias": optax.adam(bias_learning_rate)},
+      {"kernel": "kernel", "bias": "bias"})
+
+
+def pot_tuning_step(loss_fn: Callable, tx, variables, state, previous_loss, mask,
+                    has_bias: bool, *, increase_only: bool = True):
+  """One of POT's layer-tuning steps: ``(variables, state, loss)`` after it.
+
+  OpenVINO POT's ``LayerwiseModelFinetuning._fine_tuning_step`` with
+  ``calculate_grads_on_loss_increase_only``: the batch loss ``L`` is
+  computed; its gradient (kernel gradient masked) is used only if
+  ``L >= previous_loss``, else the gradient is zero, and the optimizer
+  steps either way (Adam then moves by its momentum alone); the kernel is
+  re-masked. With ``increase_only=False`` every step uses the gradient.
+
+  Returns:
+    The new variables and optimizer state, and ``L`` (the next step's
+    ``previous_loss``).
+  """
+  loss, grads = jax.value_and_grad(loss_fn)(variables)
+  use = (loss >= previous_loss) if increase_only else jnp.asarray(True)
+  grads = {"kernel": jnp.where(use, grads["kernel"] * mask, 0.0),
+           "bias": jnp.where(use & has_bias, grads["bias"], 0.0)}
+  updates, state = tx.update(grads, state, variables)
+  variables = optax.apply_updates(variables, updates)
+  variables["kernel"] = jnp.where(mask, variables["kernel"], 0.0)
+  return variables, state, loss
+
+
 def make_pot_calibrator(call: layer_capture.LayerCall, has_bias: bool, *,
                         iterations: int = POT_TUNING_ITERATIONS,
                         steps_per_iteration: int = POT_STEPS_PER_ITERATION,
                         batch_size: int = POT_BATCH_SIZE, weight_learning_rate: float = 1e-5,
-                        bias_learning_rate: float = 1e-4, seed: int = 0) -> Callable:
+                        bias_learning_rate: float = 1e-4, seed: int = 0,
+                        grads_on_loss_increase_only: bool = True,
+                        keep_best: bool = False) -> Callable:
   """POT's schedule: ``iterations`` x ``steps_per_iteration`` Adam steps on random sub-batches.
 
   The calibration batches are pooled; each tuning iteration draws
   ``batch_size`` of the pooled inputs (without replacement, key from
   ``seed`` and the iteration) and takes ``steps_per_iteration`` masked Adam
-  steps on them. After each iteration the error over the whole pool is
-  measured; the best iterate (the start included) is returned, so ``after <=
-  before``. Same call signature as :func:`make_calibrator`'s result.
+  steps on them (:func:`pot_tuning_step`: by default a gradient only where
+  the batch loss did not decrease, as POT). The last iterate is returned
+  (POT), or with ``keep_best`` the one with the smallest error over the whole
+  pool, measured after each iteration (the start included, so ``after <=
+  before``). Same call signature as :func:`make_calibrator`'s result;
+  ``after`` is the returned iterate's error.
   """
-  tx = optax.multi_transform(
-      {"kernel": optax.adam(weight_learning_rate), "bias": optax.adam(bias_learning_rate)},
-      {"kernel": "kernel", "bias": "bias"})
+  tx = _layer_optimizer(weight_learning_rate, bias_learning_rate)
 
   def error(variables, inputs, targets):
     b = variables["bias"] if has_bias else 0.0
@@ -262,29 +339,29 @@ def make_pot_calibrator(call: layer_capture.LayerCall, has_bias: bool, *,
     choose = lambda better, new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
 
     def inner(carry, _):
-      variables, state, x, t = carry
-      grads = jax.grad(error)(variables, x, t)
-      grads = {"kernel": grads["kernel"] * mask,
-               "bias": grads["bias"] if has_bias else jnp.zeros_like(grads["bias"])}
-      updates, state = tx.update(grads, state, variables)
-      variables = optax.apply_updates(variables, updates)
-      variables["kernel"] = jnp.where(mask, variables["kernel"], 0.0)
-      return (variables, state, x, t), None
+      variables, state, previous, x, t = carry
+      variables, state, previous = pot_tuning_step(
+          lambda v: error(v, x, t), tx, variables, state, previous, mask, has_bias,
+          increase_only=grads_on_loss_increase_only)
+      return (variables, state, previous, x, t), None
 
     def iteration(carry, key):
-      variables, state, best, best_error = carry
+      variables, state, previous, best, best_error = carry
       idx = jax.random.choice(key, n, (size,), replace=False)
-      (variables, state, _, _), _ = jax.lax.scan(
-          inner, (variables, state, inputs[idx], targets[idx]), None, length=steps_per_iteration)
+      (variables, state, previous, _, _), _ = jax.lax.scan(
+          inner, (variables, state, previous, inputs[idx], targets[idx]), None,
+          length=steps_per_iteration)
       current = error(variables, inputs, targets)
-      better = current < best_error
-      return (variables, state, choose(better, variables, best),
+      better = (current < best_error) if keep_best else jnp.asarray(True)
+      return (variables, state, previous, choose(better, variables, best),
               jnp.where(better, current, best_error)), None
 
     start = error(variables, inputs, targets)
     keys = jax.random.split(jax.random.key(seed), max(iterations, 1))[:iterations]
-    (_, _, best, best_error), _ = jax.lax.scan(
-        iteration, (variables, tx.init(variables), variables, start), keys)
+    # POT's "previous loss" starts at 0, so the first step always computes a gradient.
+    (_, _, _, best, best_error), _ = jax.lax.scan(
+        iteration, (variables, tx.init(variables), jnp.zeros((), jnp.float32), variables, start),
+        keys)
     return best, start, best_error
 
   def calibrate(kernel, bias, mask, targets):
@@ -427,11 +504,13 @@ def _layers(params, apply_fn, batches, selection) -> _Layers:
 
 
 def _prune_layer(layers: _Layers, i: int, kernel, bias, mask, calibrator, *,
-                 statistics_correction: bool, bias_correction: bool):
+                 statistics_correction: str, bias_correction: bool):
   """Steps 1-4 for one layer at one level: mask, statistics, bias, calibration."""
   call, dense = layers.calls[i], layers.dense[i]
+  if statistics_correction == "pot":  # from the current weights, pruned entries included
+    kernel = pot_channel_statistics(kernel.astype(dense.dtype), mask)
   kernel = jnp.where(mask, kernel, 0.0).astype(dense.dtype)
-  if statistics_correction:
+  if statistics_correction == "exact":
     kernel = correct_channel_statistics(kernel, mask, dense)
   if bias is not None and bias_correction:
     pruned_outs = [call.output(x, kernel) + bias for x in call.inputs]
@@ -464,8 +543,9 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
                      steps_per_iteration: int = POT_STEPS_PER_ITERATION,
                      tuning_batch_size: int = POT_BATCH_SIZE, seed: int = 0,
                      weight_learning_rate: float = 1e-5, bias_learning_rate: float = 1e-4,
-                     ramp: float = 0.1, statistics_correction: bool = True,
-                     bias_correction: bool = True, return_report: bool = False):
+                     ramp: float = 0.1, statistics_correction: str = "pot",
+                     bias_correction: bool = True, grads_on_loss_increase_only: bool = True,
+                     keep_best: bool = False, return_report: bool = False):
   """Prunes a trained model to ``sparsity`` with layer-wise calibration, post-training.
 
   See the module docstring for the four steps. Only forward passes of
@@ -492,8 +572,13 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
     seed: seed of the POT schedule's batch draws.
     weight_learning_rate, bias_learning_rate: Adam learning rates.
     ramp: the first level is ``sparsity - ramp`` (skipped when not positive).
-    statistics_correction: restore per-channel weight mean and std.
+    statistics_correction: ``"pot"`` (default, :func:`pot_channel_statistics`),
+      ``"exact"`` (:func:`correct_channel_statistics`) or ``"none"``.
     bias_correction: correct biases on the calibration data.
+    grads_on_loss_increase_only: POT's step rule (:func:`pot_tuning_step`;
+      POT schedule only).
+    keep_best: keep the iterate with the smallest pool error instead of the
+      last (POT schedule only; the fast schedule always keeps the best).
     return_report: also return a list of :class:`LayerReport`.
 
   Returns:
@@ -507,6 +592,9 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
       dense/conv layer of the model consumes.
   """
   target = check_sparsity(sparsity)
+  if statistics_correction not in STATISTICS_CORRECTIONS:
+    raise ValueError(f"statistics_correction must be one of {STATISTICS_CORRECTIONS}, got "
+                     f"{statistics_correction!r}")
   batches = _batches(calibration_data)
   _check_options(apply_fn, steps_per_level)
   check_finite(params, batches)
@@ -520,7 +608,9 @@ def prune_calibrated(params, apply_fn: Callable, calibration_data: Union[jax.Arr
                              **rates)
     return make_pot_calibrator(layers.calls[i], i in layers.biases, iterations=tuning_iterations,
                                steps_per_iteration=steps_per_iteration,
-                               batch_size=tuning_batch_size, seed=seed + i, **rates)
+                               batch_size=tuning_batch_size, seed=seed + i,
+                               grads_on_loss_increase_only=grads_on_loss_increase_only,
+                               keep_best=keep_best, **rates)
 
   calibrators = {i: calibrator(i) for i in layers.indices}
   kernels = dict(layers.dense)
