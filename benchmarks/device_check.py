@@ -4,13 +4,14 @@ Sections (``--sections``, each skipped once ``--max_seconds`` of the run are spe
 
 * ``decode``: tokens/s of greedy decoding with a KV cache
   (:func:`ec2t_jax.models.gpt_decode.generate`, one jitted loop of
-  ``--new_tokens`` steps after a 1-token prompt) at batch 1 and 16, for the
+  ``--new_tokens`` steps, default 64, after a 1-token prompt) at batch 1 and 16, for the
   GPT at nanoGPT's GPU size (6 layers x 6 heads x 384, context 256) and a
   12 x 12 x 768 GPT, both with random ternary block kernels (per-column
   scales, 50% zeros), through three routes of
   :func:`ec2t_jax.export.pack_params`: ``dense`` (bf16 kernels), ``xla``
   (int4 codes decoded in the matmul's prologue) and ``pallas`` (2-bit codes,
-  the Pallas kernel). Each route also decodes the dense route's greedy tokens
+  the Pallas kernel; ``pallas:32`` with 32 output columns a program, 4x the
+  programs for batch 1). Each route also decodes the dense route's greedy tokens
   teacher-forced (batch 1): ``same greedy`` says whether its own greedy tokens
   equal the dense route's, ``max|dlogit|`` is the largest logit difference to
   the dense route on the same inputs, relative to the largest logit.
@@ -69,10 +70,11 @@ _MODELS_DECODE = flags.DEFINE_list("decode_models", None,
                                    "Decode models: gpu_size, gpt12x768, smoke "
                                    "(default: gpu_size,gpt12x768; smoke with --cpu_smoke).")
 _BATCHES = flags.DEFINE_list("decode_batches", ["1", "16"], "Decode batch sizes.")
-_ROUTES = flags.DEFINE_list("routes", ["dense", "xla", "pallas"], "Routes of pack_params.")
+_ROUTES = flags.DEFINE_list("routes", ["dense", "xla", "pallas", "pallas:32"],
+                            "Routes of pack_params (pallas:N: block_n = N).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", None,
-                                   "Tokens decoded per timed call (default 128; 8 smoke).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per cell (median).")
+                                   "Tokens decoded per timed call (default 64; 8 smoke).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per cell (median).")
 _OVERHEAD_ROUNDS = flags.DEFINE_integer("overhead_rounds", 10, "Step rounds per variant.")
 _VAL_LOSS_SECONDS = flags.DEFINE_integer("val_loss_seconds", 300,
                                          "Time box of the val_loss section (killed after).")
@@ -100,20 +102,23 @@ class Row:
   note: str = ""
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  times = []
+def _median_seconds(fn, repeats: int) -> tuple[float, float]:
+  """Median ``(wall, process CPU)`` seconds of ``fn`` (CPU time: less sensitive to a loaded
+  machine; it sums the process's threads)."""
+  walls, cpus = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    walls.append(time.perf_counter() - start)
+    cpus.append(time.process_time() - start_cpu)
+  return statistics.median(walls), statistics.median(cpus)
 
 
 def random_gpt_params(config: GPTConfig, seed: int = 0):
   """A GPT's params (numpy) with random ternary block kernels (per-column scales)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   params = nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(seed)), nnx.Param))
-  params = gpt_decode.random_ternary(params, jax.random.key(seed + 1))
+  params = gpt_decode.random_ternary(params, seed + 1)
   return jax.tree.map(np.asarray, params)
 
 
@@ -124,7 +129,9 @@ def decode_rows(name: str, config: GPTConfig, *, routes, batches, new_tokens: in
   rows, reference, speeds = [], {}, {}
   for route in routes:
     try:
-      tree = jax.device_put(export.pack_params(params, route, dtype=dtype))
+      kind, _, block_n = route.partition(":")  # "pallas:32": 32 output columns a program
+      tree = jax.device_put(export.pack_params(params, kind, dtype=dtype,
+                                               block_n=int(block_n) if block_n else None))
       resident = export.resident_bytes(tree)
       for batch in batches:
         prompt = jnp.zeros((batch, 1), jnp.int32)
@@ -132,10 +139,11 @@ def decode_rows(name: str, config: GPTConfig, *, routes, batches, new_tokens: in
         start = time.perf_counter()
         tokens, _ = jax.block_until_ready(run())
         compile_s = time.perf_counter() - start
-        seconds = _median_seconds(run, repeats)
+        seconds, cpu_seconds = _median_seconds(run, repeats)
         speed = batch * new_tokens / seconds
         speeds[(route, batch)] = speed
-        note = f"compile+first {compile_s:.1f} s, resident {resident / 2**20:.2f} MiB"
+        note = (f"{batch * new_tokens / cpu_seconds:,.0f} tok/CPU-s, compile+first "
+                f"{compile_s:.1f} s, resident {resident / 2**20:.2f} MiB")
         if route == "dense":
           reference[batch] = np.asarray(tokens)
         elif batch in reference:
@@ -145,8 +153,11 @@ def decode_rows(name: str, config: GPTConfig, *, routes, batches, new_tokens: in
             forced = jnp.asarray(reference[batch])  # the dense route's inputs, step by step
             _, mine = gpt_decode.generate(tree, prompt, config=config, new_tokens=new_tokens,
                                           forced=forced)
-            _, base = gpt_decode.generate(reference["tree"], prompt, config=config,
-                                          new_tokens=new_tokens, forced=forced)
+            if "forced" not in reference:
+              reference["forced"] = gpt_decode.generate(
+                  reference["tree"], prompt, config=config, new_tokens=new_tokens,
+                  forced=forced)[1]
+            base = reference["forced"]
             diff = float(jnp.abs(mine - base).max() / jnp.abs(base).max())
             note += f", max|dlogit| {diff:.2e}"
         ratio = (f" ({speed / speeds[('dense', batch)]:.2f}x dense)"
@@ -190,12 +201,12 @@ def val_loss_rows(seconds: int, steps: str, data_dir) -> list[Row]:
   """The example at nanoGPT's GPU size, killed after ``seconds``; its report's val losses."""
   fp, phase1, phase2 = (int(s) for s in steps.split(","))
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+  if not data_dir or not os.path.isdir(data_dir):
+    return [Row("val_loss", "gpt 6x6x384", "skipped", f"no tfds data folder ({data_dir!r})")]
   try:
     import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return [Row("val_loss", "gpt 6x6x384", "skipped", "tensorflow_datasets not installed")]
-  if not data_dir or not os.path.isdir(data_dir):
-    return [Row("val_loss", "gpt 6x6x384", "skipped", f"no tfds data folder ({data_dir!r})")]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tempfile.mkdtemp(prefix="device_check_gpt_")
   command = [sys.executable, os.path.join(root, "examples", "shakespeare_gpt.py"),
@@ -233,7 +244,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xla", "pallas"),
-              batches=(1, 16), new_tokens=None, repeats: int = 5, overhead_rounds: int = 10,
+              batches=(1, 16), new_tokens=None, repeats: int = 3, overhead_rounds: int = 10,
               max_seconds: float = 450, val_loss_seconds: int = 300,
               val_loss_steps: str = "5000,750,250", data_dir=None) -> list[Row]:
   """Runs the sections; returns the rows (see the module docstring)."""
@@ -242,7 +253,7 @@ def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xl
   rows = [Row("device", "backend", f"{jax.default_backend()} {device.device_kind}",
                f"jax {jax.__version__}" + (", cpu_smoke" if smoke else ""))]
   decode_models = decode_models or (["smoke"] if smoke else ["gpu_size", "gpt12x768"])
-  new_tokens = new_tokens or (8 if smoke else 128)
+  new_tokens = new_tokens or (8 if smoke else 64)
   for section in sections:
     if time.perf_counter() - start > max_seconds:
       rows.append(Row(section, "-", "skipped", f"over --max_seconds={max_seconds}"))

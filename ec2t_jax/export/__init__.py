@@ -59,8 +59,9 @@ from ec2t_jax._src.export.inference import TernaryWeight
 from ec2t_jax._src.export.packed_matmul import (Int4Ternary, PackedTernary, TernaryColumns,
                                                 decode_then_matmul, pack_int4, pack_pallas,
                                                 pallas_ternary_matmul, ternary_columns)
-from ec2t_jax._src.export.packed_model import (ROUTES, format_summary, load_packed, pack_params,
-                                               packed_summary, resident_bytes)
+from ec2t_jax._src.export.packed_model import (ROUTES, format_summary, is_packed, load_packed,
+                                               pack_params, packed_apply, packed_summary,
+                                               resident_bytes)
 from ec2t_jax._src.export.container import CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC, PackedInfo, pack, read_info, unpack
 from ec2t_jax._src.export.errors import ExportFormatError
 from ec2t_jax._src.export.leaf_parts import FilterTernaryParts, codebook_parts, filter_ternary_parts, ternary_parts
@@ -74,6 +75,6 @@ __all__ = [
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
     # Packed inference (ternary kernels packed in memory, matmuls that read them packed)
     "Int4Ternary", "PackedTernary", "ROUTES", "TernaryColumns", "decode_then_matmul",
-    "format_summary", "load_packed", "pack_int4", "pack_pallas", "pack_params", "packed_summary",
+    "format_summary", "is_packed", "load_packed", "pack_int4", "pack_pallas", "pack_params", "packed_apply", "packed_summary",
     "pallas_ternary_matmul", "resident_bytes", "ternary_columns",
 ]

@@ -36,6 +36,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ec2t_jax.models.gpt import GPTConfig
 
@@ -205,25 +206,26 @@ def param_bytes(params) -> int:
   return total
 
 
-def random_ternary(params, key, *, sparsity: float = 0.5, per_column: bool = True,
-                   scale: Optional[float] = 0.02) -> Any:
-  """``params`` with every block kernel replaced by a random ternary one (benchmarks).
+def random_ternary(params, seed: int = 0, *, sparsity: float = 0.5, per_column: bool = True,
+                   scale: float = 0.02) -> Any:
+  """``params`` (numpy) with every block kernel replaced by a random ternary one (benchmarks).
 
-  Each ``kernel`` of the blocks gets i.i.d. codes (zero with probability
-  ``sparsity``, else a random sign) and per-column (or per-layer) positive
-  scales around ``scale``; everything else is kept.
+  Each ``kernel`` under ``blocks`` gets i.i.d. codes (zero with probability
+  ``sparsity``, else a random sign) and positive per-column (or per-layer)
+  scales ``w_n, w_p`` uniform in ``[0.5, 1.5] * scale``; everything else is kept.
   """
+  rng = np.random.default_rng(seed)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   out = []
-  for i, (path, leaf) in enumerate(flat):
+  for path, leaf in flat:
+    leaf = np.asarray(leaf)
     names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
     if "blocks" in names and names[-1] == "kernel":
-      k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-      shape = jnp.shape(leaf)
-      nonzero = jax.random.bernoulli(k1, 1.0 - sparsity, shape)
-      positive = jax.random.bernoulli(k2, 0.5, shape)
-      scales = shape[:-2] + (1, shape[-1]) if per_column else shape[:-2] + (1, 1)
-      s = scale * jax.random.uniform(k3, (2,) + scales, minval=0.5, maxval=1.5)
-      leaf = jnp.where(nonzero, jnp.where(positive, s[1], -s[0]), 0.0).astype(jnp.float32)
+      shape = leaf.shape
+      code = rng.choice(np.array([-1, 0, 1], np.int8), size=shape,
+                        p=[(1 - sparsity) / 2, sparsity, (1 - sparsity) / 2])
+      scales = shape[:-2] + (1, shape[-1] if per_column else 1)
+      w_n, w_p = (scale * rng.uniform(0.5, 1.5, scales) for _ in range(2))
+      leaf = np.where(code > 0, w_p, np.where(code < 0, -w_n, 0.0)).astype(np.float32)
     out.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +157,53 @@ def resident_bytes(tree) -> int:
   return total
 
 
+def packed_apply(model: nn.Module, packed, *args, method=None, **kwargs):
+  """Runs a Linen model whose ``nn.Dense`` kernels are packed (:func:`pack_params`).
+
+  Every ``nn.Dense`` whose ``kernel`` in ``packed["params"]`` is packed
+  computes ``kernel.matmul(x) + bias`` in the dtype of ``x``; every other
+  module (convolutions included) runs as usual on its dense leaves.
+
+  Args:
+    model: the Linen module.
+    packed: its variables with packed kernels (``{"params": pack_params(params), ...}``).
+    *args, **kwargs, method: forwarded to ``model.apply``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from ec2t_jax.export import pack_params, packed_apply
+    >>> from ec2t_jax.models import LeNet300100
+    >>> model, x = LeNet300100(), jnp.ones((2, 28, 28, 1))
+    >>> params = jax.tree.map(np.sign, model.init(jax.random.key(0), x)["params"])
+    >>> packed = {"params": pack_params(params, "xla", dtype=jnp.float32)}
+    >>> np.testing.assert_allclose(packed_apply(model, packed, x),
+    ...                            model.apply({"params": params}, x), rtol=1e-6)
+  """
+  kernels = {}
+
+  def collect(path, leaf):
+    if is_packed(leaf):
+      kernels[trees.path_to_str(path)] = leaf
+
+  jax.tree_util.tree_map_with_path(collect, packed.get("params", {}), is_leaf=is_packed)
+
+  def interceptor(next_fun, fn_args, fn_kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or type(module) is not nn.Dense:
+      return next_fun(*fn_args, **fn_kwargs)
+    kernel = kernels.get("/".join(module.path + ("kernel",)))
+    if kernel is None:
+      return next_fun(*fn_args, **fn_kwargs)
+    x = jnp.asarray(fn_args[0])
+    y = kernel.matmul(x if module.dtype is None else x.astype(module.dtype))
+    if module.use_bias:
+      y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
+    return y
+
+  with nn.intercept_methods(interceptor):
+    return model.apply(packed, *args, method=method, **kwargs)
+
+
 class PackedLayer(NamedTuple):
   """One row of :func:`packed_summary`."""
   path: str
@@ -194,4 +242,4 @@ def format_summary(tree, route: str) -> str:
 
 
 __all__ = ["ROUTES", "PackedLayer", "format_summary", "is_packed", "load_packed",
-           "pack_params", "packed_summary", "resident_bytes"]
+           "pack_params", "packed_apply", "packed_summary", "resident_bytes"]
