@@ -275,7 +275,8 @@ def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xl
 
 def main(argv):
   del argv
-  smoke = _CPU_SMOKE.value if _CPU_SMOKE.value is not None else jax.default_backend() != "gpu"
+  smoke = (_CPU_SMOKE.value if _CPU_SMOKE.value is not None
+           else jax.default_backend() not in ("gpu", "cuda", "rocm"))
   rows = run_check(_SECTIONS.value, smoke=smoke, decode_models=_MODELS_DECODE.value,
                    routes=_ROUTES.value, batches=_BATCHES.value, new_tokens=_NEW_TOKENS.value,
                    repeats=_REPEATS.value, overhead_rounds=_OVERHEAD_ROUNDS.value,

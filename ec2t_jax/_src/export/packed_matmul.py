@@ -16,7 +16,7 @@ with ``d`` rounded once to the compute dtype (the dtype of ``x``) and the
 products accumulated in float32. Two routes:
 
 * :class:`Int4Ternary` (XLA-native): ``a`` as ``jnp.int4`` (4 bits a weight
-  in memory); the decode is an elementwise prologue of one ``jnp.dot``, which
+  where the backend packs ``int4``; XLA's CPU keeps a byte each); the decode is an elementwise prologue of one ``jnp.dot``, which
   XLA may fuse into the GEMM on GPU/TPU.
 * :class:`PackedTernary` (Pallas): ``a`` as 2-bit codes, four rows per byte
   (``uint8``), unpacked in registers by a :mod:`jax.experimental.pallas`
@@ -63,6 +63,7 @@ from ec2t_jax._src.export import leaf_parts
 
 ROWS_PER_BYTE = 4
 CODE_POSITIVE, CODE_NEGATIVE = 1, 3  # 2-bit codes; 0 is zero
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 class TernaryColumns(NamedTuple):
@@ -159,8 +160,9 @@ class Int4Ternary:
 
   @property
   def nbytes(self) -> int:
-    """Bytes resident: 4 bits a weight (rounded up per buffer) plus the scales."""
-    return -(-self.codes.size // 2) + 4 * (self.w_n.size + self.w_p.size)
+    """Bytes resident on the device: the codes (4 bits a weight where the backend packs
+    ``int4``, 8 on XLA's CPU) plus the scales."""
+    return sum(buffer_bytes(a) for a in (self.codes, self.w_n, self.w_p))
 
   def values(self, dtype=jnp.float32) -> jax.Array:
     """The dense kernel in ``dtype``."""
@@ -177,6 +179,16 @@ def pack_int4(kernel, name: str = "kernel") -> Int4Ternary:
   cols = ternary_columns(kernel, name)
   return Int4Ternary(jnp.asarray(cols.assignment, jnp.int4), jnp.asarray(cols.w_n),
                      jnp.asarray(cols.w_p))
+
+
+def buffer_bytes(array) -> int:
+  """Bytes an array occupies on its device (``on_device_size_in_bytes``: XLA's CPU keeps one
+  byte per ``int4``, other backends may pack two), else its ``nbytes``."""
+  try:
+    return int(array.on_device_size_in_bytes())
+  except (AttributeError, TypeError, RuntimeError):
+    return int(np.asarray(array).nbytes) if not isinstance(array, jax.core.Tracer) else (
+        int(array.size * array.dtype.itemsize))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -214,8 +226,8 @@ class PackedTernary:
 
   @property
   def nbytes(self) -> int:
-    """Bytes resident (padding included)."""
-    return self.packed.size + 4 * (self.w_n.size + self.w_p.size)
+    """Bytes resident on the device (2 bits a weight, padding included, plus the scales)."""
+    return sum(buffer_bytes(a) for a in (self.packed, self.w_n, self.w_p))
 
   def codes(self) -> jax.Array:
     """The assignment ``int8`` ``[K, N]`` back from the bytes."""
@@ -338,7 +350,7 @@ def pallas_ternary_matmul(x, weight: PackedTernary, *, block_m: Optional[int] = 
     raise ValueError(f"packed kernel of shape {(rows, cols)} is not tiled by block_k="
                      f"{weight.block_k}, block_n={weight.block_n} (pack it with pack_pallas)")
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    interpret = jax.default_backend() not in GPU_BACKENDS
   lead = x.shape[:-1]
   x2 = x.reshape(-1, weight.in_features)
   m = x2.shape[0]
