@@ -170,14 +170,15 @@ def packed_apply(model: nn.Module, packed, *args, method=None, **kwargs):
     *args, **kwargs, method: forwarded to ``model.apply``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
     >>> from ec2t_jax.export import pack_params, packed_apply
-    >>> from ec2t_jax.models import LeNet300100
-    >>> model, x = LeNet300100(), jnp.ones((2, 28, 28, 1))
-    >>> params = jax.tree.map(np.sign, model.init(jax.random.key(0), x)["params"])
+    >>> model, x = nn.Dense(3), jnp.arange(10.0).reshape(2, 5)
+    >>> kernel = 0.5 * np.array([[1, 0, -1], [0, -1, 1], [1, 1, 0], [-1, 0, 0], [0, 1, 1]])
+    >>> params = {"kernel": kernel, "bias": np.ones(3)}
     >>> packed = {"params": pack_params(params, "xla", dtype=jnp.float32)}
-    >>> np.testing.assert_allclose(packed_apply(model, packed, x),
-    ...                            model.apply({"params": params}, x), rtol=1e-6)
+    >>> packed_apply(model, packed, x)
+    Array([[0.5, 3.5, 3.5],
+           [3. , 6. , 6. ]], dtype=float32)
   """
   kernels = {}
 
