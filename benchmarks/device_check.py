@@ -1,6 +1,8 @@
 r"""Device check: packed ternary decoding, step/compile overhead and the GPT's val loss, one table.
 
-Sections (``--sections``, each skipped once ``--max_seconds`` of the run are spent):
+Sections (``--sections``; a section or model not started within ``--max_seconds``, default
+330, is skipped, so that the run ends within 8 minutes on a GPU; every row is also printed as
+it is made):
 
 * ``decode``: tokens/s of greedy decoding with a KV cache
   (:func:`ec2t_jax.models.gpt_decode.generate`, one jitted loop of
@@ -81,8 +83,9 @@ _VAL_LOSS_SECONDS = flags.DEFINE_integer("val_loss_seconds", 300,
 _VAL_LOSS_STEPS = flags.DEFINE_string("val_loss_steps", "5000,750,250",
                                       "fp_steps,phase1_steps,phase2_steps of the val_loss run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).")
-_MAX_SECONDS = flags.DEFINE_integer("max_seconds", 450,
-                                    "Skip the sections not started after this many seconds.")
+_MAX_SECONDS = flags.DEFINE_integer("max_seconds", 330,
+                                    "Skip the sections (decode models, overhead models) not "
+                                    "started after this many seconds.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON here.")
 
 DECODE_MODELS = {
@@ -173,7 +176,7 @@ def decode_rows(name: str, config: GPTConfig, *, routes, batches, new_tokens: in
   return rows
 
 
-def overhead_rows(smoke: bool, rounds: int) -> list[Row]:
+def overhead_rows(smoke: bool, rounds: int, late=lambda: False) -> list[Row]:
   """Chain step and compile ratios vs Adam, from ``step_overhead._benchmark``."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import step_overhead  # pylint: disable=g-import-not-at-top
@@ -186,6 +189,9 @@ def overhead_rows(smoke: bool, rounds: int) -> list[Row]:
             ("GPT 12x128 unrolled", step_overhead._GPTModel(12, scan=False), "tokens", 12)])
   rows = []
   for name, model, shape, batch in cases:
+    if late():
+      rows.append(Row("overhead", name, "skipped", "not started within --max_seconds"))
+      continue
     try:
       ratios = step_overhead._benchmark(name, model, shape, rounds, batch, 1)["chain"]
       rows.append(Row("overhead", f"{name} chain vs adam",
@@ -245,31 +251,43 @@ def format_table(rows: list[Row]) -> str:
 
 def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xla", "pallas"),
               batches=(1, 16), new_tokens=None, repeats: int = 3, overhead_rounds: int = 10,
-              max_seconds: float = 450, val_loss_seconds: int = 300,
-              val_loss_steps: str = "5000,750,250", data_dir=None) -> list[Row]:
-  """Runs the sections; returns the rows (see the module docstring)."""
+              max_seconds: float = 330, val_loss_seconds: int = 300,
+              val_loss_steps: str = "5000,750,250", data_dir=None, echo=None) -> list[Row]:
+  """Runs the sections; returns the rows (see the module docstring).
+
+  A section (a decode model, an overhead model) not started within ``max_seconds`` is
+  skipped with a row saying so; ``echo(row)`` is called on every row as it is made (so a run
+  killed from outside still leaves its rows in the log).
+  """
   start = time.perf_counter()
   device = jax.devices()[0]
-  rows = [Row("device", "backend", f"{jax.default_backend()} {device.device_kind}",
-               f"jax {jax.__version__}" + (", cpu_smoke" if smoke else ""))]
+  rows = []
+  emit = lambda new: [rows.append(r) or (echo(r) if echo else None) for r in new]
+  emit([Row("device", "backend", f"{jax.default_backend()} {device.device_kind}",
+            f"jax {jax.__version__}" + (", cpu_smoke" if smoke else ""))])
   decode_models = decode_models or (["smoke"] if smoke else ["gpu_size", "gpt12x768"])
   new_tokens = new_tokens or (8 if smoke else 64)
+  late = lambda: time.perf_counter() - start > max_seconds
   for section in sections:
-    if time.perf_counter() - start > max_seconds:
-      rows.append(Row(section, "-", "skipped", f"over --max_seconds={max_seconds}"))
-      continue
-    if section == "decode":
-      for name in decode_models:
-        rows += decode_rows(name, DECODE_MODELS[name], routes=list(routes),
-                            batches=[int(b) for b in batches], new_tokens=new_tokens,
-                            repeats=repeats)
-    elif section == "overhead":
-      rows += overhead_rows(smoke, 2 if smoke else overhead_rounds)
-    elif section == "val_loss":
-      rows += val_loss_rows(val_loss_seconds, val_loss_steps, data_dir)
-    else:
+    if section not in ("decode", "overhead", "val_loss"):
       raise ValueError(f"unknown section {section!r}: decode, overhead, val_loss")
-  rows.append(Row("total", "wall time", f"{time.perf_counter() - start:.0f} s"))
+  for section in sections:
+    if late():
+      emit([Row(section, "-", "skipped", f"not started within --max_seconds={max_seconds}")])
+    elif section == "decode":
+      for name in decode_models:
+        if late():
+          emit([Row(section, name, "skipped",
+                    f"not started within --max_seconds={max_seconds}")])
+          continue
+        emit(decode_rows(name, DECODE_MODELS[name], routes=list(routes),
+                         batches=[int(b) for b in batches], new_tokens=new_tokens,
+                         repeats=repeats))
+    elif section == "overhead":
+      emit(overhead_rows(smoke, 2 if smoke else overhead_rounds, late=late))
+    else:
+      emit(val_loss_rows(val_loss_seconds, val_loss_steps, data_dir))
+  emit([Row("total", "wall time", f"{time.perf_counter() - start:.0f} s")])
   return rows
 
 
@@ -281,7 +299,9 @@ def main(argv):
                    routes=_ROUTES.value, batches=_BATCHES.value, new_tokens=_NEW_TOKENS.value,
                    repeats=_REPEATS.value, overhead_rounds=_OVERHEAD_ROUNDS.value,
                    max_seconds=_MAX_SECONDS.value, val_loss_seconds=_VAL_LOSS_SECONDS.value,
-                   val_loss_steps=_VAL_LOSS_STEPS.value, data_dir=_DATA_DIR.value)
+                   val_loss_steps=_VAL_LOSS_STEPS.value, data_dir=_DATA_DIR.value,
+                   echo=lambda r: print(f"[row] {r.section} | {r.item} | {r.value} | {r.note}",
+                                        flush=True))
   print("\n" + format_table(rows), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:

@@ -15,15 +15,20 @@ def test_no_section_gives_the_device_and_total_rows():
   assert rows[0].value.startswith("cpu")
 
 
-def test_an_unknown_section_is_refused():
+def test_an_unknown_section_is_refused_before_anything_runs():
+  seen = []
   with pytest.raises(ValueError, match="unknown section 'speed'"):
-    device_check.run_check(["speed"], smoke=True)
+    device_check.run_check(["decode", "speed"], smoke=True, echo=seen.append)
+  assert [r.section for r in seen] == ["device"]
 
 
-def test_sections_past_the_time_limit_are_skipped_not_run():
-  rows = device_check.run_check(["decode", "overhead"], smoke=True, max_seconds=-1)
+def test_sections_past_the_time_limit_are_skipped_not_run_and_every_row_is_echoed():
+  seen = []
+  rows = device_check.run_check(["decode", "overhead"], smoke=True, max_seconds=-1,
+                                echo=seen.append)
   assert [(r.section, r.value) for r in rows[1:3]] == [("decode", "skipped"),
                                                        ("overhead", "skipped")]
+  assert seen == rows
 
 
 def test_val_loss_without_data_is_skipped_with_the_reason(tmp_path):
