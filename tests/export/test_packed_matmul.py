@@ -135,3 +135,19 @@ def test_inputs_of_the_wrong_width_are_refused():
 def test_a_kernel_that_is_not_two_dimensional_is_refused():
   with pytest.raises(ValueError, match="conv/kernel: a packed kernel must be 2-D"):
     ternary_columns(np.zeros((3, 3, 2, 4), np.float32), "conv/kernel")
+
+
+@pytest.mark.parametrize("shape,block_n", [((1, 130, 70), None), ((5, 37, 19), 32)])
+def test_the_pallas_kernel_lowers_to_a_triton_call_for_cuda_without_a_gpu(shape, block_n):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+  m, k, n = shape
+  packed = pack_pallas(_kernel(k, n, 12), block_n=block_n)
+  call = jax.jit(lambda x, w: pallas_ternary_matmul(x, w, interpret=False))
+  exported = jax_export.export(
+      call, platforms=["cuda"],
+      disabled_checks=[jax_export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          jax.ShapeDtypeStruct((m, k), jnp.bfloat16), packed)
+  text = exported.mlir_module()
+  assert "__gpu$xla.gpu.triton" in text  # Triton's checks (power-of-2 tiles, ...) passed
+  assert f"grid_y = {packed.packed.shape[1] // packed.block_n} : i32" in text
