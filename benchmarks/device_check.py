@@ -9,7 +9,7 @@ it is made):
   ``--new_tokens`` steps, default 64, after a 1-token prompt) at batch 1 and 16, for the
   GPT at nanoGPT's GPU size (6 layers x 6 heads x 384, context 256) and a
   12 x 12 x 768 GPT, both with random ternary block kernels (per-column
-  scales, 50% zeros), through three routes of
+  scales, 50% zeros), through the routes (``--routes``) of
   :func:`ec2t_jax.export.pack_params`: ``dense`` (bf16 kernels), ``xla``
   (int4 codes decoded in the matmul's prologue) and ``pallas`` (2-bit codes,
   the Pallas kernel; ``pallas:32`` with 32 output columns a program, 4x the
@@ -25,7 +25,8 @@ it is made):
   context 256, batch 64, 5000 iterations; nanoGPT's README gives 1.4697 val
   loss for it, with dropout 0.2 which this GPT does not have) and reports the
   full-precision and EC2T val loss. Needs tensorflow-datasets and the
-  prepared data (``--data_dir`` or ``$TFDS_DATA_DIR``).
+  prepared data (``--data_dir`` or ``$TFDS_DATA_DIR``); its time comes on top
+  of the 8 minutes.
 
 Without a GPU (or with ``--cpu_smoke``) it runs the same code on small
 shapes (a 2 x 2 x 64 GPT, context 32, 8 new tokens; LeNet-5 for the
@@ -37,8 +38,8 @@ Run::
   python benchmarks/device_check.py                      # GPU: decode + overhead, < 8 min
   python benchmarks/device_check.py --sections decode,overhead,val_loss --val_loss_seconds 300
   python benchmarks/device_check.py --cpu_smoke          # small shapes, any machine
-  nice python benchmarks/device_check.py --sections decode --models gpu_size \
-      --new_tokens 32 --repeats 3                        # the decode table at GPU size on CPU
+  nice python benchmarks/device_check.py --sections decode --decode_models gpu_size \
+      --routes dense,xla,pallas --new_tokens 16          # the decode table at GPU size on CPU
 """
 
 from __future__ import annotations
