@@ -141,7 +141,9 @@ def _bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
+def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
+  """Prints the table of one model; returns ``{variant: {"step": ratio, "compile": ratio}}``
+  (ratios of the medians to adam's; ``compile`` absent without compile rounds)."""
   if input_shape == "tokens":
     batch = _GPT["batch"]
     tokens = jax.random.randint(jax.random.key(0), (batch, _GPT["context"] + 1), 0,
@@ -205,8 +207,10 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
   if compile_rounds:
     base_compile = statistics.median(runs["adam"]["compile"])
     base_cpu = statistics.median(runs["adam"]["compile_cpu"])
+  ratios = {}
   for label, run in runs.items():
     median = statistics.median(run["times"])
+    ratios[label] = {"step": median / base}
     line = (f"  {label:<10} {median * 1e3:>10.2f} {median / base:>7.3f}x "
             f"{run['state_bytes'] / params_bytes:>12.2f}x")
     if compile_rounds:
@@ -214,7 +218,9 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds):
       cpu = statistics.median(run["compile_cpu"])
       line += (f" {c:>10.2f} {c / base_compile:>7.2f}x"
                f" {cpu:>7.2f} {cpu / base_cpu:>7.2f}x")
+      ratios[label]["compile"] = c / base_compile
     print(line)
+  return ratios
 
 
 def main(argv):

@@ -96,6 +96,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "(embeddings, LayerNorms, biases) as float16 in model.ec2t (lossy: the "
                     "report then gives the validation loss of the exported model too).",
                     flag_values=fv)
+  flags.DEFINE_enum("sample_packed", "", ["", "xla", "pallas", "dense"], "Also sample from "
+                    "model.ec2t loaded as a packed inference model (ec2t.export.load_packed: "
+                    "int4 or 2-bit kernels in memory, KV-cache decoding, at most block_size "
+                    "characters) and report its resident bytes.", flag_values=fv)
   flags.DEFINE_bool("resume", False, "Continue from the checkpoints in --workdir.",
                     flag_values=fv)
   d("stop_after_steps", 0, "Stop after N steps of this invocation, with a checkpoint.")
@@ -368,6 +372,15 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
     exported = ec2t.export.save(os.path.join(fv.workdir, "model.ec2t"), host_params,
                                 float16=fv.export_float16)
     results["export_bytes"] = exported.total_bytes
+    if fv.sample_packed:
+      from common import packed  # pylint: disable=g-import-not-at-top
+      from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+      config = models.GPTConfig(vocab_size=len(data.vocab), block_size=fv.block_size,
+                                num_layers=fv.num_layers, num_heads=fv.num_heads, width=fv.width)
+      text, results["packed_resident_bytes"] = packed.sample_packed(
+          os.path.join(fv.workdir, "model.ec2t"), fv.sample_packed, config, data,
+          fv.sample_chars or 200, seed=fv.seed)
+      samples[f"{fv.method} packed ({fv.sample_packed})"] = text
   results["export_float16"] = fv.export_float16
   if fv.export_float16:  # every process decodes the same bytes, then evaluates together
     shipped = ec2t.export.decode(ec2t.export.encode(host_params, float16=True))
@@ -397,6 +410,8 @@ def format_report(r: dict) -> str:
     rows.append(("exported file (ec2t.export)" + (", float16" if r.get("export_float16") else ""),
                  "", f"{r['export_bytes']:,} B  "
                  f"({r['export_bytes'] * 8 / r['sizes']['packed_bits']:.3f}x 2-bit packed)"))
+  if r.get("packed_resident_bytes"):
+    rows.append(("packed inference model, resident", "", f"{r['packed_resident_bytes']:,} B"))
   if r.get("export_val_loss") is not None:
     rows.append(("validation loss of the exported file", "", f"{r['export_val_loss']:.4f}"))
   rows += report_lib.budget_rows(r.get("budget"))

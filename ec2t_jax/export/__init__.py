@@ -23,12 +23,14 @@ Python API::
     export.decode_file("model.ec2t", "model.npz")
     export.export_inference("ckpt.npz", "model.ec2t")  # inference file
     state = export.load_inference("model.ec2t")   # batch norms as scale/shift
+    params = export.load_packed("model.ec2t", route="xla")  # ternary kernels packed in memory
 
 Command line::
 
     python -m ec2t_jax.export IN OUT [--float16] [--bitmask-only] [--keys params]
     python -m ec2t_jax.export --decode IN OUT.npz [--max-bytes 4G]
     python -m ec2t_jax.export --inference IN OUT   # batch norm folded, float16 elsewhere
+    python -m ec2t_jax.export --packed FILE [--route xla|pallas|dense]  # packed model, bytes
 
 ``--inference`` (:func:`export_inference`) folds each batch norm into a
 per-channel scale and shift and stores every non-ternary float leaf as
@@ -54,6 +56,12 @@ from ec2t_jax._src.export.exporting import (ExportResult, decode, decode_file, e
                                      save)
 from ec2t_jax._src.export.inference_export import fold_batch_norm, unfold_batch_norm
 from ec2t_jax._src.export.inference import TernaryWeight
+from ec2t_jax._src.export.packed_matmul import (Int4Ternary, PackedTernary, TernaryColumns,
+                                                decode_then_matmul, pack_int4, pack_pallas,
+                                                pallas_ternary_matmul, ternary_columns)
+from ec2t_jax._src.export.packed_model import (ROUTES, format_summary, is_packed, load_packed,
+                                               pack_params, packed_apply, packed_summary,
+                                               resident_bytes)
 from ec2t_jax._src.export.container import CODECS, DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC, PackedInfo, pack, read_info, unpack
 from ec2t_jax._src.export.errors import ExportFormatError
 from ec2t_jax._src.export.leaf_parts import FilterTernaryParts, codebook_parts, filter_ternary_parts, ternary_parts
@@ -65,4 +73,8 @@ __all__ = [
     "ExportResult", "FilterTernaryParts", "codebook_parts", "filter_ternary_parts", "LeafRecord", "PackedInfo", "TernaryWeight", "decode", "decode_file", "encode", "export_file",
     "export_inference", "fixed_bytes", "fold_batch_norm", "load", "load_inference", "load_ternary",
     "load_tree", "pack", "read_info", "save", "ternary_parts", "unfold_batch_norm", "unpack",
+    # Packed inference (ternary kernels packed in memory, matmuls that read them packed)
+    "Int4Ternary", "PackedTernary", "ROUTES", "TernaryColumns", "decode_then_matmul",
+    "format_summary", "is_packed", "load_packed", "pack_int4", "pack_pallas", "pack_params", "packed_apply", "packed_summary",
+    "pallas_ternary_matmul", "resident_bytes", "ternary_columns",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from ec2t_jax.models import gpt_decode
 from ec2t_jax.models.gpt import GPT, GPTConfig, unstack_blocks
 from ec2t_jax.models.lenet import LeNet300100, LeNet5
 from ec2t_jax.models.resnet import (BasicBlock, CifarResNet, cifar_resnet, compound_scaled_resnet,
@@ -59,7 +60,7 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "BasicBlock", "CheckpointMismatchError", "CifarResNet", "GPT", "GPTConfig", "LeNet300100", "LeNet5",
-    "MODEL_NAMES", "cifar_resnet", "cifar_resnet_from_params", "compound_scaled_resnet",
+    "MODEL_NAMES", "cifar_resnet", "gpt_decode", "cifar_resnet_from_params", "compound_scaled_resnet",
     "convert_state_dict", "get_model", "load_state_dict", "load_torch_checkpoint",
     "scale_pretrained_resnet", "to_state_dict", "transfer_to_supernet", "unstack_blocks",
     "zero_pad_shortcut",

@@ -197,7 +197,7 @@ def _fuzz_setup(tmp_path):
            "", "--", "-", "--quiet", "--json", "--keys", "params,batch_stats", "=", "\x00"]
   tokens = {
       "export": files + outputs + words + ["--decode", "--inference", "--float16",
-                                            "--bitmask-only"],
+                                            "--bitmask-only", "--packed", "--route"],
       "report": files + words + ["--geometry", "none", "auto", "--rules", "exact",
                                  "--mul-bits", "0", "--image-size", "-3", "--latent"],
       "compress": files + outputs + words + ["mcq", "prune", "--rule", "(", ".*",

@@ -187,3 +187,20 @@ def test_scanned_blocks_are_ternarized_per_layer(tmp_path):
   assert kernel.shape[0] == 2
   scales = [sorted(np.unique(np.abs(k)))[-1] for k in kernel]
   assert scales[0] != scales[1]  # one w_p per slice, not one per stacked leaf
+
+
+@pytest.mark.slow  # a tiny run from the full-precision checkpoint + a Pallas decoder (~30 s)
+def test_sample_packed_samples_from_the_packed_file_and_reports_its_resident_bytes(tiny,
+                                                                                    tmp_path):
+  workdir, _ = tiny
+  results = _run(tmp_path / "packed", "--gamma=0.2", "--sample_chars=6", "--phase1_steps=2",
+                 "--phase2_steps=1", "--sample_packed=pallas",
+                 f"--init_from={os.path.join(workdir, 'checkpoints', 'fp', 'latest')}")
+  assert len(results["samples"]["ec2t packed (pallas)"]) == 6
+  params = export.load(tmp_path / "packed" / "model.ec2t")
+  float32_bytes = sum(4 * np.asarray(x).size for x in jax.tree.leaves(params))
+  kernels = sum(np.asarray(params["blocks"][b][m][l]["kernel"]).size for b in ("0", "1")
+                for m, l in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
+                             ("mlp", "c_proj")))
+  # the other leaves as float32, the kernels at 2 bits (+ scales and padding to the tiles)
+  assert float32_bytes - 4 * kernels < results["packed_resident_bytes"] < float32_bytes

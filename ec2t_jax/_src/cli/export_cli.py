@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from ec2t_jax._src.cli import cli_support
 from ec2t_jax._src.export.exporting import decode_file, export_file, export_inference
 from ec2t_jax._src.export.container import DEFAULT_MAX_BYTES
+from ec2t_jax._src.export.packed_model import format_summary, load_packed
 
 PROGRAM = "ec2t_jax.export"
 
@@ -23,13 +24,21 @@ def _parser() -> argparse.ArgumentParser:
       description="Compress an EC2T model (orbax checkpoint, .npz state dict) into the packed "
                   ".ec2t format, or restore one with --decode.")
   parser.add_argument("input", help="checkpoint directory, .npz or packed file")
-  parser.add_argument("output", help="packed file to write (with --decode: the .npz to write)")
+  parser.add_argument("output", nargs="?", default=None,
+                      help="packed file to write (with --decode: the .npz to write; none with "
+                           "--packed)")
   parser.add_argument("--decode", action="store_true",
                       help="restore INPUT into an .npz under its original keys")
   parser.add_argument("--inference", action="store_true",
                       help="inference file: batch norm folded into scale/shift, non-ternary "
                            "leaves as float16 (lossy for those leaves only, ternary ones bitwise); "
                            "reads params and batch_stats from checkpoints")
+  parser.add_argument("--packed", action="store_true",
+                      help="load INPUT (a packed file) as a packed inference model (ternary "
+                           "kernels packed in memory) and print its layers and resident bytes")
+  parser.add_argument("--route", choices=("xla", "pallas", "dense"), default="xla",
+                      help="with --packed: int4 codes for XLA, 2-bit codes for the Pallas "
+                           "kernel, or dense bf16 kernels (default: xla)")
   parser.add_argument("--float16", action="store_true",
                       help="store non-ternary float leaves as float16 (lossy)")
   parser.add_argument("--bitmask-only", action="store_true",
@@ -45,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> int:
+  if args.packed:
+    if args.output is not None:
+      raise ValueError(f"--packed reads INPUT only; got an OUTPUT too ({args.output!r})")
+    tree = load_packed(args.input, route=args.route, max_bytes=args.max_bytes)
+    cli_support.echo(format_summary(tree, args.route))
+    return 0
+  if args.output is None:
+    raise ValueError("OUTPUT is required (except with --packed)")
   cli_support.refuse_overwriting([args.output], [args.input])
   if args.decode:
     arrays = decode_file(args.input, args.output, max_bytes=args.max_bytes)
