@@ -389,3 +389,16 @@ def test_an_output_axis_outside_the_leaf_is_a_value_error():
   ctx = core.LeafContext("w", (4, 6), jnp.float32, "ternary", None, 1.0, output_axis=2)
   with pytest.raises(ValueError, match="'w' of shape \\(4, 6\\) has no output_axis 2"):
     paretoq_lib.method().init_leaf(WEIGHT, ctx, paretoq_lib.ParetoQHyper())
+
+
+def test_a_stacked_leaf_gets_scales_per_layer_and_output_channel():
+  stacked = jnp.stack([KERNEL, 2 * KERNEL, -KERNEL])  # three (in, out) layers
+  tx = ec2t.paretoq(2, selection=[ec2t.Rule("^w$", stack_axes=(0,))])
+  state = tx.init({"w": stacked})
+  leaf = ec2t.find_quantizer_state(state).resolved_leaves()["w"]
+  assert leaf.scale.shape == (3, 1, 5)
+  for i in range(3):
+    np.testing.assert_allclose(leaf.scale[i], ec2t.paretoq_init_scale(stacked[i], 2), rtol=1e-7)
+  np.testing.assert_allclose(ec2t.ternary_params({"w": stacked}, state)["w"][1],
+                             ec2t.paretoq_quantize(stacked[1], leaf.scale[1], 2), rtol=1e-6)
+  assert [r.path for r in ec2t.summary(state).layers] == ["w[0]", "w[1]", "w[2]"]
