@@ -356,6 +356,10 @@ def test_an_unsupported_width_is_a_value_error_naming_bits(bits):
     ec2t.paretoq(bits)
 
 
+def test_a_float32_spelling_of_the_ternary_width_is_ternary():
+  assert paretoq_lib.width(np.float32(1.58)).name == "ternary"
+
+
 def test_w_bits_zero_points_to_the_ternary_spelling():
   with pytest.raises(ValueError, match=r"w_bits=0 is ternary: bits=1\.58"):
     ec2t.paretoq(0)

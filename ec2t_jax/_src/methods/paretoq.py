@@ -109,7 +109,7 @@ def width(bits) -> Width:
   if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, float, np.number)):
     raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
   for key, w in _WIDTHS.items():
-    if bits == key:
+    if abs(float(bits) - key) < 1e-3:  # np.float32(1.58) too
       return w
   hint = " (ParetoQ's w_bits=0 is ternary: bits=1.58)" if bits == 0 else ""
   raise ValueError(f"bits must be one of {BITS}, got {bits!r}{hint}")
