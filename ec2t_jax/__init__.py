@@ -8,7 +8,8 @@ Sparse ternary networks by wrapping your optax optimizer::
   params = ec2t.ternary_params(params, opt_state)
 
 Other train-time ternary methods plug into the same chain position and tools:
-``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58) and Faraone et al.'s
+``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58), ``ec2t.paretoq``
+(ternary to 4 bits) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
 
 Every method is registered by name with its kind (train / staged /
@@ -68,6 +69,14 @@ from ec2t_jax._src.methods.bitnet import absmean_ternarize
 from ec2t_jax._src.methods.bitnet import bitnet
 from ec2t_jax._src.methods.bitnet import BitNetLeaf
 from ec2t_jax._src.methods.bitnet import quantize_activations_int8
+from ec2t_jax._src.methods.paretoq import paretoq
+from ec2t_jax._src.methods.paretoq import ParetoQLeaf
+from ec2t_jax._src.methods.paretoq import paretoq_codes
+from ec2t_jax._src.methods.paretoq import paretoq_gradients
+from ec2t_jax._src.methods.paretoq import paretoq_init_scale
+from ec2t_jax._src.methods.paretoq import paretoq_levels
+from ec2t_jax._src.methods.paretoq import paretoq_quantize
+from ec2t_jax._src.methods.paretoq import paretoq_step
 from ec2t_jax._src.methods.sparsity_regularization import quantization_pruning
 from ec2t_jax._src.methods.sparsity_regularization import PrunedTernaryLeaf
 from ec2t_jax._src.methods.sparsity_regularization import sparsity_regularizer
@@ -176,6 +185,15 @@ __all__ = (
     "BitNetLeaf",
     "absmean_ternarize",
     "quantize_activations_int8",
+    # ParetoQ
+    "paretoq",
+    "ParetoQLeaf",
+    "paretoq_codes",
+    "paretoq_gradients",
+    "paretoq_init_scale",
+    "paretoq_levels",
+    "paretoq_quantize",
+    "paretoq_step",
     # Faraone et al.
     "quantization_pruning",
     "PrunedTernaryLeaf",

@@ -164,6 +164,7 @@ BUILTIN_MODULES = (
     "ec2t_jax._src.methods.ttq",
     "ec2t_jax._src.methods.sttn",
     "ec2t_jax._src.methods.bitnet",
+    "ec2t_jax._src.methods.paretoq",
     "ec2t_jax._src.methods.sparsity_regularization",
     "ec2t_jax._src.methods.inq",
     "ec2t_jax._src.methods.slq",
