@@ -235,9 +235,11 @@ def _rounder():
                         B_AND_C).transform()
 
 
-def test_a_decay_on_a_method_without_latent_weights_is_refused_at_init():
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_decay_on_a_method_without_latent_weights_is_refused_at_init(jit):
+  init = ec2t.chain(optax.adamw(LR, weight_decay=WD), _rounder()).init
   with pytest.raises(ValueError, match=r"'b'.*'Rounder'"):
-    ec2t.chain(optax.adamw(LR, weight_decay=WD), _rounder()).init(PARAMS)
+    (jax.jit(init) if jit else init)(PARAMS)
 
 
 def test_a_method_without_latent_weights_chains_when_nothing_decays():

@@ -150,3 +150,10 @@ def test_a_factory_that_returns_no_optimizer_is_refused():
   with pytest.raises(TypeError, match=r"inner\(10\)"):
     ec2t.restart_on_stage(lambda n: optax.cosine_decay_schedule(1e-3, n),
                           ec2t.inq(5, selection=ONLY_B), stage_steps=10)
+
+
+def test_a_factory_whose_optimizers_keep_different_states_is_refused_at_init():
+  tx = ec2t.restart_on_stage(lambda n: optax.adam(1e-3) if n == 3 else optax.sgd(1e-3),
+                             ec2t.inq(5, selection=ONLY_B), stage_steps=(3, 5))
+  with pytest.raises(ValueError, match="different structures"):
+    tx.init(PARAMS)

@@ -179,9 +179,9 @@ def restart_on_stage(
   def init_fn(params):
     quantizer_state = quantizer.init(params)
     inner_state = latent_chain.init_inner(inners[int(runs[0])], quantizer_state, params)
-    for tx, steps in zip(inners, sorted(set(runs.tolist()))):
-      other = tx.init(latent_chain.latent_params(find_quantizer_state(quantizer_state),
-                                                 pure_tree(params)))
+    for tx in inners:  # restarts use inners[0].init: every run's state must look alike
+      other = fresh(quantizer_state, params) if tx is inners[0] else tx.init(
+          latent_chain.latent_params(find_quantizer_state(quantizer_state), pure_tree(params)))
       if (jax.tree.structure(other) != jax.tree.structure(inner_state)
           or jax.tree.map(jnp.shape, other) != jax.tree.map(jnp.shape, inner_state)):
         raise ValueError("restart_on_stage: the factory's optimizers for different "
