@@ -102,6 +102,16 @@ def test_optax_chain_decays_the_quantized_values_instead():
   assert (change[np.asarray(t0) == 0] == 0).all()  # zero-valued weights: no decay
 
 
+def test_ec2t_phase_2_keeps_its_frozen_latents_under_decay():
+  tx = ec2t.chain(optax.adamw(LR, weight_decay=WD), ec2t.ternarize_transform(
+      gamma=0.1, selection=B_AND_C))
+  state = ec2t.freeze_assignment(tx.init(PARAMS))
+  start = _latents(state)["b"]
+  params = ec2t.ternary_params(PARAMS, state)
+  _, state = tx.update(ZEROS, state, params)
+  np.testing.assert_array_equal(_latents(state)["b"], start)
+
+
 def test_both_latent_kernels_of_sttn_shrink():
   tx = ec2t.chain(optax.adamw(LR, weight_decay=WD), ec2t.sttn(selection=B_AND_C))
   start = ec2t.find_quantizer_state(tx.init(PARAMS)).field("latent2")["b"]

@@ -348,16 +348,22 @@ def latent_fields(leaf_state) -> tuple[str, ...]:
   return tuple(f for f in named if f in fields)
 
 
-def decay_latents(leaf, decay: dict):
+def decay_latents(leaf, decay: dict, phase=0):
   """``leaf`` with ``decay[f]`` added to each latent field ``f`` (zeros keep it bitwise).
 
   The decoupled weight decay of the latent weights, applied before the
-  method's step (as ``torch.optim.AdamW`` decays before the Adam step).
+  method's step (as ``torch.optim.AdamW`` decays before the Adam step). A
+  state whose method freezes its latent weights in some phase says so with
+  an optional ``latents_train(phase) -> bool`` (EC2T: not in phase 2); there
+  the latents keep their values.
   """
+  trains = getattr(leaf, "latents_train", None)
+  keep = jnp.asarray(False) if trains is None else ~jnp.asarray(trains(phase))
+
   def add(f):
     old = getattr(leaf, f)
     d = decay[f]
-    return jnp.where(d == 0, old, old + d).astype(old.dtype)
+    return jnp.where((d == 0) | keep, old, old + d).astype(old.dtype)
   return leaf._replace(**{f: add(f) for f in decay})
 
 
@@ -515,8 +521,8 @@ def quantize_transform(
       decays = _leaf_decays(latent_decay, updates, flat_leaf_states(state.leaves)[0],
                             state.groups)
       inputs = [None if u is None else (u, d) for u, d in zip(inputs, decays)]
-      step = lambda x, leaf, ctx: method.step_leaf(x[0], decay_latents(leaf, x[1]), ctx,
-                                                   step_hyper, state.phase)
+      step = lambda x, leaf, ctx: method.step_leaf(
+          x[0], decay_latents(leaf, x[1], state.phase), ctx, step_hyper, state.phase)
     updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
     if budget is None:
       return updates, new_state
