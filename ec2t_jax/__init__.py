@@ -3,11 +3,13 @@
 Sparse ternary networks by wrapping your optax optimizer::
 
   import ec2t_jax as ec2t
-  tx = optax.chain(optax.adam(1e-4), ec2t.ternarize_transform(gamma=0.2))
+  tx = ec2t.chain(optax.adamw(1e-4), ec2t.ternarize_transform(gamma=0.2))
   opt_state = tx.init(params)
   params = ec2t.ternary_params(params, opt_state)
 
-Other train-time ternary methods plug into the same chain position and tools:
+(``ec2t.chain`` is ``optax.chain`` whose weight decay acts on the latent
+weights, not on the ternary values the params hold.) Other train-time ternary
+methods plug into the same chain position and tools:
 ``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58), ``ec2t.paretoq``
 (ternary to 4 bits) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
@@ -112,6 +114,7 @@ from ec2t_jax._src.core import QuantizerState
 from ec2t_jax._src.core.budget import Budget
 from ec2t_jax._src.core.budget import BudgetState
 from ec2t_jax._src.core import StackedLeaf
+from ec2t_jax._src.core.latent_chain import chain
 from ec2t_jax._src.core.state_access import find_quantizer_state
 from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
 from ec2t_jax._src.core.state_access import ternary_params
@@ -234,6 +237,8 @@ __all__ = (
     "describe_selection",
     "forward_order",
     "ForwardOrder",
+    # The chain whose weight decay acts on the latent weights
+    "chain",
     # State and tools for every method
     "QuantizerState",
     "TernarizeState",

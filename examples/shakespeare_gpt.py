@@ -120,7 +120,7 @@ class MethodConfig:
   weight_decay: float
   phase2_epochs: int
   ec2t_steps: int
-  inner_optimizer: Callable[[], Any]
+  inner_optimizer: Callable[..., Any]
   ec2t_mode: str = "chain"
   latent_learning_rate: float = 0.0
   centroid_learning_rate: float = 0.0
@@ -206,12 +206,15 @@ def method_setup(fv, selection, total_steps: int, budget_fixed_bytes: float = 0.
   (``budget_fixed_bytes``: ``F`` of a ``--target_bytes`` budget, 0: the library's bound)."""
   import optax  # pylint: disable=g-import-not-at-top
   from common import methods  # pylint: disable=g-import-not-at-top
-  schedule = optax.cosine_decay_schedule(fv.learning_rate, max(total_steps, 1))
+  # steps: the length of the cosine (a staged method's runs between restarts; default the run).
+  inner = lambda steps=total_steps: adamw(
+      optax.cosine_decay_schedule(fv.learning_rate, max(steps, 1)), fv.beta2,
+      fv.ec2t_weight_decay, fv.clip)
   config = MethodConfig(
       method=fv.method, method_options=fv.method_options, gamma=fv.gamma,
       init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
       weight_decay=fv.ec2t_weight_decay, phase2_epochs=fv.phase2_steps, ec2t_steps=total_steps,
-      inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip),
+      inner_optimizer=inner,
       budget_fixed_bytes=budget_fixed_bytes, **budget_fields(fv))
   return methods.build(config, selection)
 
@@ -319,7 +322,7 @@ def run(fv: flags.FlagValues) -> dict:
   tx, phase2_phase = setup.optimizer, 1
   if setup.staged is not None:
     layers = sum(p is not None for p in selection.plan(fp_state.params))
-    tx, phase2_phase = setup.staged(fv.phase1_steps, layers)
+    tx, phase2_phase = setup.staged(fv.phase1_steps, layers, phase2_steps=fv.phase2_steps)
 
   def start_phase1(params):
     return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.ternary_params)

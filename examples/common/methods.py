@@ -333,9 +333,16 @@ def _staged(config, make: Callable[[int], optax.GradientTransformation],
                     "quantizes the last weights; phase 2 retrains the other parameters)")
   make(0)  # a bad knob fails here, at build time
 
-  def staged(phase1_steps: int, num_layers: int):
+  def staged(phase1_steps: int, num_layers: int, phase2_steps=None):
     last = stages(num_layers) - 1
     per_stage = max(1, phase1_steps // last) if last > 0 else 0
+    factory = getattr(config, "inner_optimizer", None)
+    if restart and factory is not None and per_stage and phase2_steps is not None:
+      # Each run of the inner optimizer gets a schedule of its own length (inner_optimizer(n)),
+      # so every stage anneals: restarts follow the updates per, 2 per, ..., last * per.
+      runs = ((per_stage + 1,) + (per_stage,) * (last - 1)
+              + (max(1, phase1_steps + phase2_steps - last * per_stage - 1),))
+      return ec2t.restart_on_stage(factory, make(per_stage), stage_steps=runs), last
     return compose(_inner(config), make(per_stage)), last
 
   return MethodSetup(compose(_inner(config), make(0)), staged=staged,

@@ -107,6 +107,12 @@ class LeafState(Protocol):
   # (per-filter scales: TWN "filter", STTN). :func:`~ec2t_jax.summary` uses
   # it for bits/weight and levels; without it, the values are the symbols.
   #
+  # Optional: a class attribute ``latent_fields`` naming the fields that hold
+  # latent weights (default ``("latent",)``; STTN: ``("latent", "latent2")``),
+  # and ``latents_train(phase) -> bool``, false in phases that freeze them
+  # (EC2T's phase 2): :func:`~ec2t_jax.chain`'s weight decay acts on those
+  # fields in those phases (``core.transform.decay_latents``).
+  #
   # Optional: ``instant_value(dtype) -> Array``, what a one-shot use returns
   # when it differs from ``value`` (MCQ: the unsnapped ``q * scale`` that
   # ``ec2t.mcq`` returns; ``value`` snaps the scale for exact landing).

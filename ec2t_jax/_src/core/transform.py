@@ -31,6 +31,10 @@ every method alike:
   ``vmap``-ed step serves each group (:func:`group_states`,
   :func:`step_groups`), so the traced step does not grow with depth; the
   only per-step stacking is of the incoming updates;
+* **latent weight decay**: the update accepts ``latent_decay`` (what
+  :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
+  each latent field), added to the latent weights before the method's step
+  (:func:`decay_latents`);
 * **shared tools**: :func:`~ec2t_jax.ternary_params`, :func:`~ec2t_jax.summary`,
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
@@ -320,6 +324,67 @@ def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
   return treedef.unflatten(out)
 
 
+def latent_fields(leaf_state) -> tuple[str, ...]:
+  """The fields of a method's leaf state that hold latent weights.
+
+  ``("latent",)`` for a state with a ``latent`` field; a state class may name
+  others in a class attribute ``latent_fields`` (STTN: ``("latent",
+  "latent2")``); ``()`` for a state without latent weights. Stacked and
+  grouped states answer for their inner state's class.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax._src.core.transform import latent_fields  # internal
+    >>> state = ec2t.sttn(selection=lambda path, leaf: True).init({"w": jnp.ones((3, 2))})
+    >>> latent_fields(state.leaves["w"])
+    ('latent', 'latent2')
+  """
+  if isinstance(leaf_state, StackedLeaf):
+    leaf_state = leaf_state.inner
+  cls = type(leaf_state)
+  fields = getattr(cls, "_fields", ())
+  named = getattr(cls, "latent_fields", ("latent",))
+  return tuple(f for f in named if f in fields)
+
+
+def decay_latents(leaf, decay: dict, phase=0):
+  """``leaf`` with ``decay[f]`` added to each latent field ``f`` (zeros keep it bitwise).
+
+  The decoupled weight decay of the latent weights, applied before the
+  method's step (as ``torch.optim.AdamW`` decays before the Adam step). A
+  state whose method freezes its latent weights in some phase says so with
+  an optional ``latents_train(phase) -> bool`` (EC2T: not in phase 2); there
+  the latents keep their values.
+  """
+  trains = getattr(leaf, "latents_train", None)
+  keep = jnp.asarray(False) if trains is None else ~jnp.asarray(trains(phase))
+
+  def add(f):
+    old = getattr(leaf, f)
+    d = decay[f]
+    return jnp.where((d == 0) | keep, old, old + d).astype(old.dtype)
+  return leaf._replace(**{f: add(f) for f in decay})
+
+
+def _leaf_decays(latent_decay: dict, updates, old: list, groups: tuple) -> list:
+  """Per leaf (flattening order), ``{field: float32 decay}`` of its latent
+  fields (None where unselected); ``latent_decay`` maps a field to a tree
+  like the params."""
+  for name, tree in latent_decay.items():
+    check_same_tree(f"latent_decay[{name!r}]", tree, updates)
+  flat = {name: jax.tree.leaves(tree) for name, tree in latent_decay.items()}
+  out = []
+  for i, leaf in enumerate(old):
+    if leaf is None:
+      out.append(None)
+      continue
+    state = groups[leaf.group] if isinstance(leaf, GroupSlot) else leaf
+    out.append({f: jnp.asarray(flat[f][i], jnp.float32)
+                for f in latent_fields(state) if f in flat})
+  return out
+
+
 def advance(state: QuantizerState, params, updates, step: Callable, inputs,
             contexts, keep) -> tuple[Any, QuantizerState]:
   """Steps the selected leaves and returns ``(updates, new_state)``.
@@ -366,6 +431,20 @@ def step_groups(step: Callable, inputs: list, slots: list, contexts: list,
   return tuple(new), jnp.any(jnp.stack(bad))
 
 
+class QuantizerTransformation(optax.GradientTransformationExtraArgs):
+  """A method's transformation: an optax transformation whose update also takes
+  ``latent_decay``.
+
+  ``update(updates, state, params, *, latent_decay=None, **extra_args)``:
+  ``latent_decay`` maps a latent field name (see :func:`latent_fields`) to a
+  tree like the params; at each selected leaf it is added to that latent field
+  before the method's step (:func:`decay_latents`). :func:`~ec2t_jax.chain`
+  computes it from the inner optimizer; in a plain ``optax.chain`` it is
+  absent and other extra arguments are ignored.
+  """
+  __slots__ = ()
+
+
 def quantize_transform(
     method: Method,
     hyper: NamedTuple,
@@ -395,7 +474,7 @@ def quantize_transform(
       hyperparameter.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`QuantizerState`.
+    A :class:`QuantizerTransformation` with state :class:`QuantizerState`.
   """
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
@@ -421,7 +500,8 @@ def quantize_transform(
     return state._replace(budget=budget_lib.init_budget_state(
         plan_of(params, leaves), states, target))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, latent_decay=None, **extra_args):
+    del extra_args  # e.g. a loss value other members of an optax chain use
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     check_same_tree("updates", updates, state.leaves)
@@ -437,6 +517,12 @@ def quantize_transform(
       step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
     step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
                                                  state.phase)
+    if latent_decay is not None:
+      decays = _leaf_decays(latent_decay, updates, flat_leaf_states(state.leaves)[0],
+                            state.groups)
+      inputs = [None if u is None else (u, d) for u, d in zip(inputs, decays)]
+      step = lambda x, leaf, ctx: method.step_leaf(
+          x[0], decay_latents(leaf, x[1], state.phase), ctx, step_hyper, state.phase)
     updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
     if budget is None:
       return updates, new_state
@@ -445,7 +531,7 @@ def quantize_transform(
         plan, state.budget, states, target, state.count, state.phase >= 1, keep)
     return updates, new_state._replace(budget=controller)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return QuantizerTransformation(init_fn, update_fn)
 
 
 def _instant_value(leaf_state, dtype):

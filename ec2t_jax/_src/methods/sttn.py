@@ -257,6 +257,8 @@ class STTNLeaf(NamedTuple):
   latent2: jax.Array
   assignment: jax.Array
   scale: jax.Array
+  # Both kernels are latent weights: a decoupled weight decay shrinks both.
+  latent_fields = ("latent", "latent2")
 
   def value(self, dtype) -> jax.Array:
     """``T = B1 + B2 = 2 alpha * assignment``; each filter snapped on its own grid."""

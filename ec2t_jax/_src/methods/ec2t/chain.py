@@ -52,6 +52,10 @@ class EC2TLeaf(NamedTuple):
     return {"method": "EC2T", "mode": "ternary", "w_n": self.w_n,
             "w_p": self.w_p, "lam": self.lam}
 
+  def latents_train(self, phase) -> jax.Array:
+    """Phase 2 (``phase >= 1``) freezes the latent weights: no weight decay there either."""
+    return phase < 1
+
 
 class ECPLeaf(EC2TLeaf):
   """State of one entropy-constrained *pruned* leaf (reference section 7).
