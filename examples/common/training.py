@@ -165,6 +165,8 @@ class Runner:
     val: Validation data (picks the best checkpoint).
     workdir: Output folder: ``checkpoints/<phase>/``, ``metrics.jsonl``, ``tensorboard/``.
     fingerprint: Facts checked when restoring checkpoints.
+    method_fingerprint: Those of the method's phases (every phase but ``fp``), if
+      they hold more (the method and its knobs).
     writer: Metric writer (disabled on processes other than 0).
     augment: Flip + crop augmentation during training.
     progress: Show tqdm progress bars (process 0 only).
@@ -184,6 +186,7 @@ class Runner:
   workdir: str
   fingerprint: dict[str, Any]
   writer: MetricWriter
+  method_fingerprint: dict[str, Any] | None = None
   augment: bool = False
   progress: bool = True
   checkpoint_every_steps: int = 0
@@ -281,8 +284,9 @@ class Runner:
     Raises:
       StopRequested: after ``stop_after_steps`` steps (the latest checkpoint is saved).
     """
+    facts = self.fingerprint if phase == "fp" else (self.method_fingerprint or self.fingerprint)
     ckpts = checkpoint_lib.PhaseCheckpoints(os.path.join(self.workdir, "checkpoints", phase),
-                                            {**self.fingerprint, "phase": phase})
+                                            {**facts, "phase": phase})
     if keep not in ("best", "last"):
       raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     try:

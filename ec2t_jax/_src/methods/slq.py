@@ -414,7 +414,7 @@ _RECLUSTER = registry.Knob(True, (True, False), (True,),
                            doc="re-cluster the unlocked levels at each stage")
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
-    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
+    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0), (2, 3, 4)),  # pylint: disable=protected-access
            "kmeans_iterations": _ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER},
     grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
     last_phase=lambda o, layers: len(o["portions"]) - 1,
