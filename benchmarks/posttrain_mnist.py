@@ -185,19 +185,19 @@ def _mlq(ctx):
                               selection=ctx.selection), 3 + 2 - 1)
 
 
-@add_row("mcq_k1", "mcq", "K=1 sample/weight")
+@add_row("mcq_k1", "mcq", "samples_per_weight=1")
 def _mcq_k1(ctx):
-  return posttrain.mcq(ctx.fp, 1.0, seed=FLAGS.seed, selection=ctx.selection)
+  return ec2t.mcq(ctx.fp, 1.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
 
 
-@add_row("mcq_k4", "mcq", "K=4 samples/weight")
+@add_row("mcq_k4", "mcq", "samples_per_weight=4")
 def _mcq_k4(ctx):
-  return posttrain.mcq(ctx.fp, 4.0, seed=FLAGS.seed, selection=ctx.selection)
+  return ec2t.mcq(ctx.fp, 4.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
 
 
 def _prune(ctx, sparsity, data, **kwargs):
-  return posttrain.prune(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data, sparsity,
-                         selection=ctx.selection, **kwargs)
+  return ec2t.prune_calibrated(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data,
+                               sparsity, selection=ctx.selection, **kwargs)
 
 
 def _calibration(ctx, kind):

@@ -197,9 +197,10 @@ def fingerprints(config: PipelineConfig, num_classes: int) -> tuple[dict, dict]:
   """What every checkpoint of the run must match: ``(every phase, the method's phases)``.
 
   The first holds the model, data and full-precision knobs; the second adds the method
-  and every knob that changes its result (its options, the paper's flags, learning rates,
-  budget, epochs), so ``--resume`` with another ``--gamma`` or ``--method`` is refused,
-  naming it. Values are as JSON stores them (tuples as lists).
+  and every knob that changes its result (its options as ``method_options.<knob>``, the
+  paper's flags by their names, learning rates, budget, epochs), so ``--resume`` with another
+  ``--gamma`` or ``--method`` is refused, naming it. Values are as JSON stores them (tuples
+  as lists).
   """
   run = {"model": config.model_name, "dataset": config.dataset, "num_classes": num_classes,
          **{k: getattr(config, k) for k in ("seed", "batch_size", "steps_per_epoch", "augment",
@@ -208,7 +209,9 @@ def fingerprints(config: PipelineConfig, num_classes: int) -> tuple[dict, dict]:
       "method", "ec2t_mode", "learning_rate", "weight_decay", "latent_learning_rate",
       "centroid_learning_rate", "bits_per_weight", "target_bytes", "target_sparsity",
       "budget_ramp", "phase1_epochs", "phase2_epochs")}
-  method["method_options"] = methods_lib.method_options(config)
+  for knob, value in methods_lib.method_options(config).items():  # named as the user sets it
+    flag = config.method == methods_lib.PAPER and knob in methods_lib.PAPER_FLAGS
+    method[knob if flag else f"method_options.{knob}"] = value
   return run, json.loads(json.dumps({**run, **method}, default=float))
 
 
