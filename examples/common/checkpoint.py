@@ -241,6 +241,7 @@ LOCK_FILE = ".lock"
 # (``.<name>.<random>.tmp``), orbax's folders of an unfinished save.
 _TEMPORARY_FILE = re.compile(r"metrics\.jsonl\.tmp\d+|\..+\.tmp")
 _TEMPORARY_FOLDER = "orbax-checkpoint-tmp"
+_HELD: set[str] = set()  # the lock files this process holds
 
 
 @contextlib.contextmanager
@@ -251,6 +252,7 @@ def workdir_lock(workdir: str | os.PathLike, enabled: bool = True) -> Iterator[N
   kernel drops it when its process ends, however it ends, so a lock file left
   by a dead process (a stale lock) is simply taken over. With the lock held,
   the temporary files of a killed run are deleted (:func:`remove_temporaries`).
+  Re-entrant within a process (the script's ``main`` and the pipeline both take it).
 
   Args:
     workdir: The run's output folder (created if missing).
@@ -259,11 +261,11 @@ def workdir_lock(workdir: str | os.PathLike, enabled: bool = True) -> Iterator[N
   Raises:
     UserError: another live process holds the lock (its pid is named).
   """
-  if not enabled:
+  path = os.path.abspath(os.path.join(os.fspath(workdir), LOCK_FILE))
+  if not enabled or path in _HELD:  # held by this process: the script's main holds it
     yield
     return
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.fspath(workdir), LOCK_FILE)
   handle = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
   try:
     try:
@@ -278,7 +280,11 @@ def workdir_lock(workdir: str | os.PathLike, enabled: bool = True) -> Iterator[N
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     remove_temporaries(workdir)
-    yield
+    _HELD.add(path)
+    try:
+      yield
+    finally:
+      _HELD.discard(path)
   finally:
     handle.close()  # releases the flock
 

@@ -428,12 +428,9 @@ class Runner:
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       step += 1
       self.steps_run += 1
-      bar.update(1)
-      if bar.enabled and step % 50 == 0:
-        bar.set_postfix(loss=f"{float(parallel.to_host(metrics['loss'])):.4f}")
+      _show_step(bar, step, metrics)
       stopping = self.stop_after_steps and self.steps_run >= self.stop_after_steps
-      periodic = self.checkpoint_every_steps and step % self.checkpoint_every_steps == 0
-      if step < end and (stopping or periodic):
+      if step < end and (stopping or self._periodic(step)):
         meta = self._meta(step, total_steps, best, best_step, info, done=False)
         self._save(phase, ckpts, "latest", step, state,
                    {**meta, "epoch_sums": _sums_to_json(parallel.to_host(sums))})
@@ -452,6 +449,10 @@ class Runner:
     return state, step, {"train_loss": float(sums["loss"]) / max(counted, 1),
                          "train_accuracy": float(sums["accuracy"]) / max(counted, 1),
                          "epoch_seconds": seconds}
+
+  def _periodic(self, step: int) -> bool:
+    """A mid-epoch checkpoint is due (``checkpoint_every_steps``)."""
+    return bool(self.checkpoint_every_steps) and step % self.checkpoint_every_steps == 0
 
   # ------------------------------------------------------------------ bookkeeping
   def _meta(self, step, total_steps, best, best_step, info, done):
@@ -477,6 +478,13 @@ class Runner:
   def _log(message: str) -> None:
     if parallel.is_main_process():
       print(message, flush=True)
+
+
+def _show_step(bar, step: int, metrics) -> None:
+  """One step on the progress bar; the loss every 50 steps (a host copy, so not every step)."""
+  bar.update(1)
+  if bar.enabled and step % 50 == 0:
+    bar.set_postfix(loss=f"{float(parallel.to_host(metrics['loss'])):.4f}")
 
 
 def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, list]:

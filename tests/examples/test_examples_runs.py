@@ -72,14 +72,16 @@ def test_resuming_with_another_gamma_is_refused_naming_it(tmp_path):
 # ------------------------------------------------------------------------------ lock
 
 
-def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
+def test_the_lock_holds_this_processs_pid_is_reentrant_and_released_at_the_end(tmp_path):
   with checkpoint.workdir_lock(tmp_path):
     assert (tmp_path / checkpoint.LOCK_FILE).read_text().strip() == str(os.getpid())
-    with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
-      with checkpoint.workdir_lock(tmp_path):
-        pass
-  with checkpoint.workdir_lock(tmp_path):  # released at the end of the first run
-    pass
+    with checkpoint.workdir_lock(tmp_path):  # the script's main and the pipeline: one run
+      pass
+  probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+      import fcntl
+      f = open({str(tmp_path / checkpoint.LOCK_FILE)!r}, "a+")
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)""")], capture_output=True, check=False)
+  assert probe.returncode == 0  # released: another process takes it
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
