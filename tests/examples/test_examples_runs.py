@@ -144,3 +144,40 @@ def test_resume_with_another_gamma_or_method_is_refused_end_to_end(tmp_path):
   results = support.run_in_process(mnist_lenet, *_TINY, "--gamma=0.35", "--resume",
                                    f"--workdir={tmp_path}")
   assert results["gamma"] == 0.35
+
+
+@pytest.mark.slow  # a script in a subprocess (~10 s)
+def test_the_script_on_a_workdir_in_use_prints_one_line_and_exits_2(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(support.REPO)}
+  with checkpoint.workdir_lock(tmp_path):
+    done = subprocess.run([sys.executable, str(support.REPO / "examples" / "mnist_lenet.py"),
+                           *_TINY, f"--workdir={tmp_path}"], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      f"error: {tmp_path} is in use by process {os.getpid()} (lock "
+      f"{tmp_path / checkpoint.LOCK_FILE}); wait for that run to end or choose another --workdir"]
+
+
+def test_a_user_error_ends_the_process_in_one_line_even_with_threads_left(tmp_path):
+  script = tmp_path / "refuses.py"
+  script.write_text(textwrap.dedent("""
+      import threading, time
+      from absl import app
+      from common.cli import UserError, report_user_errors
+
+      def late():  # a library thread that would fail at interpreter shutdown
+        time.sleep(20)
+        raise RuntimeError("Event loop is closed")
+
+      def main(argv):
+        threading.Thread(target=late).start()
+        raise UserError("checkpoint x is corrupt")
+
+      app.run(report_user_errors(main))
+  """))
+  env = {**os.environ, "PYTHONPATH": str(support.EXAMPLES)}
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                        timeout=15, check=False)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == ["error: checkpoint x is corrupt"]
