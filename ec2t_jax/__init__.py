@@ -124,6 +124,7 @@ from ec2t_jax._src.core.state_access import is_frozen
 from ec2t_jax._src.core.summary import summary
 from ec2t_jax._src.core.summary import Summary
 from ec2t_jax._src.core.summary import LayerSummary
+from ec2t_jax._src.core.summary import value_entropy
 from ec2t_jax._src.export.inference import ternary_apply
 from ec2t_jax._src.export.inference import ternary_conv
 from ec2t_jax._src.export.inference import ternary_dense
@@ -250,6 +251,7 @@ __all__ = (
     "freeze_assignment",
     "is_frozen",
     "summary",
+    "value_entropy",
     "Summary",
     "LayerSummary",
     # Ternary inference

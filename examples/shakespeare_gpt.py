@@ -350,7 +350,6 @@ def run(fv: flags.FlagValues) -> dict:
 def _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
             apply_fn, data):
   """Validation loss, sparsity, sizes, export and samples of the quantized model."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
   from common import language, parallel, posttrain  # pylint: disable=g-import-not-at-top
   from common import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -358,11 +357,7 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
   named = posttrain.selected_leaves(host_params, selection)
   if fv.scan_layers:  # one layer per slice of the stacked blocks
     named = [(f"{path}[{i}]", leaf[i]) for path, leaf in named for i in range(leaf.shape[0])]
-  if setup.check is not None:
-    setup.check(named)
-  else:  # every quantized kernel is on the method's grid
-    for path, leaf in named:
-      posttrain.check_at_most_values(path, np.asarray(leaf), setup.max_values, setup.per_filter)
+  setup.check(named)  # every quantized kernel is on the method's grid
   measures = posttrain.compression_measures(named)
   if "val_loss" not in results:
     results["val_loss"] = runner.evaluate(state.params)

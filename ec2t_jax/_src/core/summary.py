@@ -28,7 +28,7 @@ def value_entropy(values) -> float:
 
   Example:
     >>> import numpy as np
-    >>> from ec2t_jax._src.core.summary import value_entropy  # internal
+    >>> from ec2t_jax import value_entropy
     >>> value_entropy(np.array([0.5, -0.2, 0.0, 0.0]))
     1.5
   """

@@ -381,8 +381,8 @@ def quantizer(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
                         InqHyper(steps_per_stage), HYPER_RANGES, selection)
 
 
-def _staged_knobs(bits: int, portions) -> dict:
-  return {"bits": registry.Knob(bits, core.Range(MIN_BITS, MAX_BITS), (2, 3, 5),
+def _staged_knobs(bits: int, portions, bits_sweep=(2, 3, 5)) -> dict:
+  return {"bits": registry.Knob(bits, core.Range(MIN_BITS, MAX_BITS), bits_sweep,
                                 doc="bit width (2 = ternary)"),
           "portions": registry.Knob(tuple(portions), None, (tuple(portions), (0.5, 1.0)),
                                     doc="accumulated portions, ending at 1"),

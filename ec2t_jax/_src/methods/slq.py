@@ -585,7 +585,7 @@ _RECLUSTER = registry.Knob(True, (True, False), (True,),
                            doc="re-cluster the unlocked levels at each stage")
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
-    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
+    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0), (2, 3, 4)),  # pylint: disable=protected-access
            "portions": registry.Knob(None, None, (None,),
                                      doc="freeze_order='loss': accumulated portions"),
            "kmeans_iterations": _SLQ_ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER,

@@ -363,7 +363,7 @@ def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
 registry.register_method(registry.MethodSpec(
     name="sttn", kind="train", quantizer=quantizer, transform=sttn,
     knobs={"init_factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
-                                        (0.5, 0.7, 0.9), traced=True,
+                                        (0.5, 0.7, 1.0, 1.5), traced=True,
                                         doc="initial threshold factor c"),
            "per_filter": registry.Knob(True, (True, False), (True,),
                                        doc="one alpha per output filter"),

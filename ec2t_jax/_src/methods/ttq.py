@@ -278,7 +278,7 @@ registry.register_method(registry.MethodSpec(
     name="ttq", kind="train", quantizer=quantizer, transform=ttq,
     knobs={"threshold": registry.Knob(DEFAULT_THRESHOLD, core.Range(0.0, 1.0), (0.02, 0.05, 0.1),
                                       traced=True, doc="Delta = threshold max|W|"),
-           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
+           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.7, 0.8, 0.9),
                                      doc="fixed fraction of zeros (replaces threshold)"),
            "init_scale": registry.Knob(OFFICIAL_INIT_SCALE, core.Range(0.0, low_open=True),
                                        (None, 1.0),

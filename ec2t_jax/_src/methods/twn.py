@@ -264,7 +264,7 @@ registry.register_method(registry.MethodSpec(
     name="twn", kind="train", quantizer=quantizer, transform=twn,
     knobs={"threshold": registry.Knob("layer", ("layer", "filter"), ("layer", "filter"),
                                       doc="one Delta/alpha per layer (0.7) or per filter (0.75)"),
-           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 0.9),
+           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.4),
                                    traced=True, doc="Delta = factor mean|W|")},
     grid=lambda o: grids.ternary_grid(per_filter=o["threshold"] == "filter",
                                       symmetric_filters=True),

@@ -102,6 +102,12 @@ class MethodSpec:
     inputs: one-shot inputs beyond the knobs (``"key"``, ``"apply_fn"``,
       ``"calibration_data"``).
     description: one line.
+    regularizer: a loss term the method adds in its first phase (Faraone et
+      al.'s ``sparsity_regularizer``): ``regularizer(**options, selection=...)
+      -> (params -> scalar)``, where ``options`` are its own
+      ``regularizer_knobs`` and the method's knobs of the same names.
+    regularizer_knobs: name -> :class:`Knob` of ``regularizer``'s own keyword
+      arguments.
   """
   name: str
   kind: str
@@ -113,6 +119,8 @@ class MethodSpec:
   last_phase: Callable[[Mapping[str, Any], int], int] = _no_stages
   inputs: tuple = ()
   description: str = ""
+  regularizer: Optional[Callable[..., Callable[[Any], Any]]] = None
+  regularizer_knobs: Mapping[str, Knob] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -120,6 +128,8 @@ class MethodSpec:
     if not self.name or not isinstance(self.name, str):
       raise ValueError(f"MethodSpec.name must be a non-empty string, got {self.name!r}")
     object.__setattr__(self, "knobs", types.MappingProxyType(dict(self.knobs)))
+    object.__setattr__(self, "regularizer_knobs",
+                       types.MappingProxyType(dict(self.regularizer_knobs)))
 
   def options(self, **overrides) -> dict[str, Any]:
     """Every knob's value: the defaults with ``overrides``, each checked by name.

@@ -100,7 +100,7 @@ def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, 
 registry.register_method(registry.MethodSpec(
     name="prune", kind="one_shot", quantizer=quantizer,
     one_shot=calibrated_pruning.prune_calibrated, inputs=("apply_fn", "calibration_data"),
-    knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.3, 0.5, 0.7, 0.9),
+    knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.5, 0.7, 0.8, 0.9),
                                      doc="target fraction of zeros, in [0, 1)"),
            "steps_per_level": registry.Knob(
                None, core.Range(0.0), (None, 30),
@@ -114,6 +114,7 @@ registry.register_method(registry.MethodSpec(
            "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
            "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
            "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),
+           "seed": registry.Knob(0, core.Range(0.0), doc="seed of the tuning batches' draw"),
            "statistics_correction": registry.Knob(
                "pot", calibrated_pruning.STATISTICS_CORRECTIONS, ("pot", "exact"),
                doc="pot: POT's a = std(W)/std(Wm); exact: mean and std restored"),

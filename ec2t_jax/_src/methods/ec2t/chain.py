@@ -404,7 +404,7 @@ _knob = registry.Knob
 registry.register_method(registry.MethodSpec(
     name="ec2t", kind="train", quantizer=quantizer, transform=ternarize_transform,
     knobs={
-        "gamma": _knob(None, HYPER_RANGES["gamma"], (0.0, 0.1, 0.2, 0.4), traced=True,
+        "gamma": _knob(None, HYPER_RANGES["gamma"], (0.0, 0.2, 0.35, 0.5, 0.7), traced=True,
                         doc="the EC2T knob: sparsity against accuracy (None: "
                             "DEFAULT_GAMMA = 0.2)"),
         "init_scale": _knob(0.3, HYPER_RANGES["init_scale"], (0.2, 0.3, 0.5), traced=True),
