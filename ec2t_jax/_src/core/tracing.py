@@ -190,7 +190,7 @@ class ForwardOrder(list):
     output_axes: path -> output axis of one slice, for every leaf that
       enters a ``dot_general`` or a convolution as the weight operand (the
       other operand derived from the data): the weight's non-contracting,
-      non-batch axis that survives into the output (the last such axis when
+      non-batch axis that survives into the output (the leaf's last such axis when
       several do, ``-1`` when it is the slice's last axis or could not be
       followed back to the leaf).
     all_paths: every leaf path of the traced tree, used or not.
@@ -357,7 +357,7 @@ def _weight_use(eqn, ins):
       if not any(axes[d] is not None for d in contract):
         continue  # only broadcast axes are summed over: not a weight
       mapped = [axes[d] for d in free if axes[d] is not None]
-      found.setdefault(leaf, mapped[-1] if mapped else None)
+      found.setdefault(leaf, max(mapped) if mapped else None)
   return found
 
 
