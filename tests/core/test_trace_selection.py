@@ -385,3 +385,13 @@ def _named(params):
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   paths = [selection_lib.path_to_str(p) for p, _ in flat]
   return paths, [leaf for _, leaf in flat], [0] * len(flat)
+
+
+def test_kernel_named_leaf_the_trace_never_multiplies_is_warned_about():
+  params = {"a": {"kernel": jnp.ones((3, 3))}, "b": {"kernel": jnp.ones((3, 3))},
+            "c": {"kernel": jnp.ones((3, 3))}, "gate": {"kernel": jnp.ones((2, 2))}}
+  fn = lambda p, x: ((x @ p["a"]["kernel"] @ p["b"]["kernel"] @ p["c"]["kernel"])[:, :2]
+                     * p["gate"]["kernel"][0])
+  order = ec2t.forward_order(fn, params, jnp.ones((2, 3)))
+  with pytest.warns(UserWarning, match=r"'gate/kernel', named like kernels, but never.*Rule"):
+    assert _selected(params, ec2t.Selection(order=order)) == ["b/kernel"]

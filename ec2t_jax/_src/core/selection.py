@@ -409,6 +409,8 @@ class Selection:
     if self.traced is None and not callable(self.default):
       _warn_untraced([p for p in plans if p is not None and p.source == "default"],
                      dict(zip(paths, leaves)))
+    elif not callable(self.default) and self.default != "none":
+      self._warn_unmultiplied(paths, leaves, stacks, claimed)
     if not any(plans):
       raise ValueError(
           "No leaf is selected for ternarization. The paper's rule keeps the "
@@ -441,6 +443,25 @@ class Selection:
     layers = [i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
               if i in embeddings or (is_kernel(p, l, k) and self._multiplied(p))]
     return layers, embeddings
+
+  def _warn_unmultiplied(self, paths, leaves, stacks, claimed) -> None:
+    """Warns about leaves named and shaped like kernels that the trace saw in
+    use but never as a matmul or convolution weight (left unselected): a
+    weight prepared by an operation the trace does not follow would
+    otherwise be dropped in silence."""
+    traced = self.traced
+    if not hasattr(traced, "output_axes"):
+      return
+    odd = [p for p, l, k, c in zip(paths, leaves, stacks, claimed)
+           if not c and p in traced and p not in traced.output_axes
+           and p.rsplit("/", 1)[-1] in _KERNEL_NAMES and is_kernel(p, l, k)]
+    if odd:
+      warnings.warn(
+          f"Selection: the trace uses {', '.join(repr(p) for p in odd[:6])}"
+          f"{' and more' if len(odd) > 6 else ''}, named like kernels, but never as the "
+          "weight of a matrix multiply or a convolution, so the default does not select "
+          "them. If they are weights, select them with Rule(pattern) (and "
+          "output_axis=... if their output axis is not the last)", stacklevel=4)
 
   def _multiplied(self, path: str) -> bool:
     """Whether the trace shows ``path`` entering a matmul or a convolution as
@@ -662,7 +683,8 @@ def as_selection(selection: SelectionLike) -> Selection:
 
 
 def describe_selection(params, selection: SelectionLike = None) -> str:
-  """A table of every leaf: path, shape, dtype, mode, gamma and why.
+  """A table of every leaf: path, shape, dtype, mode, gamma and why (and the
+  output axis, ``-1`` = the last, when some selected leaf's is another).
 
   Example:
     >>> from ec2t_jax import Rule, describe_selection
@@ -681,14 +703,18 @@ def describe_selection(params, selection: SelectionLike = None) -> str:
   """
   plans = as_selection(selection).plan(params)
   flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
-  rows = [("path", "shape", "dtype", "mode", "gamma", "selected by")]
+  # The output-axis column only where some leaf's is not the last axis.
+  axes = any(plan is not None and plan.output_axis != -1 for plan in plans)
+  rows = [("path", "shape", "dtype", "mode", "gamma") + (("out axis",) if axes else ())
+          + ("selected by",)]
   for (path, leaf), plan in zip(flat, plans):
+    axis = (str(plan.output_axis) if plan else "-",) if axes else ()
     rows.append((
         path_to_str(path), str(tuple(getattr(leaf, "shape", ()))),
         str(getattr(leaf, "dtype", type(leaf).__name__)),
         plan.mode if plan else "-",
         ("global" if plan.gamma is None else f"{plan.gamma:g}") if plan else "-",
-        plan.source if plan else "-"))
+        *axis, plan.source if plan else "-"))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
                    for r in rows)
