@@ -21,6 +21,11 @@ import ec2t_jax as ec2t
 from ec2t_jax._src.core import selection as selection_lib
 
 
+def _shapes(model, *args):
+  """The params' shapes and dtypes (selection and tracing need nothing more)."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+
+
 def _selected(params, selection):
   return sorted(p.path for p in selection.plan(params) if p)
 
@@ -57,7 +62,7 @@ _VIT_X = jnp.ones((2, 4, 4, 1))
 @pytest.fixture(scope="module")
 def vit():
   model = _TinyViT()
-  params = model.init(jax.random.key(0), _VIT_X)["params"]
+  params = _shapes(model, _VIT_X)
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, _VIT_X)
   return params, order
 
@@ -73,8 +78,8 @@ def test_trace_lists_only_multiplied_leaves_as_weights(vit):
                               "head/kernel"}
 
 
-def test_untraced_default_warns_naming_class_token_and_position_embedding(vit):
-  params, _ = vit
+def test_untraced_default_warns_naming_class_token_and_position_embedding():
+  params = _TinyViT().init(jax.random.key(0), _VIT_X)["params"]  # keys in call order
   with pytest.warns(UserWarning, match=r"'cls' \(1, 1, 8\).*'pos_embedding' \(1, 5, 8\)"
                     r".*never multiplied.*forward_order"):
     ec2t.Selection().plan(params)
@@ -199,7 +204,7 @@ class _Scanned(nn.Module):
 
 
 def test_untraced_scan_tree_warns_naming_the_stacked_kernels():
-  params = _Scanned().init(jax.random.key(0), jnp.ones((2, 4)))["params"]
+  params = _Scanned().init(jax.random.key(0), jnp.ones((2, 4)))["params"]  # call order
   assert params["blocks"]["ln"]["scale"].shape == (3, 8)
   with pytest.warns(UserWarning, match=r"stacks of layers.*'blocks/ln/scale' \(3, 8\).*"
                     r"'blocks/fc/kernel' \(3, 8, 16\).*ONE layer.*stack_axes"):
@@ -210,7 +215,7 @@ def test_untraced_scan_tree_warns_naming_the_stacked_kernels():
 def test_traced_scan_tree_neither_warns_nor_selects_norm_scales():
   model = _Scanned()
   x = jnp.ones((2, 4))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = _shapes(model, x)
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, x)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
@@ -237,9 +242,14 @@ def _train(chain_of, steps=3):
   loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
   tx = chain_of(ec2t.ternarize_transform(gamma=0.05))
   state = tx.init(params)
-  for _ in range(steps):
+
+  @jax.jit
+  def step(params, state):
     updates, state = tx.update(jax.grad(loss)(params), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
   return params, state
 
 
@@ -266,7 +276,7 @@ def test_quantizer_placed_last_counts_no_off_grid_update():
 
 def test_forward_order_with_swapped_arguments_is_an_error():
   model, x = _Mlp(), jnp.ones((2, 5))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = _shapes(model, x)
   fn = lambda p, x: model.apply({"params": p}, x)
   with pytest.raises(TypeError, match=r"params is a bare ArrayImpl of shape \(2, 5\).*swapped"):
     ec2t.forward_order(fn, x, params)
@@ -298,7 +308,7 @@ class _Tied(nn.Module):
 @pytest.fixture(scope="module")
 def tied():
   ids = jnp.zeros((2, 3), jnp.int32)
-  params = _Tied().init(jax.random.key(0), ids)["params"]
+  params = _shapes(_Tied(), ids)
   order = ec2t.forward_order(lambda p, i: _Tied().apply({"params": p}, i), params, ids)
   return params, order
 
