@@ -102,8 +102,9 @@ def test_dense_general_2d_bias_is_not_a_kernel():
 def test_is_kernel_judges_one_slice():
   from ec2t_jax._src.core.selection import is_kernel  # pylint: disable=g-import-not-at-top
   assert is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8, 32)), 1)
-  assert not is_kernel("blocks/ln/scale", jnp.ones((3, 8)), 1)
-  assert is_kernel("blocks/ln/scale", jnp.ones((3, 8)))
+  assert not is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8)), 1)
+  assert is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8)))
+  assert not is_kernel("blocks/ln/scale", jnp.ones((3, 8)))  # a norm's scale, stacked
 
 
 # ------------------------------------------------------------------- oracle

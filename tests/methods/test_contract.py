@@ -246,6 +246,7 @@ def test_ternary_params_summary_and_set_phase_work(name):
   summary = ec2t.summary(opt_state)
   assert [row.path for row in summary.layers] == list(SELECTED)
   assert int(ec2t.find_quantizer_state(opt_state).count) == STEPS
+  assert summary.off_grid_count == 0  # every update found the params on the grid
   later = ec2t.set_phase(opt_state, 5)
   assert int(ec2t.find_quantizer_state(later).phase) == 5
   chex.assert_trees_all_equal(ec2t.ternary_params(params, later), params)
@@ -268,6 +269,7 @@ def test_bf16_params_keep_their_dtype_and_land_on_the_grid(name):
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
   _assert_on_grid(name, params)
+  assert int(ec2t.find_quantizer_state(opt_state).off_grid_count) == 0
 
 
 class NnxMlp(nnx.Module):

@@ -141,13 +141,15 @@ def leaf_contexts(state_leaves, params, selection) -> list[Optional[LeafContext]
 
   Which leaves are selected, and their stack axes, come from the state
   (decided at ``init``); the mode and gamma from the rule matching each
-  selected path.
+  selected path, the output axis as :meth:`Selection.output_axis` gave it at
+  ``init`` (rule, else trace, else the last axis).
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   states, _ = flat_leaf_states(state_leaves)
   named = [(path_to_str(path), leaf) for path, leaf in flat]
-  rules = [None if s is None else selection.leaf_rule(name)
-           for (name, _), s in zip(named, states)]
+  rules = [None if s is None else selection.leaf_rule(name)._replace(
+               output_axis=selection.output_axis(name, leaf, _stack_ndim(s)))
+           for (name, leaf), s in zip(named, states)]
   return _contexts(named, [_stack_ndim(s) for s in states], rules)
 
 
@@ -213,7 +215,7 @@ def init_state(method: Method, params, selection, hyper,
   leaves, groups = group_states(leaves, contexts) if group else (leaves, ())
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
-                        invalid_hyper_count=zero,
+                        invalid_hyper_count=zero, off_grid_count=zero,
                         leaves=treedef.unflatten(leaves), groups=groups)
 
 
@@ -303,13 +305,9 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   return new, any_bad
 
 
-def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
-  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere.
-
-  A leaf in a group takes its slice of the group's value.
-  """
-  flat_updates, treedef = jax.tree.flatten(updates)
-  flat_params = treedef.flatten_up_to(params)
+def _values(groups: tuple) -> Callable:
+  """``value(leaf, dtype)``: a leaf state's value; a leaf in a group takes its
+  slice of the group's value (computed once per group and dtype)."""
   values: dict = {}
 
   def value(leaf, dtype):
@@ -318,7 +316,17 @@ def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
         values[leaf.group, dtype] = groups[leaf.group].value(dtype)
       return values[leaf.group, dtype][leaf.index]
     return leaf.value(dtype)
+  return value
 
+
+def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
+  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere.
+
+  A leaf in a group takes its slice of the group's value.
+  """
+  flat_updates, treedef = jax.tree.flatten(updates)
+  flat_params = treedef.flatten_up_to(params)
+  value = _values(groups)
   out = [u if leaf is None else exact_update(value(leaf, jnp.asarray(p).dtype), p)
          for u, p, leaf in zip(flat_updates, flat_params, new_leaves)]
   return treedef.unflatten(out)
@@ -385,6 +393,40 @@ def _leaf_decays(latent_decay: dict, updates, old: list, groups: tuple) -> list:
   return out
 
 
+def params_off_grid(params, old_leaves: list, groups: tuple = ()) -> jax.Array:
+  """Whether some selected leaf of ``params`` is not its state's value.
+
+  After an update the params hold the states' values (exact landing), so at
+  the next update they still do unless something changed them in between: a
+  transformation placed after the quantizer, params edited between steps.
+  A leaf counts as off the grid when ``max |params - value|`` exceeds
+  ``4 eps max(|params|, |value|)`` (``eps`` of the param dtype): the landing
+  of a value that is not on a snapped grid (ECP's latent weights) may be off
+  by an ulp, a foreign step is far larger.
+
+  Args:
+    params: the incoming params (flattening order matches ``old_leaves``).
+    old_leaves: per leaf, the state before this update (None if unselected).
+    groups: :attr:`QuantizerState.groups`.
+
+  Returns:
+    A bool scalar.
+  """
+  value = _values(groups)
+  off = []
+  for p, leaf in zip(jax.tree.leaves(params), old_leaves):
+    if leaf is None:
+      continue
+    p = jnp.asarray(p)
+    eps = float(jnp.finfo(p.dtype).eps)
+    v = value(leaf, p.dtype).astype(jnp.float32)
+    p = p.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(p)), jnp.max(jnp.abs(v)))
+    tolerance = 4 * eps * scale
+    off.append(jnp.max(jnp.abs(p - v)) > tolerance)
+  return jnp.any(jnp.stack(off)) if off else jnp.asarray(False)
+
+
 def advance(state: QuantizerState, params, updates, step: Callable, inputs,
             contexts, keep) -> tuple[Any, QuantizerState]:
   """Steps the selected leaves and returns ``(updates, new_state)``.
@@ -393,6 +435,7 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
   order) drive ``step``; unselected leaves pass ``updates`` through.
   """
   old, treedef = flat_leaf_states(state.leaves)
+  off_grid = params_off_grid(params, old, state.groups) & (state.count > 0)
   new, any_bad = step_leaves(step, inputs, old, contexts, keep)
   groups, group_bad = step_groups(step, inputs, old, contexts, state.groups, keep)
   any_bad = any_bad | group_bad
@@ -400,6 +443,7 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
       count=optax.safe_increment(state.count),
       nonfinite_count=state.nonfinite_count + (any_bad & ~keep).astype(jnp.int32),
       invalid_hyper_count=state.invalid_hyper_count + keep.astype(jnp.int32),
+      off_grid_count=state.off_grid_count + off_grid.astype(jnp.int32),
       leaves=treedef.unflatten(new), groups=groups)
   return emit_updates(updates, params, new, groups), new_state
 

@@ -34,7 +34,8 @@ LAYER_FACTOR = 0.7
 FILTER_FACTOR = 0.75
 
 
-def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> jax.Array:
+def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False,
+                  axis: int = -1) -> jax.Array:
   """TWN's rule-of-thumb threshold ``Delta = factor * mean|W|``.
 
   Args:
@@ -42,6 +43,7 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
     factor: the multiplier, ``> 0`` (0.7 per layer, 0.75 per filter in TWN).
     per_filter: one threshold per output filter (shape ``(1, ..., 1, out)``)
       instead of one scalar per layer.
+    axis: the output-filter axis (default: the last).
 
   Returns:
     float32 threshold(s), broadcastable against ``weights``.
@@ -54,13 +56,14 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
   """
   ternary_ops.check_range("factor", factor, 0.0, low_open=True)
   w = ternary_ops.f32(weights)
-  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter)
+  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter, axis)
 
 
-def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
+def twn_scale(weights, assignment, *, per_filter: bool = False, axis: int = -1) -> jax.Array:
   """The least-squares scale ``alpha``: mean ``|W|`` over the non-zero assignment.
 
-  Zero where nothing is kept (an all-zero layer or filter).
+  Zero where nothing is kept (an all-zero layer or filter). ``axis``: the
+  output-filter axis of ``per_filter`` (default: the last).
 
   Example:
     >>> import jax.numpy as jnp
@@ -70,7 +73,7 @@ def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
     Array(0.6, dtype=float32)
   """
   w = ternary_ops.f32(weights)
-  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter)
+  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter, axis)
 
 
 def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
@@ -145,7 +148,8 @@ class TWNLeaf(NamedTuple):
     latent: latent full-precision weights ``W`` (float32).
     assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
     scale: ``alpha``: a float32 scalar, or one per output filter (shape
-      ``(1, ..., 1, out)``).
+      ``(1, ..., 1, out)``, the size-``out`` axis being the leaf's
+      ``LeafContext.output_axis``).
   """
   latent: jax.Array
   assignment: jax.Array
@@ -171,24 +175,25 @@ class TWNHyper(NamedTuple):
 _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 
 
-def _ternarize_leaf(latent, factor, per_filter):
-  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter)
+def _ternarize_leaf(latent, factor, per_filter, axis):
+  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter, axis)
   assignment = ternary_ops.threshold_assign(latent, delta)
-  return assignment, twn_scale(latent, assignment, per_filter=per_filter)
+  return assignment, twn_scale(latent, assignment, per_filter=per_filter, axis=axis)
 
 
 def method(per_filter: bool = False) -> core.Method:
   """TWN's :class:`~core.Method`: identity straight-through, re-threshold each step."""
 
   def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
-    del ctx
     latent = ternary_ops.f32(param)
-    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
+                                            ctx.output_axis))
 
   def step_leaf(update, leaf: TWNLeaf, ctx, hyper: TWNHyper, phase) -> TWNLeaf:
-    del ctx, phase  # one phase
+    del phase  # one phase
     latent = leaf.latent + update
-    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
+                                            ctx.output_axis))
 
   return core.Method("twn", init_leaf, step_leaf)
 
