@@ -161,7 +161,7 @@ def test_prune_pipeline_with_fractals_reaches_the_sparsity_and_keeps_survivors(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, options, most", [("slq", "bits=3,portions=0.5/1", 7),
+@pytest.mark.parametrize("method, options, most", [("slq", "bits=3", 5),
                                                    ("mlq", "portions=0.5/1", 3)])
 def test_slq_and_mlq_pipelines_end_on_their_levels(tmp_path, method, options, most):
   results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}",
