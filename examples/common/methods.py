@@ -45,7 +45,7 @@ class MethodSetup:
 
   Attributes:
     optimizer: the optimizer of phases 1 and 2 (holds the method's
-      transformation, so ``ec2t.ternary_params`` / ``ec2t.summary`` work).
+      transformation, so ``ec2t.quantized_params`` / ``ec2t.summary`` work).
     regularizer: ``params -> scalar`` added to the training loss in phase 1,
       or None.
     per_filter: the grid has one scale per output filter (at most three

@@ -95,7 +95,6 @@ def max_symbols(stream_bytes: int, alphabet: int, floor: float = PROBABILITY_FLO
   return int((8 * stream_bytes + _STATE_BITS) / min_symbol_bits(alphabet, floor))
 
 
-CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 class ModelChoice(NamedTuple):

@@ -407,23 +407,23 @@ def _levels_grid(count: int, levels: str) -> grids.Grid:
   return grids.Grid(count, leaf_checks=checks, ternary=count == 3)
 
 
-_ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
-_LEVELS = registry.Knob("float", LEVELS, ("float",),
+_ITERATIONS = registry.Knob(core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+_LEVELS = registry.Knob(LEVELS, ("float",),
                         doc="float centroids (official code) or power_of_two")
-_RECLUSTER = registry.Knob(True, (True, False), (True,),
+_RECLUSTER = registry.Knob((True, False), (True,),
                            doc="re-cluster the unlocked levels at each stage")
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
-    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
+    knobs={**inq.staged_knobs(((0.5, 0.75, 0.875, 1.0), (0.5, 1.0))),
            "kmeans_iterations": _ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER},
     grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
     last_phase=lambda o, layers: len(o["portions"]) - 1,
     description="Single-level quantization (Xu et al. 2018)"))
 registry.register_method(registry.MethodSpec(
     name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,
-    knobs={name: knob for name, knob in inq._staged_knobs(  # pylint: disable=protected-access
-        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS,
-                                                     "levels": _LEVELS, "recluster": _RECLUSTER},
+    knobs={name: knob for name, knob in inq.staged_knobs(((0.5, 1.0), (0.5, 1.0))).items()
+           if name != "bits"} | {"kmeans_iterations": _ITERATIONS, "levels": _LEVELS,
+                                 "recluster": _RECLUSTER},
     grid=lambda o: _levels_grid(3, o["levels"]),
     last_phase=lambda o, layers: layers + len(o["portions"]) - 2,
     description="Multiple-level quantization to ternary (Xu et al. 2018)"))

@@ -235,7 +235,7 @@ def quantizer(factor=twn.LAYER_FACTOR, *,
 
 registry.register_method(registry.MethodSpec(
     name="faraone", kind="train", quantizer=quantizer, transform=quantization_pruning,
-    knobs={"factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
+    knobs={"factor": registry.Knob(core.Range(0.0, low_open=True),
                                    (0.5, 0.7, 0.9), traced=True,
                                    doc="pruning threshold Delta = factor mean|W|")},
     grid=lambda o: grids.ternary_grid(), last_phase=lambda o, layers: 1,

@@ -262,14 +262,15 @@ def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float]
 
 registry.register_method(registry.MethodSpec(
     name="ttq", kind="train", quantizer=quantizer, transform=ttq,
-    knobs={"threshold": registry.Knob(DEFAULT_THRESHOLD, core.Range(0.0, 1.0), (0.02, 0.05, 0.1),
-                                      traced=True, doc="Delta = threshold max|W|"),
-           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
+    knobs={"threshold": registry.Knob(core.Range(0.0, 1.0), (0.02, 0.05, 0.1), traced=True,
+                                      doc="Delta = threshold max|W|"),
+           "sparsity": registry.Knob(core.Range(0.0, 1.0), (0.5, 0.8),
                                      doc="fixed fraction of zeros (replaces threshold)"),
-           "init_scale": registry.Knob(None, core.Range(0.0, low_open=True), (None, 1.0),
+           "init_scale": registry.Knob(core.Range(0.0, low_open=True), (None, 1.0),
                                        doc="None: least-squares fit; 1.0: the paper"),
-           "scale_update": registry.Knob(1.0, core.Range(0.0), (0.1, 1.0), traced=True,
-                                         doc="k of the scale steps")},
+           "scale_update": registry.Knob(core.Range(0.0), (0.1, 1.0), traced=True,
+                                         doc="k of the scale steps"),
+           "latent_step": registry.Knob(LATENT_STEPS,
+                                        doc="the update as it is, or the scaled gradient map")},
     grid=lambda o: grids.ternary_grid(),
     description="Trained Ternary Quantization (Zhu et al. 2017)"))
-
