@@ -133,10 +133,16 @@ class Budget:
       raise ValueError("Budget takes exactly one of bits_per_weight, bytes, sparsity; got "
                        + (", ".join(f"{k}={getattr(self, k)!r}" for k in given) or "none"))
     check_target(self.kind, self.target)
+    self._check_controller()
+    self._check_bytes_options()
+
+  def _check_controller(self) -> None:
     if not (isinstance(self.ramp_steps, (int, np.integer)) and self.ramp_steps >= 0):
       raise ValueError(f"Budget ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
     if self.gain is not None and not (_finite(self.gain) and self.gain > 0):
       raise ValueError(f"Budget gain must be finite and > 0, got {self.gain!r}")
+
+  def _check_bytes_options(self) -> None:
     if not (_finite(self.coding_ratio) and 0 < self.coding_ratio <= 2):
       raise ValueError(f"Budget coding_ratio must be in (0, 2], got {self.coding_ratio!r}")
     if not isinstance(self.float16, (bool, np.bool_)) or (self.float16

@@ -127,11 +127,11 @@ def freeze_assignment(opt_state, frozen: bool = True):
   ``set_phase(opt_state, 1 if frozen else 0)``.
 
   Args:
-    opt_state: the optimizer state, or an ``nnx.Optimizer`` (changed in place).
+    opt_state: as for :func:`set_phase`.
     frozen: True for phase 2, False to resume phase 1.
 
   Returns:
-    The new optimizer state (the same ``nnx.Optimizer`` for NNX).
+    What :func:`set_phase` returns.
 
   Example:
     >>> import ec2t_jax as ec2t

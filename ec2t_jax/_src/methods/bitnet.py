@@ -107,21 +107,10 @@ def quantize_activations_int8(x, epsilon=EPSILON) -> jax.Array:
 # The transformation: BitNet's per-leaf state and step on the shared core.
 
 
-class BitNetLeaf(NamedTuple):
-  """State of one BitNet leaf.
-
-  Attributes:
-    latent: latent full-precision weights ``W`` (float32).
-    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
-    scale: ``g``, the float32 absmean of ``W``.
-  """
-  latent: jax.Array
-  assignment: jax.Array
-  scale: jax.Array
-
-  def value(self, dtype) -> jax.Array:
-    """``g * T`` with ``g`` snapped to the grid (exact landing)."""
-    return core.scaled_assignment(self.scale, self.assignment, dtype)
+class BitNetLeaf(ternary_ops.ScaledTernaryLeaf):
+  """State of one BitNet leaf: ``latent``, ``assignment`` and ``scale`` ``g``, the
+  float32 absmean of ``W`` (value ``g * T``)."""
+  __slots__ = ()
 
   def describe(self) -> dict:
     return {"method": "BitNet", "mode": "ternary", "scale": self.scale}

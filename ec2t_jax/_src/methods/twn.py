@@ -138,22 +138,10 @@ def twn_optimal_threshold(weights) -> jax.Array:
 # The transformation: TWN's per-leaf state and step on the shared core.
 
 
-class TWNLeaf(NamedTuple):
-  """State of one TWN leaf.
-
-  Attributes:
-    latent: latent full-precision weights ``W`` (float32).
-    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
-    scale: ``alpha``: a float32 scalar, or one per output filter (shape
-      ``(1, ..., 1, out)``).
-  """
-  latent: jax.Array
-  assignment: jax.Array
-  scale: jax.Array
-
-  def value(self, dtype) -> jax.Array:
-    """``alpha * T``; each filter's ``alpha`` snapped on its own grid."""
-    return core.scaled_assignment(self.scale, self.assignment, dtype)
+class TWNLeaf(ternary_ops.ScaledTernaryLeaf):
+  """State of one TWN leaf: ``latent``, ``assignment`` and ``scale`` ``alpha`` (a
+  float32 scalar, or one per output filter), value ``alpha * T``."""
+  __slots__ = ()
 
   def describe(self) -> dict:
     return {"method": "TWN", "mode": "ternary", "scale": self.scale}

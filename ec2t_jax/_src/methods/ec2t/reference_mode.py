@@ -184,22 +184,13 @@ def ternarize_reference(
 
 
 def reference_optimizer(
-    gamma: float = 0.0,
-    init_scale: float = 0.3,
-    *,
-    learning_rate: float = 1e-4,
-    weight_decay: float = 5e-6,
-    latent_learning_rate: float = 1e-4,
-    centroid_learning_rate: float = 1e-5,
-    selection: selection_lib.SelectionLike = None,
+    gamma: float = 0.0, init_scale: float = 0.3, *, learning_rate: float = 1e-4,
+    weight_decay: float = 5e-6, latent_learning_rate: float = 1e-4,
+    centroid_learning_rate: float = 1e-5, selection: selection_lib.SelectionLike = None,
     negative_centroid_sign: ternary.CentroidSign = "exact",
-    renormalization: ternary.Renormalization = "exact",
-    ties: ternary.Ties = "zero",
-    floor_factor: float = 0.675,
-    zero_floor: float = 0.5,
-    sustain: float = 0.05,
-    latent_dtype: str = "float32",
-) -> optax.GradientTransformation:
+    renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
+    floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
+    latent_dtype: str = "float32") -> optax.GradientTransformation:
   """:func:`ternarize_reference` with the reference's three Adam optimizers.
 
   Non-selected params: Adam(``learning_rate``) with PyTorch-style L2 weight
