@@ -223,7 +223,7 @@ def test_controller_reaches_a_sparsity_budget_within_3_percent():
   assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.8, rel=0.03)
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 def test_rule_gammas_stay_ratios_under_the_multiplier():
   # Dense_0's lambda gets half the multiplier: it ends denser than with ratio 1.
   _, params = init()
@@ -324,7 +324,7 @@ def test_a_measured_fixed_bytes_replaces_the_models_bound():
   assert plan.fixed == 1235 and plan.smallest_bytes() == 1235
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 @pytest.mark.parametrize("float16", [False, True])
 def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path, float16):
   _, params = init()
@@ -346,7 +346,7 @@ def chain_knob():
 # TWN: a sparsity budget through its threshold factor.
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 def test_twn_reaches_a_sparsity_budget_through_its_threshold():
   _, params = init()
   tx = optax.chain(optax.adam(1e-3), ec2t.twn(budget=ec2t.Budget(sparsity=0.85)))
