@@ -415,7 +415,7 @@ def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
 # ------------------------------------------------------------ every method
 
 # Keyword parameters of a one-shot public function that choose what it returns, not a knob.
-OUTPUT_OPTIONS = ("return_report",)
+OUTPUT_OPTIONS = ("return_report", "return_integers")
 
 
 def _keyword_defaults(fn, *, skip_first=False) -> dict:
