@@ -223,20 +223,25 @@ def test_jit_equals_eager(name, steps):
                               atol=1e-6, rtol=1e-5)
 
 
-def _traced_knob(name):
+def _traced_knob(name, at_default=False):
+  """A traced knob and a value: its last swept one, or (``at_default``) the default of the
+  first traced knob that has one (so the constructed side is the shared training)."""
   knobs = [(k, knob) for k, knob in SPECS[name].knobs.items()
            if knob.traced and any(v is not None for v in knob.sweep)]
   if not knobs:
     pytest.skip(f"{name} has no traced knob")
+  defaults = [(k, knob.default) for k, knob in knobs if knob.default is not None]
+  if at_default and defaults:
+    return defaults[0]
   knob_name, knob = knobs[0]
   return knob_name, [v for v in knob.sweep if v is not None][-1]
 
 
 @functools.cache
-def _injected(name):
-  """The method with its first traced knob injected, and one jitted step of it."""
+def _injected(name, at_default=True):
+  """The method with a traced knob injected (:func:`_traced_knob`), and its jitted step."""
   spec = SPECS[name]
-  knob, value = _traced_knob(name)
+  knob, value = _traced_knob(name, at_default)
   static = ("selection",) + tuple(k for k, v in spec.knobs.items() if not v.traced)
   injected = optax.inject_hyperparams(spec.transform, static_args=static)(
       **{knob: value}, selection=None)
@@ -244,25 +249,35 @@ def _injected(name):
   return tx, jax.jit(_step(tx))
 
 
+# The default suite injects a knob at its default (the constructed side is the shared
+# training); the slow set at a swept value (its own compiled step).
+INJECTED_AT = [pytest.param(False, marks=pytest.mark.slow, id="swept"),
+               pytest.param(True, id="default")]
+
+
+@pytest.mark.parametrize("at_default", INJECTED_AT)
 @pytest.mark.parametrize("name", TRAINED)
-def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
-  knob, value = _traced_knob(name)
-  tx, step = _injected(name)
-  opt_state = tx.init(PARAMS)
-  got, _ = step(ec2t.quantized_params(PARAMS, opt_state), opt_state)
-  direct = _transform(name, **{knob: value})
-  direct_state = direct.init(PARAMS)
-  want, _ = jax.jit(_step(direct))(ec2t.quantized_params(PARAMS, direct_state), direct_state)
+def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name, at_default):
+  knob, value = _traced_knob(name, at_default)
+  tx, step = _injected(name, at_default)
+  got, _ = _train(name, tx=tx, step=step, steps=1)
+  if value == SPECS[name].knobs[knob].default:
+    want, _ = _trained(name, 1)
+  else:
+    want, _ = _train(name, tx=_transform(name, **{knob: value}), steps=1)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_an_invalid_traced_knob_skips_the_step_and_is_counted(name):
-  knob, _ = _traced_knob(name)
+  knob, _ = _traced_knob(name, at_default=True)
   tx, step = _injected(name)  # the same compiled step: the value is in the state
-  opt_state = tx.init(PARAMS)
+  opt_state = jax.jit(tx.init)(PARAMS)
   params = ec2t.quantized_params(PARAMS, opt_state)
-  opt_state[1].hyperparams[knob] = jnp.asarray(jnp.nan, jnp.float32)
+  old = opt_state[1].hyperparams[knob]
+  # NaN of the knob's own dtype (and weak type) where it is a float: no new compilation.
+  opt_state[1].hyperparams[knob] = (old + jnp.nan if jnp.issubdtype(old.dtype, jnp.floating)
+                                    else jnp.asarray(jnp.nan, jnp.float32))
   new_params, new_state = step(params, opt_state)
   assert int(ec2t.find_quantizer_state(new_state).invalid_hyper_count) == 1
   for path in SELECTED:  # the quantized leaves keep their state, so their values
