@@ -286,7 +286,7 @@ def train(params, tx, data, steps: int, seed: int, regularizer=None, state=None,
   if state is None:
     state = tx.init(params)
     if quantized:
-      params = ec2t.ternary_params(params, state)
+      params = ec2t.quantized_params(params, state)
   step = step or make_step(tx, regularizer)
   for x, y in batches(data, steps, seed):
     params, state = step(params, state, x, y)

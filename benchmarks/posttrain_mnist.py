@@ -100,7 +100,7 @@ def train(params, tx, data, epochs: int, *, extra_steps: int = 0, seed=0):
   """Trains ``epochs`` epochs (plus ``extra_steps`` steps) with ``tx``."""
   x, y = data
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state) if _has_quantizer(opt_state) else params
+  params = ec2t.quantized_params(params, opt_state) if _has_quantizer(opt_state) else params
 
   @jax.jit
   def step(params, opt_state, xb, yb):

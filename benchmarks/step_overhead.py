@@ -163,7 +163,7 @@ def _prepared_run(label, tx, model, variables, x, y) -> dict:
         if isinstance(s, ec2t.QuantizerState) else s,
         opt_state, is_leaf=lambda s: isinstance(s, ec2t.QuantizerState))
   if label != "adam":
-    params = ec2t.ternary_params(params, opt_state)
+    params = ec2t.quantized_params(params, opt_state)
   step = jax.jit(_make_step(model, tx, has_batch_stats))
   carry = (params, variables.get("batch_stats", {}), opt_state)
   for _ in range(3):  # compile and warm up
@@ -202,7 +202,7 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
   params_bytes = _bytes(variables["params"])
   base = statistics.median(runs["adam"]["times"])
   if "chain" in runs:
-    chain_state = ec2t.find_ternarize_state(runs["chain"]["carry"][2])
+    chain_state = ec2t.find_quantizer_state(runs["chain"]["carry"][2])
     print(f"\n{name}: chain ternarizes {len(ec2t.summary(chain_state).layers)} layers; "
           f"{len(chain_state.groups)} groups of same-shape leaves share a stacked state")
   print(f"\n{name}: {params_bytes / 4 / 1e3:.1f}K params, batch {batch}, "

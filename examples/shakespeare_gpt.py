@@ -325,7 +325,7 @@ def run(fv: flags.FlagValues) -> dict:
     tx, phase2_phase = setup.staged(fv.phase1_steps, layers, phase2_steps=fv.phase2_steps)
 
   def start_phase1(params):
-    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.ternary_params)
+    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.quantized_params)
 
   state, info1 = runner.run_phase("ec2t_phase1", tx, fv.phase1_steps, start_phase1,
                                   (fp_state.params,), resume=fv.resume,

@@ -359,7 +359,7 @@ def _train_method(config, setup, runner, fp_state, params_shape, selection):
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
-                                      prepare_params=ec2t.ternary_params)
+                                      prepare_params=ec2t.quantized_params)
 
   state, info1 = runner.run_phase(
       "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),

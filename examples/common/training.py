@@ -69,7 +69,7 @@ class TrainState(NamedTuple):
       tx: The phase's optimizer.
       seed: Seed of the RNG key.
       prepare_params: Optional ``(params, opt_state) -> params`` applied after
-        ``init`` (``ec2t.ternary_params`` so the first forward pass is ternary).
+        ``init`` (``ec2t.quantized_params`` so the first forward pass is ternary).
     """
     opt_state = tx.init(params)
     if prepare_params is not None:

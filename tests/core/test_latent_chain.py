@@ -42,7 +42,7 @@ def _run(tx, grads=ZEROS, steps=STEPS, params=PARAMS):
   """``steps`` jitted updates from ``params`` (quantized first where a method is)."""
   state = tx.init(params)
   try:
-    p = ec2t.ternary_params(params, state)
+    p = ec2t.quantized_params(params, state)
   except ValueError:  # no method in tx
     p = params
   update = jax.jit(tx.update)
@@ -96,7 +96,7 @@ def test_optax_chain_decays_the_quantized_values_instead():
   tx = optax.chain(optax.adamw(LR, weight_decay=WD), ec2t.bitnet(selection=B_AND_C))
   start = _latents(tx.init(PARAMS))["b"]
   params, state = _run(tx, steps=1)
-  t0 = ec2t.ternary_params(PARAMS, tx.init(PARAMS))["b"]
+  t0 = ec2t.quantized_params(PARAMS, tx.init(PARAMS))["b"]
   change = np.asarray(_latents(state)["b"] - start)
   np.testing.assert_allclose(change, -LR * WD * t0, atol=1e-7)
   assert (change[np.asarray(t0) == 0] == 0).all()  # zero-valued weights: no decay
@@ -107,7 +107,7 @@ def test_ec2t_phase_2_keeps_its_frozen_latents_under_decay():
       gamma=0.1, selection=B_AND_C))
   state = ec2t.freeze_assignment(tx.init(PARAMS))
   start = _latents(state)["b"]
-  params = ec2t.ternary_params(PARAMS, state)
+  params = ec2t.quantized_params(PARAMS, state)
   _, state = tx.update(ZEROS, state, params)
   np.testing.assert_array_equal(_latents(state)["b"], start)
 
@@ -190,7 +190,7 @@ def test_jit_equals_eager():
   tx = ec2t.chain(optax.adamw(LR, weight_decay=WD), ec2t.ternarize_transform(
       gamma=0.1, selection=B_AND_C))
   state = tx.init(PARAMS)
-  params = ec2t.ternary_params(PARAMS, state)
+  params = ec2t.quantized_params(PARAMS, state)
   eager = tx.update(GRADS, state, params)
   jitted = jax.jit(tx.update)(GRADS, state, params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -201,7 +201,7 @@ def test_state_tools_work_on_the_chained_state():
   tx = ec2t.chain(optax.adamw(LR, weight_decay=WD), ec2t.ternarize_transform(
       gamma=0.1, selection=B_AND_C))
   params, state = _run(tx, grads=GRADS, steps=2)
-  jax.tree.map(np.testing.assert_array_equal, params, ec2t.ternary_params(params, state))
+  jax.tree.map(np.testing.assert_array_equal, params, ec2t.quantized_params(params, state))
   state = ec2t.freeze_assignment(state)
   assert bool(ec2t.is_frozen(state))
   assert {layer.path for layer in ec2t.summary(state).layers} == {"b", "c"}
@@ -211,7 +211,7 @@ def test_nnx_optimizer_decays_the_latents():
   model = SmallNnxCNN(nnx.Rngs(0))
   tx = ec2t.chain(optax.adamw(LR, weight_decay=WD), ec2t.twn())
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
   start = ec2t.find_quantizer_state(optimizer).latent["conv2"]["kernel"]
   zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
   nnx.jit(lambda m, o, g: o.update(m, g))(model, optimizer, zeros)

@@ -65,9 +65,10 @@ def test_a_method_registered_in_the_library_gets_its_sweep_with_no_edit():
   from ec2t_jax._src.methods._support import registry  # internal: unregister_method
   import ec2t_jax as ec2t
   ec2t.register_method(ec2t.MethodSpec(
-      name="toy_bench", kind="train", quantizer=lambda factor=0.6, *, selection=None: None,
-      knobs={"mode": ec2t.Knob("a", ("a", "b"), ("a", "b")),
-             "factor": ec2t.Knob(0.6, sweep=(0.4, 0.6, 0.8))},
+      name="toy_bench", kind="train",
+      quantizer=lambda factor=0.6, mode="a", *, selection=None: None,
+      knobs={"mode": ec2t.Knob(("a", "b"), ("a", "b")),
+             "factor": ec2t.Knob(sweep=(0.4, 0.6, 0.8))},
       grid=lambda options: None))
   try:
     assert "toy_bench" in cm.registered_methods()

@@ -248,7 +248,7 @@ def toy_method():
   from ec2t_jax._src.methods._support import registry  # internal: unregister_method
   spec = ec2t.register_method(ec2t.MethodSpec(
       name="toy_examples", kind="train", quantizer=_toy_quantizer,
-      knobs={"factor": ec2t.Knob(0.6, sweep=(0.4, 0.6))},
+      knobs={"factor": ec2t.Knob(sweep=(0.4, 0.6))},
       grid=lambda options: ec2t.get_method("twn").grid_for()))
   yield spec
   registry.unregister_method(spec.name)

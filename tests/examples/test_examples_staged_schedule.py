@@ -28,7 +28,7 @@ def _learning_rates(method: str) -> list:
   setup = shakespeare_gpt.method_setup(fv, ec2t.Selection([ec2t.Rule("^k$")]), PHASE1 + PHASE2)
   tx, last = setup.staged(PHASE1, 1, phase2_steps=PHASE2)
   state = tx.init(params)
-  p = ec2t.ternary_params(params, state)
+  p = ec2t.quantized_params(params, state)
   grads = {"bias": jnp.ones((3,)), "k": jnp.zeros((8, 8))}
   update = jax.jit(tx.update)
   rates = []

@@ -77,7 +77,7 @@ def test_bytes_and_rate_maps_are_inverse_and_affine():
 
 
 def test_fixed_bytes_counts_headers_full_precision_and_centroids():
-  got = budget_lib.fixed_bytes([(10, 4), (3, 2)], [100, 50])
+  got = budget_lib.fixed_bytes_bound([(10, 4), (3, 2)], [100, 50])
   expected = (budget_lib.FILE_OVERHEAD_BYTES + 4 * budget_lib.HEADER_BYTES_PER_LEAF + 46
               + 2 * budget_lib.TERNARY_STREAM_EXTRA_BYTES)
   assert got == expected
@@ -132,7 +132,7 @@ def test_bad_concrete_budget_target_is_refused_at_construction():
 
 def test_unreachable_bytes_budget_names_the_smallest_size_at_init():
   _, params = init()
-  smallest = budget_lib.fixed_bytes(
+  smallest = budget_lib.fixed_bytes_bound(
       [(p.size, 4) for k, v in params.items() for n, p in v.items()
        if not (n == "kernel" and k in ("Conv_1", "Conv_2", "Dense_0"))],
       [params[k]["kernel"].size for k in ("Conv_1", "Conv_2", "Dense_0")])
@@ -174,7 +174,7 @@ def _run(tx, params, steps, opt_state=None, start=0):
   step = _step_fn(tx)
   if opt_state is None:
     opt_state = tx.init(params)
-    params = ec2t.ternary_params(params, opt_state)
+    params = ec2t.quantized_params(params, opt_state)
   for i in range(start, start + steps):
     x, y = batch(i % 4, n=32)
     params, opt_state = step(params, opt_state, x, y)
@@ -209,7 +209,7 @@ def test_budget_holds_in_phase_2(bits_run):
   tx, _, (params, opt_state) = bits_run
   frozen = ec2t.set_phase(opt_state, 1)
   params2, opt_state2 = _run(tx, params, 10, frozen, start=STEPS)
-  before, after = ec2t.find_ternarize_state(frozen), ec2t.find_ternarize_state(opt_state2)
+  before, after = ec2t.find_quantizer_state(frozen), ec2t.find_quantizer_state(opt_state2)
   assert float(after.budget.multiplier) == float(before.budget.multiplier)
   chex.assert_trees_all_equal(before.field("assignment"), after.field("assignment"))
   assert float(after.budget.measured) == pytest.approx(float(before.budget.measured))
@@ -223,7 +223,7 @@ def test_controller_reaches_a_sparsity_budget_within_3_percent():
   assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.8, rel=0.03)
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 def test_rule_gammas_stay_ratios_under_the_multiplier():
   # Dense_0's lambda gets half the multiplier: it ends denser than with ratio 1.
   _, params = init()
@@ -233,7 +233,7 @@ def test_rule_gammas_stay_ratios_under_the_multiplier():
       selection=rules, budget=ec2t.Budget(sparsity=0.7, gain=0.5)))
   _, opt_state = _run(tx, params, 30)
   layers = {l.path: l for l in ec2t.summary(opt_state).layers}
-  state = ec2t.find_ternarize_state(opt_state)
+  state = ec2t.find_quantizer_state(opt_state)
   assert float(state.field("lam")["Dense_0"]["kernel"]) == 0.0  # ratio 0: never constrained
   assert float(state.field("lam")["Conv_1"]["kernel"]) > 0.0
   assert layers["Conv_1/kernel"].sparsity > layers["Dense_0/kernel"].sparsity
@@ -245,7 +245,7 @@ def test_resume_mid_ramp_is_exact(tmp_path):
       budget=ec2t.Budget(bits_per_weight=0.8, ramp_steps=30)))
   straight_params, straight_state = _run(tx, params, 20)
   half_params, half_state = _run(tx, params, 10)
-  assert int(ec2t.find_ternarize_state(half_state).count) < 30  # mid-ramp
+  assert int(ec2t.find_quantizer_state(half_state).count) < 30  # mid-ramp
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "ckpt", {"params": half_params, "opt_state": half_state})
   with ocp.StandardCheckpointer() as checkpointer:
@@ -254,8 +254,8 @@ def test_resume_mid_ramp_is_exact(tmp_path):
   resumed_params, resumed_state = _run(tx, restored["params"], 10, restored["opt_state"],
                                        start=10)
   chex.assert_trees_all_equal(resumed_params, straight_params)
-  chex.assert_trees_all_equal(ec2t.find_ternarize_state(resumed_state).budget,
-                              ec2t.find_ternarize_state(straight_state).budget)
+  chex.assert_trees_all_equal(ec2t.find_quantizer_state(resumed_state).budget,
+                              ec2t.find_quantizer_state(straight_state).budget)
 
 
 def test_traced_target_through_inject_hyperparams_and_invalid_target_skips():
@@ -264,17 +264,17 @@ def test_traced_target_through_inject_hyperparams_and_invalid_target_skips():
       ec2t.ternarize_transform, static_args=("selection",))(
           budget=ec2t.Budget(bits_per_weight=0.9), budget_target=0.9))
   _, opt_state = _run(tx, params, 5)
-  core_state = ec2t.find_ternarize_state(opt_state)
+  core_state = ec2t.find_quantizer_state(opt_state)
   assert int(core_state.invalid_hyper_count) == 0
   assert float(core_state.budget.target) == pytest.approx(0.9)
   opt_state[1].hyperparams["budget_target"] = jnp.asarray(0.5)
   new_params, new_state = _run(tx, params, 1, opt_state, start=5)
-  assert float(ec2t.find_ternarize_state(new_state).budget.target) == pytest.approx(0.5)
+  assert float(ec2t.find_quantizer_state(new_state).budget.target) == pytest.approx(0.5)
   for bad in (float("nan"), 1.7, -0.1):
     bad_input = jax.tree.map(lambda x: x, new_state)  # a copy: hyperparams is a dict
     bad_input[1].hyperparams["budget_target"] = jnp.asarray(bad)
     _, bad_state = _run(tx, new_params, 1, bad_input, start=6)
-    before, after = (ec2t.find_ternarize_state(s) for s in (new_state, bad_state))
+    before, after = (ec2t.find_quantizer_state(s) for s in (new_state, bad_state))
     assert int(after.invalid_hyper_count) == int(before.invalid_hyper_count) + 1
     chex.assert_trees_all_equal(after.budget, before.budget)
     chex.assert_trees_all_equal(after.resolved_leaves(), before.resolved_leaves())
@@ -288,12 +288,12 @@ def test_default_ternarize_transform_is_entropy_constrained():
   _, params = init()
   tx = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform())
   _, opt_state = _run(tx, params, 1)
-  lam = ec2t.find_ternarize_state(opt_state).field("lam")
+  lam = ec2t.find_quantizer_state(opt_state).field("lam")
   assert float(lam["Conv_1"]["kernel"]) > 0  # gamma = 0 would give lambda = 0
   explicit = optax.chain(optax.sgd(0.0), ec2t.ternarize_transform(gamma=0.2))
   _, explicit_state = _run(explicit, params, 1)
-  chex.assert_trees_all_equal(ec2t.find_ternarize_state(explicit_state).resolved_leaves(),
-                              ec2t.find_ternarize_state(opt_state).resolved_leaves())
+  chex.assert_trees_all_equal(ec2t.find_quantizer_state(explicit_state).resolved_leaves(),
+                              ec2t.find_quantizer_state(opt_state).resolved_leaves())
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_a_measured_fixed_bytes_replaces_the_models_bound():
   assert plan.fixed == 1235 and plan.smallest_bytes() == 1235
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 @pytest.mark.parametrize("float16", [False, True])
 def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path, float16):
   _, params = init()
@@ -339,19 +339,19 @@ def test_bytes_budget_lands_within_5_percent_of_the_exported_file(tmp_path, floa
 
 def chain_knob():
   from ec2t_jax._src.methods.ec2t import chain  # pylint: disable=g-import-not-at-top
-  return chain.BUDGET_KNOB
+  return chain.BUDGET_CONTROLLED
 
 
 # ---------------------------------------------------------------------------
 # TWN: a sparsity budget through its threshold factor.
 
 
-@pytest.mark.slow  # a third compiled training loop (CI runs the slow set)
+@pytest.mark.slow  # a third compiled training loop (not in the default set CI runs)
 def test_twn_reaches_a_sparsity_budget_through_its_threshold():
   _, params = init()
   tx = optax.chain(optax.adam(1e-3), ec2t.twn(budget=ec2t.Budget(sparsity=0.85)))
   _, opt_state = _run(tx, params, 40)
-  state = ec2t.find_ternarize_state(opt_state)
+  state = ec2t.find_quantizer_state(opt_state)
   assert ec2t.summary(opt_state).totals["sparsity"] == pytest.approx(0.85, rel=0.03)
   assert float(state.budget.multiplier) > 0.7  # the factor rose from TWN's 0.7
 

@@ -16,7 +16,7 @@ GRADS = {k: jnp.full(v.shape, 0.1) for k, v in PARAMS.items()}
 
 def _counts(tx, steps, phase_at=None):
   state = tx.init(PARAMS)
-  params = ec2t.ternary_params(PARAMS, state)
+  params = ec2t.quantized_params(PARAMS, state)
   counts = []
   for step in range(steps):
     if phase_at is not None and step == phase_at[0]:
@@ -45,7 +45,7 @@ def test_updates_equal_the_plain_chain_until_the_first_restart():
   restarted = ec2t.restart_on_stage(optax.adam(1e-2), make())
   plain = optax.chain(optax.adam(1e-2), make())
   s1, s2 = restarted.init(PARAMS), plain.init(PARAMS)
-  params = ec2t.ternary_params(PARAMS, s1)
+  params = ec2t.quantized_params(PARAMS, s1)
   for _ in range(3):
     u1, s1 = restarted.update(GRADS, s1, params)
     u2, s2 = plain.update(GRADS, s2, params)
@@ -61,7 +61,7 @@ def test_same_shape_layers_grouped_in_the_state_still_restart():
   tx = ec2t.restart_on_stage(inner, ec2t.inq(5, (0.5, 1.0), steps_per_stage=2,
                                              selection=lambda path, leaf: True))
   state = tx.init(params)
-  p = ec2t.ternary_params(params, state)
+  p = ec2t.quantized_params(params, state)
   counts = []
   for _ in range(4):
     updates, state = tx.update(grads, state, p)
@@ -84,7 +84,7 @@ def _learning_rates(tx, steps):
   """The learning rate of every update, read off leaf "a" (unselected, gradient 1)."""
   grads = {k: jnp.ones(v.shape) for k, v in PARAMS.items()}
   state = tx.init(PARAMS)
-  params = ec2t.ternary_params(PARAMS, state)
+  params = ec2t.quantized_params(PARAMS, state)
   update = jax.jit(tx.update)
   rates = []
   for _ in range(steps):
@@ -120,7 +120,7 @@ def test_a_weight_decay_inside_restart_on_stage_shrinks_the_latents():
                              ec2t.inq(5, (0.5, 1.0), steps_per_stage=2, selection=ONLY_B))
   state = tx.init(PARAMS)
   start = ec2t.find_quantizer_state(state).latent["b"]
-  params = ec2t.ternary_params(PARAMS, state)
+  params = ec2t.quantized_params(PARAMS, state)
   zeros = jax.tree.map(jnp.zeros_like, PARAMS)
   for _ in range(3):
     updates, state = tx.update(zeros, state, params)

@@ -33,7 +33,7 @@ so). So a file of ``B`` bytes has
 .. math:: B \approx F + \frac{\rho}{8} \sum_l n_l H_l
           = F + \frac{\rho N}{8} R,
 
-with ``F`` = :func:`fixed_bytes` (file header and checksum, per-leaf header
+with ``F`` = :func:`fixed_bytes_bound` (file header and checksum, per-leaf header
 records, centroids, every full-precision leaf at its raw size; or ``F``
 measured by packing those leaves, ``Budget(fixed_bytes=...)``) and
 ``N = sum_l n_l``; a bytes target ``B*`` is the rate target
@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core.hyper import is_concrete
 from ec2t_jax._src.core.protocol import StackedLeaf
 
@@ -73,14 +74,10 @@ KINDS = ("bits_per_weight", "bytes", "sparsity")
 # Measured on the export (benchmarks/RESULTS_budget.md, "bytes model"):
 # coded bytes of a ternary layer over n H / 8 (LeNet-5: 1.00-1.03).
 DEFAULT_CODING_RATIO = 1.0
-# ``24 + H + P + 32``: the fixed header and the SHA-256 (container.py).
-FILE_OVERHEAD_BYTES = 24 + 32
-# Header JSON per leaf (zlib-compressed record and tree entry; LeNet-5's
-# 10 leaves: 271-273 bytes).
-HEADER_BYTES_PER_LEAF = 28
-# A context-coded ternary stream beyond its ``rho n H / 8``: the centroids
-# (2 x itemsize), the -0.0 flag and the range coder's flush.
-TERNARY_STREAM_EXTRA_BYTES = 8
+# The container's sizes (owned by the export's format, read from the layout module).
+FILE_OVERHEAD_BYTES = container_layout.FILE_OVERHEAD_BYTES
+HEADER_BYTES_PER_LEAF = container_layout.HEADER_BYTES_PER_LEAF
+TERNARY_STREAM_EXTRA_BYTES = container_layout.TERNARY_STREAM_EXTRA_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +133,16 @@ class Budget:
       raise ValueError("Budget takes exactly one of bits_per_weight, bytes, sparsity; got "
                        + (", ".join(f"{k}={getattr(self, k)!r}" for k in given) or "none"))
     check_target(self.kind, self.target)
+    self._check_controller()
+    self._check_bytes_options()
+
+  def _check_controller(self) -> None:
     if not (isinstance(self.ramp_steps, (int, np.integer)) and self.ramp_steps >= 0):
       raise ValueError(f"Budget ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
     if self.gain is not None and not (_finite(self.gain) and self.gain > 0):
       raise ValueError(f"Budget gain must be finite and > 0, got {self.gain!r}")
+
+  def _check_bytes_options(self) -> None:
     if not (_finite(self.coding_ratio) and 0 < self.coding_ratio <= 2):
       raise ValueError(f"Budget coding_ratio must be in (0, 2], got {self.coding_ratio!r}")
     if not isinstance(self.float16, (bool, np.bool_)) or (self.float16
@@ -281,8 +284,8 @@ def rate_and_sparsity(per_leaf_counts: Sequence) -> tuple[jax.Array, jax.Array]:
   return bits / total, zeros / total
 
 
-def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) -> int:
-  """``F``: the bytes of an exported file that do not depend on the rate.
+def fixed_bytes_bound(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) -> int:
+  """An upper bound of ``F``, the bytes of an exported file that do not depend on the rate.
 
   Args:
     unselected: ``(numel, itemsize)`` of every leaf kept in full precision
@@ -296,8 +299,8 @@ def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) 
     selected leaf.
 
   Example:
-    >>> from ec2t_jax._src.core.budget import fixed_bytes  # internal
-    >>> fixed_bytes([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
+    >>> from ec2t_jax._src.core.budget import fixed_bytes_bound  # internal
+    >>> fixed_bytes_bound([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
     160
   """
   leaves = len(unselected) + len(selected)
@@ -377,8 +380,8 @@ def size_error(kind: str, measured, target, bits_per_byte: float = 1.0) -> jax.A
   return measured - target
 
 
-class Knob(NamedTuple):
-  """Which hyperparameter of a method a budget's controller drives.
+class ControlledHyper(NamedTuple):
+  """The hyperparameter of a method that a budget's controller drives.
 
   Attributes:
     name: the field of the method's hyper ``NamedTuple``.
@@ -402,27 +405,27 @@ class BudgetPlan(NamedTuple):
 
   Attributes:
     budget: the :class:`Budget`.
-    knob: the method's :class:`Knob`.
+    controlled: the method's :class:`ControlledHyper`.
     numel: ``N``, the selected weights.
-    fixed: ``F`` (:func:`fixed_bytes`).
+    fixed: ``F`` (:func:`fixed_bytes_bound`, or the budget's measured ``fixed_bytes``).
     bits_per_byte: ``8 / (rho N)``: a byte of error in bits/weight.
   """
   budget: Budget
-  knob: Knob
+  controlled: ControlledHyper
   numel: int
   fixed: int
   bits_per_byte: float
 
   @property
   def gain(self) -> float:
-    return self.knob.gain if self.budget.gain is None else self.budget.gain
+    return self.controlled.gain if self.budget.gain is None else self.budget.gain
 
   def smallest_bytes(self) -> int:
     """The smallest reachable file: every selected weight zero."""
     return self.fixed
 
 
-def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
+def plan_budget(budget: Budget, controlled: ControlledHyper, param_leaves: Sequence,
                 leaf_states: Sequence) -> BudgetPlan:
   """The :class:`BudgetPlan` of a params tree (flattening order, states None-aligned).
 
@@ -440,9 +443,9 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
       if budget.kind == "bytes":
         _check_bytes_model(leaf)
   numel = sum(selected)
-  fixed = (fixed_bytes(unselected, selected) if budget.fixed_bytes is None
+  fixed = (fixed_bytes_bound(unselected, selected) if budget.fixed_bytes is None
            else int(math.ceil(budget.fixed_bytes)))
-  return BudgetPlan(budget, knob, numel, fixed, 8.0 / (budget.coding_ratio * max(numel, 1)))
+  return BudgetPlan(budget, controlled, numel, fixed, 8.0 / (budget.coding_ratio * max(numel, 1)))
 
 
 def _stored_itemsize(dtype: np.dtype, float16: bool) -> int:
@@ -504,7 +507,7 @@ def init_budget_state(plan: BudgetPlan, leaf_states: Sequence, target) -> Budget
   start = measure(plan, leaf_states)
   first_target = ramped_target(start, target, 0, plan.budget.ramp_steps)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  return BudgetState(multiplier=f32(plan.knob.initial),
+  return BudgetState(multiplier=f32(plan.controlled.initial),
                      kind=jnp.asarray(KINDS.index(kind), jnp.int32), start=f32(start),
                      measured=f32(start), target=f32(first_target))
 
@@ -531,7 +534,8 @@ def update_budget_state(plan: BudgetPlan, old: BudgetState, leaf_states: Sequenc
   measured = measure(plan, leaf_states)
   goal = ramped_target(old.start, target, count, plan.budget.ramp_steps)
   error = size_error(kind, measured, goal, plan.bits_per_byte)
-  m = controller_step(old.multiplier, error, plan.gain, plan.knob.low, plan.knob.high)
+  m = controller_step(old.multiplier, error, plan.gain, plan.controlled.low,
+                     plan.controlled.high)
   keep = lambda new, prev: jnp.where(skipped, prev, jnp.asarray(new, jnp.float32))
   return old._replace(multiplier=jnp.where(frozen | skipped, old.multiplier, m),
                       measured=keep(measured, old.measured), target=keep(goal, old.target))

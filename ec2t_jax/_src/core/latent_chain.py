@@ -27,7 +27,7 @@ computes the part the two inner calls share once.
 
 The state is the one ``optax.chain`` of the same transformations keeps (a
 tuple, one state per transformation), so :func:`~ec2t_jax.find_quantizer_state`,
-:func:`~ec2t_jax.ternary_params`, :func:`~ec2t_jax.set_phase`,
+:func:`~ec2t_jax.quantized_params`, :func:`~ec2t_jax.set_phase`,
 :func:`~ec2t_jax.summary`, ``nnx.Optimizer`` and orbax checkpoints work as
 with ``optax.chain``. Without any decay (``weight_decay=0``, a plain Adam)
 ``chain`` gives bitwise the updates and states of ``optax.chain``.
@@ -253,7 +253,7 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = ec2t.chain(optax.adamw(1e-3, weight_decay=0.1), ec2t.twn())
     >>> opt_state = tx.init(params)
-    >>> params = ec2t.ternary_params(params, opt_state)
+    >>> params = ec2t.quantized_params(params, opt_state)
   """
   if not transforms:
     raise ValueError("ec2t.chain needs at least the method's transformation")

@@ -487,19 +487,7 @@ class Selection:
     missing from it (an unused embedding table) are left out.
     """
     if self.order is not None:
-      position = {p: k for k, p in enumerate(self.order)}
-      required = kernels if require is None else require
-      missing = [paths[i] for i in required if paths[i] not in position]
-      if missing:
-        shown = ", ".join(repr(p) for p in self.order[:4])
-        raise ValueError(
-            f"Selection.order lacks the kernel {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f"; the order holds {shown}{', ...' if len(self.order) > 4 else ''}. "
-            "Compute it with ec2t.forward_order(fn, params, *example_args) on "
-            "the same tree the optimizer sees, or choose leaves with Rule(...)")
-      return sorted((i for i in kernels if paths[i] in position),
-                    key=lambda i: position[paths[i]])
+      return self._sorted_by_order(kernels, paths, require)
     ranks = _insertion_ranks(pure_tree(params), [p for p, _ in flat])
     if sorted(range(len(ranks)), key=ranks.__getitem__) != list(range(len(ranks))):
       return sorted(kernels, key=ranks.__getitem__)  # the tree's own order
@@ -517,6 +505,22 @@ class Selection:
           "order: Selection(order=ec2t.forward_order(fn, params, "
           "*example_args)), or choose leaves with Rule(...).", stacklevel=4)
     return kernels
+
+  def _sorted_by_order(self, kernels, paths, require=None) -> list[int]:
+    """``kernels`` sorted by ``self.order``; every one of ``require`` must be in it."""
+    position = {p: k for k, p in enumerate(self.order)}
+    required = kernels if require is None else require
+    missing = [paths[i] for i in required if paths[i] not in position]
+    if missing:
+      shown = ", ".join(repr(p) for p in self.order[:4])
+      raise ValueError(
+          f"Selection.order lacks the kernel {missing[0]!r}"
+          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+          + f"; the order holds {shown}{', ...' if len(self.order) > 4 else ''}. "
+          "Compute it with ec2t.forward_order(fn, params, *example_args) on "
+          "the same tree the optimizer sees, or choose leaves with Rule(...)")
+    return sorted((i for i in kernels if paths[i] in position),
+                  key=lambda i: position[paths[i]])
 
 
 def _trace_of_copy(order):

@@ -35,7 +35,7 @@ every method alike:
   :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
   each latent field), added to the latent weights before the method's step
   (:func:`decay_latents`);
-* **shared tools**: :func:`~ec2t_jax.ternary_params`, :func:`~ec2t_jax.summary`,
+* **shared tools**: :func:`~ec2t_jax.quantized_params`, :func:`~ec2t_jax.summary`,
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
 
@@ -496,7 +496,7 @@ def quantize_transform(
     *,
     selection: selection_lib.SelectionLike = None,
     budget: Optional[budget_lib.Budget] = None,
-    knob: Optional[budget_lib.Knob] = None,
+    controlled: Optional[budget_lib.ControlledHyper] = None,
     budget_target=None,
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
@@ -508,10 +508,12 @@ def quantize_transform(
       concrete values are checked here, traced ones at every update.
     selection: which leaves to quantize (see :class:`~ec2t_jax.Selection`).
     budget: a size :class:`~ec2t_jax.Budget`: every step then uses the
-      method's ``knob`` (a field of ``hyper``) at the controller's multiplier,
+      method's ``controlled`` hyperparameter (a field of ``hyper``) at the
+      controller's multiplier,
       measures the new assignments and updates the multiplier (see
       ``_src/core/budget.py``); the controller holds in ``phase >= 1``.
-    knob: which hyperparameter the controller drives (needed with ``budget``).
+    controlled: which hyperparameter the controller drives (needed with
+      ``budget``).
     budget_target: the budget's target value if not ``budget``'s own (may be
       traced, e.g. through ``optax.inject_hyperparams``); a traced value that
       is non-finite or out of range skips the step like an invalid
@@ -525,14 +527,14 @@ def quantize_transform(
   chosen = selection_lib.as_selection(selection)
   rule_options.check_rules(method, chosen)
   if budget is not None:
-    if knob is None:
+    if controlled is None:
       raise ValueError(f"method {method.name!r} does not accept a Budget")
     target = budget.target if budget_target is None else budget_target
     budget_lib.check_target(budget.kind, target)
 
   def plan_of(params, state_leaves):
     states, _ = flat_leaf_states(state_leaves)
-    return budget_lib.plan_budget(budget, knob, jax.tree.leaves(params), states)
+    return budget_lib.plan_budget(budget, controlled, jax.tree.leaves(params), states)
 
   def init_fn(params):
     state = init_state(method, params, chosen, hyper)
@@ -558,7 +560,7 @@ def quantize_transform(
     if budget is not None:
       plan = plan_of(params, state.resolved_leaves())
       keep |= ~budget_lib.target_is_valid(budget.kind, target, plan.smallest_bytes())
-      step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
+      step_hyper = hyper._replace(**{controlled.name: state.budget.multiplier})
     step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
                                                  state.phase)
     if latent_decay is not None:
@@ -598,7 +600,7 @@ class Quantizer(NamedTuple):
     hyper: its numeric (traceable) hyperparameters.
     hyper_ranges: valid range of each name in ``hyper`` that must be checked.
     selection: which leaves (see :class:`~ec2t_jax.Selection`).
-    budget, knob, budget_target: a size budget and the hyperparameter its
+    budget, controlled, budget_target: a size budget and the hyperparameter its
       controller drives (see :func:`quantize_transform`); None: no budget.
 
   Example:
@@ -614,13 +616,14 @@ class Quantizer(NamedTuple):
   hyper_ranges: Any
   selection: Any = None
   budget: Any = None
-  knob: Any = None
+  controlled: Any = None
   budget_target: Any = None
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
     return quantize_transform(self.method, self.hyper, self.hyper_ranges,
-                              selection=self.selection, budget=self.budget, knob=self.knob,
+                              selection=self.selection, budget=self.budget,
+                              controlled=self.controlled,
                               budget_target=self.budget_target)
 
   def instant(self, params, *, return_state: bool = False):

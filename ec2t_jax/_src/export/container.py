@@ -136,6 +136,7 @@ from typing import Any, NamedTuple, Optional
 import constriction
 import numpy as np
 
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import record_codecs
@@ -146,8 +147,8 @@ from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 MAGIC = b"\x89EC2T\r\n\x1a"
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
-_FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, H, P
-_DIGEST = 32
+_FIXED = struct.Struct(container_layout.FIXED_HEADER_FORMAT)  # magic, version, flags, H, P
+_DIGEST = container_layout.DIGEST_BYTES
 _MIN_SIZE = _FIXED.size + _DIGEST
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # decoded arrays a reader accepts by default

@@ -65,18 +65,23 @@ def _find_orbax_item(path: Path) -> tuple[Path, bool]:
     return path, False
   children = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
   items = [p for p in children if _is_orbax_item(p)]
+  if items:
+    return _pick_item(path, items)
+  steps = [p for p in children if p.name.isdigit()]
+  if steps:  # a CheckpointManager root: take the latest step
+    return _find_orbax_item(max(steps, key=lambda p: int(p.name)))
+  raise ValueError(f"{path}: not an orbax checkpoint directory (no _METADATA file found)")
+
+
+def _pick_item(path: Path, items: list[Path]) -> tuple[Path, bool]:
+  """The ``params`` item, else the only one."""
   for item in items:
     if item.name == "params":
       return item, True
   if len(items) == 1:
     return items[0], False
-  steps = [p for p in children if p.name.isdigit()]
-  if steps and not items:  # a CheckpointManager root: take the latest step
-    return _find_orbax_item(max(steps, key=lambda p: int(p.name)))
-  if items:
-    names = ", ".join(p.name for p in items)
-    raise ValueError(f"{path}: several checkpoint items ({names}) and none is named 'params'")
-  raise ValueError(f"{path}: not an orbax checkpoint directory (no _METADATA file found)")
+  names = ", ".join(p.name for p in items)
+  raise ValueError(f"{path}: several checkpoint items ({names}) and none is named 'params'")
 
 
 def _restore_orbax(path: Path, keys: Sequence[str]):

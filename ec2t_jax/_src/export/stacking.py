@@ -108,28 +108,37 @@ def restack(tree, split, stack=np.stack):
   """
   for entry in split or ():
     try:
-      keys, depth = entry
-      *parents, key = keys
-      parent = tree
-      for k in parents:
-        parent = parent[k]
-      slices = [k for k in parent if isinstance(k, str) and k.startswith(key + "[")]
-      shape = tuple(max(int(i) for i in names) + 1 for names in
-                    zip(*(k[len(key) + 1:-1].split(",") for k in slices)))
-      if len(shape) != depth or len(slices) != int(np.prod(shape)):
-        raise ValueError(f"{len(slices)} slices, stack shape {shape}")
-      items = list(parent.items())
-      first = next(i for i, (k, _) in enumerate(items) if k in slices)
-      pieces = [parent[key + suffix] for suffix, _ in _suffixes(shape)]
-      value = _stack_nested(pieces, shape, stack)
-      rebuilt = [(k, v) for k, v in items[:first] if k not in slices] + [(key, value)]
-      rebuilt += [(k, v) for k, v in items[first:] if k not in slices]
-      parent.clear()
-      parent.update(rebuilt)
+      _restack_one(tree, entry, stack)
     except (KeyError, TypeError, ValueError, IndexError) as e:
       raise ValueError(f"stacked-leaf record {entry!r:.120} does not match the tree "
                        f"({type(e).__name__}: {e})") from None
   return tree
+
+
+def _restack_one(tree, entry, stack) -> None:
+  """Stacks the slices of one :func:`split_stacked` record back into their leaf, in place."""
+  keys, depth = entry
+  *parents, key = keys
+  parent = tree
+  for k in parents:
+    parent = parent[k]
+  slices = [k for k in parent if isinstance(k, str) and k.startswith(key + "[")]
+  shape = tuple(max(int(i) for i in names) + 1 for names in
+                zip(*(k[len(key) + 1:-1].split(",") for k in slices)))
+  if len(shape) != depth or len(slices) != int(np.prod(shape)):
+    raise ValueError(f"{len(slices)} slices, stack shape {shape}")
+  pieces = [parent[key + suffix] for suffix, _ in _suffixes(shape)]
+  _replace_slices(parent, slices, key, _stack_nested(pieces, shape, stack))
+
+
+def _replace_slices(parent: dict, slices: list, key, value) -> None:
+  """``parent`` with ``slices`` replaced by ``key: value`` where the first slice was."""
+  items = list(parent.items())
+  first = next(i for i, (k, _) in enumerate(items) if k in slices)
+  rebuilt = [(k, v) for k, v in items[:first] if k not in slices] + [(key, value)]
+  rebuilt += [(k, v) for k, v in items[first:] if k not in slices]
+  parent.clear()
+  parent.update(rebuilt)
 
 
 def _stack_nested(pieces: list, shape: tuple, stack):

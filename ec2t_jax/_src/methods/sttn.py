@@ -363,13 +363,14 @@ def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
 
 registry.register_method(registry.MethodSpec(
     name="sttn", kind="train", quantizer=quantizer, transform=sttn,
-    knobs={"init_factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
-                                        (0.5, 0.7, 1.0, 1.5), traced=True,
-                                        doc="initial threshold factor c"),
-           "per_filter": registry.Knob(True, (True, False), (True,),
+    knobs={"init_factor": registry.Knob(core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.5),
+                                        traced=True, doc="initial threshold factor c"),
+           "per_filter": registry.Knob((True, False), (True,),
                                        doc="one alpha per output filter"),
-           "gradient": registry.Knob("official", GRADIENTS, ("official", "exact"),
+           "latent_step": registry.Knob(LATENT_STEPS,
+                                        doc="gradient='exact': steps not shrunk by alpha, or "
+                                            "the gradient map"),
+           "gradient": registry.Knob(GRADIENTS, ("official", "exact"),
                                      doc="official (own-sign scale term) or exact")},
     grid=lambda o: grids.ternary_grid(per_filter=o["per_filter"], symmetric_filters=True),
     description="Soft Threshold Ternary Networks (Xu et al. 2020)"))
-

@@ -141,23 +141,10 @@ def twn_optimal_threshold(weights) -> jax.Array:
 # The transformation: TWN's per-leaf state and step on the shared core.
 
 
-class TWNLeaf(NamedTuple):
-  """State of one TWN leaf.
-
-  Attributes:
-    latent: latent full-precision weights ``W`` (float32).
-    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
-    scale: ``alpha``: a float32 scalar, or one per output filter (shape
-      ``(1, ..., 1, out)``, the size-``out`` axis being the leaf's
-      ``LeafContext.output_axis``).
-  """
-  latent: jax.Array
-  assignment: jax.Array
-  scale: jax.Array
-
-  def value(self, dtype) -> jax.Array:
-    """``alpha * T``; each filter's ``alpha`` snapped on its own grid."""
-    return core.scaled_assignment(self.scale, self.assignment, dtype)
+class TWNLeaf(ternary_ops.ScaledTernaryLeaf):
+  """State of one TWN leaf: ``latent``, ``assignment`` and ``scale`` ``alpha`` (a
+  float32 scalar, or one per output filter), value ``alpha * T``."""
+  __slots__ = ()
 
   def describe(self) -> dict:
     return {"method": "TWN", "mode": "ternary", "scale": self.scale}
@@ -230,12 +217,12 @@ def twn(threshold: str = "layer", factor=None, *,
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import twn, ternary_params
+    >>> from ec2t_jax import twn, quantized_params
     >>> from ec2t_jax.models import small_cnn_example
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), twn(threshold="layer"))
     >>> opt_state = tx.init(params)
-    >>> params = ternary_params(params, opt_state)
+    >>> params = quantized_params(params, opt_state)
   """
   return quantizer(threshold, factor, selection=selection, budget=budget,
                    budget_target=budget_target).transform()
@@ -259,18 +246,22 @@ def quantizer(threshold: str = "layer", factor=None, *,
     raise ValueError(f"budget_target={budget_target!r} needs a budget=Budget(...)")
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
-  knob = None if budget is None else core.budget.Knob(
+  controlled = None if budget is None else core.budget.ControlledHyper(
       "factor", initial=factor, low=1e-3, high=5.0, gain=0.5)
   return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection,
-                        budget=budget, knob=knob, budget_target=budget_target)
+                        budget=budget, controlled=controlled, budget_target=budget_target)
 
 
 registry.register_method(registry.MethodSpec(
     name="twn", kind="train", quantizer=quantizer, transform=twn,
-    knobs={"threshold": registry.Knob("layer", ("layer", "filter"), ("layer", "filter"),
+    knobs={"threshold": registry.Knob(("layer", "filter"), ("layer", "filter"),
                                       doc="one Delta/alpha per layer (0.7) or per filter (0.75)"),
-           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.4),
-                                   traced=True, doc="Delta = factor mean|W|")},
+           "factor": registry.Knob(core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.4),
+                                   traced=True, doc="Delta = factor mean|W|"),
+           "budget": registry.Knob(core.budget.Budget,
+                                   doc="a size target; the controller sets the factor"),
+           "budget_target": registry.Knob(traced=True,
+                                          doc="the budget's target if not its own")},
     grid=lambda o: grids.ternary_grid(per_filter=o["threshold"] == "filter",
                                       symmetric_filters=True),
     description="Ternary Weight Networks (Li et al. 2016)"))

@@ -140,7 +140,7 @@ def restart_on_stage(
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`RestartState`; the
-    library's state functions (``ec2t.set_phase``, ``ec2t.ternary_params``)
+    library's state functions (``ec2t.set_phase``, ``ec2t.quantized_params``)
     find the method's state inside it as usual.
 
   Raises:

@@ -11,11 +11,32 @@ dimensions for broadcasting. Arithmetic is float32 whatever the input dtype.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+
+
+class ScaledTernaryLeaf(NamedTuple):
+  """A leaf that is ``scale * T``: latent weights, an assignment and its scale(s).
+
+  The fields of :class:`~ec2t_jax.TWNLeaf` and :class:`~ec2t_jax.BitNetLeaf`
+  (subclasses that add their ``describe``).
+
+  Attributes:
+    latent: latent full-precision weights ``W`` (float32).
+    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
+    scale: a float32 scalar, or one per output filter (``(1, ..., 1, out)``).
+  """
+  latent: jax.Array
+  assignment: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``scale * T``; each filter's scale snapped on its own grid (exact landing)."""
+    return core.scaled_assignment(self.scale, self.assignment, dtype)
 
 
 def f32(x) -> jax.Array:
