@@ -127,6 +127,12 @@ def test_the_export_cli_output_of_a_signed_integer_leaf_loads(tmp_path):
   _assert_bitwise(export.load(tmp_path / "out.ec2t"), {"w": leaf})
 
 
+def test_a_bool_leaf_holding_bytes_other_than_0_and_1_is_refused_at_save():
+  leaf = np.array([0, 1, 2], np.uint8).view(np.bool_)  # reads as [False, True, True]
+  with pytest.raises(ValueError, match="bool leaf 'flags' holds bytes other than 0 and 1"):
+    export.encode({"flags": leaf})
+
+
 FUZZ_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                np.uint64, np.float16, np.float32, np.float64, ml_dtypes.bfloat16)
 SHAPES = ((), (0,), (1,), (7,), (3, 5), (4, 3, 2), (2, 3, 2, 2), (40, 30))

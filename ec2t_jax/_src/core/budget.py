@@ -55,8 +55,8 @@ assignment ``R_0`` to the target over ``ramp_steps`` updates,
 not destroy accuracy.
 
 **Unreachable targets.** The knob has a range (EC2T's ``m`` in ``[0, 1]``);
-a target that needs more than the range gives pins ``m`` at a bound while
-the size stays off target. An update *saturates* when, after the ramp
+a target beyond what that range can give pins ``m`` at a bound while the
+size stays off target. An update *saturates* when, after the ramp
 (``t >= T_ramp``), the new ``m`` sits at the bound that cannot help
 (``m = m_hi`` while the model is too large, ``m = m_lo`` while it is too
 small) and the size misses the target by more than

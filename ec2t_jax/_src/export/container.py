@@ -62,7 +62,7 @@ under the ``float16`` option; the ternary ones and ``tf`` need a float dtype.
 A reader refuses a record that breaks these rules, a codec its version does
 not hold, and any stream whose symbol count differs from what the shape
 declares (:mod:`symbol_coding`), whether or not the record carries ``"k"``.
-A ``bool`` leaf must decode to 0 / 1 bytes only.
+A ``bool`` leaf must decode to 0 / 1 bytes only (and a writer refuses one holding other bytes).
 
 Leaf names
 ==========
@@ -145,7 +145,8 @@ from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import record_codecs
 from ec2t_jax._src.export import stacking
 from ec2t_jax._src.export.errors import ExportFormatError
-from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, crc32_le, inflate, uint_view
+from ec2t_jax._src.export.leaf_bytes import (DTYPES, FLOAT_NAMES, contiguous, crc32_le, inflate,
+                                             uint_view)
 from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 
 MAGIC = b"\x89EC2T\r\n\x1a"
@@ -286,6 +287,9 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   if array.dtype.name not in DTYPES:
     raise ValueError(f"leaf {path!r}: dtype {array.dtype} is not supported "
                      f"(supported: {', '.join(DTYPES)})")
+  if array.dtype == np.bool_ and (uint_view(contiguous(array)) > 1).any():
+    raise ValueError(f"bool leaf {path!r} holds bytes other than 0 and 1 (a view of another "
+                     f"dtype?), which no reader accepts; store array.astype(bool) instead")
   leaf = Leaf(array, array.dtype, entropy)
   leaf.storage = _storage(leaf.array, float16, leaf.ternary is not None)  # before any stream
   streams = _candidates(leaf, codecs)

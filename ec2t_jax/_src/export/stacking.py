@@ -18,8 +18,8 @@ Names. The slice names cannot meet a real leaf's name: :func:`split_stacked`
 refuses a tree where a leaf to split, ``kernel``, has a sibling whose name
 starts with ``kernel[`` (a real leaf ``kernel[3]`` would otherwise be
 overwritten by a slice, or stacked back into ``kernel`` on load), and
-:func:`restack` refuses (``ExportFormatError``) a file whose record does not
-match its tree exactly: the record is not a list of ``[keys, depth]``, the
+:func:`restack` (``ValueError``) / :func:`restack_file` (``ExportFormatError``)
+refuse a file whose record does not match its tree exactly: the record is not a list of ``[keys, depth]``, the
 stacked name is also a leaf, the slice names are not exactly ``key[i]`` (or
 ``key[i,j]``) for every index of one stack shape, or the slices are not arrays
 of one dtype and one shape (``np.stack`` would promote them silently).
@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -184,7 +185,7 @@ def restack(tree, split, stack=np.stack, signature: Callable = array_signature):
         raise ValueError(f"slice names {sorted(slices)[:4]!r:.120} are not {key}[i] "
                          f"with {depth} index(es)")
       shape = tuple(max(i[a] for i in slices.values()) + 1 for a in range(depth))
-      if len(slices) != int(np.prod(shape)):
+      if len(slices) != math.prod(shape):  # Python ints: no overflow
         raise ValueError(f"{len(slices)} slices, stack shape {shape}")
       pieces = [parent[key + suffix] for suffix, _ in _suffixes(shape)]
       signatures = {signature(p) for p in pieces}
