@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ec2t_jax._src.core.budget import unreachable_message
+
 
 def model_sizes(total_params: int, layers: Sequence[tuple[int, float]]) -> dict[str, float]:
   """Bits of the model in float32, 2-bit packed and at the entropy bound.
@@ -42,13 +44,18 @@ def _kib(bits: float) -> str:
 
 
 def budget_rows(budget: dict | None) -> list[tuple[str, str, str]]:
-  """The size budget's row: target, reached size and the controller's multiplier."""
+  """The size budget's rows: target, reached size and the controller's multiplier, and a
+  line saying so when the target is not reachable (``BudgetState.unreachable``)."""
   if not budget:
     return []
   fmt = (lambda v: f"{v:,.0f} bytes") if budget["kind"] == "bytes" else (lambda v: f"{v:.4g}")
-  return [(f"size budget ({budget['kind']})", "",
+  rows = [(f"size budget ({budget['kind']})", "",
            f"target {fmt(budget['target'])}, reached {fmt(budget['reached'])}, "
            f"multiplier {budget['multiplier']:.3f}")]
+  unreachable = unreachable_message(budget)
+  if unreachable is not None:
+    rows.append(("size budget", "", unreachable))
+  return rows
 
 
 def _knobs(r: dict[str, Any], method: str) -> str:

@@ -149,8 +149,10 @@ class Summary:
       return ""
     b = self.budget
     fmt = (lambda v: f"{v:,.0f} bytes") if b["kind"] == "bytes" else (lambda v: f"{v:.4g}")
+    unreachable = core.budget.unreachable_message(b)
     return (f"\nbudget: {b['kind']} target {fmt(b['target'])}, reached {fmt(b['reached'])}"
-            f" (multiplier {b['multiplier']:.4g})")
+            f" (multiplier {b['multiplier']:.4g})"
+            + ("" if unreachable is None else f"\nbudget: {unreachable}"))
 
 
 def _scalar(x: Any):
@@ -198,11 +200,13 @@ def summary(opt_state) -> Summary:
     for suffix, leaf in _layers(state_of_leaf):
       layers.append(_row(path_to_str(path) + suffix, leaf, methods))
   budget = getattr(state, "budget", None)
+  budget = None if budget is None else budget.describe()
+  unreachable = core.budget.unreachable_message(budget)
+  if unreachable is not None:  # the host's warning (the state holds the flag)
+    warnings.warn(f"size budget: {unreachable}", UserWarning, stacklevel=2)
   result = Summary(tuple(layers), int(state.count), int(state.phase),
                    ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
-                   int(state.invalid_hyper_count),
-                   None if budget is None else budget.describe(),
-                   int(state.off_grid_count))
+                   int(state.invalid_hyper_count), budget, int(state.off_grid_count))
   if result.off_grid_count:
     warnings.warn(result.off_grid_message(), stacklevel=2)
   return result

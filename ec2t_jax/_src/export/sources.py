@@ -193,14 +193,8 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
   data = read_bounded(path, max_bytes)
   if data.startswith(container.MAGIC[:4]):
     info, arrays = container.unpack_leaves(data, max_bytes=max_bytes)
-    tree = trees.unflatten(arrays, info.structure)
-    user = info.meta.get("user")
-    split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
-    if split:
-      try:
-        tree = stacking.restack(tree, split)
-      except ValueError as e:
-        raise errors.ExportFormatError(f"{path}: corrupt file: {e}") from None
+    tree = stacking.restack_file(trees.unflatten(arrays, info.structure), info.meta,
+                                 where=f"{path}: corrupt file")
     return LoadedTree(tree, "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:
