@@ -223,7 +223,9 @@ def _inner(config) -> optax.GradientTransformation:
                      optax.adam(config.learning_rate))
 
 
-@register("ec2t", description="EC2T (--ec2t_mode, --gamma, --init_scale, learning rates)")
+@register("ec2t", {"centroids": "layer"},
+          description="EC2T (--ec2t_mode, --gamma, --init_scale, learning rates); "
+                      "centroids=layer|channel (chain form)")
 def _ec2t(config, options, selection) -> MethodSetup:
   """EC2T. ``reference``: ``ec2t.reference_optimizer``, the paper's three Adams
   (non-ternary params: ``learning_rate`` with L2 ``weight_decay``; latent weights:
@@ -232,11 +234,12 @@ def _ec2t(config, options, selection) -> MethodSetup:
   ``learning_rate`` decayed to 0 by a cosine over ``config.ec2t_steps`` (both
   phases; constant when 0). Both use ``config.sustain``.
   """
-  del options
   budget = size_budget(config)
   if budget is not None and config.ec2t_mode != "chain":
     raise UserError("a size budget (--bits_per_weight / --target_bytes / --target_sparsity) "
                     "needs --ec2t_mode=chain")
+  if options["centroids"] != "layer" and config.ec2t_mode != "chain":
+    raise UserError(f"--method_options=centroids={options['centroids']} needs --ec2t_mode=chain")
   if config.ec2t_mode == "reference":
     return MethodSetup(ec2t.reference_optimizer(
         gamma=config.gamma, init_scale=config.init_scale, learning_rate=config.learning_rate,
@@ -244,16 +247,20 @@ def _ec2t(config, options, selection) -> MethodSetup:
         centroid_learning_rate=config.centroid_learning_rate, sustain=config.sustain,
         selection=selection))
   knob = {"gamma": config.gamma} if budget is None else {"budget": budget}
+  knob["centroids"] = options["centroids"]
+  grid = _grid("ec2t", centroids=options["centroids"])  # per channel: 3 values per column
   if config.ec2t_mode == "chain" and getattr(config, "inner_optimizer", None) is not None:
     return MethodSetup(optax.chain(_inner(config), ec2t.ternarize_transform(
-        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)),
+                       per_filter=grid["per_filter"])
   if config.ec2t_mode == "chain":
     learning_rate = (optax.cosine_decay_schedule(config.learning_rate, config.ec2t_steps)
                      if config.ec2t_steps else config.learning_rate)
     inner = optax.chain(optax.add_decayed_weights(config.weight_decay),
                         optax.adam(learning_rate))
     return MethodSetup(optax.chain(inner, ec2t.ternarize_transform(
-        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)))
+        **knob, init_scale=config.init_scale, sustain=config.sustain, selection=selection)),
+                       per_filter=grid["per_filter"])
   raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {config.ec2t_mode!r}")
 
 
