@@ -56,6 +56,8 @@ QUICK_FLAGS = ("--num_layers=1", "--num_heads=2", "--width=16", "--block_size=16
                "--batch_size=4", "--fp_steps=4", "--warmup_steps=1", "--phase1_steps=3",
                "--phase2_steps=1", "--eval_every=4", "--eval_batch_size=8192")
 NO_METHOD = "none"
+# Hand-written notes below this line of RESULTS_gpt.md survive a rewrite of the table.
+NOTES_MARKER = "<!-- notes below: kept when gpt_methods.py rewrites the table -->"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/gpt_methods", "Folder of every run (fp/ is the cache).")
@@ -243,6 +245,16 @@ def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str
   return "\n".join(lines) + "\n"
 
 
+def kept_notes(path: str) -> str:
+  """The marker and what follows it in the existing ``path`` ("" if none)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  at = text.find(NOTES_MARKER)
+  return "" if at < 0 else "\n" + text[at:]
+
+
 def plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
   """Loss vs sparsity and loss vs float16 exported bytes, mean ± std over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -285,6 +297,7 @@ def main(argv):
   command = "python benchmarks/gpt_methods.py " + " ".join(
       a for a in sys.argv[1:] if not a.startswith(("--output", "--plot", "--cached_only")))
   rows: dict[str, list[dict]] = {}
+  notes = kept_notes(FLAGS.output)
   for spec, args in planned:
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
       workdir = os.path.join(FLAGS.workdir, f"{spec.folder}_s{seed}")
@@ -294,7 +307,7 @@ def main(argv):
       result = {**_cached(workdir, run_args), **_float16_export(workdir, run_args)}
       rows.setdefault(spec.label, []).append(result)
       with open(FLAGS.output, "w", encoding="utf-8") as f:  # rewritten after every run
-        f.write(table(fp, rows, command, skipped))
+        f.write(table(fp, rows, command, skipped) + notes)
   print(table(fp, rows, command, skipped), flush=True)
   if rows:
     plot(fp, rows, FLAGS.plot)

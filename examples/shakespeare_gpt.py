@@ -415,7 +415,7 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
 def format_report(r: dict) -> str:
   """The one-screen comparison of the full-precision and the quantized model."""
   from common import report as report_lib  # pylint: disable=g-import-not-at-top
-  name = "EC2T" if r["method"] == "ec2t" else r["method"]
+  name = {"ec2t": "EC2T", NO_METHOD: "FP continued"}.get(r["method"], r["method"])
   rows = [("validation loss (nats/char)", f"{r['fp_val_loss']:.4f}",
            f"{r['val_loss']:.4f}  ({r['val_loss'] - r['fp_val_loss']:+.4f})"),
           ("quantized kernels", "-", f"{r['ternary_layers']} layers, "

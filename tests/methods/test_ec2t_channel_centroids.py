@@ -130,14 +130,17 @@ def test_one_chain_step_matches_the_numpy_restatement():
   w_n = np.asarray(before.w_n) - 0.1 * mean(a0 < 0)
   w_p = np.asarray(before.w_p) + 0.1 * mean(a0 > 0)
   w_n, w_p = np_floor(latent, w_n, w_p)
-  info = np_information(np_assign(latent, w_n, w_p, 0.0, np.zeros(3)))
-  lam = 0.2 * ((1.0 + 0.05) / 1.05) * min(bisect_empty_side(latent, w_n, w_p, info, s)
-                                          for s in (-1, 1))
+  # Distortion in units of each channel's spread r_c = std(W_c) / std(W).
+  r = latent.std(0, ddof=1, keepdims=True) / latent.std(ddof=1)
+  scaled = (latent / r, w_n / r, w_p / r)
+  info = np_information(np_assign(*scaled, 0.0, np.zeros(3)))
+  lam = 0.2 * ((1.0 + 0.05) / 1.05) * min(bisect_empty_side(*scaled, info, s) for s in (-1, 1))
   np.testing.assert_allclose(after.w_n, w_n, rtol=1e-5)
   np.testing.assert_allclose(after.w_p, w_p, rtol=1e-5)
   np.testing.assert_allclose(after.lam, lam, rtol=1e-4)
-  np.testing.assert_array_equal(after.assignment, np_assign(latent, w_n, w_p, float(after.lam),
-                                                            info))
+  np.testing.assert_array_equal(after.assignment, np_assign(*scaled, float(after.lam), info))
+  # ... which keeps every channel alive, where the layer's lambda in absolute units need not.
+  assert (np.asarray(after.assignment) != 0).any(axis=0).all()
   new = np.asarray(optax.apply_updates(params, updates)["k"])
   np.testing.assert_allclose(new, np.where(after.assignment > 0, w_p,
                                            np.where(after.assignment < 0, -w_n, 0)), rtol=1e-6)

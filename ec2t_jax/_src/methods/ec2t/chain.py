@@ -135,14 +135,31 @@ def channel_axis(ctx: core.LeafContext, centroids: str):
   return ctx.output_axis if centroids == "channel" else None
 
 
+def channel_spread(latent, axis):
+  """``r_c = std(W_c) / std(W)`` per channel (1 where either is 0), shaped to broadcast."""
+  w = jnp.asarray(latent, jnp.float32)
+  layer = jnp.std(w, ddof=1)
+  keep = axis % w.ndim
+  channel = jnp.std(w, ddof=1, axis=tuple(a for a in range(w.ndim) if a != keep),
+                    keepdims=True)
+  return jnp.where((channel > 0) & (layer > 0), channel / jnp.where(layer > 0, layer, 1.0), 1.0)
+
+
 def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
             renormalization, ties, centroids="layer"):
+  """EC2T's assignment; with per-channel centroids the distortion of channel ``c`` is measured
+  in units of its spread: ``((W - v) / r_c)^2 + lambda I`` (``r_c``: :func:`channel_spread`),
+  so a channel of small weights is not zeroed whole by the layer's ``lambda``."""
   gamma = (hyper.gamma if ctx.gamma is None else ctx.gamma) * hyper.lambda_multiplier
   size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
+  axis = channel_axis(ctx, centroids)
+  if axis is not None:
+    spread = channel_spread(latent, axis)
+    latent, w_n, w_p = latent / spread, w_n / spread, w_p / spread
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
       zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties,
-      channel_axis=channel_axis(ctx, centroids))
+      channel_axis=axis)
 
 
 def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
@@ -388,7 +405,11 @@ def ternarize_transform(
       from each channel's extremes, stepped by the means of ``u`` over each
       channel's clusters and floored at each channel's std; the cluster
       probabilities, information content and ``lambda`` stay the layer's
-      (:func:`lambda_max` with ``channel_axis``). The param holds
+      (:func:`lambda_max` with ``channel_axis``), and each channel's
+      distortion is measured in units of its spread
+      (``((W - v) / r_c)^2 + lambda I``, ``r_c = std(W_c) / std(W)``, so
+      ``lambda`` is in the layer's units and no channel of small weights is
+      zeroed whole). The param holds
       ``{-w_n[c], 0, w_p[c]}`` in channel ``c``; the export stores it as a
       per-filter ternary record (``tf``).
 
