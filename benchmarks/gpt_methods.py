@@ -213,11 +213,13 @@ def _pm(values, fmt: str) -> str:
   return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
-def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str]) -> str:
+def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str],
+          plot_name: str = "RESULTS_gpt_front.png") -> str:
   """``RESULTS_gpt.md``: one row per run spec, mean ± std over its seeds."""
   lines = ["# Ternary methods on a character-level GPT (tiny Shakespeare): the front", "",
            f"Command: `{command}`", "",
-           f"Model {fp['model']}, nanoGPT's CPU configuration; full precision trained once "
+           f"Model {fp['model']} (layers x heads x width x context; the example's default "
+           "is nanoGPT's CPU configuration); full precision trained once "
            f"({fp.get('fp_steps', '?')} AdamW steps; val loss {fp['fp_val_loss']:.4f}); every "
            "row starts from that checkpoint and runs the example's phases (phase 1 + phase 2, "
            "the same steps, AdamW and cosine for every row). `full precision continued`: the "
@@ -240,7 +242,7 @@ def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str
         f"{_pm([r['float16_bytes'] for r in runs], ',.0f')} | "
         f"{_pm([r['float16_val_loss'] for r in runs], '.4f')} | "
         + (f"{_stats(cpu)[0]:,.0f} |" if cpu else "- |"))
-  lines += ["", "![loss vs sparsity and bytes](RESULTS_gpt_front.png)"]
+  lines += ["", f"![loss vs sparsity and bytes]({plot_name})"]
   lines += [""] + [f"Skipped (not in `ec2t.method_registry()`): `{s}`" for s in skipped]
   return "\n".join(lines) + "\n"
 
@@ -307,8 +309,8 @@ def main(argv):
       result = {**_cached(workdir, run_args), **_float16_export(workdir, run_args)}
       rows.setdefault(spec.label, []).append(result)
       with open(FLAGS.output, "w", encoding="utf-8") as f:  # rewritten after every run
-        f.write(table(fp, rows, command, skipped) + notes)
-  print(table(fp, rows, command, skipped), flush=True)
+        f.write(table(fp, rows, command, skipped, os.path.basename(FLAGS.plot)) + notes)
+  print(table(fp, rows, command, skipped, os.path.basename(FLAGS.plot)), flush=True)
   if rows:
     plot(fp, rows, FLAGS.plot)
 
