@@ -1,24 +1,38 @@
-r"""Ternary methods on the nanoGPT-style character model: one full-precision start, every method.
+r"""The GPT front: every train-time method of the library registry on the character GPT.
 
 Trains the full-precision GPT of ``examples/shakespeare_gpt.py`` once (cached in
-``<workdir>/fp``; reused when its checkpoint is there), then runs each method
-from that checkpoint with the example's default schedule (phase 1 + phase 2,
-AdamW with a cosine from ``--learning_rate``), for each seed (data order of the
-method's phases): EC2T at several gammas, BitNet b1.58, TWN, TTQ. Writes
-validation loss, sparsity and bits/weight of the ternarized kernels, the 2-bit
-packed and exported sizes to ``benchmarks/RESULTS_gpt.md`` (mean and range
-over seeds) with a PNG of the loss-vs-size front::
+``<workdir>/fp``), then runs each *run spec* from that checkpoint for each seed
+(the data order of the method's phases) with the example's default schedule
+(phase 1 + phase 2, AdamW with a cosine from ``--learning_rate``), so every row
+gets the same steps. Writes ``benchmarks/RESULTS_gpt.md`` (mean +- std over
+seeds of validation loss, sparsity of the quantized kernels and the exported
+bytes, float32 leaves and float16 leaves) and a PNG with loss vs sparsity and
+loss vs the float16 exported bytes, both from the runs' ``report.json``::
 
   TFDS_DATA_DIR=../shared/data/tfds python benchmarks/gpt_methods.py \
-      --workdir=runs/gpt_methods --seeds=0,1 --runs=ec2t:0.1,ec2t:0.15,ec2t:0.2,bitnet,twn,ttq
+      --workdir=runs/gpt_methods --seeds=0,1,2
 
-Every run is the example's own ``run`` (same flags), so ``--phase1_steps`` etc.
-are passed through (``--example_flags``, space-separated).
+A run spec is ``NAME[:KEY=VALUE]...``. ``NAME`` is a method of
+``ec2t.method_registry()`` (kind ``train``) or ``none``, the full-precision
+model continued for the same steps with the same optimizer and schedule (the
+reference every method is measured against). ``KEY`` is a flag of the example
+(``gamma``, ``target_sparsity``, ``bits_per_weight``, ``activation_bits``, ...) or
+else one of the method's knobs (``--method_options``): ``ec2t:gamma=0.1``,
+``bitnet:activation_bits=8`` (W1.58A8), ``paretoq:bits=2``. A name the registry
+does not hold is skipped with a message (e.g. a method of a branch not merged
+yet); a key that is neither a flag nor a knob stops the script before any run.
+
+Resumable: a run whose ``report.json`` exists is read, not re-run; a run cut
+short resumes from its checkpoints. ``--quick`` is the smoke mode (a tiny model,
+a few steps, one seed, three runs) that ``tests/examples/test_gpt_methods.py``
+runs. Each row's CPU time (process CPU seconds of the method's run, all
+threads) is in the table.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -31,19 +45,103 @@ from absl import logging
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
+# The front: a gamma sweep and two size budgets of EC2T, BitNet weights-only and W1.58A8,
+# ParetoQ ternary and 2-bit, TWN, TTQ, STTN, Faraone et al., full precision continued.
+FRONT = ("none", "ec2t:gamma=0.05", "ec2t:gamma=0.1", "ec2t:gamma=0.15", "ec2t:gamma=0.2",
+         "ec2t:bits_per_weight=1.0", "ec2t:bits_per_weight=0.7", "bitnet",
+         "bitnet:activation_bits=8", "paretoq", "paretoq:bits=2", "twn", "ttq", "sttn",
+         "faraone")
+QUICK_RUNS = ("none", "ec2t:gamma=0.2", "bitnet:activation_bits=8")
+QUICK_FLAGS = ("--num_layers=1", "--num_heads=2", "--width=16", "--block_size=16",
+               "--batch_size=4", "--fp_steps=4", "--warmup_steps=1", "--phase1_steps=3",
+               "--phase2_steps=1", "--eval_every=4", "--eval_batch_size=8192")
+NO_METHOD = "none"
+# Hand-written notes below this line of RESULTS_gpt.md survive a rewrite of the table.
+NOTES_MARKER = "<!-- notes below: kept when gpt_methods.py rewrites the table -->"
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/gpt_methods", "Folder of every run (fp/ is the cache).")
-flags.DEFINE_string("seeds", "0,1", "Seeds of the methods' phases (comma-separated).")
-flags.DEFINE_string("runs", "ec2t:0.1,ec2t:0.15,ec2t:0.2,bitnet,twn,ttq",
-                    "Runs in order: a method, or ec2t:GAMMA (comma-separated).")
+flags.DEFINE_string("seeds", "0,1,2", "Seeds of the methods' phases (comma-separated).")
+flags.DEFINE_string("runs", ",".join(FRONT), "Run specs NAME[:KEY=VALUE]... (comma-separated).")
+flags.DEFINE_bool("quick", False, "Smoke mode: a tiny model, a few steps, seed 0, "
+                  f"runs {','.join(QUICK_RUNS)} (unless --runs / --seeds are given).")
 flags.DEFINE_bool("cached_only", False, "Only tabulate the runs that already finished.")
-flags.DEFINE_string("example_flags", "", "Extra flags for every run of the example.")
+flags.DEFINE_string("example_flags", "", "Extra flags for every run of the example "
+                    "(space-separated).")
+flags.DEFINE_string("data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.")
 flags.DEFINE_string("output", str(REPO / "benchmarks" / "RESULTS_gpt.md"), "Markdown table.")
 flags.DEFINE_string("plot", str(REPO / "benchmarks" / "RESULTS_gpt_front.png"), "PNG front.")
 
 
-def _run_example(args: list[str]) -> dict:
+class RunSpec:
+  """One row: ``NAME[:KEY=VALUE]...`` as example flags and ``--method_options``."""
+
+  def __init__(self, text: str):
+    name, *items = text.strip().split(":")
+    self.text, self.name = text.strip(), name.strip()
+    self.items = []
+    for item in items:
+      key, sep, value = item.partition("=")
+      if not sep or not key.strip():
+        raise ValueError(f"run spec {text!r}: {item!r} is not KEY=VALUE")
+      self.items.append((key.strip(), value.strip()))
+
+  @property
+  def label(self) -> str:
+    return "full precision continued" if self.name == NO_METHOD else self.text
+
+  @property
+  def folder(self) -> str:
+    return self.text.replace(":", "_").replace("/", "-")
+
+  def example_args(self, example_flags: set[str], knobs: dict) -> list[str]:
+    """The example's flags of this run; raises ``ValueError`` for an unknown key."""
+    args, options = [f"--method={self.name}"], []
+    for key, value in self.items:
+      if key in example_flags and key not in ("method", "method_options"):
+        args.append(f"--{key}={value}")
+      elif key in knobs:
+        options.append(f"{key}={value}")
+      else:
+        raise ValueError(f"run spec {self.text!r}: {key!r} is neither a flag of "
+                         f"examples/shakespeare_gpt.py nor a knob of {self.name!r} "
+                         f"(knobs: {', '.join(sorted(knobs)) or 'none'})")
+    return args + ([f"--method_options={','.join(options)}"] if options else [])
+
+
+def _example_flags() -> tuple[set[str], object]:
   import shakespeare_gpt  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  shakespeare_gpt.define_flags(fv)
+  return set(fv), shakespeare_gpt
+
+
+def resolve(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
+  """``(spec, example flags)`` of every spec the registry holds; the others are reported
+  and skipped. Raises ``ValueError`` for a key that is neither a flag nor a knob."""
+  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
+  from common import methods  # pylint: disable=g-import-not-at-top
+  example_flags, _ = _example_flags()
+  registry = ec2t.method_registry()
+  out = []
+  for spec in specs:
+    if spec.name == NO_METHOD:
+      out.append((spec, spec.example_args(example_flags, {})))
+      continue
+    if spec.name not in registry:
+      print(f"skipping {spec.text!r}: {spec.name!r} is not a registered method "
+            f"(ec2t.method_registry(): {', '.join(sorted(registry))})", flush=True)
+      continue
+    if registry[spec.name].kind != "train":
+      raise ValueError(f"run spec {spec.text!r}: {spec.name!r} is a {registry[spec.name].kind} "
+                       "method; the front compares train-time methods")
+    knobs = methods.METHODS[spec.name].defaults if spec.name in methods.METHODS else {}
+    out.append((spec, spec.example_args(example_flags, knobs)))
+  return out
+
+
+def _run_example(args: list[str]) -> dict:
+  _, shakespeare_gpt = _example_flags()
   fv = flags.FlagValues()
   shakespeare_gpt.define_flags(fv)
   fv(["shakespeare_gpt", "--noprogress", "--sample_chars=0", *args])
@@ -51,35 +149,42 @@ def _run_example(args: list[str]) -> dict:
 
 
 def _cached(workdir: str, args: list[str]) -> dict:
-  """The run's report.json if it finished, else runs it (resuming what is there)."""
-  report = os.path.join(workdir, "report.json")
-  if os.path.exists(report):
-    with open(report, encoding="utf-8") as f:
-      return json.load(f)
-  resume = ["--resume"] if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
-  started = time.perf_counter()
-  results = _run_example([f"--workdir={workdir}", *args, *resume])
-  print(f"{workdir}: {time.perf_counter() - started:.0f} s", flush=True)
-  return results
+  """The run's report.json (+ timing.json) if it finished, else runs it (resuming)."""
+  report, timing = (os.path.join(workdir, n) for n in ("report.json", "timing.json"))
+  if not os.path.exists(report):
+    resume = ["--resume"] if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    wall, cpu = time.perf_counter(), time.process_time()
+    _run_example([f"--workdir={workdir}", *args, *resume])
+    seconds = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+               "resumed": bool(resume)}
+    with open(timing, "w", encoding="utf-8") as f:
+      json.dump(seconds, f)
+    print(f"{workdir}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} s CPU", flush=True)
+  with open(report, encoding="utf-8") as f:
+    result = json.load(f)
+  if os.path.exists(timing):
+    with open(timing, encoding="utf-8") as f:
+      result["timing"] = json.load(f)
+  return result
 
 
-def _float16_export(workdir: str) -> dict:
+def _float16_export(workdir: str, args: list[str]) -> dict:
   """Bytes and validation loss of the run's ``model.ec2t`` re-exported with its float leaves
-  (embeddings, LayerNorms, biases) as float16 (``ec2t.export.save(..., float16=True)``),
-  cached in ``<workdir>/float16.json``."""
+  as float16 (``ec2t.export.encode(..., float16=True)``; ternary leaves unchanged), evaluated
+  by the run's own model (same flags), cached in ``<workdir>/float16.json``."""
   cache = os.path.join(workdir, "float16.json")
   if os.path.exists(cache):
     with open(cache, encoding="utf-8") as f:
       return json.load(f)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import shakespeare_gpt  # pylint: disable=g-import-not-at-top
   from common import language  # pylint: disable=g-import-not-at-top
   from ec2t_jax import export  # pylint: disable=g-import-not-at-top
+  _, shakespeare_gpt = _example_flags()
   fv = flags.FlagValues()
   shakespeare_gpt.define_flags(fv)
-  fv(["shakespeare_gpt"])
-  data = language.load_tiny_shakespeare()
+  fv(["shakespeare_gpt", *args])
+  data = language.load_tiny_shakespeare(fv.data_dir)
   _, apply_fn = shakespeare_gpt.build_model(fv, len(data.vocab))
   blob = export.encode(export.load(os.path.join(workdir, "model.ec2t")), float16=True)
   params = export.decode(blob)
@@ -96,70 +201,80 @@ def _float16_export(workdir: str) -> dict:
   return result
 
 
-def _runs(seeds, runs):
-  for run in runs:
-    method, _, gamma = run.partition(":")
-    name = f"ec2t_g{float(gamma):g}" if gamma else method
-    for seed in seeds:
-      args = [f"--method={method}", f"--seed={seed}"]
-      if gamma:
-        args.append(f"--gamma={float(gamma)}")
-      yield name, seed, args
-
-
-def _table(fp: dict, rows: dict[str, list[dict]], command: str) -> str:
+def _stats(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one seed)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  lines = ["# Ternary methods on a character-level GPT (tiny Shakespeare)", "",
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _pm(values, fmt: str) -> str:
+  mean, std = _stats(values)
+  return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str],
+          plot_name: str = "RESULTS_gpt_front.png") -> str:
+  """``RESULTS_gpt.md``: one row per run spec, mean ± std over its seeds."""
+  lines = ["# Ternary methods on a character-level GPT (tiny Shakespeare): the front", "",
            f"Command: `{command}`", "",
-           f"Model {fp['model']} ({fp.get('total_params', 0):,} parameters), nanoGPT's CPU "
-           "configuration; full precision trained once (2000 AdamW steps, the example's "
-           "defaults), every method starts from that checkpoint and runs the example's "
-           "default phases. Ternarized: every linear kernel of the blocks; embedding / tied "
-           "head, position embedding, LayerNorms and biases stay float32. Validation loss in "
-           "nats/char on tfds validation+test (nanoGPT's val split). Mean over seeds "
-           "[min, max].", "",
-           "Float16 columns: the same file with the float leaves stored as float16 "
-           "(`ec2t.export.save(..., float16=True)`; the ternary kernels are unchanged) and the "
-           "validation loss of that file.", "",
-           "| method | seeds | val loss | sparsity | bits/weight | 2-bit packed (B) | "
-           "exported (B) | exported / BitNet packed | float16 export (B) | its val loss | "
-           "float16 export / BitNet packed |",
-           "|---|---|---|---|---|---|---|---|---|---|---|",
-           f"| full precision | 1 | {fp['fp_val_loss']:.4f} | - | 32 | - | "
-           f"{fp['total_params'] * 4:,} (float32) | - | - | - | - |"]
-  bitnet_packed = None
-  if "bitnet" in rows:
-    bitnet_packed = rows["bitnet"][0]["sizes"]["packed_bits"] / 8
+           f"Model {fp['model']} (layers x heads x width x context; the example's default "
+           "is nanoGPT's CPU configuration); full precision trained once "
+           f"({fp.get('fp_steps', '?')} AdamW steps; val loss {fp['fp_val_loss']:.4f}); every "
+           "row starts from that checkpoint and runs the example's phases (phase 1 + phase 2, "
+           "the same steps, AdamW and cosine for every row). `full precision continued`: the "
+           "same steps with nothing quantized. Quantized: every linear kernel of the blocks "
+           "(embedding / tied head, position embedding, LayerNorms and biases stay float). "
+           "`activation_bits=8`: those kernels' inputs are int8 per token (W1.58A8). Loss in "
+           "nats/char on tfds validation+test; mean ± std (sample) over the seeds.", "",
+           "Exported: `model.ec2t` with float32 float leaves; float16: the same file with "
+           "the float leaves as float16 (ternary kernels unchanged) and that file's val loss. "
+           "CPU: process CPU seconds of one run (all threads; mean over seeds).", "",
+           "| run | seeds | val loss | sparsity | exported (B) | float16 export (B) | "
+           "its val loss | CPU s / run |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, runs in rows.items():
-    loss = np.array([r["val_loss"] for r in runs])
-    sparsity = np.array([r["sparsity"] for r in runs])
-    bits = np.array([r["bits_per_weight"] for r in runs])
-    exported = np.array([r["export_bytes"] for r in runs])
-    packed = runs[0]["sizes"]["packed_bits"] / 8
-    half = np.array([r["float16_bytes"] for r in runs])
-    half_loss = np.array([r["float16_val_loss"] for r in runs])
-    ratio = lambda size: f"{size / bitnet_packed:.3f}" if bitnet_packed else "-"
+    cpu = [r["timing"]["cpu_s"] for r in runs if r.get("timing")]
     lines.append(
-        f"| {name} | {len(runs)} | {loss.mean():.4f} [{loss.min():.4f}, {loss.max():.4f}] | "
-        f"{100 * sparsity.mean():.1f}% | {bits.mean():.3f} | {packed:,.0f} | "
-        f"{exported.mean():,.0f} | {ratio(exported.mean())} | {half.mean():,.0f} | "
-        f"{half_loss.mean():.4f} | {ratio(half.mean())} |")
+        f"| {name} | {len(runs)} | {_pm([r['val_loss'] for r in runs], '.4f')} | "
+        f"{_pm([100 * r['sparsity'] for r in runs], '.1f')}% | "
+        f"{_pm([r['export_bytes'] for r in runs], ',.0f')} | "
+        f"{_pm([r['float16_bytes'] for r in runs], ',.0f')} | "
+        f"{_pm([r['float16_val_loss'] for r in runs], '.4f')} | "
+        + (f"{_stats(cpu)[0]:,.0f} |" if cpu else "- |"))
+  lines += ["", f"![loss vs sparsity and bytes]({plot_name})"]
+  lines += [""] + [f"Skipped (not in `ec2t.method_registry()`): `{s}`" for s in skipped]
   return "\n".join(lines) + "\n"
 
 
-def _plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
+def kept_notes(path: str) -> str:
+  """The marker and what follows it in the existing ``path`` ("" if none)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  at = text.find(NOTES_MARKER)
+  return "" if at < 0 else "\n" + text[at:]
+
+
+def plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
+  """Loss vs sparsity and loss vs float16 exported bytes, mean ± std over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
   for name, runs in rows.items():
-    ax.scatter([r["export_bytes"] / 1024 for r in runs], [r["val_loss"] for r in runs],
-               label=name)
-  ax.axhline(fp["fp_val_loss"], color="k", ls="--", lw=1, label="full precision")
-  ax.set_xlabel("exported file (KiB)")
-  ax.set_ylabel("validation loss (nats/char)")
-  ax.set_title("tiny Shakespeare GPT: loss vs size")
-  ax.legend(fontsize=8)
+    loss = _stats([r["val_loss"] for r in runs])
+    for ax, key, scale in ((axes[0], "sparsity", 100.0), (axes[1], "float16_bytes", 1 / 1024)):
+      x = _stats([r[key] * scale for r in runs])
+      ax.errorbar(x[0], loss[0], xerr=x[1], yerr=loss[1], fmt="o", capsize=3, label=name)
+  for ax in axes:
+    ax.axhline(fp["fp_val_loss"], color="k", ls="--", lw=1, label="full precision (start)")
+  axes[0].set_xlabel("sparsity of the quantized kernels (%)")
+  axes[1].set_xlabel("exported file, float leaves as float16 (KiB)")
+  axes[0].set_ylabel("validation loss (nats/char)")
+  axes[1].legend(fontsize=7, loc="upper right")
+  fig.suptitle("tiny Shakespeare GPT: every method, the same steps")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -168,27 +283,36 @@ def _plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  extra = FLAGS.example_flags.split()
-  seeds = [int(s) for s in FLAGS.seeds.split(",") if s]
-  runs = [r for r in FLAGS.runs.split(",") if r]
+  quick = FLAGS.quick
+  runs = FLAGS.runs if FLAGS["runs"].present or not quick else ",".join(QUICK_RUNS)
+  seeds = FLAGS.seeds if FLAGS["seeds"].present or not quick else "0"
+  extra = [*(QUICK_FLAGS if quick else ()), *FLAGS.example_flags.split()]
+  if FLAGS.data_dir:
+    extra.append(f"--data_dir={FLAGS.data_dir}")
+  specs = [RunSpec(r) for r in runs.split(",") if r.strip()]
+  planned = resolve(specs)
+  skipped = [s.text for s in specs if s not in [p for p, _ in planned]]
   fp_dir = os.path.join(FLAGS.workdir, "fp")
-  fp = _cached(fp_dir, ["--phase1_steps=0", "--eval_every=1000",
-                        *[a for a in extra if "phase" not in a]])
+  fp = _cached(fp_dir, ["--phase1_steps=0", *[a for a in extra if "phase" not in a]])
+  fp["fp_steps"] = next((a.split("=")[1] for a in extra if a.startswith("--fp_steps=")), 2000)
   init = f"--init_from={os.path.join(fp_dir, 'checkpoints', 'fp', 'latest')}"
+  command = "python benchmarks/gpt_methods.py " + " ".join(
+      a for a in sys.argv[1:] if not a.startswith(("--output", "--plot", "--cached_only")))
   rows: dict[str, list[dict]] = {}
-  for name, seed, args in _runs(seeds, runs):
-    workdir = os.path.join(FLAGS.workdir, f"{name}_s{seed}")
-    if FLAGS.cached_only and not os.path.exists(os.path.join(workdir, "report.json")):
-      continue
-    result = {**_cached(workdir, [init, *args, *extra]), **_float16_export(workdir)}
-    rows.setdefault(name, []).append(result)
-    fp.setdefault("total_params", result["total_params"])
-    command = "python benchmarks/gpt_methods.py " + " ".join(
-        a for a in sys.argv[1:] if not a.startswith(("--output", "--plot", "--cached_only")))
-    with open(FLAGS.output, "w", encoding="utf-8") as f:  # rewritten after every run
-      f.write(_table(fp, rows, command))
-    print(_table(fp, rows, command), flush=True)
-  _plot(fp, rows, FLAGS.plot)
+  notes = kept_notes(FLAGS.output)
+  for spec, args in planned:
+    for seed in (int(s) for s in seeds.split(",") if s.strip()):
+      workdir = os.path.join(FLAGS.workdir, f"{spec.folder}_s{seed}")
+      if FLAGS.cached_only and not os.path.exists(os.path.join(workdir, "report.json")):
+        continue
+      run_args = [init, *args, f"--seed={seed}", *extra]
+      result = {**_cached(workdir, run_args), **_float16_export(workdir, run_args)}
+      rows.setdefault(spec.label, []).append(result)
+      with open(FLAGS.output, "w", encoding="utf-8") as f:  # rewritten after every run
+        f.write(table(fp, rows, command, skipped, os.path.basename(FLAGS.plot)) + notes)
+  print(table(fp, rows, command, skipped, os.path.basename(FLAGS.plot)), flush=True)
+  if rows:
+    plot(fp, rows, FLAGS.plot)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from common import flags as flags_lib
 from common.script import script_main
 
 PHASES = ("fp", "ec2t_phase1", "ec2t_phase2")
+NO_METHOD = "none"  # --method=none: full precision continued for the method's steps
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -61,6 +62,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   d("block_size", 64, "Context length.")
   flags.DEFINE_bool("scan_layers", False, "Stack the blocks (nnx.vmap) and apply them with "
                     "nnx.scan.", flag_values=fv)
+  d("activation_bits", None, "8: the blocks' linear layers take per-token absmax int8 "
+    "inputs (straight-through), BitNet's W1.58A8 with any method; unset: float inputs.")
   # Full precision (nanoGPT's CPU configuration).
   d("batch_size", 12, "Global batch (windows).")
   d("eval_batch_size", 256, "Global batch of the validation windows.")
@@ -76,7 +79,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   # The method.
   flags.DEFINE_string("method", "ec2t", "Quantization method (examples/common/methods.py): "
-                      "ec2t, bitnet, twn, ttq, sttn, faraone, inq, slq, mlq, mcq.",
+                      "ec2t, bitnet, twn, ttq, sttn, faraone, inq, slq, mlq, mcq, any "
+                      "registered train-time method; 'none': full precision continued "
+                      "(phases 1 and 2 with the same AdamW and schedule, nothing quantized).",
                       flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs, key=value,...",
                       flag_values=fv)
@@ -121,6 +126,9 @@ class MethodConfig:
   phase2_epochs: int
   ec2t_steps: int
   inner_optimizer: Callable[..., Any]
+  # AdamW's decoupled decay acts on the methods' latent weights (ec2t.chain), not on the
+  # quantized values the params hold.
+  decay_latents: bool = True
   ec2t_mode: str = "chain"
   latent_learning_rate: float = 0.0
   centroid_learning_rate: float = 0.0
@@ -172,9 +180,13 @@ def build_model(fv, vocab_size: int):
   """``(init_params() -> params, apply_fn(params, tokens) -> logits)`` of the GPT."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ec2t_jax import models  # pylint: disable=g-import-not-at-top
-  config = models.GPTConfig(vocab_size=vocab_size, block_size=fv.block_size,
-                            num_layers=fv.num_layers, num_heads=fv.num_heads, width=fv.width,
-                            scan_layers=fv.scan_layers)
+  from common.cli import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    config = models.GPTConfig(vocab_size=vocab_size, block_size=fv.block_size,
+                              num_layers=fv.num_layers, num_heads=fv.num_heads, width=fv.width,
+                              scan_layers=fv.scan_layers, activation_bits=fv.activation_bits)
+  except ValueError as error:  # e.g. --activation_bits=4
+    raise UserError(f"--activation_bits / model flags: {error}") from None
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.GPT(config, rngs=nnx.Rngs(0))))
 
   def init_params():
@@ -210,6 +222,12 @@ def method_setup(fv, selection, total_steps: int, budget_fixed_bytes: float = 0.
   inner = lambda steps=total_steps: adamw(
       optax.cosine_decay_schedule(fv.learning_rate, max(steps, 1)), fv.beta2,
       fv.ec2t_weight_decay, fv.clip)
+  if fv.method == NO_METHOD:  # the reference a method's steps are measured against
+    if fv.method_options or any(budget_fields(fv)[k] for k in
+                                ("bits_per_weight", "target_bytes", "target_sparsity")):
+      from common.cli import UserError  # pylint: disable=g-import-not-at-top
+      raise UserError(f"--method={NO_METHOD} takes no --method_options and no size budget")
+    return methods.MethodSetup(inner(), ternary=False, max_values=0)
   config = MethodConfig(
       method=fv.method, method_options=fv.method_options, gamma=fv.gamma,
       init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
@@ -252,6 +270,9 @@ def run(fv: flags.FlagValues) -> dict:
     raise UserError("full-precision model needed: set --fp_steps > 0 or --init_from")
   total = fv.phase1_steps + fv.phase2_steps
   method_setup(fv, None, total)  # bad --method flags fail before loading data
+  if fv.activation_bits not in (None, 8):
+    raise UserError(f"--activation_bits must be 8 or unset (float inputs), got "
+                    f"{fv.activation_bits}")
   mesh = _mesh(fv)
   data = language.load_tiny_shakespeare(fv.data_dir)
   init_params, apply_fn = build_model(fv, len(data.vocab))
@@ -268,6 +289,8 @@ def run(fv: flags.FlagValues) -> dict:
             if k not in ("budget_ramp_steps", "export_float16")}
   if any(budget[k] for k in ("bits_per_weight", "target_bytes", "target_sparsity")):
     fingerprint["budget"] = budget  # runs without a budget keep their former fingerprint
+  if fv.activation_bits is not None:  # float-input runs keep their former fingerprint
+    fingerprint["activation_bits"] = fv.activation_bits
   checkpoint_lib.check_workdir(fv.workdir, fingerprint, fv.resume, PHASES)
   writer = MetricWriter(fv.workdir, enabled=main)
   runner = language.LMRunner(apply_fn, data, mesh, fv.batch_size, fv.block_size, fv.workdir,
@@ -286,7 +309,8 @@ def run(fv: flags.FlagValues) -> dict:
   results: dict[str, Any] = {"model": fingerprint["model"], "method": fv.method,
                              "method_options": fv.method_options, "gamma": fv.gamma,
                              "learning_rate": fv.learning_rate, "phase1_steps": fv.phase1_steps,
-                             "phase2_steps": fv.phase2_steps, "scan_layers": fv.scan_layers}
+                             "phase2_steps": fv.phase2_steps, "scan_layers": fv.scan_layers,
+                             "activation_bits": fv.activation_bits}
   if fv.init_from:
     params, _ = checkpoint_lib.restore_variables(fv.init_from)
     params = jax.tree.map(np.asarray, params)  # restored on one device; the mesh may span more
@@ -324,25 +348,30 @@ def run(fv: flags.FlagValues) -> dict:
     layers = sum(p is not None for p in selection.plan(fp_state.params))
     tx, phase2_phase = setup.staged(fv.phase1_steps, layers, phase2_steps=fv.phase2_steps)
 
+  quantized = fv.method != NO_METHOD
+  epoch_metrics = pipeline.ec2t_epoch_metrics if quantized else None
+
   def start_phase1(params):
-    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.quantized_params)
+    return TrainState.create(params, {}, tx, fv.seed + 1,
+                             prepare_params=ec2t.quantized_params if quantized else None)
 
   state, info1 = runner.run_phase("ec2t_phase1", tx, fv.phase1_steps, start_phase1,
                                   (fp_state.params,), resume=fv.resume,
-                                  epoch_metrics=pipeline.ec2t_epoch_metrics,
+                                  epoch_metrics=epoch_metrics,
                                   regularizer=setup.regularizer)
   seconds, val_loss = info1["seconds"], info1["val_loss"]
   if fv.phase2_steps > 0:
     def start_phase2(last):
-      return last._replace(step=jnp.zeros((), jnp.int32),
-                           opt_state=ec2t.set_phase(last.opt_state, phase2_phase))
+      opt_state = (ec2t.set_phase(last.opt_state, phase2_phase) if quantized
+                   else last.opt_state)
+      return last._replace(step=jnp.zeros((), jnp.int32), opt_state=opt_state)
     state, info2 = runner.run_phase("ec2t_phase2", tx, fv.phase2_steps, start_phase2, (state,),
-                                    resume=fv.resume, epoch_metrics=pipeline.ec2t_epoch_metrics)
+                                    resume=fv.resume, epoch_metrics=epoch_metrics)
     seconds, val_loss = seconds + info2["seconds"], info2["val_loss"]
   results["method_seconds"] = seconds
   results["val_loss"] = val_loss  # of the last state, measured at the end of its phase
-  summary = ec2t.summary(parallel.to_host(state.opt_state))
-  results["budget"] = summary.budget  # None without a size budget
+  summary = ec2t.summary(parallel.to_host(state.opt_state)) if quantized else None
+  results["budget"] = summary.budget if quantized else None  # None without a size budget
   return _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
                  apply_fn, data)
 
@@ -357,8 +386,12 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
   named = posttrain.selected_leaves(host_params, selection)
   if fv.scan_layers:  # one layer per slice of the stacked blocks
     named = [(f"{path}[{i}]", leaf[i]) for path, leaf in named for i in range(leaf.shape[0])]
-  setup.check(named)  # every quantized kernel is on the method's grid
+  if fv.method != NO_METHOD:  # every quantized kernel is on the method's grid
+    setup.check(named)
   measures = posttrain.compression_measures(named)
+  if fv.method == NO_METHOD:  # float kernels: stored at 32 bits, not their value entropy
+    measures = {**measures, "bits_per_weight": 32.0,
+                "layers": [{**l, "entropy": 32.0} for l in measures["layers"]]}
   if "val_loss" not in results:
     results["val_loss"] = runner.evaluate(state.params)
   results.update({"sparsity": measures["sparsity"],
@@ -394,11 +427,14 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
 def format_report(r: dict) -> str:
   """The one-screen comparison of the full-precision and the quantized model."""
   from common import report as report_lib  # pylint: disable=g-import-not-at-top
-  name = "EC2T" if r["method"] == "ec2t" else r["method"]
+  name = {"ec2t": "EC2T", NO_METHOD: "FP continued"}.get(r["method"], r["method"])
   rows = [("validation loss (nats/char)", f"{r['fp_val_loss']:.4f}",
            f"{r['val_loss']:.4f}  ({r['val_loss'] - r['fp_val_loss']:+.4f})"),
           ("quantized kernels", "-", f"{r['ternary_layers']} layers, "
                                      f"{r['ternary_weights']:,} of {r['total_params']:,} weights"),
+          ("their inputs (activations)", "float32",
+           "int8 per token (W1.58A8: ternary x int8)" if r.get("activation_bits") == 8
+           else "float32"),
           ("sparsity of the quantized kernels", "-", f"{100 * r['sparsity']:.1f}%"),
           ("bits/weight (entropy)", "32", f"{r['bits_per_weight']:.3f}"),
           ("size, float32 / 2-bit packed", f"{r['sizes']['float32_bits'] / 8:,.0f} B",

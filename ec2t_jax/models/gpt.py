@@ -6,6 +6,15 @@ embedding (``logits = h @ wte^T``), biases everywhere, no dropout (nanoGPT's CPU
 configuration uses none), initialised as nanoGPT does (normal 0.02; the
 residual projections ``0.02 / sqrt(2 L)``; zero biases).
 
+With ``activation_bits=8`` the model is BitNet b1.58's "W1.58A8": the input
+of every linear layer of the blocks (``c_attn``, ``attn/c_proj``, ``c_fc``,
+``mlp/c_proj``: the layers a method ternarizes) is quantized per token to
+int8 by absmax (:func:`ec2t_jax.quantize_activations_int8`:
+``s = 127 / max_j |x_j|``, ``round(s x)`` clipped to ``[-128, 127]``, divided
+by ``s``), with a straight-through gradient, as BitNet's ``BitLinear`` does;
+the embeddings, LayerNorms, attention scores and the tied LM head stay float.
+It works with any method (or none): the weights are the method's business.
+
 With ``scan_layers=True`` the blocks are built once by ``nnx.vmap`` (every
 parameter of ``blocks`` gets a leading axis of length ``num_layers``, e.g.
 ``blocks/mlp/c_fc/kernel`` of shape ``(L, d, 4d)``) and applied by
@@ -27,9 +36,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from typing import Optional
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from ec2t_jax._src.methods.bitnet import quantize_activations_int8
+
+ACTIVATION_BITS = (None, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +59,9 @@ class GPTConfig:
     width: embedding width ``d``.
     bias: biases in the linear layers and LayerNorms.
     scan_layers: stack the blocks (``nnx.vmap``) and apply them with ``nnx.scan``.
+    activation_bits: None (float inputs) or 8: the blocks' linear layers take
+      their inputs quantized per token to int8 (absmax, straight-through;
+      BitNet's W1.58A8 with ternary weights).
   """
   vocab_size: int = 65
   block_size: int = 64
@@ -52,8 +70,12 @@ class GPTConfig:
   width: int = 128
   bias: bool = True
   scan_layers: bool = False
+  activation_bits: Optional[int] = None
 
   def __post_init__(self):
+    if self.activation_bits not in ACTIVATION_BITS or isinstance(self.activation_bits, bool):
+      raise ValueError(f"GPTConfig.activation_bits must be None or 8 (per-token absmax int8), "
+                       f"got {self.activation_bits!r}")
     for name in ("vocab_size", "block_size", "num_layers", "num_heads", "width"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -67,6 +89,11 @@ def _linear(config: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: float
                     kernel_init=nnx.initializers.normal(std), rngs=rngs)
 
 
+def _linear_input(activation_bits: Optional[int], x):
+  """A block linear layer's input: per-token int8 (straight-through) with ``activation_bits=8``."""
+  return x if activation_bits is None else quantize_activations_int8(x)
+
+
 def _layer_norm(config: GPTConfig, rngs: nnx.Rngs):
   return nnx.LayerNorm(config.width, epsilon=1e-5, use_bias=config.bias, rngs=rngs)
 
@@ -76,6 +103,7 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
     self.num_heads = config.num_heads
+    self.activation_bits = config.activation_bits
     residual_std = 0.02 / math.sqrt(2 * config.num_layers)
     self.c_attn = _linear(config, config.width, 3 * config.width, rngs)
     self.c_proj = _linear(config, config.width, config.width, rngs, residual_std)
@@ -83,13 +111,14 @@ class CausalSelfAttention(nnx.Module):
   def __call__(self, x):
     batch, length, width = x.shape
     heads = lambda t: t.reshape(batch, length, self.num_heads, width // self.num_heads)
-    q, k, v = (heads(t) for t in jnp.split(self.c_attn(x), 3, axis=-1))
+    qkv = self.c_attn(_linear_input(self.activation_bits, x))
+    q, k, v = (heads(t) for t in jnp.split(qkv, 3, axis=-1))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     causal = jnp.tril(jnp.ones((length, length), bool))
     scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores, axis=-1)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-    return self.c_proj(y)
+    return self.c_proj(_linear_input(self.activation_bits, y))
 
 
 class MLP(nnx.Module):
@@ -97,11 +126,13 @@ class MLP(nnx.Module):
 
   def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
     residual_std = 0.02 / math.sqrt(2 * config.num_layers)
+    self.activation_bits = config.activation_bits
     self.c_fc = _linear(config, config.width, 4 * config.width, rngs)
     self.c_proj = _linear(config, 4 * config.width, config.width, rngs, residual_std)
 
   def __call__(self, x):
-    return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=False))
+    hidden = jax.nn.gelu(self.c_fc(_linear_input(self.activation_bits, x)), approximate=False)
+    return self.c_proj(_linear_input(self.activation_bits, hidden))
 
 
 class Block(nnx.Module):

@@ -283,7 +283,10 @@ def _train(spec, config, options, selection, budget) -> MethodSetup:
     shared = {k: v for k, v in knobs.items() if k in _keywords(spec.regularizer)}
     regularizer = spec.regularizer(**shared, **regularizer_knobs, selection=selection)
   extra = {} if budget is None else {"budget": budget}
-  tx = optax.chain(_inner(config, paper), _transform(spec, knobs, selection, **extra))
+  # ec2t.chain: the inner optimizer's decoupled weight decay shrinks the latent weights
+  # (config.decay_latents, the GPT's AdamW); optax.chain: it sees the quantized params.
+  compose = ec2t.chain if getattr(config, "decay_latents", False) else optax.chain
+  tx = compose(_inner(config, paper), _transform(spec, knobs, selection, **extra))
   return MethodSetup(tx, regularizer=regularizer, phase_starts_are_results=last_phase == 0,
                      **_grid(spec, knobs))
 

@@ -153,3 +153,39 @@ def test_traced_geometry_of_a_dense_model(tmp_path):
                      ("layers_2/kernel", "dense", 16, 4, None, True)])
   report.save_geometry(tmp_path / "g.json", layers)
   chex.assert_equal(report.load_geometry(tmp_path / "g.json"), layers)
+
+
+def _ternary_dense_model():
+  rng = np.random.default_rng(1)
+  kernel = rng.choice([-0.5, 0.0, 0.5], size=(8, 16)).astype(np.float32)
+  layers = [geometry.LayerGeometry("k", "dense", 8, 16, (1, 1), (1, 1), in_axis=0, out_axis=1,
+                                   bias=False, activation=None)]
+  return {"k": kernel}, layers
+
+
+def test_int8_activations_start_the_tree_adder_at_8_bits():
+  flat, layers = _ternary_dense_model()
+  float_inputs, = accounting.score_layers(flat, layers, accounting.PAPER_RULES)
+  int8 = accounting.CountingRules(activation_bits=8)
+  int8_inputs, = accounting.score_layers(flat, layers, int8)
+  nnz_per_output = np.count_nonzero(flat["k"]) / 16
+  chex.assert_equal(int8_inputs.flop_adds,
+                    accounting.tree_adder_bits(nnz_per_output, 8) * 16 / 32)
+  assert int8_inputs.flop_adds < float_inputs.flop_adds
+  chex.assert_equal(int8_inputs.ops_live, float_inputs.ops_live)  # same operations, narrower
+
+
+def test_the_report_says_ternary_x_int8_with_8_bit_activations():
+  flat, layers = _ternary_dense_model()
+  r = report.build_report(flat, geometry=layers,
+                          rules=accounting.CountingRules(activation_bits=8))
+  chex.assert_equal((r["arithmetic"], r["rules"]["activation_bits"]), ("ternary x int8", 8))
+  assert "ternary x int8" in report.format_report(r)
+  chex.assert_equal(report.build_report(flat, geometry=layers)["arithmetic"],
+                    "ternary x float16")
+
+
+@pytest.mark.parametrize("bits", [0, 64, 8.0, True])
+def test_bad_activation_bits_are_refused_by_name(bits):
+  with pytest.raises(ValueError, match="activation_bits"):
+    accounting.CountingRules(activation_bits=bits)

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                            "dead inputs only where a layer's own input slice is zero")
   parser.add_argument("--mul-bits", type=int, default=None,
                       help="bits per multiplication (paper 16; its full-precision 81.3M uses 32)")
+  parser.add_argument("--activation-bits", type=int, choices=(8,), default=None,
+                      help="the model's quantized layers take int8 inputs (W1.58A8, e.g. "
+                           "models.GPT(..., activation_bits=8)): ops read 'ternary x int8'")
   parser.add_argument("--keys", default="params", help="checkpoint entries to read")
   parser.add_argument("--max-bytes", type=cli_support.byte_size, default=DEFAULT_MAX_BYTES,
                       help="largest input (file and decoded arrays) accepted, e.g. 512M or 8G "
@@ -58,6 +61,8 @@ def _report(args) -> int:
   rules = PAPER_RULES if args.rules == "paper" else EXACT_RULES
   if args.mul_bits:
     rules = dataclasses.replace(rules, mul_bits=args.mul_bits)
+  if args.activation_bits:
+    rules = dataclasses.replace(rules, activation_bits=args.activation_bits)
   report = build_report(args.path, geometry=args.geometry, rules=rules,
                         image_size=args.image_size,
                         keys=tuple(k for k in args.keys.split(",") if k),

@@ -35,7 +35,10 @@ so the count without dead channels can show slightly *more* additions (by
 
 MicroNet FLOPs weight each multiplication by ``mul_bits / 32`` and each
 addition by ``add_bits / 32``; ternary accumulations may use a tree adder
-whose operands grow from 16 bits by one bit per level (capped at 32). One
+whose operands grow from 16 bits by one bit per level (capped at 32). A model
+whose quantized layers take 8-bit inputs (``activation_bits=8``, BitNet's
+W1.58A8, e.g. ``models.GPT(..., activation_bits=8)``) adds int8 operands:
+its tree adder starts at 8 bits, and the report reads "ternary x int8". One
 addition per output for the bias, one multiplication per output for a ReLU,
 one addition per output for a residual add (the reference script keeps only
 the *last* block's residual adds: ``skip_adds="last"``).
@@ -95,6 +98,8 @@ class CountingRules:
     ternary_rules: count ternary layers as ternary (2 mults per output,
       ternary formats, tree adder); False counts them like any sparse 16-bit
       layer, as the published script's ResNet-20 branch does.
+    activation_bits: bits of the quantized layers' inputs (None: ``value_bits``
+      floats; 8: int8 per-token activations, the tree adder's operands).
   """
   value_bits: int = 16
   mul_bits: int = 16
@@ -105,8 +110,13 @@ class CountingRules:
   dead_inputs: str = "previous"
   skip_adds: str = "last"
   ternary_rules: bool = True
+  activation_bits: Optional[int] = None
 
   def __post_init__(self):
+    bits = self.activation_bits
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                             or not 1 <= bits <= 32):
+      raise ValueError(f"activation_bits must be None or an int in [1, 32], got {bits!r}")
     if self.dead_inputs not in ("previous", "own"):
       raise ValueError(f"dead_inputs must be 'previous' or 'own', got {self.dead_inputs!r}")
     if self.skip_adds not in ("last", "all"):
@@ -202,6 +212,20 @@ def tree_adder_bits(vector_length: float, operand_bits: int = 16) -> float:
   return bits
 
 
+def arithmetic(rules: CountingRules) -> str:
+  """What a quantized layer multiplies: ``"ternary x int8"`` with 8-bit activations,
+  ``"ternary x float16"`` with the paper's 16-bit values.
+
+  Example:
+    >>> from ec2t_jax._src.report.accounting import CountingRules, arithmetic  # internal
+    >>> arithmetic(CountingRules(activation_bits=8)), arithmetic(CountingRules())
+    ('ternary x int8', 'ternary x float16')
+  """
+  if rules.activation_bits is None:
+    return f"ternary x float{rules.value_bits}"
+  return f"ternary x int{rules.activation_bits}"
+
+
 def _oi_view(weights: np.ndarray, layer: LayerGeometry) -> Optional[np.ndarray]:
   """Weights as ``[out, in, rest]`` (None when the layout is unknown)."""
   w = np.asarray(weights)
@@ -272,7 +296,8 @@ def _flops(layer: LayerGeometry, ternary: bool, live: _Live, ops_live: OpCount,
   outputs = layer.positions * live.out
   flop_mults = ops_live.mults * rules.mul_bits / 32
   if ternary and rules.tree_adder and live.out:
-    flop_adds = (tree_adder_bits(live.nnz / live.out, rules.value_bits) * layer.positions
+    operand_bits = rules.activation_bits or rules.value_bits
+    flop_adds = (tree_adder_bits(live.nnz / live.out, operand_bits) * layer.positions
                  * live.out / 32)
   else:
     flop_adds = ops_live.adds * rules.add_bits / 32

@@ -257,6 +257,7 @@ def build_report(source, *, geometry: GeometryLike = "auto",
   report: dict[str, Any] = {
       "source": src.name, "kind": src.kind, "architecture": architecture,
       "rules": dataclasses.asdict(rules),
+      "arithmetic": accounting.arithmetic(rules),
       "sparsity": zeros / total if total else 0.0,
       "sparsity_detail": {"zeros": zeros, "parameters": total,
                           "ternary_zeros": ternary_totals.zeros,
@@ -325,7 +326,8 @@ def format_report(report: dict) -> str:
         f"MicroNet FLOPs: {report['flops'] / 1e6:.2f}M "
         f"(mults {report['flops_detail']['mults'] / 1e6:.2f}M, "
         f"adds {report['flops_detail']['adds'] / 1e6:.2f}M)",
-        f"ops (paper's formulas): {ops['with_dead_channels']['mults'] / 1e6:.3f}M mults + "
+        f"ops (paper's formulas, {report['arithmetic']}): "
+        f"{ops['with_dead_channels']['mults'] / 1e6:.3f}M mults + "
         f"{ops['with_dead_channels']['adds'] / 1e6:.3f}M adds with dead channels; "
         f"{ops['without_dead_channels']['mults'] / 1e6:.3f}M + "
         f"{ops['without_dead_channels']['adds'] / 1e6:.3f}M without; dense float "

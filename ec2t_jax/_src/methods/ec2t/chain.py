@@ -31,8 +31,10 @@ class EC2TLeaf(NamedTuple):
   Attributes:
     latent: latent full-precision weights ``W`` (``latent_dtype``, same shape
       and sharding as the param).
-    w_n: magnitude of the negative centroid (float32 scalar).
-    w_p: value of the positive centroid (float32 scalar).
+    w_n: magnitude of the negative centroid (float32 scalar; with
+      ``centroids="channel"`` one per output channel, shaped to broadcast
+      against ``latent``).
+    w_p: value of the positive centroid (likewise).
     assignment: ``int8`` assignment in ``{-1, 0, 1}``.
     lam: lambda used by the last assignment (float32 scalar).
   """
@@ -47,6 +49,10 @@ class EC2TLeaf(NamedTuple):
     w_n, w_p = core.snap_to_grid(jnp.stack([self.w_n, self.w_p]), dtype,
                                  jnp.maximum(jnp.abs(self.w_n), jnp.abs(self.w_p)))
     return ternary.ternary_values(self.assignment, w_n, w_p, dtype)
+
+  def codes(self) -> jax.Array:
+    """The assignment: a layer's symbols whether its centroids are per layer or per channel."""
+    return self.assignment
 
   def describe(self) -> dict:
     return {"method": "EC2T", "mode": "ternary", "w_n": self.w_n,
@@ -95,10 +101,13 @@ HYPER_RANGES = {
 }
 
 
-def cluster_means(values, assignment, fallback_n, fallback_p):
+def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=None):
   """Means of ``values`` over clusters n and p, in one reduction.
 
-  A cluster that is empty gets its fallback.
+  A cluster that is empty gets its fallback. With ``channel_axis``, one mean
+  per channel (over the other axes, kept with size 1 so the means broadcast
+  against ``values``); an empty cluster of a channel gets that channel's
+  fallback.
 
   Example:
     >>> import jax.numpy as jnp
@@ -112,28 +121,61 @@ def cluster_means(values, assignment, fallback_n, fallback_p):
   # and one compiled loop instead of four (exact counts below 2^24).
   terms = (in_n.astype(jnp.float32), in_p.astype(jnp.float32),
            jnp.where(in_n, values, 0.0), jnp.where(in_p, values, 0.0))
+  keep = None if channel_axis is None else channel_axis % values.ndim
+  axes = tuple(a for a in range(values.ndim) if a != keep)
   count_n, count_p, total_n, total_p = jax.lax.reduce(
-      terms, (0.0,) * 4, lambda x, y: tuple(a + b for a, b in zip(x, y)),
-      tuple(range(values.ndim)))
+      terms, (0.0,) * 4, lambda x, y: tuple(a + b for a, b in zip(x, y)), axes)
+  if keep is not None:  # back to a shape that broadcasts against values
+    shape = tuple(values.shape[a] if a == keep else 1 for a in range(values.ndim))
+    count_n, count_p, total_n, total_p = (
+        t.reshape(shape) for t in (count_n, count_p, total_n, total_p))
   mean = lambda total, count, fallback: jnp.where(
       count > 0, total / jnp.maximum(count, 1.0), fallback)
   return mean(total_n, count_n, fallback_n), mean(total_p, count_p, fallback_p)
 
 
+def channel_axis(ctx: core.LeafContext, centroids: str):
+  """The axis of per-channel centroids (``ctx.output_axis``), or None for one pair per layer."""
+  return ctx.output_axis if centroids == "channel" else None
+
+
+def channel_spread(latent, axis):
+  """``r_c = std(W_c) / std(W)`` per channel (1 where either is 0), shaped to broadcast."""
+  w = jnp.asarray(latent, jnp.float32)
+  layer = jnp.std(w, ddof=1)
+  keep = axis % w.ndim
+  channel = jnp.std(w, ddof=1, axis=tuple(a for a in range(w.ndim) if a != keep),
+                    keepdims=True)
+  return jnp.where((channel > 0) & (layer > 0), channel / jnp.where(layer > 0, layer, 1.0), 1.0)
+
+
 def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
-            renormalization, ties):
+            renormalization, ties, centroids="layer"):
+  """EC2T's assignment; with per-channel centroids the distortion of channel ``c`` is measured
+  in units of its spread: ``((W - v) / r_c)^2 + lambda I`` (``r_c``: :func:`channel_spread`),
+  so a channel of small weights is not zeroed whole by the layer's ``lambda``."""
   gamma = (hyper.gamma if ctx.gamma is None else ctx.gamma) * hyper.lambda_multiplier
   size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
+  axis = channel_axis(ctx, centroids)
+  if axis is not None:
+    spread = channel_spread(latent, axis)
+    latent, w_n, w_p = latent / spread, w_n / spread, w_p / spread
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
-      zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties)
+      zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties,
+      channel_axis=axis)
 
 
 def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
-              latent_dtype, ties="zero") -> EC2TLeaf:
-  """Centroids ``s |min W|, s |max W|`` and the nearest-centroid assignment."""
+              latent_dtype, ties="zero", centroids="layer") -> EC2TLeaf:
+  """Centroids ``s |min W|, s |max W|`` (of the layer, or of each output channel with
+  ``centroids="channel"``) and the nearest-centroid assignment."""
+  if centroids == "channel" and len(ctx.shape) < 2:
+    raise ValueError(f"centroids='channel' needs leaves with an output-channel axis and at "
+                     f"least one other; leaf {ctx.path!r} has shape {ctx.shape}")
   latent = jnp.asarray(param).astype(latent_dtype)
-  w_n, w_p = ternary.initial_centroids(latent, hyper.init_scale)
+  w_n, w_p = ternary.initial_centroids(latent, hyper.init_scale,
+                                       channel_axis=channel_axis(ctx, centroids))
   cls = ECPLeaf if ctx.mode == "ecp" else EC2TLeaf
   return cls(latent, w_n, w_p,
              ternary.nearest_centroid_assign(latent, w_n, w_p, ties=ties),
@@ -141,7 +183,7 @@ def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
 
 
 def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
-                 phase, *, renormalization, ties="zero") -> EC2TLeaf:
+                 phase, *, renormalization, ties="zero", centroids="layer") -> EC2TLeaf:
   """One EC2T step of one leaf, given the latent and centroid increments.
 
   Order as in the reference: move the latent weights (unless frozen, i.e.
@@ -159,35 +201,41 @@ def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
     phase: int32; ``>= 1`` freezes the assignment and the latent weights.
     renormalization: see :func:`~ec2t_jax.cluster_probabilities`.
     ties: the assignments' tie rule (:func:`~ec2t_jax.assign_by_cost`).
+    centroids: ``"layer"`` or ``"channel"`` (one pair per output channel,
+      ``ctx.output_axis``: floored at each channel's std).
 
   Returns:
     The new state, of the same class.
   """
+  axis = channel_axis(ctx, centroids)
   frozen = phase >= 1
   latent = jnp.where(frozen, leaf.latent,
                      (leaf.latent + latent_step).astype(leaf.latent.dtype))
   if isinstance(leaf, ECPLeaf):
-    mean_n, w_p = cluster_means(latent, leaf.assignment, -leaf.w_n, leaf.w_p)
+    mean_n, w_p = cluster_means(latent, leaf.assignment, -leaf.w_n, leaf.w_p,
+                                channel_axis=axis)
     w_n = -mean_n
   else:
     w_n, w_p = leaf.w_n + centroid_step[0], leaf.w_p + centroid_step[1]
-  w_n, w_p = ternary.centroid_floor(latent, w_n, w_p, hyper.floor_factor)
+  w_n, w_p = ternary.centroid_floor(latent, w_n, w_p, hyper.floor_factor, channel_axis=axis)
   # Keep centroids strictly positive even for constant layers (std = 0).
   tiny = jnp.finfo(jnp.float32).tiny
   w_n, w_p = jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny)
-  assignment, lam = _assign(latent, w_n, w_p, ctx, hyper, renormalization, ties)
+  assignment, lam = _assign(latent, w_n, w_p, ctx, hyper, renormalization, ties, centroids)
   return type(leaf)(latent, w_n, w_p,
                     jnp.where(frozen, leaf.assignment, assignment),
                     jnp.where(frozen, leaf.lam, lam))
 
 
-def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plain"):
+def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plain",
+                axis=None):
   """The chain form's ``(latent_step, centroid_step)`` from an update ``u``.
 
   ``W += u`` (``latent_step_rule="plain"``) or ``W += s * u`` (``"ttq"``,
   :func:`~ec2t_jax.latent_gradient`'s scaling);
-  ``w_p += k * mean_p(u)``, ``w_n -= k * mean_n(u)``. An ECP leaf's latent
-  weights take ``u`` unscaled.
+  ``w_p += k * mean_p(u)``, ``w_n -= k * mean_n(u)`` (per channel along
+  ``axis`` with per-channel centroids: the means over each channel's members).
+  An ECP leaf's latent weights take ``u`` unscaled.
   """
   if isinstance(leaf, ECPLeaf):
     return update, None
@@ -196,30 +244,34 @@ def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plai
     latent_step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n, leaf.w_p)
   else:
     latent_step = jnp.asarray(update, jnp.float32)
-  mean_n, mean_p = cluster_means(update, leaf.assignment, 0.0, 0.0)
+  mean_n, mean_p = cluster_means(update, leaf.assignment, 0.0, 0.0, channel_axis=axis)
   return latent_step, (-k * mean_n, k * mean_p)
 
 
 def method(*, renormalization="exact", latent_dtype="float32",
-           ties="zero", latent_step="plain") -> core.Method:
+           ties="zero", latent_step="plain", centroids="layer") -> core.Method:
   """EC2T's chain-form :class:`~core.Method`."""
   latent_dtype = jnp.dtype(latent_dtype)
   latent_step_rule = latent_step
 
   def step_leaf(update, leaf, ctx, hyper, phase):
-    latent_step, centroid_step = chain_steps(update, leaf, hyper, latent_step_rule)
+    latent_step, centroid_step = chain_steps(update, leaf, hyper, latent_step_rule,
+                                             channel_axis(ctx, centroids))
     return advance_leaf(leaf, latent_step, centroid_step, ctx, hyper, phase,
-                        renormalization=renormalization, ties=ties)
+                        renormalization=renormalization, ties=ties, centroids=centroids)
 
   def init(param, ctx, hyper):
-    return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties)
+    return init_leaf(param, ctx, hyper, latent_dtype=latent_dtype, ties=ties,
+                     centroids=centroids)
 
   return core.Method("ec2t", init, step_leaf,
                      accepts=core.RuleOptions(modes=("ternary", "ecp"), rule_gamma=True))
 
 
-def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain") -> None:
+def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain",
+                 centroids="layer") -> None:
   """Raises ``ValueError`` for a bad string or dtype option."""
+  core.check_choice("centroids", centroids, ("layer", "channel"))
   core.check_choice("renormalization", renormalization, ("exact", "reference"))
   core.check_choice("ties", ties, ("zero", "reference"))
   core.check_choice("latent_step", latent_step, ("plain", "ttq"))
@@ -253,6 +305,7 @@ def ternarize_transform(
     ties: ternary.Ties = "zero",
     latent_dtype: str = "float32",
     latent_step: str = "plain",
+    centroids: str = "layer",
 ):
   """EC2T as the last transformation of an optax chain.
 
@@ -351,6 +404,19 @@ def ternarize_transform(
       so small steps are not lost).
     latent_step: ``"plain"`` (``W += u``, default) or ``"ttq"``
       (``W += s * u``), see above.
+    centroids: ``"layer"`` (default: one ``w_n``, ``w_p`` per layer, the
+      paper's) or ``"channel"``: one pair per output channel (the axis is the
+      selection's ``output_axis``, the last for a Flax kernel), initialised
+      from each channel's extremes, stepped by the means of ``u`` over each
+      channel's clusters and floored at each channel's std; the cluster
+      probabilities, information content and ``lambda`` stay the layer's
+      (:func:`lambda_max` with ``channel_axis``), and each channel's
+      distortion is measured in units of its spread
+      (``((W - v) / r_c)^2 + lambda I``, ``r_c = std(W_c) / std(W)``, so
+      ``lambda`` is in the layer's units and no channel of small weights is
+      zeroed whole). The param holds
+      ``{-w_n[c], 0, w_p[c]}`` in channel ``c``; the export stores it as a
+      per-filter ternary record (``tf``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantizerState`
@@ -371,7 +437,8 @@ def ternarize_transform(
                    selection=selection,
                    centroid_update_scale=centroid_update_scale, floor_factor=floor_factor,
                    zero_floor=zero_floor, sustain=sustain, renormalization=renormalization,
-                   ties=ties, latent_dtype=latent_dtype, latent_step=latent_step).transform()
+                   ties=ties, latent_dtype=latent_dtype, latent_step=latent_step,
+                   centroids=centroids).transform()
 
 
 def quantizer(gamma: Optional[float] = None, init_scale: float = 0.3, *,
@@ -379,9 +446,10 @@ def quantizer(gamma: Optional[float] = None, init_scale: float = 0.3, *,
               selection: selection_lib.SelectionLike = None, centroid_update_scale: float = 0.1,
               floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
               renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
-              latent_dtype: str = "float32", latent_step: str = "plain") -> core.Quantizer:
+              latent_dtype: str = "float32", latent_step: str = "plain",
+              centroids: str = "layer") -> core.Quantizer:
   """EC2T (chain form) as a :class:`~core.Quantizer`; see :func:`ternarize_transform`."""
-  check_static(renormalization, latent_dtype, ties, latent_step)
+  check_static(renormalization, latent_dtype, ties, latent_step, centroids)
   if budget is not None and gamma is not None:
     raise ValueError(f"ternarize_transform takes gamma or budget, not both (gamma={gamma!r}, "
                      f"budget={budget!r}); with a budget the controller sets the multiplier "
@@ -396,7 +464,7 @@ def quantizer(gamma: Optional[float] = None, init_scale: float = 0.3, *,
                     centroid_update_scale)
   return core.Quantizer(
       method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties,
-             latent_step=latent_step),
+             latent_step=latent_step, centroids=centroids),
       hyper, HYPER_RANGES, selection, budget=budget,
       controlled=None if budget is None else BUDGET_CONTROLLED, budget_target=budget_target)
 
@@ -420,6 +488,8 @@ registry.register_method(registry.MethodSpec(
         "ties": _knob(("zero", "reference")),
         "latent_dtype": _knob(),
         "latent_step": _knob(("plain", "ttq")),
+        "centroids": _knob(("layer", "channel"), ("layer",),
+                           doc="one centroid pair per layer or per output channel"),
     },
-    grid=lambda o: grids.ternary_grid(),
+    grid=lambda o: grids.ternary_grid(per_filter=o["centroids"] == "channel"),
     description="Entropy-Constrained Trained Ternarization (chain form)"))

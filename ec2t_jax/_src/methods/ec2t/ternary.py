@@ -48,6 +48,16 @@ def _check_ties(ties):
     raise ValueError(f"ties must be 'zero' or 'reference', got {ties!r}")
 
 
+def _keep_channel(x, reduce, channel_axis):
+  """``reduce(x, axis=..., keepdims=...)`` over the whole array (``channel_axis`` None: a
+  scalar) or over every axis but ``channel_axis`` (kept, with size-1 axes elsewhere, so the
+  result broadcasts against ``x``: one value per output channel)."""
+  if channel_axis is None:
+    return reduce(x)
+  axis = channel_axis % x.ndim
+  return reduce(x, axis=tuple(a for a in range(x.ndim) if a != axis), keepdims=True)
+
+
 def nearest_centroid_assign(weights, w_n, w_p, *, ties: Ties = "zero") -> jax.Array:
   """Assigns each weight to the nearest of ``{-w_n, 0, w_p}``.
 
@@ -192,8 +202,9 @@ def information_content(probabilities) -> jax.Array:
   return -jnp.log2(_f32(probabilities))
 
 
-def extremes(weights) -> tuple[jax.Array, jax.Array]:
-  """``(|min W|, |max W|)`` as float32 scalars.
+def extremes(weights, *, channel_axis=None) -> tuple[jax.Array, jax.Array]:
+  """``(|min W|, |max W|)`` as float32 scalars (with ``channel_axis``: per channel, over the
+  other axes, shaped to broadcast against ``weights``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -202,10 +213,11 @@ def extremes(weights) -> tuple[jax.Array, jax.Array]:
     (Array(2., dtype=float32), Array(1., dtype=float32))
   """
   w = _f32(weights)
-  return jnp.abs(jnp.min(w)), jnp.abs(jnp.max(w))
+  return (jnp.abs(_keep_channel(w, jnp.min, channel_axis)),
+          jnp.abs(_keep_channel(w, jnp.max, channel_axis)))
 
 
-def lambda_max(weights, w_n, w_p, information) -> jax.Array:
+def lambda_max(weights, w_n, w_p, information, *, channel_axis=None) -> jax.Array:
   """The largest useful ``lambda``: beyond it one side of the layer empties.
 
   For each side, the lambda at which its most extreme weight would flip to
@@ -216,6 +228,13 @@ def lambda_max(weights, w_n, w_p, information) -> jax.Array:
      \\lambda_p = \\frac{|\\max W|^2 - (w_p - |\\max W|)^2}{I_p - I_0}, \\quad
      \\lambda_{max} = \\min(\\lambda_n, \\lambda_p)
 
+  With per-channel centroids (``channel_axis``; ``w_n``, ``w_p`` one per
+  channel, broadcasting against ``weights``) each channel ``c`` has its own
+  flip point ``lambda_{n,c}`` from its own extreme and centroid, and a side of
+  the layer empties when its last channel does: ``lambda_n = max_c lambda_{n,c}``
+  (the same for p). With one channel, or equal centroids, this is the formula
+  above.
+
   Guards (degenerate layers only; documented deviations from the reference):
   a side whose denominator is not positive never flips, whatever lambda, so it
   gives ``+inf``; if both sides do, ``lambda_max`` is 0. A negative result
@@ -223,19 +242,30 @@ def lambda_max(weights, w_n, w_p, information) -> jax.Array:
 
   Args:
     weights: latent weights of the layer.
-    w_n: magnitude of the negative centroid.
-    w_p: value of the positive centroid.
-    information: ``(I_n, I_0, I_p)``.
+    w_n: magnitude of the negative centroid (one per channel with
+      ``channel_axis``).
+    w_p: value of the positive centroid (likewise).
+    information: ``(I_n, I_0, I_p)`` of the whole layer.
+    channel_axis: the output-channel axis of per-channel centroids, or None.
 
   Returns:
     float32 scalar ``lambda_max >= 0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ec2t_jax import lambda_max
+    >>> w = jnp.array([[1.0, 0.2], [-0.5, -0.4]])  # columns: channels
+    >>> info = jnp.array([2.0, 1.0, 2.0])
+    >>> float(lambda_max(w, jnp.array([[0.5, 0.4]]), jnp.array([[1.0, 0.2]]), info,
+    ...                  channel_axis=-1))  # min(max(0.25, 0.16), max(1.0, 0.04))
+    0.25
   """
   w = _f32(weights)
   info = _f32(information)
-  extreme_n, extreme_p = extremes(w)
+  extreme_n, extreme_p = extremes(w, channel_axis=channel_axis)
 
   def side(extreme, centroid, delta_info):
-    numerator = jnp.square(extreme) - jnp.square(_f32(centroid) - extreme)
+    numerator = jnp.max(jnp.square(extreme) - jnp.square(_f32(centroid) - extreme))
     return jnp.where(delta_info > 0,
                      numerator / jnp.where(delta_info > 0, delta_info, 1.0),
                      jnp.inf)
@@ -284,6 +314,7 @@ def entropy_constrained_assign(
     zero_floor: float = 0.5,
     renormalization: Renormalization = "exact",
     ties: Ties = "zero",
+    channel_axis=None,
 ) -> tuple[jax.Array, jax.Array]:
   """EC2T's assignment of one layer (reference section 2).
 
@@ -301,6 +332,10 @@ def entropy_constrained_assign(
     zero_floor: lower bound of ``P_0``.
     renormalization: see :func:`cluster_probabilities`.
     ties: the tie rule of both assignments (module docstring).
+    channel_axis: with per-channel centroids (``w_n``, ``w_p`` one per
+      output channel, shaped to broadcast against ``weights``), that axis:
+      each weight is measured against its channel's centroids, while ``P``,
+      ``I`` and ``lambda`` stay the layer's (:func:`lambda_max`).
 
   Returns:
     ``(assignment, lam)``: the ``int8`` assignment and the lambda used.
@@ -313,14 +348,23 @@ def entropy_constrained_assign(
   """
   lam, information = entropy_constrained_lambda(
       weights, w_n, w_p, gamma=gamma, size_decay=size_decay,
-      zero_floor=zero_floor, renormalization=renormalization, ties=ties)
+      zero_floor=zero_floor, renormalization=renormalization, ties=ties,
+      channel_axis=channel_axis)
   return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
 
 
-def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
-                               zero_floor: float = 0.5,
-                               renormalization: Renormalization = "exact",
-                               ties: Ties = "zero") -> tuple[jax.Array, jax.Array]:
+def entropy_constrained_lambda(
+    weights,
+    w_n,
+    w_p,
+    *,
+    gamma,
+    size_decay=1.0,
+    zero_floor: float = 0.5,
+    renormalization: Renormalization = "exact",
+    ties: Ties = "zero",
+    channel_axis=None,
+) -> tuple[jax.Array, jax.Array]:
   """Steps 1-3 of :func:`entropy_constrained_assign`: ``(lambda, I)``.
 
   ``I = -log2 P`` of the nearest-centroid assignment (with EC2T's guards)
@@ -339,7 +383,7 @@ def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
       preliminary, zero_floor=zero_floor, renormalization=renormalization)
   information = information_content(probabilities)
   lam = (_f32(gamma) * _f32(size_decay)
-         * lambda_max(weights, w_n, w_p, information))
+         * lambda_max(weights, w_n, w_p, information, channel_axis=channel_axis))
   return lam, information
 
 
@@ -383,7 +427,8 @@ def ternary_values(assignment, w_n, w_p, dtype=jnp.float32) -> jax.Array:
   return jnp.where(a > 0, w_p, jnp.where(a < 0, -w_n, jnp.zeros((), dtype)))
 
 
-def initial_centroids(weights, init_scale) -> tuple[jax.Array, jax.Array]:
+def initial_centroids(weights, init_scale, *, channel_axis=None
+                      ) -> tuple[jax.Array, jax.Array]:
   """EC2T's centroid initialization from pretrained weights.
 
   .. math:: w_n = s |\\min W|, \\quad w_p = s |\\max W|
@@ -391,27 +436,33 @@ def initial_centroids(weights, init_scale) -> tuple[jax.Array, jax.Array]:
   Args:
     weights: pretrained weights of the layer.
     init_scale: the initial centroid scaler ``s > 0`` (0.15-0.5 in the paper).
+    channel_axis: None (one pair per layer), or the output-channel axis: one
+      pair per channel from that channel's extremes, shaped to broadcast
+      against ``weights`` (size 1 on the other axes).
 
   Returns:
-    ``(w_n, w_p)`` as float32 scalars.
+    ``(w_n, w_p)`` as float32 scalars (per channel: arrays).
   """
   s = _f32(init_scale)
-  extreme_n, extreme_p = extremes(weights)
+  extreme_n, extreme_p = extremes(weights, channel_axis=channel_axis)
   return s * extreme_n, s * extreme_p
 
 
-def centroid_floor(weights, w_n, w_p, factor=0.675):
+def centroid_floor(weights, w_n, w_p, factor=0.675, *, channel_axis=None):
   """Keeps both centroids at least ``factor * std(W)``.
 
   .. math:: w_c \\leftarrow \\max(w_c, \\; f \\cdot \\mathrm{std}(W))
 
   with the unbiased standard deviation (``ddof=1``) of the layer's latent
-  weights (``f = 0.675`` in EC2T). Needs at least two weights.
+  weights (``f = 0.675`` in EC2T). Needs at least two weights. With
+  ``channel_axis`` (per-channel centroids) each channel's centroids are
+  floored at ``f`` times the standard deviation of that channel's weights.
 
   Returns:
     the floored ``(w_n, w_p)``.
   """
-  floor = _f32(factor) * jnp.std(_f32(weights), ddof=1)
+  std = lambda x, **axes: jnp.std(x, ddof=1, **axes)
+  floor = _f32(factor) * _keep_channel(_f32(weights), std, channel_axis)
   return jnp.maximum(_f32(w_n), floor), jnp.maximum(_f32(w_p), floor)
 
 
