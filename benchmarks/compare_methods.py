@@ -65,7 +65,8 @@ from common import posttrain  # pylint: disable=g-import-not-at-top,wrong-import
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/compare_methods", "Output and cache folder.")
-flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).")
+flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).",
+                    allow_override=True)  # gpt_methods.py defines it too (one test process)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every point.")
 flags.DEFINE_list("methods", [], "Registered methods to run (default: all).")
 flags.DEFINE_integer("dense_steps", 2000, "Steps of the dense model's training.")

@@ -68,7 +68,8 @@ flags.DEFINE_bool("quick", False, "Smoke mode: a tiny model, a few steps, seed 0
 flags.DEFINE_bool("cached_only", False, "Only tabulate the runs that already finished.")
 flags.DEFINE_string("example_flags", "", "Extra flags for every run of the example "
                     "(space-separated).")
-flags.DEFINE_string("data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.")
+flags.DEFINE_string("data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.",
+                    allow_override=True)  # compare_methods.py defines it too (one test process)
 flags.DEFINE_string("output", str(REPO / "benchmarks" / "RESULTS_gpt.md"), "Markdown table.")
 flags.DEFINE_string("plot", str(REPO / "benchmarks" / "RESULTS_gpt_front.png"), "PNG front.")
 
