@@ -144,8 +144,9 @@ from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, crc32_le, infla
 from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 
 MAGIC = b"\x89EC2T\r\n\x1a"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest; a file is written as the oldest of WRITTEN_VERSIONS holding its codecs
+SUPPORTED_VERSIONS = (1, 2, 3)
+WRITTEN_VERSIONS = (2, 3)
 _FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, H, P
 _DIGEST = 32
 _MIN_SIZE = _FIXED.size + _DIGEST
@@ -235,6 +236,18 @@ def _candidates(leaf: Leaf, codecs) -> dict[RecordCodec, bytes]:
   return out
 
 
+def file_version(codec_names) -> int:
+  """The oldest of :data:`WRITTEN_VERSIONS` whose files may hold every codec of ``codec_names``.
+
+  Example:
+    >>> from ec2t_jax._src.export.container import file_version  # internal
+    >>> file_version(["tc", "zs"]), file_version(["tc", "fc"])
+    (2, 3)
+  """
+  needed = {record_codecs.get(name) for name in codec_names}
+  return min(v for v in WRITTEN_VERSIONS if all(v in c.versions for c in needed))
+
+
 def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
                  codecs) -> tuple[dict, bytes]:
   """The header record (a JSON-able dict) and the stream of one leaf."""
@@ -298,7 +311,8 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
                       separators=(",", ":"), allow_nan=False).encode("utf-8")
   header = zlib.compress(header, 9)
   payload = b"".join(streams)
-  body = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(payload)) + header + payload
+  version = file_version(r["c"] for r in records)
+  body = _FIXED.pack(MAGIC, version, 0, len(header), len(payload)) + header + payload
   return body + hashlib.sha256(body).digest()
 
 
