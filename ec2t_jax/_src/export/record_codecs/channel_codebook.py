@@ -96,9 +96,10 @@ def channel_codebook_parts(array, max_values: int = MAX_CHANNEL_VALUES
   Example:
     >>> import numpy as np
     >>> from ec2t_jax._src.export.record_codecs.channel_codebook import channel_codebook_parts  # internal
-    >>> parts = channel_codebook_parts(np.array([[0.5, 0.0], [-0.5, 2.0], [0.5, 0.0]], np.float32))
+    >>> w = np.array([[0.5, 0.0], [-0.5, 2.0], [0.5, 0.0], [0.5, 2.0]], np.float32)
+    >>> parts = channel_codebook_parts(w)
     >>> parts.sizes.tolist(), parts.values.tolist(), parts.indices.tolist()
-    ([2, 2], [0.5, -0.5, 0.0, 2.0], [[0, 0], [1, 1], [0, 0]])
+    ([2, 2], [0.5, -0.5, 0.0, 2.0], [[0, 0], [1, 1], [0, 0], [0, 1]])
   """
   array = np.asarray(array)
   if array.ndim < 2 or array.size < 2 or array.dtype.name not in DTYPES:
