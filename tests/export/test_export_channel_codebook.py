@@ -169,3 +169,15 @@ def test_truncated_and_bit_flipped_fc_streams_raise_or_decode_to_the_original():
     _assert_bitwise(out, x)
     same += 1
   assert same < len(stream) // 10, same
+
+
+def test_the_report_gives_an_fc_leaf_the_entropy_of_its_per_channel_codes():
+  from ec2t_jax.report import build_report  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  codes = rng.choice(4, size=(128, 64), p=(0.1, 0.4, 0.4, 0.1))
+  scale = rng.uniform(0.01, 0.2, 64)
+  x = ((2 * codes - 3) * scale).astype(np.float32)  # index order: +1, +3, -1, -3 (bit patterns)
+  layer = build_report({"fc": {"kernel": x}}, geometry="none")["layers"][0]
+  chex.assert_equal((layer["codec"], layer["ternary"]), ("fc", False))
+  np.testing.assert_allclose(layer["entropy_bits"], _h0_bits(codes) / codes.size, rtol=1e-12)
+  assert layer["entropy_bits"] < layer["bits_per_weight"] < 2 + 32 * 4 * 64 / codes.size
