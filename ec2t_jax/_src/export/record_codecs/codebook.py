@@ -45,7 +45,8 @@ def _decode(record: LeafRecord, stream: bytes) -> np.ndarray:
     raise ExportFormatError(f"a {len(stream):,}-byte stream cannot hold a codebook "
                             f"of {size} values (2 to {MAX_CODEBOOK} allowed)")
   values = from_le_bytes(stream[_SIZE.size:head], record.dtype_, size)
-  if not (np.diff(uint_view(values).astype(np.int64)) > 0).all():
+  bits = uint_view(values)  # unsigned: an int64 view would wrap 64-bit patterns >= 2^63
+  if not (bits[1:] > bits[:-1]).all():
     raise ExportFormatError("codebook values are not distinct and sorted")
   return values[symbol_coding.CODEBOOK.decode(stream[head:], (record.numel,), size)]
 
