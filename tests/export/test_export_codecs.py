@@ -115,7 +115,7 @@ def test_cb_keeps_negative_zero_and_nan_patterns_apart():
 
 
 def test_cb_reads_back_64_bit_patterns_at_and_above_two_to_the_63():
-  x = np.random.default_rng(11).choice(np.array([0.0, -0.0, 1.0, -2.0]), size=512)
+  x = np.random.default_rng(11).choice(np.array([0.0, -0.0]), size=512)  # patterns 0 and 2^63
   chex.assert_equal(_codec_and_round_trip(x, codecs={"raw", "cb"}).codec, "cb")
 
 
