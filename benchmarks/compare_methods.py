@@ -8,10 +8,10 @@ One command:
 1. **Dense model** (once, cached in ``<workdir>/dense.msgpack``): LeNet-5
    (6C5-MP2-16C5-MP2-120-84-10) trained by this script in full precision,
    Adam ``3e-3`` cosine-decayed over ``--dense_steps`` batches of 128.
-2. **Every method of the registry** (``examples/common/methods.py``'s
-   ``METHODS``; a method without an entry in :data:`SWEEPS` runs once with
-   its defaults) starts from that model with its knob swept (:data:`SWEEPS`)
-   at the **same training budget**: ``--phase1_steps`` + ``--phase2_steps``
+2. **Every method of the library's registry** (built by the examples' generic
+   builder, ``examples/common/methods.py``) starts from that model with one knob
+   swept over its ``Knob.sweep`` (:func:`swept_knob`; a method with no numeric
+   sweep runs once with its defaults) at the **same training budget**: ``--phase1_steps`` + ``--phase2_steps``
    batches of 128, the same inner optimizer for every chain-form method
    (L2 ``5e-6`` + Adam ``1e-3``, constant), phase 2 after
    ``ec2t.set_phase`` (EC2T: assignment frozen; Faraone et al.: prune and
@@ -101,35 +101,28 @@ class Point:
   before: bool = False
 
 
-def _points(key: str, values, fmt="{}", **extra) -> list[Point]:
-  return [Point(f"{key}={fmt.format(v)}", float(v), {key: v}, **extra) for v in values]
+# Which knob of a method this front sweeps, where it is not the first knob with a numeric
+# sweep (its values always come from the library: ``Knob.sweep``). None: the defaults only.
+SWEPT = {"ttq": "sparsity", "faraone": "strength", "mlq": None}
 
+# Extra points of the paper's method: the size budget (ec2t.Budget), a target bits/weight
+# ramped in over 30% of phase 1 (a flag of the examples, not a knob).
+BUDGET_POINTS = [Point(f"bits_per_weight={b}", b, config={"bits_per_weight": b,
+                                                          "budget_ramp": 0.3})
+                 for b in (0.6, 1.0)]
 
-# The knob of each method, swept. Every other option keeps its registered default.
-SWEEPS: dict[str, list[Point]] = {
-    "ec2t": [Point(f"gamma={g}", g, config={"gamma": g}) for g in (0.0, 0.2, 0.35, 0.5, 0.7)] + [
-        # The size budget (ec2t.Budget): a target bits/weight, ramped in over 30% of phase 1.
-        Point(f"bits_per_weight={b}", b, config={"bits_per_weight": b, "budget_ramp": 0.3})
-        for b in (0.6, 1.0)],
-    "twn": _points("factor", (0.5, 0.7, 1.0, 1.4)),
-    "ttq": _points("sparsity", (0.5, 0.7, 0.8, 0.9)) + [
-        Point("sparsity=0.8, exact-gradient step", 0.8,
-              {"sparsity": 0.8, "latent_step": "gradient"}, before=True)],
-    "sttn": _points("init_factor", (0.5, 0.7, 1.0, 1.5)) + [
-        Point("init_factor=0.7, exact-gradient step", 0.7,
-              {"init_factor": 0.7, "latent_step": "gradient"}, before=True)],
-    "faraone": _points("strength", (0.3, 1.0, 3.0, 10.0, 30.0)) + [
-        Point("strength=0.01 (old default)", 0.01, {"strength": 0.01}, before=True)],
-    "inq": _points("bits", (2, 3, 5)) + [
-        Point("bits=2, no restart", 2, {"bits": 2, "restart": False}, before=True)],
-    "slq": _points("bits", (2, 3, 4)) + [
-        Point("bits=2, power-of-two levels, no restart", 2,
-              {"bits": 2, "levels": "power_of_two", "restart": False}, before=True)],
-    "mlq": [Point("ternary", 2.0)],
-    "mcq": _points("K", (0.25, 0.5, 1.0, 2.0)),
-    "prune": _points("sparsity", (0.5, 0.7, 0.8, 0.9)) + [
-        Point("sparsity=0.7, 30 steps per level", 0.7,
-              {"sparsity": 0.7, "steps_per_level": 30}, before=True)],
+# Rows re-running a baseline as it ran before issue 18 (seed 0 only, not on the fronts).
+BEFORE = {
+    "ttq": [Point("sparsity=0.8, exact-gradient step", 0.8,
+                  {"sparsity": 0.8, "latent_step": "gradient"}, before=True)],
+    "sttn": [Point("init_factor=0.7, exact-gradient step", 0.7,
+                   {"init_factor": 0.7, "latent_step": "gradient"}, before=True)],
+    "faraone": [Point("strength=0.01 (old default)", 0.01, {"strength": 0.01}, before=True)],
+    "inq": [Point("bits=2, no restart", 2, {"bits": 2, "restart": False}, before=True)],
+    "slq": [Point("bits=2, power-of-two levels, no restart", 2,
+                  {"bits": 2, "levels": "power_of_two", "restart": False}, before=True)],
+    "prune": [Point("sparsity=0.7, 30 steps per level", 0.7,
+                    {"sparsity": 0.7, "steps_per_level": 30}, before=True)],
 }
 
 # --reduced: the subset run when the shared machine cannot give the full sweep its time.
@@ -140,19 +133,49 @@ REDUCED = {"ec2t": ("gamma=0.35", "gamma=0.5", "gamma=0.2", "gamma=0.0"),
            "sttn": ("init_factor=0.7", "init_factor=1.0"),
            "faraone": ("strength=3.0", "strength=10.0", "strength=1.0"),
            "inq": ("bits=2", "bits=5"), "slq": ("bits=2", "bits=3"),
-           "mcq": ("K=1.0", "K=0.5", "K=2.0"),
+           "mcq": ("samples_per_weight=1.0", "samples_per_weight=0.5",
+                   "samples_per_weight=2.0"),
            "prune": ("sparsity=0.7", "sparsity=0.9", "sparsity=0.5")}
 
-QUICK_POINTS = {"ec2t": 1, "twn": 1, "ttq": 0, "sttn": 1, "faraone": 2, "inq": 0, "slq": 0,
-                "mlq": 0, "mcq": 2, "prune": 0}
+
+def swept_knob(method: str) -> tuple[str, Any] | None:
+  """``(name, Knob)`` of the knob this front sweeps: :data:`SWEPT`, else the first knob of
+  the method (or of its regulariser) whose ``sweep`` holds two numbers or more."""
+  spec = ec2t.get_method(method)
+  knobs = {**spec.knobs, **spec.regularizer_knobs}
+  if method in SWEPT:
+    return None if SWEPT[method] is None else (SWEPT[method], knobs[SWEPT[method]])
+  for name, knob in knobs.items():
+    numbers = [v for v in knob.sweep if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) >= 2:
+      return name, knob
+  return None
+
+
+def _knob_points(method: str) -> list[Point]:
+  """One point per value of the swept knob's ``Knob.sweep`` (the defaults without one)."""
+  swept = swept_knob(method)
+  if swept is None:
+    return [Point("defaults", 0.0)]
+  name, knob = swept
+  return [Point(f"{name}={v}", float(v), {name: v}) for v in knob.sweep if v is not None]
+
+
+def _quick_point(method: str, points: list[Point]) -> Point:
+  """The swept knob's default if it is one of the points, else the first point."""
+  swept = swept_knob(method)
+  default = [p for p in points if swept and p.options[swept[0]] == swept[1].default]
+  return (default or points)[0]
 
 
 def sweep(method: str, quick: bool = False, before: bool = True,
           reduced: bool = False) -> list[Point]:
-  """The points of ``method`` (its defaults when it has no sweep; one point when ``quick``)."""
-  points = SWEEPS.get(method, [Point("defaults", 0.0)])
+  """The points of ``method``: its swept knob's ``Knob.sweep`` (the defaults when it has
+  none), the paper's budget points, the 'before' rows; ``quick``: one point."""
+  points = _knob_points(method)
   if quick:
-    return [points[QUICK_POINTS.get(method, 0)]]
+    return [_quick_point(method, points)]
+  points += (BUDGET_POINTS if method == methods_lib.PAPER else []) + BEFORE.get(method, [])
   if reduced and method in REDUCED:
     by_label = {p.label: p for p in points}
     points = [by_label[label] for label in REDUCED[method]] + [p for p in points if p.before]
@@ -177,8 +200,8 @@ def schedule(methods: list[str], seeds: list[int], quick: bool = False, before: 
 
 
 def registered_methods() -> list[str]:
-  """Every method of the registry, in registration order."""
-  return list(methods_lib.METHODS)
+  """Every method of the library's registry."""
+  return list(ec2t.method_registry())
 
 
 # ------------------------------------------------------------------------- data and model
@@ -263,7 +286,7 @@ def train(params, tx, data, steps: int, seed: int, regularizer=None, state=None,
   if state is None:
     state = tx.init(params)
     if quantized:
-      params = ec2t.ternary_params(params, state)
+      params = ec2t.quantized_params(params, state)
   step = step or make_step(tx, regularizer)
   for x, y in batches(data, steps, seed):
     params, state = step(params, state, x, y)
@@ -286,11 +309,18 @@ def dense_model(workdir: pathlib.Path, data, steps: int):
 # ------------------------------------------------------------------------------ one run
 
 
-def _config(method: str, point: Point, phase1_steps: int) -> types.SimpleNamespace:
-  config = dict(method=method, method_options="", learning_rate=1e-3, weight_decay=5e-6,
-                ec2t_mode="chain", gamma=0.35, init_scale=0.3, sustain=1.0, ec2t_steps=0,
-                latent_learning_rate=1e-3, centroid_learning_rate=1e-4, phase2_epochs=1,
-                phase1_steps=phase1_steps)
+def _option_text(options: dict) -> str:
+  """``{"portions": (0.5, 1.0), "restart": False}`` -> ``portions=0.5/1.0,restart=False``."""
+  text = lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v)
+  return ",".join(f"{k}={text(v)}" for k, v in options.items())
+
+
+def _config(method: str, point: Point, phase1_steps: int,
+            options: dict) -> types.SimpleNamespace:
+  config = dict(method=method, method_options=_option_text(options), learning_rate=1e-3,
+                weight_decay=5e-6, ec2t_mode="chain", gamma=0.35, init_scale=0.3, sustain=1.0,
+                ec2t_steps=0, latent_learning_rate=1e-3, centroid_learning_rate=1e-4,
+                phase2_epochs=1, phase1_steps=phase1_steps)
   config.update(point.config)
   if "budget_ramp" in point.config:  # the example's --budget_ramp: a fraction of phase 1
     config["budget_ramp_steps"] = int(point.config["budget_ramp"] * phase1_steps)
@@ -305,13 +335,13 @@ def selection_of(params):
 
 def compress(method: str, point: Point, dense, data, seed: int, phase1_steps: int,
              phase2_steps: int, fast: bool = False):
-  """The compressed params of one run (see the module docstring)."""
+  """The compressed params of one run (see the module docstring), built by the examples'
+  generic builder from the library's registry."""
   selection = selection_of(dense)
-  entry = methods_lib.METHODS[method]
-  options = {**entry.defaults, **point.options}
-  if fast and method == "prune":
+  options = dict(point.options)
+  if fast and "calibration_data" in ec2t.get_method(method).inputs:
     options.update(calibration_images=64, steps_per_level=5)  # the fast schedule
-  setup = entry.builder(_config(method, point, phase1_steps), options, selection)
+  setup = methods_lib.build(_config(method, point, phase1_steps, options), selection)
   if setup.post_training is not None:
     inputs = methods_lib.PostTrainingInputs(
         params=dense, apply_fn=apply_fn, train_images=data["train_x"], image_shape=(28, 28, 1),
@@ -319,7 +349,7 @@ def compress(method: str, point: Point, dense, data, seed: int, phase1_steps: in
     return setup.post_training(inputs), selection
   tx, phase2 = setup.optimizer, 1
   if setup.staged is not None:
-    layers = posttrain.count_selected(dense, selection)
+    layers = sum(plan is not None for plan in selection.plan(dense))
     tx, phase2 = setup.staged(phase1_steps, layers)
   step = make_step(tx, setup.regularizer)
   params, state = train(dense, tx, data, phase1_steps, seed, step=step)
@@ -509,7 +539,7 @@ def main(argv: list[str]) -> None:
             "test_images": 1000 if quick else 10000, "fast": quick}
   dense_steps = 100 if quick else FLAGS.dense_steps
   methods = FLAGS.methods or registered_methods()
-  unknown = sorted(set(methods) - set(methods_lib.METHODS))
+  unknown = sorted(set(methods) - set(registered_methods()))
   if unknown:
     raise app.UsageError(f"unknown methods {unknown}; registered: {registered_methods()}")
   started, wall = time.process_time(), time.perf_counter()

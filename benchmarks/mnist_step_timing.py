@@ -47,7 +47,7 @@ def interleaved_step_timing(model_name: str, steps: int, rounds: int, gamma: flo
            "label": jnp.asarray(rng.integers(0, 10, 128, dtype=np.int32))}
   runs = {}
   for name, tx, prepare in (("fp", optax.adam(1e-3), None),
-                            ("ec2t", ec2t.reference_optimizer(gamma=gamma), ec2t.ternary_params)):
+                            ("ec2t", ec2t.reference_optimizer(gamma=gamma), ec2t.quantized_params)):
     state = training.TrainState.create(variables["params"], {}, tx, 0, prepare)
     # The step donates its state: give every leaf a buffer of its own (the
     # latent weights may alias the params they were made from).

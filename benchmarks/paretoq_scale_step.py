@@ -64,7 +64,7 @@ def main():
                                                     selection=lambda *_: True))
       params = {"k": k0}
       state = tx.init(params)
-      params = ec2t.ternary_params(params, state)
+      params = ec2t.quantized_params(params, state)
 
       @jax.jit
       def chain_step(params, state):

@@ -100,7 +100,7 @@ def train(params, tx, data, epochs: int, *, extra_steps: int = 0, seed=0):
   """Trains ``epochs`` epochs (plus ``extra_steps`` steps) with ``tx``."""
   x, y = data
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state) if _has_quantizer(opt_state) else params
+  params = ec2t.quantized_params(params, opt_state) if _has_quantizer(opt_state) else params
 
   @jax.jit
   def step(params, opt_state, xb, yb):
@@ -185,19 +185,19 @@ def _mlq(ctx):
                               selection=ctx.selection), 3 + 2 - 1)
 
 
-@add_row("mcq_k1", "mcq", "K=1 sample/weight")
+@add_row("mcq_k1", "mcq", "samples_per_weight=1")
 def _mcq_k1(ctx):
-  return posttrain.mcq(ctx.fp, 1.0, seed=FLAGS.seed, selection=ctx.selection)
+  return ec2t.mcq(ctx.fp, 1.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
 
 
-@add_row("mcq_k4", "mcq", "K=4 samples/weight")
+@add_row("mcq_k4", "mcq", "samples_per_weight=4")
 def _mcq_k4(ctx):
-  return posttrain.mcq(ctx.fp, 4.0, seed=FLAGS.seed, selection=ctx.selection)
+  return ec2t.mcq(ctx.fp, 4.0, key=jax.random.key(FLAGS.seed), selection=ctx.selection)
 
 
 def _prune(ctx, sparsity, data, **kwargs):
-  return posttrain.prune(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data, sparsity,
-                         selection=ctx.selection, **kwargs)
+  return ec2t.prune_calibrated(ctx.fp, lambda p, x: MODEL.apply({"params": p}, x), data,
+                               sparsity, selection=ctx.selection, **kwargs)
 
 
 def _calibration(ctx, kind):
@@ -283,6 +283,36 @@ def table(fp: dict, rows: list[tuple[Row, dict]]) -> str:
   return "\n".join(lines)
 
 
+def _full_precision(root: pathlib.Path, train_data):
+  """The full-precision LeNet-5 and its training seconds (trained once, cached as fp.ec2t)."""
+  fp_path, fp_meta = root / "fp.ec2t", root / "fp.json"
+  if fp_path.exists() and fp_meta.exists():
+    return (jax.tree.map(jnp.asarray, export.load(fp_path)),
+            json.loads(fp_meta.read_text())["seconds"])
+  params = MODEL.init(jax.random.key(FLAGS.seed), jnp.zeros((1, 28, 28, 1)))["params"]
+  started = time.perf_counter()
+  fp_params, _ = train(params, optax.adam(2e-3), train_data, FLAGS.fp_epochs, seed=FLAGS.seed)
+  fp_seconds = time.perf_counter() - started
+  export.save(fp_path, jax.tree.map(np.asarray, fp_params))
+  fp_meta.write_text(json.dumps({"seconds": fp_seconds, "epochs": FLAGS.fp_epochs}))
+  return fp_params, fp_seconds
+
+
+def _measure_row(row, ctx, root: pathlib.Path) -> dict:
+  started = time.perf_counter()
+  try:
+    params = jax.block_until_ready(row.make(ctx))
+    seconds = time.perf_counter() - started
+    r = measure(jax.tree.map(np.asarray, params), ctx, root / f"{row.name}.ec2t")
+    r["seconds"] = seconds
+  except Exception as error:  # pylint: disable=broad-except
+    print(f"row {row.name} failed: {error!r}", flush=True)
+    r = {"error": type(error).__name__}
+  print(row.name, r, flush=True)
+  (root / f"{row.name}.json").write_text(json.dumps(r, default=float))
+  return r
+
+
 def main(argv):
   del argv
   root = pathlib.Path(FLAGS.workdir).resolve()
@@ -291,41 +321,16 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown rows {sorted(unknown)}; known: {[r.name for r in ROWS]}")
   train_data, test_data = load_mnist()
-  fp_path = root / "fp.ec2t"
-  fp_meta = root / "fp.json"
-  if fp_path.exists() and fp_meta.exists():
-    fp_params = jax.tree.map(jnp.asarray, export.load(fp_path))
-    fp_seconds = json.loads(fp_meta.read_text())["seconds"]
-  else:
-    params = MODEL.init(jax.random.key(FLAGS.seed), jnp.zeros((1, 28, 28, 1)))["params"]
-    started = time.perf_counter()
-    fp_params, _ = train(params, optax.adam(2e-3), train_data, FLAGS.fp_epochs, seed=FLAGS.seed)
-    fp_seconds = time.perf_counter() - started
-    export.save(fp_path, jax.tree.map(np.asarray, fp_params))
-    fp_meta.write_text(json.dumps({"seconds": fp_seconds, "epochs": FLAGS.fp_epochs}))
+  fp_params, fp_seconds = _full_precision(root, train_data)
   order = ec2t.forward_order(lambda p, x: MODEL.apply({"params": p}, x), fp_params,
                              jnp.zeros((1, 28, 28, 1)))
   ctx = Context(fp_params, train_data, test_data, ec2t.Selection(order=tuple(order)))
   fp = measure(fp_params, ctx, root / "fp_measured.ec2t")
   fp["seconds"] = fp_seconds
   print(f"full precision: {fp}", flush=True)
-
-  results = []
-  for row in [r for r in ROWS if not FLAGS.rows or r.name in FLAGS.rows]:
-    started = time.perf_counter()
-    try:
-      params = jax.block_until_ready(row.make(ctx))
-      seconds = time.perf_counter() - started
-      r = measure(jax.tree.map(np.asarray, params), ctx, root / f"{row.name}.ec2t")
-      r["seconds"] = seconds
-    except Exception as error:  # pylint: disable=broad-except
-      print(f"row {row.name} failed: {error!r}", flush=True)
-      r = {"error": type(error).__name__}
-    print(row.name, r, flush=True)
-    results.append((row, r))
-    (root / f"{row.name}.json").write_text(json.dumps(r, default=float))
+  done = {row.name: _measure_row(row, ctx, root)
+          for row in ROWS if not FLAGS.rows or row.name in FLAGS.rows}
   # The table holds every row measured in this workdir (earlier runs too), in ROWS order.
-  done = {row.name: r for row, r in results}
   for row in ROWS:
     saved = root / f"{row.name}.json"
     if row.name not in done and saved.exists():

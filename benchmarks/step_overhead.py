@@ -141,45 +141,51 @@ def _bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
-  """Prints the table of one model; returns ``{variant: {"step": ratio, "compile": ratio}}``
-  (ratios of the medians to adam's; ``compile`` absent without compile rounds)."""
+def _inputs(input_shape, batch):
+  """A batch of inputs and labels: tokens for the GPT, images otherwise."""
   if input_shape == "tokens":
     batch = _GPT["batch"]
     tokens = jax.random.randint(jax.random.key(0), (batch, _GPT["context"] + 1), 0,
                                 _GPT["vocab"])
-    x, y = tokens[:, :-1], tokens[:, 1:]
-  else:
-    x = jax.random.normal(jax.random.key(0), (batch, *input_shape))
-    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+    return tokens[:, :-1], tokens[:, 1:], batch
+  x = jax.random.normal(jax.random.key(0), (batch, *input_shape))
+  return x, jax.random.randint(jax.random.key(1), (batch,), 0, 10), batch
+
+
+def _prepared_run(label, tx, model, variables, x, y) -> dict:
+  """A compiled, warmed-up step of ``tx`` with its carry."""
+  has_batch_stats = "batch_stats" in variables
+  params = variables["params"]
+  opt_state = tx.init(params)
+  if label == "chain_per_leaf":  # the update takes either layout
+    opt_state = jax.tree.map(
+        lambda s: s._replace(leaves=s.resolved_leaves(), groups=())
+        if isinstance(s, ec2t.QuantizerState) else s,
+        opt_state, is_leaf=lambda s: isinstance(s, ec2t.QuantizerState))
+  if label != "adam":
+    params = ec2t.quantized_params(params, opt_state)
+  step = jax.jit(_make_step(model, tx, has_batch_stats))
+  carry = (params, variables.get("batch_stats", {}), opt_state)
+  for _ in range(3):  # compile and warm up
+    *carry, loss = step(*carry, x, y)
+  jax.block_until_ready(loss)
+  return {"step": step, "carry": carry, "times": [], "compile": [], "compile_cpu": [],
+          "tx": tx, "state_bytes": _bytes(opt_state)}
+
+
+def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
+  """Prints the table of one model; returns ``{variant: {"step": ratio, "compile": ratio}}``
+  (ratios of the medians to adam's; ``compile`` absent without compile rounds)."""
+  x, y, batch = _inputs(input_shape, batch)
   variables = model.init(jax.random.key(2), x)
   has_batch_stats = "batch_stats" in variables
   order = ec2t.forward_order(
       lambda p, x: model.apply({**variables, "params": p}, x), variables["params"], x)
-  runs = {}
   chosen = {"adam", *_VARIANTS.value}
   optimizers = _optimizers(order)
   optimizers["chain_per_leaf"] = optimizers["chain"]
-  for label, tx in optimizers.items():
-    if label not in chosen:
-      continue
-    params = variables["params"]
-    opt_state = tx.init(params)
-    if label == "chain_per_leaf":  # the update takes either layout
-      opt_state = jax.tree.map(
-          lambda s: s._replace(leaves=s.resolved_leaves(), groups=())
-          if isinstance(s, ec2t.QuantizerState) else s,
-          opt_state, is_leaf=lambda s: isinstance(s, ec2t.QuantizerState))
-    if label != "adam":
-      params = ec2t.ternary_params(params, opt_state)
-    step = jax.jit(_make_step(model, tx, has_batch_stats))
-    carry = (params, variables.get("batch_stats", {}), opt_state)
-    for _ in range(3):  # compile and warm up
-      *carry, loss = step(*carry, x, y)
-    jax.block_until_ready(loss)
-    runs[label] = {"step": step, "carry": carry, "times": [], "compile": [],
-                   "compile_cpu": [], "tx": tx,
-                   "state_bytes": _bytes(opt_state)}
+  runs = {label: _prepared_run(label, tx, model, variables, x, y)
+          for label, tx in optimizers.items() if label in chosen}
   for _ in range(compile_rounds):
     for run in runs.values():
       wall, cpu = _compile_seconds(model, run["tx"], has_batch_stats,
@@ -196,7 +202,7 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
   params_bytes = _bytes(variables["params"])
   base = statistics.median(runs["adam"]["times"])
   if "chain" in runs:
-    chain_state = ec2t.find_ternarize_state(runs["chain"]["carry"][2])
+    chain_state = ec2t.find_quantizer_state(runs["chain"]["carry"][2])
     print(f"\n{name}: chain ternarizes {len(ec2t.summary(chain_state).layers)} layers; "
           f"{len(chain_state.groups)} groups of same-shape leaves share a stacked state")
   print(f"\n{name}: {params_bytes / 4 / 1e3:.1f}K params, batch {batch}, "

@@ -3,11 +3,13 @@
 Sparse ternary networks by wrapping your optax optimizer::
 
   import ec2t_jax as ec2t
-  tx = optax.chain(optax.adam(1e-4), ec2t.ternarize_transform(gamma=0.2))
+  tx = ec2t.chain(optax.adamw(1e-4), ec2t.ternarize_transform(gamma=0.2))
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
-Other train-time ternary methods plug into the same chain position and tools:
+(``ec2t.chain`` is ``optax.chain`` whose weight decay acts on the latent
+weights, not on the ternary values the params hold.) Other train-time ternary
+methods plug into the same chain position and tools:
 ``ec2t.twn``, ``ec2t.ttq``, ``ec2t.sttn``, ``ec2t.bitnet`` (BitNet b1.58), ``ec2t.paretoq``
 (ternary to 4 bits) and Faraone et al.'s
 ``ec2t.sparsity_regularizer`` + ``ec2t.quantization_pruning``.
@@ -28,7 +30,7 @@ from ec2t_jax import report
 from ec2t_jax._src.methods.ec2t.chain import ternarize_transform
 from ec2t_jax._src.methods.ec2t.chain import EC2TLeaf
 from ec2t_jax._src.methods.ec2t.chain import ECPLeaf
-from ec2t_jax._src.methods.ec2t.reference_mode import ternarize
+from ec2t_jax._src.methods.ec2t.reference_mode import ternarize_reference
 from ec2t_jax._src.methods.ec2t.reference_mode import reference_optimizer
 from ec2t_jax._src.methods.ec2t.reference_mode import TernarizeReferenceState
 from ec2t_jax._src.methods.ec2t.ternary import assign_by_cost
@@ -112,15 +114,16 @@ from ec2t_jax._src.core import QuantizerState
 from ec2t_jax._src.core.budget import Budget
 from ec2t_jax._src.core.budget import BudgetState
 from ec2t_jax._src.core import StackedLeaf
+from ec2t_jax._src.core.latent_chain import chain
 from ec2t_jax._src.core.state_access import find_quantizer_state
-from ec2t_jax._src.core.state_access import find_ternarize_state  # alias of find_quantizer_state
-from ec2t_jax._src.core.state_access import ternary_params
+from ec2t_jax._src.core.state_access import quantized_params
 from ec2t_jax._src.core.state_access import set_phase
 from ec2t_jax._src.core.state_access import freeze_assignment
 from ec2t_jax._src.core.state_access import is_frozen
 from ec2t_jax._src.core.summary import summary
 from ec2t_jax._src.core.summary import Summary
 from ec2t_jax._src.core.summary import LayerSummary
+from ec2t_jax._src.core.summary import value_entropy
 from ec2t_jax._src.export.inference import ternary_apply
 from ec2t_jax._src.export.inference import ternary_conv
 from ec2t_jax._src.export.inference import ternary_dense
@@ -128,7 +131,17 @@ from ec2t_jax._src.export.inference import ternary_weights
 from ec2t_jax._src.export.inference import TernaryWeight
 from ec2t_jax._src.export.errors import ExportFormatError
 
-TernarizeState = QuantizerState  # EC2T's state is the shared QuantizerState.
+from ec2t_jax._src import deprecations as _deprecations
+
+# Old names: each warns on use and goes in the version named (``_src/deprecations.py``).
+_DEPRECATED = {
+    "ternarize": _deprecations.Deprecated("ternarize_reference", ternarize_reference, "0.2.0"),
+    "ternary_params": _deprecations.Deprecated("quantized_params", quantized_params, "0.2.0"),
+    "find_ternarize_state": _deprecations.Deprecated("find_quantizer_state",
+                                                     find_quantizer_state, "0.2.0"),
+    "TernarizeState": _deprecations.Deprecated("QuantizerState", QuantizerState, "0.2.0"),
+}
+__getattr__ = _deprecations.deprecation_getattr(__name__, _DEPRECATED)
 
 __version__ = "0.1.0"
 
@@ -137,7 +150,7 @@ __all__ = (
     "ternarize_transform",
     "EC2TLeaf",
     "ECPLeaf",
-    "ternarize",
+    "ternarize_reference",
     "reference_optimizer",
     "TernarizeReferenceState",
     # EC2T's pure functions
@@ -234,17 +247,18 @@ __all__ = (
     "describe_selection",
     "forward_order",
     "ForwardOrder",
+    # The chain whose weight decay acts on the latent weights
+    "chain",
     # State and tools for every method
     "QuantizerState",
-    "TernarizeState",
     "StackedLeaf",
     "find_quantizer_state",
-    "find_ternarize_state",
-    "ternary_params",
+    "quantized_params",
     "set_phase",
     "freeze_assignment",
     "is_frozen",
     "summary",
+    "value_entropy",
     "Summary",
     "LayerSummary",
     # Ternary inference

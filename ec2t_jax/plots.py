@@ -144,6 +144,34 @@ class FrontPoint(NamedTuple):
   accuracy: float
 
 
+def _plot_method(ax, mine: Sequence[FrontPoint], method: str, color: str) -> None:
+  """One method's points joined in order of sparsity, each labelled with its knob."""
+  mine = sorted(mine, key=lambda p: p.sparsity)
+  xs = [100 * p.sparsity for p in mine]
+  ys = [100 * p.accuracy for p in mine]
+  ax.plot(xs, ys, marker="o", color=color, label=method)
+  for p, x, y in zip(mine, xs, ys):
+    ax.annotate(p.label, (x, y), fontsize="xx-small", xytext=(3, 3), textcoords="offset points")
+
+
+def _dominates(q: FrontPoint, p: FrontPoint) -> bool:
+  """``q`` is at least as accurate and as sparse as ``p``, and better in one."""
+  return (q.accuracy >= p.accuracy and q.sparsity >= p.sparsity
+          and (q.accuracy > p.accuracy or q.sparsity > p.sparsity))
+
+
+def pareto_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
+  """The points no other point beats in both accuracy and sparsity.
+
+  Example:
+    >>> from ec2t_jax.plots import pareto_front, FrontPoint
+    >>> [p.label for p in pareto_front([FrontPoint("a", "x", 0.5, 0.99),
+    ...                                 FrontPoint("a", "y", 0.4, 0.98)])]
+    ['x']
+  """
+  return [p for p in points if not any(_dominates(q, p) for q in points)]
+
+
 def accuracy_sparsity_front(points: Sequence[FrontPoint], *, reference: Optional[float] = None,
                             title: Optional[str] = None):
   """Test accuracy against sparsity, one colour and line per method.
@@ -168,16 +196,8 @@ def accuracy_sparsity_front(points: Sequence[FrontPoint], *, reference: Optional
   ax = fig.subplots()
   methods = list(dict.fromkeys(p.method for p in points))
   for i, method in enumerate(methods):
-    mine = sorted((p for p in points if p.method == method), key=lambda p: p.sparsity)
-    xs = [100 * p.sparsity for p in mine]
-    ys = [100 * p.accuracy for p in mine]
-    ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=method)
-    for p, x, y in zip(mine, xs, ys):
-      ax.annotate(p.label, (x, y), fontsize="xx-small", xytext=(3, 3),
-                  textcoords="offset points")
-  front = [p for p in points if not any(
-      q.accuracy >= p.accuracy and q.sparsity >= p.sparsity
-      and (q.accuracy > p.accuracy or q.sparsity > p.sparsity) for q in points)]
+    _plot_method(ax, [p for p in points if p.method == method], method, f"C{i % 10}")
+  front = pareto_front(points)
   ax.scatter([100 * p.sparsity for p in front], [100 * p.accuracy for p in front], s=150,
              facecolors="none", edgecolors="k", lw=1, label="Pareto front")
   if reference is not None:

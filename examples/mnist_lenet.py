@@ -21,7 +21,7 @@ or read offline from a prepared tfds folder::
   python examples/mnist_lenet.py --resume          # continue an interrupted run
   python examples/mnist_lenet.py --method=ttq --method_options=sparsity=0.6 --workdir=runs/ttq
   python examples/mnist_lenet.py --method=twn --init_from=runs/mnist_lenet5/checkpoints/fp
-  python examples/mnist_lenet.py --method=mcq --method_options=K=2 --init_from=runs/mnist_lenet5/checkpoints/fp
+  python examples/mnist_lenet.py --method=mcq --method_options=samples_per_weight=2 --init_from=runs/mnist_lenet5/checkpoints/fp
   python examples/plot_curves.py --workdir=runs/mnist_lenet5   # training curves to PNG
 
 The training split is ``train[:55000]``; ``train[55000:]`` picks the best epoch

@@ -29,6 +29,33 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
 
 
+def _draw_phases(ax_loss, ax_acc, records: list[dict]) -> None:
+  """Train and validation loss, validation accuracy: one colour per phase."""
+  for phase, color in _PHASE_COLORS.items():
+    idx = [i for i, r in enumerate(records) if r.get("phase") == phase]
+    if not idx:
+      continue
+    train = [(i, records[i]["train_loss"]) for i in idx if "train_loss" in records[i]]
+    if train:
+      ax_loss.plot(*zip(*train), ".-", color=color, label=f"{phase} train")
+    ax_loss.plot(idx, [records[i]["val_loss"] for i in idx], "--", color=color,
+                 label=f"{phase} val")
+    ax_acc.plot(idx, [100 * records[i]["val_accuracy"] for i in idx], "o-", color=color,
+                label=phase)
+
+
+def _draw_sparsity(ax, records: list[dict]) -> None:
+  """Sparsity per layer and of all ternarized layers."""
+  layers = sorted({k for r in records for k in r.get("layer_sparsity", {})})
+  for layer in layers:
+    pts = [(i, 100 * r["layer_sparsity"][layer]) for i, r in enumerate(records)
+           if layer in r.get("layer_sparsity", {})]
+    ax.plot(*zip(*pts), "o-", markersize=3, label=layer)
+  totals = [(i, 100 * r["sparsity"]) for i, r in enumerate(records) if "sparsity" in r]
+  if totals:
+    ax.plot(*zip(*totals), "k-", linewidth=2.5, label="all ternarized")
+
+
 def plot(records: list[dict], output: str, title: str = "") -> str:
   """Draws loss, accuracy and per-layer sparsity panels; returns the PNG path.
 
@@ -49,25 +76,8 @@ def plot(records: list[dict], output: str, title: str = "") -> str:
     raise UserError("no records to plot")
   xs = list(range(len(records)))  # one point per evaluated epoch, phases one after the other
   fig, (ax_loss, ax_acc, ax_sparsity) = plt.subplots(1, 3, figsize=(15, 4.2))
-  for phase, color in _PHASE_COLORS.items():
-    idx = [i for i, r in enumerate(records) if r.get("phase") == phase]
-    if not idx:
-      continue
-    train = [(i, records[i]["train_loss"]) for i in idx if "train_loss" in records[i]]
-    if train:
-      ax_loss.plot(*zip(*train), ".-", color=color, label=f"{phase} train")
-    ax_loss.plot(idx, [records[i]["val_loss"] for i in idx], "--", color=color,
-                 label=f"{phase} val")
-    ax_acc.plot(idx, [100 * records[i]["val_accuracy"] for i in idx], "o-", color=color,
-                label=phase)
-  layers = sorted({k for r in records for k in r.get("layer_sparsity", {})})
-  for layer in layers:
-    pts = [(i, 100 * r["layer_sparsity"][layer]) for i, r in enumerate(records)
-           if layer in r.get("layer_sparsity", {})]
-    ax_sparsity.plot(*zip(*pts), "o-", markersize=3, label=layer)
-  totals = [(i, 100 * r["sparsity"]) for i, r in enumerate(records) if "sparsity" in r]
-  if totals:
-    ax_sparsity.plot(*zip(*totals), "k-", linewidth=2.5, label="all ternarized")
+  _draw_phases(ax_loss, ax_acc, records)
+  _draw_sparsity(ax_sparsity, records)
   for ax, label in ((ax_loss, "cross-entropy"), (ax_acc, "validation accuracy (%)"),
                     (ax_sparsity, "sparsity (%)")):
     ax.set_xlabel("evaluation (epochs of all phases in order)")

@@ -28,7 +28,7 @@ order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, x
 tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
     gamma=0.3, selection=ec2t.Selection(order=order)))
 opt_state = tx.init(params)
-params = ec2t.ternary_params(params, opt_state)  # ternary from the first step
+params = ec2t.quantized_params(params, opt_state)  # ternary from the first step
 
 
 @jax.jit

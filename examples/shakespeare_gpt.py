@@ -120,7 +120,7 @@ class MethodConfig:
   weight_decay: float
   phase2_epochs: int
   ec2t_steps: int
-  inner_optimizer: Callable[[], Any]
+  inner_optimizer: Callable[..., Any]
   ec2t_mode: str = "chain"
   latent_learning_rate: float = 0.0
   centroid_learning_rate: float = 0.0
@@ -206,12 +206,15 @@ def method_setup(fv, selection, total_steps: int, budget_fixed_bytes: float = 0.
   (``budget_fixed_bytes``: ``F`` of a ``--target_bytes`` budget, 0: the library's bound)."""
   import optax  # pylint: disable=g-import-not-at-top
   from common import methods  # pylint: disable=g-import-not-at-top
-  schedule = optax.cosine_decay_schedule(fv.learning_rate, max(total_steps, 1))
+  # steps: the length of the cosine (a staged method's runs between restarts; default the run).
+  inner = lambda steps=total_steps: adamw(
+      optax.cosine_decay_schedule(fv.learning_rate, max(steps, 1)), fv.beta2,
+      fv.ec2t_weight_decay, fv.clip)
   config = MethodConfig(
       method=fv.method, method_options=fv.method_options, gamma=fv.gamma,
       init_scale=fv.init_scale, sustain=fv.sustain, learning_rate=fv.learning_rate,
       weight_decay=fv.ec2t_weight_decay, phase2_epochs=fv.phase2_steps, ec2t_steps=total_steps,
-      inner_optimizer=lambda: adamw(schedule, fv.beta2, fv.ec2t_weight_decay, fv.clip),
+      inner_optimizer=inner,
       budget_fixed_bytes=budget_fixed_bytes, **budget_fields(fv))
   return methods.build(config, selection)
 
@@ -319,10 +322,10 @@ def run(fv: flags.FlagValues) -> dict:
   tx, phase2_phase = setup.optimizer, 1
   if setup.staged is not None:
     layers = sum(p is not None for p in selection.plan(fp_state.params))
-    tx, phase2_phase = setup.staged(fv.phase1_steps, layers)
+    tx, phase2_phase = setup.staged(fv.phase1_steps, layers, phase2_steps=fv.phase2_steps)
 
   def start_phase1(params):
-    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.ternary_params)
+    return TrainState.create(params, {}, tx, fv.seed + 1, prepare_params=ec2t.quantized_params)
 
   state, info1 = runner.run_phase("ec2t_phase1", tx, fv.phase1_steps, start_phase1,
                                   (fp_state.params,), resume=fv.resume,
@@ -347,7 +350,6 @@ def run(fv: flags.FlagValues) -> dict:
 def _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
             apply_fn, data):
   """Validation loss, sparsity, sizes, export and samples of the quantized model."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
   from common import language, parallel, posttrain  # pylint: disable=g-import-not-at-top
   from common import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -355,11 +357,7 @@ def _report(fv, runner, state, summary, setup, selection, results, samples, writ
   named = posttrain.selected_leaves(host_params, selection)
   if fv.scan_layers:  # one layer per slice of the stacked blocks
     named = [(f"{path}[{i}]", leaf[i]) for path, leaf in named for i in range(leaf.shape[0])]
-  if setup.check is not None:
-    setup.check(named)
-  else:  # every quantized kernel is on the method's grid
-    for path, leaf in named:
-      posttrain.check_at_most_values(path, np.asarray(leaf), setup.max_values, setup.per_filter)
+  setup.check(named)  # every quantized kernel is on the method's grid
   measures = posttrain.compression_measures(named)
   if "val_loss" not in results:
     results["val_loss"] = runner.evaluate(state.params)

@@ -61,7 +61,7 @@ def train(model, params, tx, steps=5, seed=0, jit=True):
   """Runs ``steps`` optimizer steps; returns (params, opt_state, losses)."""
   import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
   def step(params, opt_state, x, y):
     loss, grads = jax.value_and_grad(

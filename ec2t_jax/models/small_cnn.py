@@ -44,7 +44,7 @@ class SmallCNNExample(NamedTuple):
 
   Attributes:
     params: the :class:`SmallCNN`'s params, the selected leaves already on
-      their ternary values (``ec2t.ternary_params(params, opt_state)``).
+      their ternary values (``ec2t.quantized_params(params, opt_state)``).
     grads: ``0.01`` everywhere, shaped like ``params``.
     tx: ``optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(gamma=0.2))``.
     opt_state: ``tx.init(params)``.
@@ -92,7 +92,7 @@ def _build() -> SmallCNNExample:
   params = model.init(jax.random.key(0), x)["params"]
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(gamma=0.2))
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
   grads = jax.tree.map(lambda p: 1e-2 * jnp.ones_like(p), params)
   return SmallCNNExample(params, grads, tx, opt_state, ec2t.find_quantizer_state(opt_state),
                          model, x)

@@ -32,7 +32,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -199,7 +204,8 @@ class PhaseCheckpoints:
 
 
 def check_workdir(workdir: str | os.PathLike, fingerprint: dict[str, Any], resume: bool,
-                  phases: tuple[str, ...]) -> None:
+                  phases: tuple[str, ...], method_fingerprint: dict[str, Any] | None = None
+                  ) -> None:
   """Fails fast, before any data is loaded, if ``workdir`` cannot be used as asked.
 
   Args:
@@ -207,6 +213,7 @@ def check_workdir(workdir: str | os.PathLike, fingerprint: dict[str, Any], resum
     fingerprint: Facts every phase checkpoint must match (model, dataset...).
     resume: Whether the run continues from existing checkpoints.
     phases: Names of the phase folders under ``workdir/checkpoints``.
+    method_fingerprint: The facts of every phase but ``fp`` (default ``fingerprint``).
 
   Raises:
     UserError: checkpoints exist but ``resume`` is off, or they belong to
@@ -216,7 +223,8 @@ def check_workdir(workdir: str | os.PathLike, fingerprint: dict[str, Any], resum
   for phase in phases:
     if not os.path.isdir(os.path.join(root, phase)):
       continue
-    ckpts = PhaseCheckpoints(os.path.join(root, phase), {**fingerprint, "phase": phase})
+    facts = fingerprint if phase == "fp" else (method_fingerprint or fingerprint)
+    ckpts = PhaseCheckpoints(os.path.join(root, phase), {**facts, "phase": phase})
     try:
       if ckpts.step("latest") is None:
         continue
@@ -226,6 +234,78 @@ def check_workdir(workdir: str | os.PathLike, fingerprint: dict[str, Any], resum
       ckpts.check_compatible("latest")
     finally:
       ckpts.close()
+
+
+LOCK_FILE = ".lock"
+# What a run killed mid-write leaves: MetricWriter.rewind's copy, ec2t.export's atomic write
+# (``.<name>.<random>.tmp``), orbax's folders of an unfinished save.
+_TEMPORARY_FILE = re.compile(r"metrics\.jsonl\.tmp\d+|\..+\.tmp")
+_TEMPORARY_FOLDER = "orbax-checkpoint-tmp"
+_HELD: set[str] = set()  # the lock files this process holds
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+  """Holds ``<workdir>/.lock`` for a run: a second run on the workdir is refused.
+
+  The lock is an ``flock`` on the file, which holds the holder's pid: the
+  kernel drops it when its process ends, however it ends, so a lock file left
+  by a dead process (a stale lock) is simply taken over. With the lock held,
+  the temporary files of a killed run are deleted (:func:`remove_temporaries`).
+  Re-entrant within a process (the script's ``main`` and the pipeline both take it).
+
+  Args:
+    workdir: The run's output folder (created if missing).
+    enabled: False on the processes other than 0 of a multi-host run.
+
+  Raises:
+    UserError: another live process holds the lock (its pid is named).
+  """
+  path = os.path.abspath(os.path.join(os.fspath(workdir), LOCK_FILE))
+  if not enabled or path in _HELD:  # held by this process: the script's main holds it
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  handle = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "unknown"
+      raise UserError(f"{os.fspath(workdir)} is in use by process {holder} (lock {path}); wait "
+                      "for that run to end or choose another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    remove_temporaries(workdir)
+    _HELD.add(path)
+    try:
+      yield
+    finally:
+      _HELD.discard(path)
+  finally:
+    handle.close()  # releases the flock
+
+
+def remove_temporaries(workdir: str | os.PathLike) -> list[str]:
+  """Deletes the half-written files a killed run left in ``workdir``; returns their paths.
+
+  Only call it while holding :func:`workdir_lock` (a live run's temporaries are its own).
+  """
+  removed = []
+  for root, folders, files in os.walk(os.fspath(workdir)):
+    for name in folders[:]:
+      if _TEMPORARY_FOLDER in name:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        folders.remove(name)
+        removed.append(os.path.join(root, name))
+    for name in files:
+      if _TEMPORARY_FILE.fullmatch(name):
+        os.remove(os.path.join(root, name))
+        removed.append(os.path.join(root, name))
+  return sorted(removed)
 
 
 def _step_folder(path: str) -> str:

@@ -8,7 +8,9 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -28,7 +30,8 @@ def report_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]
 
   Returns:
     A ``main`` that prints ``error: ...`` to stderr and exits with status 2 on
-    :class:`UserError`; other exceptions propagate unchanged (they are bugs).
+    :class:`UserError` (at once when other threads are left, so that nothing follows
+    the line); other exceptions propagate unchanged (they are bugs).
   """
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
@@ -36,5 +39,15 @@ def report_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]
       main(argv)
     except UserError as error:
       print(f"error: {error}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      _exit(2)
   return wrapped
+
+
+def _exit(status: int) -> None:
+  """Exits with ``status``; at once if other threads are alive (orbax's, after a refused
+  restore), so that none of them prints tracebacks ("Event loop is closed") at shutdown."""
+  if any(t is not threading.main_thread() for t in threading.enumerate()):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)

@@ -83,8 +83,8 @@ def define_common_flags(fv: flags.FlagValues, *, workdir: str, dataset_default: 
                       "staged inq, slq, mlq; post-training mcq, prune "
                       "(examples/common/methods.py).", flag_values=fv)
   flags.DEFINE_string("method_options", "", "The method's own knobs as key=value,key=value "
-                      "(e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
-                      "for inq, K=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
+                      "(the library's knob names, e.g. threshold=filter for twn, sparsity=0.6 for ttq, bits=5,portions=0.5/1 "
+                      "for inq, samples_per_weight=2 for mcq, sparsity=0.8,calibration=fractal for prune).",
                       flag_values=fv)
   flags.DEFINE_float("gamma", d["gamma"], "EC2T sparsity knob in [0, 1] (0: nearest centroid; "
                      "not used with a size budget below).",

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -193,8 +193,44 @@ def read_variables(path: str) -> tuple[dict, dict]:
     raise UserError(f"--init_from {path} cannot be read: {error}") from None
 
 
+def fingerprints(config: PipelineConfig, num_classes: int) -> tuple[dict, dict]:
+  """What every checkpoint of the run must match: ``(every phase, the method's phases)``.
+
+  The first holds the model, data and full-precision knobs; the second adds the method
+  and every knob that changes its result (its options as ``method_options.<knob>``, the
+  paper's flags by their names, learning rates, budget, epochs), so ``--resume`` with another
+  ``--gamma`` or ``--method`` is refused, naming it. Values are as JSON stores them (tuples
+  as lists).
+  """
+  run = {"model": config.model_name, "dataset": config.dataset, "num_classes": num_classes,
+         **{k: getattr(config, k) for k in ("seed", "batch_size", "steps_per_epoch", "augment",
+                                            "data_shards", "fp_epochs", "init_from")}}
+  method = {k: getattr(config, k) for k in (
+      "method", "ec2t_mode", "learning_rate", "weight_decay", "latent_learning_rate",
+      "centroid_learning_rate", "bits_per_weight", "target_bytes", "target_sparsity",
+      "budget_ramp", "phase1_epochs", "phase2_epochs")}
+  for knob, value in methods_lib.method_options(config).items():  # named as the user sets it
+    flag = config.method == methods_lib.PAPER and knob in methods_lib.PAPER_FLAGS
+    method[knob if flag else f"method_options.{knob}"] = value
+  return run, json.loads(json.dumps({**run, **method}, default=float))
+
+
+def _check_config(config: PipelineConfig, devices: int) -> None:
+  if config.batch_size % devices or config.eval_batch_size % devices:
+    raise UserError(f"--batch_size ({config.batch_size}) and --eval_batch_size "
+                    f"({config.eval_batch_size}) must be multiples of the {devices} devices")
+  if not config.init_from and config.fp_epochs <= 0:
+    raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
+  if config.phase1_epochs < 0 or config.phase2_epochs < 0:
+    raise UserError("--phase1_epochs and --phase2_epochs must be >= 0")
+  methods_lib.build(config)  # bad --method / --method_options fail before any data is loaded
+
+
 def run(config: PipelineConfig) -> dict[str, Any]:
   """Runs the whole job; returns the results (also in ``<workdir>/report.json``).
+
+  The workdir is locked for the run (a second run on it is refused) and cleaned of the
+  temporary files a killed run left.
 
   Raises:
     UserError: for problems the user can fix (data, flags, checkpoints).
@@ -202,28 +238,20 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   """
   spec = data_lib.dataset_spec(config.dataset)
   mesh = _mesh(config)
-  main = parallel.is_main_process()
-  log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-  devices = mesh.devices.size
-  if config.batch_size % devices or config.eval_batch_size % devices:
-    raise UserError(f"--batch_size ({config.batch_size}) and --eval_batch_size "
-                    f"({config.eval_batch_size}) must be multiples of the {devices} devices")
+  _check_config(config, mesh.devices.size)
+  with checkpoint_lib.workdir_lock(config.workdir, enabled=parallel.is_main_process()):
+    return _run(config, spec, mesh)
 
-  fingerprint = {"model": config.model_name, "dataset": config.dataset,
-                 "num_classes": spec.num_classes}
-  checkpoint_lib.check_workdir(config.workdir, fingerprint, config.resume, PHASES)
-  dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
-  pretrained = None
-  if config.init_from:  # read and check it before any data is loaded
-    abstract_vars = jax.eval_shape(lambda: config.model.init(jax.random.key(0), dummy))
-    pretrained = _pretrained_variables(config, abstract_vars)
-  elif config.fp_epochs <= 0:
-    raise UserError("full-precision model needed: set --fp_epochs > 0 or --init_from")
-  if config.phase1_epochs < 0 or config.phase2_epochs < 0:
-    raise UserError("--phase1_epochs and --phase2_epochs must be >= 0")
-  methods_lib.build(config)  # bad --method / --method_options fail before any data is loaded
 
-  # ---- data: this process reads only its own shards.
+class _Data(NamedTuple):
+  train_shards: list
+  train: Any
+  val: Any
+  test: Any
+
+
+def _load_data(config: PipelineConfig, mesh, log) -> _Data:
+  """This process's shards of the train, validation and test splits."""
   num_shards = config.data_shards or jax.process_count()
   shard_ids = data_lib.shards_of_process(num_shards, jax.process_index(), jax.process_count())
   per_shard = data_lib.per_shard_batch_size(config.batch_size, num_shards)
@@ -240,44 +268,64 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   log(f"{config.dataset}: train {config.train_split!r} ({data_lib.describe(train_shards)} on "
       f"process {jax.process_index()}), {train.steps_per_epoch} steps/epoch of {config.batch_size}; "
       f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
+  return _Data(train_shards, train, val, test)
 
-  writer = MetricWriter(config.workdir, enabled=main)
-  runner = training.Runner(model=config.model, spec=spec, mesh=mesh, train=train, val=val,
-                           workdir=config.workdir, fingerprint=fingerprint, writer=writer,
-                           augment=config.augment, progress=config.progress,
-                           checkpoint_every_steps=config.checkpoint_every_steps,
-                           stop_after_steps=config.stop_after_steps)
 
-  def init_variables():
-    variables = config.model.init(jax.random.key(config.seed), dummy, train=False)
-    return variables["params"], variables.get("batch_stats", {})
-
-  # ---- full precision
-  results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
-                             "gamma": config.gamma, "init_scale": config.init_scale,
-                             "sustain": config.sustain, "learning_rate": config.learning_rate,
-                             "ec2t_mode": config.ec2t_mode, "method": config.method,
-                             "method_options": methods_lib.parse_options(config.method,
-                                                                         config.method_options)}
+def _full_precision(config, runner, train, pretrained, results, log):
+  """The full-precision state: loaded (``init_from``) or pretrained."""
   fp_steps = max(config.fp_epochs, 1) * train.steps_per_epoch
   fp_tx = config.fp_optimizer(fp_steps) if config.fp_optimizer else optax.adam(1e-3)
   if pretrained is not None:
     params, batch_stats = pretrained
-    fp_state = runner.init_state(
-        lambda p, b: training.TrainState.create(p, b, fp_tx, config.seed), params, batch_stats)
     log(f"[fp] loaded {config.init_from}")
-  else:
-    fp_state, fp_info = runner.run_phase(
-        "fp", fp_tx, config.fp_epochs,
-        lambda: training.TrainState.create(*init_variables(), fp_tx, config.seed),
-        resume=config.resume)
-    results["fp_seconds_per_epoch"] = _typical(fp_info["epoch_seconds"])
-  fp_test = runner.evaluate(fp_state, test)
+    return runner.init_state(
+        lambda p, b: training.TrainState.create(p, b, fp_tx, config.seed), params, batch_stats)
+  fp_state, fp_info = runner.run_phase(
+      "fp", fp_tx, config.fp_epochs,
+      lambda: training.TrainState.create(*_init_variables(config), fp_tx, config.seed),
+      resume=config.resume)
+  results["fp_seconds_per_epoch"] = _typical(fp_info["epoch_seconds"])
+  return fp_state
+
+
+def _init_variables(config):
+  dummy = jnp.zeros((1, *data_lib.dataset_spec(config.dataset).image_shape), jnp.float32)
+  variables = config.model.init(jax.random.key(config.seed), dummy, train=False)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def _run(config: PipelineConfig, spec, mesh) -> dict[str, Any]:
+  main = parallel.is_main_process()
+  log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+  fingerprint, method_fingerprint = fingerprints(config, spec.num_classes)
+  checkpoint_lib.check_workdir(config.workdir, fingerprint, config.resume, PHASES,
+                               method_fingerprint)
+  dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
+  pretrained = None
+  if config.init_from:  # read and check it before any data is loaded
+    abstract_vars = jax.eval_shape(lambda: config.model.init(jax.random.key(0), dummy))
+    pretrained = _pretrained_variables(config, abstract_vars)
+
+  data = _load_data(config, mesh, log)
+  writer = MetricWriter(config.workdir, enabled=main)
+  runner = training.Runner(model=config.model, spec=spec, mesh=mesh, train=data.train,
+                           val=data.val, workdir=config.workdir, fingerprint=fingerprint,
+                           method_fingerprint=method_fingerprint, writer=writer,
+                           augment=config.augment, progress=config.progress,
+                           checkpoint_every_steps=config.checkpoint_every_steps,
+                           stop_after_steps=config.stop_after_steps)
+  results: dict[str, Any] = {"model": config.model_name, "dataset": config.dataset,
+                             "gamma": config.gamma, "init_scale": config.init_scale,
+                             "sustain": config.sustain, "learning_rate": config.learning_rate,
+                             "ec2t_mode": config.ec2t_mode, "method": config.method,
+                             "method_options": methods_lib.method_options(config)}
+  fp_state = _full_precision(config, runner, data.train, pretrained, results, log)
+  fp_test = runner.evaluate(fp_state, data.test)
   results["fp_test_accuracy"] = fp_test["accuracy"]
   log(f"[fp] test accuracy {fp_test['accuracy']:.4f} on {fp_test['examples']} examples")
   # The paper's rule keeps the first and last kernel in full precision; trained params have
   # re-sorted keys, so name them by the forward pass.
-  params_shape, stats_shape = jax.eval_shape(init_variables)
+  params_shape, stats_shape = jax.eval_shape(lambda: _init_variables(config))
   order = ec2t.forward_order(
       lambda p, s, x: config.model.apply({"params": p, "batch_stats": s}, x, train=False),
       params_shape, stats_shape, dummy)
@@ -285,43 +333,40 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   # A bytes budget's F: the full-precision leaves as the export will store them.
   fixed_bytes = (ec2t.export.fixed_bytes(parallel.to_host(fp_state.params), selection)
                  if config.target_bytes else 0.0)
+  steps = data.train.steps_per_epoch
   setup = methods_lib.build(
-      dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs)
-                          * train.steps_per_epoch,
-                          budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs
-                                                * train.steps_per_epoch),
+      dataclasses.replace(config, ec2t_steps=(config.phase1_epochs + config.phase2_epochs) * steps,
+                          budget_ramp_steps=int(config.budget_ramp * config.phase1_epochs * steps),
                           budget_fixed_bytes=fixed_bytes), selection)
-  keep_last = _phase1_keeps_last(config, setup)
   if setup.post_training is not None:  # MCQ, calibrated pruning: no training phases
-    return _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
-                          results, writer, main, log)
+    return _post_training(config, setup, selection, runner, fp_state, data.train_shards,
+                          data.test, spec, results, writer, main, log)
   if config.phase1_epochs == 0:  # pretraining only
-    if main:
-      with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=float)
-    writer.close()
-    return results
+    return _finish(config, results, writer, main)
+  state, info1, info2 = _train_method(config, setup, runner, fp_state, params_shape, selection)
+  return _train_results(config, setup, runner, state, info1, info2, data.test, results,
+                        writer, main)
 
-  # ---- phase 1 of the method. A staged method (INQ, SLQ, MLQ) spreads its stages over
-  # phase 1 and keeps phase 1's last state: earlier epochs are only partly quantized.
+
+def _train_method(config, setup, runner, fp_state, params_shape, selection):
+  """Phase 1 of the method, then phase 2 from its best state (its last for staged methods
+  and size budgets) with ``ec2t.set_phase`` (EC2T: assignment frozen; staged: last stage)."""
   tx, phase2_phase = setup.optimizer, 1
+  steps = runner.train.steps_per_epoch
   if setup.staged is not None:
-    num_layers = posttrain.count_selected(params_shape, selection)
-    tx, phase2_phase = setup.staged(config.phase1_epochs * train.steps_per_epoch, num_layers)
+    num_layers = sum(plan is not None for plan in selection.plan(params_shape))
+    tx, phase2_phase = setup.staged(config.phase1_epochs * steps, num_layers)
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,
-                                      prepare_params=ec2t.ternary_params)
+                                      prepare_params=ec2t.quantized_params)
 
   state, info1 = runner.run_phase(
       "ec2t_phase1", tx, config.phase1_epochs, start_ec2t, (fp_state.params, fp_state.batch_stats),
       resume=config.resume, evaluate_start=setup.phase_starts_are_results,
       epoch_metrics=ec2t_epoch_metrics, regularizer=setup.regularizer,
-      keep="last" if keep_last else "best")
-  del fp_state
-
-  # ---- phase 2: best phase-1 state, phase 1 set (EC2T: assignment frozen; staged methods:
-  # their last stage), same optimizer.
+      keep="last" if _phase1_keeps_last(config, setup) else "best")
+  info2 = {"epoch_seconds": []}
   if config.phase2_epochs > 0:
     def start_phase2(best):
       return best._replace(step=jnp.zeros((), jnp.int32),
@@ -329,19 +374,19 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     state, info2 = runner.run_phase(
         "ec2t_phase2", tx, config.phase2_epochs, start_phase2, (state,), resume=config.resume,
         evaluate_start=setup.phase_starts_are_results, epoch_metrics=ec2t_epoch_metrics)
-  else:
-    info2 = {"epoch_seconds": []}
+  return state, info1, info2
 
-  # ---- results
+
+def _train_results(config, setup, runner, state, info1, info2, test, results, writer, main):
+  """Test accuracy, summary, grid check, export and report of a trained method."""
   ternary_test = runner.evaluate(state, test)
   summary = ec2t.summary(parallel.to_host(state.opt_state))
   host_params = parallel.to_host(state.params)
   layers = [(int(np.prod(l.shape)), l.entropy) for l in summary.layers]
+  best = [info.get("best_val_accuracy", 0.0) for info in (info1, info2)]
   results.update({
       "ternary_test_accuracy": ternary_test["accuracy"],
-      "ternary_val_accuracy": (info2.get("best_val_accuracy", 0.0) if setup.staged is not None
-                               else max(info1.get("best_val_accuracy", 0.0),
-                                        info2.get("best_val_accuracy", 0.0))),
+      "ternary_val_accuracy": best[1] if setup.staged is not None else max(best),
       "ternary": setup.ternary,
       "sparsity": summary.totals["sparsity"],
       "bits_per_weight": summary.totals["entropy"],
@@ -355,14 +400,20 @@ def run(config: PipelineConfig) -> dict[str, Any]:
   })
   results["budget"] = summary.budget  # None without a size budget
   results["sizes"] = report_lib.model_sizes(results["total_params"], layers)
-  # Every quantized leaf of the final params is on the method's grid: at most
-  # ``max_values`` values (3: ternary), per filter for per-filter methods.
-  _check_ternary(host_params, summary, setup.per_filter, setup.max_values)
+  # Every quantized leaf of the final params is on the method's grid.
+  flat = dict(posttrain.named_leaves(host_params))
+  setup.check([(l.path, flat[l.path]) for l in summary.layers
+               if l.mode != "ecp" and l.path in flat])
   if main:
     exported = ec2t.export.save(os.path.join(config.workdir, "model.ec2t"), host_params)
     results["export_bytes"] = exported.total_bytes
     print(summary)
     print(report_lib.format_report(results))
+  return _finish(config, results, writer, main)
+
+
+def _finish(config, results, writer, main) -> dict[str, Any]:
+  if main:
     with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2, default=float)
   writer.close()
@@ -381,16 +432,6 @@ def _typical(seconds: list[float]) -> float | None:
     return None
   kept = seconds[1:] if len(seconds) > 1 else seconds
   return float(np.median(kept))
-
-
-def _check_ternary(params: Any, summary: ec2t.Summary, per_filter: bool = False,
-                   max_values: int = 3) -> None:
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for layer in summary.layers:
-    if layer.mode != "ecp" and layer.path in flat:
-      posttrain.check_at_most_values(layer.path, np.asarray(flat[layer.path]), max_values,
-                                     per_filter)
 
 
 def _post_training(config, setup, selection, runner, fp_state, train_shards, test, spec,
@@ -439,7 +480,4 @@ def _post_training(config, setup, selection, runner, fp_state, train_shards, tes
       print(f"{layer['path']:<24} {str(layer['shape']):<18} sparsity {layer['sparsity']:.3f}  "
             f"entropy {layer['entropy']:.3f} bits  {layer['distinct_values']} values")
     print(report_lib.format_report(results))
-    with open(os.path.join(config.workdir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, default=float)
-  writer.close()
-  return results
+  return _finish(config, results, writer, main)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from absl import flags
 from absl import logging
 
+from common import checkpoint
 from common import parallel
 from common.cli import report_user_errors
 from common.cli import UserError
@@ -27,7 +28,9 @@ def script_main(run: Callable[..., object]) -> Callable[[list[str]], None]:
 
   It rejects stray arguments, keeps orbax's per-save INFO logs quiet unless
   ``--verbosity`` is given, starts ``jax.distributed`` when asked or detected,
-  turns a requested stop into a hint to ``--resume``, and prints
+  holds the workdir's lock (``common.checkpoint.workdir_lock``: a second run on it is
+  refused, a killed run's temporaries removed), turns a requested stop into a hint to
+  ``--resume``, and prints
   :class:`UserError` as one line (exit status 2).
 
   Example:
@@ -42,7 +45,8 @@ def script_main(run: Callable[..., object]) -> Callable[[list[str]], None]:
     parallel.initialize_distributed(fv.distributed, fv.coordinator_address,
                                     fv.num_processes, fv.process_id)
     try:
-      run(fv)
+      with checkpoint.workdir_lock(fv.workdir, enabled=parallel.is_main_process()):
+        run(fv)
     except StopRequested as stop:
       print(f"{stop}; continue with --resume", file=sys.stderr)
   return report_user_errors(main)

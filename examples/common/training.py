@@ -69,7 +69,7 @@ class TrainState(NamedTuple):
       tx: The phase's optimizer.
       seed: Seed of the RNG key.
       prepare_params: Optional ``(params, opt_state) -> params`` applied after
-        ``init`` (``ec2t.ternary_params`` so the first forward pass is ternary).
+        ``init`` (``ec2t.quantized_params`` so the first forward pass is ternary).
     """
     opt_state = tx.init(params)
     if prepare_params is not None:
@@ -165,6 +165,8 @@ class Runner:
     val: Validation data (picks the best checkpoint).
     workdir: Output folder: ``checkpoints/<phase>/``, ``metrics.jsonl``, ``tensorboard/``.
     fingerprint: Facts checked when restoring checkpoints.
+    method_fingerprint: Those of the method's phases (every phase but ``fp``), if
+      they hold more (the method and its knobs).
     writer: Metric writer (disabled on processes other than 0).
     augment: Flip + crop augmentation during training.
     progress: Show tqdm progress bars (process 0 only).
@@ -184,6 +186,7 @@ class Runner:
   workdir: str
   fingerprint: dict[str, Any]
   writer: MetricWriter
+  method_fingerprint: dict[str, Any] | None = None
   augment: bool = False
   progress: bool = True
   checkpoint_every_steps: int = 0
@@ -281,8 +284,9 @@ class Runner:
     Raises:
       StopRequested: after ``stop_after_steps`` steps (the latest checkpoint is saved).
     """
+    facts = self.fingerprint if phase == "fp" else (self.method_fingerprint or self.fingerprint)
     ckpts = checkpoint_lib.PhaseCheckpoints(os.path.join(self.workdir, "checkpoints", phase),
-                                            {**self.fingerprint, "phase": phase})
+                                            {**facts, "phase": phase})
     if keep not in ("best", "last"):
       raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     try:
@@ -424,12 +428,9 @@ class Runner:
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       step += 1
       self.steps_run += 1
-      bar.update(1)
-      if bar.enabled and step % 50 == 0:
-        bar.set_postfix(loss=f"{float(parallel.to_host(metrics['loss'])):.4f}")
+      _show_step(bar, step, metrics)
       stopping = self.stop_after_steps and self.steps_run >= self.stop_after_steps
-      periodic = self.checkpoint_every_steps and step % self.checkpoint_every_steps == 0
-      if step < end and (stopping or periodic):
+      if step < end and (stopping or self._periodic(step)):
         meta = self._meta(step, total_steps, best, best_step, info, done=False)
         self._save(phase, ckpts, "latest", step, state,
                    {**meta, "epoch_sums": _sums_to_json(parallel.to_host(sums))})
@@ -448,6 +449,10 @@ class Runner:
     return state, step, {"train_loss": float(sums["loss"]) / max(counted, 1),
                          "train_accuracy": float(sums["accuracy"]) / max(counted, 1),
                          "epoch_seconds": seconds}
+
+  def _periodic(self, step: int) -> bool:
+    """A mid-epoch checkpoint is due (``checkpoint_every_steps``)."""
+    return bool(self.checkpoint_every_steps) and step % self.checkpoint_every_steps == 0
 
   # ------------------------------------------------------------------ bookkeeping
   def _meta(self, step, total_steps, best, best_step, info, done):
@@ -473,6 +478,13 @@ class Runner:
   def _log(message: str) -> None:
     if parallel.is_main_process():
       print(message, flush=True)
+
+
+def _show_step(bar, step: int, metrics) -> None:
+  """One step on the progress bar; the loss every 50 steps (a host copy, so not every step)."""
+  bar.update(1)
+  if bar.enabled and step % 50 == 0:
+    bar.set_postfix(loss=f"{float(parallel.to_host(metrics['loss'])):.4f}")
 
 
 def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, list]:

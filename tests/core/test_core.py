@@ -34,7 +34,7 @@ def _injected_chain():
   tx = optax.chain(optax.adam(1e-2),
                    optax.inject_hyperparams(ec2t.ternarize_transform)(gamma=0.2))
   state = tx.init(params)
-  return tx, ec2t.ternary_params(params, state), state, jax.jit(tx.update)
+  return tx, ec2t.quantized_params(params, state), state, jax.jit(tx.update)
 
 
 @pytest.mark.parametrize("gamma", [float("nan"), -1.0, 1e9, float("inf")])
@@ -44,7 +44,7 @@ def test_invalid_traced_gamma_skips_the_step_and_is_counted(gamma):
   state[1].hyperparams["gamma"] = jnp.asarray(gamma)
   updates, new_state = update(_grads(), state, params)
   new_params = optax.apply_updates(params, updates)
-  before, after = ec2t.find_ternarize_state(state), ec2t.find_ternarize_state(new_state)
+  before, after = ec2t.find_quantizer_state(state), ec2t.find_quantizer_state(new_state)
   assert int(after.invalid_hyper_count) == 1
   assert int(after.nonfinite_count) == 0
   chex.assert_trees_all_equal(after.resolved_leaves(), before.resolved_leaves())
@@ -59,7 +59,7 @@ def test_valid_traced_gamma_is_applied():
   state = tx.init(params)
   state.hyperparams["gamma"] = jnp.asarray(1.0)
   _, new_state = jax.jit(tx.update)(_grads(), state, params)
-  core_state = ec2t.find_ternarize_state(new_state)
+  core_state = ec2t.find_quantizer_state(new_state)
   assert int(core_state.invalid_hyper_count) == 0
   assert float(core_state.field("lam")["Conv_1"]["kernel"]) > 0
 

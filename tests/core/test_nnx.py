@@ -13,7 +13,7 @@ def _setup(gamma=0.2):
   model = SmallNnxCNN(nnx.Rngs(0))
   tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=gamma))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
   return model, optimizer
 
 
@@ -49,7 +49,7 @@ def test_nnx_model_is_ternary_before_and_after_jitted_steps():
   assert len(np.unique(np.asarray(model.conv1.kernel[...]))) > 3
   params = nnx.state(model, nnx.Param)
   jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(params),
-               ec2t.ternary_params(params, optimizer))
+               ec2t.quantized_params(params, optimizer))
 
 
 def test_nnx_freeze_assignment_in_place_keeps_assignment():
@@ -57,9 +57,9 @@ def test_nnx_freeze_assignment_in_place_keeps_assignment():
   _step(model, optimizer, *_batch(0))
   ec2t.freeze_assignment(optimizer)
   assert bool(ec2t.is_frozen(optimizer))
-  before = ec2t.find_ternarize_state(optimizer)
+  before = ec2t.find_quantizer_state(optimizer)
   _step(model, optimizer, *_batch(1))
-  after = ec2t.find_ternarize_state(optimizer)
+  after = ec2t.find_quantizer_state(optimizer)
   np.testing.assert_array_equal(after.field("assignment")["conv2"]["kernel"],
                                 before.field("assignment")["conv2"]["kernel"])
   np.testing.assert_array_equal(after.latent["fc1"]["kernel"],

@@ -57,14 +57,14 @@ def test_every_update_lands_on_three_values_above_the_floor(seed, gamma, scale,
   tx = optax.chain(optax.sgd(scale),
                    ec2t.ternarize_transform(gamma=gamma, init_scale=0.3))
   state = tx.init(_PARAMS)
-  params = ec2t.ternary_params(_PARAMS, state)
+  params = ec2t.quantized_params(_PARAMS, state)
   keys = jax.random.split(jax.random.key(seed), steps)
   for key in keys:
     grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape), params)
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  core = ec2t.find_ternarize_state(state)
-  exact = ec2t.ternary_params(params, state)
+  core = ec2t.find_quantizer_state(state)
+  exact = ec2t.quantized_params(params, state)
   for name in ("Dense_1", "Dense_2"):
     kernel = np.asarray(params[name]["kernel"])
     np.testing.assert_array_equal(kernel, exact[name]["kernel"])

@@ -110,8 +110,8 @@ def test_per_rule_gamma_overrides_the_global_gamma():
       gamma=0.0, selection=[ec2t.Rule("Conv_2/kernel", gamma=1.0)]))
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
-  _, state = tx.update(grads, state, ec2t.ternary_params(params, state))
-  lam = ec2t.find_ternarize_state(state).field("lam")
+  _, state = tx.update(grads, state, ec2t.quantized_params(params, state))
+  lam = ec2t.find_quantizer_state(state).field("lam")
   assert float(lam["Conv_2"]["kernel"]) > 0
   assert float(lam["Conv_1"]["kernel"]) == 0
 

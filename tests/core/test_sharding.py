@@ -39,7 +39,7 @@ def test_sharded_jitted_steps_equal_unsharded(make_tx):
     if sharded:
       params = _shard_params(params, mesh)
     opt_state = jax.jit(tx.init)(params)
-    params = jax.jit(ec2t.ternary_params)(params, opt_state)
+    params = jax.jit(ec2t.quantized_params)(params, opt_state)
     for i in range(3):
       x, y = batch(i)
       if sharded:
@@ -51,7 +51,7 @@ def test_sharded_jitted_steps_equal_unsharded(make_tx):
   params_1, state_1 = run(params, sharded=False)
   params_8, state_8 = run(params, sharded=True)
   chex.assert_trees_all_close(params_8, params_1, atol=1e-6, rtol=1e-6)
-  core_1, core_8 = ec2t.find_ternarize_state(state_1), ec2t.find_ternarize_state(state_8)
+  core_1, core_8 = ec2t.find_quantizer_state(state_1), ec2t.find_quantizer_state(state_8)
   chex.assert_trees_all_close(core_8.latent, core_1.latent, atol=1e-6, rtol=1e-6)
   chex.assert_trees_all_equal(core_8.field("assignment"), core_1.field("assignment"))
   # The state's latent weights and assignments take the params' shardings.

@@ -102,8 +102,9 @@ def test_dense_general_2d_bias_is_not_a_kernel():
 def test_is_kernel_judges_one_slice():
   from ec2t_jax._src.core.selection import is_kernel  # pylint: disable=g-import-not-at-top
   assert is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8, 32)), 1)
-  assert not is_kernel("blocks/ln/scale", jnp.ones((3, 8)), 1)
-  assert is_kernel("blocks/ln/scale", jnp.ones((3, 8)))
+  assert not is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8)), 1)
+  assert is_kernel("blocks/c_fc/kernel", jnp.ones((3, 8)))
+  assert not is_kernel("blocks/ln/scale", jnp.ones((3, 8)))  # a norm's scale, stacked
 
 
 # ------------------------------------------------------------------- oracle
@@ -118,7 +119,7 @@ METHODS = {
 
 def _train_linen(model, params, tx, steps):
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
   @jax.jit
   def step(params, opt_state, tokens, targets):
@@ -164,9 +165,9 @@ def test_linen_scanned_and_unrolled_follow_the_same_trajectory(method):
   p_s, st_s = _train_linen(scan_model, scan_params, tx(scan_order), steps=4)
   p_u, st_u = _train_linen(unroll_model, unroll_params, tx(unroll_order), steps=4)
   _assert_same_trajectory_point(p_s, p_u)
-  q_s, q_u = ec2t.find_ternarize_state(st_s), ec2t.find_ternarize_state(st_u)
-  s_vals = unstack_blocks(ec2t.ternary_params(p_s, st_s), LAYERS)
-  u_vals = ec2t.ternary_params(p_u, st_u)
+  q_s, q_u = ec2t.find_quantizer_state(st_s), ec2t.find_quantizer_state(st_u)
+  s_vals = unstack_blocks(ec2t.quantized_params(p_s, st_s), LAYERS)
+  u_vals = ec2t.quantized_params(p_u, st_u)
   for i in range(LAYERS):
     for name in BLOCK_KERNELS:
       layer, leaf = name.split("/")
@@ -190,7 +191,7 @@ def test_reference_mode_scanned_and_unrolled_follow_the_same_trajectory():
   p_s, st_s = _train_linen(scan_model, scan_params, tx(scan_order), steps=3)
   p_u, st_u = _train_linen(unroll_model, unroll_params, tx(unroll_order), steps=3)
   _assert_same_trajectory_point(p_s, p_u)
-  _assert_same_assignments(ec2t.find_ternarize_state(st_s), ec2t.find_ternarize_state(st_u))
+  _assert_same_assignments(ec2t.find_quantizer_state(st_s), ec2t.find_quantizer_state(st_u))
 
 
 # ----------------------------------------------------------------------- NNX
@@ -258,7 +259,7 @@ def _train_nnx(model, make_tx, steps):
   order = ec2t.forward_order(lambda s, x: nnx.merge(graphdef, s)(x), params, tokens)
   tx = optax.chain(optax.adam(3e-2), make_tx(ec2t.Selection(order=order)))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
   @nnx.jit
   def step(model, optimizer, tokens, targets):
@@ -289,8 +290,8 @@ def test_nnx_scanned_and_unrolled_follow_the_same_trajectory(method):
   rows = [row.path for row in ec2t.summary(opt_s).layers]
   assert rows == [f"blocks/{n}/kernel[{i}]" for n in ("fc", "proj") for i in range(LAYERS)]
   if method == "ec2t":
-    s = ec2t.find_ternarize_state(opt_s).field("assignment")["blocks"]["fc"]["kernel"]
-    u = ec2t.find_ternarize_state(opt_u).field("assignment")["blocks"]
+    s = ec2t.find_quantizer_state(opt_s).field("assignment")["blocks"]["fc"]["kernel"]
+    u = ec2t.find_quantizer_state(opt_u).field("assignment")["blocks"]
     for i in range(LAYERS):
       np.testing.assert_array_equal(s[i], u[i]["fc"]["kernel"])
 
@@ -325,7 +326,7 @@ def test_summary_has_one_row_per_slice():
 
 def test_ternary_params_keeps_the_stacked_tree():
   params, _, state = _stacked_state()
-  values = ec2t.ternary_params(params, state)
+  values = ec2t.quantized_params(params, state)
   assert jax.tree.structure(values) == jax.tree.structure(params)
   kernel = np.asarray(values["blocks"]["c_fc"]["kernel"])
   assert kernel.shape == (LAYERS, 8, 32)
@@ -436,7 +437,7 @@ def test_field_of_a_grouped_leaf_is_that_leaf_own_state():
 def test_grouped_and_per_leaf_states_follow_the_same_trajectory():
   model, params, tx, grouped = _unrolled_state()
   per_leaf = grouped._replace(leaves=grouped.resolved_leaves(), groups=())
-  params = ec2t.ternary_params(params, grouped)
+  params = ec2t.quantized_params(params, grouped)
 
   @jax.jit
   def step(params, state, tokens, targets):

@@ -16,7 +16,7 @@ def _trained():
 def test_summary_rows_match_the_state():
   params, state, _ = _trained()
   summary = ec2t.summary(state)
-  core = ec2t.find_ternarize_state(state)
+  core = ec2t.find_quantizer_state(state)
   assert [l.path for l in summary.layers] == [f"{n}/kernel" for n in TERNARY_LEAVES]
   for layer, name in zip(summary.layers, TERNARY_LEAVES):
     kernel = np.asarray(params[name]["kernel"])

@@ -22,12 +22,12 @@ class TernarizeTransformTest(chex.TestCase):
     model, params = init()
     tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=0.3))
     state = tx.init(params)
-    params = ec2t.ternary_params(params, state)
+    params = ec2t.quantized_params(params, state)
     x, y = batch()
     grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
     updates, state = self.variant(tx.update)(grads, state, params)
     params = optax.apply_updates(params, updates)
-    chex.assert_trees_all_equal(params, ec2t.ternary_params(params, state))
+    chex.assert_trees_all_equal(params, ec2t.quantized_params(params, state))
     for name in TERNARY_LEAVES:
       assert len(_distinct(params[name]["kernel"])) <= 3
 
@@ -45,7 +45,7 @@ def test_jit_and_eager_updates_agree():
 def test_first_forward_is_ternary_after_ternary_params():
   _, params = init()
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform())
-  params = ec2t.ternary_params(params, tx.init(params))
+  params = ec2t.quantized_params(params, tx.init(params))
   for name in TERNARY_LEAVES:
     assert len(_distinct(params[name]["kernel"])) == 3
   assert len(_distinct(params["Conv_0"]["kernel"])) > 3
@@ -70,12 +70,12 @@ def _one_sgd_step(lr, **kwargs):
   model, params = init()
   tx = optax.chain(optax.sgd(lr), ec2t.ternarize_transform(**kwargs))
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   x, y = batch()
   grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
   _, new_state = tx.update(grads, state, params)
-  return (grads, ec2t.find_ternarize_state(state),
-          ec2t.find_ternarize_state(new_state))
+  return (grads, ec2t.find_quantizer_state(state),
+          ec2t.find_quantizer_state(new_state))
 
 
 def test_latent_weights_move_by_the_update_by_default():
@@ -121,7 +121,7 @@ def test_training_lowers_the_loss():
   tx = optax.chain(optax.adam(3e-3), ec2t.ternarize_transform(gamma=0.1))
   x, y = batch()
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
   @jax.jit
   def step(params, opt_state):
@@ -152,9 +152,9 @@ def test_bfloat16_params_keep_their_dtype_and_float32_latents():
   params, state, losses = train(model, params, tx, steps=3)
   chex.assert_trees_all_equal_dtypes(params, jax.tree.map(
       lambda p: p.astype(jnp.bfloat16), params))
-  core = ec2t.find_ternarize_state(state)
+  core = ec2t.find_quantizer_state(state)
   assert core.latent["Conv_1"]["kernel"].dtype == jnp.float32
-  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, state))
+  chex.assert_trees_all_equal(params, ec2t.quantized_params(params, state))
   assert all(np.isfinite(losses))
 
 
@@ -163,7 +163,7 @@ def test_inject_hyperparams_changes_gamma_without_reinit():
   tx = optax.chain(optax.adam(1e-3), optax.inject_hyperparams(
       ec2t.ternarize_transform)(gamma=0.0))
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
   x, y = batch()
   grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
   _, low = tx.update(grads, opt_state, params)
@@ -178,7 +178,7 @@ def test_ecp_leaf_keeps_latent_values_where_not_pruned():
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
       gamma=0.5, selection=[ec2t.Rule("Dense_0/kernel", mode="ecp")]))
   params, state, _ = train(model, params, tx, steps=3)
-  core = ec2t.find_ternarize_state(state)
+  core = ec2t.find_quantizer_state(state)
   kernel = np.asarray(params["Dense_0"]["kernel"])
   latent = np.asarray(core.latent["Dense_0"]["kernel"])
   kept = np.asarray(core.field("assignment")["Dense_0"]["kernel"]) != 0
@@ -198,7 +198,7 @@ def test_frozen_assignment_keeps_latents_and_assignment_while_centroids_train():
   x, y = batch(7)
   grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
   updates, after = tx.update(grads, frozen, params)
-  before, after_core = ec2t.find_ternarize_state(frozen), ec2t.find_ternarize_state(after)
+  before, after_core = ec2t.find_quantizer_state(frozen), ec2t.find_quantizer_state(after)
   chex.assert_trees_all_equal(after_core.latent, before.latent)
   chex.assert_trees_all_equal(after_core.field("assignment"), before.field("assignment"))
   assert any(float(after_core.field("w_p")[n]["kernel"]) != float(before.field("w_p")[n]["kernel"])
@@ -218,8 +218,8 @@ def test_unfreezing_resumes_reassignment():
   grads = jax.grad(lambda p: loss_fn(model, p, x, y))(params)
   _, after = tx.update(grads, state, params)
   changed = [n for n in TERNARY_LEAVES if not np.array_equal(
-      ec2t.find_ternarize_state(after).latent[n]["kernel"],
-      ec2t.find_ternarize_state(state).latent[n]["kernel"])]
+      ec2t.find_quantizer_state(after).latent[n]["kernel"],
+      ec2t.find_quantizer_state(state).latent[n]["kernel"])]
   assert changed
 
 
@@ -238,7 +238,7 @@ def test_nonfinite_updates_keep_the_leaf_state_and_are_counted(jit):
   _, params = init()
   tx = ec2t.ternarize_transform(gamma=0.2)
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   updates = jax.tree.map(jnp.zeros_like, params)
   updates["Conv_1"]["kernel"] = updates["Conv_1"]["kernel"].at[0, 0, 0, 0].set(
       jnp.nan)
@@ -258,10 +258,10 @@ def test_constant_layer_stays_finite(value):
   params["Conv_1"]["kernel"] = jnp.full_like(params["Conv_1"]["kernel"], value)
   tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=0.2))
   params, state, losses = train(model, params, tx, steps=4)
-  core = ec2t.find_ternarize_state(state)
+  core = ec2t.find_quantizer_state(state)
   chex.assert_tree_all_finite((params, core.latent, core.field("w_n"), core.field("w_p"), core.field("lam")))
   assert all(np.isfinite(losses))
-  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, state))
+  chex.assert_trees_all_equal(params, ec2t.quantized_params(params, state))
 
 
 def test_constant_nonzero_layer_keeps_training():
@@ -269,5 +269,5 @@ def test_constant_nonzero_layer_keeps_training():
   params["Conv_1"]["kernel"] = jnp.full_like(params["Conv_1"]["kernel"], 0.05)
   tx = optax.chain(optax.adam(1e-2), ec2t.ternarize_transform(gamma=0.2))
   _, state, _ = train(model, params, tx, steps=4)
-  latent = ec2t.find_ternarize_state(state).latent["Conv_1"]["kernel"]
+  latent = ec2t.find_quantizer_state(state).latent["Conv_1"]["kernel"]
   assert float(jnp.std(latent)) > 0

@@ -40,19 +40,42 @@ def test_aggregate_gives_mean_and_population_std_over_seeds():
                              [30.0, np.std([10, 20, 60])])
 
 
-def test_every_registered_method_gets_points_and_every_sweep_is_registered():
+def test_every_registered_method_gets_points_from_its_knobs_sweep():
   registered = cm.registered_methods()
-  assert set(cm.SWEEPS) <= set(registered)
+  assert set(cm.SWEPT) <= set(registered) and set(cm.BEFORE) <= set(registered)
   for method in registered:
     assert cm.sweep(method) and len(cm.sweep(method, quick=True)) == 1
   assert all(not p.before for m in registered for p in cm.sweep(m, before=False))
+  twn = [p.options["factor"] for p in cm.sweep("twn", before=False)]
+  assert twn == list(cm.ec2t.get_method("twn").knobs["factor"].sweep)
+  strengths = [p.options["strength"] for p in cm.sweep("faraone", before=False)]
+  assert strengths == list(cm.ec2t.get_method("faraone").regularizer_knobs["strength"].sweep)
 
 
-def test_every_sweep_option_is_a_registered_option():
-  for method, points in cm.SWEEPS.items():
-    known = set(cm.methods_lib.METHODS[method].defaults) | {"latent_step", "factor"}
-    for point in points:
-      assert set(point.options) <= known, (method, point.label)
+def test_every_point_builds_with_the_examples_builder():
+  for method in cm.registered_methods():
+    for point in cm.sweep(method):
+      known = cm.methods_lib.option_defaults(method)
+      assert set(point.options) <= set(known), (method, point.label)
+      assert cm.methods_lib.parse_options(method, cm._option_text(point.options)) == (
+          point.options), (method, point.label)
+
+
+def test_a_method_registered_in_the_library_gets_its_sweep_with_no_edit():
+  from ec2t_jax._src.methods._support import registry  # internal: unregister_method
+  import ec2t_jax as ec2t
+  ec2t.register_method(ec2t.MethodSpec(
+      name="toy_bench", kind="train",
+      quantizer=lambda factor=0.6, mode="a", *, selection=None: None,
+      knobs={"mode": ec2t.Knob(("a", "b"), ("a", "b")),
+             "factor": ec2t.Knob(sweep=(0.4, 0.6, 0.8))},
+      grid=lambda options: None))
+  try:
+    assert "toy_bench" in cm.registered_methods()
+    assert [p.label for p in cm.sweep("toy_bench")] == ["factor=0.4", "factor=0.6", "factor=0.8"]
+    assert [p.label for p in cm.sweep("toy_bench", quick=True)] == ["factor=0.6"]
+  finally:
+    registry.unregister_method("toy_bench")
 
 
 @pytest.mark.slow

@@ -64,3 +64,12 @@ def test_report_shows_target_reached_and_multiplier():
   text = report.format_report(results)
   assert "target 11,000 bytes, reached 10,950 bytes, multiplier 0.250" in text
   assert "bytes budget" in text.splitlines()[0]
+
+
+def test_report_says_when_the_target_is_not_reachable():
+  budget = {"kind": "sparsity", "target": 0.999, "reached": 0.977, "multiplier": 1.0,
+            "saturated_steps": 57, "unreachable": True}
+  rows = report.budget_rows(budget)
+  assert rows[-1][2].startswith("sparsity target 0.999 not reachable: reached 0.977 with the "
+                                "multiplier at its bound (1) for 57 steps")
+  assert len(report.budget_rows({**budget, "unreachable": False})) == 1

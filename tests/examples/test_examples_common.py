@@ -111,7 +111,7 @@ def test_fsdp_state_shardings_split_latent_weights_and_adam_moments():
   tx = ec2t.reference_optimizer(gamma=0.1)
   state = jax.eval_shape(lambda: training.TrainState.create(params, {}, tx, seed=0))
   shardings = parallel.state_shardings(state, mesh)
-  ternary = ec2t.find_ternarize_state(shardings.opt_state)
+  ternary = ec2t.find_quantizer_state(shardings.opt_state)
   assert ternary.latent["b"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
   assert shardings.params["b"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None,
                                                                             "fsdp")
@@ -138,7 +138,7 @@ def _ec2t_state():
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   tx = ec2t.reference_optimizer(gamma=0.2)
   create = jax.jit(lambda p: training.TrainState.create(p, {}, tx, seed=3,
-                                                        prepare_params=ec2t.ternary_params))
+                                                        prepare_params=ec2t.quantized_params))
   return create(params), tx
 
 
@@ -153,7 +153,7 @@ def test_checkpoint_round_trips_the_whole_ec2t_state_bitwise(tmp_path):
   ckpts.save("latest", 5, state, {"epoch": 1, "step_in_epoch": 2})
   restored, meta = ckpts.restore("latest", _abstract(state))
   chex.assert_trees_all_equal(restored, state)
-  assert isinstance(ec2t.find_ternarize_state(restored.opt_state), ec2t.TernarizeState)
+  assert isinstance(ec2t.find_quantizer_state(restored.opt_state), ec2t.QuantizerState)
   assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 2, 5)
 
 

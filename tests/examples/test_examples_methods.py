@@ -23,10 +23,20 @@ def _config(method, options="", **kwargs):
                                  **kwargs)
 
 
-def test_options_are_typed_like_the_defaults():
-  options = methods.parse_options("ttq", "sparsity=0.6, threshold=0.1")
-  assert options == {"threshold": 0.1, "sparsity": "0.6", "init_scale": None}
-  assert methods.parse_options("twn", "") == {"threshold": "layer"}
+def test_options_are_the_librarys_knobs_typed_like_their_defaults():
+  assert methods.parse_options("ttq", "sparsity=0.6, threshold=0.1") == {
+      "threshold": 0.1, "sparsity": 0.6}
+  assert methods.parse_options("inq", "bits=3,portions=0.5/1,restart=false") == {
+      "bits": 3, "portions": (0.5, 1.0), "restart": False}
+  assert methods.parse_options("mcq", "samples_per_weight=2") == {"samples_per_weight": 2.0}
+  assert methods.parse_options("twn", "") == {}
+
+
+def test_every_option_default_is_the_registrys():
+  for name, spec in ec2t.method_registry().items():
+    defaults = methods.option_defaults(name)
+    for knob_name, knob in {**spec.knobs, **spec.regularizer_knobs}.items():
+      assert defaults[knob_name] == knob.default, (name, knob_name)
 
 
 @pytest.mark.parametrize("method, options, message", [
@@ -34,17 +44,24 @@ def test_options_are_typed_like_the_defaults():
     ("twn", "gamma=1", "'gamma=1' is not key=value with a key of method 'twn'"),
     ("ttq", "threshold=high", "threshold='high' is not a float"),
     ("ttq", "threshold=1.5", "threshold must be"),
-    ("faraone", "strength=-1", "strength must be in"),
-    ("inq", "bits=9", "bits must be an integer in"),
-    ("slq", "portions=0.5/0.9", "portions must end at 1.0"),
+    ("faraone", "strength=-1", "strength must be"),
+    ("inq", "bits=9", "bits must be"),
+    ("slq", "freeze_order=loss,portions=0.5/0.9", "portions must end at 1.0"),
+    ("slq", "portions=0.5/1", "freeze_order=.loss."),
     ("mlq", "portions=0.5,1", "'1' is not key=value"),
-    ("mcq", "K=0", "K must be a positive"),
-    ("prune", "sparsity=1", "sparsity must be in"),
+    ("mcq", "K=2", "'K=2' is not key=value with a key of method 'mcq'"),
+    ("mcq", "samples_per_weight=0", "samples_per_weight must be"),
+    ("prune", "sparsity=1", "sparsity must be"),
     ("prune", "calibration=web", "calibration must be one of real, fractal"),
 ])
 def test_bad_method_flags_are_one_clear_user_error(method, options, message):
   with pytest.raises(UserError, match=message):
     methods.build(_config(method, options))
+
+
+def test_a_size_budget_with_a_method_that_takes_none_is_a_user_error():
+  with pytest.raises(UserError, match="--method=ttq takes none"):
+    methods.build(_config("ttq", bits_per_weight=1.0))
 
 
 @pytest.mark.parametrize("method", ["faraone", "inq", "slq", "mlq"])
@@ -63,7 +80,8 @@ def test_post_training_methods_have_no_optimizer_but_a_grid_check(method):
 # duration of its tests, e.g. tests/methods/test_contract.py).
 _LIBRARY = {name for name, spec in ec2t.method_registry().items()
             if spec.quantizer.__module__.startswith("ec2t_jax.")}
-TRAINED = sorted(m for m in methods.METHODS if m not in ("mcq", "prune") and m in _LIBRARY)
+TRAINED = sorted(m for m, spec in ec2t.method_registry().items()
+                 if spec.kind != "one_shot" and m in _LIBRARY)
 
 
 @pytest.mark.parametrize("method", TRAINED)
@@ -117,7 +135,7 @@ def test_inq_5bit_pipeline_ends_on_powers_of_two_with_more_than_three_values(tmp
 
 def test_mcq_pipeline_skips_training_and_exports_integer_multiples(tmp_path):
   results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}", "--method=mcq",
-                                   "--method_options=K=2")
+                                   "--method_options=samples_per_weight=2")
   assert not (tmp_path / "checkpoints" / "ec2t_phase1").exists()
   assert results["posttrain_seconds"] > 0 and results["ternary_layers"] == 3
   for kernel in _compressed_kernels(tmp_path / "model.ec2t").values():
@@ -143,7 +161,7 @@ def test_prune_pipeline_with_fractals_reaches_the_sparsity_and_keeps_survivors(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, options, most", [("slq", "bits=3,portions=0.5/1", 7),
+@pytest.mark.parametrize("method, options, most", [("slq", "bits=3", 5),
                                                    ("mlq", "portions=0.5/1", 3)])
 def test_slq_and_mlq_pipelines_end_on_their_levels(tmp_path, method, options, most):
   results = support.run_in_process(mnist_lenet, *_TINY, f"--workdir={tmp_path}",
@@ -164,14 +182,12 @@ def test_compression_measures_match_hand_counts():
   assert [l["distinct_values"] for l in measures["layers"]] == [3, 2]
 
 
-def test_integer_multiples_check_accepts_a_scaled_grid_and_rejects_off_grid_values():
-  from common import posttrain  # pylint: disable=g-import-not-at-top
+def test_the_grid_check_of_a_one_shot_method_is_the_registrys():
+  setup = methods.build(_config("mcq"))
   scale = np.float32(0.037)
-  posttrain.check_integer_multiples("w", np.array([0, 2, -4, 6], np.float32) * scale)  # no 1 hit
+  setup.check([("w", np.array([0, 2, -4, 6], np.float32) * scale)])  # no weight with one hit
   with pytest.raises(AssertionError, match="w: values are not integer multiples"):
-    posttrain.check_integer_multiples("w", np.array([0.1, 0.2, 0.3141], np.float32))
-  with pytest.raises(AssertionError, match="w has 4 distinct values, at most 3"):
-    posttrain.check_at_most_values("w", np.array([0.0, 1.0, 2.0, 3.0]), 3)
+    setup.check([("w", np.array([0.1, 0.2, 0.3141], np.float32))])
 
 
 def test_real_calibration_images_are_a_standardised_subset():
@@ -220,3 +236,36 @@ def test_a_config_inner_optimizer_replaces_every_methods_inner_adam(method):
   updates, _ = plain.update(grads, state, params)
   # SGD(0.5) moves the unselected first kernel by exactly -0.5 (Adam's first step: -1e-3).
   np.testing.assert_allclose(updates["a"]["kernel"], -0.5)
+
+
+def _toy_quantizer(factor=0.6, *, selection=None):
+  """A user's method: TWN's quantizer under another name and knob."""
+  return ec2t.get_method("twn").quantizer("layer", factor, selection=selection)
+
+
+@pytest.fixture
+def toy_method():
+  from ec2t_jax._src.methods._support import registry  # internal: unregister_method
+  spec = ec2t.register_method(ec2t.MethodSpec(
+      name="toy_examples", kind="train", quantizer=_toy_quantizer,
+      knobs={"factor": ec2t.Knob(sweep=(0.4, 0.6))},
+      grid=lambda options: ec2t.get_method("twn").grid_for()))
+  yield spec
+  registry.unregister_method(spec.name)
+
+
+def test_a_method_registered_in_the_library_runs_through_the_examples_with_no_edit(toy_method):
+  params = models.LeNet5().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert methods.option_defaults("toy_examples") == {"factor": 0.6}
+  setup = methods.build(_config("toy_examples", "factor=0.9"))
+  state = setup.optimizer.init(params)
+  updates, state = setup.optimizer.update(jax.tree.map(jnp.ones_like, params), state, params)
+  quantized = jax.tree.map(lambda p, u: p + u, params, updates)
+  setup.check([("fc1/kernel", np.asarray(quantized["fc1"]["kernel"]))])  # its grid: ternary
+  assert [l.path for l in ec2t.summary(state).layers] == ["conv2/kernel", "fc1/kernel",
+                                                          "fc2/kernel"]
+  # TWN's threshold 0.9 mean|W| (the option reached the factory, not its default 0.6).
+  kernel = np.asarray(params["fc1"]["kernel"])
+  expected_zeros = np.mean(np.abs(kernel) <= 0.9 * np.abs(kernel).mean())
+  assert np.mean(np.asarray(quantized["fc1"]["kernel"]) == 0) == pytest.approx(expected_zeros,
+                                                                               abs=0.01)

@@ -5,6 +5,7 @@ import pytest
 
 import ec2t_jax as ec2t
 from ec2t_jax import export
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core import budget as budget_lib
 from tests.models_for_tests import TERNARY_LEAVES, init
 
@@ -34,7 +35,7 @@ def test_fixed_bytes_is_at_most_the_models_raw_size_bound():
   params = _embedding_heavy_params()
   kept = [(v.size, v.dtype.itemsize) for k, leaf in params.items() for n, v in leaf.items()
           if not (k in TERNARY_LEAVES and n == "kernel")]
-  bound = budget_lib.fixed_bytes(kept, [params[k]["kernel"].size for k in TERNARY_LEAVES])
+  bound = budget_lib.fixed_bytes_bound(kept, [params[k]["kernel"].size for k in TERNARY_LEAVES])
   assert export.fixed_bytes(params) < bound
 
 
@@ -50,3 +51,10 @@ def test_a_budget_takes_the_measured_fixed_bytes():
   params = _embedding_heavy_params()
   budget = ec2t.Budget(bytes=10_000, fixed_bytes=export.fixed_bytes(params))
   assert budget.fixed_bytes == export.fixed_bytes(params)
+
+
+def test_the_bytes_model_counts_the_containers_fixed_header_and_checksum():
+  info = export.read_info(export.pack({"w": np.zeros(3, np.float32)}))
+  assert info.total_bytes == (container_layout.FILE_OVERHEAD_BYTES + info.header_bytes
+                              + info.payload_bytes)
+  assert budget_lib.FILE_OVERHEAD_BYTES == container_layout.FILE_OVERHEAD_BYTES

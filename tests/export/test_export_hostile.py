@@ -302,7 +302,7 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from tests.export import test_export_hostile as t
-from ec2t_jax._src.export import entropy_coding
+from ec2t_jax._src.export import container, entropy_coding, errors
 
 def status(key):
     for line in open("/proc/self/status"):

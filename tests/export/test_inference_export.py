@@ -106,7 +106,8 @@ def test_loading_a_plain_file_as_inference_file_is_an_error(tmp_path):
 def test_inference_file_with_hostile_settings_is_an_export_format_error(tmp_path, settings,
                                                                          match):
   tree = {"params": {"bn": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)}}}
-  export.save(tmp_path / "m.ec2t", tree, metadata={"inference": settings})
+  # A crafted file: "inference" is the library's own key, refused in user metadata.
+  (tmp_path / "m.ec2t").write_bytes(container.pack(tree, library_metadata={"inference": settings}))
   with pytest.raises(errors.ExportFormatError, match=match):
     export.load_inference(tmp_path / "m.ec2t")
 

@@ -21,7 +21,7 @@ def stacked_params():
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
   tx = optax.chain(optax.adam(1e-2),
                    ec2t.ternarize_transform(gamma=0.2, selection=ec2t.Selection(order=order)))
-  return jax.tree.map(np.asarray, ec2t.ternary_params(params, tx.init(params)))
+  return jax.tree.map(np.asarray, ec2t.quantized_params(params, tx.init(params)))
 
 
 def test_stacked_kernel_is_stored_as_one_ternary_record_per_slice(stacked_params, tmp_path):

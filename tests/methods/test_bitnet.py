@@ -45,11 +45,11 @@ def _train_chain(kernel, grad_fn, lr, steps):
   tx = optax.chain(optax.sgd(lr), ec2t.bitnet(selection=ALL))
   params = {"w": kernel}
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   for _ in range(steps):
     updates, state = tx.update({"w": grad_fn(params["w"])}, state, params)
     params = optax.apply_updates(params, updates)
-  return params["w"], ec2t.find_ternarize_state(state).leaves["w"]
+  return params["w"], ec2t.find_quantizer_state(state).leaves["w"]
 
 
 def test_latent_weights_follow_jax_grad_of_the_straight_through_composition():

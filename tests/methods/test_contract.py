@@ -5,17 +5,25 @@ library is tested here with no test code of its own. Train and staged methods:
 jit equals eager; a knob traced through ``optax.inject_hyperparams`` equals
 the same knob given at construction; Linen and NNX training land exactly on
 the method's grid (from its ``last_phase``); 8-device sharded equals one
-device; bf16 params keep their dtype; ``ternary_params``, ``summary`` and
-``set_phase`` work; the export round trip is bitwise. One-shot methods:
-``instant`` lands on the grid, equals the public function bitwise, keeps
-bf16, round-trips through the export. Every method: a bad knob and a rule
-option it does not accept are ``ValueError``\\ s naming them.
+device; bf16 params keep their dtype; ``quantized_params``, ``summary`` and
+``set_phase`` work; the export round trip is bitwise; the second update does
+not compile again. One-shot methods: ``instant`` lands on the grid, equals the
+public function bitwise, keeps bf16, round-trips through the export. Every
+method: its knobs are exactly its quantizer's keyword parameters with the same
+defaults (and its public function's); a bad knob and a rule option it does
+not accept are ``ValueError``\\ s naming them.
+
+What runs where: the default suite (what CI runs, ``.ci/run``) runs every case
+for every method, the cases that compile their own steps (eager, NNX,
+sharded, bf16) for one step; the same cases over ``STEPS`` steps, through the
+method's last phase, are marked slow (``python -m pytest -m slow``).
 
 A toy two-level method, registered below (test code only), passes the whole
 contract by that registration alone.
 """
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import chex
@@ -76,8 +84,7 @@ def toy(shrink=1.0, *, selection=None):
 TOY = "toy_two_level"
 registry.register_method(registry.MethodSpec(
     name=TOY, kind="train", quantizer=toy_quantizer, transform=toy,
-    knobs={"shrink": registry.Knob(1.0, core.Range(0.0, low_open=True), (0.5, 1.0),
-                                   traced=True)},
+    knobs={"shrink": registry.Knob(core.Range(0.0, low_open=True), (0.5, 1.0), traced=True)},
     grid=lambda options: grids.Grid(2, ternary=False)), replace=True)
 
 
@@ -107,22 +114,14 @@ MODEL = Mlp()
 X = jax.random.normal(jax.random.key(1), (16, 8))
 Y = jax.random.normal(jax.random.key(2), (16, 4))
 PARAMS = MODEL.init(jax.random.key(0), X)["params"]
-STEPS = 3
+STEPS = 3  # the full cases (slow); the default suite runs one step of each
 # Speed only: fewer calibration steps for calibrated pruning.
 FAST_KNOBS = {"prune": {"steps_per_level": 2}}
 
 SPECS = ec2t.method_registry()
 TRAINED = sorted(n for n, s in SPECS.items() if s.kind != "one_shot")
 ONE_SHOT = sorted(n for n, s in SPECS.items() if s.kind == "one_shot")
-# Slow to compile or to run eagerly (k-means, stages, EC2T's assignment, Faraone's two
-# phases): the cases that compile their own steps (eager, inject_hyperparams, NNX, sharded,
-# bf16) are marked slow for these (CI runs them); the cases sharing one compiled training
-# (grid, tools, export) and the construction checks run by default for every method.
-HEAVY = {"ec2t", "faraone", "inq", "mlq", "slq", "prune"}
-
-
-def _slow_if_heavy(names):
-  return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+FULL = [pytest.param(STEPS, marks=pytest.mark.slow, id="full"), pytest.param(1, id="one_step")]
 
 
 def _loss(params, x=X, y=Y):
@@ -146,23 +145,50 @@ def _step(tx):
   return step
 
 
-def _train(name, params=PARAMS, *, jit=True, tx=None, shard=None):
-  """``STEPS`` steps; the phase is set to the method's last phase after the first."""
+def _counting_jit(fn):
+  """``jax.jit(fn)`` and the list that grows by one each time ``fn`` is traced."""
+  traces = []
+
+  def counted(*args):
+    traces.append(1)
+    return fn(*args)
+
+  return jax.jit(counted), traces
+
+
+def _jumps_to_the_last_phase(name, i, steps):
+  """Whether step ``i`` of ``steps`` starts in the method's last phase: the full
+  runs step once in phase 0 first, a one-step run starts there."""
+  return bool(_last_phase(name)) and i == min(1, steps - 1)
+
+
+def _train(name, params=PARAMS, *, jit=True, tx=None, shard=None, steps=STEPS, step=None):
+  """``(params, opt_state)`` after ``steps`` steps (see :func:`_jumps_to_the_last_phase`)."""
   tx = tx or _transform(name)
   params = params if shard is None else shard(params)
   opt_state = (jax.jit(tx.init) if jit else tx.init)(params)
-  params = ec2t.ternary_params(params, opt_state)
-  step = jax.jit(_step(tx)) if jit else _step(tx)
-  for i in range(STEPS):
-    params, opt_state = step(params, opt_state)
-    if i == 0 and _last_phase(name):
+  params = ec2t.quantized_params(params, opt_state)
+  step = step or (jax.jit(_step(tx)) if jit else _step(tx))
+  for i in range(steps):
+    if _jumps_to_the_last_phase(name, i, steps):
       opt_state = ec2t.set_phase(opt_state, _last_phase(name))
+    params, opt_state = step(params, opt_state)
   return params, opt_state
 
 
 @functools.cache
-def _trained(name):
-  return _train(name)
+def _shared_step(name):
+  """The method's transformation, its one jitted step, and that step's trace count."""
+  tx = _transform(name)
+  step, traces = _counting_jit(_step(tx))
+  return tx, step, traces
+
+
+@functools.cache
+def _trained(name, steps=STEPS):
+  """``_train`` with the shared compiled step (full or one-step runs compile it once)."""
+  tx, step, _ = _shared_step(name)
+  return _train(name, tx=tx, step=step, steps=steps)
 
 
 def _selected(params):
@@ -179,52 +205,80 @@ def _assert_on_grid(name, params):
 # ------------------------------------------------------- train and staged
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
-def test_jit_equals_eager(name):
-  params_jit, state_jit = _trained(name)
-  params_eager, state_eager = _train(name, jit=False)
+@pytest.mark.parametrize("name", TRAINED)
+def test_the_second_update_does_not_compile_again(name):
+  _trained(name), _trained(name, 1)
+  traces = len(_shared_step(name)[2])
+  assert traces == 1, f"{name}: the jitted step was traced {traces} times in {STEPS + 1} updates"
+
+
+@pytest.mark.parametrize("steps", FULL)
+@pytest.mark.parametrize("name", TRAINED)
+def test_jit_equals_eager(name, steps):
+  params_jit, state_jit = _trained(name, steps)
+  params_eager, state_eager = _train(name, jit=False, steps=steps)
   chex.assert_trees_all_close(params_eager, params_jit, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_close(ec2t.find_quantizer_state(state_eager).resolved_leaves(),
-                              ec2t.find_quantizer_state(state_jit).resolved_leaves(), atol=1e-6, rtol=1e-5)
+                              ec2t.find_quantizer_state(state_jit).resolved_leaves(),
+                              atol=1e-6, rtol=1e-5)
 
 
-def _traced_knob(name):
+def _traced_knob(name, at_default=False):
+  """A traced knob and a value: its last swept one, or (``at_default``) the default of the
+  first traced knob that has one (so the constructed side is the shared training)."""
   knobs = [(k, knob) for k, knob in SPECS[name].knobs.items()
            if knob.traced and any(v is not None for v in knob.sweep)]
   if not knobs:
     pytest.skip(f"{name} has no traced knob")
+  defaults = [(k, knob.default) for k, knob in knobs if knob.default is not None]
+  if at_default and defaults:
+    return defaults[0]
   knob_name, knob = knobs[0]
   return knob_name, [v for v in knob.sweep if v is not None][-1]
 
 
-def _injected(name, knob, value):
+@functools.cache
+def _injected(name, at_default=True):
+  """The method with a traced knob injected (:func:`_traced_knob`), and its jitted step."""
   spec = SPECS[name]
+  knob, value = _traced_knob(name, at_default)
   static = ("selection",) + tuple(k for k, v in spec.knobs.items() if not v.traced)
   injected = optax.inject_hyperparams(spec.transform, static_args=static)(
       **{knob: value}, selection=None)
-  return optax.chain(optax.sgd(0.05), injected)
+  tx = optax.chain(optax.sgd(0.05), injected)
+  return tx, jax.jit(_step(tx))
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
-def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name):
-  knob, value = _traced_knob(name)
-  tx = _injected(name, knob, value)
-  opt_state = tx.init(PARAMS)
-  got, _ = jax.jit(_step(tx))(ec2t.ternary_params(PARAMS, opt_state), opt_state)
-  direct = _transform(name, **{knob: value})
-  direct_state = direct.init(PARAMS)
-  want, _ = jax.jit(_step(direct))(ec2t.ternary_params(PARAMS, direct_state), direct_state)
+# The default suite injects a knob at its default (the constructed side is the shared
+# training); the slow set at a swept value (its own compiled step).
+INJECTED_AT = [pytest.param(False, marks=pytest.mark.slow, id="swept"),
+               pytest.param(True, id="default")]
+
+
+@pytest.mark.parametrize("at_default", INJECTED_AT)
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_knob_traced_through_inject_hyperparams_equals_a_constructed_one(name, at_default):
+  knob, value = _traced_knob(name, at_default)
+  tx, step = _injected(name, at_default)
+  got, _ = _train(name, tx=tx, step=step, steps=1)
+  if value == SPECS[name].knobs[knob].default:
+    want, _ = _trained(name, 1)
+  else:
+    want, _ = _train(name, tx=_transform(name, **{knob: value}), steps=1)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
+@pytest.mark.parametrize("name", TRAINED)
 def test_an_invalid_traced_knob_skips_the_step_and_is_counted(name):
-  knob, value = _traced_knob(name)
-  tx = _injected(name, knob, value)
-  opt_state = tx.init(PARAMS)
-  params = ec2t.ternary_params(PARAMS, opt_state)
-  opt_state[1].hyperparams[knob] = jnp.asarray(jnp.nan, jnp.float32)
-  new_params, new_state = jax.jit(_step(tx))(params, opt_state)
+  knob, _ = _traced_knob(name, at_default=True)
+  tx, step = _injected(name)  # the same compiled step: the value is in the state
+  opt_state = jax.jit(tx.init)(PARAMS)
+  params = ec2t.quantized_params(PARAMS, opt_state)
+  old = opt_state[1].hyperparams[knob]
+  # NaN of the knob's own dtype (and weak type) where it is a float: no new compilation.
+  opt_state[1].hyperparams[knob] = (old + jnp.nan if jnp.issubdtype(old.dtype, jnp.floating)
+                                    else jnp.asarray(jnp.nan, jnp.float32))
+  new_params, new_state = step(params, opt_state)
   assert int(ec2t.find_quantizer_state(new_state).invalid_hyper_count) == 1
   for path in SELECTED:  # the quantized leaves keep their state, so their values
     layer = path.split("/")[0]
@@ -234,7 +288,7 @@ def test_an_invalid_traced_knob_skips_the_step_and_is_counted(name):
 @pytest.mark.parametrize("name", TRAINED)
 def test_linen_training_lands_exactly_on_the_grid(name):
   params, opt_state = _trained(name)
-  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
+  chex.assert_trees_all_equal(params, ec2t.quantized_params(params, opt_state))
   _assert_on_grid(name, params)
   unselected = PARAMS["Dense_0"]["kernel"]
   assert not np.array_equal(params["Dense_0"]["kernel"], unselected)  # trained, not quantized
@@ -246,9 +300,10 @@ def test_ternary_params_summary_and_set_phase_work(name):
   summary = ec2t.summary(opt_state)
   assert [row.path for row in summary.layers] == list(SELECTED)
   assert int(ec2t.find_quantizer_state(opt_state).count) == STEPS
+  assert summary.off_grid_count == 0  # every update found the params on the grid
   later = ec2t.set_phase(opt_state, 5)
   assert int(ec2t.find_quantizer_state(later).phase) == 5
-  chex.assert_trees_all_equal(ec2t.ternary_params(params, later), params)
+  chex.assert_trees_all_equal(ec2t.quantized_params(params, later), params)
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -261,13 +316,15 @@ def test_export_round_trips_bitwise(name, tmp_path):
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
-def test_bf16_params_keep_their_dtype_and_land_on_the_grid(name):
+@pytest.mark.parametrize("steps", FULL)
+@pytest.mark.parametrize("name", TRAINED)
+def test_bf16_params_keep_their_dtype_and_land_on_the_grid(name, steps):
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
-  params, opt_state = _train(name, params)
+  params, opt_state = _train(name, params, steps=steps)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
+  chex.assert_trees_all_equal(params, ec2t.quantized_params(params, opt_state))
   _assert_on_grid(name, params)
+  assert int(ec2t.find_quantizer_state(opt_state).off_grid_count) == 0
 
 
 class NnxMlp(nnx.Module):
@@ -285,37 +342,39 @@ class NnxMlp(nnx.Module):
 NNX_ORDER = ec2t.Selection(order=tuple(f"layers/{i}/kernel" for i in range(4)))
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
-def test_nnx_optimizer_keeps_the_model_on_the_grid(name):
+@pytest.mark.parametrize("steps", FULL)
+@pytest.mark.parametrize("name", TRAINED)
+def test_nnx_optimizer_keeps_the_model_on_the_grid(name, steps):
   model = NnxMlp(nnx.Rngs(0))
   tx = optax.chain(optax.sgd(0.05), SPECS[name].make_transform(selection=NNX_ORDER))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
   @nnx.jit
   def step(model, optimizer):
     optimizer.update(model, nnx.grad(lambda m: jnp.mean((m(X) - Y) ** 2))(model))
 
-  for i in range(STEPS):
-    step(model, optimizer)
-    if i == 0 and _last_phase(name):
+  for i in range(steps):
+    if _jumps_to_the_last_phase(name, i, steps):
       ec2t.set_phase(optimizer, _last_phase(name))  # in place
+    step(model, optimizer)
   state = nnx.as_pure(nnx.state(model, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, state,
-               ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+               ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
   selected = [(f"layers/{i}/kernel", np.asarray(state["layers"][i]["kernel"])) for i in (1, 2)]
   problems = SPECS[name].grid_for().problems(selected)
   assert not problems, problems
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(TRAINED))
-def test_sharded_over_8_devices_equals_one_device(name):
+@pytest.mark.parametrize("steps", FULL)
+@pytest.mark.parametrize("name", TRAINED)
+def test_sharded_over_8_devices_equals_one_device(name, steps):
   mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
   spec = lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 and x.shape[-1] == WIDTH
                                  else P())
   shard = lambda tree: jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
-  params_1, state_1 = _trained(name)
-  params_8, state_8 = _train(name, shard=shard)
+  params_1, state_1 = _trained(name, steps)
+  params_8, state_8 = _train(name, shard=shard, steps=steps)
   chex.assert_trees_all_close(params_8, params_1, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_close(ec2t.find_quantizer_state(state_8).resolved_leaves(),
                               ec2t.find_quantizer_state(state_1).resolved_leaves(), atol=1e-6, rtol=1e-5)
@@ -360,7 +419,7 @@ def test_one_shot_equals_the_public_function_bitwise(name):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(ONE_SHOT))
+@pytest.mark.parametrize("name", ONE_SHOT)
 def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
   params, _ = _one_shot(name, jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
@@ -371,6 +430,43 @@ def test_one_shot_keeps_bf16_and_round_trips_through_the_export(name, tmp_path):
 
 
 # ------------------------------------------------------------ every method
+
+# Keyword parameters of a one-shot public function that choose what it returns, not a knob.
+OUTPUT_OPTIONS = ("return_report", "return_integers")
+
+
+def _keyword_defaults(fn, *, skip_first=False) -> dict:
+  """Parameter -> default (``inspect.Parameter.empty`` if none) of ``fn``'s keyword-able
+  parameters, the first one (a one-shot function's ``params``) left out if asked."""
+  parameters = list(inspect.signature(fn).parameters.values())[int(skip_first):]
+  return {p.name: p.default for p in parameters
+          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _knob_defaults(name) -> dict:
+  return {knob: k.default for knob, k in SPECS[name].knobs.items()}
+
+
+def _without(defaults: dict, names) -> dict:
+  return {k: v for k, v in defaults.items() if k not in names}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_the_knobs_are_the_quantizers_keyword_parameters_with_its_defaults(name):
+  spec = SPECS[name]
+  factory = _without(_keyword_defaults(spec.quantizer), ("selection",) + spec.inputs)
+  assert factory == _knob_defaults(name)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_the_public_function_has_the_quantizers_defaults(name):
+  spec = SPECS[name]
+  public = spec.transform if spec.transform is not None else spec.one_shot
+  if public is None:
+    pytest.skip(f"{name} has no public function")
+  defaults = _keyword_defaults(public, skip_first=public is spec.one_shot)
+  assert _without(defaults, ("selection",) + spec.inputs + OUTPUT_OPTIONS) == _knob_defaults(name)
+
 
 
 def _bad_values(knob):

@@ -46,7 +46,7 @@ def _train(make_tx, phase_after_first=0, steps=STEPS):
   model, params = init()
   tx = optax.chain(optax.adam(1e-2), make_tx())
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
   @jax.jit
   def step(params, opt_state, x, y):
@@ -93,7 +93,7 @@ def test_trained_params_hold_exactly_the_method_grid(trained):
 
 def test_apply_updates_lands_bit_exactly_on_the_state_value(trained):
   _, _, params, opt_state = trained
-  chex.assert_trees_all_equal(params, ec2t.ternary_params(params, opt_state))
+  chex.assert_trees_all_equal(params, ec2t.quantized_params(params, opt_state))
 
 
 def test_summary_lists_the_selected_leaves_with_the_method_name(trained):
@@ -150,12 +150,12 @@ def _one_step(transform, lr=0.05, phase=None):
   tx = optax.chain(optax.sgd(lr), transform)
   params = {"w": KERNEL}
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   if phase is not None:
     state = ec2t.set_phase(state, phase)
-  before = ec2t.find_ternarize_state(state).leaves["w"]
+  before = ec2t.find_quantizer_state(state).leaves["w"]
   updates, state = tx.update({"w": GRAD}, state, params)
-  return before, ec2t.find_ternarize_state(state).leaves["w"], optax.apply_updates(params, updates)
+  return before, ec2t.find_quantizer_state(state).leaves["w"], optax.apply_updates(params, updates)
 
 
 def test_twn_step_moves_latent_by_the_update_and_rethresholds():
@@ -245,7 +245,7 @@ def test_quantization_pruning_prunes_under_the_threshold_and_keeps_zeros_zero():
     w = np.asarray(params["w"])
     np.testing.assert_array_equal(w[~survivors], 0)
     assert len(np.unique(np.abs(w[w != 0]))) == 1  # +-alpha
-  leaf = ec2t.find_ternarize_state(state).leaves["w"]
+  leaf = ec2t.find_quantizer_state(state).leaves["w"]
   np.testing.assert_array_equal(leaf.mask, survivors)
   np.testing.assert_allclose(np.abs(w[w != 0])[0], np.abs(leaf.latent[survivors]).mean(),
                              rtol=1e-6)
@@ -272,7 +272,7 @@ def test_nnx_optimizer_keeps_the_model_on_the_grid(make_tx):
   order = ec2t.Selection(order=("fc1/kernel", "fc2/kernel", "fc3/kernel"))  # forward order
   optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), make_tx(selection=order)),
                             wrt=nnx.Param)
-  nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+  nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
   @nnx.jit
   def step(model, optimizer, x, y):
@@ -286,7 +286,7 @@ def test_nnx_optimizer_keeps_the_model_on_the_grid(make_tx):
   for column in kernel.T:
     assert len(np.unique(column)) <= 3
   jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(nnx.state(model, nnx.Param)),
-               ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+               ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
 
 @pytest.mark.parametrize("make_tx", [ec2t.sttn], ids=["sttn"])  # per-filter scales, two latents
@@ -306,13 +306,13 @@ def test_sharded_jitted_steps_equal_unsharded(make_tx):
           x.ndim >= 2 and x.shape[-1] % 4 == 0) else P())
       params = jax.tree.map(lambda x: jax.device_put(x, spec(x)), params)
     opt_state = jax.jit(tx.init)(params)
-    params = jax.jit(ec2t.ternary_params)(params, opt_state)
+    params = jax.jit(ec2t.quantized_params)(params, opt_state)
     for i in range(2):
       x, y = batch(i)
       if sharded:
         x, y = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
       params, opt_state = jax.jit(step)(params, opt_state, x, y)
-    return params, ec2t.find_ternarize_state(opt_state)
+    return params, ec2t.find_quantizer_state(opt_state)
 
   params_1, state_1 = run(params, sharded=False)
   params_8, state_8 = run(params, sharded=True)

@@ -188,7 +188,7 @@ def _chain(kernel, grad_fn, inner, steps, **knobs):
   tx = optax.chain(inner, ec2t.paretoq(**knobs, selection=ALL))
   params = {"w": jnp.asarray(kernel)}
   state = jax.jit(tx.init)(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
 
   @jax.jit
   def step(params, state):
@@ -340,7 +340,7 @@ def test_export_round_trips_other_widths_bitwise(knobs, tmp_path):
   params = {"a": jnp.asarray(np.random.default_rng(4).normal(size=(24, 16)), jnp.float32)}
   tx = optax.chain(optax.adam(1e-2), ec2t.paretoq(**knobs, selection=ALL))
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   export.save(tmp_path / "m.ec2t", params)
   loaded = export.load(tmp_path / "m.ec2t")
   assert np.asarray(loaded["a"]).tobytes() == np.asarray(params["a"]).tobytes()
@@ -403,6 +403,6 @@ def test_a_stacked_leaf_gets_scales_per_layer_and_output_channel():
   assert leaf.scale.shape == (3, 1, 5)
   for i in range(3):
     np.testing.assert_allclose(leaf.scale[i], ec2t.paretoq_init_scale(stacked[i], 2), rtol=1e-7)
-  np.testing.assert_allclose(ec2t.ternary_params({"w": stacked}, state)["w"][1],
+  np.testing.assert_allclose(ec2t.quantized_params({"w": stacked}, state)["w"][1],
                              ec2t.paretoq_quantize(stacked[1], leaf.scale[1], 2), rtol=1e-6)
   assert [r.path for r in ec2t.summary(state).layers] == ["w[0]", "w[1]", "w[2]"]

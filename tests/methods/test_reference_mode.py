@@ -149,7 +149,7 @@ def test_reference_mode_equals_numpy_restatement(sign, renormalization):
       latent_learning_rate=1e-3, centroid_learning_rate=1e-4,
       negative_centroid_sign=sign, renormalization=renormalization)
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
 
   @jax.jit
   def step(params, state, x, y):
@@ -159,7 +159,7 @@ def test_reference_mode_equals_numpy_restatement(sign, renormalization):
   for x, y in batches:
     params = step(params, state, x, y)
     params, state = params
-  core = ec2t.find_ternarize_state(state)
+  core = ec2t.find_quantizer_state(state)
   for m in params:
     for k in params[m]:
       np.testing.assert_allclose(params[m][k], expected[m][k], rtol=2e-5,
@@ -179,7 +179,7 @@ def test_reference_mode_frozen_keeps_latents_and_latent_optimizer_state():
   params = _Mlp().init(jax.random.key(1), x)["params"]
   tx = ec2t.reference_optimizer(gamma=0.2)
   state = ec2t.freeze_assignment(tx.init(params))
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   _, new_state = tx.update(jax.grad(_loss)(params, x, y), state, params)
   assert isinstance(new_state, ec2t.TernarizeReferenceState)
   chex.assert_trees_all_equal(new_state.latent_state, state.latent_state)
@@ -194,7 +194,7 @@ def test_reference_mode_skips_a_step_with_nonfinite_gradients():
   params = _Mlp().init(jax.random.key(1), x)["params"]
   tx = ec2t.reference_optimizer(gamma=0.2)
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   grads = jax.tree.map(jnp.ones_like, params)
   grads["Dense_0"]["bias"] = grads["Dense_0"]["bias"].at[0].set(jnp.inf)
   updates, new_state = tx.update(grads, state, params)
@@ -221,7 +221,7 @@ def test_tie_rule_holds_at_init_and_after_a_step(form, ties, expected):
   tx = (ec2t.reference_optimizer(**kwargs) if form == "reference_optimizer"
         else optax.chain(optax.sgd(0.1), ec2t.ternarize_transform(**kwargs)))
   state = tx.init(_TIED)
-  params = ec2t.ternary_params(_TIED, state)
+  params = ec2t.quantized_params(_TIED, state)
   chex.assert_trees_all_equal(params["w"], jnp.array(expected))
   updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
   params = optax.apply_updates(params, updates)

@@ -51,6 +51,34 @@ def test_options_fill_defaults_and_name_unknown_or_bad_knobs():
     spec.options(scale_update=-1.0)
 
 
+def test_a_knobs_default_is_read_from_the_quantizers_signature():
+  def quantizer(factor=0.25, *, selection=None):
+    del factor, selection
+  spec = registry.MethodSpec("sig", "train", quantizer, {"factor": registry.Knob()},
+                             grid=lambda o: grids.ternary_grid())
+  assert spec.knobs["factor"].default == 0.25
+
+
+def test_a_knob_that_is_not_a_parameter_with_a_default_is_refused_at_registration():
+  def quantizer(factor, *, selection=None):
+    del factor, selection
+  for knobs in ({"factor": registry.Knob()}, {"other": registry.Knob()}):
+    with pytest.raises(ValueError, match=f"knob '{next(iter(knobs))}' is not a keyword"):
+      registry.MethodSpec("sig", "train", quantizer, knobs, grid=lambda o: grids.ternary_grid())
+
+
+def test_a_knob_given_a_default_value_is_a_type_error():
+  with pytest.raises(TypeError, match="read from the factory's signature"):
+    registry.Knob(0.7, core.Range(0.0))
+
+
+def test_a_budget_knob_takes_a_budget_or_none():
+  spec = ec2t.get_method("twn")
+  assert spec.options(budget=ec2t.Budget(sparsity=0.5))["budget"].target == 0.5
+  with pytest.raises(ValueError, match="budget must be a Budget"):
+    spec.options(budget=0.5)
+
+
 def test_staged_last_phase_counts_the_stages_of_every_layer():
   # MLQ: layer r starts r stages late; with L layers and S portions the last stage is L + S - 2.
   mlq = ec2t.get_method("mlq")
@@ -121,7 +149,7 @@ def test_instant_equals_ternary_params_after_init():
   q = ec2t.get_method("ttq").build(selection=lambda path, leaf: True)
   out, state = q.instant(params, return_state=True)
   tx = q.transform()
-  np.testing.assert_array_equal(out["w"], ec2t.ternary_params(params, tx.init(params))["w"])
+  np.testing.assert_array_equal(out["w"], ec2t.quantized_params(params, tx.init(params))["w"])
   assert isinstance(state, ec2t.QuantizerState)
 
 
@@ -175,8 +203,3 @@ def test_ec2t_accepts_ecp_rules_with_their_own_gamma():
   assert isinstance(tx.init({"w": jnp.ones((2, 2))}).leaves["w"], ec2t.ECPLeaf)
 
 
-def test_find_quantizer_state_is_the_old_find_ternarize_state():
-  assert ec2t.find_ternarize_state is ec2t.find_quantizer_state
-  state = optax.chain(optax.sgd(0.1), ec2t.twn(selection=lambda p, l: True)).init(
-      {"w": jnp.ones((2, 2))})
-  assert isinstance(ec2t.find_quantizer_state(state), ec2t.QuantizerState)

@@ -14,14 +14,14 @@ LAYERS = models.TERNARY_LEAVES
 
 
 def _leaf(opt_state, name):
-  return ec2t.find_ternarize_state(opt_state).leaves[name]["kernel"]
+  return ec2t.find_quantizer_state(opt_state).leaves[name]["kernel"]
 
 
 def _run_steps(tx, steps, seed=0):
   """Steps one by one, checking exact landing of every apply_updates."""
   model, params = models.init()
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
 
   @jax.jit
   def step(params, opt_state, x, y):
@@ -32,7 +32,7 @@ def _run_steps(tx, steps, seed=0):
   history = []
   for i in range(steps):
     params, opt_state = step(params, opt_state, *models.batch(seed + i))
-    chex_equal(params, ec2t.ternary_params(params, opt_state))
+    chex_equal(params, ec2t.quantized_params(params, opt_state))
     history.append(opt_state)
   return params, opt_state, history
 
@@ -67,7 +67,7 @@ def test_inq_frozen_weights_never_move_and_free_ones_train():
   model, params = models.init()
   opt_state = tx.init(params)
   first = _leaf(opt_state, "Dense_0")
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
   grads = jax.grad(lambda p: models.loss_fn(model, p, *models.batch(0)))(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   new = optax.apply_updates(params, updates)["Dense_0"]["kernel"]
@@ -82,7 +82,7 @@ def test_set_phase_advances_the_stage():
   tx = optax.chain(optax.adam(1e-2), ec2t.inq(3))
   model, params = models.init()
   opt_state = tx.init(params)
-  params = ec2t.ternary_params(params, opt_state)
+  params = ec2t.quantized_params(params, opt_state)
   opt_state = ec2t.set_phase(opt_state, 2)
   grads = jax.grad(lambda p: models.loss_fn(model, p, *models.batch(0)))(params)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -123,7 +123,7 @@ def test_nnx_optimizer_with_inq_and_mlq():
   for method in (ec2t.inq(2, steps_per_stage=1), ec2t.mlq(steps_per_stage=1)):
     model = models.SmallNnxCNN(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), method), wrt=nnx.Param)
-    nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+    nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
     @nnx.jit
     def step(model, optimizer, x, y):
@@ -138,7 +138,7 @@ def test_nnx_optimizer_with_inq_and_mlq():
       values = np.unique(np.asarray(kernel))
       assert len(values) <= 3 and 0.0 in values
     params = nnx.state(model, nnx.Param)
-    chex_equal(nnx.as_pure(params), ec2t.ternary_params(params, optimizer))
+    chex_equal(nnx.as_pure(params), ec2t.quantized_params(params, optimizer))
 
 
 @pytest.mark.parametrize("make,message", [

@@ -117,7 +117,7 @@ def test_default_step_under_sgd_is_the_official_gradient_step():
   tx = optax.chain(optax.sgd(lr), ec2t.ttq(selection=lambda path, leaf: True))
   params = {"w": kernel}
   state = tx.init(params)
-  params = ec2t.ternary_params(params, state)
+  params = ec2t.quantized_params(params, state)
   before = ec2t.find_quantizer_state(state).leaves["w"]
   # The official forward at the same state reproduces the params ...
   np.testing.assert_allclose(_official_tw_ternarize(kernel, before.w_p, before.w_n, 0.05),

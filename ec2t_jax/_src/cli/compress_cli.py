@@ -213,15 +213,11 @@ def _sparsity(tree) -> float:
   return float(sum((x == 0).sum() for x in leaves) / max(sum(x.size for x in leaves), 1))
 
 
-def compress(args) -> dict:
-  """Runs one method on the checkpoint and writes ``args.output``; returns the metadata."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src.export import exporting  # pylint: disable=g-import-not-at-top
+def _check_before_reading(args, spec: registry.MethodSpec) -> None:
+  """The cheap checks, before the checkpoint is read."""
   from ec2t_jax._src.methods import mcq  # pylint: disable=g-import-not-at-top
-  from ec2t_jax._src.methods._support import common  # pylint: disable=g-import-not-at-top
   from ec2t_jax._src.methods.calibrated_pruning import pruning as calibrated_pruning  # pylint: disable=g-import-not-at-top
-  spec = registry.get_method(args.method)
-  if "apply_fn" in spec.inputs and not args.model:  # check the cheap things before reading
+  if "apply_fn" in spec.inputs and not args.model:
     raise ValueError(f"{spec.name} needs --model (the network to run forward passes of), "
                      "e.g. --model lenet5")
   if args.method == "prune":
@@ -229,6 +225,33 @@ def compress(args) -> dict:
   elif args.method == "mcq":
     mcq.check_samples(args.samples_per_weight)
   _check_arguments(args)
+
+
+def _model_apply_fn(args, tree, keys, meta):
+  """``apply_fn(params, x)`` of ``--model`` (None without), the other collections bound."""
+  if not args.model:
+    return None
+  from ec2t_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model(args.model, args.num_classes)
+  extra = {k: v for k, v in tree.items() if k != "params"} if len(keys) > 1 else {}
+  meta["model"] = args.model
+  return lambda p, x: model.apply({"params": p, **extra}, x)
+
+
+def _knob_meta(spec: registry.MethodSpec, knobs: dict) -> dict:
+  """The knobs the output's metadata records."""
+  skipped = ("steps_per_level", "weight_learning_rate", "bias_learning_rate")
+  return {name: knobs[name] for name in _KNOB_FLAGS.get(spec.name, spec.knobs)
+          if name in knobs and name not in skipped}
+
+
+def compress(args) -> dict:
+  """Runs one method on the checkpoint and writes ``args.output``; returns the metadata."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.export import exporting  # pylint: disable=g-import-not-at-top
+  from ec2t_jax._src.methods._support import common  # pylint: disable=g-import-not-at-top
+  spec = registry.get_method(args.method)
+  _check_before_reading(args, spec)
   knobs = spec.options(**_knobs(args, spec))
   keys = tuple(k for k in args.keys.split(",") if k)
   loaded = sources.load_tree(args.checkpoint, keys=keys, max_bytes=args.max_bytes)
@@ -237,13 +260,7 @@ def compress(args) -> dict:
   params = tree["params"] if len(keys) > 1 else tree
   selection = _selection(args.rule)
   meta = {"method": args.method, "source": str(loaded.path), "seed": args.seed}
-  apply_fn = None
-  if args.model:
-    from ec2t_jax import models  # pylint: disable=g-import-not-at-top
-    model = models.get_model(args.model, args.num_classes)
-    extra = {k: v for k, v in tree.items() if k != "params"} if len(keys) > 1 else {}
-    apply_fn = lambda p, x: model.apply({"params": p, **extra}, x)
-    meta["model"] = args.model
+  apply_fn = _model_apply_fn(args, tree, keys, meta)
   inputs = _method_inputs(args, spec, apply_fn, meta, jax)
   if "calibration_data" in inputs:
     _check_finite(f"calibration inputs ({args.calibration})", inputs["calibration_data"])
@@ -251,9 +268,7 @@ def compress(args) -> dict:
     example = np.zeros((1, *args.input_shape), np.float32)
     selection = common.with_forward_order(selection, apply_fn, params, example)
   params = spec.build(selection=selection, **knobs, **inputs).instant(params)
-  meta.update({name: knobs[name] for name in _KNOB_FLAGS.get(spec.name, spec.knobs)
-               if name in knobs and name not in ("steps_per_level", "weight_learning_rate",
-                                                 "bias_learning_rate")})
+  meta.update(_knob_meta(spec, knobs))
   params = jax.tree.map(np.asarray, params)
   out_tree = {**tree, "params": params} if len(keys) > 1 else params
   info = exporting.save(args.output, out_tree, metadata=meta)

@@ -33,14 +33,17 @@ from ec2t_jax._src.core.protocol import slice_suffix
 from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.transform import advance
 from ec2t_jax._src.core.transform import check_same_tree
+from ec2t_jax._src.core.transform import decay_latents
 from ec2t_jax._src.core.transform import emit_updates
 from ec2t_jax._src.core.transform import flat_leaf_states
 from ec2t_jax._src.core.transform import group_states
 from ec2t_jax._src.core.transform import init_leaf_state
 from ec2t_jax._src.core.transform import init_state
+from ec2t_jax._src.core.transform import latent_fields
 from ec2t_jax._src.core.transform import leaf_contexts
 from ec2t_jax._src.core.transform import prepare_tree
 from ec2t_jax._src.core.transform import Quantizer
+from ec2t_jax._src.core.transform import QuantizerTransformation
 from ec2t_jax._src.core.transform import quantize_transform
 from ec2t_jax._src.core.transform import slice_indices
 from ec2t_jax._src.core.transform import step_groups

@@ -33,7 +33,7 @@ so). So a file of ``B`` bytes has
 .. math:: B \approx F + \frac{\rho}{8} \sum_l n_l H_l
           = F + \frac{\rho N}{8} R,
 
-with ``F`` = :func:`fixed_bytes` (file header and checksum, per-leaf header
+with ``F`` = :func:`fixed_bytes_bound` (file header and checksum, per-leaf header
 records, centroids, every full-precision leaf at its raw size; or ``F``
 measured by packing those leaves, ``Budget(fixed_bytes=...)``) and
 ``N = sum_l n_l``; a bytes target ``B*`` is the rate target
@@ -53,18 +53,34 @@ it. **Ramp**: the target moves linearly from the size of the first
 assignment ``R_0`` to the target over ``ramp_steps`` updates,
 :math:`R^*_t = R_0 + (R^* - R_0) \min(1, t / T_{ramp})`, so the first steps do
 not destroy accuracy.
+
+**Unreachable targets.** The knob has a range (EC2T's ``m`` in ``[0, 1]``);
+a target beyond what that range can give pins ``m`` at a bound while the
+size stays off target. An update *saturates* when, after the ramp
+(``t >= T_ramp``), the new ``m`` sits at the bound that cannot help
+(``m = m_hi`` while the model is too large, ``m = m_lo`` while it is too
+small) and the size misses the target by more than
+:data:`MISS_TOLERANCE` of it, :math:`|size_t - target_t| > 0.01\,|target_t|`.
+:attr:`BudgetState.saturated_steps` counts consecutive saturated updates
+(reset by any other update, held while frozen or skipped), and
+:attr:`BudgetState.unreachable` is ``saturated_steps >=``
+:data:`UNREACHABLE_AFTER_STEPS` (50): ``ec2t.summary`` then prints
+"target 0.999 not reachable: reached 0.977 with the multiplier at its bound
+(1) for 57 steps" and warns on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core.hyper import is_concrete
 from ec2t_jax._src.core.protocol import StackedLeaf
 
@@ -73,14 +89,17 @@ KINDS = ("bits_per_weight", "bytes", "sparsity")
 # Measured on the export (benchmarks/RESULTS_budget.md, "bytes model"):
 # coded bytes of a ternary layer over n H / 8 (LeNet-5: 1.00-1.03).
 DEFAULT_CODING_RATIO = 1.0
-# ``24 + H + P + 32``: the fixed header and the SHA-256 (container.py).
-FILE_OVERHEAD_BYTES = 24 + 32
-# Header JSON per leaf (zlib-compressed record and tree entry; LeNet-5's
-# 10 leaves: 271-273 bytes).
-HEADER_BYTES_PER_LEAF = 28
-# A context-coded ternary stream beyond its ``rho n H / 8``: the centroids
-# (2 x itemsize), the -0.0 flag and the range coder's flush.
-TERNARY_STREAM_EXTRA_BYTES = 8
+# The container's sizes (owned by the export's format, read from the layout module).
+FILE_OVERHEAD_BYTES = container_layout.FILE_OVERHEAD_BYTES
+HEADER_BYTES_PER_LEAF = container_layout.HEADER_BYTES_PER_LEAF
+TERNARY_STREAM_EXTRA_BYTES = container_layout.TERNARY_STREAM_EXTRA_BYTES
+# The step counter is int32: a longer ramp could never end.
+MAX_RAMP_STEPS = 2**31 - 1
+# Unreachable target: the size misses the target by more than this fraction
+# of it, with the knob at its bound, for this many consecutive updates.
+MISS_TOLERANCE = 0.01
+UNREACHABLE_AFTER_STEPS = 50
+_MAX_COUNT = 2**30  # saturated_steps stops counting here (no int32 overflow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +130,15 @@ class Budget:
       part of the file (a GPT's embeddings: 11% over).
 
   Raises:
-    ValueError: no target or more than one, a target <= 0, NaN or infinite,
-      ``bits_per_weight > log2 3``, ``sparsity >= 1``, ``ramp_steps < 0``,
-      ``gain <= 0``, a ``coding_ratio`` outside ``(0, 2]``, or ``float16`` /
-      ``fixed_bytes`` without a bytes target (``fixed_bytes`` must be > 0).
+    ValueError: for every bad knob, naming it and the value: no target or
+      more than one; a number knob given a bool, a string or anything but a
+      real number; a target <= 0, NaN or infinite, ``bits_per_weight >
+      log2 3``, ``sparsity >= 1`` (with a hint when it looks like a
+      percentage), a ``bytes`` / ``fixed_bytes`` beyond float32; a
+      ``ramp_steps`` that is not an integer in ``[0, 2^31 - 1]``; ``gain <=
+      0``; a ``coding_ratio`` outside ``(0, 2]``; a ``float16`` that is not a
+      bool; or ``float16`` / ``fixed_bytes`` without a bytes target
+      (``fixed_bytes`` must be > 0).
 
   Example:
     >>> from ec2t_jax import Budget
@@ -136,20 +160,33 @@ class Budget:
       raise ValueError("Budget takes exactly one of bits_per_weight, bytes, sparsity; got "
                        + (", ".join(f"{k}={getattr(self, k)!r}" for k in given) or "none"))
     check_target(self.kind, self.target)
-    if not (isinstance(self.ramp_steps, (int, np.integer)) and self.ramp_steps >= 0):
-      raise ValueError(f"Budget ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
-    if self.gain is not None and not (_finite(self.gain) and self.gain > 0):
-      raise ValueError(f"Budget gain must be finite and > 0, got {self.gain!r}")
-    if not (_finite(self.coding_ratio) and 0 < self.coding_ratio <= 2):
-      raise ValueError(f"Budget coding_ratio must be in (0, 2], got {self.coding_ratio!r}")
+    self._check_controller()
+    self._check_bytes_options()
+
+  def _check_controller(self) -> None:
+    ramp = self.ramp_steps
+    if (isinstance(ramp, (bool, np.bool_)) or not isinstance(ramp, (int, np.integer))
+        or not 0 <= ramp <= MAX_RAMP_STEPS):
+      raise ValueError(f"Budget ramp_steps must be an integer in [0, {MAX_RAMP_STEPS}] (the "
+                       f"step counter is int32), got {_shown(ramp)}")
+    if self.gain is not None:
+      gain = _real("gain", self.gain)
+      if gain is not None and not (math.isfinite(gain) and gain > 0):
+        raise ValueError(f"Budget gain must be finite and > 0, got {_shown(self.gain)}")
+
+  def _check_bytes_options(self) -> None:
+    ratio = _real("coding_ratio", self.coding_ratio)
+    if ratio is not None and not (math.isfinite(ratio) and 0 < ratio <= 2):
+      raise ValueError(f"Budget coding_ratio must be in (0, 2], got {_shown(self.coding_ratio)}")
     if not isinstance(self.float16, (bool, np.bool_)) or (self.float16
                                                            and self.kind != "bytes"):
       raise ValueError(f"Budget float16 (the export's float16 option) is a bool for a bytes "
-                       f"budget, got float16={self.float16!r} with {self.kind}")
-    if self.fixed_bytes is not None and not (self.kind == "bytes" and _finite(self.fixed_bytes)
-                                             and self.fixed_bytes > 0):
-      raise ValueError(f"Budget fixed_bytes must be finite and > 0, for a bytes budget; got "
-                       f"fixed_bytes={self.fixed_bytes!r} with {self.kind}")
+                       f"budget, got float16={_shown(self.float16)} with {self.kind}")
+    if self.fixed_bytes is not None:
+      fixed = _real("fixed_bytes", self.fixed_bytes)
+      if fixed is not None and not (self.kind == "bytes" and _finite32(fixed) and fixed > 0):
+        raise ValueError(f"Budget fixed_bytes must be finite and > 0, for a bytes budget; got "
+                         f"fixed_bytes={_shown(self.fixed_bytes)} with {self.kind}")
 
   @property
   def kind(self) -> str:
@@ -162,24 +199,50 @@ class Budget:
     return getattr(self, self.kind)
 
 
-def _finite(x) -> bool:
-  try:
-    return math.isfinite(float(x))
-  except (TypeError, ValueError):
-    return False
+def _shown(value) -> str:
+  return f"{value!r:.80} ({type(value).__name__})"
+
+
+def _finite32(x: float) -> bool:
+  """Finite, and finite as float32 (the controller's state)."""
+  return math.isfinite(x) and abs(x) <= float(np.finfo(np.float32).max)
+
+
+def _real(name: str, value) -> Optional[float]:
+  """A number knob's value as a float (``None`` when traced), or ``ValueError``.
+
+  Real numbers are Python ints and floats, numpy integer / floating scalars
+  and one-element real arrays; bools, strings, complex numbers and anything
+  else are refused.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    dtype = np.dtype(value.dtype)
+    if np.size(value) == 1 and (dtype.kind in "iuf" or dtype.name == "bfloat16"):
+      return float(np.asarray(value, np.float64).reshape(()))
+  elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+    try:
+      return float(value)
+    except OverflowError:  # an int beyond float64
+      return math.inf
+  raise ValueError(f"Budget {name} must be a real number, got {_shown(value)}")
 
 
 def check_target(kind: str, value) -> None:
-  """Raises ``ValueError`` for a concrete target out of its range."""
-  if not is_concrete(value):
+  """Raises ``ValueError`` for a concrete target that is not a real number in its range."""
+  v = _real(kind, value)
+  if v is None:
     return
-  if np.size(value) != 1 or not _finite(np.asarray(value).item()) or value <= 0:
-    raise ValueError(f"Budget {kind} must be finite and > 0, got {value!r}")
-  if kind == "bits_per_weight" and value > MAX_BITS_PER_WEIGHT:
+  if not (_finite32(v) and v > 0):
+    raise ValueError(f"Budget {kind} must be finite and > 0, got {_shown(value)}")
+  if kind == "bits_per_weight" and v > MAX_BITS_PER_WEIGHT:
     raise ValueError(f"Budget bits_per_weight must be at most log2(3) = "
-                     f"{MAX_BITS_PER_WEIGHT:.4f} (a ternary weight), got {value!r}")
-  if kind == "sparsity" and value >= 1:
-    raise ValueError(f"Budget sparsity must be below 1, got {value!r}")
+                     f"{MAX_BITS_PER_WEIGHT:.4f} (a ternary weight), got {_shown(value)}")
+  if kind == "sparsity" and v >= 1:
+    hint = (f"; sparsity is a fraction of zeros in (0, 1): for {v:g}% pass "
+            f"sparsity={v / 100:g}" if 1 < v < 100 else "")
+    raise ValueError(f"Budget sparsity must be below 1, got {_shown(value)}{hint}")
 
 
 def target_is_valid(kind: str, value, smallest_bytes: float = 0.0) -> jax.Array:
@@ -205,17 +268,90 @@ class BudgetState(NamedTuple):
       predicted bytes or sparsity).
     measured: size of the last assignment, same units.
     target: the (ramped) target of the last update, same units.
+    saturated_steps: consecutive updates with the multiplier at the bound that
+      cannot help and the target missed (int32; module docstring,
+      "Unreachable targets").
   """
   multiplier: jax.Array
   kind: jax.Array
   start: jax.Array
   measured: jax.Array
   target: jax.Array
+  saturated_steps: jax.Array
+
+  @property
+  def unreachable(self) -> jax.Array:
+    """Whether the target is not reachable: :data:`UNREACHABLE_AFTER_STEPS` or more
+    consecutive saturated updates (a bool scalar)."""
+    return jnp.asarray(self.saturated_steps) >= UNREACHABLE_AFTER_STEPS
 
   def describe(self) -> dict:
-    """``{"kind", "target", "reached", "multiplier"}`` as Python numbers."""
+    """``{"kind", "target", "reached", "multiplier", "saturated_steps", "unreachable"}``
+    as Python values."""
     return {"kind": KINDS[int(self.kind)], "target": float(self.target),
-            "reached": float(self.measured), "multiplier": float(self.multiplier)}
+            "reached": float(self.measured), "multiplier": float(self.multiplier),
+            "saturated_steps": int(self.saturated_steps), "unreachable": bool(self.unreachable)}
+
+
+def unreachable_message(described: dict) -> Optional[str]:
+  """The line saying that a budget's target is not reachable, or ``None`` if it is.
+
+  Args:
+    described: :meth:`BudgetState.describe` (as in ``ec2t.summary(...).budget``).
+
+  Example:
+    >>> from ec2t_jax._src.core.budget import unreachable_message  # internal
+    >>> unreachable_message({"kind": "sparsity", "target": 0.999, "reached": 0.977,
+    ...                      "multiplier": 1.0, "saturated_steps": 57, "unreachable": True})
+    'sparsity target 0.999 not reachable: reached 0.977 with the multiplier at its bound (1) for 57 steps; choose a target the method can reach on this model'
+  """
+  if not described or not described.get("unreachable"):
+    return None
+  fmt = ((lambda v: f"{v:,.0f} bytes") if described["kind"] == "bytes"
+         else (lambda v: f"{v:.4g}"))
+  return (f"{described['kind']} target {fmt(described['target'])} not reachable: reached "
+          f"{fmt(described['reached'])} with the multiplier at its bound "
+          f"({described['multiplier']:.4g}) for {described['saturated_steps']:,} steps; "
+          "choose a target the method can reach on this model")
+
+
+def next_saturated_steps(old, multiplier, error, measured, goal, low: float, high: float,
+                         ramp_over, active) -> jax.Array:
+  """The next :attr:`BudgetState.saturated_steps` (module docstring, "Unreachable targets").
+
+  An update saturates when ``ramp_over``, the new ``multiplier`` sits at the
+  bound that cannot help (``high`` with ``error > 0``: too large; ``low``
+  with ``error < 0``: too small) and ``|measured - goal| >``
+  :data:`MISS_TOLERANCE` ``|goal|``.
+
+  Args:
+    old: the count so far (int32).
+    multiplier: the knob after this update (clipped to ``[low, high]``).
+    error: :func:`size_error` of this update (positive: too large).
+    measured, goal: the size and the (ramped) target, in the budget's units.
+    low, high: the knob's range.
+    ramp_over: bool scalar, the target is no longer ramping.
+    active: bool scalar, the update moved the controller (neither frozen nor
+      skipped); otherwise the count is kept.
+
+  Returns:
+    ``old + 1`` if saturated (at most ``2^30``), ``0`` if not, ``old`` if not
+    ``active``; int32.
+
+  Example:
+    >>> from ec2t_jax._src.core.budget import next_saturated_steps  # internal
+    >>> [int(next_saturated_steps(3, m, 0.02, 0.977, 0.999, 0.0, 1.0, True, True))
+    ...  for m in (1.0, 0.9)]
+    [4, 0]
+  """
+  measured = jnp.asarray(measured, jnp.float32)
+  goal = jnp.asarray(goal, jnp.float32)
+  m = jnp.asarray(multiplier, jnp.float32)
+  at_bound = (m >= high) & (error > 0) | (m <= low) & (error < 0)
+  missed = jnp.abs(measured - goal) > MISS_TOLERANCE * jnp.abs(goal)
+  old = jnp.asarray(old, jnp.int32)
+  new = jnp.where(at_bound & missed & ramp_over, jnp.minimum(old + 1, _MAX_COUNT), 0)
+  return jnp.where(active, new, old).astype(jnp.int32)
 
 
 def sign_counts(symbols) -> jax.Array:
@@ -281,8 +417,8 @@ def rate_and_sparsity(per_leaf_counts: Sequence) -> tuple[jax.Array, jax.Array]:
   return bits / total, zeros / total
 
 
-def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) -> int:
-  """``F``: the bytes of an exported file that do not depend on the rate.
+def fixed_bytes_bound(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) -> int:
+  """An upper bound of ``F``, the bytes of an exported file that do not depend on the rate.
 
   Args:
     unselected: ``(numel, itemsize)`` of every leaf kept in full precision
@@ -296,8 +432,8 @@ def fixed_bytes(unselected: Sequence[tuple[int, int]], selected: Sequence[int]) 
     selected leaf.
 
   Example:
-    >>> from ec2t_jax._src.core.budget import fixed_bytes  # internal
-    >>> fixed_bytes([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
+    >>> from ec2t_jax._src.core.budget import fixed_bytes_bound  # internal
+    >>> fixed_bytes_bound([(10, 4)], [100])  # 56 + 2 x 28 + 40 + 8
     160
   """
   leaves = len(unselected) + len(selected)
@@ -339,7 +475,7 @@ def ramped_target(start, target, count, ramp_steps: int) -> jax.Array:
   target = jnp.asarray(target, jnp.float32)
   if ramp_steps <= 0:
     return target
-  fraction = jnp.minimum(jnp.asarray(count, jnp.float32) / ramp_steps, 1.0)
+  fraction = jnp.minimum(jnp.asarray(count, jnp.float32) / float(ramp_steps), 1.0)
   return start + (target - start) * fraction
 
 
@@ -377,8 +513,8 @@ def size_error(kind: str, measured, target, bits_per_byte: float = 1.0) -> jax.A
   return measured - target
 
 
-class Knob(NamedTuple):
-  """Which hyperparameter of a method a budget's controller drives.
+class ControlledHyper(NamedTuple):
+  """The hyperparameter of a method that a budget's controller drives.
 
   Attributes:
     name: the field of the method's hyper ``NamedTuple``.
@@ -402,27 +538,27 @@ class BudgetPlan(NamedTuple):
 
   Attributes:
     budget: the :class:`Budget`.
-    knob: the method's :class:`Knob`.
+    controlled: the method's :class:`ControlledHyper`.
     numel: ``N``, the selected weights.
-    fixed: ``F`` (:func:`fixed_bytes`).
+    fixed: ``F`` (:func:`fixed_bytes_bound`, or the budget's measured ``fixed_bytes``).
     bits_per_byte: ``8 / (rho N)``: a byte of error in bits/weight.
   """
   budget: Budget
-  knob: Knob
+  controlled: ControlledHyper
   numel: int
   fixed: int
   bits_per_byte: float
 
   @property
   def gain(self) -> float:
-    return self.knob.gain if self.budget.gain is None else self.budget.gain
+    return self.controlled.gain if self.budget.gain is None else self.budget.gain
 
   def smallest_bytes(self) -> int:
     """The smallest reachable file: every selected weight zero."""
     return self.fixed
 
 
-def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
+def plan_budget(budget: Budget, controlled: ControlledHyper, param_leaves: Sequence,
                 leaf_states: Sequence) -> BudgetPlan:
   """The :class:`BudgetPlan` of a params tree (flattening order, states None-aligned).
 
@@ -440,9 +576,9 @@ def plan_budget(budget: Budget, knob: Knob, param_leaves: Sequence,
       if budget.kind == "bytes":
         _check_bytes_model(leaf)
   numel = sum(selected)
-  fixed = (fixed_bytes(unselected, selected) if budget.fixed_bytes is None
+  fixed = (fixed_bytes_bound(unselected, selected) if budget.fixed_bytes is None
            else int(math.ceil(budget.fixed_bytes)))
-  return BudgetPlan(budget, knob, numel, fixed, 8.0 / (budget.coding_ratio * max(numel, 1)))
+  return BudgetPlan(budget, controlled, numel, fixed, 8.0 / (budget.coding_ratio * max(numel, 1)))
 
 
 def _stored_itemsize(dtype: np.dtype, float16: bool) -> int:
@@ -504,9 +640,10 @@ def init_budget_state(plan: BudgetPlan, leaf_states: Sequence, target) -> Budget
   start = measure(plan, leaf_states)
   first_target = ramped_target(start, target, 0, plan.budget.ramp_steps)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  return BudgetState(multiplier=f32(plan.knob.initial),
+  return BudgetState(multiplier=f32(plan.controlled.initial),
                      kind=jnp.asarray(KINDS.index(kind), jnp.int32), start=f32(start),
-                     measured=f32(start), target=f32(first_target))
+                     measured=f32(start), target=f32(first_target),
+                     saturated_steps=jnp.asarray(0, jnp.int32))
 
 
 def update_budget_state(plan: BudgetPlan, old: BudgetState, leaf_states: Sequence, target,
@@ -531,7 +668,12 @@ def update_budget_state(plan: BudgetPlan, old: BudgetState, leaf_states: Sequenc
   measured = measure(plan, leaf_states)
   goal = ramped_target(old.start, target, count, plan.budget.ramp_steps)
   error = size_error(kind, measured, goal, plan.bits_per_byte)
-  m = controller_step(old.multiplier, error, plan.gain, plan.knob.low, plan.knob.high)
+  m = controller_step(old.multiplier, error, plan.gain, plan.controlled.low,
+                     plan.controlled.high)
   keep = lambda new, prev: jnp.where(skipped, prev, jnp.asarray(new, jnp.float32))
+  ramp_over = jnp.asarray(count) >= plan.budget.ramp_steps
+  saturated = next_saturated_steps(old.saturated_steps, m, error, measured, goal,
+                                   plan.knob.low, plan.knob.high, ramp_over, ~(frozen | skipped))
   return old._replace(multiplier=jnp.where(frozen | skipped, old.multiplier, m),
-                      measured=keep(measured, old.measured), target=keep(goal, old.target))
+                      measured=keep(measured, old.measured), target=keep(goal, old.target),
+                      saturated_steps=saturated)

@@ -107,6 +107,12 @@ class LeafState(Protocol):
   # (per-filter scales: TWN "filter", STTN). :func:`~ec2t_jax.summary` uses
   # it for bits/weight and levels; without it, the values are the symbols.
   #
+  # Optional: a class attribute ``latent_fields`` naming the fields that hold
+  # latent weights (default ``("latent",)``; STTN: ``("latent", "latent2")``),
+  # and ``latents_train(phase) -> bool``, false in phases that freeze them
+  # (EC2T's phase 2): :func:`~ec2t_jax.chain`'s weight decay acts on those
+  # fields in those phases (``core.transform.decay_latents``).
+  #
   # Optional: ``instant_value(dtype) -> Array``, what a one-shot use returns
   # when it differs from ``value`` (MCQ: the unsnapped ``q * scale`` that
   # ``ec2t.mcq`` returns; ``value`` snaps the scale for exact landing).
@@ -173,6 +179,11 @@ class QuantizerState(NamedTuple):
       non-finite update; such a leaf keeps its state for that step.
     invalid_hyper_count: updates skipped (all selected leaves kept their
       state) because a traced hyperparameter was non-finite or out of range.
+    off_grid_count: updates (after the first) whose incoming params were not
+      the state's values: something changed the params after the previous
+      update (a transformation placed *after* the quantizer in the chain,
+      params edited between steps), so they left the method's grid.
+      :func:`~ec2t_jax.summary` reports it and warns.
     leaves: a tree like the params: a method's :class:`LeafState` at each
       selected leaf (a :class:`StackedLeaf` for a stack of layers, a
       :class:`GroupSlot` for a leaf whose state lives in ``groups``),
@@ -188,6 +199,7 @@ class QuantizerState(NamedTuple):
   phase: jax.Array
   nonfinite_count: jax.Array
   invalid_hyper_count: jax.Array
+  off_grid_count: jax.Array
   leaves: Any
   groups: tuple = ()
   budget: Any = None

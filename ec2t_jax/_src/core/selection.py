@@ -101,6 +101,10 @@ class Rule:
       own statistics. ``None``: what the traced computation shows
       (``Selection(order=ec2t.forward_order(...))``), else not stacked. Must
       agree with the trace when both are known.
+    output_axis: the output-channel axis of one slice of the matched leaves
+      (per-filter statistics such as ``twn(threshold="filter")`` and
+      ``sttn()`` run along it), e.g. ``0`` for ``(out, in)`` kernels applied
+      as ``x @ k.T``. ``None``: what the trace shows, else the last axis.
 
   Example:
     >>> from ec2t_jax import Rule
@@ -112,6 +116,7 @@ class Rule:
   mode: Mode = "ternary"
   gamma: Optional[float] = None
   stack_axes: Optional[tuple[int, ...]] = None
+  output_axis: Optional[int] = None
 
   def __post_init__(self):
     if self.mode not in _MODES:
@@ -135,6 +140,12 @@ class Rule:
             f"Rule.stack_axes must be the leading axes (0,), (0, 1), ... or (), "
             f"got {self.stack_axes!r} (rule {self.pattern!r})")
       object.__setattr__(self, "stack_axes", tuple(int(a) for a in axes))
+    if self.output_axis is not None:
+      if isinstance(self.output_axis, bool) or not isinstance(
+          self.output_axis, (int, np.integer)):
+        raise ValueError(f"Rule.output_axis must be an int (an axis of one slice) "
+                         f"or None, got {self.output_axis!r} (rule {self.pattern!r})")
+      object.__setattr__(self, "output_axis", int(self.output_axis))
 
 
 class LeafPlan(NamedTuple):
@@ -150,8 +161,9 @@ class LeafPlan(NamedTuple):
 
   def __repr__(self):
     stacked = f", stack_ndim={self.stack_ndim}" if self.stack_ndim else ""
+    axis = f", output_axis={self.output_axis}" if self.output_axis != -1 else ""
     return (f"LeafPlan(path={self.path!r}, mode={self.mode!r}, "
-            f"gamma={self.gamma!r}, source={self.source!r}{stacked})")
+            f"gamma={self.gamma!r}, source={self.source!r}{stacked}{axis})")
 
 
 Select = Callable[[str, Any], bool]
@@ -173,14 +185,22 @@ def _is_layer_table(path: str, leaf, stack_ndim: int) -> bool:
 
 
 def is_kernel(path: str, leaf, stack_ndim: int = 0) -> bool:
-  """A floating leaf with ``ndim >= 2`` that is not an embedding table or a
-  bias (``DenseGeneral`` with several feature axes has 2-D biases).
+  """A floating leaf with ``ndim >= 2`` that is not an embedding table, a
+  bias (``DenseGeneral`` with several feature axes has 2-D biases) or a norm's
+  ``scale`` (2-D only when stacked).
 
   For a stacked leaf (``stack_ndim`` leading axes of layers) one slice is
-  judged, so stacked norms and biases (``(L, d)``) are not kernels.
+  judged, so stacked norms and biases (``(L, d)``) are not kernels. This is
+  the shape test only; with a trace, :class:`Selection` also requires that
+  the leaf enters a matrix multiply or a convolution as a weight.
   """
   return (_is_layer_table(path, leaf, stack_ndim)
-          and path.rsplit("/", 1)[-1] not in ("embedding", "bias"))
+          and path.rsplit("/", 1)[-1] not in _NOT_KERNELS)
+
+
+# Leaf names that are never matmul weights, and names that say a leaf is one.
+_NOT_KERNELS = ("embedding", "bias", "scale")
+_KERNEL_NAMES = ("kernel", "weight", "weights", "w", "W")
 
 
 def _check_selectable(path: str, leaf, reason: str, stack_ndim: int = 0):
@@ -247,6 +267,8 @@ class Selection:
   def __post_init__(self):
     if self.traced is None and hasattr(self.order, "stack_ndim"):
       object.__setattr__(self, "traced", self.order)
+    if self.traced is None and self.order is not None and not isinstance(self.order, str):
+      object.__setattr__(self, "traced", _trace_of_copy(self.order))
     object.__setattr__(self, "rules", tuple(self.rules))
     for rule in self.rules:
       if not isinstance(rule, Rule):
@@ -292,6 +314,30 @@ class Selection:
         return LeafPlan(path, rule.mode, rule.gamma,
                         f"rule {index}: {rule.pattern}")
     return LeafPlan(path, "ternary", None, "default")
+
+  def output_axis(self, path: str, leaf, stack_ndim: int = 0) -> int:
+    """The output-channel axis of one slice of ``leaf``: the first matching
+    rule's ``output_axis``, else the trace's, else the last (``-1``, also
+    returned when the axis is the last one).
+
+    Raises:
+      ValueError: the rule's ``output_axis`` is out of range for the slice.
+    """
+    ndim = len(getattr(leaf, "shape", ())) - stack_ndim
+    for index, rule in enumerate(self.rules):
+      if re.search(rule.pattern, path):
+        if rule.output_axis is None:
+          break
+        if not -ndim <= rule.output_axis < ndim:
+          raise ValueError(
+              f"Rule {index} ({rule.pattern!r}, output_axis={rule.output_axis}) is out "
+              f"of range for leaf {path!r} of shape {tuple(leaf.shape)}: one "
+              f"{'slice' if stack_ndim else 'layer'} has {ndim} axes")
+        axis = rule.output_axis % ndim
+        return -1 if axis == ndim - 1 else axis
+    if self.traced is not None:
+      return getattr(self.traced, "output_axes", {}).get(path, -1)
+    return -1
 
   def stack_ndim(self, path: str, leaf) -> int:
     """How many leading axes of ``leaf`` stack layers: the first matching
@@ -353,11 +399,18 @@ class Selection:
           _check_selectable(paths[i], leaves[i], f"Rule {index} ({rule.pattern!r})",
                             stacks[i])
           plans[i] = LeafPlan(paths[i], rule.mode, rule.gamma,
-                              f"rule {index}: {rule.pattern}", stacks[i])
+                              f"rule {index}: {rule.pattern}", stacks[i],
+                              self.output_axis(paths[i], leaves[i], stacks[i]))
     for i in self._default_indices(params, flat, paths, leaves, stacks):
       if not claimed[i]:
         _check_selectable(paths[i], leaves[i], "The default selection", stacks[i])
-        plans[i] = LeafPlan(paths[i], "ternary", None, "default", stacks[i])
+        plans[i] = LeafPlan(paths[i], "ternary", None, "default", stacks[i],
+                            self.output_axis(paths[i], leaves[i], stacks[i]))
+    if self.traced is None and not callable(self.default):
+      _warn_untraced([p for p in plans if p is not None and p.source == "default"],
+                     dict(zip(paths, leaves)))
+    elif not callable(self.default) and self.default != "none":
+      self._warn_unmultiplied(paths, leaves, stacks, claimed)
     if not any(plans):
       raise ValueError(
           "No leaf is selected for ternarization. The paper's rule keeps the "
@@ -388,8 +441,36 @@ class Selection:
                   if _is_layer_table(p, l, k)
                   and (p.rsplit("/", 1)[-1] == "embedding" or p in lookups)}
     layers = [i for i, (p, l, k) in enumerate(zip(paths, leaves, stacks))
-              if i in embeddings or is_kernel(p, l, k)]
+              if i in embeddings or (is_kernel(p, l, k) and self._multiplied(p))]
     return layers, embeddings
+
+  def _warn_unmultiplied(self, paths, leaves, stacks, claimed) -> None:
+    """Warns about leaves named and shaped like kernels that the trace saw in
+    use but never as a matmul or convolution weight (left unselected): a
+    weight prepared by an operation the trace does not follow would
+    otherwise be dropped in silence."""
+    traced = self.traced
+    if not hasattr(traced, "output_axes"):
+      return
+    odd = [p for p, l, k, c in zip(paths, leaves, stacks, claimed)
+           if not c and p in traced and p not in traced.output_axes
+           and p.rsplit("/", 1)[-1] in _KERNEL_NAMES and is_kernel(p, l, k)]
+    if odd:
+      warnings.warn(
+          f"Selection: the trace uses {', '.join(repr(p) for p in odd[:6])}"
+          f"{' and more' if len(odd) > 6 else ''}, named like kernels, but never as the "
+          "weight of a matrix multiply or a convolution, so the default does not select "
+          "them. If they are weights, select them with Rule(pattern) (and "
+          "output_axis=... if their output axis is not the last)", stacklevel=4)
+
+  def _multiplied(self, path: str) -> bool:
+    """Whether the trace shows ``path`` entering a matmul or a convolution as
+    a weight (true without a trace, and for paths the trace never saw, which
+    :meth:`_forward_sorted` reports as missing from the order)."""
+    traced = self.traced
+    if traced is None or not hasattr(traced, "output_axes"):
+      return True
+    return path in traced.output_axes or path not in traced.all_paths
 
   def _last_layer(self, layers: list[int], paths) -> int:
     """The output layer: the last one *used* (a tied embedding's head) when
@@ -406,19 +487,7 @@ class Selection:
     missing from it (an unused embedding table) are left out.
     """
     if self.order is not None:
-      position = {p: k for k, p in enumerate(self.order)}
-      required = kernels if require is None else require
-      missing = [paths[i] for i in required if paths[i] not in position]
-      if missing:
-        shown = ", ".join(repr(p) for p in self.order[:4])
-        raise ValueError(
-            f"Selection.order lacks the kernel {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f"; the order holds {shown}{', ...' if len(self.order) > 4 else ''}. "
-            "Compute it with ec2t.forward_order(fn, params, *example_args) on "
-            "the same tree the optimizer sees, or choose leaves with Rule(...)")
-      return sorted((i for i in kernels if paths[i] in position),
-                    key=lambda i: position[paths[i]])
+      return self._sorted_by_order(kernels, paths, require)
     ranks = _insertion_ranks(pure_tree(params), [p for p, _ in flat])
     if sorted(range(len(ranks)), key=ranks.__getitem__) != list(range(len(ranks))):
       return sorted(kernels, key=ranks.__getitem__)  # the tree's own order
@@ -436,6 +505,97 @@ class Selection:
           "order: Selection(order=ec2t.forward_order(fn, params, "
           "*example_args)), or choose leaves with Rule(...).", stacklevel=4)
     return kernels
+
+  def _sorted_by_order(self, kernels, paths, require=None) -> list[int]:
+    """``kernels`` sorted by ``self.order``; every one of ``require`` must be in it."""
+    position = {p: k for k, p in enumerate(self.order)}
+    required = kernels if require is None else require
+    missing = [paths[i] for i in required if paths[i] not in position]
+    if missing:
+      shown = ", ".join(repr(p) for p in self.order[:4])
+      raise ValueError(
+          f"Selection.order lacks the kernel {missing[0]!r}"
+          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+          + f"; the order holds {shown}{', ...' if len(self.order) > 4 else ''}. "
+          "Compute it with ec2t.forward_order(fn, params, *example_args) on "
+          "the same tree the optimizer sees, or choose leaves with Rule(...)")
+    return sorted((i for i in kernels if paths[i] in position),
+                  key=lambda i: position[paths[i]])
+
+
+def _trace_of_copy(order):
+  """The :class:`~ec2t_jax.ForwardOrder` a copy (``list(order)``) came from, if
+  it is an unchanged copy; ``None`` for plain paths.
+
+  Raises:
+    ValueError: ``order`` is an edited copy of a traced order (what the trace
+      showed cannot be kept for other paths, and is not dropped in silence).
+  """
+  traces = {id(getattr(p, "trace", None)): getattr(p, "trace", None) for p in order}
+  traces.pop(id(None), None)
+  if not traces:
+    return None
+  (trace,) = traces.values() if len(traces) == 1 else (None,)
+  if trace is not None and list(order) == list(trace) and all(
+      getattr(p, "trace", None) is trace for p in order):
+    return trace
+  raise ValueError(
+      "Selection.order is an edited copy of ec2t.forward_order's result (reordered, "
+      "filtered or mixed with other paths): what the trace showed (stacked "
+      "layers, the tied head's last use, embedding lookups, which leaves are "
+      "multiplied and their output axes) would not match it. Pass "
+      "forward_order's result itself (or list(order) unchanged), or plain "
+      "strings ([str(p) for p in order]) to give the trace up deliberately")
+
+
+def _warn_untraced(default_plans, leaves: dict) -> None:
+  """Without a trace the default judges by shape and name; warns (naming the
+  leaves) where that may be wrong: stacks of layers (norm scales or biases
+  with a leading layer axis) and selected leaves whose names do not say
+  they are matmul weights (class tokens, position embeddings)."""
+  evidence = []
+  for path, leaf in leaves.items():
+    parent, _, name = path.rpartition("/")
+    shape = tuple(getattr(leaf, "shape", ()))
+    if name == "scale" and len(shape) >= 2:
+      evidence.append(path)
+    elif name == "bias" and len(shape) >= 2:
+      kernel = leaves.get(f"{parent}/kernel" if parent else "kernel")
+      kshape = tuple(getattr(kernel, "shape", ()))
+      if kernel is not None and kshape[-len(shape):] != shape:
+        evidence.append(path)
+  messages = []
+  stacked = []
+  if evidence:
+    lengths = {tuple(leaves[p].shape)[0] for p in evidence}
+    tops = {p.split("/")[0] for p in evidence}
+    stacked = [p.path for p in default_plans if not p.stack_ndim
+               and len(leaves[p.path].shape) >= 3 and leaves[p.path].shape[0] in lengths
+               and p.path.split("/")[0] in tops]
+    shown = lambda ps: ", ".join(f"{p!r} {tuple(leaves[p].shape)}" for p in ps[:4]) + (
+        f" and {len(ps) - 4} more" if len(ps) > 4 else "")
+  if stacked:
+    messages.append(
+        f"leaves that look like stacks of layers (a leading layer axis, as "
+        f"nn.scan / nnx.vmap make): {shown(evidence)}; the kernels "
+        f"{shown(stacked)} would each be quantized as ONE layer (one set of "
+        "statistics for all the layers in it). Pass the trace (it finds the scan): Selection(order=ec2t.forward_order"
+        "(fn, params, *example_args)), or Rule(pattern, stack_axes=(0,))")
+  unnamed = [p.path for p in default_plans
+             if p.path.rsplit("/", 1)[-1] not in _KERNEL_NAMES]
+  if unnamed:
+    shown = ", ".join(f"{p!r} {tuple(leaves[p].shape)}" for p in unnamed[:6]) + (
+        f" and {len(unnamed) - 6} more" if len(unnamed) > 6 else "")
+    messages.append(
+        f"leaves selected by shape alone whose names do not say they are matmul "
+        f"weights: {shown}; a class token (1, 1, d) or a position embedding "
+        "(1, N, d) is added to the activations, never multiplied, and should not "
+        "be ternarized. Pass the trace, which selects only leaves that enter a "
+        "matrix multiply or a convolution: Selection(order=ec2t.forward_order(fn, "
+        "params, *example_args)), or skip them with Rule(pattern, mode='skip')")
+  if messages:
+    warnings.warn("Selection without a trace (the default judges leaves by shape "
+                  "and name): " + "; ".join(messages), stacklevel=4)
 
 
 def layer_ranks(selection: "Selection", params) -> dict[str, np.ndarray]:
@@ -527,7 +687,8 @@ def as_selection(selection: SelectionLike) -> Selection:
 
 
 def describe_selection(params, selection: SelectionLike = None) -> str:
-  """A table of every leaf: path, shape, dtype, mode, gamma and why.
+  """A table of every leaf: path, shape, dtype, mode, gamma and why (and the
+  output axis, ``-1`` = the last, when some selected leaf's is another).
 
   Example:
     >>> from ec2t_jax import Rule, describe_selection
@@ -546,14 +707,18 @@ def describe_selection(params, selection: SelectionLike = None) -> str:
   """
   plans = as_selection(selection).plan(params)
   flat, _ = jax.tree_util.tree_flatten_with_path(pure_tree(params))
-  rows = [("path", "shape", "dtype", "mode", "gamma", "selected by")]
+  # The output-axis column only where some leaf's is not the last axis.
+  axes = any(plan is not None and plan.output_axis != -1 for plan in plans)
+  rows = [("path", "shape", "dtype", "mode", "gamma") + (("out axis",) if axes else ())
+          + ("selected by",)]
   for (path, leaf), plan in zip(flat, plans):
+    axis = (str(plan.output_axis) if plan else "-",) if axes else ()
     rows.append((
         path_to_str(path), str(tuple(getattr(leaf, "shape", ()))),
         str(getattr(leaf, "dtype", type(leaf).__name__)),
         plan.mode if plan else "-",
         ("global" if plan.gamma is None else f"{plan.gamma:g}") if plan else "-",
-        plan.source if plan else "-"))
+        *axis, plan.source if plan else "-"))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
                    for r in rows)

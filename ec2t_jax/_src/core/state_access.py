@@ -4,7 +4,7 @@ Examples build their model, params or optimizer state with the fixture
 :func:`ec2t_jax.models.small_cnn_example`.
 
 The functions here find the :class:`QuantizerState` wherever it sits (inside
-``optax.chain``, ``optax.inject_hyperparams``, :func:`ternarize`, or an
+``optax.chain``, ``optax.inject_hyperparams``, :func:`ternarize_reference`, or an
 ``nnx.Optimizer``), so users never index into optimizer states by hand. They
 work for every method built on the shared core.
 """
@@ -36,7 +36,7 @@ def find_quantizer_state(opt_state) -> core.QuantizerState:
   Args:
     opt_state: any optimizer state (or an ``nnx.Optimizer``) built with one
       of the library's transformations (:func:`ternarize_transform`,
-      :func:`ternarize`, ...).
+      :func:`ternarize_reference`, ...).
 
   Raises:
     ValueError: if there is no such state, or more than one.
@@ -45,16 +45,12 @@ def find_quantizer_state(opt_state) -> core.QuantizerState:
   if len(found) != 1:
     raise ValueError(
         f"opt_state holds {len(found)} quantizer states; expected exactly one "
-        "(was the optimizer built with ec2t.ternarize_transform, ec2t.ternarize"
+        "(was the optimizer built with ec2t.ternarize_transform, ec2t.ternarize_reference"
         " or another ec2t method?)")
   return found[0]
 
 
-# The name from when EC2T was the only method; it finds any method's state.
-find_ternarize_state = find_quantizer_state
-
-
-def ternary_params(params, opt_state):
+def quantized_params(params, opt_state):
   """``params`` with every selected leaf replaced by its current quantized value.
 
   Call it once right after ``init`` so that the very first forward pass is
@@ -62,12 +58,12 @@ def ternary_params(params, opt_state):
   the grid by themselves)::
 
     opt_state = tx.init(params)
-    params = ec2t.ternary_params(params, opt_state)
+    params = ec2t.quantized_params(params, opt_state)
 
   With Flax NNX::
 
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    nnx.update(model, ec2t.ternary_params(nnx.state(model, nnx.Param), optimizer))
+    nnx.update(model, ec2t.quantized_params(nnx.state(model, nnx.Param), optimizer))
 
   Args:
     params: the params the optimizer was initialised with (any pytree; an
@@ -131,11 +127,11 @@ def freeze_assignment(opt_state, frozen: bool = True):
   ``set_phase(opt_state, 1 if frozen else 0)``.
 
   Args:
-    opt_state: the optimizer state, or an ``nnx.Optimizer`` (changed in place).
+    opt_state: as for :func:`set_phase`.
     frozen: True for phase 2, False to resume phase 1.
 
   Returns:
-    The new optimizer state (the same ``nnx.Optimizer`` for NNX).
+    What :func:`set_phase` returns.
 
   Example:
     >>> import ec2t_jax as ec2t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -28,7 +29,7 @@ def value_entropy(values) -> float:
 
   Example:
     >>> import numpy as np
-    >>> from ec2t_jax._src.core.summary import value_entropy  # internal
+    >>> from ec2t_jax import value_entropy
     >>> value_entropy(np.array([0.5, -0.2, 0.0, 0.0]))
     1.5
   """
@@ -68,7 +69,8 @@ class Summary:
   Totals: ``numel`` (selected weights), ``zeros``, ``sparsity`` (zeros over
   selected weights) and ``entropy`` (numel-weighted mean bits/weight).
   ``nonfinite_count`` and ``invalid_hyper_count`` count the skipped steps
-  (see :class:`~ec2t_jax.QuantizerState`). ``budget``: with a
+  (see :class:`~ec2t_jax.QuantizerState`); ``off_grid_count`` the updates
+  that found the params off the method's grid (:meth:`off_grid_message`). ``budget``: with a
   :class:`~ec2t_jax.Budget`, its ``kind``, ``target``, ``reached`` (the
   last assignment's size in the budget's units) and the controller's
   ``multiplier``; else None.
@@ -80,10 +82,23 @@ class Summary:
   nonfinite_count: int = 0
   invalid_hyper_count: int = 0
   budget: Optional[dict] = None
+  off_grid_count: int = 0
 
   @property
   def frozen(self) -> bool:
     return self.phase >= 1
+
+  def off_grid_message(self) -> str:
+    """What an ``off_grid_count > 0`` means and the fix ("" when it is 0)."""
+    if not self.off_grid_count:
+      return ""
+    name = self.method or "the quantizer"
+    return (f"params off the grid: {self.off_grid_count} of {self.step} updates found the "
+            f"params holding other values than the {name} state (the rows above describe "
+            "the state, not the params): something changed them after the quantizer's "
+            "update, e.g. a transformation placed after it in the chain. Put the quantizer "
+            "last: optax.chain(inner_optimizer, quantizer), e.g. "
+            "optax.chain(optax.adam(1e-3), ec2t.ternarize_transform())")
 
   @property
   def totals(self) -> dict:
@@ -98,6 +113,7 @@ class Summary:
     return {"step": self.step, "phase": self.phase, "frozen": self.frozen,
             "nonfinite_count": self.nonfinite_count,
             "invalid_hyper_count": self.invalid_hyper_count,
+            "off_grid_count": self.off_grid_count,
             "budget": self.budget,
             "layers": [l._asdict() for l in self.layers],
             "totals": self.totals}
@@ -123,16 +139,20 @@ class Summary:
              else f"phase {self.phase + 1}")
     skipped = (f"skipped steps: {self.nonfinite_count} with non-finite updates,"
                f" {self.invalid_hyper_count} with invalid hyperparameters")
+    off_grid = self.off_grid_message()
     return (f"{self.method} summary at step {self.step}, {phase}\n" + "\n".join(lines)
-            + "\n" + skipped + self._budget_line())
+            + "\n" + skipped + self._budget_line()
+            + (f"\nWARNING: {off_grid}" if off_grid else ""))
 
   def _budget_line(self) -> str:
     if not self.budget:
       return ""
     b = self.budget
     fmt = (lambda v: f"{v:,.0f} bytes") if b["kind"] == "bytes" else (lambda v: f"{v:.4g}")
+    unreachable = core.budget.unreachable_message(b)
     return (f"\nbudget: {b['kind']} target {fmt(b['target'])}, reached {fmt(b['reached'])}"
-            f" (multiplier {b['multiplier']:.4g})")
+            f" (multiplier {b['multiplier']:.4g})"
+            + ("" if unreachable is None else f"\nbudget: {unreachable}"))
 
 
 def _scalar(x: Any):
@@ -145,6 +165,10 @@ def summary(opt_state) -> Summary:
 
   A stacked leaf (layers along leading axes) gives one row per slice, named
   ``path[i]`` (``blocks/c_fc/kernel[3]``).
+
+  Warns (``UserWarning``) when some update found the params off the method's
+  grid (``off_grid_count > 0``: a transformation placed after the quantizer),
+  with the fix; the table says so too.
 
   Args:
     opt_state: an optimizer state holding a :class:`QuantizerState` (any of
@@ -176,10 +200,16 @@ def summary(opt_state) -> Summary:
     for suffix, leaf in _layers(state_of_leaf):
       layers.append(_row(path_to_str(path) + suffix, leaf, methods))
   budget = getattr(state, "budget", None)
-  return Summary(tuple(layers), int(state.count), int(state.phase),
-                 ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
-                 int(state.invalid_hyper_count),
-                 None if budget is None else budget.describe())
+  budget = None if budget is None else budget.describe()
+  unreachable = core.budget.unreachable_message(budget)
+  if unreachable is not None:  # the host's warning (the state holds the flag)
+    warnings.warn(f"size budget: {unreachable}", UserWarning, stacklevel=2)
+  result = Summary(tuple(layers), int(state.count), int(state.phase),
+                   ", ".join(dict.fromkeys(methods)), int(state.nonfinite_count),
+                   int(state.invalid_hyper_count), budget, int(state.off_grid_count))
+  if result.off_grid_count:
+    warnings.warn(result.off_grid_message(), stacklevel=2)
+  return result
 
 
 def _layers(leaf):

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 
@@ -163,6 +163,17 @@ def trace(fn: Callable, params, *inputs, **kwargs):
   return jaxpr, provenances, paths
 
 
+class TracedPath(str):
+  """One path of a :class:`ForwardOrder`: a ``str`` that remembers its trace.
+
+  ``list(order)``, ``tuple(order)`` or ``order[:]`` keep the paths' link to
+  what the trace showed, so :class:`~ec2t_jax.Selection` can keep it (an
+  unchanged copy) or refuse it (an edited one) instead of losing it.
+  ``str(path)`` is a plain string.
+  """
+  __slots__ = ("trace",)
+
+
 class ForwardOrder(list):
   """:func:`forward_order`'s result: the paths (a ``list``), plus what the
   trace showed about them, which :class:`~ec2t_jax.Selection` reads.
@@ -176,14 +187,30 @@ class ForwardOrder(list):
       lookup) and last (the output projection).
     lookups: paths read by a ``gather`` indexed by the data (embedding
       lookups).
+    output_axes: path -> output axis of one slice, for every leaf that
+      enters a ``dot_general`` or a convolution as the weight operand (the
+      other operand derived from the data): the weight's non-contracting,
+      non-batch axis that survives into the output (the leaf's last such axis when
+      several do, ``-1`` when it is the slice's last axis or could not be
+      followed back to the leaf).
+    all_paths: every leaf path of the traced tree, used or not.
   """
 
   def __init__(self, paths=(), *, stack_ndim=None, last_use=None,
-               lookups=frozenset()):
-    super().__init__(paths)
+               lookups=frozenset(), output_axes=None, all_paths=None):
+    super().__init__(TracedPath(p) for p in paths)
+    for p in self:
+      p.trace = self
     self.stack_ndim = dict(stack_ndim or {})
     self.last_use = dict(last_use or {})
     self.lookups = frozenset(lookups)
+    self.output_axes = dict(output_axes or {})
+    self.all_paths = tuple(self if all_paths is None else all_paths)
+
+  @property
+  def multiplied(self) -> frozenset:
+    """The paths that enter a matrix multiply or a convolution as a weight."""
+    return frozenset(self.output_axes)
 
 
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -239,6 +266,170 @@ def stacked_leaves(jaxpr, num_leaves: int) -> dict[int, int]:
   return found
 
 
+# Ops whose output axes are the operand's axes, one to one (sizes may change).
+_SAME_AXES = frozenset(_PASS_THROUGH) | {
+    "neg", "abs", "sign", "sqrt", "rsqrt", "exp", "log", "tanh", "logistic",
+    "integer_pow", "pow", "mul", "add", "sub", "div", "max", "min", "select_n",
+    "clamp", "slice", "dynamic_slice", "pad", "concatenate", "rev", "cumsum",
+    "sharding_constraint", "real", "stop_gradient", "square", "round", "floor", "ceil"}
+
+
+def _reshape_axes(old_shape, new_shape, axes):
+  """Leaf axes of a reshaped view: runs of axes whose sizes multiply to the
+  same product map to each other; a merged or split run maps to its last
+  leaf axis (size-1 axes to none)."""
+  out = [None] * len(new_shape)
+  i = j = 0
+  while i < len(old_shape) or j < len(new_shape):
+    i0, j0 = i, j
+    a = b = 1
+    if i < len(old_shape):
+      a *= old_shape[i]; i += 1
+    if j < len(new_shape):
+      b *= new_shape[j]; j += 1
+    while a != b and (i < len(old_shape) or j < len(new_shape)):
+      if (a < b or j == len(new_shape)) and i < len(old_shape):
+        a *= old_shape[i]; i += 1
+      else:
+        b *= new_shape[j]; j += 1
+    mapped = [axes[k] for k in range(i0, i) if old_shape[k] != 1 and axes[k] is not None]
+    for k in range(j0, j):
+      if new_shape[k] != 1 and mapped:
+        out[k] = mapped[0] if (i - i0 == 1 and j - j0 == 1) else mapped[-1]
+  return tuple(out)
+
+
+def _view_of(eqn, ins):
+  """Per leaf, its axes in the single output of ``eqn`` (``{}``: not a view)."""
+  name = eqn.primitive.name
+  out_shape = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+  views = {}
+  for k, (data, view) in enumerate(ins):
+    if not view:
+      continue
+    in_shape = tuple(getattr(eqn.invars[k].aval, "shape", ()))
+    for leaf, axes in view.items():
+      if name == "transpose":
+        new = tuple(axes[a] for a in eqn.params["permutation"])
+      elif name == "reshape" and k == 0:
+        new = _reshape_axes(in_shape, out_shape, axes)
+      elif name == "squeeze":
+        drop = {d % len(axes) for d in eqn.params["dimensions"]}
+        new = tuple(a for d, a in enumerate(axes) if d not in drop)
+      elif name == "broadcast_in_dim" and k == 0:
+        new = [None] * len(out_shape)
+        for d, target in enumerate(eqn.params["broadcast_dimensions"]):
+          if in_shape[d] == out_shape[target]:  # a broadcast axis is not the leaf's
+            new[target] = axes[d]
+        new = tuple(new)
+      elif name in _SAME_AXES and len(in_shape) == len(out_shape) and (
+          in_shape == out_shape or name in ("slice", "dynamic_slice", "pad",
+                                            "concatenate", "rev")):
+        new = axes
+      else:
+        continue
+      views.setdefault(leaf, new)
+  return views
+
+
+def _weight_use(eqn, ins):
+  """``{leaf: output axis or None}`` of a matmul or convolution's weight operand."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+    specs = ((contract_l, batch_l), (contract_r, batch_r))
+  elif name == "conv_general_dilated":
+    lhs, rhs, _ = eqn.params["dimension_numbers"]
+    specs = ((tuple(lhs[1:]), ()), (tuple(rhs[1:]), ()))
+  else:
+    return {}
+  found = {}
+  for k in (0, 1):
+    (data, view), other = ins[k], ins[1 - k]
+    if not view or data or not other[0]:
+      continue
+    ndim = len(getattr(eqn.invars[k].aval, "shape", ()))
+    contract, batch = (tuple(x) for x in specs[k])
+    free = [d for d in range(ndim) if d not in contract and d not in batch]
+    if name == "conv_general_dilated":
+      free = [eqn.params["dimension_numbers"][k][0]]
+    for leaf, axes in view.items():
+      if not any(axes[d] is not None for d in contract):
+        continue  # only broadcast axes are summed over: not a weight
+      mapped = [axes[d] for d in free if axes[d] is not None]
+      found.setdefault(leaf, max(mapped) if mapped else None)
+  return found
+
+
+def weight_uses(jaxpr, num_leaves: int) -> dict[int, Optional[int]]:
+  """Leaf index -> output axis (of the whole leaf; None if not followed) of
+  every leaf that enters a ``dot_general`` or ``conv_general_dilated`` as the
+  weight: the operand derived from the leaf alone (through casts, reshapes,
+  transposes, slices, broadcasts, elementwise ops and ``scan`` slicing) while
+  the other operand derives from the data. The first such use counts.
+  """
+  found: dict[int, Optional[int]] = {}
+  NONE = (False, {})
+
+  def run(jaxpr, inputs):
+    env = dict(zip(jaxpr.invars, inputs))
+    get = lambda v: NONE if is_literal(v) else env.get(v, NONE)
+    for eqn in jaxpr.eqns:
+      ins = [get(v) for v in eqn.invars]
+      outs = enter(eqn, ins)
+      if outs is None:
+        for leaf, axis in _weight_use(eqn, ins).items():
+          found.setdefault(leaf, axis)
+        data = any(d for d, _ in ins)
+        view = {} if data or len(eqn.outvars) != 1 else _view_of(eqn, ins)
+        if eqn.primitive.name == "optimization_barrier":
+          outs = list(ins)
+        else:
+          outs = [(data, view)] * len(eqn.outvars)
+      env.update(zip(eqn.outvars, outs))
+    return [get(v) for v in jaxpr.outvars]
+
+  def loop(body, fixed, carry, xs=()):
+    """Runs a loop body until the carry's data flags settle."""
+    for _ in range(2):
+      outs = run(body, fixed + [(d, {}) for d, _ in carry] + list(xs))
+      settled = [(d or o[0], {}) for (d, _), o in zip(carry, outs)]
+      if settled == [(d, {}) for d, _ in carry]:
+        break
+      carry = settled
+    return outs
+
+  def enter(eqn, ins):
+    name = eqn.primitive.name
+    if name == "scan":
+      body = _as_jaxpr(eqn.params["jaxpr"])
+      n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+      xs = [(d, {leaf: axes[1:] for leaf, axes in view.items()})
+            for d, view in ins[n_consts + n_carry:]]
+      outs = loop(body, ins[:n_consts], ins[n_consts:n_consts + n_carry], xs)
+      return [(d, {}) for d, _ in outs]
+    if name == "while":
+      n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+      carry = ins[n_cond + n_body:]
+      outs = loop(_as_jaxpr(eqn.params["body_jaxpr"]), ins[n_cond:n_cond + n_body], carry)
+      run(_as_jaxpr(eqn.params["cond_jaxpr"]), ins[:n_cond] + [(True, {})] * len(carry))
+      return [(d or c[0], {}) for (d, _), c in zip(outs, carry)]
+    if name == "cond":
+      results = [run(_as_jaxpr(b), ins[1:]) for b in eqn.params["branches"]]
+      return [(ins[0][0] or any(o[0] for o in outs), {}) for outs in zip(*results)]
+    subs = list(sub_jaxprs(eqn))
+    if len(subs) == 1 and len(subs[0].invars) == len(eqn.invars):
+      outs = run(subs[0], ins)
+      if len(outs) == len(eqn.outvars):
+        return outs
+    return None
+
+  leaves = [(False, {i: tuple(range(len(getattr(v.aval, "shape", ()))))})
+            for i, v in enumerate(jaxpr.invars[:num_leaves])]
+  run(jaxpr, leaves + [(True, {})] * (len(jaxpr.invars) - num_leaves))
+  return found
+
+
 def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder:
   """Parameter paths in the order ``fn(params, *example_args)`` first uses them.
 
@@ -289,6 +480,13 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder
     >>> forward_order(lambda p, x: Net().apply({"params": p}, x), params, x)
     ['stem/kernel', 'stem/bias', 'head/kernel', 'head/bias']
   """
+  if not jax.tree_util.treedef_children(jax.tree.structure(pure_tree(params))) \
+      and jax.tree.leaves(params):
+    raise TypeError(
+        "forward_order(fn, params, *example_args): params is a bare "
+        f"{type(params).__name__} of shape {getattr(params, 'shape', '?')}, not a "
+        "tree of parameters; pass the params tree first and the example inputs "
+        "after it (were the arguments swapped?)")
   jaxpr, provenances, paths = trace(fn, params, *example_args, **kwargs)
   meets_data: dict[int, int] = {}
   last_meets: dict[int, int] = {}
@@ -328,8 +526,28 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder
   last = lambda i: ((0, last_meets[i]) if i in last_meets else (1, touched[i]), i)
   ordered = sorted(used, key=key)
   stacked = stacked_leaves(jaxpr, len(paths))
+  weights = weight_uses(jaxpr, len(paths))
+  if not weights:
+    raise ValueError(
+        f"forward_order: none of the {len(paths)} parameter leaves "
+        f"({', '.join(paths[:6])}{', ...' if len(paths) > 6 else ''}) enters a "
+        "matrix multiply or a convolution as a weight; is the first argument "
+        "after fn the params tree (forward_order(fn, params, *example_args)), "
+        "and does fn multiply the example inputs by it?")
+  in_vars = jaxpr.invars
   return ForwardOrder(
       [paths[i] for i in ordered],
       stack_ndim={paths[i]: n for i, n in stacked.items() if i in used},
       last_use={paths[i]: rank for rank, i in enumerate(sorted(used, key=last))},
-      lookups={paths[i] for i in lookups if i in used})
+      lookups={paths[i] for i in lookups if i in used},
+      output_axes={paths[i]: _slice_axis(axis, stacked.get(i, 0),
+                                         len(getattr(in_vars[i].aval, "shape", ())))
+                   for i, axis in weights.items()},
+      all_paths=paths)
+
+
+def _slice_axis(axis: Optional[int], stack_ndim: int, ndim: int) -> int:
+  """A leaf's output axis as an index into one slice; -1 for the last (or unknown)."""
+  if axis is None or axis < stack_ndim or axis == ndim - 1:
+    return -1
+  return axis - stack_ndim

@@ -31,7 +31,11 @@ every method alike:
   ``vmap``-ed step serves each group (:func:`group_states`,
   :func:`step_groups`), so the traced step does not grow with depth; the
   only per-step stacking is of the incoming updates;
-* **shared tools**: :func:`~ec2t_jax.ternary_params`, :func:`~ec2t_jax.summary`,
+* **latent weight decay**: the update accepts ``latent_decay`` (what
+  :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
+  each latent field), added to the latent weights before the method's step
+  (:func:`decay_latents`);
+* **shared tools**: :func:`~ec2t_jax.quantized_params`, :func:`~ec2t_jax.summary`,
   :func:`~ec2t_jax.set_phase` / :func:`~ec2t_jax.freeze_assignment` and the
   export work for every method through :class:`QuantizerState`.
 
@@ -137,13 +141,15 @@ def leaf_contexts(state_leaves, params, selection) -> list[Optional[LeafContext]
 
   Which leaves are selected, and their stack axes, come from the state
   (decided at ``init``); the mode and gamma from the rule matching each
-  selected path.
+  selected path, the output axis as :meth:`Selection.output_axis` gave it at
+  ``init`` (rule, else trace, else the last axis).
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   states, _ = flat_leaf_states(state_leaves)
   named = [(path_to_str(path), leaf) for path, leaf in flat]
-  rules = [None if s is None else selection.leaf_rule(name)
-           for (name, _), s in zip(named, states)]
+  rules = [None if s is None else selection.leaf_rule(name)._replace(
+               output_axis=selection.output_axis(name, leaf, _stack_ndim(s)))
+           for (name, leaf), s in zip(named, states)]
   return _contexts(named, [_stack_ndim(s) for s in states], rules)
 
 
@@ -209,7 +215,7 @@ def init_state(method: Method, params, selection, hyper,
   leaves, groups = group_states(leaves, contexts) if group else (leaves, ())
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
-                        invalid_hyper_count=zero,
+                        invalid_hyper_count=zero, off_grid_count=zero,
                         leaves=treedef.unflatten(leaves), groups=groups)
 
 
@@ -299,13 +305,9 @@ def step_leaves(step: Callable, inputs: list, old: list, contexts: list,
   return new, any_bad
 
 
-def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
-  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere.
-
-  A leaf in a group takes its slice of the group's value.
-  """
-  flat_updates, treedef = jax.tree.flatten(updates)
-  flat_params = treedef.flatten_up_to(params)
+def _values(groups: tuple) -> Callable:
+  """``value(leaf, dtype)``: a leaf state's value; a leaf in a group takes its
+  slice of the group's value (computed once per group and dtype)."""
   values: dict = {}
 
   def value(leaf, dtype):
@@ -314,10 +316,115 @@ def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
         values[leaf.group, dtype] = groups[leaf.group].value(dtype)
       return values[leaf.group, dtype][leaf.index]
     return leaf.value(dtype)
+  return value
 
+
+def emit_updates(updates, params, new_leaves: list, groups: tuple = ()):
+  """Exact steps to ``leaf.value`` at selected leaves, ``updates`` elsewhere.
+
+  A leaf in a group takes its slice of the group's value.
+  """
+  flat_updates, treedef = jax.tree.flatten(updates)
+  flat_params = treedef.flatten_up_to(params)
+  value = _values(groups)
   out = [u if leaf is None else exact_update(value(leaf, jnp.asarray(p).dtype), p)
          for u, p, leaf in zip(flat_updates, flat_params, new_leaves)]
   return treedef.unflatten(out)
+
+
+def latent_fields(leaf_state) -> tuple[str, ...]:
+  """The fields of a method's leaf state that hold latent weights.
+
+  ``("latent",)`` for a state with a ``latent`` field; a state class may name
+  others in a class attribute ``latent_fields`` (STTN: ``("latent",
+  "latent2")``); ``()`` for a state without latent weights. Stacked and
+  grouped states answer for their inner state's class.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import ec2t_jax as ec2t
+    >>> from ec2t_jax._src.core.transform import latent_fields  # internal
+    >>> state = ec2t.sttn(selection=lambda path, leaf: True).init({"w": jnp.ones((3, 2))})
+    >>> latent_fields(state.leaves["w"])
+    ('latent', 'latent2')
+  """
+  if isinstance(leaf_state, StackedLeaf):
+    leaf_state = leaf_state.inner
+  cls = type(leaf_state)
+  fields = getattr(cls, "_fields", ())
+  named = getattr(cls, "latent_fields", ("latent",))
+  return tuple(f for f in named if f in fields)
+
+
+def decay_latents(leaf, decay: dict, phase=0):
+  """``leaf`` with ``decay[f]`` added to each latent field ``f`` (zeros keep it bitwise).
+
+  The decoupled weight decay of the latent weights, applied before the
+  method's step (as ``torch.optim.AdamW`` decays before the Adam step). A
+  state whose method freezes its latent weights in some phase says so with
+  an optional ``latents_train(phase) -> bool`` (EC2T: not in phase 2); there
+  the latents keep their values.
+  """
+  trains = getattr(leaf, "latents_train", None)
+  keep = jnp.asarray(False) if trains is None else ~jnp.asarray(trains(phase))
+
+  def add(f):
+    old = getattr(leaf, f)
+    d = decay[f]
+    return jnp.where((d == 0) | keep, old, old + d).astype(old.dtype)
+  return leaf._replace(**{f: add(f) for f in decay})
+
+
+def _leaf_decays(latent_decay: dict, updates, old: list, groups: tuple) -> list:
+  """Per leaf (flattening order), ``{field: float32 decay}`` of its latent
+  fields (None where unselected); ``latent_decay`` maps a field to a tree
+  like the params."""
+  for name, tree in latent_decay.items():
+    check_same_tree(f"latent_decay[{name!r}]", tree, updates)
+  flat = {name: jax.tree.leaves(tree) for name, tree in latent_decay.items()}
+  out = []
+  for i, leaf in enumerate(old):
+    if leaf is None:
+      out.append(None)
+      continue
+    state = groups[leaf.group] if isinstance(leaf, GroupSlot) else leaf
+    out.append({f: jnp.asarray(flat[f][i], jnp.float32)
+                for f in latent_fields(state) if f in flat})
+  return out
+
+
+def params_off_grid(params, old_leaves: list, groups: tuple = ()) -> jax.Array:
+  """Whether some selected leaf of ``params`` is not its state's value.
+
+  After an update the params hold the states' values (exact landing), so at
+  the next update they still do unless something changed them in between: a
+  transformation placed after the quantizer, params edited between steps.
+  A leaf counts as off the grid when ``max |params - value|`` exceeds
+  ``4 eps max(|params|, |value|)`` (``eps`` of the param dtype): the landing
+  of a value that is not on a snapped grid (ECP's latent weights) may be off
+  by an ulp, a foreign step is far larger.
+
+  Args:
+    params: the incoming params (flattening order matches ``old_leaves``).
+    old_leaves: per leaf, the state before this update (None if unselected).
+    groups: :attr:`QuantizerState.groups`.
+
+  Returns:
+    A bool scalar.
+  """
+  value = _values(groups)
+  off = []
+  for p, leaf in zip(jax.tree.leaves(params), old_leaves):
+    if leaf is None:
+      continue
+    p = jnp.asarray(p)
+    eps = float(jnp.finfo(p.dtype).eps)
+    v = value(leaf, p.dtype).astype(jnp.float32)
+    p = p.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(p)), jnp.max(jnp.abs(v)))
+    tolerance = 4 * eps * scale
+    off.append(jnp.max(jnp.abs(p - v)) > tolerance)
+  return jnp.any(jnp.stack(off)) if off else jnp.asarray(False)
 
 
 def advance(state: QuantizerState, params, updates, step: Callable, inputs,
@@ -328,6 +435,7 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
   order) drive ``step``; unselected leaves pass ``updates`` through.
   """
   old, treedef = flat_leaf_states(state.leaves)
+  off_grid = params_off_grid(params, old, state.groups) & (state.count > 0)
   new, any_bad = step_leaves(step, inputs, old, contexts, keep)
   groups, group_bad = step_groups(step, inputs, old, contexts, state.groups, keep)
   any_bad = any_bad | group_bad
@@ -335,6 +443,7 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
       count=optax.safe_increment(state.count),
       nonfinite_count=state.nonfinite_count + (any_bad & ~keep).astype(jnp.int32),
       invalid_hyper_count=state.invalid_hyper_count + keep.astype(jnp.int32),
+      off_grid_count=state.off_grid_count + off_grid.astype(jnp.int32),
       leaves=treedef.unflatten(new), groups=groups)
   return emit_updates(updates, params, new, groups), new_state
 
@@ -366,6 +475,20 @@ def step_groups(step: Callable, inputs: list, slots: list, contexts: list,
   return tuple(new), jnp.any(jnp.stack(bad))
 
 
+class QuantizerTransformation(optax.GradientTransformationExtraArgs):
+  """A method's transformation: an optax transformation whose update also takes
+  ``latent_decay``.
+
+  ``update(updates, state, params, *, latent_decay=None, **extra_args)``:
+  ``latent_decay`` maps a latent field name (see :func:`latent_fields`) to a
+  tree like the params; at each selected leaf it is added to that latent field
+  before the method's step (:func:`decay_latents`). :func:`~ec2t_jax.chain`
+  computes it from the inner optimizer; in a plain ``optax.chain`` it is
+  absent and other extra arguments are ignored.
+  """
+  __slots__ = ()
+
+
 def quantize_transform(
     method: Method,
     hyper: NamedTuple,
@@ -373,7 +496,7 @@ def quantize_transform(
     *,
     selection: selection_lib.SelectionLike = None,
     budget: Optional[budget_lib.Budget] = None,
-    knob: Optional[budget_lib.Knob] = None,
+    controlled: Optional[budget_lib.ControlledHyper] = None,
     budget_target=None,
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
@@ -385,31 +508,33 @@ def quantize_transform(
       concrete values are checked here, traced ones at every update.
     selection: which leaves to quantize (see :class:`~ec2t_jax.Selection`).
     budget: a size :class:`~ec2t_jax.Budget`: every step then uses the
-      method's ``knob`` (a field of ``hyper``) at the controller's multiplier,
+      method's ``controlled`` hyperparameter (a field of ``hyper``) at the
+      controller's multiplier,
       measures the new assignments and updates the multiplier (see
       ``_src/core/budget.py``); the controller holds in ``phase >= 1``.
-    knob: which hyperparameter the controller drives (needed with ``budget``).
+    controlled: which hyperparameter the controller drives (needed with
+      ``budget``).
     budget_target: the budget's target value if not ``budget``'s own (may be
       traced, e.g. through ``optax.inject_hyperparams``); a traced value that
       is non-finite or out of range skips the step like an invalid
       hyperparameter.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`QuantizerState`.
+    A :class:`QuantizerTransformation` with state :class:`QuantizerState`.
   """
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
   rule_options.check_rules(method, chosen)
   if budget is not None:
-    if knob is None:
+    if controlled is None:
       raise ValueError(f"method {method.name!r} does not accept a Budget")
     target = budget.target if budget_target is None else budget_target
     budget_lib.check_target(budget.kind, target)
 
   def plan_of(params, state_leaves):
     states, _ = flat_leaf_states(state_leaves)
-    return budget_lib.plan_budget(budget, knob, jax.tree.leaves(params), states)
+    return budget_lib.plan_budget(budget, controlled, jax.tree.leaves(params), states)
 
   def init_fn(params):
     state = init_state(method, params, chosen, hyper)
@@ -421,7 +546,8 @@ def quantize_transform(
     return state._replace(budget=budget_lib.init_budget_state(
         plan_of(params, leaves), states, target))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, latent_decay=None, **extra_args):
+    del extra_args  # e.g. a loss value other members of an optax chain use
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     check_same_tree("updates", updates, state.leaves)
@@ -434,9 +560,15 @@ def quantize_transform(
     if budget is not None:
       plan = plan_of(params, state.resolved_leaves())
       keep |= ~budget_lib.target_is_valid(budget.kind, target, plan.smallest_bytes())
-      step_hyper = hyper._replace(**{knob.name: state.budget.multiplier})
+      step_hyper = hyper._replace(**{controlled.name: state.budget.multiplier})
     step = lambda u, leaf, ctx: method.step_leaf(u, leaf, ctx, step_hyper,
                                                  state.phase)
+    if latent_decay is not None:
+      decays = _leaf_decays(latent_decay, updates, flat_leaf_states(state.leaves)[0],
+                            state.groups)
+      inputs = [None if u is None else (u, d) for u, d in zip(inputs, decays)]
+      step = lambda x, leaf, ctx: method.step_leaf(
+          x[0], decay_latents(leaf, x[1], state.phase), ctx, step_hyper, state.phase)
     updates, new_state = advance(state, params, updates, step, inputs, contexts, keep)
     if budget is None:
       return updates, new_state
@@ -445,7 +577,7 @@ def quantize_transform(
         plan, state.budget, states, target, state.count, state.phase >= 1, keep)
     return updates, new_state._replace(budget=controller)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return QuantizerTransformation(init_fn, update_fn)
 
 
 def _instant_value(leaf_state, dtype):
@@ -468,7 +600,7 @@ class Quantizer(NamedTuple):
     hyper: its numeric (traceable) hyperparameters.
     hyper_ranges: valid range of each name in ``hyper`` that must be checked.
     selection: which leaves (see :class:`~ec2t_jax.Selection`).
-    budget, knob, budget_target: a size budget and the hyperparameter its
+    budget, controlled, budget_target: a size budget and the hyperparameter its
       controller drives (see :func:`quantize_transform`); None: no budget.
 
   Example:
@@ -484,13 +616,14 @@ class Quantizer(NamedTuple):
   hyper_ranges: Any
   selection: Any = None
   budget: Any = None
-  knob: Any = None
+  controlled: Any = None
   budget_target: Any = None
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
     return quantize_transform(self.method, self.hyper, self.hyper_ranges,
-                              selection=self.selection, budget=self.budget, knob=self.knob,
+                              selection=self.selection, budget=self.budget,
+                              controlled=self.controlled,
                               budget_target=self.budget_target)
 
   def instant(self, params, *, return_state: bool = False):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ec2t_jax._src.core import budget as budget_lib
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import exporting
@@ -29,9 +29,9 @@ def fixed_bytes(params, selection: selection_lib.SelectionLike = None, *,
   .. math:: F = |\\mathrm{pack}(\\text{unselected leaves})|
             + n_{\\mathrm{sel}} (h + e),
 
-  with ``h`` = :data:`~ec2t_jax._src.core.budget.HEADER_BYTES_PER_LEAF` (a
+  with ``h`` = :data:`~ec2t_jax._src.container_layout.HEADER_BYTES_PER_LEAF` (a
   leaf's header record) and ``e`` =
-  :data:`~ec2t_jax._src.core.budget.TERNARY_STREAM_EXTRA_BYTES` (centroids and
+  :data:`~ec2t_jax._src.container_layout.TERNARY_STREAM_EXTRA_BYTES` (centroids and
   coder flush) for each of the ``n_sel`` selected leaves. The full-precision
   leaves change during training, so ``F`` measured before it is an estimate:
   on the character GPT, measured on the full-precision model, the file written
@@ -60,4 +60,5 @@ def fixed_bytes(params, selection: selection_lib.SelectionLike = None, *,
           for (path, leaf), plan in zip(flat, plans) if plan is None}
   selected = sum(plan is not None for plan in plans)
   return (len(exporting.encode(kept, float16=float16))
-          + selected * (budget_lib.HEADER_BYTES_PER_LEAF + budget_lib.TERNARY_STREAM_EXTRA_BYTES))
+          + selected * (container_layout.HEADER_BYTES_PER_LEAF
+                         + container_layout.TERNARY_STREAM_EXTRA_BYTES))

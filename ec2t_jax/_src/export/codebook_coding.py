@@ -44,7 +44,6 @@ MIN_BATCH = 64
 _QUANTUM = 2.0**-24  # constriction's probability resolution
 
 
-CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 def _check_alphabet(alphabet: int) -> None:

@@ -58,12 +58,16 @@ codec       stream                                                      module
             adaptive order-0 coded indices
 ==========  ==========================================================  =====================
 
-``tb`` / ``te`` / ``tc`` / ``tf`` / ``cb`` / ``fc`` store the leaf's own dtype even
+Under the ``float16`` option a float32 / float64 leaf is stored as float16
+(``"v": "float16"``) unless float16 would change it beyond its rounding
+(:func:`float16_keeps`: a value overflows, or values underflow so that the
+leaf's error exceeds float16's unit roundoff in norm); it is then stored in
+its own dtype. ``tb`` / ``te`` / ``tc`` / ``tf`` / ``cb`` / ``fc`` store the leaf's own dtype even
 under the ``float16`` option; the ternary ones and ``tf`` need a float dtype.
 A reader refuses a record that breaks these rules, a codec its version does
 not hold, and any stream whose symbol count differs from what the shape
 declares (:mod:`symbol_coding`), whether or not the record carries ``"k"``.
-A ``bool`` leaf must decode to 0 / 1 bytes only.
+A ``bool`` leaf must decode to 0 / 1 bytes only (and a writer refuses one holding other bytes).
 
 Leaf names
 ==========
@@ -141,19 +145,22 @@ from typing import Any, NamedTuple, Optional
 import constriction
 import numpy as np
 
+from ec2t_jax._src import container_layout
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.export import leaf_names
 from ec2t_jax._src.export import record_codecs
+from ec2t_jax._src.export import stacking
 from ec2t_jax._src.export.errors import ExportFormatError
-from ec2t_jax._src.export.leaf_bytes import DTYPES, FLOAT_NAMES, crc32_le, inflate, uint_view
+from ec2t_jax._src.export.leaf_bytes import (DTYPES, FLOAT_NAMES, contiguous, crc32_le, inflate,
+                                             uint_view)
 from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 
 MAGIC = b"\x89EC2T\r\n\x1a"
 FORMAT_VERSION = 3  # the newest; a file is written as the oldest of WRITTEN_VERSIONS holding its codecs
 SUPPORTED_VERSIONS = (1, 2, 3)
 WRITTEN_VERSIONS = (2, 3)
-_FIXED = struct.Struct("<8sHHIQ")  # magic, version, flags, H, P
-_DIGEST = 32
+_FIXED = struct.Struct(container_layout.FIXED_HEADER_FORMAT)  # magic, version, flags, H, P
+_DIGEST = container_layout.DIGEST_BYTES
 _MIN_SIZE = _FIXED.size + _DIGEST
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # decoded arrays a reader accepts by default
@@ -163,6 +170,10 @@ MAX_LEAVES = 2**20
 MAX_NDIM = 32
 MAX_DIM = 2**40  # largest length of one axis (numpy refuses shapes whose product of
                  # non-zero axes overflows, even for empty arrays)
+# Keys of ``meta["user"]`` the library writes and reads back itself: the
+# stacked leaves split per slice, the inference file's settings, the source of
+# an exported checkpoint. User metadata may not use them.
+RESERVED_METADATA_KEYS = (stacking.METADATA_KEY, "inference", "source_kind")
 
 
 class PackedInfo(NamedTuple):
@@ -220,12 +231,48 @@ def enforce_max_bytes(nbytes: int, max_bytes, *, prefix: str = "", suffix: str =
 # --------------------------------------------------------------------------- writing
 
 
+def float16_keeps(array: np.ndarray) -> bool:
+  r"""Whether float16 changes a float leaf by no more than float16's own rounding.
+
+  False when a finite value overflows (becomes infinite) or when the leaf's
+  rounding error exceeds float16's unit roundoff :math:`u = 2^{-11}` in norm,
+
+  .. math:: \lVert \mathrm{fl}_{16}(x) - x \rVert_2 > u \lVert x \rVert_2
+
+  (over the finite values): values underflowing to float16's subnormals or to
+  zero (a leaf of ~1e-9 values would become zeros). A leaf whose values are
+  all in float16's normal range meets the bound value by value, so only
+  underflow (or overflow) keeps a leaf in its dtype; a few tiny values among
+  normal ones do not.
+
+  Example:
+    >>> import numpy as np
+    >>> from ec2t_jax._src.export.container import float16_keeps  # internal
+    >>> float16_keeps(np.array([0.1, -2.5, 1e-7], np.float32))
+    True
+    >>> float16_keeps(np.full(4, 1e-9, np.float32)), float16_keeps(np.array([1e5], np.float32))
+    (False, False)
+  """
+  with np.errstate(over="ignore", invalid="ignore"):
+    half = array.astype(np.float16)
+  finite = np.isfinite(array)
+  if not (np.isfinite(half) == finite).all():
+    return False
+  x = np.where(finite, array, 0)
+  error = np.where(finite, half.astype(array.dtype), 0) - x
+  norm = np.sum(np.square(x), dtype=np.float64)
+  return bool(np.sum(np.square(error), dtype=np.float64) <= FLOAT16_ROUNDING**2 * norm * _SLACK)
+
+
+FLOAT16_ROUNDING = 2.0**-11  # float16's unit roundoff (normal range)
+_SLACK = 1 + 2.0**-20  # the float64 sums' own rounding
+
+
 def _storage(array: np.ndarray, float16: bool, ternary: bool) -> np.dtype:
-  """float16 for non-ternary float32/64 leaves under the option, unless a value overflows."""
+  """float16 for non-ternary float32/64 leaves under the option, unless it changes a leaf
+  beyond its rounding (:func:`float16_keeps`: overflow or underflow)."""
   if float16 and not ternary and array.dtype.name in ("float32", "float64"):
-    with np.errstate(over="ignore"):
-      half = array.astype(np.float16)
-    if (np.isfinite(half) == np.isfinite(array)).all():
+    if float16_keeps(array):
       return np.dtype(np.float16)
   return array.dtype
 
@@ -259,6 +306,9 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   if array.dtype.name not in DTYPES:
     raise ValueError(f"leaf {path!r}: dtype {array.dtype} is not supported "
                      f"(supported: {', '.join(DTYPES)})")
+  if array.dtype == np.bool_ and (uint_view(contiguous(array)) > 1).any():
+    raise ValueError(f"bool leaf {path!r} holds bytes other than 0 and 1 (a view of another "
+                     f"dtype?), which no reader accepts; store array.astype(bool) instead")
   leaf = Leaf(array, array.dtype, entropy)
   leaf.storage = _storage(leaf.array, float16, leaf.ternary is not None)  # before any stream
   streams = _candidates(leaf, codecs)
@@ -278,8 +328,32 @@ def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
   return record, streams[codec]
 
 
+def check_metadata(metadata) -> dict:
+  """User metadata as a dict, refusing the library's own keys.
+
+  Raises:
+    TypeError: ``metadata`` is not a dict (or ``None``).
+    ValueError: it holds a key of :data:`RESERVED_METADATA_KEYS`.
+
+  Example:
+    >>> from ec2t_jax._src.export.container import check_metadata  # internal
+    >>> check_metadata({"run": 3})
+    {'run': 3}
+  """
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict):
+    raise TypeError(f"metadata must be a JSON-able dict, got a {type(metadata).__name__}")
+  reserved = [k for k in RESERVED_METADATA_KEYS if k in metadata]
+  if reserved:
+    raise ValueError(f"metadata key {reserved[0]!r} is reserved for the library's own records "
+                     f"(reserved: {', '.join(RESERVED_METADATA_KEYS)}); use another name")
+  return metadata
+
+
 def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
-         codecs=None, metadata: Optional[dict] = None, full_precision=()) -> bytes:
+         codecs=None, metadata: Optional[dict] = None, full_precision=(),
+         library_metadata: Optional[dict] = None) -> bytes:
   """Encodes a parameter tree into the packed format.
 
   Args:
@@ -291,15 +365,24 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
       ``cb``); with False ternary leaves use the paper's bitmasks.
     codecs: optional set restricting the codecs (``raw`` always needed as a
       fallback for leaves no other codec applies to).
-    metadata: JSON-able dict stored in the header under ``meta["user"]``.
+    metadata: JSON-able dict stored in the header under ``meta["user"]``
+      (not holding a key of :data:`RESERVED_METADATA_KEYS`).
     full_precision: leaf paths kept in their own dtype even with ``float16``.
+    library_metadata: the library's own keys (:data:`RESERVED_METADATA_KEYS`),
+      stored beside ``metadata``; for the library's writers only.
 
   Returns:
     The file's bytes.
 
   Raises:
-    ValueError: for unsupported leaves (non-numeric, complex, ...).
+    ValueError: for unsupported leaves (non-numeric, complex, ...) or a
+      reserved key in ``metadata``.
   """
+  library_metadata = dict(library_metadata or {})
+  if set(library_metadata) - set(RESERVED_METADATA_KEYS):
+    raise ValueError(f"library_metadata holds keys that are not reserved: "
+                     f"{sorted(set(library_metadata) - set(RESERVED_METADATA_KEYS))}")
+  metadata = {**library_metadata, **check_metadata(metadata)}
   leaves, structure = trees.flatten(tree)
   leaf_names.check_names([path for path, _ in leaves])
   allowed = None if codecs is None else set(codecs)

@@ -80,7 +80,6 @@ _QUANTUM = 2.0**-24  # constriction's probability resolution
 _ZERO_SYMBOL = {2: 0, 3: 1}  # the "inactive" symbol: mask 0, ternary 0
 
 
-CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 class Layout(NamedTuple):

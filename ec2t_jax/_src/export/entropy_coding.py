@@ -95,7 +95,6 @@ def max_symbols(stream_bytes: int, alphabet: int, floor: float = PROBABILITY_FLO
   return int((8 * stream_bytes + _STATE_BITS) / min_symbol_bits(alphabet, floor))
 
 
-CodingError = ExportFormatError  # the old name of this coder's error (one error type now)
 
 
 class ModelChoice(NamedTuple):
@@ -281,15 +280,8 @@ def _decode_contextual(decoder, encoder, probabilities: np.ndarray, mid: int, wi
 
 
 def decode_symbols(data: bytes, shape, alphabet: int) -> np.ndarray:
-  """Inverse of :func:`encode_symbols`.
-
-  Args:
-    data: the stream.
-    shape: the array's shape.
-    alphabet: ``K`` used when encoding.
-
-  Returns:
-    ``int8`` array of ``shape``.
+  """Inverse of :func:`encode_symbols`: the ``int8`` array of ``shape`` from the
+  stream ``data`` of ``alphabet`` (``K``) symbols.
 
   Raises:
     ExportFormatError: if the stream is malformed or is not exactly

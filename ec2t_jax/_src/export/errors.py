@@ -5,6 +5,5 @@ class ExportFormatError(ValueError):
   """A packed file (or stream) is not valid: wrong magic or version, truncated, corrupted.
 
   Raised, in one line, by the container (:mod:`container`), every record codec
-  (:mod:`record_codecs`) and every symbol coder (:mod:`symbol_coding`); the
-  coders' old ``CodingError`` names are aliases of it.
+  (:mod:`record_codecs`) and every symbol coder (:mod:`symbol_coding`).
   """

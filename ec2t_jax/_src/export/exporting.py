@@ -62,9 +62,12 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
   Args:
     path: output file (conventionally ``*.ec2t``).
     tree: Linen params, ``nnx.State`` / ``to_pure_dict()``, an ``.npz`` dict...
-    float16: store non-ternary float leaves as float16 (lossy).
+    float16: store non-ternary float leaves as float16 (lossy), except a
+      leaf float16 would change beyond its rounding (a value overflows, or
+      values underflow: :func:`container.float16_keeps`), kept in its dtype.
     entropy_coding: allow range coding (else bitmasks for ternary leaves).
-    metadata: JSON-able dict stored in the header.
+    metadata: JSON-able dict stored in the header; the library's own keys
+      (:data:`container.RESERVED_METADATA_KEYS`) are refused.
     full_precision: leaf paths kept in their dtype even with ``float16``.
 
   A leaf stacking ternary layers along its leading axis (``nn.scan`` blocks:
@@ -75,6 +78,11 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
   Returns:
     The written file's :class:`PackedInfo`.
 
+  Raises:
+    ValueError: an unsupported leaf, a reserved metadata key, or a leaf named
+      like a slice of a stacked sibling (``kernel[3]`` beside a stacked
+      ``kernel``), naming it.
+
   Example:
     >>> import numpy as np
     >>> from ec2t_jax.export import save
@@ -82,10 +90,8 @@ def save(path, tree, *, float16: bool = False, entropy_coding: bool = True,
     >>> info.records[0].codec
     'raw'
   """
-  data = encode(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
-                full_precision=full_precision)
-  sources.atomic_write(path, data)
-  return read_info(data)
+  return _save(path, tree, float16=float16, entropy_coding=entropy_coding,
+               metadata=container.check_metadata(metadata), full_precision=full_precision)
 
 
 def encode(tree, *, float16: bool = False, entropy_coding: bool = True,
@@ -103,17 +109,27 @@ def encode(tree, *, float16: bool = False, entropy_coding: bool = True,
     >>> bool((decode(encode({"k": stacked}, float16=True))["k"] == stacked).all())
     True
   """
+  return _encode(tree, float16=float16, entropy_coding=entropy_coding,
+                 metadata=container.check_metadata(metadata), full_precision=full_precision)
+
+
+def _encode(tree, *, float16: bool, entropy_coding: bool, metadata: dict, full_precision=(),
+            library_metadata: Optional[dict] = None) -> bytes:
   full_precision = set(full_precision)
   flat, structure = trees.flatten(tree)
   tree, split = stacking.split_stacked(trees.unflatten([a for _, a in flat], structure),
                                        keep=full_precision)
+  library_metadata = dict(library_metadata or {})
   if split:
-    if metadata and stacking.METADATA_KEY in metadata:
-      raise ValueError(f"metadata key {stacking.METADATA_KEY!r} is reserved for the "
-                       "stacked leaves split into one record per slice")
-    metadata = {**(metadata or {}), stacking.METADATA_KEY: split}
+    library_metadata[stacking.METADATA_KEY] = split
   return pack(tree, float16=float16, entropy_coding=entropy_coding, metadata=metadata,
-              full_precision=full_precision)
+              full_precision=full_precision, library_metadata=library_metadata)
+
+
+def _save(path, tree, **kwargs) -> PackedInfo:
+  data = _encode(tree, **kwargs)
+  sources.atomic_write(path, data)
+  return read_info(data)
 
 
 def _read_packed(path, max_bytes: int) -> bytes:
@@ -144,13 +160,14 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES):
   return _restacked(unpack(data, max_bytes=max_bytes), read_info(data, max_bytes=max_bytes))
 
 
-def _restacked(tree, info, stack=np.stack):
-  user = info.meta.get("user")
-  split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
-  try:
-    return stacking.restack(tree, split, stack) if split else tree
-  except ValueError as e:
-    raise ExportFormatError(f"corrupt file: {e}") from None
+def _restacked(tree, info, **kwargs):
+  return stacking.restack_file(tree, info.meta, **kwargs)
+
+
+def _ternary_signature(piece):
+  if isinstance(piece, inference.TernaryWeight):
+    return np.asarray(piece.w_p).dtype, np.shape(piece.assignment)
+  return stacking.array_signature(piece)
 
 
 def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
@@ -166,7 +183,8 @@ def load_ternary(path, *, max_bytes: int = DEFAULT_MAX_BYTES):
   for array in arrays:
     weight = inference.as_ternary(array)
     leaves.append(array if weight is None else weight)
-  return _restacked(trees.unflatten(leaves, info.structure), info, stack=list)
+  return _restacked(trees.unflatten(leaves, info.structure), info, stack=list,
+                    signature=_ternary_signature)
 
 
 def _sizes(tree) -> tuple[int, int]:
@@ -193,11 +211,11 @@ def export_file(source, out_path, *, keys: Sequence[str] = ("params",), float16:
     ValueError: if ``out_path`` is ``source`` (after resolving links), before
       anything is written.
   """
+  metadata = container.check_metadata(metadata)
   sources.refuse_overwriting_input(source, out_path)
   loaded = load_tree(source, keys=keys, max_bytes=max_bytes)
-  meta = {"source_kind": loaded.kind, **(metadata or {})}
-  info = save(out_path, loaded.tree, float16=float16, entropy_coding=entropy_coding,
-              metadata=meta)
+  info = _save(out_path, loaded.tree, float16=float16, entropy_coding=entropy_coding,
+               metadata=metadata, library_metadata={"source_kind": loaded.kind})
   raw, f32 = _sizes(loaded.tree)
   return ExportResult(info, loaded.kind, loaded.path, raw, f32)
 
@@ -270,16 +288,17 @@ def export_inference(source, out_path, *, keys: Sequence[str] = ("params", "batc
   Returns:
     An :class:`ExportResult` (sizes are those of the folded tree).
   """
+  metadata = container.check_metadata(metadata)
   sources.refuse_overwriting_input(source, out_path)
   loaded = load_tree(source, keys=keys, max_bytes=max_bytes)
   folded = inference_export.fold_batch_norm(loaded.tree, eps=eps)
   flax_paths = _batch_norm_paths(loaded.tree)
-  meta = {"source_kind": loaded.kind,
-          "inference": {"eps": eps, "batch_norms": flax_paths}, **(metadata or {})}
+  library = {"source_kind": loaded.kind, "inference": {"eps": eps, "batch_norms": flax_paths}}
   affine = [p for p, _ in trees.flatten(folded)[0]
             if p.endswith((".scale", ".shift")) or any(p == f"params/{m}/{leaf}" for m in flax_paths
                                                         for leaf in ("scale", "bias"))]
-  info = save(out_path, folded, float16=True, metadata=meta, full_precision=set(affine))
+  info = _save(out_path, folded, float16=True, entropy_coding=True, metadata=metadata,
+               full_precision=set(affine), library_metadata=library)
   raw, f32 = _sizes(folded)
   return ExportResult(info, loaded.kind, loaded.path, raw, f32)
 

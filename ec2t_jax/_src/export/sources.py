@@ -65,18 +65,23 @@ def _find_orbax_item(path: Path) -> tuple[Path, bool]:
     return path, False
   children = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
   items = [p for p in children if _is_orbax_item(p)]
+  if items:
+    return _pick_item(path, items)
+  steps = [p for p in children if p.name.isdigit()]
+  if steps:  # a CheckpointManager root: take the latest step
+    return _find_orbax_item(max(steps, key=lambda p: int(p.name)))
+  raise ValueError(f"{path}: not an orbax checkpoint directory (no _METADATA file found)")
+
+
+def _pick_item(path: Path, items: list[Path]) -> tuple[Path, bool]:
+  """The ``params`` item, else the only one."""
   for item in items:
     if item.name == "params":
       return item, True
   if len(items) == 1:
     return items[0], False
-  steps = [p for p in children if p.name.isdigit()]
-  if steps and not items:  # a CheckpointManager root: take the latest step
-    return _find_orbax_item(max(steps, key=lambda p: int(p.name)))
-  if items:
-    names = ", ".join(p.name for p in items)
-    raise ValueError(f"{path}: several checkpoint items ({names}) and none is named 'params'")
-  raise ValueError(f"{path}: not an orbax checkpoint directory (no _METADATA file found)")
+  names = ", ".join(p.name for p in items)
+  raise ValueError(f"{path}: several checkpoint items ({names}) and none is named 'params'")
 
 
 def _restore_orbax(path: Path, keys: Sequence[str]):
@@ -188,14 +193,8 @@ def load_tree(path, *, keys: Sequence[str] = ("params",),
   data = read_bounded(path, max_bytes)
   if data.startswith(container.MAGIC[:4]):
     info, arrays = container.unpack_leaves(data, max_bytes=max_bytes)
-    tree = trees.unflatten(arrays, info.structure)
-    user = info.meta.get("user")
-    split = user.get(stacking.METADATA_KEY) if isinstance(user, dict) else None
-    if split:
-      try:
-        tree = stacking.restack(tree, split)
-      except ValueError as e:
-        raise errors.ExportFormatError(f"{path}: corrupt file: {e}") from None
+    tree = stacking.restack_file(trees.unflatten(arrays, info.structure), info.meta,
+                                 where=f"{path}: corrupt file")
     return LoadedTree(tree, "packed", str(path), info)
   if zipfile.is_zipfile(io.BytesIO(data)):
     try:

@@ -14,6 +14,16 @@ A leaf is split when it has at least 3 axes and more than three distinct
 values while every slice along axis 0 has at most three (applied again to the
 slices for stacks of stacks).
 
+Names. The slice names cannot meet a real leaf's name: :func:`split_stacked`
+refuses a tree where a leaf to split, ``kernel``, has a sibling whose name
+starts with ``kernel[`` (a real leaf ``kernel[3]`` would otherwise be
+overwritten by a slice, or stacked back into ``kernel`` on load), and
+:func:`restack` (``ValueError``) / :func:`restack_file` (``ExportFormatError``)
+refuse a file whose record does not match its tree exactly: the record is not a list of ``[keys, depth]``, the
+stacked name is also a leaf, the slice names are not exactly ``key[i]`` (or
+``key[i,j]``) for every index of one stack shape, or the slices are not arrays
+of one dtype and one shape (``np.stack`` would promote them silently).
+
 Example:
   >>> import numpy as np
   >>> from ec2t_jax._src.export.stacking import split_stacked, restack  # internal
@@ -28,12 +38,18 @@ Example:
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ec2t_jax._src.export.errors import ExportFormatError
+
 METADATA_KEY = "ec2t_stacked_leaves"
+MAX_STACK_NDIM = 32  # a record's depth (the container's MAX_NDIM)
+_INDEX = re.compile(r"\[(0|[1-9][0-9]*)((?:,(?:0|[1-9][0-9]*))*)\]")
 
 
 def _distinct_at_most(array: np.ndarray, k: int) -> bool:
@@ -70,6 +86,10 @@ def split_stacked(tree, keep=()) -> tuple[Any, list]:
     ``(tree, split)``: the tree with ``key`` replaced by ``key[i]`` (or
     ``key[i,j]``) in its parent dict, and ``[[path_keys, depth], ...]`` (JSON)
     for :func:`restack`.
+
+  Raises:
+    ValueError: a leaf to split has a sibling named ``key[...]`` (the slices'
+      names), naming both.
   """
   split: list = []
 
@@ -81,6 +101,7 @@ def split_stacked(tree, keep=()) -> tuple[Any, list]:
         depth = (_slices(child) if isinstance(child, np.ndarray) and path not in keep
                  else 0)
         if depth and isinstance(key, str):
+          _refuse_slice_names(node, key, path)
           for suffix, index in _suffixes(child.shape[:depth]):
             out[key + suffix] = child[index]
           split.append([list(prefix) + [key], depth])
@@ -94,7 +115,44 @@ def split_stacked(tree, keep=()) -> tuple[Any, list]:
   return walk(tree, ()), split
 
 
-def restack(tree, split, stack=np.stack):
+def _refuse_slice_names(parent: Mapping, key: str, path: str) -> None:
+  clash = [k for k in parent if isinstance(k, str) and k != key and k.startswith(key + "[")]
+  if clash:
+    where = path[:-len(key)]
+    raise ValueError(
+        f"leaf {where + clash[0]!r:.120} has the name the export gives a slice of the stacked "
+        f"leaf {path!r:.120} (stored as {key}[0], {key}[1], ...); rename that leaf or "
+        f"keep {path!r:.120} whole with full_precision")
+
+
+def array_signature(piece) -> Optional[tuple]:
+  """``(dtype, shape)`` of a numpy array that may be stacked, else ``None``."""
+  if isinstance(piece, np.ndarray) and piece.dtype != object:
+    return piece.dtype, piece.shape
+  return None
+
+
+def _index(name: str, key: str) -> Optional[tuple[int, ...]]:
+  match = _INDEX.fullmatch(name, len(key)) if name.startswith(key) else None
+  if match is None:
+    return None
+  return (int(match.group(1)),) + tuple(int(i) for i in match.group(2).split(",")[1:])
+
+
+def _entry(entry) -> tuple[list, str, int]:
+  """``(parent keys, key, depth)`` of one record entry, its types checked."""
+  if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+          and entry[0] and isinstance(entry[0][-1], str)):
+    raise ValueError("not [[keys..., name], depth]")
+  keys, depth = entry
+  if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys):
+    raise ValueError("a key is neither a string nor an integer")
+  if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_STACK_NDIM:
+    raise ValueError(f"depth {depth!r} is not an integer in [1, {MAX_STACK_NDIM}]")
+  return keys[:-1], keys[-1], depth
+
+
+def restack(tree, split, stack=np.stack, signature: Callable = array_signature):
   """Inverse of :func:`split_stacked`: stacks ``key[i]`` back into ``key``.
 
   Args:
@@ -102,34 +160,83 @@ def restack(tree, split, stack=np.stack):
     split: :func:`split_stacked`'s record (from the file's metadata).
     stack: how slices become one leaf (``np.stack``; :func:`load_ternary`
       keeps them as a list).
+    signature: ``piece -> (dtype, shape)`` or ``None`` for a piece that may
+      not be stacked (default: numpy arrays of a non-object dtype).
 
   Raises:
-    ValueError: ``split`` does not match the tree (a corrupt file).
+    ValueError: ``split`` does not match the tree (a corrupt file; see the
+      module docstring).
   """
-  for entry in split or ():
+  if not isinstance(split, list):
+    raise ValueError(f"stacked-leaf record {split!r:.120} is a {type(split).__name__}, "
+                     "not a list")
+  for entry in split:
     try:
-      keys, depth = entry
-      *parents, key = keys
-      parent = tree
-      for k in parents:
-        parent = parent[k]
-      slices = [k for k in parent if isinstance(k, str) and k.startswith(key + "[")]
-      shape = tuple(max(int(i) for i in names) + 1 for names in
-                    zip(*(k[len(key) + 1:-1].split(",") for k in slices)))
-      if len(shape) != depth or len(slices) != int(np.prod(shape)):
-        raise ValueError(f"{len(slices)} slices, stack shape {shape}")
-      items = list(parent.items())
-      first = next(i for i, (k, _) in enumerate(items) if k in slices)
-      pieces = [parent[key + suffix] for suffix, _ in _suffixes(shape)]
-      value = _stack_nested(pieces, shape, stack)
-      rebuilt = [(k, v) for k, v in items[:first] if k not in slices] + [(key, value)]
-      rebuilt += [(k, v) for k, v in items[first:] if k not in slices]
-      parent.clear()
-      parent.update(rebuilt)
+      _restack_one(tree, entry, stack, signature)
     except (KeyError, TypeError, ValueError, IndexError) as e:
       raise ValueError(f"stacked-leaf record {entry!r:.120} does not match the tree "
                        f"({type(e).__name__}: {e})") from None
   return tree
+
+
+def _restack_one(tree, entry, stack, signature) -> None:
+  """Stacks the slices of one :func:`split_stacked` record back into their leaf, in place."""
+  parents, key, depth = _entry(entry)
+  parent = tree
+  for k in parents:
+    parent = parent[k]
+  if not isinstance(parent, dict):
+    raise ValueError(f"the parent is a {type(parent).__name__}, not a dict")
+  if key in parent:
+    raise ValueError(f"the stacked name {key!r} is also a leaf")
+  slices = {k: _index(k, key) for k in parent if isinstance(k, str) and k.startswith(key + "[")}
+  if not slices or None in slices.values() or {len(i) for i in slices.values()} != {depth}:
+    raise ValueError(f"slice names {sorted(slices)[:4]!r:.120} are not {key}[i] "
+                     f"with {depth} index(es)")
+  shape = tuple(max(i[a] for i in slices.values()) + 1 for a in range(depth))
+  if len(slices) != math.prod(shape):  # Python ints: no overflow
+    raise ValueError(f"{len(slices)} slices, stack shape {shape}")
+  pieces = [parent[key + suffix] for suffix, _ in _suffixes(shape)]
+  _check_slices(pieces, signature)
+  _replace_slices(parent, slices, key, _stack_nested(pieces, shape, stack))
+
+
+def _check_slices(pieces: list, signature: Callable) -> None:
+  """Raises ``ValueError`` unless every slice is an array of one dtype and shape."""
+  signatures = {signature(p) for p in pieces}
+  if None in signatures:
+    kinds = sorted({type(p).__name__ for p in pieces if signature(p) is None})
+    raise ValueError(f"a slice is not an array ({', '.join(kinds)})")
+  if len(signatures) > 1:
+    raise ValueError("slices of different dtypes or shapes: "
+                     + ", ".join(sorted(f"{d}{list(s)}" for d, s in signatures))[:120])
+
+
+def _replace_slices(parent: dict, slices, key, value) -> None:
+  """``parent`` with ``slices`` replaced by ``key: value`` where the first slice was."""
+  items = list(parent.items())
+  first = next(i for i, (k, _) in enumerate(items) if k in slices)
+  rebuilt = [(k, v) for k, v in items[:first] if k not in slices] + [(key, value)]
+  rebuilt += [(k, v) for k, v in items[first:] if k not in slices]
+  parent.clear()
+  parent.update(rebuilt)
+
+
+def restack_file(tree, meta: Mapping, stack=np.stack, signature: Callable = array_signature,
+                 where: str = "corrupt file"):
+  """:func:`restack` with the record of a file's ``meta`` (none: ``tree`` as it is).
+
+  Raises:
+    ExportFormatError: the record does not match the tree (``where``: the
+      message's prefix).
+  """
+  user = meta.get("user") if isinstance(meta, Mapping) else None
+  if not isinstance(user, Mapping) or METADATA_KEY not in user:
+    return tree
+  try:
+    return restack(tree, user[METADATA_KEY], stack, signature)
+  except ValueError as e:
+    raise ExportFormatError(f"{where}: {e}") from None
 
 
 def _stack_nested(pieces: list, shape: tuple, stack):

@@ -107,21 +107,10 @@ def quantize_activations_int8(x, epsilon=EPSILON) -> jax.Array:
 # The transformation: BitNet's per-leaf state and step on the shared core.
 
 
-class BitNetLeaf(NamedTuple):
-  """State of one BitNet leaf.
-
-  Attributes:
-    latent: latent full-precision weights ``W`` (float32).
-    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
-    scale: ``g``, the float32 absmean of ``W``.
-  """
-  latent: jax.Array
-  assignment: jax.Array
-  scale: jax.Array
-
-  def value(self, dtype) -> jax.Array:
-    """``g * T`` with ``g`` snapped to the grid (exact landing)."""
-    return core.scaled_assignment(self.scale, self.assignment, dtype)
+class BitNetLeaf(ternary_ops.ScaledTernaryLeaf):
+  """State of one BitNet leaf: ``latent``, ``assignment`` and ``scale`` ``g``, the
+  float32 absmean of ``W`` (value ``g * T``)."""
+  __slots__ = ()
 
   def describe(self) -> dict:
     return {"method": "BitNet", "mode": "ternary", "scale": self.scale}
@@ -190,12 +179,12 @@ def bitnet(epsilon=EPSILON, *, selection: selection_lib.SelectionLike = None):
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import bitnet, ternary_params
+    >>> from ec2t_jax import bitnet, quantized_params
     >>> from ec2t_jax.models import small_cnn_example
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adamw(1e-3), bitnet())
     >>> opt_state = tx.init(params)
-    >>> params = ternary_params(params, opt_state)
+    >>> params = quantized_params(params, opt_state)
   """
   return quantizer(epsilon, selection=selection).transform()
 
@@ -208,7 +197,7 @@ def quantizer(epsilon=EPSILON, *,
 
 registry.register_method(registry.MethodSpec(
     name="bitnet", kind="train", quantizer=quantizer, transform=bitnet,
-    knobs={"epsilon": registry.Knob(EPSILON, core.Range(0.0, low_open=True), (1e-5,),
+    knobs={"epsilon": registry.Knob(core.Range(0.0, low_open=True), (1e-5,),
                                     traced=True, doc="lower bound of the absmean scale g")},
     grid=lambda options: grids.ternary_grid(),
     description="BitNet b1.58: absmean ternary weights, straight-through (Ma et al. 2024)"))

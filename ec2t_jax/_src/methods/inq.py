@@ -347,12 +347,12 @@ def inq(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import inq, ternary_params
+    >>> from ec2t_jax import inq, quantized_params
     >>> from ec2t_jax.models import small_cnn_example
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), inq(bits=5, steps_per_stage=500))
     >>> opt_state = tx.init(params)
-    >>> params = ternary_params(params, opt_state)  # first portion on the codebook
+    >>> params = quantized_params(params, opt_state)  # first portion on the codebook
   """
   return quantizer(bits, portions, steps_per_stage=steps_per_stage,
                    selection=selection).transform()
@@ -381,12 +381,13 @@ def quantizer(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
                         InqHyper(steps_per_stage), HYPER_RANGES, selection)
 
 
-def _staged_knobs(bits: int, portions) -> dict:
-  return {"bits": registry.Knob(bits, core.Range(MIN_BITS, MAX_BITS), (2, 3, 5),
+def staged_knobs(portions_sweep, bits_sweep=(2, 3, 5)) -> dict:
+  """The knobs of a staged method: ``bits``, ``portions``, ``steps_per_stage``."""
+  return {"bits": registry.Knob(core.Range(MIN_BITS, MAX_BITS), tuple(bits_sweep),
                                 doc="bit width (2 = ternary)"),
-          "portions": registry.Knob(tuple(portions), None, (tuple(portions), (0.5, 1.0)),
+          "portions": registry.Knob(None, tuple(portions_sweep),
                                     doc="accumulated portions, ending at 1"),
-          "steps_per_stage": registry.Knob(0, core.Range(0.0), (0, 100), traced=True,
+          "steps_per_stage": registry.Knob(core.Range(0.0), (0, 100), traced=True,
                                            doc="advance a stage every this many updates")}
 
 
@@ -399,6 +400,6 @@ def power_of_two_grid(options) -> grids.Grid:
 
 registry.register_method(registry.MethodSpec(
     name="inq", kind="staged", quantizer=quantizer, transform=inq,
-    knobs=_staged_knobs(5, OFFICIAL_PORTIONS), grid=power_of_two_grid,
+    knobs=staged_knobs((OFFICIAL_PORTIONS, (0.5, 0.75, 0.875, 1.0))), grid=power_of_two_grid,
     last_phase=lambda o, layers: len(o["portions"]) - 1,
     description="Incremental Network Quantization (Zhou et al. 2017)"))

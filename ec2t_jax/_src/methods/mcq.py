@@ -248,10 +248,10 @@ def mcq(params, samples_per_weight: float = 1.0, *, key: jax.Array, per_neuron: 
 
 registry.register_method(registry.MethodSpec(
     name="mcq", kind="one_shot", quantizer=quantizer, one_shot=mcq, inputs=("key",),
-    knobs={"samples_per_weight": registry.Knob(1.0, core.Range(0.0, low_open=True),
-                                               (0.5, 1.0, 2.0, 4.0), traced=True,
+    knobs={"samples_per_weight": registry.Knob(core.Range(0.0, low_open=True),
+                                               (0.25, 0.5, 1.0, 2.0), traced=True,
                                                doc="K: samples per weight"),
-           "per_neuron": registry.Knob(False, (True, False), (False, True),
+           "per_neuron": registry.Knob((True, False), (False, True),
                                        doc="one scale per output neuron")},
     grid=lambda o: grids.Grid(None, per_filter=o["per_neuron"],
                               leaf_checks=(grids.integer_multiples(o["per_neuron"]),),

@@ -490,7 +490,7 @@ def paretoq(bits=TERNARY, *, layerwise: bool = False, init_scale: float = 1.0,
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adamw(1e-3, weight_decay=0.0), ec2t.paretoq())
     >>> opt_state = tx.init(params)
-    >>> params = ec2t.ternary_params(params, opt_state)
+    >>> params = ec2t.quantized_params(params, opt_state)
     >>> ec2t.summary(opt_state).layers[0].mode
     'ternary'
   """
@@ -524,15 +524,15 @@ def grid(bits=TERNARY, layerwise: bool = False) -> grids.Grid:
 
 registry.register_method(registry.MethodSpec(
     name="paretoq", kind="train", quantizer=quantizer, transform=paretoq,
-    knobs={"bits": registry.Knob(TERNARY, BITS, (TERNARY, 2),
+    knobs={"bits": registry.Knob(BITS, (TERNARY, 2),
                                  doc="1.58 (ternary), 2, 3 or 4"),
-           "layerwise": registry.Knob(False, (False, True), (False, True),
+           "layerwise": registry.Knob((False, True), (False, True),
                                       doc="one scale per layer instead of per output channel"),
-           "init_scale": registry.Knob(1.0, core.Range(0.0, low_open=True), (1.0,),
+           "init_scale": registry.Knob(core.Range(0.0, low_open=True), (1.0,),
                                        doc="factor on the official initial scale"),
-           "scale_update": registry.Knob(1.0, core.Range(0.0), (1.0, 3.0, 10.0), traced=True,
+           "scale_update": registry.Knob(core.Range(0.0), (1.0, 3.0, 10.0), traced=True,
                                          doc="k of the scale steps"),
-           "scale_step": registry.Knob("mean", SCALE_STEPS, SCALE_STEPS,
+           "scale_step": registry.Knob(SCALE_STEPS, SCALE_STEPS,
                                        doc="weighted mean of u, or SGD-exact LSQ gradient")},
     grid=lambda o: grid(o["bits"], o["layerwise"]),
     description="ParetoQ: stretched elastic / LSQ quantizers, learnable scales "

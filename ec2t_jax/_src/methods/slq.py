@@ -576,24 +576,22 @@ def _levels_grid(count: int, levels: str) -> grids.Grid:
   return grids.Grid(count, leaf_checks=checks, ternary=count == 3)
 
 
-_ITERATIONS = registry.Knob(30, core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
-_SLQ_ITERATIONS = registry.Knob(None, core.Range(1.0), (None,),
+_ITERATIONS = registry.Knob(core.Range(1.0), (30,), doc="Lloyd iterations of k-means")
+_SLQ_ITERATIONS = registry.Knob(core.Range(1.0), (None,),
                                 doc="Lloyd iterations (None: 10 official, 30 quantile)")
-_LEVELS = registry.Knob("float", LEVELS, ("float",),
+_LEVELS = registry.Knob(LEVELS, ("float",),
                         doc="float centroids (official code) or power_of_two")
-_RECLUSTER = registry.Knob(True, (True, False), (True,),
+_RECLUSTER = registry.Knob((True, False), (True,),
                            doc="re-cluster the unlocked levels at each stage")
 registry.register_method(registry.MethodSpec(
     name="slq", kind="staged", quantizer=slq_quantizer, transform=slq,
-    knobs={**inq._staged_knobs(5, (0.5, 0.75, 0.875, 1.0)),  # pylint: disable=protected-access
-           "portions": registry.Knob(None, None, (None,),
-                                     doc="freeze_order='loss': accumulated portions"),
+    knobs={**inq.staged_knobs((None, (0.5, 0.75, 0.875, 1.0)), (2, 3, 4)),
            "kmeans_iterations": _SLQ_ITERATIONS, "levels": _LEVELS, "recluster": _RECLUSTER,
-           "freeze_order": registry.Knob("index", FREEZE_ORDERS, FREEZE_ORDERS,
+           "freeze_order": registry.Knob(FREEZE_ORDERS, FREEZE_ORDERS,
                                          doc="index (official: zero and largest first) or loss"),
-           "init": registry.Knob("official", INITS, INITS,
+           "init": registry.Knob(INITS, INITS,
                                  doc="official (power-of-two start) or quantile k-means"),
-           "cluster_counts": registry.Knob(None, None, (None,),
+           "cluster_counts": registry.Knob(None, (None,),
                                            doc="freeze_order='index': clusters per stage")},
     grid=lambda o: _levels_grid(num_clusters(o["bits"]), o["levels"]),
     last_phase=lambda o, layers: len(stage_table(o["bits"], o["portions"], o["cluster_counts"],
@@ -601,9 +599,9 @@ registry.register_method(registry.MethodSpec(
     description="Single-level quantization (Xu et al. 2018)"))
 registry.register_method(registry.MethodSpec(
     name="mlq", kind="staged", quantizer=mlq_quantizer, transform=mlq,
-    knobs={name: knob for name, knob in inq._staged_knobs(  # pylint: disable=protected-access
-        2, (0.5, 1.0)).items() if name != "bits"} | {"kmeans_iterations": _ITERATIONS,
-                                                     "levels": _LEVELS, "recluster": _RECLUSTER},
+    knobs={name: knob for name, knob in inq.staged_knobs(((0.5, 1.0), (0.5, 1.0))).items()
+           if name != "bits"} | {"kmeans_iterations": _ITERATIONS, "levels": _LEVELS,
+                                 "recluster": _RECLUSTER},
     grid=lambda o: _levels_grid(3, o["levels"]),
     last_phase=lambda o, layers: layers + len(o["portions"]) - 2,
     description="Multiple-level quantization to ternary (Xu et al. 2018)"))

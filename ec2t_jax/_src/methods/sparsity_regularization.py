@@ -235,8 +235,15 @@ def quantizer(factor=twn.LAYER_FACTOR, *,
 
 registry.register_method(registry.MethodSpec(
     name="faraone", kind="train", quantizer=quantizer, transform=quantization_pruning,
-    knobs={"factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
+    knobs={"factor": registry.Knob(core.Range(0.0, low_open=True),
                                    (0.5, 0.7, 0.9), traced=True,
                                    doc="pruning threshold Delta = factor mean|W|")},
     grid=lambda o: grids.ternary_grid(), last_phase=lambda o, layers: 1,
-    description="Faraone et al.: phase 0 regularised full precision, phase 1 pruned ternary"))
+    description="Faraone et al.: phase 0 regularised full precision, phase 1 pruned ternary",
+    regularizer=sparsity_regularizer,
+    regularizer_knobs={
+        "strength": registry.Knob(core.Range(0.0), (0.3, 1.0, 3.0, 10.0, 30.0),
+                                  doc="lambda_q, weight of the summed layer densities"),
+        "l2": registry.Knob(core.Range(0.0), (0.0,), doc="lambda_2 of the L2 term"),
+        "temperature": registry.Knob(core.Range(0.0, low_open=True), (0.25,),
+                                     doc="width of the density's sigmoid, relative to Delta")}))

@@ -1,7 +1,8 @@
 """Pure functions of Soft Threshold Ternary Networks (Xu et al., IJCAI 2020).
 
 STTN trains two binary latent kernels per layer and one shared scale per
-output filter (output filters on the last axis, ``n`` elements per filter):
+output filter (output filters on the leaf's ``LeafContext.output_axis``, the
+last axis by default; ``n`` elements per filter):
 
 .. math:: \\alpha = \\frac{\\|W_1\\|_1 + \\|W_2\\|_1}{2n}, \\quad
    B_j = \\alpha \\, \\mathrm{sgn}(W_j), \\quad T = B_1 + B_2 \\in \\{-2\\alpha, 0, 2\\alpha\\}
@@ -67,18 +68,15 @@ def _sgn(x) -> jax.Array:
   return jnp.where(x >= 0, 1.0, -1.0)
 
 
-def _filter_size(w, per_filter: bool) -> int:
-  return w.size // w.shape[-1] if per_filter and w.ndim else max(w.size, 1)
-
-
-def sttn_scale(w1, w2, *, per_filter: bool = True) -> jax.Array:
+def sttn_scale(w1, w2, *, per_filter: bool = True, axis: int = -1) -> jax.Array:
   """The shared scale ``alpha = (||W1||_1 + ||W2||_1) / (2n)``.
 
   Args:
     w1: first latent kernel.
     w2: second latent kernel (same shape).
-    per_filter: one ``alpha`` per output filter (last axis, kept for
-      broadcasting; the paper) or one for the whole kernel.
+    per_filter: one ``alpha`` per output filter (kept for broadcasting; the
+      paper) or one for the whole kernel.
+    axis: the output-filter axis (default: the last).
 
   Example:
     >>> import jax.numpy as jnp
@@ -88,11 +86,12 @@ def sttn_scale(w1, w2, *, per_filter: bool = True) -> jax.Array:
     Array(0.325, dtype=float32)
   """
   w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
-  return 0.5 * (ternary_ops.reduce_mean(jnp.abs(w1), per_filter)
-                + ternary_ops.reduce_mean(jnp.abs(w2), per_filter))
+  return 0.5 * (ternary_ops.reduce_mean(jnp.abs(w1), per_filter, axis)
+                + ternary_ops.reduce_mean(jnp.abs(w2), per_filter, axis))
 
 
-def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
+def sttn_ternarize(w1, w2, *, per_filter: bool = True,
+                   axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """The ternary kernel ``T = B1 + B2`` as ``(assignment, alpha)``.
 
   Returns:
@@ -109,20 +108,20 @@ def sttn_ternarize(w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.A
   """
   w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
   assignment = (0.5 * (_sgn(w1) + _sgn(w2))).astype(jnp.int8)
-  return assignment, sttn_scale(w1, w2, per_filter=per_filter)
+  return assignment, sttn_scale(w1, w2, per_filter=per_filter, axis=axis)
 
 
 OFFICIAL_STE_CLIP = 1.96
 GRADIENTS = ("official", "exact")
 
 
-def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True
+def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True, axis: int = -1
                             ) -> tuple[jax.Array, jax.Array]:
   """The official ``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (``gradient="official"``).
 
   Per binary kernel ``W_j`` on its own (``updateBinaryGradWeight`` of
   ``WeixiangXu/STTN``): ``[|W_j| <= 1.96] g + sign(W_j) * sum_f(sign(W_j) g) / n``,
-  ``n`` the elements of one filter, ``sign(0) = 0``. Linear in ``grad``, so it
+  ``n`` the elements of one filter (output filters on ``axis``), ``sign(0) = 0``. Linear in ``grad``, so it
   is also the latent step for an optimizer's proposed change of ``T``.
 
   Example:
@@ -134,8 +133,8 @@ def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True
     (Array([0.1, 0.1], dtype=float32), Array([0.2, 0.2], dtype=float32))
   """
   g = ternary_ops.f32(grad)
-  axes = ternary_ops.filter_axes(g.ndim, per_filter)
-  n = _filter_size(g, per_filter)
+  axes = ternary_ops.filter_axes(g.ndim, per_filter, axis)
+  n = ternary_ops.filter_size(g, per_filter, axis)
 
   def step(w):
     w = ternary_ops.f32(w)
@@ -145,22 +144,23 @@ def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True
   return step(w1), step(w2)
 
 
-def sttn_gradients(grad, w1, w2, *, per_filter: bool = True) -> tuple[jax.Array, jax.Array]:
+def sttn_gradients(grad, w1, w2, *, per_filter: bool = True,
+                   axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (formula in the module docstring).
 
   Linear in ``grad``, so it also maps an optimizer's proposed change of ``T``
   to the change of the latent kernels.
   """
   g, w1, w2 = ternary_ops.f32(grad), ternary_ops.f32(w1), ternary_ops.f32(w2)
-  alpha = sttn_scale(w1, w2, per_filter=per_filter)
-  axes = ternary_ops.filter_axes(g.ndim, per_filter)
+  alpha = sttn_scale(w1, w2, per_filter=per_filter, axis=axis)
+  axes = ternary_ops.filter_axes(g.ndim, per_filter, axis)
   scale_term = jnp.sum(g * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
-      2.0 * _filter_size(g, per_filter))
+      2.0 * ternary_ops.filter_size(g, per_filter, axis))
   step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 
 
-def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True
+def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True, axis: int = -1
                       ) -> tuple[jax.Array, jax.Array]:
   """The latent steps for an already normalised update ``u`` (``latent_step="update"``).
 
@@ -178,9 +178,9 @@ def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True
     (Array([0.15, 0.05], dtype=float32), Array([0.15, 0.05], dtype=float32))
   """
   u, w1, w2 = ternary_ops.f32(update), ternary_ops.f32(w1), ternary_ops.f32(w2)
-  axes = ternary_ops.filter_axes(u.ndim, per_filter)
+  axes = ternary_ops.filter_axes(u.ndim, per_filter, axis)
   scale_term = jnp.sum(u * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
-      2.0 * _filter_size(u, per_filter))
+      2.0 * ternary_ops.filter_size(u, per_filter, axis))
   step = lambda w: (jnp.abs(w) <= 1.0) * u + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 
@@ -251,12 +251,15 @@ class STTNLeaf(NamedTuple):
       ``[-1, 1]``).
     latent2: the second one's, ``W2``.
     assignment: ``int8`` ``(sgn W1 + sgn W2) / 2`` in ``{-1, 0, 1}``.
-    scale: ``alpha`` per output filter (shape ``(1, ..., 1, out)``).
+    scale: ``alpha`` per output filter (shape ``(1, ..., 1, out)``, the
+      size-``out`` axis being the leaf's ``LeafContext.output_axis``).
   """
   latent: jax.Array
   latent2: jax.Array
   assignment: jax.Array
   scale: jax.Array
+  # Both kernels are latent weights: a decoupled weight decay shrinks both.
+  latent_fields = ("latent", "latent2")
 
   def value(self, dtype) -> jax.Array:
     """``T = B1 + B2 = 2 alpha * assignment``; each filter snapped on its own grid."""
@@ -295,18 +298,18 @@ def method(per_filter: bool = True, latent_step: str = "update",
   else:
     steps_of = sttn_latent_steps if latent_step == "update" else sttn_gradients
 
-  def leaf_from(w1, w2) -> STTNLeaf:
-    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter))
+  def leaf_from(w1, w2, axis) -> STTNLeaf:
+    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter, axis=axis))
 
   def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
-    del ctx
-    return leaf_from(*sttn_init(param, hyper.init_factor))
+    return leaf_from(*sttn_init(param, hyper.init_factor), ctx.output_axis)
 
   def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
-    del ctx, hyper, phase  # one phase
-    step1, step2 = steps_of(update, leaf.latent, leaf.latent2, per_filter=per_filter)
+    del hyper, phase  # one phase
+    step1, step2 = steps_of(update, leaf.latent, leaf.latent2, per_filter=per_filter,
+                            axis=ctx.output_axis)
     return leaf_from(jnp.clip(leaf.latent + step1, -1.0, 1.0),
-                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0))
+                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0), ctx.output_axis)
 
   return core.Method("sttn", init_leaf, step_leaf)
 
@@ -360,13 +363,14 @@ def quantizer(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,
 
 registry.register_method(registry.MethodSpec(
     name="sttn", kind="train", quantizer=quantizer, transform=sttn,
-    knobs={"init_factor": registry.Knob(twn.LAYER_FACTOR, core.Range(0.0, low_open=True),
-                                        (0.5, 0.7, 0.9), traced=True,
-                                        doc="initial threshold factor c"),
-           "per_filter": registry.Knob(True, (True, False), (True,),
+    knobs={"init_factor": registry.Knob(core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.5),
+                                        traced=True, doc="initial threshold factor c"),
+           "per_filter": registry.Knob((True, False), (True,),
                                        doc="one alpha per output filter"),
-           "gradient": registry.Knob("official", GRADIENTS, ("official", "exact"),
+           "latent_step": registry.Knob(LATENT_STEPS,
+                                        doc="gradient='exact': steps not shrunk by alpha, or "
+                                            "the gradient map"),
+           "gradient": registry.Knob(GRADIENTS, ("official", "exact"),
                                      doc="official (own-sign scale term) or exact")},
     grid=lambda o: grids.ternary_grid(per_filter=o["per_filter"], symmetric_filters=True),
     description="Soft Threshold Ternary Networks (Xu et al. 2020)"))
-

@@ -276,19 +276,17 @@ def quantizer(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float]
 
 registry.register_method(registry.MethodSpec(
     name="ttq", kind="train", quantizer=quantizer, transform=ttq,
-    knobs={"threshold": registry.Knob(DEFAULT_THRESHOLD, core.Range(0.0, 1.0), (0.02, 0.05, 0.1),
-                                      traced=True, doc="Delta = threshold max|W|"),
-           "sparsity": registry.Knob(None, core.Range(0.0, 1.0), (0.5, 0.8),
+    knobs={"threshold": registry.Knob(core.Range(0.0, 1.0), (0.02, 0.05, 0.1), traced=True,
+                                      doc="Delta = threshold max|W|"),
+           "sparsity": registry.Knob(core.Range(0.0, 1.0), (0.5, 0.7, 0.8, 0.9),
                                      doc="fixed fraction of zeros (replaces threshold)"),
-           "init_scale": registry.Knob(OFFICIAL_INIT_SCALE, core.Range(0.0, low_open=True),
-                                       (None, 1.0),
+           "init_scale": registry.Knob(core.Range(0.0, low_open=True), (None, 1.0),
                                        doc="initial W_p = W_n (1.0: official); None: fit"),
-           "scale_update": registry.Knob(1.0, core.Range(0.0), (0.1, 1.0), traced=True,
+           "scale_update": registry.Knob(core.Range(0.0), (0.1, 1.0), traced=True,
                                          doc="k of the scale steps"),
-           "latent_step": registry.Knob("gradient", LATENT_STEPS, LATENT_STEPS,
+           "latent_step": registry.Knob(LATENT_STEPS, LATENT_STEPS,
                                         doc="gradient (official scaled STE) or update"),
-           "scale_step": registry.Knob("sum", SCALE_STEPS, SCALE_STEPS,
+           "scale_step": registry.Knob(SCALE_STEPS, SCALE_STEPS,
                                        doc="sum (official) or mean of u per cluster")},
     grid=lambda o: grids.ternary_grid(),
     description="Trained Ternary Quantization (Zhu et al. 2017)"))
-

@@ -34,7 +34,8 @@ LAYER_FACTOR = 0.7
 FILTER_FACTOR = 0.75
 
 
-def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> jax.Array:
+def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False,
+                  axis: int = -1) -> jax.Array:
   """TWN's rule-of-thumb threshold ``Delta = factor * mean|W|``.
 
   Args:
@@ -42,6 +43,7 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
     factor: the multiplier, ``> 0`` (0.7 per layer, 0.75 per filter in TWN).
     per_filter: one threshold per output filter (shape ``(1, ..., 1, out)``)
       instead of one scalar per layer.
+    axis: the output-filter axis (default: the last).
 
   Returns:
     float32 threshold(s), broadcastable against ``weights``.
@@ -54,13 +56,14 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False) -> 
   """
   ternary_ops.check_range("factor", factor, 0.0, low_open=True)
   w = ternary_ops.f32(weights)
-  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter)
+  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter, axis)
 
 
-def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
+def twn_scale(weights, assignment, *, per_filter: bool = False, axis: int = -1) -> jax.Array:
   """The least-squares scale ``alpha``: mean ``|W|`` over the non-zero assignment.
 
-  Zero where nothing is kept (an all-zero layer or filter).
+  Zero where nothing is kept (an all-zero layer or filter). ``axis``: the
+  output-filter axis of ``per_filter`` (default: the last).
 
   Example:
     >>> import jax.numpy as jnp
@@ -70,7 +73,7 @@ def twn_scale(weights, assignment, *, per_filter: bool = False) -> jax.Array:
     Array(0.6, dtype=float32)
   """
   w = ternary_ops.f32(weights)
-  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter)
+  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter, axis)
 
 
 def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
@@ -138,22 +141,10 @@ def twn_optimal_threshold(weights) -> jax.Array:
 # The transformation: TWN's per-leaf state and step on the shared core.
 
 
-class TWNLeaf(NamedTuple):
-  """State of one TWN leaf.
-
-  Attributes:
-    latent: latent full-precision weights ``W`` (float32).
-    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
-    scale: ``alpha``: a float32 scalar, or one per output filter (shape
-      ``(1, ..., 1, out)``).
-  """
-  latent: jax.Array
-  assignment: jax.Array
-  scale: jax.Array
-
-  def value(self, dtype) -> jax.Array:
-    """``alpha * T``; each filter's ``alpha`` snapped on its own grid."""
-    return core.scaled_assignment(self.scale, self.assignment, dtype)
+class TWNLeaf(ternary_ops.ScaledTernaryLeaf):
+  """State of one TWN leaf: ``latent``, ``assignment`` and ``scale`` ``alpha`` (a
+  float32 scalar, or one per output filter), value ``alpha * T``."""
+  __slots__ = ()
 
   def describe(self) -> dict:
     return {"method": "TWN", "mode": "ternary", "scale": self.scale}
@@ -171,24 +162,25 @@ class TWNHyper(NamedTuple):
 _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 
 
-def _ternarize_leaf(latent, factor, per_filter):
-  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter)
+def _ternarize_leaf(latent, factor, per_filter, axis):
+  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter, axis)
   assignment = ternary_ops.threshold_assign(latent, delta)
-  return assignment, twn_scale(latent, assignment, per_filter=per_filter)
+  return assignment, twn_scale(latent, assignment, per_filter=per_filter, axis=axis)
 
 
 def method(per_filter: bool = False) -> core.Method:
   """TWN's :class:`~core.Method`: identity straight-through, re-threshold each step."""
 
   def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
-    del ctx
     latent = ternary_ops.f32(param)
-    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
+                                            ctx.output_axis))
 
   def step_leaf(update, leaf: TWNLeaf, ctx, hyper: TWNHyper, phase) -> TWNLeaf:
-    del ctx, phase  # one phase
+    del phase  # one phase
     latent = leaf.latent + update
-    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter))
+    return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
+                                            ctx.output_axis))
 
   return core.Method("twn", init_leaf, step_leaf)
 
@@ -225,12 +217,12 @@ def twn(threshold: str = "layer", factor=None, *,
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import twn, ternary_params
+    >>> from ec2t_jax import twn, quantized_params
     >>> from ec2t_jax.models import small_cnn_example
     >>> params = small_cnn_example().params  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), twn(threshold="layer"))
     >>> opt_state = tx.init(params)
-    >>> params = ternary_params(params, opt_state)
+    >>> params = quantized_params(params, opt_state)
   """
   return quantizer(threshold, factor, selection=selection, budget=budget,
                    budget_target=budget_target).transform()
@@ -254,18 +246,22 @@ def quantizer(threshold: str = "layer", factor=None, *,
     raise ValueError(f"budget_target={budget_target!r} needs a budget=Budget(...)")
   if factor is None:
     factor = FILTER_FACTOR if per_filter else LAYER_FACTOR
-  knob = None if budget is None else core.budget.Knob(
+  controlled = None if budget is None else core.budget.ControlledHyper(
       "factor", initial=factor, low=1e-3, high=5.0, gain=0.5)
   return core.Quantizer(method(per_filter), TWNHyper(factor), _HYPER_RANGES, selection,
-                        budget=budget, knob=knob, budget_target=budget_target)
+                        budget=budget, controlled=controlled, budget_target=budget_target)
 
 
 registry.register_method(registry.MethodSpec(
     name="twn", kind="train", quantizer=quantizer, transform=twn,
-    knobs={"threshold": registry.Knob("layer", ("layer", "filter"), ("layer", "filter"),
+    knobs={"threshold": registry.Knob(("layer", "filter"), ("layer", "filter"),
                                       doc="one Delta/alpha per layer (0.7) or per filter (0.75)"),
-           "factor": registry.Knob(None, core.Range(0.0, low_open=True), (0.5, 0.7, 0.9),
-                                   traced=True, doc="Delta = factor mean|W|")},
+           "factor": registry.Knob(core.Range(0.0, low_open=True), (0.5, 0.7, 1.0, 1.4),
+                                   traced=True, doc="Delta = factor mean|W|"),
+           "budget": registry.Knob(core.budget.Budget,
+                                   doc="a size target; the controller sets the factor"),
+           "budget_target": registry.Knob(traced=True,
+                                          doc="the budget's target if not its own")},
     grid=lambda o: grids.ternary_grid(per_filter=o["threshold"] == "filter",
                                       symmetric_filters=True),
     description="Ternary Weight Networks (Li et al. 2016)"))

@@ -227,10 +227,8 @@ class _Tracer:
       self._layer(eqn, ins)
     elif name in ("add", "sub", "mul") and self.layers and len(ins) == 2:
       self._after(eqn, ins, residual=name == "add" and ins[0][1] and ins[1][1])
-    elif name == "max" and self.layers and len(ins) == 2:
-      other = [v for v, (_, d) in zip(eqn.invars, ins) if not d]
-      if any(tracing.is_literal(v) and np.all(np.asarray(v.val) == 0) for v in other):
-        self._mark("activation", "relu", eqn)
+    elif name == "max" and self.layers and len(ins) == 2 and _max_with_zero(eqn, ins):
+      self._mark("activation", "relu", eqn)
 
   def _mark(self, key, value, eqn):
     layer = self.layers[-1]
@@ -253,42 +251,61 @@ class _Tracer:
         self.paths[i] for i in sorted(leaves) if len(self.shapes[i]) <= 1)))
 
   def _layer(self, eqn, ins):
-    lhs, rhs = eqn.invars[0], eqn.invars[1]
     rhs_prov, rhs_data = ins[1]
-    leaf = self._weight_leaf(rhs_prov, rhs.aval.shape) if not rhs_data else None
+    rhs_shape = tuple(eqn.invars[1].aval.shape)
+    leaf = self._weight_leaf(rhs_prov, rhs_shape) if not rhs_data else None
     if leaf is None:
       return
-    out_shape = tuple(eqn.outvars[0].aval.shape)
-    rhs_shape = tuple(rhs.aval.shape)
     same_layout = tuple(self.shapes[leaf]) == rhs_shape
     if eqn.primitive.name == "conv_general_dilated":
-      dn = eqn.params["dimension_numbers"]
-      lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-      kernel = tuple(rhs_shape[d] for d in rhs_spec[2:])
-      kernel = (kernel + (1, 1))[:2] if len(kernel) < 2 else kernel[:2]
-      out_hw = tuple(out_shape[d] for d in out_spec[2:])
-      out_hw = (out_hw + (1, 1))[:2] if len(out_hw) < 2 else (out_hw[0], math.prod(out_hw[1:]))
-      groups = int(eqn.params.get("feature_group_count", 1))
-      layer = dict(path=self.paths[leaf], kind="conv",
-                   in_channels=int(lhs.aval.shape[lhs_spec[1]]),
-                   out_channels=int(rhs_shape[rhs_spec[0]]), kernel=tuple(map(int, kernel)),
-                   out_hw=tuple(map(int, out_hw)),
-                   stride=int(eqn.params["window_strides"][0]) if eqn.params["window_strides"] else 1,
-                   in_axis=int(rhs_spec[1]) if same_layout else -1,
-                   out_axis=int(rhs_spec[0]) if same_layout else -1, groups=groups)
+      layer = _conv_layer(eqn, rhs_shape, same_layout)
     else:
-      (_, rc), _ = eqn.params["dimension_numbers"]
-      in_f = math.prod(rhs_shape[d] for d in rc)
-      out_f = math.prod(rhs_shape) // max(in_f, 1)
-      positions = math.prod(out_shape) // max(out_f * self.batch, 1)
-      two_d = same_layout and len(rhs_shape) == 2 and len(rc) == 1
-      layer = dict(path=self.paths[leaf], kind="dense", in_channels=int(in_f),
-                   out_channels=int(out_f), kernel=(1, 1), out_hw=(max(int(positions), 1), 1),
-                   stride=1, in_axis=int(rc[0]) if two_d else -1,
-                   out_axis=int(1 - rc[0]) if two_d else -1, groups=1)
-    layer.update(out_shape=out_shape, bias=False, activation=None, residual_add=False,
-                 folded=())
+      layer = _dense_layer(eqn, rhs_shape, same_layout, self.batch)
+    layer.update(path=self.paths[leaf], out_shape=tuple(eqn.outvars[0].aval.shape), bias=False,
+                 activation=None, residual_add=False, folded=())
     self.layers.append(layer)
+
+
+def _max_with_zero(eqn, ins) -> bool:
+  """Whether a ``max`` takes a literal zero (a ReLU)."""
+  other = [v for v, (_, d) in zip(eqn.invars, ins) if not d]
+  return any(tracing.is_literal(v) and np.all(np.asarray(v.val) == 0) for v in other)
+
+
+def _first_two(sizes: tuple, merge_rest: bool) -> tuple:
+  """Two spatial sizes: padded with 1s, or the first and the product of the rest (or cut)."""
+  if len(sizes) < 2:
+    return (sizes + (1, 1))[:2]
+  return (sizes[0], math.prod(sizes[1:])) if merge_rest else sizes[:2]
+
+
+def _conv_layer(eqn, rhs_shape: tuple, same_layout: bool) -> dict:
+  """A conv's geometry from its ``conv_general_dilated`` equation."""
+  dn = eqn.params["dimension_numbers"]
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  kernel = _first_two(tuple(rhs_shape[d] for d in rhs_spec[2:]), merge_rest=False)
+  out_hw = _first_two(tuple(out_shape[d] for d in out_spec[2:]), merge_rest=True)
+  strides = eqn.params["window_strides"]
+  return dict(kind="conv", in_channels=int(eqn.invars[0].aval.shape[lhs_spec[1]]),
+              out_channels=int(rhs_shape[rhs_spec[0]]), kernel=tuple(map(int, kernel)),
+              out_hw=tuple(map(int, out_hw)), stride=int(strides[0]) if strides else 1,
+              in_axis=int(rhs_spec[1]) if same_layout else -1,
+              out_axis=int(rhs_spec[0]) if same_layout else -1,
+              groups=int(eqn.params.get("feature_group_count", 1)))
+
+
+def _dense_layer(eqn, rhs_shape: tuple, same_layout: bool, batch: int) -> dict:
+  """A dense layer's geometry from its ``dot_general`` equation."""
+  (_, rc), _ = eqn.params["dimension_numbers"]
+  in_f = math.prod(rhs_shape[d] for d in rc)
+  out_f = math.prod(rhs_shape) // max(in_f, 1)
+  positions = math.prod(eqn.outvars[0].aval.shape) // max(out_f * batch, 1)
+  two_d = same_layout and len(rhs_shape) == 2 and len(rc) == 1
+  return dict(kind="dense", in_channels=int(in_f), out_channels=int(out_f), kernel=(1, 1),
+              out_hw=(max(int(positions), 1), 1), stride=1,
+              in_axis=int(rc[0]) if two_d else -1, out_axis=int(1 - rc[0]) if two_d else -1,
+              groups=1)
 
 
 def trace_geometry(fn: Callable, params, *inputs, batch_size: Optional[int] = None,

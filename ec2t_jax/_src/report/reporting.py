@@ -106,6 +106,17 @@ def _other_leaves(flat, geo, layers_geo, rules: CountingRules):
   return other, other_numel, notes
 
 
+def _ternary_outside(flat, other, layers_geo):
+  """Ternary leaves the geometry does not describe (a ternarized class token or
+  position embedding): each gets a row of its own (stand-in geometry, no
+  operation counts), so every quantized leaf is shown."""
+  if layers_geo is None:
+    return [], {}
+  statistics = {p: leaf_statistics(flat[p]) for p in other if flat[p].size >= 2}
+  extra = [_leaf_geometry(p, flat[p]) for p, s in statistics.items() if s.ternary]
+  return extra, {g.path: statistics[g.path] for g in extra}
+
+
 def _nonfinite_warning(path: str, stats: LeafStatistics) -> str:
   return (f"layer {path} has {stats.nonfinite:,} non-finite weights (NaN or inf) of "
           f"{stats.numel:,}: not counted as ternary; its sizes and op counts are not meaningful")
@@ -227,10 +238,23 @@ def build_report(source, *, geometry: GeometryLike = "auto",
   scores = accounting.score_layers(flat, geo, rules,
                                    ternary={p: s.ternary for p, s in statistics.items()})
   other, other_numel, other_notes = _other_leaves(flat, geo, layers_geo, rules)
-  scoring = sum(s.scoring_params for s in scores) + other_numel * rules.value_bits / 32
+  extra, extra_statistics = _ternary_outside(flat, other, layers_geo)
+  if extra:
+    statistics.update(extra_statistics)
+    extra_scores = accounting.score_layers(
+        flat, extra, rules, ternary={p: True for p in extra_statistics})
+    other = [p for p in other if p not in extra_statistics]
+    other_numel -= sum(flat[p].size for p in extra_statistics)
+    other_notes.append(f"{len(extra)} ternary leaves outside the geometry (no operation "
+                       f"counts): {', '.join(g.path for g in extra[:5])}"
+                       f"{' ...' if len(extra) > 5 else ''}")
+  else:
+    extra_scores = []
+  scoring = (sum(s.scoring_params for s in [*scores, *extra_scores])
+             + other_numel * rules.value_bits / 32)
   records = {r.path: r for r in src.info.records}
-  layers, warnings, ternary_totals = _layer_entries(scores, flat, statistics, records,
-                                                    layers_geo)
+  layers, warnings, ternary_totals = _layer_entries([*scores, *extra_scores], flat,
+                                                    statistics, records, layers_geo)
   zeros, total = accounting.paper_sparsity(flat)
   info = src.info
   report: dict[str, Any] = {
@@ -271,12 +295,15 @@ def format_report(report: dict) -> str:
   """Renders :func:`build_report`'s dict as a readable table."""
   lines = [f"{report['source']} ({report['kind']})",
            f"architecture: {report['architecture'] or 'unknown'}", ""]
-  header = (f"{'layer':<28} {'shape':<16} {'sparsity':>8} {'w_n':>8} {'w_p':>8} "
+  # Full paths (never cut: paths that differ only in the middle, such as
+  # encoder/layer/{0,1,2}/attention/.../kernel, must stay apart).
+  width = max([28] + [len(layer["path"]) for layer in report["layers"]])
+  header = (f"{'layer':<{width}} {'shape':<16} {'sparsity':>8} {'w_n':>8} {'w_p':>8} "
             f"{'H0':>6} {'bits/w':>6} {'bytes':>7} {'codec':>5} {'dead':>5}")
   lines += [header, "-" * len(header)]
   for layer in report["layers"]:
     lines.append(
-        f"{layer['path'][-28:]:<28} {'x'.join(map(str, layer['shape'])):<16} "
+        f"{layer['path']:<{width}} {'x'.join(map(str, layer['shape'])):<16} "
         f"{layer['sparsity']:>8.1%} {_fmt(layer['w_n'], '8.4f')} {_fmt(layer['w_p'], '8.4f')} "
         f"{_fmt(layer['entropy_bits'], '6.3f')} {_fmt(layer['bits_per_weight'], '6.3f')} "
         f"{_fmt(layer['bytes'], '7d')} {layer['codec'] or '-':>5} {layer['dead_out_channels']:>5}"

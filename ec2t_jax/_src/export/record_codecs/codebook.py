@@ -45,9 +45,9 @@ def _decode(record: LeafRecord, stream: bytes) -> np.ndarray:
     raise ExportFormatError(f"a {len(stream):,}-byte stream cannot hold a codebook "
                             f"of {size} values (2 to {MAX_CODEBOOK} allowed)")
   values = from_le_bytes(stream[_SIZE.size:head], record.dtype_, size)
-  bits = uint_view(values)  # unsigned: an int64 view would wrap 64-bit patterns >= 2^63
+  bits = uint_view(values)  # compared as unsigned: a signed difference wraps for 64-bit values
   if not (bits[1:] > bits[:-1]).all():
-    raise ExportFormatError("codebook values are not distinct and sorted")
+    raise ExportFormatError("codebook values are not distinct and sorted by bit pattern")
   return values[symbol_coding.CODEBOOK.decode(stream[head:], (record.numel,), size)]
 
 

@@ -16,9 +16,15 @@ Adding a method = one module + one registration. In the method's module
 
   registry.register_method(registry.MethodSpec(
       name="mine", kind="train", quantizer=quantizer, transform=mine,
-      knobs={"factor": registry.Knob(0.7, core.Range(0.0, low_open=True),
+      knobs={"factor": registry.Knob(core.Range(0.0, low_open=True),
                                      sweep=(0.5, 0.7, 0.9), traced=True)},
       grid=lambda options: grids.ternary_grid()))
+
+A knob's default is the ``quantizer``'s (read from its signature, as optax's
+common test reads its transformations' defaults), so it is written once; the
+contract suite (``tests/methods/test_contract.py``) checks that the knobs are
+exactly the quantizer's keyword parameters (``selection`` and the one-shot
+``inputs`` aside) and that the public function has the same defaults.
 
 and add the module to :data:`BUILTIN_MODULES` (a built-in method) or import
 it before use (a user's method); registration happens at import, and the
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import types
 from typing import Any, Callable, Mapping, Optional
 
@@ -50,24 +57,47 @@ from ec2t_jax._src.methods._support import grids
 KINDS = ("train", "staged", "one_shot")
 
 
+_UNSET = object()
+
+
 @dataclasses.dataclass(frozen=True)
 class Knob:
-  """One keyword argument of a method's factory.
+  """One keyword argument of a method's factory (its ``quantizer``).
 
   Attributes:
-    default: the factory's default.
-    valid: a :class:`~core.Range` for numbers, a tuple of choices, or None
-      (the factory checks it).
+    valid: a :class:`~core.Range` for numbers, a tuple of choices, a type
+      (the value is an instance of it or None), or None (the factory checks
+      it).
     sweep: values a benchmark sweeps (a sensible spread around the default).
     traced: the knob is a numeric hyperparameter that may be traced
       (``optax.inject_hyperparams``), checked and guarded at every update.
     doc: one line.
+    default: the factory's default, read from its signature when the
+      :class:`MethodSpec` is made (not an argument).
+
+  Raises:
+    TypeError: ``valid`` of another kind (e.g. a number: the default is not
+      written here but read from the factory).
   """
-  default: Any
   valid: Any = None
   sweep: tuple = ()
   traced: bool = False
   doc: str = ""
+  default: Any = dataclasses.field(default=_UNSET, init=False)
+
+  def __post_init__(self):
+    if not (self.valid is None or isinstance(self.valid, (core.Range, tuple, type))):
+      raise TypeError(f"Knob.valid must be a core.Range, a tuple of choices, a type or None, "
+                      f"got {self.valid!r} (a knob's default is read from the factory's "
+                      "signature, not written in the Knob)")
+    if not isinstance(self.sweep, tuple):
+      raise TypeError(f"Knob.sweep must be a tuple, got {self.sweep!r}")
+
+  def with_default(self, default) -> "Knob":
+    """This knob with its factory's ``default``."""
+    knob = dataclasses.replace(self)
+    object.__setattr__(knob, "default", default)
+    return knob
 
   def check(self, name: str, value) -> None:
     """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is not valid."""
@@ -76,6 +106,25 @@ class Knob:
         core.check_range(name, value, self.valid)
     elif isinstance(self.valid, tuple):
       core.check_choice(name, value, self.valid)
+    elif isinstance(self.valid, type) and not (value is None or isinstance(value, self.valid)):
+      raise ValueError(f"{name} must be a {self.valid.__name__} or None, got {value!r}")
+
+
+def signature_defaults(factory: Callable, names) -> dict[str, Any]:
+  """The defaults of ``factory``'s parameters ``names``, from its signature.
+
+  Raises:
+    ValueError: a name that is not a parameter of ``factory``, or has no default.
+  """
+  parameters = inspect.signature(factory).parameters
+  defaults = {}
+  for name in names:
+    parameter = parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+      raise ValueError(f"knob {name!r} is not a keyword parameter with a default of "
+                       f"{getattr(factory, '__qualname__', factory)!r}")
+    defaults[name] = parameter.default
+  return defaults
 
 
 def _no_stages(options, num_layers) -> int:
@@ -91,7 +140,8 @@ class MethodSpec:
     name: the registry key (``--method`` of the examples).
     kind: ``"train"``, ``"staged"`` or ``"one_shot"`` (module docstring).
     quantizer: ``(**knobs, selection=None, **inputs) -> core.Quantizer``.
-    knobs: name -> :class:`Knob` (the factory's keyword arguments).
+    knobs: name -> :class:`Knob` (the quantizer's keyword arguments; each
+      knob's default is read from ``quantizer``'s signature).
     grid: ``options -> grids.Grid`` (``options``: every knob's value).
     transform: the public transformation function taking the knobs by name
       (what ``optax.inject_hyperparams`` wraps); default
@@ -102,6 +152,12 @@ class MethodSpec:
     inputs: one-shot inputs beyond the knobs (``"key"``, ``"apply_fn"``,
       ``"calibration_data"``).
     description: one line.
+    regularizer: a loss term the method adds in its first phase (Faraone et
+      al.'s ``sparsity_regularizer``): ``regularizer(**options, selection=...)
+      -> (params -> scalar)``, where ``options`` are its own
+      ``regularizer_knobs`` and the method's knobs of the same names.
+    regularizer_knobs: name -> :class:`Knob` of ``regularizer``'s own keyword
+      arguments.
   """
   name: str
   kind: str
@@ -113,13 +169,22 @@ class MethodSpec:
   last_phase: Callable[[Mapping[str, Any], int], int] = _no_stages
   inputs: tuple = ()
   description: str = ""
+  regularizer: Optional[Callable[..., Callable[[Any], Any]]] = None
+  regularizer_knobs: Mapping[str, Knob] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"MethodSpec.kind must be one of {KINDS}, got {self.kind!r}")
     if not self.name or not isinstance(self.name, str):
       raise ValueError(f"MethodSpec.name must be a non-empty string, got {self.name!r}")
-    object.__setattr__(self, "knobs", types.MappingProxyType(dict(self.knobs)))
+    defaults = signature_defaults(self.quantizer, self.knobs)
+    knobs = {name: knob.with_default(defaults[name]) for name, knob in self.knobs.items()}
+    object.__setattr__(self, "knobs", types.MappingProxyType(knobs))
+    defaults = signature_defaults(self.regularizer, self.regularizer_knobs) if (
+        self.regularizer is not None) else {}
+    object.__setattr__(self, "regularizer_knobs", types.MappingProxyType(
+        {name: knob.with_default(defaults[name])
+         for name, knob in self.regularizer_knobs.items()}))
 
   def options(self, **overrides) -> dict[str, Any]:
     """Every knob's value: the defaults with ``overrides``, each checked by name.

@@ -1,19 +1,42 @@
 """Array helpers shared by the train-time ternary methods (TWN, TTQ, STTN, Faraone et al.).
 
-Conventions: a kernel's output filters lie along its **last** axis (Flax
-``Dense`` kernels are ``(in, out)``, ``Conv`` kernels ``(..., in, out)``), so
-"per filter" reduces over every other axis and keeps dimensions for
-broadcasting. Arithmetic is float32 whatever the input dtype.
+Conventions: a kernel's output filters lie along one axis, ``axis``: the
+**last** by default (Flax ``Dense`` kernels are ``(in, out)``, ``Conv`` kernels
+``(..., in, out)``), the leaf's ``LeafContext.output_axis`` in the methods
+(e.g. ``0`` for an ``(out, in)`` kernel applied as ``x @ k.T``, from the trace
+or a ``Rule``); "per filter" reduces over every other axis and keeps
+dimensions for broadcasting. Arithmetic is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+
+
+class ScaledTernaryLeaf(NamedTuple):
+  """A leaf that is ``scale * T``: latent weights, an assignment and its scale(s).
+
+  The fields of :class:`~ec2t_jax.TWNLeaf` and :class:`~ec2t_jax.BitNetLeaf`
+  (subclasses that add their ``describe``).
+
+  Attributes:
+    latent: latent full-precision weights ``W`` (float32).
+    assignment: ``int8`` ``T`` in ``{-1, 0, 1}``.
+    scale: a float32 scalar, or one per output filter (``(1, ..., 1, out)``).
+  """
+  latent: jax.Array
+  assignment: jax.Array
+  scale: jax.Array
+
+  def value(self, dtype) -> jax.Array:
+    """``scale * T``; each filter's scale snapped on its own grid (exact landing)."""
+    return core.scaled_assignment(self.scale, self.assignment, dtype)
 
 
 def f32(x) -> jax.Array:
@@ -29,20 +52,34 @@ def check_range(name, value, low, high=math.inf, *, low_open=False):
   core.check_range(name, value, core.Range(low, high, low_open))
 
 
-def filter_axes(ndim: int, per_filter: bool):
-  """Axes to reduce over: all (per layer) or all but the last (per filter)."""
+def filter_axes(ndim: int, per_filter: bool, axis: int = -1):
+  """Axes to reduce over: all (per layer) or all but the output ``axis`` (per filter).
+
+  Example:
+    >>> from ec2t_jax._src.methods._support.ternary_ops import filter_axes  # internal
+    >>> filter_axes(4, True), filter_axes(2, True, axis=0), filter_axes(2, False)
+    ((0, 1, 2), (1,), None)
+  """
   if not per_filter or ndim == 0:
     return None
-  return tuple(range(ndim - 1))
+  keep = axis % ndim
+  return tuple(a for a in range(ndim) if a != keep)
 
 
-def reduce_mean(x, per_filter: bool) -> jax.Array:
-  return jnp.mean(x, axis=filter_axes(x.ndim, per_filter), keepdims=per_filter)
+def filter_size(x, per_filter: bool, axis: int = -1) -> int:
+  """Elements per filter (per output channel along ``axis``), or of the whole ``x``."""
+  if per_filter and x.ndim:
+    return x.size // x.shape[axis]
+  return max(x.size, 1)
 
 
-def masked_mean(values, mask, per_filter: bool) -> jax.Array:
+def reduce_mean(x, per_filter: bool, axis: int = -1) -> jax.Array:
+  return jnp.mean(x, axis=filter_axes(x.ndim, per_filter, axis), keepdims=per_filter)
+
+
+def masked_mean(values, mask, per_filter: bool, axis: int = -1) -> jax.Array:
   """Mean of ``values`` where ``mask`` holds (0 where the mask is empty)."""
-  axes = filter_axes(values.ndim, per_filter)
+  axes = filter_axes(values.ndim, per_filter, axis)
   total = jnp.sum(jnp.where(mask, values, 0.0), axis=axes, keepdims=per_filter)
   count = jnp.sum(mask, axis=axes, keepdims=per_filter, dtype=jnp.float32)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)

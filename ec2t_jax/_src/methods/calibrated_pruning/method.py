@@ -11,7 +11,7 @@ stays, as jaxpruner's updater keeps its masks).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,27 +53,41 @@ class PruneHyper(NamedTuple):
 
 
 def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, *,
-              selection=None, **options) -> core.Quantizer:
+              selection=None, steps_per_level: Optional[int] = None,
+              tuning_iterations: int = calibrated_pruning.POT_TUNING_ITERATIONS,
+              steps_per_iteration: int = calibrated_pruning.POT_STEPS_PER_ITERATION,
+              tuning_batch_size: int = calibrated_pruning.POT_BATCH_SIZE, seed: int = 0,
+              weight_learning_rate: float = 1e-5, bias_learning_rate: float = 1e-4,
+              ramp: float = 0.1, statistics_correction: str = "pot",
+              bias_correction: bool = True, grads_on_loss_increase_only: bool = True,
+              keep_best: bool = False) -> core.Quantizer:
   """Calibrated pruning as a :class:`~core.Quantizer`.
 
   Args:
-    apply_fn, calibration_data, sparsity, selection: as for
-      :func:`~ec2t_jax.prune_calibrated`.
-    **options: its other keyword arguments (``steps_per_level``, learning
-      rates, ``ramp``, corrections), checked here.
+    apply_fn, calibration_data, sparsity, selection, steps_per_level,
+      tuning_iterations, steps_per_iteration, tuning_batch_size, seed,
+      weight_learning_rate, bias_learning_rate, ramp, statistics_correction,
+      bias_correction, grads_on_loss_increase_only, keep_best: as for :func:`~ec2t_jax.prune_calibrated` (the same
+      defaults; the contract suite checks them).
 
   Returns:
     A quantizer whose ``.instant(params)`` equals ``prune_calibrated(params,
-    apply_fn, calibration_data, sparsity, selection=selection, **options)``.
+    apply_fn, calibration_data, sparsity, selection=selection, ...)`` with the
+    same options.
   """
   calibrated_pruning.check_sparsity(sparsity)
   batches = calibrated_pruning._batches(calibration_data)  # pylint: disable=protected-access
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable (params, x) -> outputs, got {apply_fn!r}")
-  steps = options.get("steps_per_level")
+  steps = steps_per_level
   if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 0):
     raise ValueError(f"steps_per_level must be a non-negative integer or None, got {steps!r}")
-  options.pop("return_report", None)
+  options = dict(steps_per_level=steps_per_level, tuning_iterations=tuning_iterations,
+                 steps_per_iteration=steps_per_iteration, tuning_batch_size=tuning_batch_size,
+                 seed=seed, weight_learning_rate=weight_learning_rate,
+                 bias_learning_rate=bias_learning_rate, ramp=ramp,
+                 statistics_correction=statistics_correction, bias_correction=bias_correction,
+                 grads_on_loss_increase_only=grads_on_loss_increase_only, keep_best=keep_best)
 
   def prepare(params, selection, hyper) -> core.TreeInfo:
     del hyper
@@ -100,27 +114,25 @@ def quantizer(apply_fn: Callable, calibration_data: Any, sparsity: float = 0.5, 
 registry.register_method(registry.MethodSpec(
     name="prune", kind="one_shot", quantizer=quantizer,
     one_shot=calibrated_pruning.prune_calibrated, inputs=("apply_fn", "calibration_data"),
-    knobs={"sparsity": registry.Knob(0.5, core.Range(0.0, 1.0), (0.3, 0.5, 0.7, 0.9),
+    knobs={"sparsity": registry.Knob(core.Range(0.0, 1.0), (0.5, 0.7, 0.8, 0.9),
                                      doc="target fraction of zeros, in [0, 1)"),
            "steps_per_level": registry.Knob(
-               None, core.Range(0.0), (None, 30),
+               core.Range(0.0), (None, 30),
                doc="None: POT's schedule; N: N Adam steps per level and layer (fast)"),
-           "tuning_iterations": registry.Knob(calibrated_pruning.POT_TUNING_ITERATIONS,
-                                              core.Range(0.0), doc="POT schedule"),
-           "steps_per_iteration": registry.Knob(calibrated_pruning.POT_STEPS_PER_ITERATION,
-                                                core.Range(0.0), doc="POT schedule"),
-           "tuning_batch_size": registry.Knob(calibrated_pruning.POT_BATCH_SIZE,
-                                              core.Range(1.0), doc="POT schedule"),
-           "weight_learning_rate": registry.Knob(1e-5, core.Range(0.0)),
-           "bias_learning_rate": registry.Knob(1e-4, core.Range(0.0)),
-           "ramp": registry.Knob(0.1, core.Range(0.0), (0.0, 0.1)),
+           "tuning_iterations": registry.Knob(core.Range(0.0), doc="POT schedule"),
+           "steps_per_iteration": registry.Knob(core.Range(0.0), doc="POT schedule"),
+           "tuning_batch_size": registry.Knob(core.Range(1.0), doc="POT schedule"),
+           "seed": registry.Knob(core.Range(0.0), doc="seed of POT's batch draws"),
+           "weight_learning_rate": registry.Knob(core.Range(0.0)),
+           "bias_learning_rate": registry.Knob(core.Range(0.0)),
+           "ramp": registry.Knob(core.Range(0.0), (0.0, 0.1)),
            "statistics_correction": registry.Knob(
-               "pot", calibrated_pruning.STATISTICS_CORRECTIONS, ("pot", "exact"),
+               calibrated_pruning.STATISTICS_CORRECTIONS, ("pot", "exact"),
                doc="pot: POT's a = std(W)/std(Wm); exact: mean and std restored"),
-           "bias_correction": registry.Knob(True, (True, False)),
+           "bias_correction": registry.Knob((True, False)),
            "grads_on_loss_increase_only": registry.Knob(
-               True, (True, False), doc="POT: a gradient only when the batch loss rose"),
-           "keep_best": registry.Knob(False, (True, False),
+               (True, False), doc="POT: a gradient only when the batch loss rose"),
+           "keep_best": registry.Knob((True, False),
                                       doc="keep the best iterate on the pool (else the last)")},
     grid=lambda o: grids.Grid(None, min_sparsity=o["sparsity"], ternary=False),
     description="Post-training pruning with layer-wise calibration (Lazarevich et al. 2021)"))

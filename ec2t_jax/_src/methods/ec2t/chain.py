@@ -52,6 +52,10 @@ class EC2TLeaf(NamedTuple):
     return {"method": "EC2T", "mode": "ternary", "w_n": self.w_n,
             "w_p": self.w_p, "lam": self.lam}
 
+  def latents_train(self, phase) -> jax.Array:
+    """Phase 2 (``phase >= 1``) freezes the latent weights: no weight decay there either."""
+    return phase < 1
+
 
 class ECPLeaf(EC2TLeaf):
   """State of one entropy-constrained *pruned* leaf (reference section 7).
@@ -230,7 +234,8 @@ DEFAULT_GAMMA = 0.2
 # selected layer's lambda (gamma = m x the layer's Rule gamma, else m),
 # starting at 0 (the first assignment is nearest-centroid); 0.05 per bit of
 # rate error (or per unit of sparsity) and step.
-BUDGET_KNOB = core.budget.Knob("lambda_multiplier", initial=0.0, low=0.0, high=1.0, gain=0.05)
+BUDGET_CONTROLLED = core.budget.ControlledHyper("lambda_multiplier", initial=0.0, low=0.0,
+                                                high=1.0, gain=0.05)
 
 
 def ternarize_transform(
@@ -288,11 +293,11 @@ def ternarize_transform(
   90.8% sparsity; plain, ``k = 1``: 99.00% at 92.8%; TTQ, ``k = 0.1``: 99.12%
   at 87.0%; TTQ, ``k = 1`` (the former defaults): 97.3% validation accuracy
   after 6 of 10 phase-1 epochs, against 98.5% for the new defaults. For
-  paper-faithful optimizers use :func:`ternarize`.
+  paper-faithful optimizers use :func:`ternarize_reference`.
 
   The returned update is ``T_new - params`` for selected leaves (so params land
   exactly on ``{-w_n, 0, w_p}``) and the inner update unchanged for the others.
-  Call :func:`ternary_params` once after ``init`` so that the first forward
+  Call :func:`quantized_params` once after ``init`` so that the first forward
   pass is already ternary.
 
   Every numeric argument can be changed between steps with
@@ -353,12 +358,12 @@ def ternarize_transform(
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import ternarize_transform, ternary_params
+    >>> from ec2t_jax import ternarize_transform, quantized_params
     >>> from ec2t_jax.models import small_cnn_example
     >>> params, grads = small_cnn_example()[:2]  # a small CNN (fixture)
     >>> tx = optax.chain(optax.adam(1e-3), ternarize_transform(gamma=0.2))
     >>> opt_state = tx.init(params)
-    >>> params = ternary_params(params, opt_state)
+    >>> params = quantized_params(params, opt_state)
     >>> updates, opt_state = tx.update(grads, opt_state, params)
     >>> params = optax.apply_updates(params, updates)
   """
@@ -393,26 +398,28 @@ def quantizer(gamma: Optional[float] = None, init_scale: float = 0.3, *,
       method(renormalization=renormalization, latent_dtype=latent_dtype, ties=ties,
              latent_step=latent_step),
       hyper, HYPER_RANGES, selection, budget=budget,
-      knob=None if budget is None else BUDGET_KNOB, budget_target=budget_target)
+      controlled=None if budget is None else BUDGET_CONTROLLED, budget_target=budget_target)
 
 
 _knob = registry.Knob
 registry.register_method(registry.MethodSpec(
     name="ec2t", kind="train", quantizer=quantizer, transform=ternarize_transform,
     knobs={
-        "gamma": _knob(None, HYPER_RANGES["gamma"], (0.0, 0.1, 0.2, 0.4), traced=True,
-                        doc="the EC2T knob: sparsity against accuracy (None: "
-                            "DEFAULT_GAMMA = 0.2)"),
-        "init_scale": _knob(0.3, HYPER_RANGES["init_scale"], (0.2, 0.3, 0.5), traced=True),
-        "centroid_update_scale": _knob(0.1, HYPER_RANGES["centroid_update_scale"],
-                                        (0.1, 1.0), traced=True),
-        "floor_factor": _knob(0.675, HYPER_RANGES["floor_factor"], (0.675,), traced=True),
-        "zero_floor": _knob(0.5, HYPER_RANGES["zero_floor"], (0.5,), traced=True),
-        "sustain": _knob(0.05, HYPER_RANGES["sustain"], (0.05,), traced=True),
-        "renormalization": _knob("exact", ("exact", "reference")),
-        "ties": _knob("zero", ("zero", "reference")),
-        "latent_dtype": _knob("float32"),
-        "latent_step": _knob("plain", ("plain", "ttq")),
+        "gamma": _knob(HYPER_RANGES["gamma"], (0.0, 0.2, 0.35, 0.5, 0.7), traced=True,
+                       doc="the EC2T knob: sparsity against accuracy (None: "
+                           "DEFAULT_GAMMA = 0.2)"),
+        "init_scale": _knob(HYPER_RANGES["init_scale"], (0.2, 0.3, 0.5), traced=True),
+        "budget": _knob(core.budget.Budget, doc="a size target instead of gamma"),
+        "budget_target": _knob(traced=True, doc="the budget's target if not its own"),
+        "centroid_update_scale": _knob(HYPER_RANGES["centroid_update_scale"], (0.1, 1.0),
+                                       traced=True),
+        "floor_factor": _knob(HYPER_RANGES["floor_factor"], (0.675,), traced=True),
+        "zero_floor": _knob(HYPER_RANGES["zero_floor"], (0.5,), traced=True),
+        "sustain": _knob(HYPER_RANGES["sustain"], (0.05,), traced=True),
+        "renormalization": _knob(("exact", "reference")),
+        "ties": _knob(("zero", "reference")),
+        "latent_dtype": _knob(),
+        "latent_step": _knob(("plain", "ttq")),
     },
     grid=lambda o: grids.ternary_grid(),
     description="Entropy-Constrained Trained Ternarization (chain form)"))

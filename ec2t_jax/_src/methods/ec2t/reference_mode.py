@@ -20,7 +20,7 @@ from ec2t_jax._src.methods.ec2t import ternary
 
 
 class TernarizeReferenceState(NamedTuple):
-  """State of :func:`ternarize`: the three inner optimizers and the core."""
+  """State of :func:`ternarize_reference`: the three inner optimizers and the core."""
   params_state: optax.OptState
   latent_state: optax.OptState
   centroid_state: optax.OptState
@@ -41,7 +41,7 @@ def _gradients(grad, leaf: ec2t.EC2TLeaf, negative_centroid_sign):
   return ternary.latent_gradient(grad, leaf.assignment, leaf.w_n, leaf.w_p), g_n, g_p
 
 
-def ternarize(
+def ternarize_reference(
     params_optimizer: optax.GradientTransformation,
     latent_optimizer: optax.GradientTransformation,
     centroid_optimizer: optax.GradientTransformation,
@@ -96,8 +96,8 @@ def ternarize(
 
   Example:
     >>> import optax
-    >>> from ec2t_jax import ternarize
-    >>> tx = ternarize(optax.adam(1e-4), optax.adam(1e-4), optax.adam(1e-5),
+    >>> from ec2t_jax import ternarize_reference
+    >>> tx = ternarize_reference(optax.adam(1e-4), optax.adam(1e-4), optax.adam(1e-5),
     ...                gamma=0.15)
   """
   ec2t.check_static(renormalization, latent_dtype, ties)
@@ -184,23 +184,14 @@ def ternarize(
 
 
 def reference_optimizer(
-    gamma: float = 0.0,
-    init_scale: float = 0.3,
-    *,
-    learning_rate: float = 1e-4,
-    weight_decay: float = 5e-6,
-    latent_learning_rate: float = 1e-4,
-    centroid_learning_rate: float = 1e-5,
-    selection: selection_lib.SelectionLike = None,
+    gamma: float = 0.0, init_scale: float = 0.3, *, learning_rate: float = 1e-4,
+    weight_decay: float = 5e-6, latent_learning_rate: float = 1e-4,
+    centroid_learning_rate: float = 1e-5, selection: selection_lib.SelectionLike = None,
     negative_centroid_sign: ternary.CentroidSign = "exact",
-    renormalization: ternary.Renormalization = "exact",
-    ties: ternary.Ties = "zero",
-    floor_factor: float = 0.675,
-    zero_floor: float = 0.5,
-    sustain: float = 0.05,
-    latent_dtype: str = "float32",
-) -> optax.GradientTransformation:
-  """:func:`ternarize` with the reference's three Adam optimizers.
+    renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
+    floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
+    latent_dtype: str = "float32") -> optax.GradientTransformation:
+  """:func:`ternarize_reference` with the reference's three Adam optimizers.
 
   Non-selected params: Adam(``learning_rate``) with PyTorch-style L2 weight
   decay ``weight_decay`` added to the gradient; latent weights:
@@ -208,13 +199,13 @@ def reference_optimizer(
   For a bit-for-bit reproduction of the reference code set
   ``negative_centroid_sign="reference"``, ``renormalization="reference"`` and
   ``ties="reference"``.
-  Every other argument is forwarded to :func:`ternarize`.
+  Every other argument is forwarded to :func:`ternarize_reference`.
 
   Example:
     >>> from ec2t_jax import reference_optimizer
     >>> tx = reference_optimizer(gamma=0.15, init_scale=0.3)
   """
-  return ternarize(
+  return ternarize_reference(
       optax.chain(optax.add_decayed_weights(weight_decay),
                   optax.adam(learning_rate)),
       optax.adam(latent_learning_rate),
