@@ -327,6 +327,15 @@ def test_version_2_file_written_before_the_codec_registry_still_decodes_bitwise(
   _assert_bitwise(container.unpack(data), _fuzz_tree())
 
 
+def test_codec_tuples_are_derived_from_the_registry_in_preference_order():
+  chex.assert_equal(container.CODECS, ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb", "fc"))
+  chex.assert_equal(container.CODECS_BY_VERSION[2], ("raw", "zs", "tb", "tc", "sb", "sc", "tf", "cb"))
+  chex.assert_equal(container.CODECS_BY_VERSION[1], ("raw", "zs", "tb", "te", "sb", "se"))
+  chex.assert_equal(set(container.RANGE_CODED), {"te", "se", "tc", "sc", "tf", "cb", "fc"})
+  chex.assert_equal((container.TERNARY_CODECS, container.EXACT_CODECS),
+                    (("tb", "te", "tc"), ("tf", "cb", "fc")))
+
+
 def test_every_coder_raises_the_one_export_format_error():
   from ec2t_jax._src.export import codebook_coding  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ExportFormatError):
@@ -401,9 +410,9 @@ def test_wrong_magic_is_reported_as_such():
 
 def test_wrong_version_is_reported_with_the_supported_one():
   data = bytearray(container.pack({"w": np.ones(3, np.float32)}))
-  struct.pack_into("<H", data, 8, 3)
+  struct.pack_into("<H", data, 8, 4)
   body = bytes(data[:-32])
-  with pytest.raises(errors.ExportFormatError, match="unsupported format version 3.*supports 1, 2"):
+  with pytest.raises(errors.ExportFormatError, match="unsupported format version 4.*supports 1, 2, 3"):
     container.unpack(body + hashlib.sha256(body).digest())
 
 

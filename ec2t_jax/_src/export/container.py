@@ -1,13 +1,13 @@
 """The ``.ec2t`` container: a parameter tree in as few bytes as it really takes.
 
-Format, version 2
+Format, version 3
 =================
 
 A file is one byte string, all integers little-endian::
 
     offset  size  field
     0       8     magic  b"\\x89EC2T\\r\\n\\x1a"   (PNG-style: catches text-mode mangling)
-    8       2     u16 format version (2; version-1 files are still read)
+    8       2     u16 format version (3, or 2 when no record is ``fc``; 1 and 2 are read)
     10      2     u16 flags (0; anything else is rejected)
     12      4     u32 H: length of the header
     16      8     u64 P: length of the payload
@@ -32,8 +32,11 @@ Streams start where the previous one ended; their lengths must add up to P.
 ``meta`` holds the writer, the entropy coder's version and user metadata.
 
 Record codecs (the smallest candidate wins, per leaf; ties go to the codec
-registered first). Version 2 writes ``raw``, ``zs``, ``tb``, ``tc``, ``sb``,
-``sc``, ``tf``, ``cb``; version 1 had ``te`` and ``se`` in place of ``tc`` and
+registered first). Version 3 writes ``raw``, ``zs``, ``tb``, ``tc``, ``sb``,
+``sc``, ``tf``, ``cb``, ``fc``; version 2 is the same without ``fc`` (the
+writer writes the oldest of versions 2 and 3 that holds the chosen codecs,
+:func:`file_version`, so a file without ``fc`` stays readable by version-2
+readers); version 1 had ``te`` and ``se`` in place of ``tc`` and
 ``sc`` and neither ``tf`` nor ``cb``, and its decoders are kept. Each codec's
 stream is specified in its module (:mod:`record_codecs`):
 
@@ -51,13 +54,15 @@ codec       stream                                                      module
 ``sc``      (v2) sparse: context-coded mask, non-zero values            ``sparse``
 ``tf``      (v2) per-filter ternary: axis, scales, context-coded        ``filter_ternary``
 ``cb``      (v2) codebook: K values, adaptive order-0 coded indices     ``codebook``
+``fc``      (v3) per-channel codebooks (last axis): sizes, values,      ``channel_codebook``
+            adaptive order-0 coded indices
 ==========  ==========================================================  =====================
 
 Under the ``float16`` option a float32 / float64 leaf is stored as float16
 (``"v": "float16"``) unless float16 would change it beyond its rounding
 (:func:`float16_keeps`: a value overflows, or values underflow so that the
 leaf's error exceeds float16's unit roundoff in norm); it is then stored in
-its own dtype. ``tb`` / ``te`` / ``tc`` / ``tf`` / ``cb`` store the leaf's own dtype even
+its own dtype. ``tb`` / ``te`` / ``tc`` / ``tf`` / ``cb`` / ``fc`` store the leaf's own dtype even
 under the ``float16`` option; the ternary ones and ``tf`` need a float dtype.
 A reader refuses a record that breaks these rules, a codec its version does
 not hold, and any stream whose symbol count differs from what the shape
@@ -99,8 +104,8 @@ justify. Before anything is allocated it checks:
   ``f = 2^-10`` (:func:`context_coding.capacity`: about 2,800 symbols per
   byte), ``cb`` uses ``f = 2^-8 / K`` (:func:`codebook_coding.capacity`,
   checked with ``K = 2``, its largest, before the stream's ``K`` is read, then
-  with its ``K``); ``tf``'s ``S x F`` scales and ``cb``'s ``K`` values are
-  checked against the stream's length before they are read; version 1's ``te`` / ``se`` only have constriction's ``2^-24``
+  with its ``K``; ``fc`` likewise, with the smallest head ``C`` channels take); ``tf``'s ``S x F`` scales, ``cb``'s ``K`` values and ``fc``'s ``C`` sizes and
+  ``sum k_c`` values are checked against the stream's length before they are read; version 1's ``te`` / ``se`` only have constriction's ``2^-24``
   (:func:`entropy_coding.max_symbols`), so for them ``max_bytes`` is the
   real bound.
 
@@ -151,8 +156,9 @@ from ec2t_jax._src.export.leaf_bytes import (DTYPES, FLOAT_NAMES, contiguous, cr
 from ec2t_jax._src.export.record_codecs import Leaf, LeafRecord, RecordCodec
 
 MAGIC = b"\x89EC2T\r\n\x1a"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest; a file is written as the oldest of WRITTEN_VERSIONS holding its codecs
+SUPPORTED_VERSIONS = (1, 2, 3)
+WRITTEN_VERSIONS = (2, 3)
 _FIXED = struct.Struct(container_layout.FIXED_HEADER_FORMAT)  # magic, version, flags, H, P
 _DIGEST = container_layout.DIGEST_BYTES
 _MIN_SIZE = _FIXED.size + _DIGEST
@@ -282,6 +288,18 @@ def _candidates(leaf: Leaf, codecs) -> dict[RecordCodec, bytes]:
   return out
 
 
+def file_version(codec_names) -> int:
+  """The oldest of :data:`WRITTEN_VERSIONS` whose files may hold every codec of ``codec_names``.
+
+  Example:
+    >>> from ec2t_jax._src.export.container import file_version  # internal
+    >>> file_version(["tc", "zs"]), file_version(["tc", "fc"])
+    (2, 3)
+  """
+  needed = {record_codecs.get(name) for name in codec_names}
+  return min(v for v in WRITTEN_VERSIONS if all(v in c.versions for c in needed))
+
+
 def _encode_leaf(path: str, array: np.ndarray, *, float16: bool, entropy: bool,
                  codecs) -> tuple[dict, bytes]:
   """The header record (a JSON-able dict) and the stream of one leaf."""
@@ -381,7 +399,8 @@ def pack(tree, *, float16: bool = False, entropy_coding: bool = True,
                       separators=(",", ":"), allow_nan=False).encode("utf-8")
   header = zlib.compress(header, 9)
   payload = b"".join(streams)
-  body = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(payload)) + header + payload
+  version = file_version(r["c"] for r in records)
+  body = _FIXED.pack(MAGIC, version, 0, len(header), len(payload)) + header + payload
   return body + hashlib.sha256(body).digest()
 
 

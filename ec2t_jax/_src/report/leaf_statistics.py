@@ -26,6 +26,7 @@ import numpy as np
 
 from ec2t_jax._src.export import leaf_parts
 from ec2t_jax._src.export.leaf_bytes import FLOAT_NAMES
+from ec2t_jax._src.export.record_codecs import channel_codebook
 
 CHUNK_ELEMENTS = 1 << 20  # about 4 MiB of float32 per step
 
@@ -115,6 +116,29 @@ def _ternary_values(array: np.ndarray):
     return None
   counts = [found[int(p)] for p in patterns[order]]
   return values[order], (counts[0], counts[1], counts[2])
+
+
+def channel_code_entropy_bits(array) -> Optional[float]:
+  """Zeroth-order entropy, in bits per weight, of a per-channel codebook leaf's indices.
+
+  The leaf's output channels (last axis) each hold a few values (ParetoQ per
+  channel, per-column ternary: the packed file's ``fc`` records); each weight
+  is the index of its value in its channel's sorted codebook, and this is
+  ``-sum P_i log2 P_i`` over those indices (``None`` if the leaf is not such
+  a leaf). Unlike :func:`leaf_statistics` it sorts a copy of the leaf.
+
+  Example:
+    >>> import numpy as np
+    >>> from ec2t_jax._src.report.leaf_statistics import channel_code_entropy_bits  # internal
+    >>> channel_code_entropy_bits(np.array([[0.5, 0.0], [-0.5, 2.0]] * 2, np.float32))
+    1.0
+  """
+  parts = channel_codebook.channel_codebook_parts(array)
+  if parts is None:
+    return None
+  counts = np.bincount(parts.indices.reshape(-1))
+  p = counts[counts > 0] / parts.indices.size
+  return float(-(p * np.log2(p)).sum())
 
 
 def leaf_statistics(array) -> LeafStatistics:

@@ -29,7 +29,8 @@ from ec2t_jax._src.export import stacking
 from ec2t_jax._src.core import trees
 from ec2t_jax._src.report.accounting import PAPER_RULES, CountingRules
 from ec2t_jax._src.report.geometry import LayerGeometry, cifar_resnet_geometry, load_geometry
-from ec2t_jax._src.report.leaf_statistics import LeafStatistics, leaf_statistics
+from ec2t_jax._src.report.leaf_statistics import (LeafStatistics, channel_code_entropy_bits,
+                                                  leaf_statistics)
 
 GeometryLike = Union[None, str, Path, Sequence[LayerGeometry]]
 
@@ -127,7 +128,9 @@ def _layer_entry(score, w: np.ndarray, stats: LeafStatistics, record, layer_geo)
       "path": score.path, "shape": list(w.shape), "numel": int(w.size),
       "ternary": stats.ternary, "nonfinite": stats.nonfinite,
       "sparsity": stats.zeros / max(w.size, 1),
-      "w_n": stats.w_n, "w_p": stats.w_p, "entropy_bits": stats.entropy_bits(),
+      "w_n": stats.w_n, "w_p": stats.w_p,
+      "entropy_bits": (channel_code_entropy_bits(w) if record and record.codec == "fc"
+                       else stats.entropy_bits()),  # fc: H0 of the per-channel codes
       "bits_per_weight": record.bits_per_weight if record else None,
       "bytes": record.nbytes if record else None,
       "codec": record.codec if record else None,

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from ec2t_jax._src.export.record_codecs import channel_codebook
 from ec2t_jax._src.export.record_codecs import codebook
 from ec2t_jax._src.export.record_codecs import dense
 from ec2t_jax._src.export.record_codecs import filter_ternary
@@ -69,3 +70,4 @@ register(sparse.SE)
 register(sparse.SC)
 register(filter_ternary.TF)
 register(codebook.CB)
+register(channel_codebook.FC)

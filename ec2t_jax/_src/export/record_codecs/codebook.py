@@ -57,5 +57,5 @@ def _fits(r: LeafRecord) -> bool:  # at least two values; K = 2 has the largest 
           and 2 <= r.numel <= symbol_coding.CODEBOOK.capacity(r.nbytes - head, 2))
 
 
-CB = RecordCodec("cb", versions=(2,), encode=_encode, fits=_fits, decode=_decode,
+CB = RecordCodec("cb", versions=(2, 3), encode=_encode, fits=_fits, decode=_decode,
                  own_dtype=True, range_coded=True)

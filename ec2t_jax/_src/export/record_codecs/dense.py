@@ -44,11 +44,11 @@ def _zs_decode(record: LeafRecord, stream: bytes) -> np.ndarray:
 
 
 RAW = RecordCodec(
-    "raw", versions=(1, 2), encode=lambda leaf: leaf.raw,
+    "raw", versions=(1, 2, 3), encode=lambda leaf: leaf.raw,
     fits=lambda r: r.nbytes == r.numel * r.itemsize,
     decode=lambda r, stream: from_le_bytes(stream, r.storage_dtype, r.numel))
 
 ZS = RecordCodec(
-    "zs", versions=(1, 2), encode=_zs_encode,
+    "zs", versions=(1, 2, 3), encode=_zs_encode,
     fits=lambda r: 0 < r.nbytes and r.numel * r.itemsize <= ZLIB_MAX_RATIO * r.nbytes,
     decode=_zs_decode)

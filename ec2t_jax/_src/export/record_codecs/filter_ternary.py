@@ -90,5 +90,5 @@ def _fits(r: LeafRecord) -> bool:  # at least one scale before the assignment
   return r.nbytes > head and 0 < r.numel <= symbol_coding.CONTEXT.capacity(r.nbytes - head, 3)
 
 
-TF = RecordCodec("tf", versions=(2,), encode=_encode, fits=_fits, decode=_decode,
+TF = RecordCodec("tf", versions=(2, 3), encode=_encode, fits=_fits, decode=_decode,
                  float_only=True, own_dtype=True, range_coded=True)

@@ -22,7 +22,7 @@ adds the leaf's name to the message.
 
 Example (a codec that stores the leaf as it is)::
 
-    RAW = RecordCodec("raw", versions=(1, 2), encode=lambda leaf: leaf.raw,
+    RAW = RecordCodec("raw", versions=(1, 2, 3), encode=lambda leaf: leaf.raw,
                       fits=lambda r: r.nbytes == r.numel * r.itemsize,
                       decode=lambda r, s: from_le_bytes(s, r.storage_dtype, r.numel))
 """

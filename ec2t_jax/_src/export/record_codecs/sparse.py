@@ -90,7 +90,7 @@ def _sc_decode(record: LeafRecord, stream: bytes) -> np.ndarray:
 
 
 SB = RecordCodec(
-    "sb", versions=(1, 2), encode=_sb_encode, decode=_sb_decode,
+    "sb", versions=(1, 2, 3), encode=_sb_encode, decode=_sb_decode,
     fits=lambda r: mask_bytes(r.numel) <= r.nbytes <= mask_bytes(r.numel) + r.numel * r.itemsize)
 SE = RecordCodec(
     "se", versions=(1,), encode=_coded_encode(symbol_coding.SEMI_STATIC, flat=True),
@@ -98,7 +98,7 @@ SE = RecordCodec(
     fits=lambda r: (r.nbytes >= _LENGTH.size
                     and r.numel <= symbol_coding.SEMI_STATIC.capacity(r.nbytes - _LENGTH.size, 2)))
 SC = RecordCodec(
-    "sc", versions=(2,), encode=_coded_encode(symbol_coding.CONTEXT, flat=False),
+    "sc", versions=(2, 3), encode=_coded_encode(symbol_coding.CONTEXT, flat=False),
     decode=_sc_decode, range_coded=True,
     fits=lambda r: (r.nbytes > _LENGTH.size
                     and 0 < r.numel <= symbol_coding.CONTEXT.capacity(r.nbytes - _LENGTH.size, 2)))

@@ -119,9 +119,9 @@ def _tc_fits(r: LeafRecord) -> bool:
 
 
 _TERNARY = dict(float_only=True, own_dtype=True, ternary=True)
-TB = RecordCodec("tb", versions=(1, 2), encode=_tb_encode, fits=_tb_fits, decode=_tb_decode,
+TB = RecordCodec("tb", versions=(1, 2, 3), encode=_tb_encode, fits=_tb_fits, decode=_tb_decode,
                  **_TERNARY)
 TE = RecordCodec("te", versions=(1,), encode=_te_encode, fits=_te_fits, decode=_te_decode,
                  range_coded=True, **_TERNARY)
-TC = RecordCodec("tc", versions=(2,), encode=_tc_encode, fits=_tc_fits, decode=_tc_decode,
+TC = RecordCodec("tc", versions=(2, 3), encode=_tc_encode, fits=_tc_fits, decode=_tc_decode,
                  range_coded=True, **_TERNARY)
