@@ -136,7 +136,7 @@ def resolve(specs: list[RunSpec]) -> list[tuple[RunSpec, list[str]]]:
     if registry[spec.name].kind != "train":
       raise ValueError(f"run spec {spec.text!r}: {spec.name!r} is a {registry[spec.name].kind} "
                        "method; the front compares train-time methods")
-    knobs = methods.METHODS[spec.name].defaults if spec.name in methods.METHODS else {}
+    knobs = methods.option_defaults(spec.name)
     out.append((spec, spec.example_args(example_flags, knobs)))
   return out
 
