@@ -210,10 +210,10 @@ def test_sttn_step_follows_the_straight_through_gradients_and_clamps():
   np.testing.assert_allclose(params["w"], 2 * alpha * a, rtol=1e-6)
 
 
-def test_sttn_default_step_is_not_shrunk_by_the_scale():
+def test_sttn_exact_update_step_is_not_shrunk_by_the_scale():
   # Oracle: the straight-through term moves a latent weight inside [-1, 1] by u itself
-  # (the exact gradient map, the old default, moves it by alpha * u, alpha ~ 0.1 here).
-  before, after, _ = _one_step(ec2t.sttn(selection=ALL), lr=1e-3)
+  # (the exact gradient map moves it by alpha * u, alpha ~ 0.1 here).
+  before, after, _ = _one_step(ec2t.sttn(gradient="exact", selection=ALL), lr=1e-3)
   u = -1e-3 * np.asarray(GRAD)
   s1, s2 = (np.sign(np.asarray(before.latent)), np.sign(np.asarray(before.latent2)))
   sgn = lambda w: np.where(np.asarray(w) >= 0, 1.0, -1.0)

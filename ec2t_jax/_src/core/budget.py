@@ -673,7 +673,8 @@ def update_budget_state(plan: BudgetPlan, old: BudgetState, leaf_states: Sequenc
   keep = lambda new, prev: jnp.where(skipped, prev, jnp.asarray(new, jnp.float32))
   ramp_over = jnp.asarray(count) >= plan.budget.ramp_steps
   saturated = next_saturated_steps(old.saturated_steps, m, error, measured, goal,
-                                   plan.knob.low, plan.knob.high, ramp_over, ~(frozen | skipped))
+                                   plan.controlled.low, plan.controlled.high, ramp_over,
+                                   ~(frozen | skipped))
   return old._replace(multiplier=jnp.where(frozen | skipped, old.multiplier, m),
                       measured=keep(measured, old.measured), target=keep(goal, old.target),
                       saturated_steps=saturated)
