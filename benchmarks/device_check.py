@@ -83,7 +83,10 @@ _VAL_LOSS_SECONDS = flags.DEFINE_integer("val_loss_seconds", 300,
                                          "Time box of the val_loss section (killed after).")
 _VAL_LOSS_STEPS = flags.DEFINE_string("val_loss_steps", "5000,750,250",
                                       "fp_steps,phase1_steps,phase2_steps of the val_loss run.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).")
+# allow_override: the tests import this module and compare_methods.py (which has its own
+# --data_dir) into one process; absl would refuse the second definition.
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).",
+                                allow_override=True)
 _MAX_SECONDS = flags.DEFINE_integer("max_seconds", 330,
                                     "Skip the sections (decode models, overhead models) not "
                                     "started after this many seconds.")
