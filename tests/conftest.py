@@ -17,3 +17,6 @@ os.environ["XLA_FLAGS"] = (
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# A benchmark of the suite itself, run as a script (python tests/suite_budget.py).
+collect_ignore = ["suite_budget.py"]
