@@ -25,7 +25,7 @@ it is made):
   context 256, batch 64, 5000 iterations; nanoGPT's README gives 1.4697 val
   loss for it, with dropout 0.2 which this GPT does not have) and reports the
   full-precision and EC2T val loss. Needs tensorflow-datasets and the
-  prepared data (``--tfds_data_dir`` or ``$TFDS_DATA_DIR``); its time comes on top
+  prepared data (``--data_dir`` or ``$TFDS_DATA_DIR``); its time comes on top
   of the 8 minutes.
 
 Without a GPU (or with ``--cpu_smoke``) it runs the same code on small
@@ -83,8 +83,10 @@ _VAL_LOSS_SECONDS = flags.DEFINE_integer("val_loss_seconds", 300,
                                          "Time box of the val_loss section (killed after).")
 _VAL_LOSS_STEPS = flags.DEFINE_string("val_loss_steps", "5000,750,250",
                                       "fp_steps,phase1_steps,phase2_steps of the val_loss run.")
-_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None,
-                                 "tfds data folder of the val-loss section (default $TFDS_DATA_DIR).")
+# allow_override: the tests import this module and compare_methods.py (which has its own
+# --data_dir) into one process; absl would refuse the second definition.
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data folder (default $TFDS_DATA_DIR).",
+                                allow_override=True)
 _MAX_SECONDS = flags.DEFINE_integer("max_seconds", 330,
                                     "Skip the sections (decode models, overhead models) not "
                                     "started after this many seconds.")

@@ -43,12 +43,12 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> from ec2t_jax.models import cifar_resnet, scale_pretrained_resnet
   >>> base = cifar_resnet(8)
-  >>> variables = jax.jit(base.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> variables = jax.jit(base.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   >>> supernet, wide = scale_pretrained_resnet(base, variables, depth_multiplier=1.4,
   ...                                          width_multiplier=1.2, noise=0.0)
   >>> supernet.blocks_per_stage, supernet.stage_features
   ((2, 2, 2), (16, 40, 80))
-  >>> x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))  # any image size
   >>> bool(jnp.allclose(jax.jit(base.apply)(variables, x),
   ...                   jax.jit(supernet.apply)(wide, x), atol=1e-4))
   True

@@ -16,9 +16,9 @@ Pixel values are in ``[0, 1]``; normalise them as you normalise real inputs.
 Example:
   >>> import jax
   >>> from ec2t_jax import fractal_images
-  >>> images = fractal_images(4, (28, 28, 1), jax.random.key(0))
+  >>> images = fractal_images(6, (16, 16, 3), jax.random.key(0), num_points=1024)
   >>> images.shape, bool(images.min() >= 0), bool(images.max() <= 1)
-  ((4, 28, 28, 1), True, True)
+  ((6, 16, 16, 3), True, True)
 """
 
 from __future__ import annotations
