@@ -119,33 +119,58 @@ class Rule:
   output_axis: Optional[int] = None
 
   def __post_init__(self):
-    if self.mode not in _MODES:
-      raise ValueError(f"Rule.mode must be one of {_MODES}, got {self.mode!r}")
-    try:
-      re.compile(self.pattern)
-    except re.error as e:
-      raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular "
-                       f"expression: {e}") from None
+    _check_rule_mode(self.mode)
+    _check_rule_pattern(self.pattern)
     if self.gamma is not None:  # None: the transformation's gamma
       hyper.check_range("Rule.gamma", self.gamma, hyper.Range(0.0, 1.0))
     if self.stack_axes is not None:
-      axes = (self.stack_axes,) if isinstance(self.stack_axes, int) else self.stack_axes
-      try:
-        axes = tuple(axes)
-      except TypeError:
-        axes = None
-      if axes is None or any(isinstance(a, bool) or not isinstance(a, (int, np.integer))
-                             for a in axes) or axes != tuple(range(len(axes))):
-        raise ValueError(
-            f"Rule.stack_axes must be the leading axes (0,), (0, 1), ... or (), "
-            f"got {self.stack_axes!r} (rule {self.pattern!r})")
-      object.__setattr__(self, "stack_axes", tuple(int(a) for a in axes))
+      object.__setattr__(self, "stack_axes",
+                         _rule_stack_axes(self.stack_axes, self.pattern))
     if self.output_axis is not None:
-      if isinstance(self.output_axis, bool) or not isinstance(
-          self.output_axis, (int, np.integer)):
-        raise ValueError(f"Rule.output_axis must be an int (an axis of one slice) "
-                         f"or None, got {self.output_axis!r} (rule {self.pattern!r})")
-      object.__setattr__(self, "output_axis", int(self.output_axis))
+      object.__setattr__(self, "output_axis",
+                         _rule_output_axis(self.output_axis, self.pattern))
+
+
+def _check_rule_mode(mode) -> None:
+  """Raises ValueError unless ``mode`` is one of ``_MODES``."""
+  if mode not in _MODES:
+    raise ValueError(f"Rule.mode must be one of {_MODES}, got {mode!r}")
+
+
+def _check_rule_pattern(pattern) -> None:
+  """Raises ValueError unless ``pattern`` compiles as a regular expression."""
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"Rule.pattern {pattern!r} is not a valid regular "
+                     f"expression: {e}") from None
+
+
+def _is_int(value) -> bool:
+  """Whether ``value`` is a Python or numpy integer (a bool is not)."""
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _rule_stack_axes(stack_axes, pattern) -> tuple[int, ...]:
+  """``Rule.stack_axes`` as a tuple of ints; ValueError unless the leading axes."""
+  axes = (stack_axes,) if isinstance(stack_axes, int) else stack_axes
+  try:
+    axes = tuple(axes)
+  except TypeError:
+    axes = None
+  if axes is None or not all(_is_int(a) for a in axes) or axes != tuple(range(len(axes))):
+    raise ValueError(
+        f"Rule.stack_axes must be the leading axes (0,), (0, 1), ... or (), "
+        f"got {stack_axes!r} (rule {pattern!r})")
+  return tuple(int(a) for a in axes)
+
+
+def _rule_output_axis(output_axis, pattern) -> int:
+  """``Rule.output_axis`` as an int; ValueError if it is not an integer."""
+  if not _is_int(output_axis):
+    raise ValueError(f"Rule.output_axis must be an int (an axis of one slice) "
+                     f"or None, got {output_axis!r} (rule {pattern!r})")
+  return int(output_axis)
 
 
 class LeafPlan(NamedTuple):
@@ -265,35 +290,13 @@ class Selection:
   traced: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
-    if self.traced is None and hasattr(self.order, "stack_ndim"):
-      object.__setattr__(self, "traced", self.order)
-    if self.traced is None and self.order is not None and not isinstance(self.order, str):
-      object.__setattr__(self, "traced", _trace_of_copy(self.order))
+    if self.traced is None:
+      object.__setattr__(self, "traced", _trace_of_order(self.order))
     object.__setattr__(self, "rules", tuple(self.rules))
-    for rule in self.rules:
-      if not isinstance(rule, Rule):
-        raise TypeError(f"Selection.rules must hold Rule objects, got {rule!r}")
-    if not (callable(self.default) or self.default in _DEFAULTS):
-      raise ValueError(f"Selection.default must be one of {_DEFAULTS} or a "
-                       f"callable (path, leaf) -> bool, got {self.default!r}")
+    _check_rules(self.rules)
+    _check_default(self.default)
     if self.order is not None:
-      if isinstance(self.order, str):
-        raise TypeError("Selection.order must be a sequence of paths, got the "
-                        f"string {self.order!r}")
-      order = tuple(self.order)
-      bad = [p for p in order if not isinstance(p, str)]
-      if bad:
-        raise TypeError("Selection.order must hold '/'-joined path strings, got "
-                        f"{bad[0]!r}")
-      if not order:
-        raise ValueError("Selection.order is empty; pass "
-                         "ec2t.forward_order(fn, params, *example_args)")
-      seen = set()
-      for path in order:
-        if path in seen:
-          raise ValueError(f"Selection.order lists {path!r} twice")
-        seen.add(path)
-      object.__setattr__(self, "order", order)
+      object.__setattr__(self, "order", _checked_order(self.order))
 
   def leaf_rule(self, path: str) -> LeafPlan:
     """What applies to ``path`` if it is selected: the first matching rule's
@@ -383,29 +386,12 @@ class Selection:
     leaves = [leaf for _, leaf in flat]
     stacks = [self.stack_ndim(p, l) if hasattr(l, "shape") else 0
               for p, l in zip(paths, leaves)]
-    plans: list[Optional[LeafPlan]] = [None] * len(leaves)
-    claimed = [False] * len(leaves)
-    for index, rule in enumerate(self.rules):
-      compiled = re.compile(rule.pattern)
-      hits = [i for i, p in enumerate(paths)
-              if not claimed[i] and compiled.search(p)]
-      if not hits:
-        raise ValueError(
-            f"Rule {index} (pattern {rule.pattern!r}) selects no leaf. Paths: "
-            + ", ".join(paths))
-      for i in hits:
-        claimed[i] = True
-        if rule.mode != "skip":
-          _check_selectable(paths[i], leaves[i], f"Rule {index} ({rule.pattern!r})",
-                            stacks[i])
-          plans[i] = LeafPlan(paths[i], rule.mode, rule.gamma,
-                              f"rule {index}: {rule.pattern}", stacks[i],
-                              self.output_axis(paths[i], leaves[i], stacks[i]))
-    for i in self._default_indices(params, flat, paths, leaves, stacks):
-      if not claimed[i]:
-        _check_selectable(paths[i], leaves[i], "The default selection", stacks[i])
-        plans[i] = LeafPlan(paths[i], "ternary", None, "default", stacks[i],
-                            self.output_axis(paths[i], leaves[i], stacks[i]))
+    by_rule, claimed = self._rule_plans(paths, leaves, stacks)
+    # Called here, not in a helper: its warning's stacklevel points at plan's caller.
+    chosen = self._default_indices(params, flat, paths, leaves, stacks)
+    by_default = self._default_plans(chosen, paths, leaves, stacks, claimed)
+    plans: list[Optional[LeafPlan]] = [by_rule.get(i, by_default.get(i))
+                                       for i in range(len(leaves))]
     if self.traced is None and not callable(self.default):
       _warn_untraced([p for p in plans if p is not None and p.source == "default"],
                      dict(zip(paths, leaves)))
@@ -417,6 +403,33 @@ class Selection:
           "first and last kernel in full precision; pass selection=[Rule(...)]"
           " to choose leaves explicitly. Paths: " + ", ".join(paths))
     return plans
+
+  def _checked_plan(self, path, leaf, stack, mode, gamma, source, chooser) -> LeafPlan:
+    """The plan of a leaf that ``chooser`` selected; ValueError if it cannot be ternarized."""
+    _check_selectable(path, leaf, chooser, stack)
+    return LeafPlan(path, mode, gamma, source, stack, self.output_axis(path, leaf, stack))
+
+  def _rule_plans(self, paths, leaves, stacks) -> tuple[dict[int, LeafPlan], list[bool]]:
+    """``({leaf index: plan} of the leaves the rules select, which leaves a
+    rule claims)``: the first matching rule claims a leaf (``"skip"`` too)."""
+    plans: dict[int, LeafPlan] = {}
+    claimed = [False] * len(leaves)
+    for index, rule in enumerate(self.rules):
+      for i in _rule_hits(index, rule, paths, claimed):
+        claimed[i] = True
+        if rule.mode != "skip":
+          plans[i] = self._checked_plan(
+              paths[i], leaves[i], stacks[i], rule.mode, rule.gamma,
+              f"rule {index}: {rule.pattern}", f"Rule {index} ({rule.pattern!r})")
+    return plans, claimed
+
+  def _default_plans(self, chosen, paths, leaves, stacks,
+                     claimed) -> dict[int, LeafPlan]:
+    """``{leaf index: plan}`` of the leaves the default ``chosen`` that no
+    rule claimed."""
+    return {i: self._checked_plan(paths[i], leaves[i], stacks[i], "ternary", None,
+                                  "default", "The default selection")
+            for i in chosen if not claimed[i]}
 
   def _default_indices(self, params, flat, paths, leaves, stacks) -> list[int]:
     if self.default == "none":
@@ -548,51 +561,141 @@ def _trace_of_copy(order):
       "strings ([str(p) for p in order]) to give the trace up deliberately")
 
 
+def _rule_hits(index: int, rule: Rule, paths, claimed) -> list[int]:
+  """Indices of the unclaimed ``paths`` that ``rule`` matches; ValueError if none."""
+  compiled = re.compile(rule.pattern)
+  hits = [i for i, p in enumerate(paths) if not claimed[i] and compiled.search(p)]
+  if not hits:
+    raise ValueError(
+        f"Rule {index} (pattern {rule.pattern!r}) selects no leaf. Paths: "
+        + ", ".join(paths))
+  return hits
+
+
+def _trace_of_order(order):
+  """The trace ``Selection.order`` carries: itself (a ForwardOrder), that of a
+  copy of one, or None."""
+  if hasattr(order, "stack_ndim"):
+    return order
+  if order is not None and not isinstance(order, str):
+    return _trace_of_copy(order)
+  return None
+
+
+def _check_rules(rules) -> None:
+  """Raises TypeError unless every element of ``Selection.rules`` is a Rule."""
+  for rule in rules:
+    if not isinstance(rule, Rule):
+      raise TypeError(f"Selection.rules must hold Rule objects, got {rule!r}")
+
+
+def _check_default(default) -> None:
+  """Raises ValueError unless ``Selection.default`` is a known name or a callable."""
+  if not (callable(default) or default in _DEFAULTS):
+    raise ValueError(f"Selection.default must be one of {_DEFAULTS} or a "
+                     f"callable (path, leaf) -> bool, got {default!r}")
+
+
+def _checked_order(order) -> tuple[str, ...]:
+  """``Selection.order`` as a tuple of distinct path strings (else TypeError or
+  ValueError)."""
+  if isinstance(order, str):
+    raise TypeError("Selection.order must be a sequence of paths, got the "
+                    f"string {order!r}")
+  order = tuple(order)
+  bad = [p for p in order if not isinstance(p, str)]
+  if bad:
+    raise TypeError("Selection.order must hold '/'-joined path strings, got "
+                    f"{bad[0]!r}")
+  if not order:
+    raise ValueError("Selection.order is empty; pass "
+                     "ec2t.forward_order(fn, params, *example_args)")
+  seen = set()
+  for path in order:
+    if path in seen:
+      raise ValueError(f"Selection.order lists {path!r} twice")
+    seen.add(path)
+  return order
+
+
+def _bias_looks_stacked(path: str, leaves: dict) -> bool:
+  """Whether a bias of 2+ axes does not match the trailing axes of its
+  sibling kernel (as a bias with a leading layer axis does not)."""
+  parent = path.rpartition("/")[0]
+  shape = tuple(getattr(leaves[path], "shape", ()))
+  kernel = leaves.get(f"{parent}/kernel" if parent else "kernel")
+  kshape = tuple(getattr(kernel, "shape", ()))
+  return kernel is not None and kshape[-len(shape):] != shape
+
+
+def _stack_evidence(leaves: dict) -> list[str]:
+  """Paths of norm scales and biases that look like stacks of layers (a
+  leading layer axis)."""
+  evidence = []
+  for path, leaf in leaves.items():
+    name = path.rpartition("/")[2]
+    ndim = len(tuple(getattr(leaf, "shape", ())))
+    if name == "scale" and ndim >= 2:
+      evidence.append(path)
+    elif name == "bias" and ndim >= 2 and _bias_looks_stacked(path, leaves):
+      evidence.append(path)
+  return evidence
+
+
+def _stacked_kernels(default_plans, leaves: dict, evidence) -> list[str]:
+  """Default-selected paths of 3+ axes, not known as stacked, whose leading
+  axis and top-level name match the stack ``evidence``."""
+  lengths = {tuple(leaves[p].shape)[0] for p in evidence}
+  tops = {p.split("/")[0] for p in evidence}
+  return [p.path for p in default_plans if not p.stack_ndim
+          and len(leaves[p.path].shape) >= 3 and leaves[p.path].shape[0] in lengths
+          and p.path.split("/")[0] in tops]
+
+
+def _shown(paths, leaves: dict, limit: int) -> str:
+  """The first ``limit`` paths with their shapes, and how many more."""
+  return ", ".join(f"{p!r} {tuple(leaves[p].shape)}" for p in paths[:limit]) + (
+      f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _stack_message(default_plans, leaves: dict) -> Optional[str]:
+  """The warning about default-selected kernels that look like stacks of
+  layers, or None."""
+  evidence = _stack_evidence(leaves)
+  stacked = _stacked_kernels(default_plans, leaves, evidence) if evidence else []
+  if not stacked:
+    return None
+  return (
+      f"leaves that look like stacks of layers (a leading layer axis, as "
+      f"nn.scan / nnx.vmap make): {_shown(evidence, leaves, 4)}; the kernels "
+      f"{_shown(stacked, leaves, 4)} would each be quantized as ONE layer (one set of "
+      "statistics for all the layers in it). Pass the trace (it finds the scan): Selection(order=ec2t.forward_order"
+      "(fn, params, *example_args)), or Rule(pattern, stack_axes=(0,))")
+
+
+def _unnamed_message(default_plans, leaves: dict) -> Optional[str]:
+  """The warning about default-selected leaves not named like matmul
+  weights, or None."""
+  unnamed = [p.path for p in default_plans
+             if p.path.rsplit("/", 1)[-1] not in _KERNEL_NAMES]
+  if not unnamed:
+    return None
+  return (
+      f"leaves selected by shape alone whose names do not say they are matmul "
+      f"weights: {_shown(unnamed, leaves, 6)}; a class token (1, 1, d) or a position embedding "
+      "(1, N, d) is added to the activations, never multiplied, and should not "
+      "be ternarized. Pass the trace, which selects only leaves that enter a "
+      "matrix multiply or a convolution: Selection(order=ec2t.forward_order(fn, "
+      "params, *example_args)), or skip them with Rule(pattern, mode='skip')")
+
+
 def _warn_untraced(default_plans, leaves: dict) -> None:
   """Without a trace the default judges by shape and name; warns (naming the
   leaves) where that may be wrong: stacks of layers (norm scales or biases
   with a leading layer axis) and selected leaves whose names do not say
   they are matmul weights (class tokens, position embeddings)."""
-  evidence = []
-  for path, leaf in leaves.items():
-    parent, _, name = path.rpartition("/")
-    shape = tuple(getattr(leaf, "shape", ()))
-    if name == "scale" and len(shape) >= 2:
-      evidence.append(path)
-    elif name == "bias" and len(shape) >= 2:
-      kernel = leaves.get(f"{parent}/kernel" if parent else "kernel")
-      kshape = tuple(getattr(kernel, "shape", ()))
-      if kernel is not None and kshape[-len(shape):] != shape:
-        evidence.append(path)
-  messages = []
-  stacked = []
-  if evidence:
-    lengths = {tuple(leaves[p].shape)[0] for p in evidence}
-    tops = {p.split("/")[0] for p in evidence}
-    stacked = [p.path for p in default_plans if not p.stack_ndim
-               and len(leaves[p.path].shape) >= 3 and leaves[p.path].shape[0] in lengths
-               and p.path.split("/")[0] in tops]
-    shown = lambda ps: ", ".join(f"{p!r} {tuple(leaves[p].shape)}" for p in ps[:4]) + (
-        f" and {len(ps) - 4} more" if len(ps) > 4 else "")
-  if stacked:
-    messages.append(
-        f"leaves that look like stacks of layers (a leading layer axis, as "
-        f"nn.scan / nnx.vmap make): {shown(evidence)}; the kernels "
-        f"{shown(stacked)} would each be quantized as ONE layer (one set of "
-        "statistics for all the layers in it). Pass the trace (it finds the scan): Selection(order=ec2t.forward_order"
-        "(fn, params, *example_args)), or Rule(pattern, stack_axes=(0,))")
-  unnamed = [p.path for p in default_plans
-             if p.path.rsplit("/", 1)[-1] not in _KERNEL_NAMES]
-  if unnamed:
-    shown = ", ".join(f"{p!r} {tuple(leaves[p].shape)}" for p in unnamed[:6]) + (
-        f" and {len(unnamed) - 6} more" if len(unnamed) > 6 else "")
-    messages.append(
-        f"leaves selected by shape alone whose names do not say they are matmul "
-        f"weights: {shown}; a class token (1, 1, d) or a position embedding "
-        "(1, N, d) is added to the activations, never multiplied, and should not "
-        "be ternarized. Pass the trace, which selects only leaves that enter a "
-        "matrix multiply or a convolution: Selection(order=ec2t.forward_order(fn, "
-        "params, *example_args)), or skip them with Rule(pattern, mode='skip')")
+  messages = [m for m in (_stack_message(default_plans, leaves),
+                          _unnamed_message(default_plans, leaves)) if m]
   if messages:
     warnings.warn("Selection without a trace (the default judges leaves by shape "
                   "and name): " + "; ".join(messages), stacklevel=4)

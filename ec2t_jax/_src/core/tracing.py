@@ -274,6 +274,22 @@ _SAME_AXES = frozenset(_PASS_THROUGH) | {
     "sharding_constraint", "real", "stop_gradient", "square", "round", "floor", "ceil"}
 
 
+def _next_run(old_shape, new_shape, i, j):
+  """Ends ``(i, j)`` of the shortest runs ``old_shape[i:]``, ``new_shape[j:]``
+  whose sizes multiply to the same product."""
+  a = b = 1
+  if i < len(old_shape):
+    a *= old_shape[i]; i += 1
+  if j < len(new_shape):
+    b *= new_shape[j]; j += 1
+  while a != b and (i < len(old_shape) or j < len(new_shape)):
+    if (a < b or j == len(new_shape)) and i < len(old_shape):
+      a *= old_shape[i]; i += 1
+    else:
+      b *= new_shape[j]; j += 1
+  return i, j
+
+
 def _reshape_axes(old_shape, new_shape, axes):
   """Leaf axes of a reshaped view: runs of axes whose sizes multiply to the
   same product map to each other; a merged or split run maps to its last
@@ -282,82 +298,124 @@ def _reshape_axes(old_shape, new_shape, axes):
   i = j = 0
   while i < len(old_shape) or j < len(new_shape):
     i0, j0 = i, j
-    a = b = 1
-    if i < len(old_shape):
-      a *= old_shape[i]; i += 1
-    if j < len(new_shape):
-      b *= new_shape[j]; j += 1
-    while a != b and (i < len(old_shape) or j < len(new_shape)):
-      if (a < b or j == len(new_shape)) and i < len(old_shape):
-        a *= old_shape[i]; i += 1
-      else:
-        b *= new_shape[j]; j += 1
+    i, j = _next_run(old_shape, new_shape, i, j)
     mapped = [axes[k] for k in range(i0, i) if old_shape[k] != 1 and axes[k] is not None]
+    single = i - i0 == 1 and j - j0 == 1
     for k in range(j0, j):
       if new_shape[k] != 1 and mapped:
-        out[k] = mapped[0] if (i - i0 == 1 and j - j0 == 1) else mapped[-1]
+        out[k] = mapped[0] if single else mapped[-1]
   return tuple(out)
+
+
+# Same-axes primitives whose output shape may differ from the input's.
+_RESHAPING_SAME_AXES = ("slice", "dynamic_slice", "pad", "concatenate", "rev")
+
+
+def _keeps_axes(name, in_shape, out_shape) -> bool:
+  """Whether primitive ``name`` keeps each operand axis at the same index."""
+  return name in _SAME_AXES and len(in_shape) == len(out_shape) and (
+      in_shape == out_shape or name in _RESHAPING_SAME_AXES)
+
+
+def _squeeze_axes(dimensions, axes):
+  """Leaf axes left after ``squeeze`` drops ``dimensions``."""
+  drop = {d % len(axes) for d in dimensions}
+  return tuple(a for d, a in enumerate(axes) if d not in drop)
+
+
+def _broadcast_axes(broadcast_dimensions, in_shape, out_shape, axes):
+  """Leaf axes of a ``broadcast_in_dim`` output (new and broadcast axes: None)."""
+  new = [None] * len(out_shape)
+  for d, target in enumerate(broadcast_dimensions):
+    if in_shape[d] == out_shape[target]:  # a broadcast axis is not the leaf's
+      new[target] = axes[d]
+  return tuple(new)
+
+
+def _operand_view(eqn, k, in_shape, out_shape, axes):
+  """A leaf's axes in the output of ``eqn``, given its ``axes`` in operand
+  ``k`` (None: the output is not a view of it)."""
+  name = eqn.primitive.name
+  if name == "transpose":
+    return tuple(axes[a] for a in eqn.params["permutation"])
+  if name == "reshape" and k == 0:
+    return _reshape_axes(in_shape, out_shape, axes)
+  if name == "squeeze":
+    return _squeeze_axes(eqn.params["dimensions"], axes)
+  if name == "broadcast_in_dim" and k == 0:
+    return _broadcast_axes(eqn.params["broadcast_dimensions"], in_shape, out_shape, axes)
+  if _keeps_axes(name, in_shape, out_shape):
+    return axes
+  return None
 
 
 def _view_of(eqn, ins):
   """Per leaf, its axes in the single output of ``eqn`` (``{}``: not a view)."""
-  name = eqn.primitive.name
   out_shape = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
   views = {}
-  for k, (data, view) in enumerate(ins):
+  for k, (_, view) in enumerate(ins):
     if not view:
       continue
     in_shape = tuple(getattr(eqn.invars[k].aval, "shape", ()))
     for leaf, axes in view.items():
-      if name == "transpose":
-        new = tuple(axes[a] for a in eqn.params["permutation"])
-      elif name == "reshape" and k == 0:
-        new = _reshape_axes(in_shape, out_shape, axes)
-      elif name == "squeeze":
-        drop = {d % len(axes) for d in eqn.params["dimensions"]}
-        new = tuple(a for d, a in enumerate(axes) if d not in drop)
-      elif name == "broadcast_in_dim" and k == 0:
-        new = [None] * len(out_shape)
-        for d, target in enumerate(eqn.params["broadcast_dimensions"]):
-          if in_shape[d] == out_shape[target]:  # a broadcast axis is not the leaf's
-            new[target] = axes[d]
-        new = tuple(new)
-      elif name in _SAME_AXES and len(in_shape) == len(out_shape) and (
-          in_shape == out_shape or name in ("slice", "dynamic_slice", "pad",
-                                            "concatenate", "rev")):
-        new = axes
-      else:
-        continue
-      views.setdefault(leaf, new)
+      new = _operand_view(eqn, k, in_shape, out_shape, axes)
+      if new is not None:
+        views.setdefault(leaf, new)
   return views
+
+
+def _weight_specs(eqn):
+  """``((contracting, batch) axes of the lhs, of the rhs)`` of a matmul or
+  convolution; None for any other primitive."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+    return ((contract_l, batch_l), (contract_r, batch_r))
+  if name == "conv_general_dilated":
+    lhs, rhs, _ = eqn.params["dimension_numbers"]
+    return ((tuple(lhs[1:]), ()), (tuple(rhs[1:]), ()))
+  return None
+
+
+def _is_weight_operand(ins, k) -> bool:
+  """Whether operand ``k`` derives from leaves alone and the other from the data."""
+  (data, view), other = ins[k], ins[1 - k]
+  return bool(view) and not data and bool(other[0])
+
+
+def _free_axes(eqn, k, contract, batch):
+  """Operand ``k``'s axes that survive into the output (a convolution's: its
+  feature axis)."""
+  if eqn.primitive.name == "conv_general_dilated":
+    return [eqn.params["dimension_numbers"][k][0]]
+  ndim = len(getattr(eqn.invars[k].aval, "shape", ()))
+  return [d for d in range(ndim) if d not in contract and d not in batch]
+
+
+def _weight_axes(view, contract, free):
+  """``{leaf: output axis or None}`` of the leaves in a weight operand's ``view``."""
+  found = {}
+  for leaf, axes in view.items():
+    if not any(axes[d] is not None for d in contract):
+      continue  # only broadcast axes are summed over: not a weight
+    mapped = [axes[d] for d in free if axes[d] is not None]
+    found.setdefault(leaf, max(mapped) if mapped else None)
+  return found
 
 
 def _weight_use(eqn, ins):
   """``{leaf: output axis or None}`` of a matmul or convolution's weight operand."""
-  name = eqn.primitive.name
-  if name == "dot_general":
-    (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
-    specs = ((contract_l, batch_l), (contract_r, batch_r))
-  elif name == "conv_general_dilated":
-    lhs, rhs, _ = eqn.params["dimension_numbers"]
-    specs = ((tuple(lhs[1:]), ()), (tuple(rhs[1:]), ()))
-  else:
+  specs = _weight_specs(eqn)
+  if specs is None:
     return {}
   found = {}
   for k in (0, 1):
-    (data, view), other = ins[k], ins[1 - k]
-    if not view or data or not other[0]:
+    if not _is_weight_operand(ins, k):
       continue
-    ndim = len(getattr(eqn.invars[k].aval, "shape", ()))
     contract, batch = (tuple(x) for x in specs[k])
-    free = [d for d in range(ndim) if d not in contract and d not in batch]
-    if name == "conv_general_dilated":
-      free = [eqn.params["dimension_numbers"][k][0]]
-    for leaf, axes in view.items():
-      if not any(axes[d] is not None for d in contract):
-        continue  # only broadcast axes are summed over: not a weight
-      mapped = [axes[d] for d in free if axes[d] is not None]
-      found.setdefault(leaf, max(mapped) if mapped else None)
+    free = _free_axes(eqn, k, contract, batch)
+    for leaf, axis in _weight_axes(ins[k][1], contract, free).items():
+      found.setdefault(leaf, axis)
   return found
 
 
@@ -430,6 +488,77 @@ def weight_uses(jaxpr, num_leaves: int) -> dict[int, Optional[int]]:
   return found
 
 
+def _check_params_tree(params) -> None:
+  """Raises TypeError if ``params`` is a bare array rather than a tree."""
+  if not jax.tree_util.treedef_children(jax.tree.structure(pure_tree(params))) \
+      and jax.tree.leaves(params):
+    raise TypeError(
+        "forward_order(fn, params, *example_args): params is a bare "
+        f"{type(params).__name__} of shape {getattr(params, 'shape', '?')}, not a "
+        "tree of parameters; pass the params tree first and the example inputs "
+        "after it (were the arguments swapped?)")
+
+
+def _first_paths(paths) -> str:
+  """The first six ``paths``, comma-joined, with ``, ...`` if there are more."""
+  return f"{', '.join(paths[:6])}{', ...' if len(paths) > 6 else ''}"
+
+
+def _is_lookup(eqn, ins) -> bool:
+  """Whether ``eqn`` gathers from a leaf-only operand at data indices."""
+  return (eqn.primitive.name == "gather" and len(ins) >= 2
+          and not ins[0].data and ins[1].data)
+
+
+class _LeafUses:
+  """Ranks, per leaf index, of its first and last use with the data and of
+  its first operation, and the embedding lookups, recorded by :meth:`visit`
+  (a :func:`walk` callback) in execution order."""
+
+  def __init__(self):
+    self.meets_data: dict[int, int] = {}
+    self.last_meets: dict[int, int] = {}
+    self.touched: dict[int, int] = {}
+    self.lookups: set[int] = set()
+    self.count = 0
+
+  def visit(self, eqn, ins) -> None:
+    """Records one operation ``eqn`` on operands of provenances ``ins``."""
+    self.count += 1
+    leaves = union(ins).leaves
+    for i in leaves:
+      self.touched.setdefault(i, self.count)
+    if any(p.data for p in ins):
+      self._meet_data(leaves, ins)
+    if _is_lookup(eqn, ins):
+      self.lookups.update(ins[0].leaves)
+
+  def _meet_data(self, leaves, ins) -> None:
+    """Records an operation that combines ``leaves`` with the data."""
+    for i in leaves:
+      self.meets_data.setdefault(i, self.count)
+    # The last use reads the leaf itself (a value of params only), not an
+    # activation that merely derives from it.
+    for p in ins:
+      if not p.data:
+        for i in p.leaves:
+          self.last_meets[i] = self.count
+
+  def used(self, reaching) -> set[int]:
+    """Leaves that meet the data or reach the outputs (``reaching``)."""
+    for i in reaching:  # returned as is, with no operation on them
+      self.touched.setdefault(i, self.count + 1)
+    return set(self.meets_data) | (set(self.touched) & reaching)
+
+  def first_key(self, i):
+    """Sort key of leaf ``i`` by first use (meeting the data before not)."""
+    return ((0, self.meets_data[i]) if i in self.meets_data else (1, self.touched[i]), i)
+
+  def last_key(self, i):
+    """Sort key of leaf ``i`` by last use (meeting the data before not)."""
+    return ((0, self.last_meets[i]) if i in self.last_meets else (1, self.touched[i]), i)
+
+
 def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder:
   """Parameter paths in the order ``fn(params, *example_args)`` first uses them.
 
@@ -480,57 +609,23 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder
     >>> forward_order(lambda p, x: Net().apply({"params": p}, x), params, x)
     ['stem/kernel', 'stem/bias', 'head/kernel', 'head/bias']
   """
-  if not jax.tree_util.treedef_children(jax.tree.structure(pure_tree(params))) \
-      and jax.tree.leaves(params):
-    raise TypeError(
-        "forward_order(fn, params, *example_args): params is a bare "
-        f"{type(params).__name__} of shape {getattr(params, 'shape', '?')}, not a "
-        "tree of parameters; pass the params tree first and the example inputs "
-        "after it (were the arguments swapped?)")
+  _check_params_tree(params)
   jaxpr, provenances, paths = trace(fn, params, *example_args, **kwargs)
-  meets_data: dict[int, int] = {}
-  last_meets: dict[int, int] = {}
-  touched: dict[int, int] = {}
-  lookups: set[int] = set()
-  counter = [0]
-
-  def visit(eqn, ins):
-    counter[0] += 1
-    leaves = union(ins).leaves
-    for i in leaves:
-      touched.setdefault(i, counter[0])
-    if any(p.data for p in ins):
-      for i in leaves:
-        meets_data.setdefault(i, counter[0])
-      # The last use reads the leaf itself (a value of params only), not an
-      # activation that merely derives from it.
-      for p in ins:
-        if not p.data:
-          for i in p.leaves:
-            last_meets[i] = counter[0]
-    if (eqn.primitive.name == "gather" and len(ins) >= 2
-        and not ins[0].data and ins[1].data):
-      lookups.update(ins[0].leaves)
-
-  outs = walk(jaxpr, provenances, visit)
-  reaching = union(outs).leaves
-  for i in reaching:  # returned as is, with no operation on them
-    touched.setdefault(i, counter[0] + 1)
-  used = set(meets_data) | (set(touched) & reaching)
+  uses = _LeafUses()
+  outs = walk(jaxpr, provenances, uses.visit)
+  used = uses.used(union(outs).leaves)
   if not used:
     raise ValueError(
         f"forward_order: fn uses none of the {len(paths)} parameter leaves "
-        f"({', '.join(paths[:6])}{', ...' if len(paths) > 6 else ''}); does fn "
+        f"({_first_paths(paths)}); does fn "
         "read its first argument (e.g. lambda p, x: model.apply({'params': p}, x))?")
-  key = lambda i: ((0, meets_data[i]) if i in meets_data else (1, touched[i]), i)
-  last = lambda i: ((0, last_meets[i]) if i in last_meets else (1, touched[i]), i)
-  ordered = sorted(used, key=key)
+  ordered = sorted(used, key=uses.first_key)
   stacked = stacked_leaves(jaxpr, len(paths))
   weights = weight_uses(jaxpr, len(paths))
   if not weights:
     raise ValueError(
         f"forward_order: none of the {len(paths)} parameter leaves "
-        f"({', '.join(paths[:6])}{', ...' if len(paths) > 6 else ''}) enters a "
+        f"({_first_paths(paths)}) enters a "
         "matrix multiply or a convolution as a weight; is the first argument "
         "after fn the params tree (forward_order(fn, params, *example_args)), "
         "and does fn multiply the example inputs by it?")
@@ -538,8 +633,8 @@ def forward_order(fn: Callable, params, *example_args, **kwargs) -> ForwardOrder
   return ForwardOrder(
       [paths[i] for i in ordered],
       stack_ndim={paths[i]: n for i, n in stacked.items() if i in used},
-      last_use={paths[i]: rank for rank, i in enumerate(sorted(used, key=last))},
-      lookups={paths[i] for i in lookups if i in used},
+      last_use={paths[i]: rank for rank, i in enumerate(sorted(used, key=uses.last_key))},
+      lookups={paths[i] for i in uses.lookups if i in used},
       output_axes={paths[i]: _slice_axis(axis, stacked.get(i, 0),
                                          len(getattr(in_vars[i].aval, "shape", ())))
                    for i, axis in weights.items()},
