@@ -134,6 +134,9 @@ def _typed(key: str, text: str, default: Any) -> Any:
       return tuple(float(part) for part in text.split("/"))
     if isinstance(default, (int, float, str)):
       return type(default)(text)
+    if "/" in text:  # default None (SLQ's portions, cluster_counts): '/'-separated numbers
+      return tuple(int(p) if p.strip().lstrip("-").isdigit() else float(p)
+                   for p in text.split("/"))
     for kind in (int, float):  # default None: a number if it reads as one
       try:
         return kind(text)
