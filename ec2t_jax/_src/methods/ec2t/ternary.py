@@ -353,18 +353,11 @@ def entropy_constrained_assign(
   return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
 
 
-def entropy_constrained_lambda(
-    weights,
-    w_n,
-    w_p,
-    *,
-    gamma,
-    size_decay=1.0,
-    zero_floor: float = 0.5,
-    renormalization: Renormalization = "exact",
-    ties: Ties = "zero",
-    channel_axis=None,
-) -> tuple[jax.Array, jax.Array]:
+def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
+                               zero_floor: float = 0.5,
+                               renormalization: Renormalization = "exact",
+                               ties: Ties = "zero",
+                               channel_axis=None) -> tuple[jax.Array, jax.Array]:
   """Steps 1-3 of :func:`entropy_constrained_assign`: ``(lambda, I)``.
 
   ``I = -log2 P`` of the nearest-centroid assignment (with EC2T's guards)
