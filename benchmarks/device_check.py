@@ -253,6 +253,34 @@ def format_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
+def _check_sections(sections) -> None:
+  """Raises a ``ValueError`` naming the first section that is not a known one."""
+  for section in sections:
+    if section not in ("decode", "overhead", "val_loss"):
+      raise ValueError(f"unknown section {section!r}: decode, overhead, val_loss")
+
+
+def _device_row(smoke: bool) -> Row:
+  """The first row: backend, device kind and jax version (and whether a CPU smoke run)."""
+  device = jax.devices()[0]
+  return Row("device", "backend", f"{jax.default_backend()} {device.device_kind}",
+             f"jax {jax.__version__}" + (", cpu_smoke" if smoke else ""))
+
+
+def _skipped(section: str, item: str, max_seconds: float) -> Row:
+  """The row of a section (or a model of one) not started within ``max_seconds``."""
+  return Row(section, item, "skipped", f"not started within --max_seconds={max_seconds}")
+
+
+def _decode_section(emit, late, decode_models, max_seconds, **decode_kwargs) -> None:
+  """Emits the decode rows of each model, or a skipped row for a model started too late."""
+  for name in decode_models:
+    if late():
+      emit([_skipped("decode", name, max_seconds)])
+      continue
+    emit(decode_rows(name, DECODE_MODELS[name], **decode_kwargs))
+
+
 def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xla", "pallas"),
               batches=(1, 16), new_tokens=None, repeats: int = 3, overhead_rounds: int = 10,
               max_seconds: float = 330, val_loss_seconds: int = 300,
@@ -264,29 +292,20 @@ def run_check(sections, *, smoke: bool, decode_models=None, routes=("dense", "xl
   killed from outside still leaves its rows in the log).
   """
   start = time.perf_counter()
-  device = jax.devices()[0]
   rows = []
   emit = lambda new: [rows.append(r) or (echo(r) if echo else None) for r in new]
-  emit([Row("device", "backend", f"{jax.default_backend()} {device.device_kind}",
-            f"jax {jax.__version__}" + (", cpu_smoke" if smoke else ""))])
+  emit([_device_row(smoke)])
   decode_models = decode_models or (["smoke"] if smoke else ["gpu_size", "gpt12x768"])
   new_tokens = new_tokens or (8 if smoke else 64)
   late = lambda: time.perf_counter() - start > max_seconds
-  for section in sections:
-    if section not in ("decode", "overhead", "val_loss"):
-      raise ValueError(f"unknown section {section!r}: decode, overhead, val_loss")
+  _check_sections(sections)
   for section in sections:
     if late():
-      emit([Row(section, "-", "skipped", f"not started within --max_seconds={max_seconds}")])
+      emit([_skipped(section, "-", max_seconds)])
     elif section == "decode":
-      for name in decode_models:
-        if late():
-          emit([Row(section, name, "skipped",
-                    f"not started within --max_seconds={max_seconds}")])
-          continue
-        emit(decode_rows(name, DECODE_MODELS[name], routes=list(routes),
-                         batches=[int(b) for b in batches], new_tokens=new_tokens,
-                         repeats=repeats))
+      _decode_section(emit, late, decode_models, max_seconds, routes=list(routes),
+                      batches=[int(b) for b in batches], new_tokens=new_tokens,
+                      repeats=repeats)
     elif section == "overhead":
       emit(overhead_rows(smoke, 2 if smoke else overhead_rounds, late=late))
     else:

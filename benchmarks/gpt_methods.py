@@ -281,33 +281,63 @@ def plot(fp: dict, rows: dict[str, list[dict]], path: str) -> None:
   plt.close(fig)
 
 
+def _runs_and_seeds(quick: bool) -> tuple[str, str]:
+  """``--runs`` and ``--seeds``, or the smoke mode's when ``--quick`` leaves them unset."""
+  runs = FLAGS.runs if FLAGS["runs"].present or not quick else ",".join(QUICK_RUNS)
+  seeds = FLAGS.seeds if FLAGS["seeds"].present or not quick else "0"
+  return runs, seeds
+
+
+def _extra_flags(quick: bool) -> list[str]:
+  """Flags every example run gets: the smoke mode's, ``--example_flags``, ``--data_dir``."""
+  extra = [*(QUICK_FLAGS if quick else ()), *FLAGS.example_flags.split()]
+  if FLAGS.data_dir:
+    extra.append(f"--data_dir={FLAGS.data_dir}")
+  return extra
+
+
+def _full_precision(extra: list[str]) -> tuple[dict, str]:
+  """The cached full-precision run's report and the ``--init_from`` flag of its checkpoint."""
+  fp_dir = os.path.join(FLAGS.workdir, "fp")
+  fp = _cached(fp_dir, ["--phase1_steps=0", *[a for a in extra if "phase" not in a]])
+  fp["fp_steps"] = next((a.split("=")[1] for a in extra if a.startswith("--fp_steps=")), 2000)
+  return fp, f"--init_from={os.path.join(fp_dir, 'checkpoints', 'fp', 'latest')}"
+
+
+def _command() -> str:
+  """The command line that reproduces the table (without the output-only flags)."""
+  return "python benchmarks/gpt_methods.py " + " ".join(
+      a for a in sys.argv[1:] if not a.startswith(("--output", "--plot", "--cached_only")))
+
+
+def _run_one(spec: RunSpec, args: list[str], seed: int, init: str,
+             extra: list[str]) -> dict | None:
+  """One run's results (cached or run now); None with ``--cached_only`` and no report."""
+  workdir = os.path.join(FLAGS.workdir, f"{spec.folder}_s{seed}")
+  if FLAGS.cached_only and not os.path.exists(os.path.join(workdir, "report.json")):
+    return None
+  run_args = [init, *args, f"--seed={seed}", *extra]
+  return {**_cached(workdir, run_args), **_float16_export(workdir, run_args)}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   quick = FLAGS.quick
-  runs = FLAGS.runs if FLAGS["runs"].present or not quick else ",".join(QUICK_RUNS)
-  seeds = FLAGS.seeds if FLAGS["seeds"].present or not quick else "0"
-  extra = [*(QUICK_FLAGS if quick else ()), *FLAGS.example_flags.split()]
-  if FLAGS.data_dir:
-    extra.append(f"--data_dir={FLAGS.data_dir}")
+  runs, seeds = _runs_and_seeds(quick)
+  extra = _extra_flags(quick)
   specs = [RunSpec(r) for r in runs.split(",") if r.strip()]
   planned = resolve(specs)
   skipped = [s.text for s in specs if s not in [p for p, _ in planned]]
-  fp_dir = os.path.join(FLAGS.workdir, "fp")
-  fp = _cached(fp_dir, ["--phase1_steps=0", *[a for a in extra if "phase" not in a]])
-  fp["fp_steps"] = next((a.split("=")[1] for a in extra if a.startswith("--fp_steps=")), 2000)
-  init = f"--init_from={os.path.join(fp_dir, 'checkpoints', 'fp', 'latest')}"
-  command = "python benchmarks/gpt_methods.py " + " ".join(
-      a for a in sys.argv[1:] if not a.startswith(("--output", "--plot", "--cached_only")))
+  fp, init = _full_precision(extra)
+  command = _command()
   rows: dict[str, list[dict]] = {}
   notes = kept_notes(FLAGS.output)
   for spec, args in planned:
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
-      workdir = os.path.join(FLAGS.workdir, f"{spec.folder}_s{seed}")
-      if FLAGS.cached_only and not os.path.exists(os.path.join(workdir, "report.json")):
+      result = _run_one(spec, args, seed, init, extra)
+      if result is None:
         continue
-      run_args = [init, *args, f"--seed={seed}", *extra]
-      result = {**_cached(workdir, run_args), **_float16_export(workdir, run_args)}
       rows.setdefault(spec.label, []).append(result)
       with open(FLAGS.output, "w", encoding="utf-8") as f:  # rewritten after every run
         f.write(table(fp, rows, command, skipped, os.path.basename(FLAGS.plot)) + notes)

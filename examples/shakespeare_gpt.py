@@ -249,48 +249,25 @@ def run(fv: flags.FlagValues) -> dict:
   """Runs the job described by parsed flags ``fv``; returns the results dict."""
   # pylint: disable=g-import-not-at-top  (after jax.distributed starts)
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   import optax
-  import ec2t_jax as ec2t
   from common import checkpoint as checkpoint_lib
   from common import language
   from common import parallel
-  from common import pipeline
-  from common.cli import UserError
   from common.metrics import MetricWriter
-  from common.training import TrainState
 
   main = parallel.is_main_process()
   log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-  for name in ("phase1_steps", "phase2_steps"):
-    if fv[name].value < 0:
-      raise UserError(f"--{name} must be >= 0, got {fv[name].value}")
-  if fv.init_from is None and fv.fp_steps < 1:
-    raise UserError("full-precision model needed: set --fp_steps > 0 or --init_from")
-  total = fv.phase1_steps + fv.phase2_steps
-  method_setup(fv, None, total)  # bad --method flags fail before loading data
-  if fv.activation_bits not in (None, 8):
-    raise UserError(f"--activation_bits must be 8 or unset (float inputs), got "
-                    f"{fv.activation_bits}")
+  total = _check_flags(fv)
   mesh = _mesh(fv)
   data = language.load_tiny_shakespeare(fv.data_dir)
   init_params, apply_fn = build_model(fv, len(data.vocab))
   selection = paper_selection(init_params, apply_fn, fv.block_size)
   setup = method_setup(fv, selection, total)
   if setup.post_training is not None and fv.method != "mcq":
+    from common.cli import UserError
     raise UserError(f"--method={fv.method} calibrates on images; this example runs the "
                     "training-time methods and mcq")
-  fingerprint = {"model": f"gpt{fv.num_layers}x{fv.num_heads}x{fv.width}x{fv.block_size}"
-                          + ("-scan" if fv.scan_layers else ""),
-                 "dataset": "tiny_shakespeare", "method": fv.method,
-                 "method_options": fv.method_options, "gamma": fv.gamma}
-  budget = {k: v for k, v in budget_fields(fv).items()
-            if k not in ("budget_ramp_steps", "export_float16")}
-  if any(budget[k] for k in ("bits_per_weight", "target_bytes", "target_sparsity")):
-    fingerprint["budget"] = budget  # runs without a budget keep their former fingerprint
-  if fv.activation_bits is not None:  # float-input runs keep their former fingerprint
-    fingerprint["activation_bits"] = fv.activation_bits
+  fingerprint = _fingerprint(fv)
   checkpoint_lib.check_workdir(fv.workdir, fingerprint, fv.resume, PHASES)
   writer = MetricWriter(fv.workdir, enabled=main)
   runner = language.LMRunner(apply_fn, data, mesh, fv.batch_size, fv.block_size, fv.workdir,
@@ -311,6 +288,64 @@ def run(fv: flags.FlagValues) -> dict:
                              "learning_rate": fv.learning_rate, "phase1_steps": fv.phase1_steps,
                              "phase2_steps": fv.phase2_steps, "scan_layers": fv.scan_layers,
                              "activation_bits": fv.activation_bits}
+  fp_state = _full_precision(fv, runner, fp_tx, init_params, results, log)
+  samples = {"fp": language.sample_text(apply_fn, fp_state.params, data, fv.block_size,
+                                        fv.sample_chars, seed=fv.seed)} if fv.sample_chars else {}
+  if fv.phase1_steps == 0:
+    return _finish(fv, results, samples, writer, log)
+
+  # ---- the method
+  results["total_params"] = language.count_params(fp_state.params)
+  if fv.target_bytes:  # F measured on the full-precision model: its float leaves, packed
+    import ec2t_jax as ec2t
+    setup = method_setup(fv, selection, total, ec2t.export.fixed_bytes(
+        parallel.to_host(fp_state.params), selection, float16=fv.export_float16))
+  if setup.post_training is not None:  # MCQ
+    state = _post_train(fv, runner, fp_state, fp_tx, setup, selection, apply_fn)
+    return _report(fv, runner, state, None, setup, selection, results, samples, writer, log,
+                   apply_fn, data)
+  state, summary = _train_method(fv, runner, fp_state, setup, selection, results)
+  return _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
+                 apply_fn, data)
+
+
+def _check_flags(fv) -> int:
+  """Raises ``UserError`` for bad flags (before loading data); returns the method's steps."""
+  from common.cli import UserError  # pylint: disable=g-import-not-at-top
+  for name in ("phase1_steps", "phase2_steps"):
+    if fv[name].value < 0:
+      raise UserError(f"--{name} must be >= 0, got {fv[name].value}")
+  if fv.init_from is None and fv.fp_steps < 1:
+    raise UserError("full-precision model needed: set --fp_steps > 0 or --init_from")
+  total = fv.phase1_steps + fv.phase2_steps
+  method_setup(fv, None, total)  # bad --method flags fail before loading data
+  if fv.activation_bits not in (None, 8):
+    raise UserError(f"--activation_bits must be 8 or unset (float inputs), got "
+                    f"{fv.activation_bits}")
+  return total
+
+
+def _fingerprint(fv) -> dict[str, Any]:
+  """The run's fingerprint (model, data, method, budget): a workdir holds one run."""
+  fingerprint = {"model": f"gpt{fv.num_layers}x{fv.num_heads}x{fv.width}x{fv.block_size}"
+                          + ("-scan" if fv.scan_layers else ""),
+                 "dataset": "tiny_shakespeare", "method": fv.method,
+                 "method_options": fv.method_options, "gamma": fv.gamma}
+  budget = {k: v for k, v in budget_fields(fv).items()
+            if k not in ("budget_ramp_steps", "export_float16")}
+  if any(budget[k] for k in ("bits_per_weight", "target_bytes", "target_sparsity")):
+    fingerprint["budget"] = budget  # runs without a budget keep their former fingerprint
+  if fv.activation_bits is not None:  # float-input runs keep their former fingerprint
+    fingerprint["activation_bits"] = fv.activation_bits
+  return fingerprint
+
+
+def _full_precision(fv, runner, fp_tx, init_params, results, log):
+  """The full-precision state: loaded (``--init_from``) or trained; records its loss."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from common import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from common.training import TrainState  # pylint: disable=g-import-not-at-top
   if fv.init_from:
     params, _ = checkpoint_lib.restore_variables(fv.init_from)
     params = jax.tree.map(np.asarray, params)  # restored on one device; the mesh may span more
@@ -323,26 +358,31 @@ def run(fv: flags.FlagValues) -> dict:
     results["fp_seconds"] = fp_info["seconds"]
   results["fp_val_loss"] = runner.evaluate(fp_state.params)
   log(f"[fp] validation loss {results['fp_val_loss']:.4f}")
-  samples = {"fp": language.sample_text(apply_fn, fp_state.params, data, fv.block_size,
-                                        fv.sample_chars, seed=fv.seed)} if fv.sample_chars else {}
-  if fv.phase1_steps == 0:
-    return _finish(fv, results, samples, writer, log)
+  return fp_state
 
-  # ---- the method
-  results["total_params"] = language.count_params(fp_state.params)
-  if fv.target_bytes:  # F measured on the full-precision model: its float leaves, packed
-    setup = method_setup(fv, selection, total, ec2t.export.fixed_bytes(
-        parallel.to_host(fp_state.params), selection, float16=fv.export_float16))
-  if setup.post_training is not None:  # MCQ
-    host = parallel.to_host(fp_state.params)
-    from common.methods import PostTrainingInputs
-    params = setup.post_training(PostTrainingInputs(
-        params=host, apply_fn=apply_fn, train_images=None, image_shape=(fv.block_size,),
-        mean=(0.0,), std=(1.0,), seed=fv.seed, selection=selection))
-    state = runner.init_state(lambda p: TrainState.create(p, {}, fp_tx, fv.seed),
-                              jax.tree.map(np.asarray, params))
-    return _report(fv, runner, state, None, setup, selection, results, samples, writer, log,
-                   apply_fn, data)
+
+def _post_train(fv, runner, fp_state, fp_tx, setup, selection, apply_fn):
+  """The state of a post-training method (MCQ) applied to the full-precision model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from common import parallel  # pylint: disable=g-import-not-at-top
+  from common.methods import PostTrainingInputs  # pylint: disable=g-import-not-at-top
+  from common.training import TrainState  # pylint: disable=g-import-not-at-top
+  host = parallel.to_host(fp_state.params)
+  params = setup.post_training(PostTrainingInputs(
+      params=host, apply_fn=apply_fn, train_images=None, image_shape=(fv.block_size,),
+      mean=(0.0,), std=(1.0,), seed=fv.seed, selection=selection))
+  return runner.init_state(lambda p: TrainState.create(p, {}, fp_tx, fv.seed),
+                           jax.tree.map(np.asarray, params))
+
+
+def _train_method(fv, runner, fp_state, setup, selection, results):
+  """Phases 1 and 2 of a training-time method; returns the state and its summary (or None)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
+  from common import parallel  # pylint: disable=g-import-not-at-top
+  from common import pipeline  # pylint: disable=g-import-not-at-top
+  from common.training import TrainState  # pylint: disable=g-import-not-at-top
   tx, phase2_phase = setup.optimizer, 1
   if setup.staged is not None:
     layers = sum(p is not None for p in selection.plan(fp_state.params))
@@ -372,8 +412,7 @@ def run(fv: flags.FlagValues) -> dict:
   results["val_loss"] = val_loss  # of the last state, measured at the end of its phase
   summary = ec2t.summary(parallel.to_host(state.opt_state)) if quantized else None
   results["budget"] = summary.budget if quantized else None  # None without a size budget
-  return _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,
-                 apply_fn, data)
+  return state, summary
 
 
 def _report(fv, runner, state, summary, setup, selection, results, samples, writer, log,

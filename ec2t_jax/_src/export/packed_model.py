@@ -99,33 +99,51 @@ def pack_params(params, route: str = "xla", *, layers: Optional[str] = None,
   """
   if route not in ROUTES:
     raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-  strict = layers is not None
-  pattern = re.compile(layers if strict else DEFAULT_PATTERN)
+  pattern = re.compile(layers if layers is not None else DEFAULT_PATTERN)
   flat, structure = trees.flatten(params)
-  out = []
-  for path, leaf in flat:
-    is_float = np.issubdtype(leaf.dtype, np.floating) or leaf.dtype.name == "bfloat16"
-    if is_float and not np.isfinite(leaf.astype(np.float64)).all():
-      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(leaf.astype(np.float64)))[0])
-      raise ValueError(f"{path}: non-finite value {leaf[bad]} at {bad} (a packed model needs "
-                       "finite weights and scales)")
-    selected = bool(pattern.search(path)) and is_float and leaf.ndim in (2, 3)
-    if strict and pattern.search(path) and not selected:
-      raise ValueError(f"{path}: selected by layers={layers!r} but not a float kernel of rank "
-                       f"2 or 3 (shape {leaf.shape}, dtype {leaf.dtype})")
-    if selected and (strict or _is_ternary(leaf)):
-      if leaf.ndim == 2:
-        out.append(_pack_one(leaf, route, path, dtype, block_n))
-      elif route == "dense":
-        out.append(_dense_stack(leaf, path, dtype))
-      else:
-        out.append(tuple(_pack_one(s, route, f"{path}[{i}]", dtype, block_n)
-                         for i, s in enumerate(leaf)))
-    elif is_float:
-      out.append(jnp.asarray(leaf, dtype))
-    else:
-      out.append(jnp.asarray(leaf))
+  out = [_convert_leaf(path, leaf, pattern, layers, route, dtype, block_n)
+         for path, leaf in flat]
   return trees.unflatten(out, structure)
+
+
+def _is_float(leaf) -> bool:
+  """Whether ``leaf`` holds floating-point values (bfloat16 included)."""
+  return np.issubdtype(leaf.dtype, np.floating) or leaf.dtype.name == "bfloat16"
+
+
+def _check_finite(path: str, leaf) -> None:
+  """Raises a ``ValueError`` naming ``path`` and the first non-finite value of ``leaf``."""
+  if not np.isfinite(leaf.astype(np.float64)).all():
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(leaf.astype(np.float64)))[0])
+    raise ValueError(f"{path}: non-finite value {leaf[bad]} at {bad} (a packed model needs "
+                     "finite weights and scales)")
+
+
+def _convert_leaf(path: str, leaf, pattern, layers, route, dtype, block_n):
+  """One leaf of :func:`pack_params`: packed if a selected ternary kernel, else cast."""
+  strict = layers is not None
+  is_float = _is_float(leaf)
+  if is_float:
+    _check_finite(path, leaf)
+  selected = bool(pattern.search(path)) and is_float and leaf.ndim in (2, 3)
+  if strict and pattern.search(path) and not selected:
+    raise ValueError(f"{path}: selected by layers={layers!r} but not a float kernel of rank "
+                     f"2 or 3 (shape {leaf.shape}, dtype {leaf.dtype})")
+  if selected and (strict or _is_ternary(leaf)):
+    return _pack_kernel(path, leaf, route, dtype, block_n)
+  if is_float:
+    return jnp.asarray(leaf, dtype)
+  return jnp.asarray(leaf)
+
+
+def _pack_kernel(path: str, leaf, route, dtype, block_n):
+  """Packs a 2-D kernel, or a stack of them (a tuple, or one dense stack for ``"dense"``)."""
+  if leaf.ndim == 2:
+    return _pack_one(leaf, route, path, dtype, block_n)
+  if route == "dense":
+    return _dense_stack(leaf, path, dtype)
+  return tuple(_pack_one(s, route, f"{path}[{i}]", dtype, block_n)
+               for i, s in enumerate(leaf))
 
 
 def load_packed(path, route: str = "xla", *, layers: Optional[str] = None,

@@ -238,25 +238,14 @@ def build_report(source, *, geometry: GeometryLike = "auto",
   scores = accounting.score_layers(flat, geo, rules,
                                    ternary={p: s.ternary for p, s in statistics.items()})
   other, other_numel, other_notes = _other_leaves(flat, geo, layers_geo, rules)
-  extra, extra_statistics = _ternary_outside(flat, other, layers_geo)
-  if extra:
-    statistics.update(extra_statistics)
-    extra_scores = accounting.score_layers(
-        flat, extra, rules, ternary={p: True for p in extra_statistics})
-    other = [p for p in other if p not in extra_statistics]
-    other_numel -= sum(flat[p].size for p in extra_statistics)
-    other_notes.append(f"{len(extra)} ternary leaves outside the geometry (no operation "
-                       f"counts): {', '.join(g.path for g in extra[:5])}"
-                       f"{' ...' if len(extra) > 5 else ''}")
-  else:
-    extra_scores = []
+  extra_scores, other, other_numel = _score_outside(flat, other, other_numel, other_notes,
+                                                    statistics, layers_geo, rules)
   scoring = (sum(s.scoring_params for s in [*scores, *extra_scores])
              + other_numel * rules.value_bits / 32)
   records = {r.path: r for r in src.info.records}
   layers, warnings, ternary_totals = _layer_entries([*scores, *extra_scores], flat,
                                                     statistics, records, layers_geo)
   zeros, total = accounting.paper_sparsity(flat)
-  info = src.info
   report: dict[str, Any] = {
       "source": src.name, "kind": src.kind, "architecture": architecture,
       "rules": dataclasses.asdict(rules),
@@ -269,14 +258,7 @@ def build_report(source, *, geometry: GeometryLike = "auto",
       "scoring_params": scoring,
       "scoring_params_basis": "geometry" if layers_geo is not None else "per leaf",
       "flops": None, "flops_detail": None, "ops": None, "energy_uj": None,
-      "bytes": {
-          "file": info.total_bytes, "measured": src.measured,
-          "header": info.total_bytes - info.payload_bytes, "payload": info.payload_bytes,
-          "float32": sum(4 * a.size for a in flat.values()), "paper_rule": scoring * 4,
-          "ternary": {"payload": ternary_totals.payload,
-                      "entropy_bound": ternary_totals.entropy_bytes,
-                      "paper_rule": ternary_totals.paper, "bitmask": ternary_totals.bitmask},
-      },
+      "bytes": _bytes_entry(src, flat, scoring, ternary_totals),
       "layers": layers,
       "other_leaves": {"count": len(other), "numel": int(other_numel)},
       "notes": notes + other_notes,
@@ -285,6 +267,35 @@ def build_report(source, *, geometry: GeometryLike = "auto",
   if layers_geo is not None:
     report.update(_operations(scores))
   return report
+
+
+def _score_outside(flat, other, other_numel, other_notes, statistics, layers_geo, rules):
+  """Scores the ternary leaves outside the geometry and takes them out of ``other``."""
+  extra, extra_statistics = _ternary_outside(flat, other, layers_geo)
+  if not extra:
+    return [], other, other_numel
+  statistics.update(extra_statistics)
+  extra_scores = accounting.score_layers(
+      flat, extra, rules, ternary={p: True for p in extra_statistics})
+  other = [p for p in other if p not in extra_statistics]
+  other_numel -= sum(flat[p].size for p in extra_statistics)
+  other_notes.append(f"{len(extra)} ternary leaves outside the geometry (no operation "
+                     f"counts): {', '.join(g.path for g in extra[:5])}"
+                     f"{' ...' if len(extra) > 5 else ''}")
+  return extra_scores, other, other_numel
+
+
+def _bytes_entry(src, flat, scoring, ternary_totals) -> dict:
+  """The report's ``bytes`` entry: file, header, payload and the reference sizes."""
+  info = src.info
+  return {
+      "file": info.total_bytes, "measured": src.measured,
+      "header": info.total_bytes - info.payload_bytes, "payload": info.payload_bytes,
+      "float32": sum(4 * a.size for a in flat.values()), "paper_rule": scoring * 4,
+      "ternary": {"payload": ternary_totals.payload,
+                  "entropy_bound": ternary_totals.entropy_bytes,
+                  "paper_rule": ternary_totals.paper, "bitmask": ternary_totals.bitmask},
+  }
 
 
 def _fmt(x, spec):
