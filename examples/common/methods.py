@@ -225,11 +225,11 @@ def _split(spec, options):
   return knobs, regularizer, {k: options[k] for k in extra}
 
 
-def _transform(spec, knobs, selection, **extra):
+def _transform(spec, knobs, selection):
   """The method's transformation; knobs checked by name against the registry."""
   spec.options(**{k: v for k, v in knobs.items() if k in spec.knobs})
   if spec.transform is not None and not spec.inputs:
-    return spec.transform(**knobs, **extra, selection=selection)
+    return spec.transform(**knobs, selection=selection)
   return spec.build(selection=selection, **knobs).transform()
 
 
@@ -279,17 +279,16 @@ def _train(spec, config, options, selection, budget) -> MethodSetup:
   if last_phase > 0 and config.phase2_epochs < 1:
     raise UserError(f"--method={spec.name} needs --phase2_epochs >= 1 (it reaches its grid in "
                     "phase 2)")
-  if budget is not None:
-    knobs = {**knobs, **({"gamma": None} if paper else {})}
+  if budget is not None:  # the budget is a knob of the methods that take one (ec2t, twn)
+    knobs = {**knobs, "budget": budget, **({"gamma": None} if paper else {})}
   regularizer = None
   if spec.regularizer is not None:
     shared = {k: v for k, v in knobs.items() if k in _keywords(spec.regularizer)}
     regularizer = spec.regularizer(**shared, **regularizer_knobs, selection=selection)
-  extra = {} if budget is None else {"budget": budget}
   # ec2t.chain: the inner optimizer's decoupled weight decay shrinks the latent weights
   # (config.decay_latents, the GPT's AdamW); optax.chain: it sees the quantized params.
   compose = ec2t.chain if getattr(config, "decay_latents", False) else optax.chain
-  tx = compose(_inner(config, paper), _transform(spec, knobs, selection, **extra))
+  tx = compose(_inner(config, paper), _transform(spec, knobs, selection))
   return MethodSetup(tx, regularizer=regularizer, phase_starts_are_results=last_phase == 0,
                      **_grid(spec, knobs))
 
