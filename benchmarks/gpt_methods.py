@@ -59,20 +59,22 @@ NO_METHOD = "none"
 # Hand-written notes below this line of RESULTS_gpt.md survive a rewrite of the table.
 NOTES_MARKER = "<!-- notes below: kept when gpt_methods.py rewrites the table -->"
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/gpt_methods", "Folder of every run (fp/ is the cache).")
-flags.DEFINE_string("seeds", "0,1,2", "Seeds of the methods' phases (comma-separated).")
-flags.DEFINE_string("runs", ",".join(FRONT), "Run specs NAME[:KEY=VALUE]... (comma-separated).")
-flags.DEFINE_bool("quick", False, "Smoke mode: a tiny model, a few steps, seed 0, "
-                  f"runs {','.join(QUICK_RUNS)} (unless --runs / --seeds are given).")
-flags.DEFINE_bool("cached_only", False, "Only tabulate the runs that already finished.")
-flags.DEFINE_string("example_flags", "", "Extra flags for every run of the example "
-                    "(space-separated).")
-flags.DEFINE_string("data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.",
-                    allow_override=True)  # compare_methods.py defines it too (one test process)
-flags.DEFINE_string("output", str(REPO / "benchmarks" / "RESULTS_gpt.md"), "Markdown table.")
-flags.DEFINE_string("plot", str(REPO / "benchmarks" / "RESULTS_gpt_front.png"), "PNG front.")
-
+# Its own flags (not absl's global ones): the tests import this module beside
+# compare_methods.py, whose --workdir, --seeds and --data_dir would clash.
+FLAGS = flags.FlagValues()
+_d = lambda define, *args, **kwargs: define(*args, flag_values=FLAGS, **kwargs)
+_d(flags.DEFINE_string, "workdir", "runs/gpt_methods", "Folder of every run (fp/ is the cache).")
+_d(flags.DEFINE_string, "seeds", "0,1,2", "Seeds of the methods' phases (comma-separated).")
+_d(flags.DEFINE_string, "runs", ",".join(FRONT),
+   "Run specs NAME[:KEY=VALUE]... (comma-separated).")
+_d(flags.DEFINE_bool, "quick", False, "Smoke mode: a tiny model, a few steps, seed 0, "
+   f"runs {','.join(QUICK_RUNS)} (unless --runs / --seeds are given).")
+_d(flags.DEFINE_bool, "cached_only", False, "Only tabulate the runs that already finished.")
+_d(flags.DEFINE_string, "example_flags", "", "Extra flags for every run of the example "
+   "(space-separated).")
+_d(flags.DEFINE_string, "data_dir", None, "tfds data folder; default $TFDS_DATA_DIR.")
+_d(flags.DEFINE_string, "output", str(REPO / "benchmarks" / "RESULTS_gpt.md"), "Markdown table.")
+_d(flags.DEFINE_string, "plot", str(REPO / "benchmarks" / "RESULTS_gpt_front.png"), "PNG front.")
 
 class RunSpec:
   """One row: ``NAME[:KEY=VALUE]...`` as example flags and ``--method_options``."""
@@ -346,5 +348,10 @@ def main(argv):
     plot(fp, rows, FLAGS.plot)
 
 
+def _parse_flags(argv):
+  """This script's flags, then absl's own (logging, ...) on the rest."""
+  return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
