@@ -30,9 +30,12 @@ One command:
    ``--results_md`` / ``--png`` also write the table and the figure elsewhere
    (the repository's ``benchmarks/RESULTS_compare.md``).
 
-Rows marked *before* re-run a fixed baseline the way it ran before issue 18
-(e.g. STTN's exact-gradient latent step under Adam); they are listed for the
-before/after figures and left out of the fronts.
+Staged methods (INQ, SLQ, MLQ) restart their inner optimizer at each stage and anneal
+its rate within the stage (the examples' option ``solver=inner``); ``EXTRA_POINTS`` adds
+INQ and SLQ under the official INQ solver (``solver=official``: SGD momentum, the
+official step schedule per stage). Rows marked *before* re-run a method the way it ran
+before issue 25 (e.g. SLQ freezing by ascending error from a quantile start); they are
+listed for the before/after figures and left out of the fronts.
 """
 
 from __future__ import annotations
@@ -112,18 +115,32 @@ BUDGET_POINTS = [Point(f"bits_per_weight={b}", b, config={"bits_per_weight": b,
                                                           "budget_ramp": 0.3})
                  for b in (0.6, 1.0)]
 
-# Rows re-running a baseline as it ran before issue 18 (seed 0 only, not on the fronts).
+# Rows re-running a method as it ran before issue 25 (the official behaviours; seed 0 only,
+# not on the fronts): each sets back the knobs that issue changed. Issue 18's rows are in
+# RESULTS_compare.md's history (commit 4bc4393).
+_OLD_PORTIONS = (0.5, 0.75, 0.875, 1.0)
 BEFORE = {
-    "ttq": [Point("sparsity=0.8, exact-gradient step", 0.8,
-                  {"sparsity": 0.8, "latent_step": "gradient"}, before=True)],
-    "sttn": [Point("init_factor=0.7, exact-gradient step", 0.7,
-                   {"init_factor": 0.7, "latent_step": "gradient"}, before=True)],
-    "faraone": [Point("strength=0.01 (old default)", 0.01, {"strength": 0.01}, before=True)],
-    "inq": [Point("bits=2, no restart", 2, {"bits": 2, "restart": False}, before=True)],
-    "slq": [Point("bits=2, power-of-two levels, no restart", 2,
-                  {"bits": 2, "levels": "power_of_two", "restart": False}, before=True)],
-    "prune": [Point("sparsity=0.7, 30 steps per level", 0.7,
-                    {"sparsity": 0.7, "steps_per_level": 30}, before=True)],
+    "ttq": [Point("sparsity=0.8, least-squares init, mean scale step (Adam variant)", 0.8,
+                  {"sparsity": 0.8, "init_scale": None, "latent_step": "update",
+                   "scale_step": "mean"}, before=True)],
+    "sttn": [Point("init_factor=0.7, scale term over both sub-kernels", 0.7,
+                   {"init_factor": 0.7, "gradient": "exact"}, before=True)],
+    "inq": [Point("bits=5, portions 50/75/87.5/100, constant rate per stage", 5,
+                  {"bits": 5, "portions": _OLD_PORTIONS, "solver": "constant"}, before=True)],
+    "slq": [Point("bits=2, loss order, quantile init, weight portions, constant rate", 2,
+                  {"bits": 2, "freeze_order": "loss", "init": "quantile",
+                   "portions": _OLD_PORTIONS, "solver": "constant"}, before=True)],
+    "mlq": [Point("constant rate per stage", 0.0, {"solver": "constant"}, before=True)],
+    "prune": [Point("sparsity=0.7, exact statistics, every step, best kept", 0.7,
+                    {"sparsity": 0.7, "statistics_correction": "exact",
+                     "grads_on_loss_increase_only": False, "keep_best": True}, before=True)],
+}
+
+# Points on the fronts beside the swept knob: the staged methods under the official INQ
+# solver (SGD momentum 0.9, L2 5e-4, 0.003 x 0.2 every 15/63 of each stage, restarted).
+EXTRA_POINTS = {
+    "inq": [Point("bits=5, official solver", 5, {"bits": 5, "solver": "official"})],
+    "slq": [Point("bits=3, official solver", 3, {"bits": 3, "solver": "official"})],
 }
 
 # --reduced: the subset run when the shared machine cannot give the full sweep its time.
@@ -176,7 +193,8 @@ def sweep(method: str, quick: bool = False, before: bool = True,
   points = _knob_points(method)
   if quick:
     return [_quick_point(method, points)]
-  points += (BUDGET_POINTS if method == methods_lib.PAPER else []) + BEFORE.get(method, [])
+  points += ((BUDGET_POINTS if method == methods_lib.PAPER else []) + EXTRA_POINTS.get(method, [])
+             + BEFORE.get(method, []))
   if reduced and method in REDUCED:
     by_label = {p.label: p for p in points}
     points = [by_label[label] for label in REDUCED[method]] + [p for p in points if p.before]
@@ -351,7 +369,7 @@ def compress(method: str, point: Point, dense, data, seed: int, phase1_steps: in
   tx, phase2 = setup.optimizer, 1
   if setup.staged is not None:
     layers = sum(plan is not None for plan in selection.plan(dense))
-    tx, phase2 = setup.staged(phase1_steps, layers)
+    tx, phase2 = setup.staged(phase1_steps, layers, phase2_steps=phase2_steps)
   step = make_step(tx, setup.regularizer)
   params, state = train(dense, tx, data, phase1_steps, seed, step=step)
   state = ec2t.set_phase(state, phase2)

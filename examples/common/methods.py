@@ -12,7 +12,12 @@ dispatches on the spec's kind; nothing here names a method but the paper's:
   ``last_phase > 0`` needs phase 2;
 * ``staged`` (INQ, SLQ, MLQ): the stages spread over phase 1, phase 2 starts at
   the last; option ``restart`` (default true): a fresh inner optimizer per stage
-  (``ec2t.restart_on_stage``, as the official INQ code);
+  (``ec2t.restart_on_stage``, as the official INQ code), and option ``solver``, which
+  one: ``inner`` (default; the example's inner optimizer with its learning rate
+  annealed within each stage by a cosine of the stage's length), ``official``
+  (``ec2t.official_stage_optimizer``: the official INQ solver, L2 5e-4 + SGD momentum
+  0.9 at 0.003, x0.2 every 15/63 of a stage) or ``constant`` (the inner optimizer's
+  moments restarted, its rate constant: the examples before issue 25);
 * ``one_shot`` (MCQ, calibrated pruning): ``spec.build(**knobs, **inputs).instant(params)``
   on the full-precision model; the inputs are ``key`` (from the seed) and
   ``apply_fn`` / ``calibration_data`` (options ``calibration=real|fractal`` and
@@ -105,7 +110,7 @@ def _keywords(fn) -> dict[str, Any]:
 
 def extra_options(spec) -> dict[str, Any]:
   """The example's own options of a kind: how it stages or calibrates a method."""
-  extra = {"restart": True} if spec.kind == "staged" else {}
+  extra = {"restart": True, "solver": "inner"} if spec.kind == "staged" else {}
   if "calibration_data" in spec.inputs:
     extra.update(calibration="real", calibration_images=300)
   return extra
@@ -308,14 +313,14 @@ def _staged(spec, config, options, selection, budget) -> MethodSetup:
   compose = ec2t.restart_on_stage if extra["restart"] else optax.chain
   make = lambda n: _transform(spec, {**knobs, "steps_per_stage": n}, selection)
   make(0)  # a bad knob fails here, at build time
+  factory = _stage_solver(config, extra["solver"], extra["restart"])
 
-  def staged(phase1_steps: int, num_layers: int, phase2_steps=None):
+  def staged(phase1_steps: int, num_layers: int, phase2_steps: int):
     last = spec.last_phase(spec.options(**_own(spec, knobs)), num_layers)
     per_stage = max(1, phase1_steps // last) if last > 0 else 0
-    factory = getattr(config, "inner_optimizer", None)
-    if extra["restart"] and factory is not None and per_stage and phase2_steps is not None:
-      # Each run of the inner optimizer gets a schedule of its own length (inner_optimizer(n)),
-      # so every stage anneals: restarts follow the updates per, 2 per, ..., last * per.
+    if factory is not None and per_stage:
+      # Each run of the inner optimizer gets a schedule of its own length (factory(n)), so
+      # every stage anneals: restarts follow the updates per, 2 per, ..., last * per.
       runs = ((per_stage + 1,) + (per_stage,) * (last - 1)
               + (max(1, phase1_steps + phase2_steps - last * per_stage - 1),))
       return ec2t.restart_on_stage(factory, make(per_stage), stage_steps=runs), last
@@ -323,6 +328,34 @@ def _staged(spec, config, options, selection, budget) -> MethodSetup:
 
   return MethodSetup(compose(_inner(config), make(0)), staged=staged,
                      phase_starts_are_results=False, **_grid(spec, knobs))
+
+
+STAGE_SOLVERS = ("inner", "official", "constant")
+
+
+def _stage_solver(config, solver: str, restart: bool):
+  """The factory ``steps -> optimizer`` of one stage's run for option ``solver``, or None
+  (``constant``, or no restart: the inner optimizer as the other methods get it)."""
+  if solver not in STAGE_SOLVERS:
+    raise UserError(f"--method_options solver must be one of {', '.join(STAGE_SOLVERS)}, "
+                    f"got {solver!r}")
+  if solver == "official" and not restart:
+    raise UserError("--method_options solver=official restarts the official solver at each "
+                    "stage; it needs restart=true, got restart=false")
+  if solver == "constant" and getattr(config, "inner_optimizer", None) is not None:
+    raise UserError("--method_options solver=constant restarts a constant-rate optimizer; "
+                    "this example's optimizer has a run-long schedule, which would restart "
+                    "at its peak each stage and never anneal: use solver=inner")
+  if not restart or solver == "constant":
+    return None
+  if solver == "official":
+    return ec2t.official_stage_optimizer
+  custom = getattr(config, "inner_optimizer", None)
+  if custom is not None:
+    return custom
+  return lambda steps: optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.adam(optax.cosine_decay_schedule(config.learning_rate, steps)))
 
 
 def _one_shot(spec, config, options, selection, budget) -> MethodSetup:

@@ -355,7 +355,8 @@ def _train_method(config, setup, runner, fp_state, params_shape, selection):
   steps = runner.train.steps_per_epoch
   if setup.staged is not None:
     num_layers = sum(plan is not None for plan in selection.plan(params_shape))
-    tx, phase2_phase = setup.staged(config.phase1_epochs * steps, num_layers)
+    tx, phase2_phase = setup.staged(config.phase1_epochs * steps, num_layers,
+                                    phase2_steps=config.phase2_epochs * steps)
 
   def start_ec2t(params, batch_stats):
     return training.TrainState.create(params, batch_stats, tx, config.seed + 1,

@@ -42,7 +42,7 @@ def test_aggregate_gives_mean_and_population_std_over_seeds():
 
 def test_every_registered_method_gets_points_from_its_knobs_sweep():
   registered = cm.registered_methods()
-  assert set(cm.SWEPT) <= set(registered) and set(cm.BEFORE) <= set(registered)
+  assert set(cm.SWEPT) | set(cm.BEFORE) | set(cm.EXTRA_POINTS) <= set(registered)
   for method in registered:
     assert cm.sweep(method) and len(cm.sweep(method, quick=True)) == 1
   assert all(not p.before for m in registered for p in cm.sweep(m, before=False))
