@@ -219,6 +219,23 @@ def _pm(values, fmt: str) -> str:
   return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
+def bytes_front(rows: dict[str, list[dict]]) -> set[str]:
+  """The rows on the loss-vs-bytes front (means over seeds, float16 exports): no other row
+  has a file at most as large and a lower loss.
+
+  Example:
+    >>> r = lambda loss, size: [{"val_loss": loss, "float16_bytes": size}]
+    >>> sorted(bytes_front({"a": r(1.0, 300), "b": r(1.2, 100), "c": r(1.3, 200)}))
+    ['a', 'b']
+  """
+  mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)
+  points = {name: (mean(runs, "float16_bytes"), mean(runs, "val_loss"))
+            for name, runs in rows.items()}
+  return {name for name, (size, loss) in points.items()
+          if not any(s <= size and l < loss for other, (s, l) in points.items()
+                     if other != name)}
+
+
 def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str],
           plot_name: str = "RESULTS_gpt_front.png") -> str:
   """``RESULTS_gpt.md``: one row per run spec, mean ± std over its seeds."""
@@ -235,10 +252,13 @@ def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str
            "nats/char on tfds validation+test; mean ± std (sample) over the seeds.", "",
            "Exported: `model.ec2t` with float32 float leaves; float16: the same file with "
            "the float leaves as float16 (ternary kernels unchanged) and that file's val loss. "
-           "CPU: process CPU seconds of one run (all threads; mean over seeds).", "",
+           "CPU: process CPU seconds of one run (all threads; mean over seeds). Front: on the "
+           "loss-vs-float16-bytes front of the means (no other row has a file at most as "
+           "large and a lower loss).", "",
            "| run | seeds | val loss | sparsity | exported (B) | float16 export (B) | "
-           "its val loss | CPU s / run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "its val loss | CPU s / run | front |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  front = bytes_front(rows)
   for name, runs in rows.items():
     cpu = [r["timing"]["cpu_s"] for r in runs if r.get("timing")]
     lines.append(
@@ -247,7 +267,8 @@ def table(fp: dict, rows: dict[str, list[dict]], command: str, skipped: list[str
         f"{_pm([r['export_bytes'] for r in runs], ',.0f')} | "
         f"{_pm([r['float16_bytes'] for r in runs], ',.0f')} | "
         f"{_pm([r['float16_val_loss'] for r in runs], '.4f')} | "
-        + (f"{_stats(cpu)[0]:,.0f} |" if cpu else "- |"))
+        + (f"{_stats(cpu)[0]:,.0f} |" if cpu else "- |")
+        + (" yes |" if name in front else " |"))
   lines += ["", f"![loss vs sparsity and bytes]({plot_name})"]
   lines += [""] + [f"Skipped (not in `ec2t.method_registry()`): `{s}`" for s in skipped]
   return "\n".join(lines) + "\n"

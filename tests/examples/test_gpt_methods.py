@@ -53,13 +53,19 @@ def test_the_table_gives_mean_and_sample_std_over_seeds(tmp_path):
   ec2t_row = next(l for l in text.splitlines() if l.startswith("| ec2t:gamma=0.1"))
   std = np.std([1.0, 2.0], ddof=1)
   assert f"1.5000 ± {std:.4f}" in ec2t_row and "60.0 ± 14.1%" in ec2t_row
-  assert "| 20 |" in ec2t_row  # CPU seconds, mean
+  assert "| 20 | yes |" in ec2t_row  # CPU seconds (mean); on the bytes front
   assert "1.5000 ± 0.0000" in text and "Skipped (not in `ec2t.method_registry()`): `paretoq`" in text
   gm.plot(fp, rows, str(tmp_path / "front.png"))
   assert (tmp_path / "front.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow
+def test_a_row_is_on_the_bytes_front_unless_a_smaller_file_has_a_lower_loss():
+  r = lambda loss, size: [_result(loss, 0.5, 2 * size, 1.0)]
+  rows = {"small": r(1.30, 100), "beaten": r(1.40, 150), "large": r(1.10, 300),
+          "tie": r(1.30, 100), "worse_and_larger": r(1.20, 400)}
+  assert gm.bytes_front(rows) == {"small", "large", "tie"}
+
+
 @support.needs_shakespeare
 def test_quick_front_runs_end_to_end_and_resumes(tmp_path):
   env = {**os.environ, "TFDS_DATA_DIR": str(support.SHAKESPEARE_DATA_DIR),
