@@ -46,7 +46,8 @@ def test_the_fingerprint_holds_the_methods_options_with_their_library_defaults()
   _, facts = pipeline.fingerprints(_config(method="inq"), 10)
   assert {k: v for k, v in facts.items() if k.startswith("method_options.")} == {
       "method_options.bits": 5, "method_options.portions": [0.3, 0.6, 0.8, 1.0],
-      "method_options.steps_per_stage": 0, "method_options.restart": True}
+      "method_options.steps_per_stage": 0, "method_options.restart": True,
+      "method_options.solver": "inner"}
   _, paper = pipeline.fingerprints(_config(gamma=0.1), 10)
   assert paper["gamma"] == 0.1 and "method_options.gamma" not in paper
 
