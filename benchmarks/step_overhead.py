@@ -29,6 +29,8 @@ Run::
 
   python benchmarks/step_overhead.py [--rounds 30] [--batch 128] [--compile_rounds 3]
   python benchmarks/step_overhead.py --models resnet20,gpt12,gpt12scan --rounds 10
+  python benchmarks/step_overhead.py --models resnet20,resnet56,gpt12,gpt48 --variants chain \
+      --rounds 3 --compile_rounds 2     # the ratio against depth
 """
 
 from __future__ import annotations
@@ -239,6 +241,10 @@ def main(argv):
       "resnet20": ("ResNet-20", models.cifar_resnet(20), (32, 32, 3)),
       "gpt12": ("GPT 12x128 unrolled", _GPTModel(12, scan=False), "tokens"),
       "gpt12scan": ("GPT 12x128 scanned", _GPTModel(12, scan=True), "tokens"),
+      # depth: does the compile-time ratio grow with the number of layers?
+      "resnet56": ("ResNet-56", models.cifar_resnet(56), (32, 32, 3)),
+      "gpt48": ("GPT 48x128 unrolled", _GPTModel(48, scan=False), "tokens"),
+      "gpt48scan": ("GPT 48x128 scanned", _GPTModel(48, scan=True), "tokens"),
   }
   for key in _MODELS.value:
     if key not in available:
