@@ -50,10 +50,13 @@ sys.path.insert(0, str(REPO / "examples"))
 # EC2T's rows train the latent weights for 950 of the 1000 steps (phase 2, assignment frozen,
 # the last 50): the transformer recipe of item 4, which measured lower at the same size.
 EC2T_PHASES = ":phase1_steps=950:phase2_steps=50"
+# TTQ's defaults are the official code's, whose scales are momentum-SGD variables; under the
+# GPT's AdamW the library's Adam variant is the fair row (README, "TTQ").
+TTQ_ADAM = "ttq:init_scale=none:latent_step=update:scale_step=mean"
 FRONT = ("none", *(f"ec2t:{knob}{EC2T_PHASES}" for knob in (
     "gamma=0.05", "gamma=0.1", "gamma=0.15", "gamma=0.2", "bits_per_weight=1.0",
     "bits_per_weight=0.7")), "bitnet", "bitnet:activation_bits=8", "paretoq", "paretoq:bits=2",
-         "twn", "ttq", "sttn", "faraone")
+         "twn", "ttq", TTQ_ADAM, "sttn", "faraone")
 QUICK_RUNS = ("none", "ec2t:gamma=0.2", "bitnet:activation_bits=8")
 QUICK_FLAGS = ("--num_layers=1", "--num_heads=2", "--width=16", "--block_size=16",
                "--batch_size=4", "--fp_steps=4", "--warmup_steps=1", "--phase1_steps=3",
