@@ -62,6 +62,7 @@ QUICK_FLAGS = ("--num_layers=1", "--num_heads=2", "--width=16", "--block_size=16
                "--batch_size=4", "--fp_steps=4", "--warmup_steps=1", "--phase1_steps=3",
                "--phase2_steps=1", "--eval_every=4", "--eval_batch_size=8192")
 NO_METHOD = "none"
+PAPER = "ec2t"
 # Hand-written notes below this line of RESULTS_gpt.md survive a rewrite of the table.
 NOTES_MARKER = "<!-- notes below: kept when gpt_methods.py rewrites the table -->"
 
@@ -107,10 +108,13 @@ class RunSpec:
     """The example's flags of this run; raises ``ValueError`` for an unknown key."""
     args, options = [f"--method={self.name}"], []
     for key, value in self.items:
-      if key in example_flags and key not in ("method", "method_options"):
-        args.append(f"--{key}={value}")
-      elif key in knobs:
+      # A knob of the method is one of its options, except EC2T's knobs that are also flags
+      # of the example (gamma, init_scale, sustain): TTQ's init_scale is TTQ's.
+      paper_flag = self.name == PAPER and key in example_flags
+      if key in knobs and not paper_flag:
         options.append(f"{key}={value}")
+      elif key in example_flags and key not in ("method", "method_options"):
+        args.append(f"--{key}={value}")
       else:
         raise ValueError(f"run spec {self.text!r}: {key!r} is neither a flag of "
                          f"examples/shakespeare_gpt.py nor a knob of {self.name!r} "

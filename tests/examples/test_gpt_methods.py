@@ -22,6 +22,14 @@ def test_a_spec_splits_into_example_flags_and_method_options():
   assert gm.RunSpec("bitnet:activation_bits=8").folder == "bitnet_activation_bits=8"
 
 
+def test_a_knob_that_is_also_an_example_flag_is_the_methods_option_except_for_ec2t():
+  flags = {"gamma", "init_scale", "method"}
+  ttq = gm.RunSpec("ttq:init_scale=none").example_args(flags, {"init_scale": 1.0})
+  assert ttq == ["--method=ttq", "--method_options=init_scale=none"]
+  ec2t = gm.RunSpec("ec2t:init_scale=0.2").example_args(flags, {"init_scale": 0.3})
+  assert ec2t == ["--method=ec2t", "--init_scale=0.2"]
+
+
 def test_a_key_that_is_neither_flag_nor_knob_is_refused_by_name():
   with pytest.raises(ValueError, match="'gama' is neither a flag"):
     gm.RunSpec("ec2t:gama=0.1").example_args({"gamma"}, {})
