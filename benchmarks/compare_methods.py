@@ -138,9 +138,15 @@ BEFORE = {
 
 # Points on the fronts beside the swept knob: the staged methods under the official INQ
 # solver (SGD momentum 0.9, L2 5e-4, 0.003 x 0.2 every 15/63 of each stage, restarted).
+# TTQ's official defaults are momentum-SGD defaults (its scales are variables of the same
+# SGD); this front's inner optimizer is Adam, under which the official sum step moves the
+# scales by about |p| times the rate, so TTQ is also run as its Adam variant.
+_TTQ_ADAM = {"init_scale": None, "latent_step": "update", "scale_step": "mean"}
 EXTRA_POINTS = {
     "inq": [Point("bits=5, official solver", 5, {"bits": 5, "solver": "official"})],
     "slq": [Point("bits=3, official solver", 3, {"bits": 3, "solver": "official"})],
+    "ttq": [Point(f"sparsity={r}, Adam variant", r, {"sparsity": r, **_TTQ_ADAM})
+            for r in (0.5, 0.8, 0.9)],
 }
 
 # --reduced: the subset run when the shared machine cannot give the full sweep its time.
