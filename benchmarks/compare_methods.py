@@ -13,7 +13,8 @@ One command:
    swept over its ``Knob.sweep`` (:func:`swept_knob`; a method with no numeric
    sweep runs once with its defaults) at the **same training budget**: ``--phase1_steps`` + ``--phase2_steps``
    batches of 128, the same inner optimizer for every chain-form method
-   (L2 ``5e-6`` + Adam ``1e-3``, constant), phase 2 after
+   (L2 ``5e-6`` + Adam ``1e-3``, constant; staged methods: restarted and cosine-annealed
+   per stage, the examples' ``solver=inner``), phase 2 after
    ``ec2t.set_phase`` (EC2T: assignment frozen; Faraone et al.: prune and
    retrain; staged INQ/SLQ/MLQ: last stage); post-training methods (MCQ,
    calibrated pruning) get no training, only the dense model (and calibration
@@ -468,7 +469,9 @@ def protocol(budget: dict, dense_steps: int, seeds: list[int], reduced: bool) ->
   return "\n".join([
       f"Protocol: dense LeNet-5 trained {dense_steps} steps (Adam 3e-3 cosine, batch 128); every "
       f"train-time method {budget['phase1']} + {budget['phase2']} steps (phase 1 + phase 2, "
-      "batch 128, L2 5e-6 + Adam 1e-3 constant); post-training methods on the dense model; "
+      "batch 128, L2 5e-6 + Adam 1e-3 constant; the staged INQ, SLQ and MLQ restart it at "
+      "each stage with the rate cosine-annealed within the stage, or run the official INQ "
+      "solver where the knob says so); post-training methods on the dense model; "
       f"test on {budget['test_images']:,} MNIST test images; seeds {seeds}"
       + (" (the REDUCED subset of each sweep)" if reduced else "") + ".", ""])
 
