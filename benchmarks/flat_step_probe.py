@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from typing import NamedTuple
 
 from absl import app
