@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 import ec2t_jax as ec2t
+from ec2t_jax._src.core.trees import path_to_str
 from ec2t_jax import models
 import step_overhead  # pylint: disable=g-import-not-at-top  (its GPT and step builder)
 
@@ -51,12 +52,8 @@ class FlatTWNState(NamedTuple):
 
 def _layout(tree, selected: list[str]):
   """``(paths, sizes)`` of the selected leaves, in a fixed order."""
-  flat = {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = {path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   return [flat[p] for p in selected], [int(np.prod(flat[p].shape)) for p in selected]
-
-
-def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def flat_twn(selected: list[str]) -> optax.GradientTransformation:
@@ -93,9 +90,9 @@ def flat_twn(selected: list[str]) -> optax.GradientTransformation:
     index = {p: i for i, p in enumerate(selected)}
 
     def landed(path, update, param):
-      if _name(path) not in index:
+      if path_to_str(path) not in index:
         return update
-      i = index[_name(path)]
+      i = index[path_to_str(path)]
       new = value[offsets[i]:offsets[i + 1]].reshape(param.shape).astype(param.dtype)
       return new - param
 

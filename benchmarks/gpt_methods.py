@@ -235,9 +235,8 @@ def bytes_front(rows: dict[str, list[dict]]) -> set[str]:
     >>> sorted(bytes_front({"a": r(1.0, 300), "b": r(1.2, 100), "c": r(1.3, 200)}))
     ['a', 'b']
   """
-  mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)
-  points = {name: (mean(runs, "float16_bytes"), mean(runs, "val_loss"))
-            for name, runs in rows.items()}
+  points = {name: (_stats([r["float16_bytes"] for r in runs])[0],
+                   _stats([r["val_loss"] for r in runs])[0]) for name, runs in rows.items()}
   return {name for name, (size, loss) in points.items()
           if not any(s <= size and l < loss for other, (s, l) in points.items()
                      if other != name)}
