@@ -131,7 +131,7 @@ def test_twn_filter_scales_per_output_row_of_out_in_kernel(out_in):
   params, order, _ = out_in
   tx = ec2t.twn(threshold="filter", selection=ec2t.Selection(order=order))
   state = tx.init(params)
-  leaf = ec2t.find_quantizer_state(state).leaves["fc1_weight"]
+  leaf = ec2t.find_quantizer_state(state).resolved_leaves()["fc1_weight"]
   a, alpha = _per_row_twn(params["fc1_weight"])
   assert leaf.scale.shape == (5, 1)
   np.testing.assert_array_equal(np.asarray(leaf.assignment), a)
@@ -145,7 +145,7 @@ def test_twn_filter_keeps_output_axis_after_an_update(out_in):
   state = tx.init(params)
   updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   params = optax.apply_updates(params, updates)
-  leaf = ec2t.find_quantizer_state(state).leaves["fc1_weight"]
+  leaf = ec2t.find_quantizer_state(state).resolved_leaves()["fc1_weight"]
   assert leaf.scale.shape == (5, 1)
   # each output row holds one magnitude
   for row in np.asarray(params["fc1_weight"]):
@@ -155,7 +155,7 @@ def test_twn_filter_keeps_output_axis_after_an_update(out_in):
 def test_sttn_scales_per_output_row_of_out_in_kernel(out_in):
   params, order, _ = out_in
   state = ec2t.sttn(selection=ec2t.Selection(order=order)).init(params)
-  leaf = ec2t.find_quantizer_state(state).leaves["fc2_weight"]
+  leaf = ec2t.find_quantizer_state(state).resolved_leaves()["fc2_weight"]
   w1, w2 = np.asarray(leaf.latent), np.asarray(leaf.latent2)
   expected = 0.5 * (np.abs(w1).mean(axis=1, keepdims=True) + np.abs(w2).mean(axis=1, keepdims=True))
   assert leaf.scale.shape == (7, 1)
@@ -166,7 +166,7 @@ def test_rule_output_axis_overrides_the_default_last_axis(out_in):
   params = out_in[0]
   rule = ec2t.Rule(r"fc[12]_weight", output_axis=0)
   state = ec2t.twn(threshold="filter", selection=[rule]).init(params)
-  assert ec2t.find_quantizer_state(state).leaves["fc1_weight"].scale.shape == (5, 1)
+  assert ec2t.find_quantizer_state(state).resolved_leaves()["fc1_weight"].scale.shape == (5, 1)
 
 
 @pytest.mark.parametrize("axis", [2, -3])

@@ -305,7 +305,7 @@ def _smallest_bytes(params, **budget) -> int:
   probe = ec2t.ternarize_transform(budget=ec2t.Budget(bytes=1e9)).init(params)
   return int(budget_lib.plan_budget(
       ec2t.Budget(bytes=1e9, **budget), chain_knob(), jax.tree.leaves(params),
-      core.flat_leaf_states(probe.leaves)[0]).fixed)
+      core.flat_leaf_states(probe.resolved_leaves())[0]).fixed)
 
 
 def test_a_float16_bytes_budget_counts_full_precision_floats_at_two_bytes():
@@ -321,7 +321,7 @@ def test_a_measured_fixed_bytes_replaces_the_models_bound():
   measured = ec2t.Budget(bytes=1e9, fixed_bytes=1234.2)
   probe = ec2t.ternarize_transform(budget=measured).init(params)
   plan = budget_lib.plan_budget(measured, chain_knob(), jax.tree.leaves(params),
-                                core.flat_leaf_states(probe.leaves)[0])
+                                core.flat_leaf_states(probe.resolved_leaves())[0])
   assert plan.fixed == 1235 and plan.smallest_bytes() == 1235
 
 

@@ -78,6 +78,10 @@ class LeafContext(NamedTuple):
     output_axis: the output-channel axis of one slice (index into ``shape``;
       per-channel statistics and scales run along the other axes). The
       selection plan sets it (``LeafPlan.output_axis``); default: the last.
+    segments: where a step's per-layer (per-filter) reductions go
+      (``_src/core/segments.py``; read it with ``segments.of(ctx)``): None for
+      one leaf; a flat buffer's ``FlatSegments``, where ``gamma``,
+      ``size_fraction`` and ``slice_index`` are then per element.
   """
   path: str
   shape: tuple
@@ -89,6 +93,7 @@ class LeafContext(NamedTuple):
   slice_index: Any = 0
   info: Any = None
   output_axis: int = -1
+  segments: Any = None
 
 
 class LeafState(Protocol):
@@ -160,12 +165,19 @@ class Method(NamedTuple):
       ``"ternary"`` only, no per-rule gamma).
     prepare: optional tree-level hook ``(params, selection, hyper) ->
       TreeInfo``, called once by ``init`` before any leaf is initialised.
+    flat: whether ``step_leaf`` and the state's ``value`` serve a flat buffer
+      of many leaves: every per-layer (per-filter) reduction of the step goes
+      through ``segments.of(ctx)``, everything else is element-wise, and the
+      step reads none of ``ctx.shape``, ``ctx.output_axis``, ``ctx.info``. The
+      core then steps all compatible leaves with one trace
+      (``_src/core/flat.py``).
   """
   name: str
   init_leaf: Callable[..., Any]
   step_leaf: Callable[..., Any]
   accepts: RuleOptions = RuleOptions()
   prepare: Optional[Callable[..., TreeInfo]] = None
+  flat: bool = False
 
 
 class QuantizerState(NamedTuple):
@@ -188,9 +200,11 @@ class QuantizerState(NamedTuple):
       selected leaf (a :class:`StackedLeaf` for a stack of layers, a
       :class:`GroupSlot` for a leaf whose state lives in ``groups``),
       ``None`` elsewhere.
-    groups: :class:`StackedLeaf` states of same-shape leaves kept stacked,
-      so that one ``vmap``-ed step serves them all (compile time that does
-      not grow with depth); read them per leaf with :meth:`field` or
+    groups: states shared by several leaves, so that one trace of the
+      method's step serves them all (compile time that does not grow with
+      depth): a ``FlatGroup`` (``_src/core/flat.py``: the leaves' states end to
+      end, for ``Method(flat=True)``) or a :class:`StackedLeaf` of same-shape
+      leaves (one ``vmap``-ed step); read them per leaf with :meth:`field` or
       :meth:`resolved_leaves`.
     budget: the size-budget controller's ``BudgetState`` (multiplier,
       target, reached size), or ``None`` without a :class:`~ec2t_jax.Budget`.
@@ -222,8 +236,7 @@ class QuantizerState(NamedTuple):
     """
     def get(leaf):
       if isinstance(leaf, GroupSlot):
-        stacked = getattr(self.groups[leaf.group].inner, name, None)
-        return None if stacked is None else stacked[leaf.index]
+        return getattr(self.groups[leaf.group].slice(leaf.index), name, None)
       return getattr(leaf, name, None)
     return jax.tree.map(get, self.leaves, is_leaf=is_leaf_state)
 

@@ -26,11 +26,13 @@ every method alike:
   one state per slice (:class:`StackedLeaf`); the method's ``init_leaf`` and
   ``step_leaf`` are ``vmap``-ed over the stack axes, so every per-layer
   statistic is per slice without per-method code;
-* **compile time**: same-shape leaves (the blocks of an unrolled network)
-  keep their states stacked in ``QuantizerState.groups`` and one
-  ``vmap``-ed step serves each group (:func:`group_states`,
-  :func:`step_groups`), so the traced step does not grow with depth; the
-  only per-step stacking is of the incoming updates;
+* **compile time**: a method whose step reduces through ``ctx.segments``
+  (``Method(flat=True)``) keeps the states of all compatible leaves end to
+  end in one flat buffer (``_src/core/flat.py``), stepped by one trace
+  whatever the number and shapes of the layers; for other methods (and
+  leaves sharded over devices) same-shape leaves keep their states stacked
+  and one ``vmap``-ed step serves each group (:func:`group_states`,
+  :func:`step_groups`). Either way the traced step does not grow with depth;
 * **latent weight decay**: the update accepts ``latent_decay`` (what
   :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
   each latent field), added to the latent weights before the method's step
@@ -56,9 +58,10 @@ import numpy as np
 import optax
 
 from ec2t_jax._src.core import budget as budget_lib
+from ec2t_jax._src.core import flat as flat_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core.grid import exact_update
-from ec2t_jax._src.core.hyper import check_range, hyper_is_valid, Range
+from ec2t_jax._src.core.hyper import check_choice, check_range, hyper_is_valid, Range
 from ec2t_jax._src.core.protocol import is_leaf_state, LeafContext, Method, NO_PARAMS_MSG, QuantizerState
 from ec2t_jax._src.core.protocol import GroupSlot
 from ec2t_jax._src.core.protocol import TreeInfo
@@ -175,7 +178,8 @@ def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
 
 
 def init_state(method: Method, params, selection, hyper,
-               info: Optional[TreeInfo] = None, *, group: bool = True) -> QuantizerState:
+               info: Optional[TreeInfo] = None, *, group: bool = True,
+               layout: str = "auto") -> QuantizerState:
   """Selects leaves (once) and initialises each selected leaf's state.
 
   The method's ``prepare`` hook runs first (or ``info``, its result, is
@@ -185,8 +189,11 @@ def init_state(method: Method, params, selection, hyper,
 
   A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
   stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
-  its stack axes with the context of one slice. With ``group``, same-shape
-  leaves keep their states stacked (:func:`group_states`).
+  its stack axes with the context of one slice. With ``group``, the states
+  of a ``Method(flat=True)`` go into flat buffers (``layout="auto"``; not the
+  leaves of a param that may be sharded over devices, `flat.may_be_sharded`) and same-shape leaves keep their
+  states stacked (:func:`group_states`; every method's with
+  ``layout="grouped"``).
   """
   if info is None:
     info = prepare_tree(method, params, selection, hyper)
@@ -202,8 +209,9 @@ def init_state(method: Method, params, selection, hyper,
   contexts = _contexts(list(zip(paths, flat)),
                        [None if plan is None else plan.stack_ndim for plan in plans],
                        plans)
-  leaves = []
+  leaves, sharded = [], []
   for leaf, ctx in zip(flat, contexts):
+    sharded.append(flat_lib.may_be_sharded(leaf))
     if ctx is None:
       leaves.append(None)
       continue
@@ -212,14 +220,49 @@ def init_state(method: Method, params, selection, hyper,
     leaf = jnp.array(leaf, copy=True)
     leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
                                   hyper))
-  leaves, groups = group_states(leaves, contexts) if group else (leaves, ())
+  check_choice("layout", layout, ("auto", "grouped"))
+  groups: tuple = ()
+  if group and method.flat and layout == "auto":
+    leaves, groups = flat_states(leaves, contexts, sharded)
+  if group:
+    leaves, groups = group_states(leaves, contexts, groups)
   zero = jnp.zeros((), jnp.int32)
   return QuantizerState(count=zero, phase=zero, nonfinite_count=zero,
                         invalid_hyper_count=zero, off_grid_count=zero,
                         leaves=treedef.unflatten(leaves), groups=groups)
 
 
-def group_states(leaves: list, contexts: list) -> tuple[list, tuple]:
+def flat_states(leaves: list, contexts: list, sharded: list) -> tuple[list, tuple]:
+  """Puts the states of a ``Method(flat=True)`` into flat buffers (``_src/core/flat.py``).
+
+  Two or more leaves whose states share a class, mode, dtypes and field kinds
+  share a :class:`~ec2t_jax._src.core.flat.FlatGroup` (a lone leaf keeps its
+  own state: one trace either way). A leaf of a param that may be sharded over several
+  devices, or whose state has a field that is neither element-, layer- nor
+  filter-shaped, keeps its own state.
+
+  Returns:
+    ``(leaves with GroupSlots, groups)``.
+  """
+  members: dict = {}
+  for i, (leaf, ctx) in enumerate(zip(leaves, contexts)):
+    if leaf is None or sharded[i]:
+      continue
+    found = flat_lib.flat_key(leaf, ctx)
+    if found is not None:
+      members.setdefault(found, []).append(i)
+  out, groups = list(leaves), []
+  for (_, kinds), indices in members.items():
+    if len(indices) < 2:
+      continue
+    for j, i in enumerate(indices):
+      out[i] = GroupSlot(len(groups), j)
+    groups.append(flat_lib.pack([leaves[i] for i in indices], [contexts[i] for i in indices],
+                                kinds))
+  return out, tuple(groups)
+
+
+def group_states(leaves: list, contexts: list, groups: tuple = ()) -> tuple[list, tuple]:
   """Stacks the states of leaves that one ``vmap``-ed step can serve.
 
   Leaves group when their contexts are equal but for the path (same shape,
@@ -228,18 +271,23 @@ def group_states(leaves: list, contexts: list) -> tuple[list, tuple]:
   :class:`StackedLeaf` of ``QuantizerState.groups``; its leaves hold a
   :class:`GroupSlot`. Stacked leaves (layers of one leaf) are not grouped.
 
+  Args:
+    leaves: per leaf, its state (None if unselected; a GroupSlot is left as it is).
+    contexts: per leaf, its context.
+    groups: groups made before (new ones are numbered after them).
+
   Returns:
     ``(leaves with GroupSlots, groups)``.
   """
   members: dict = {}
   for i, (leaf, ctx) in enumerate(zip(leaves, contexts)):
-    if leaf is None or isinstance(leaf, StackedLeaf):
+    if leaf is None or isinstance(leaf, (StackedLeaf, GroupSlot)):
       continue
     arrays = jax.tree.leaves(leaf)
     key = (type(leaf), ctx._replace(path="", slice_index=0), jax.tree.structure(leaf),
            tuple((x.shape, jnp.dtype(x.dtype)) for x in arrays))
     members.setdefault(key, []).append(i)
-  out, groups = list(leaves), []
+  out, groups = list(leaves), list(groups)
   for indices in members.values():
     if len(indices) < 2:
       continue
@@ -312,8 +360,11 @@ def _values(groups: tuple) -> Callable:
 
   def value(leaf, dtype):
     if isinstance(leaf, GroupSlot):
+      group = groups[leaf.group]
       if (leaf.group, dtype) not in values:
-        values[leaf.group, dtype] = groups[leaf.group].value(dtype)
+        values[leaf.group, dtype] = group.value(dtype)
+      if isinstance(group, flat_lib.FlatGroup):
+        return group.member_value(values[leaf.group, dtype], leaf.index)
       return values[leaf.group, dtype][leaf.index]
     return leaf.value(dtype)
   return value
@@ -348,7 +399,7 @@ def latent_fields(leaf_state) -> tuple[str, ...]:
     >>> latent_fields(state.leaves["w"])
     ('latent', 'latent2')
   """
-  if isinstance(leaf_state, StackedLeaf):
+  if isinstance(leaf_state, (StackedLeaf, flat_lib.FlatGroup)):
     leaf_state = leaf_state.inner
   cls = type(leaf_state)
   fields = getattr(cls, "_fields", ())
@@ -450,10 +501,11 @@ def advance(state: QuantizerState, params, updates, step: Callable, inputs,
 
 def step_groups(step: Callable, inputs: list, slots: list, contexts: list,
                 groups: tuple, keep: jax.Array) -> tuple[tuple, jax.Array]:
-  """Steps every group of ``QuantizerState.groups`` with one ``vmap``-ed step.
+  """Steps every group of ``QuantizerState.groups``, each with one trace of ``step``.
 
-  The inputs of a group's leaves are stacked (the only per-step stacking:
-  the states stay stacked), then stepped like the slices of a stacked leaf.
+  A flat buffer's inputs are concatenated (:func:`flat_lib.step`); a
+  stacked group's inputs are stacked (the only per-step stacking: the
+  states stay stacked), then stepped like the slices of a stacked leaf.
 
   Returns:
     ``(new groups, any non-finite input)``.
@@ -466,6 +518,12 @@ def step_groups(step: Callable, inputs: list, slots: list, contexts: list,
       members[slot.group].append(i)
   new, bad = [], []
   for group, indices in zip(groups, members):
+    if isinstance(group, flat_lib.FlatGroup):
+      leaf, any_bad = flat_lib.step(step, [inputs[i] for i in indices], group,
+                                    contexts[indices[0]], keep)
+      new.append(leaf)
+      bad.append(any_bad)
+      continue
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                            *[inputs[i] for i in indices])
     ctx = contexts[indices[0]]._replace(stack_shape=(len(indices),))
@@ -498,6 +556,7 @@ def quantize_transform(
     budget: Optional[budget_lib.Budget] = None,
     controlled: Optional[budget_lib.ControlledHyper] = None,
     budget_target=None,
+    layout: str = "auto",
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
 
@@ -518,10 +577,14 @@ def quantize_transform(
       traced, e.g. through ``optax.inject_hyperparams``); a traced value that
       is non-finite or out of range skips the step like an invalid
       hyperparameter.
+    layout: ``"auto"`` (flat buffers for a ``Method(flat=True)``, else
+      same-shape groups; see :func:`init_state`) or ``"grouped"`` (same-shape
+      groups for every method: the path flat buffers are tested against).
 
   Returns:
     A :class:`QuantizerTransformation` with state :class:`QuantizerState`.
   """
+  check_choice("layout", layout, ("auto", "grouped"))
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
@@ -537,7 +600,7 @@ def quantize_transform(
     return budget_lib.plan_budget(budget, controlled, jax.tree.leaves(params), states)
 
   def init_fn(params):
-    state = init_state(method, params, chosen, hyper)
+    state = init_state(method, params, chosen, hyper, layout=layout)
     if budget is None:
       return state
     # Leaves kept stacked in groups are read per leaf (GroupSlot resolved).
@@ -602,6 +665,7 @@ class Quantizer(NamedTuple):
     selection: which leaves (see :class:`~ec2t_jax.Selection`).
     budget, controlled, budget_target: a size budget and the hyperparameter its
       controller drives (see :func:`quantize_transform`); None: no budget.
+    layout: how the states are kept in training (see :func:`quantize_transform`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -618,13 +682,14 @@ class Quantizer(NamedTuple):
   budget: Any = None
   controlled: Any = None
   budget_target: Any = None
+  layout: str = "auto"
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
     return quantize_transform(self.method, self.hyper, self.hyper_ranges,
                               selection=self.selection, budget=self.budget,
                               controlled=self.controlled,
-                              budget_target=self.budget_target)
+                              budget_target=self.budget_target, layout=self.layout)
 
   def instant(self, params, *, return_state: bool = False):
     """Quantizes ``params`` at once: each selected leaf becomes its initial state's value.

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import grids
 from ec2t_jax._src.methods._support import registry
@@ -143,16 +144,17 @@ def method() -> core.Method:
     return BitNetLeaf(latent, *absmean_ternarize(latent, hyper.epsilon))
 
   def step_leaf(update, leaf: BitNetLeaf, ctx, hyper: BitNetHyper, phase) -> BitNetLeaf:
-    del ctx, phase  # one phase
+    del phase  # one phase
     latent = leaf.latent + update
-    return BitNetLeaf(latent, *_absmean(latent, hyper.epsilon))
+    return BitNetLeaf(latent, *_absmean(latent, hyper.epsilon, segments_lib.of(ctx)))
 
-  return core.Method("bitnet", init_leaf, step_leaf)
+  return core.Method("bitnet", init_leaf, step_leaf, flat=True)
 
 
-def _absmean(latent, epsilon):
-  # absmean_ternarize without the concrete range check (epsilon may be traced).
-  scale = jnp.maximum(jnp.mean(jnp.abs(latent)), jnp.asarray(epsilon, jnp.float32))
+def _absmean(latent, epsilon, segments):
+  # absmean_ternarize without the concrete range check (epsilon may be traced), per segment.
+  scale = jnp.maximum(segments_lib.mean(segments, jnp.abs(latent)),
+                      jnp.asarray(epsilon, jnp.float32))
   return jnp.clip(jnp.round(latent / scale), -1, 1).astype(jnp.int8), scale
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import ternary_ops
 from ec2t_jax._src.methods import twn
@@ -152,7 +153,7 @@ class PrunedTernaryLeaf(NamedTuple):
 
   def value(self, dtype) -> jax.Array:
     """Before pruning ``W``; after, ``alpha sign(W)`` on the survivors, 0 elsewhere."""
-    alpha = core.snap_to_grid(self.scale, dtype)
+    alpha = core.snap_to_grid(self.scale, dtype, reference=self.scale)
     ternary = alpha * jnp.sign(self.latent) * self.mask
     return jnp.where(self.pruned, ternary, self.latent).astype(dtype)
 
@@ -179,16 +180,19 @@ def pruning_method() -> core.Method:
                              jnp.zeros((), jnp.float32))
 
   def step_leaf(update, leaf: PrunedTernaryLeaf, ctx, hyper: PruningHyper, phase):
-    del ctx
+    segments = segments_lib.of(ctx)
     prune_now = (phase >= 1) & ~leaf.pruned
-    survivors = jnp.abs(leaf.latent) > twn.twn_threshold(leaf.latent, hyper.factor)
+    threshold = ternary_ops.f32(hyper.factor) * segments_lib.mean(segments,
+                                                                  jnp.abs(leaf.latent))
+    survivors = jnp.abs(leaf.latent) > threshold
     mask = jnp.where(prune_now, survivors, leaf.mask)
     pruned = leaf.pruned | prune_now
     latent = jnp.where(mask, leaf.latent + update, 0.0)
-    scale = ternary_ops.masked_mean(jnp.abs(latent), mask & (latent != 0), per_filter=False)
+    scale = ternary_ops.segment_masked_mean(segments, jnp.abs(latent), mask & (latent != 0),
+                                            per_filter=False)
     return PrunedTernaryLeaf(latent, mask, pruned, jnp.where(pruned, scale, 0.0))
 
-  return core.Method("quantization_pruning", init_leaf, step_leaf)
+  return core.Method("quantization_pruning", init_leaf, step_leaf, flat=True)
 
 
 def quantization_pruning(factor=twn.LAYER_FACTOR, *,

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import ternary_ops
 from ec2t_jax._src.methods import twn
@@ -68,7 +69,13 @@ def _sgn(x) -> jax.Array:
   return jnp.where(x >= 0, 1.0, -1.0)
 
 
-def sttn_scale(w1, w2, *, per_filter: bool = True, axis: int = -1) -> jax.Array:
+def _segments(segments, axis):
+  """The reductions: a flat buffer's (the core's flat path) or the one leaf's along ``axis``."""
+  return segments_lib.LeafSegments(axis) if segments is None else segments
+
+
+def sttn_scale(w1, w2, *, per_filter: bool = True, axis: int = -1,
+               segments=None) -> jax.Array:
   """The shared scale ``alpha = (||W1||_1 + ||W2||_1) / (2n)``.
 
   Args:
@@ -77,6 +84,8 @@ def sttn_scale(w1, w2, *, per_filter: bool = True, axis: int = -1) -> jax.Array:
     per_filter: one ``alpha`` per output filter (kept for broadcasting; the
       paper) or one for the whole kernel.
     axis: the output-filter axis (default: the last).
+    segments: a flat buffer's ``FlatSegments`` (the core's flat path) instead
+      of one leaf along ``axis``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -86,12 +95,13 @@ def sttn_scale(w1, w2, *, per_filter: bool = True, axis: int = -1) -> jax.Array:
     Array(0.325, dtype=float32)
   """
   w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
-  return 0.5 * (ternary_ops.reduce_mean(jnp.abs(w1), per_filter, axis)
-                + ternary_ops.reduce_mean(jnp.abs(w2), per_filter, axis))
+  segments = _segments(segments, axis)
+  return 0.5 * (segments_lib.mean(segments, jnp.abs(w1), per_filter)
+                + segments_lib.mean(segments, jnp.abs(w2), per_filter))
 
 
 def sttn_ternarize(w1, w2, *, per_filter: bool = True,
-                   axis: int = -1) -> tuple[jax.Array, jax.Array]:
+                   axis: int = -1, segments=None) -> tuple[jax.Array, jax.Array]:
   """The ternary kernel ``T = B1 + B2`` as ``(assignment, alpha)``.
 
   Returns:
@@ -108,15 +118,15 @@ def sttn_ternarize(w1, w2, *, per_filter: bool = True,
   """
   w1, w2 = ternary_ops.f32(w1), ternary_ops.f32(w2)
   assignment = (0.5 * (_sgn(w1) + _sgn(w2))).astype(jnp.int8)
-  return assignment, sttn_scale(w1, w2, per_filter=per_filter, axis=axis)
+  return assignment, sttn_scale(w1, w2, per_filter=per_filter, axis=axis, segments=segments)
 
 
 OFFICIAL_STE_CLIP = 1.96
 GRADIENTS = ("official", "exact")
 
 
-def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True, axis: int = -1
-                            ) -> tuple[jax.Array, jax.Array]:
+def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True, axis: int = -1,
+                            segments=None) -> tuple[jax.Array, jax.Array]:
   """The official ``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (``gradient="official"``).
 
   Per binary kernel ``W_j`` on its own (``updateBinaryGradWeight`` of
@@ -133,35 +143,35 @@ def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True, axis: int 
     (Array([0.1, 0.1], dtype=float32), Array([0.2, 0.2], dtype=float32))
   """
   g = ternary_ops.f32(grad)
-  axes = ternary_ops.filter_axes(g.ndim, per_filter, axis)
-  n = ternary_ops.filter_size(g, per_filter, axis)
+  segments = _segments(segments, axis)
+  n = segments.numel(g, per_filter)
 
   def step(w):
     w = ternary_ops.f32(w)
-    scale_term = jnp.sum(jnp.sign(w) * g, axis=axes, keepdims=per_filter) / n
+    scale_term = segments.sum(jnp.sign(w) * g, per_filter) / n
     return (jnp.abs(w) <= OFFICIAL_STE_CLIP) * g + jnp.sign(w) * scale_term
 
   return step(w1), step(w2)
 
 
 def sttn_gradients(grad, w1, w2, *, per_filter: bool = True,
-                   axis: int = -1) -> tuple[jax.Array, jax.Array]:
+                   axis: int = -1, segments=None) -> tuple[jax.Array, jax.Array]:
   """``(dL/dW1, dL/dW2)`` from ``g = dL/dT`` (formula in the module docstring).
 
   Linear in ``grad``, so it also maps an optimizer's proposed change of ``T``
   to the change of the latent kernels.
   """
   g, w1, w2 = ternary_ops.f32(grad), ternary_ops.f32(w1), ternary_ops.f32(w2)
-  alpha = sttn_scale(w1, w2, per_filter=per_filter, axis=axis)
-  axes = ternary_ops.filter_axes(g.ndim, per_filter, axis)
-  scale_term = jnp.sum(g * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
-      2.0 * ternary_ops.filter_size(g, per_filter, axis))
+  segments = _segments(segments, axis)
+  alpha = sttn_scale(w1, w2, per_filter=per_filter, segments=segments)
+  scale_term = segments.sum(g * (_sgn(w1) + _sgn(w2)), per_filter) / (
+      2.0 * segments.numel(g, per_filter))
   step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 
 
-def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True, axis: int = -1
-                      ) -> tuple[jax.Array, jax.Array]:
+def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True, axis: int = -1,
+                      segments=None) -> tuple[jax.Array, jax.Array]:
   """The latent steps for an already normalised update ``u`` (``latent_step="update"``).
 
   :func:`sttn_gradients` with the straight-through term's ``alpha`` replaced
@@ -178,9 +188,9 @@ def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True, axis: int = -1
     (Array([0.15, 0.05], dtype=float32), Array([0.15, 0.05], dtype=float32))
   """
   u, w1, w2 = ternary_ops.f32(update), ternary_ops.f32(w1), ternary_ops.f32(w2)
-  axes = ternary_ops.filter_axes(u.ndim, per_filter, axis)
-  scale_term = jnp.sum(u * (_sgn(w1) + _sgn(w2)), axis=axes, keepdims=per_filter) / (
-      2.0 * ternary_ops.filter_size(u, per_filter, axis))
+  segments = _segments(segments, axis)
+  scale_term = segments.sum(u * (_sgn(w1) + _sgn(w2)), per_filter) / (
+      2.0 * segments.numel(u, per_filter))
   step = lambda w: (jnp.abs(w) <= 1.0) * u + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 
@@ -298,20 +308,21 @@ def method(per_filter: bool = True, latent_step: str = "update",
   else:
     steps_of = sttn_latent_steps if latent_step == "update" else sttn_gradients
 
-  def leaf_from(w1, w2, axis) -> STTNLeaf:
-    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter, axis=axis))
+  def leaf_from(w1, w2, segments) -> STTNLeaf:
+    return STTNLeaf(w1, w2, *sttn_ternarize(w1, w2, per_filter=per_filter, segments=segments))
 
   def init_leaf(param, ctx, hyper: STTNHyper) -> STTNLeaf:
-    return leaf_from(*sttn_init(param, hyper.init_factor), ctx.output_axis)
+    return leaf_from(*sttn_init(param, hyper.init_factor), segments_lib.of(ctx))
 
   def step_leaf(update, leaf: STTNLeaf, ctx, hyper, phase) -> STTNLeaf:
     del hyper, phase  # one phase
+    segments = segments_lib.of(ctx)
     step1, step2 = steps_of(update, leaf.latent, leaf.latent2, per_filter=per_filter,
-                            axis=ctx.output_axis)
+                            segments=segments)
     return leaf_from(jnp.clip(leaf.latent + step1, -1.0, 1.0),
-                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0), ctx.output_axis)
+                     jnp.clip(leaf.latent2 + step2, -1.0, 1.0), segments)
 
-  return core.Method("sttn", init_leaf, step_leaf)
+  return core.Method("sttn", init_leaf, step_leaf, flat=True)
 
 
 def sttn(init_factor=twn.LAYER_FACTOR, *, per_filter: bool = True,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods._support import ternary_ops
@@ -72,9 +73,14 @@ def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
     Array(0.1, dtype=float32)
   """
   ternary_ops.check_range("sparsity", sparsity, 0.0, 1.0)
-  m = jnp.sort(jnp.abs(ternary_ops.f32(weights)).ravel())
-  z = jnp.floor(ternary_ops.f32(sparsity) * m.size).astype(jnp.int32)
-  return jnp.where(z > 0, m[jnp.maximum(z - 1, 0)], 0.0)
+  return _sparsity_threshold(weights, sparsity, segments_lib.LeafSegments())
+
+
+def _sparsity_threshold(weights, sparsity, segments):
+  """:func:`ttq_sparsity_threshold` per segment (``sparsity`` may be traced)."""
+  m = segments.sort(jnp.abs(ternary_ops.f32(weights)))
+  z = jnp.floor(ternary_ops.f32(sparsity) * segments.numel(weights)).astype(jnp.int32)
+  return jnp.where(z > 0, m[segments.starts() + jnp.maximum(z - 1, 0)], 0.0)
 
 
 def ttq_assign(weights, delta) -> jax.Array:
@@ -126,7 +132,9 @@ class TTQLeaf(NamedTuple):
 
   def value(self, dtype) -> jax.Array:
     """``T`` with ``W_n`` and ``W_p`` snapped to one grid (exact landing)."""
-    w_n, w_p = core.snap_to_grid(jnp.stack([self.w_n, self.w_p]), dtype)
+    # The quantum of the larger scale (per element on a flat buffer: its layer's).
+    w_n, w_p = core.snap_to_grid(jnp.stack([self.w_n, self.w_p]), dtype,
+                                 jnp.maximum(jnp.abs(self.w_n), jnp.abs(self.w_p)))
     return ternary.ternary_values(self.assignment, w_n, w_p, dtype)
 
   def describe(self) -> dict:
@@ -144,18 +152,18 @@ _HYPER_RANGES = {"threshold": core.Range(0.0, 1.0), "sparsity": core.Range(0.0, 
                  "scale_update": core.Range(0.0)}
 
 
-def _delta(latent, hyper: TTQHyper, fixed_sparsity: bool):
+def _delta(latent, hyper: TTQHyper, fixed_sparsity: bool, segments):
   if fixed_sparsity:
-    return ttq_sparsity_threshold(latent, hyper.sparsity)
-  return ttq_threshold(latent, hyper.threshold)
+    return _sparsity_threshold(latent, hyper.sparsity, segments)
+  return ternary_ops.f32(hyper.threshold) * segments.max(jnp.abs(latent))
 
 
-def _cluster_mean(values, mask):
-  return ternary_ops.masked_mean(values, mask, per_filter=False)
+def _cluster_mean(values, mask, segments):
+  return ternary_ops.segment_masked_mean(segments, values, mask, per_filter=False)
 
 
-def _cluster_sum(values, mask):
-  return jnp.sum(jnp.where(mask, ternary_ops.f32(values), 0.0))
+def _cluster_sum(values, mask, segments):
+  return segments.sum(jnp.where(mask, ternary_ops.f32(values), 0.0))
 
 
 LATENT_STEPS = ("gradient", "update")
@@ -172,30 +180,31 @@ def method(fixed_sparsity: bool, init_scale: Optional[float],
   reduce = _cluster_sum if scale_step == "sum" else _cluster_mean
 
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
-    del ctx
+    segments = segments_lib.of(ctx)
     latent = ternary_ops.f32(param)
-    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
+    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity, segments))
     if init_scale is None:  # least-squares fit of each side
-      w_n = _cluster_mean(-latent, assignment < 0)
-      w_p = _cluster_mean(latent, assignment > 0)
+      w_n = _cluster_mean(-latent, assignment < 0, segments)
+      w_p = _cluster_mean(latent, assignment > 0, segments)
     else:  # the official code: both variables start at 1.0
       w_n = w_p = jnp.full((), init_scale, jnp.float32)
     return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment)
 
   def step_leaf(update, leaf: TTQLeaf, ctx, hyper: TTQHyper, phase) -> TTQLeaf:
-    del ctx, phase  # one phase
+    del phase  # one phase
+    segments = segments_lib.of(ctx)
     if latent_step == "update":  # the inner optimizer's step, as it is
       step = ternary_ops.f32(update)
     else:  # the official scaled straight-through map: (W_n, 1, W_p) on (n, 0, p)
-      step, _, _ = ttq_gradients(update, leaf.assignment, leaf.w_n, leaf.w_p)
+      step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n, leaf.w_p)
     k = ternary_ops.f32(hyper.scale_update)
-    w_n = leaf.w_n - k * reduce(update, leaf.assignment < 0)
-    w_p = leaf.w_p + k * reduce(update, leaf.assignment > 0)
+    w_n = leaf.w_n - k * reduce(update, leaf.assignment < 0, segments)
+    w_p = leaf.w_p + k * reduce(update, leaf.assignment > 0, segments)
     latent = leaf.latent + step
-    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity))
+    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity, segments))
     return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment)
 
-  return core.Method("ttq", init_leaf, step_leaf)
+  return core.Method("ttq", init_leaf, step_leaf, flat=True)
 
 
 def ttq(threshold: float = DEFAULT_THRESHOLD, *, sparsity: Optional[float] = None,

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import ternary_ops
 from ec2t_jax._src.methods._support import grids
@@ -162,10 +163,12 @@ class TWNHyper(NamedTuple):
 _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 
 
-def _ternarize_leaf(latent, factor, per_filter, axis):
-  delta = factor * ternary_ops.reduce_mean(jnp.abs(latent), per_filter, axis)
+def _ternarize_leaf(latent, factor, per_filter, segments):
+  magnitude = jnp.abs(latent)
+  delta = factor * segments_lib.mean(segments, magnitude, per_filter)
   assignment = ternary_ops.threshold_assign(latent, delta)
-  return assignment, twn_scale(latent, assignment, per_filter=per_filter, axis=axis)
+  return assignment, ternary_ops.segment_masked_mean(segments, magnitude, assignment != 0,
+                                                     per_filter)
 
 
 def method(per_filter: bool = False) -> core.Method:
@@ -174,15 +177,15 @@ def method(per_filter: bool = False) -> core.Method:
   def init_leaf(param, ctx, hyper: TWNHyper) -> TWNLeaf:
     latent = ternary_ops.f32(param)
     return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
-                                            ctx.output_axis))
+                                            segments_lib.of(ctx)))
 
   def step_leaf(update, leaf: TWNLeaf, ctx, hyper: TWNHyper, phase) -> TWNLeaf:
     del phase  # one phase
     latent = leaf.latent + update
     return TWNLeaf(latent, *_ternarize_leaf(latent, hyper.factor, per_filter,
-                                            ctx.output_axis))
+                                            segments_lib.of(ctx)))
 
-  return core.Method("twn", init_leaf, step_leaf)
+  return core.Method("twn", init_leaf, step_leaf, flat=True)
 
 
 def twn(threshold: str = "layer", factor=None, *,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 
 
 class ScaledTernaryLeaf(NamedTuple):
@@ -74,14 +75,18 @@ def filter_size(x, per_filter: bool, axis: int = -1) -> int:
 
 
 def reduce_mean(x, per_filter: bool, axis: int = -1) -> jax.Array:
-  return jnp.mean(x, axis=filter_axes(x.ndim, per_filter, axis), keepdims=per_filter)
+  return segments_lib.mean(segments_lib.LeafSegments(axis), x, per_filter)
 
 
 def masked_mean(values, mask, per_filter: bool, axis: int = -1) -> jax.Array:
   """Mean of ``values`` where ``mask`` holds (0 where the mask is empty)."""
-  axes = filter_axes(values.ndim, per_filter, axis)
-  total = jnp.sum(jnp.where(mask, values, 0.0), axis=axes, keepdims=per_filter)
-  count = jnp.sum(mask, axis=axes, keepdims=per_filter, dtype=jnp.float32)
+  return segment_masked_mean(segments_lib.LeafSegments(axis), values, mask, per_filter)
+
+
+def segment_masked_mean(segments, values, mask, per_filter: bool) -> jax.Array:
+  """:func:`masked_mean` per segment (see ``_src/core/segments.py``)."""
+  total = segments.sum(jnp.where(mask, values, 0.0), per_filter)
+  count = segments.sum(mask, per_filter)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 

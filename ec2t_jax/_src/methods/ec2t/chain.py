@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods.ec2t import ternary
 from ec2t_jax._src.methods._support import grids
@@ -101,13 +102,15 @@ HYPER_RANGES = {
 }
 
 
-def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=None):
+def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=None,
+                  segments=None):
   """Means of ``values`` over clusters n and p, in one reduction.
 
   A cluster that is empty gets its fallback. With ``channel_axis``, one mean
   per channel (over the other axes, kept with size 1 so the means broadcast
   against ``values``); an empty cluster of a channel gets that channel's
-  fallback.
+  fallback. With a flat buffer's ``segments`` (the core's flat path), per
+  segment (per channel), gathered per element.
 
   Example:
     >>> import jax.numpy as jnp
@@ -117,6 +120,13 @@ def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=No
   """
   values = jnp.asarray(values, jnp.float32)
   in_n, in_p = assignment < 0, assignment > 0
+  mean = lambda total, count, fallback: jnp.where(
+      count > 0, total / jnp.maximum(count, 1.0), fallback)
+  if segments is not None:
+    per_channel = channel_axis is not None
+    total = lambda x: segments.sum(x, per_channel)
+    return (mean(total(jnp.where(in_n, values, 0.0)), total(in_n), fallback_n),
+            mean(total(jnp.where(in_p, values, 0.0)), total(in_p), fallback_p))
   # Counts and sums of both clusters in one variadic reduction: one pass
   # and one compiled loop instead of four (exact counts below 2^24).
   terms = (in_n.astype(jnp.float32), in_p.astype(jnp.float32),
@@ -129,8 +139,6 @@ def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=No
     shape = tuple(values.shape[a] if a == keep else 1 for a in range(values.ndim))
     count_n, count_p, total_n, total_p = (
         t.reshape(shape) for t in (count_n, count_p, total_n, total_p))
-  mean = lambda total, count, fallback: jnp.where(
-      count > 0, total / jnp.maximum(count, 1.0), fallback)
   return mean(total_n, count_n, fallback_n), mean(total_p, count_p, fallback_p)
 
 
@@ -139,13 +147,13 @@ def channel_axis(ctx: core.LeafContext, centroids: str):
   return ctx.output_axis if centroids == "channel" else None
 
 
-def channel_spread(latent, axis):
-  """``r_c = std(W_c) / std(W)`` per channel (1 where either is 0), shaped to broadcast."""
+def channel_spread(latent, axis, segments=None):
+  """``r_c = std(W_c) / std(W)`` per channel (1 where either is 0), shaped to broadcast
+  (per segment of a flat buffer's ``segments``)."""
   w = jnp.asarray(latent, jnp.float32)
-  layer = jnp.std(w, ddof=1)
-  keep = axis % w.ndim
-  channel = jnp.std(w, ddof=1, axis=tuple(a for a in range(w.ndim) if a != keep),
-                    keepdims=True)
+  segments = segments_lib.LeafSegments(axis) if segments is None else segments
+  layer = segments_lib.std(segments, w, ddof=1)
+  channel = segments_lib.std(segments, w, per_filter=True, ddof=1)
   return jnp.where((channel > 0) & (layer > 0), channel / jnp.where(layer > 0, layer, 1.0), 1.0)
 
 
@@ -158,12 +166,12 @@ def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
   size_decay = (ctx.size_fraction + hyper.sustain) / (1.0 + hyper.sustain)
   axis = channel_axis(ctx, centroids)
   if axis is not None:
-    spread = channel_spread(latent, axis)
+    spread = channel_spread(latent, axis, ctx.segments)
     latent, w_n, w_p = latent / spread, w_n / spread, w_p / spread
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
       zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties,
-      channel_axis=axis)
+      channel_axis=axis, segments=ctx.segments)
 
 
 def init_leaf(param, ctx: core.LeafContext, hyper: EC2THyper, *,
@@ -213,11 +221,12 @@ def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
                      (leaf.latent + latent_step).astype(leaf.latent.dtype))
   if isinstance(leaf, ECPLeaf):
     mean_n, w_p = cluster_means(latent, leaf.assignment, -leaf.w_n, leaf.w_p,
-                                channel_axis=axis)
+                                channel_axis=axis, segments=ctx.segments)
     w_n = -mean_n
   else:
     w_n, w_p = leaf.w_n + centroid_step[0], leaf.w_p + centroid_step[1]
-  w_n, w_p = ternary.centroid_floor(latent, w_n, w_p, hyper.floor_factor, channel_axis=axis)
+  w_n, w_p = ternary.centroid_floor(latent, w_n, w_p, hyper.floor_factor, channel_axis=axis,
+                                    segments=ctx.segments)
   # Keep centroids strictly positive even for constant layers (std = 0).
   tiny = jnp.finfo(jnp.float32).tiny
   w_n, w_p = jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny)
@@ -228,7 +237,7 @@ def advance_leaf(leaf: EC2TLeaf, latent_step, centroid_step, ctx, hyper,
 
 
 def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plain",
-                axis=None):
+                axis=None, segments=None):
   """The chain form's ``(latent_step, centroid_step)`` from an update ``u``.
 
   ``W += u`` (``latent_step_rule="plain"``) or ``W += s * u`` (``"ttq"``,
@@ -244,7 +253,8 @@ def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plai
     latent_step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n, leaf.w_p)
   else:
     latent_step = jnp.asarray(update, jnp.float32)
-  mean_n, mean_p = cluster_means(update, leaf.assignment, 0.0, 0.0, channel_axis=axis)
+  mean_n, mean_p = cluster_means(update, leaf.assignment, 0.0, 0.0, channel_axis=axis,
+                                 segments=segments)
   return latent_step, (-k * mean_n, k * mean_p)
 
 
@@ -256,7 +266,7 @@ def method(*, renormalization="exact", latent_dtype="float32",
 
   def step_leaf(update, leaf, ctx, hyper, phase):
     latent_step, centroid_step = chain_steps(update, leaf, hyper, latent_step_rule,
-                                             channel_axis(ctx, centroids))
+                                             channel_axis(ctx, centroids), ctx.segments)
     return advance_leaf(leaf, latent_step, centroid_step, ctx, hyper, phase,
                         renormalization=renormalization, ties=ties, centroids=centroids)
 
@@ -265,7 +275,8 @@ def method(*, renormalization="exact", latent_dtype="float32",
                      centroids=centroids)
 
   return core.Method("ec2t", init, step_leaf,
-                     accepts=core.RuleOptions(modes=("ternary", "ecp"), rule_gamma=True))
+                     accepts=core.RuleOptions(modes=("ternary", "ecp"), rule_gamma=True),
+                     flat=True)
 
 
 def check_static(renormalization, latent_dtype, ties="zero", latent_step="plain",

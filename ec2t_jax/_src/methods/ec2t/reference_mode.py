@@ -119,7 +119,8 @@ def ternarize_reference(
     return optax.masked(params_optimizer, unselected)
 
   def init_fn(params):
-    core_state = core.init_state(method, params, chosen, hyper)
+    # Grouped, not flat: the centroid increments reach the step per leaf (scalars).
+    core_state = core.init_state(method, params, chosen, hyper, layout="grouped")
     return TernarizeReferenceState(
         params_state=masked_params_optimizer(core_state).init(params),
         latent_state=latent_optimizer.init(core_state.latent),

@@ -32,6 +32,8 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax._src.core import segments as segments_lib
+
 Renormalization = Literal["exact", "reference"]
 CentroidSign = Literal["exact", "reference"]
 Ties = Literal["zero", "reference"]
@@ -48,14 +50,17 @@ def _check_ties(ties):
     raise ValueError(f"ties must be 'zero' or 'reference', got {ties!r}")
 
 
-def _keep_channel(x, reduce, channel_axis):
-  """``reduce(x, axis=..., keepdims=...)`` over the whole array (``channel_axis`` None: a
-  scalar) or over every axis but ``channel_axis`` (kept, with size-1 axes elsewhere, so the
-  result broadcasts against ``x``: one value per output channel)."""
-  if channel_axis is None:
-    return reduce(x)
-  axis = channel_axis % x.ndim
-  return reduce(x, axis=tuple(a for a in range(x.ndim) if a != axis), keepdims=True)
+def _segments(segments, channel_axis):
+  """``(segments, per_channel)``: where the per-layer (per-channel) reductions go.
+
+  ``segments`` None: the one layer given (:class:`LeafSegments` with
+  ``channel_axis``); a flat buffer's ``FlatSegments`` otherwise (the core's
+  flat path). Reductions are over the layer, or over each channel
+  (``channel_axis`` not None), broadcasting against the weights.
+  """
+  if segments is None:
+    segments = segments_lib.LeafSegments(-1 if channel_axis is None else channel_axis)
+  return segments, channel_axis is not None
 
 
 def nearest_centroid_assign(weights, w_n, w_p, *, ties: Ties = "zero") -> jax.Array:
@@ -124,9 +129,12 @@ def assign_by_cost(weights, w_n, w_p, lam, information, *,
   return jnp.where(jnp.minimum(cost_n, cost_p) < cost_0, nonzero, jnp.int8(ZERO))
 
 
-def cluster_counts(assignment) -> jax.Array:
-  """Number of elements in the clusters ``(n, 0, p)``, as float32."""
+def cluster_counts(assignment, *, segments=None) -> jax.Array:
+  """Number of elements in the clusters ``(n, 0, p)``, as float32 (per segment, gathered
+  per element, with a flat buffer's ``segments``: ``(3, N)``)."""
   a = jnp.asarray(assignment)
+  if segments is not None:
+    return jnp.stack([segments.sum(a == c) for c in (NEGATIVE, ZERO, POSITIVE)])
   # One reduction of the three indicators (one pass, one compiled loop).
   clusters = jnp.array([NEGATIVE, ZERO, POSITIVE], a.dtype).reshape(
       (3,) + (1,) * a.ndim)
@@ -139,6 +147,7 @@ def cluster_probabilities(
     *,
     zero_floor: float = 0.5,
     renormalization: Renormalization = "exact",
+    segments=None,
 ) -> jax.Array:
   """Cluster probabilities ``(P_n, P_0, P_p)`` with EC2T's two guards.
 
@@ -161,6 +170,8 @@ def cluster_probabilities(
     assignment: ``int8`` assignment in ``{-1, 0, 1}``.
     zero_floor: lower bound of ``P_0`` (0.5 in EC2T).
     renormalization: ``"exact"`` (default) or ``"reference"``.
+    segments: a flat buffer's ``FlatSegments`` (the core's flat path): one
+      ``P`` per segment, gathered per element (``(3, N)``); None: one layer.
 
   Returns:
     float32 array ``(P_n, P_0, P_p)``.
@@ -174,8 +185,11 @@ def cluster_probabilities(
   if renormalization not in ("exact", "reference"):
     raise ValueError("renormalization must be 'exact' or 'reference', got "
                      f"{renormalization!r}")
-  numel = jnp.asarray(assignment).size
-  p_n, p_0, p_p = jnp.maximum(cluster_counts(assignment), 1.0) / numel
+  if segments is None:
+    numel = jnp.asarray(assignment).size
+  else:
+    numel = segments.numel(assignment)
+  p_n, p_0, p_p = jnp.maximum(cluster_counts(assignment, segments=segments), 1.0) / numel
   zero_floor = _f32(zero_floor)
   below = p_0 < zero_floor
   if renormalization == "exact":
@@ -202,7 +216,7 @@ def information_content(probabilities) -> jax.Array:
   return -jnp.log2(_f32(probabilities))
 
 
-def extremes(weights, *, channel_axis=None) -> tuple[jax.Array, jax.Array]:
+def extremes(weights, *, channel_axis=None, segments=None) -> tuple[jax.Array, jax.Array]:
   """``(|min W|, |max W|)`` as float32 scalars (with ``channel_axis``: per channel, over the
   other axes, shaped to broadcast against ``weights``).
 
@@ -213,11 +227,12 @@ def extremes(weights, *, channel_axis=None) -> tuple[jax.Array, jax.Array]:
     (Array(2., dtype=float32), Array(1., dtype=float32))
   """
   w = _f32(weights)
-  return (jnp.abs(_keep_channel(w, jnp.min, channel_axis)),
-          jnp.abs(_keep_channel(w, jnp.max, channel_axis)))
+  segments, per_channel = _segments(segments, channel_axis)
+  return (jnp.abs(segments.min(w, per_channel)), jnp.abs(segments.max(w, per_channel)))
 
 
-def lambda_max(weights, w_n, w_p, information, *, channel_axis=None) -> jax.Array:
+def lambda_max(weights, w_n, w_p, information, *, channel_axis=None,
+               segments=None) -> jax.Array:
   """The largest useful ``lambda``: beyond it one side of the layer empties.
 
   For each side, the lambda at which its most extreme weight would flip to
@@ -247,6 +262,8 @@ def lambda_max(weights, w_n, w_p, information, *, channel_axis=None) -> jax.Arra
     w_p: value of the positive centroid (likewise).
     information: ``(I_n, I_0, I_p)`` of the whole layer.
     channel_axis: the output-channel axis of per-channel centroids, or None.
+    segments: a flat buffer's ``FlatSegments`` (one ``lambda_max`` per segment,
+      gathered per element); None: one layer.
 
   Returns:
     float32 scalar ``lambda_max >= 0``.
@@ -262,10 +279,11 @@ def lambda_max(weights, w_n, w_p, information, *, channel_axis=None) -> jax.Arra
   """
   w = _f32(weights)
   info = _f32(information)
-  extreme_n, extreme_p = extremes(w, channel_axis=channel_axis)
+  extreme_n, extreme_p = extremes(w, channel_axis=channel_axis, segments=segments)
+  layer, _ = _segments(segments, channel_axis)
 
   def side(extreme, centroid, delta_info):
-    numerator = jnp.max(jnp.square(extreme) - jnp.square(_f32(centroid) - extreme))
+    numerator = layer.max(jnp.square(extreme) - jnp.square(_f32(centroid) - extreme))
     return jnp.where(delta_info > 0,
                      numerator / jnp.where(delta_info > 0, delta_info, 1.0),
                      jnp.inf)
@@ -315,6 +333,7 @@ def entropy_constrained_assign(
     renormalization: Renormalization = "exact",
     ties: Ties = "zero",
     channel_axis=None,
+    segments=None,
 ) -> tuple[jax.Array, jax.Array]:
   """EC2T's assignment of one layer (reference section 2).
 
@@ -336,6 +355,8 @@ def entropy_constrained_assign(
       output channel, shaped to broadcast against ``weights``), that axis:
       each weight is measured against its channel's centroids, while ``P``,
       ``I`` and ``lambda`` stay the layer's (:func:`lambda_max`).
+    segments: a flat buffer's ``FlatSegments`` (the core's flat path: every
+      segment a layer); None: one layer.
 
   Returns:
     ``(assignment, lam)``: the ``int8`` assignment and the lambda used.
@@ -349,7 +370,7 @@ def entropy_constrained_assign(
   lam, information = entropy_constrained_lambda(
       weights, w_n, w_p, gamma=gamma, size_decay=size_decay,
       zero_floor=zero_floor, renormalization=renormalization, ties=ties,
-      channel_axis=channel_axis)
+      channel_axis=channel_axis, segments=segments)
   return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
 
 
@@ -357,7 +378,8 @@ def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
                                zero_floor: float = 0.5,
                                renormalization: Renormalization = "exact",
                                ties: Ties = "zero",
-                               channel_axis=None) -> tuple[jax.Array, jax.Array]:
+                               channel_axis=None,
+                               segments=None) -> tuple[jax.Array, jax.Array]:
   """Steps 1-3 of :func:`entropy_constrained_assign`: ``(lambda, I)``.
 
   ``I = -log2 P`` of the nearest-centroid assignment (with EC2T's guards)
@@ -373,10 +395,12 @@ def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
   """
   preliminary = nearest_centroid_assign(weights, w_n, w_p, ties=ties)
   probabilities = cluster_probabilities(
-      preliminary, zero_floor=zero_floor, renormalization=renormalization)
+      preliminary, zero_floor=zero_floor, renormalization=renormalization,
+      segments=segments)
   information = information_content(probabilities)
   lam = (_f32(gamma) * _f32(size_decay)
-         * lambda_max(weights, w_n, w_p, information, channel_axis=channel_axis))
+         * lambda_max(weights, w_n, w_p, information, channel_axis=channel_axis,
+                      segments=segments))
   return lam, information
 
 
@@ -441,7 +465,7 @@ def initial_centroids(weights, init_scale, *, channel_axis=None
   return s * extreme_n, s * extreme_p
 
 
-def centroid_floor(weights, w_n, w_p, factor=0.675, *, channel_axis=None):
+def centroid_floor(weights, w_n, w_p, factor=0.675, *, channel_axis=None, segments=None):
   """Keeps both centroids at least ``factor * std(W)``.
 
   .. math:: w_c \\leftarrow \\max(w_c, \\; f \\cdot \\mathrm{std}(W))
@@ -450,12 +474,13 @@ def centroid_floor(weights, w_n, w_p, factor=0.675, *, channel_axis=None):
   weights (``f = 0.675`` in EC2T). Needs at least two weights. With
   ``channel_axis`` (per-channel centroids) each channel's centroids are
   floored at ``f`` times the standard deviation of that channel's weights.
+  ``segments``: a flat buffer's ``FlatSegments`` (per segment); None: one layer.
 
   Returns:
     the floored ``(w_n, w_p)``.
   """
-  std = lambda x, **axes: jnp.std(x, ddof=1, **axes)
-  floor = _f32(factor) * _keep_channel(_f32(weights), std, channel_axis)
+  segments, per_channel = _segments(segments, channel_axis)
+  floor = _f32(factor) * segments_lib.std(segments, _f32(weights), per_channel, ddof=1)
   return jnp.maximum(_f32(w_n), floor), jnp.maximum(_f32(w_p), floor)
 
 

@@ -1,0 +1,301 @@
+r"""Flat buffers: many leaves' states in one, stepped by one trace of the method.
+
+For a method whose step reduces only through ``ctx.segments``
+(``Method(flat=True)``, see ``_src/core/segments.py``), the core concatenates
+the selected leaves' states into :class:`FlatGroup`\ s at ``init``: each field
+of the method's state is stored once for all members,
+
+* an **element** field (shaped like the leaf: latent weights, assignments) as
+  the members' raveled values end to end, ``(N,)``;
+* a **layer** field (a scalar per leaf or per slice: a scale, a centroid) as
+  one value per segment, ``(S,)``;
+* a **filter** field (one value per output filter) as one per filter, ``(F,)``.
+
+A step gathers the layer and filter fields per element (transiently), runs the
+method's ``step_leaf`` once on the whole buffer with a context whose
+``segments`` are :class:`~ec2t_jax._src.core.segments.FlatSegments`, guards
+non-finite inputs per segment as the per-leaf path does per leaf, and reads the
+per-segment fields back at each segment's first element. The persistent state
+is no larger than per leaf.
+
+Leaves stay out of a flat buffer (and keep the per-leaf or grouped path) when
+their param may be sharded over several devices (a flat buffer would reshard
+it every step; see :func:`may_be_sharded`: a param traced by ``jax.jit(tx.init)``
+with several devices counts), or when a field is neither element-, layer- nor
+filter-shaped.
+
+Read a member's state back with :meth:`FlatGroup.slice` (what
+``QuantizerState.resolved_leaves`` and ``field`` do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ec2t_jax._src.core import segments as segments_lib
+from ec2t_jax._src.core.protocol import LeafContext
+from ec2t_jax._src.core.protocol import StackedLeaf
+
+ELEMENT, LAYER, FILTER = "element", "layer", "filter"
+
+
+class Member(NamedTuple):
+  """One leaf of a flat buffer (static).
+
+  Attributes:
+    offset: its first element in the buffer.
+    stack_shape: its stack axes (``()`` for an unstacked leaf).
+    slice_shape: one slice's shape.
+    output_axis: one slice's output-filter axis (non-negative).
+    first_segment: its first segment (one per slice).
+    first_filter: its first filter in the flat filter numbering.
+  """
+  offset: int
+  stack_shape: tuple
+  slice_shape: tuple
+  output_axis: int
+  first_segment: int
+  first_filter: int
+
+  @property
+  def slices(self) -> int:
+    return math.prod(self.stack_shape)
+
+  @property
+  def slice_size(self) -> int:
+    return math.prod(self.slice_shape)
+
+  @property
+  def filters(self) -> int:
+    """Output filters of one slice."""
+    return self.slice_shape[self.output_axis] if self.slice_shape else 1
+
+
+class FlatLayout(NamedTuple):
+  r"""Where each member lives in a flat buffer, and what each field holds (static).
+
+  Attributes:
+    members: the :class:`Member`\ s, in the state's flattening order.
+    kinds: per field of the method's state, ``"element"``, ``"layer"`` or ``"filter"``.
+    gammas: per segment, the rule's gamma (None for the transformation's; all
+      members agree on None or not).
+    size_fractions: per segment, ``LeafContext.size_fraction``.
+    slice_indices: per segment, its slice index within its leaf.
+  """
+  members: tuple
+  kinds: tuple
+  gammas: tuple
+  size_fractions: tuple
+  slice_indices: tuple
+
+  def table(self) -> segments_lib.SegmentTable:
+    offsets, sizes, filters, strides, filter_offsets = [], [], [], [], []
+    for m in self.members:
+      axis = m.output_axis
+      stride = math.prod(m.slice_shape[axis + 1:]) if m.slice_shape else 1
+      for k in range(m.slices):
+        offsets.append(m.offset + k * m.slice_size)
+        sizes.append(m.slice_size)
+        filters.append(m.filters)
+        strides.append(stride)
+        filter_offsets.append(m.first_filter + k * m.filters)
+    arr = lambda v: np.asarray(v, np.int64)
+    return segments_lib.SegmentTable(arr(offsets), arr(sizes), arr(filters), arr(strides),
+                                     arr(filter_offsets))
+
+
+@jax.tree_util.register_pytree_node_class
+class FlatGroup:
+  """The states of several leaves in one flat buffer (see the module docstring).
+
+  Attributes:
+    inner: the method's state class with flat fields (see :class:`FlatLayout`).
+    layout: the static :class:`FlatLayout`.
+  """
+  __slots__ = ("inner", "layout")
+
+  def __init__(self, inner, layout: FlatLayout):
+    self.inner = inner
+    self.layout = layout
+
+  def tree_flatten(self):
+    return (self.inner,), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(children[0], layout)
+
+  def __repr__(self):
+    return f"FlatGroup({type(self.inner).__name__}, {len(self.layout.members)} leaves)"
+
+  @property
+  def table(self) -> segments_lib.SegmentTable:
+    return self.layout.table()
+
+  def expanded(self, segments: Optional[segments_lib.FlatSegments] = None):
+    """The state with every layer and filter field gathered per element."""
+    segments = segments or segments_lib.FlatSegments(self.table)
+    def expand(kind, x):
+      if kind == LAYER:
+        return x[segments.ids]
+      if kind == FILTER:
+        return x[segments.filter_ids]
+      return x
+    return self.inner._replace(**{f: expand(k, getattr(self.inner, f))
+                                  for f, k in zip(self.inner._fields, self.layout.kinds)})
+
+  def compacted(self, expanded):
+    """The inverse of :meth:`expanded`: per-segment fields read at each segment's start."""
+    table = self.table
+    firsts = {LAYER: table.offsets.astype(np.int32), FILTER: table.filter_first_elements()}
+    return expanded._replace(**{
+        f: getattr(expanded, f) if k == ELEMENT else getattr(expanded, f)[firsts[k]]
+        for f, k in zip(expanded._fields, self.layout.kinds)})
+
+  def value(self, dtype) -> jax.Array:
+    """Every member's value, end to end (``(N,)``)."""
+    return self.expanded().value(dtype)
+
+  def member_value(self, values: jax.Array, index: int) -> jax.Array:
+    """Member ``index``'s slice of :meth:`value`, in its param shape."""
+    m = self.layout.members[index]
+    size = m.slices * m.slice_size
+    return values[m.offset:m.offset + size].reshape(m.stack_shape + m.slice_shape)
+
+  def slice(self, index: int):
+    """Member ``index``'s own state (a :class:`StackedLeaf` for a stacked leaf)."""
+    m = self.layout.members[index]
+    fields = {}
+    for f, kind in zip(self.inner._fields, self.layout.kinds):
+      x = getattr(self.inner, f)
+      if kind == ELEMENT:
+        fields[f] = x[m.offset:m.offset + m.slices * m.slice_size].reshape(
+            m.stack_shape + m.slice_shape)
+      elif kind == LAYER:
+        fields[f] = x[m.first_segment:m.first_segment + m.slices].reshape(m.stack_shape)
+      else:
+        shape = tuple(n if a == m.output_axis else 1 for a, n in enumerate(m.slice_shape))
+        fields[f] = x[m.first_filter:m.first_filter + m.slices * m.filters].reshape(
+            m.stack_shape + shape)
+    state = self.inner._replace(**fields)
+    return StackedLeaf(state, len(m.stack_shape)) if m.stack_shape else state
+
+  def context(self, template: LeafContext, segments: segments_lib.FlatSegments) -> LeafContext:
+    """The context of the whole buffer: per-segment facts gathered per element."""
+    layout = self.layout
+    gamma = None if layout.gammas[0] is None else segments.per_segment(
+        np.asarray(layout.gammas, np.float32))
+    return template._replace(
+        path=f"<flat buffer of {len(layout.members)} leaves>", shape=(self.table.total,),
+        gamma=gamma, size_fraction=segments.per_segment(
+            np.asarray(layout.size_fractions, np.float32)),
+        stack_shape=(), slice_index=segments.per_segment(
+            np.asarray(layout.slice_indices, np.int32)),
+        info=None, output_axis=0, segments=segments)
+
+
+def field_kind(field_shape: tuple, slice_shape: tuple, output_axis: int) -> Optional[str]:
+  """Whether a per-slice field is an element, layer or filter field (None: neither)."""
+  if field_shape == slice_shape:
+    return ELEMENT
+  if field_shape == ():
+    return LAYER
+  if slice_shape and len(field_shape) == len(slice_shape) and all(
+      n == (slice_shape[a] if a == output_axis else 1) for a, n in enumerate(field_shape)):
+    return FILTER
+  return None
+
+
+def may_be_sharded(param) -> bool:
+  """Whether a param may be split over several devices (it then stays out of flat buffers).
+
+  A concrete param says so by its sharding. A traced one (``jax.jit(tx.init)``) does not
+  show its sharding while tracing, so with several devices it may be: the safe answer.
+  """
+  if isinstance(param, jax.core.Tracer):
+    return jax.device_count() > 1
+  sharding = getattr(param, "sharding", None)
+  if sharding is None:
+    return False
+  try:
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+  except AttributeError:
+    return False
+
+
+def flat_key(state, ctx: LeafContext):
+  """What members of one flat buffer share, or None if the state cannot be flattened.
+
+  Returns:
+    ``(key, kinds)``: the key (state class, mode, whether gamma is the rule's, the param
+    dtype, the fields' dtypes and kinds) and the fields' kinds.
+  """
+  stack_ndim = len(ctx.stack_shape)
+  inner = state.inner if isinstance(state, StackedLeaf) else state
+  axis = ctx.output_axis % len(ctx.shape) if ctx.shape else 0
+  kinds = []
+  for f in inner._fields:
+    x = getattr(inner, f)
+    if not isinstance(x, jax.Array) and not isinstance(x, np.ndarray):
+      return None
+    kind = field_kind(tuple(x.shape[stack_ndim:]), tuple(ctx.shape), axis)
+    if kind is None:
+      return None
+    kinds.append(kind)
+  dtypes = tuple(jnp.dtype(getattr(inner, f).dtype) for f in inner._fields)
+  key = (type(inner), ctx.mode, ctx.gamma is None, jnp.dtype(ctx.dtype), dtypes, tuple(kinds))
+  return key, tuple(kinds)
+
+
+def pack(states: list, contexts: list, kinds: tuple) -> FlatGroup:
+  """One :class:`FlatGroup` of the given leaf states (each with its context)."""
+  members, gammas, fractions, slice_ids = [], [], [], []
+  offset = segment = first_filter = 0
+  for state, ctx in zip(states, contexts):
+    axis = ctx.output_axis % len(ctx.shape) if ctx.shape else 0
+    m = Member(offset, tuple(ctx.stack_shape), tuple(ctx.shape), axis, segment, first_filter)
+    members.append(m)
+    offset += m.slices * m.slice_size
+    segment += m.slices
+    first_filter += m.slices * m.filters
+    gammas += [ctx.gamma] * m.slices
+    fractions += [float(ctx.size_fraction)] * m.slices
+    slice_ids += list(range(m.slices))
+  inners = [s.inner if isinstance(s, StackedLeaf) else s for s in states]
+  fields = {f: jnp.concatenate([jnp.ravel(getattr(s, f)) for s in inners])
+            for f in inners[0]._fields}
+  layout = FlatLayout(tuple(members), kinds, tuple(gammas), tuple(fractions), tuple(slice_ids))
+  return FlatGroup(inners[0]._replace(**fields), layout)
+
+
+def step(step_fn, inputs: list, group: FlatGroup, template: LeafContext,
+         keep: jax.Array) -> tuple[FlatGroup, jax.Array]:
+  """One step of a whole flat buffer: ``step_fn(input, state, ctx)`` traced once.
+
+  Args:
+    step_fn: the per-leaf step (closing over hyperparameters and phase).
+    inputs: the members' inputs (pytrees of arrays in their param shapes).
+    group: the old :class:`FlatGroup`.
+    template: a member's context (mode and the other shared facts).
+    keep: bool scalar: keep every state (invalid hyperparameters).
+
+  Returns:
+    ``(new group, any non-finite input)``; a segment with a non-finite input keeps its
+    state, as a leaf does on the per-leaf path.
+  """
+  segments = segments_lib.FlatSegments(group.table)
+  x = jax.tree.map(lambda *xs: jnp.concatenate([jnp.ravel(v) for v in xs]), *inputs)
+  # A segment is finite iff max |v| over it is (as the per-leaf guard, per segment).
+  finite = jnp.all(jnp.stack([jnp.isfinite(segments.max(jnp.abs(v)))
+                              for v in jax.tree.leaves(x)]), axis=0)
+  x = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0), x)
+  old = group.expanded(segments)
+  new = step_fn(x, old, group.context(template, segments))
+  accept = finite & ~keep
+  new = jax.tree.map(lambda n, o: jnp.where(accept, n, o).astype(o.dtype), new, old)
+  return FlatGroup(group.compacted(new), group.layout), ~jnp.all(finite)

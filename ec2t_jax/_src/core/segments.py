@@ -1,0 +1,224 @@
+r"""Per-layer statistics that one step computes for one leaf or for many at once.
+
+A method's step reduces its weights per layer (a mean magnitude, cluster
+counts, a standard deviation) or per output filter. Written against a
+:class:`Segments` object (``ctx.segments``), the same step serves
+
+* one leaf (:class:`LeafSegments`): ``sum(x)`` is a scalar, ``sum(x,
+  per_filter=True)`` keeps the output axis (size-1 axes elsewhere), both
+  broadcasting against ``x``;
+* every selected leaf concatenated into one flat buffer
+  (:class:`FlatSegments`, ``_src/core/flat.py``): each layer (or slice of a
+  stacked leaf) is a contiguous segment, and ``sum(x)`` is
+  ``jax.ops.segment_sum`` gathered back per element, so it broadcasts against
+  ``x`` just the same.
+
+Element-wise code is the same in both cases. So a method whose step reduces
+only through ``ctx.segments`` (``Method(flat=True)``) is traced once per
+transformation, however many layers and shapes the model has.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from ec2t_jax._src.core.segments import LeafSegments  # internal
+  >>> segments = LeafSegments(output_axis=-1)
+  >>> w = jnp.array([[1.0, -2.0], [3.0, 4.0]])
+  >>> segments.sum(w), segments.sum(w, per_filter=True)
+  (Array(6., dtype=float32), Array([[4., 2.]], dtype=float32))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Segments(Protocol):
+  """Reductions per layer (or per output filter) that broadcast against the weights."""
+
+  def sum(self, x, per_filter: bool = False) -> jax.Array:
+    """Sum per layer (per filter)."""
+
+  def max(self, x, per_filter: bool = False) -> jax.Array:
+    """Maximum per layer (per filter)."""
+
+  def min(self, x, per_filter: bool = False) -> jax.Array:
+    """Minimum per layer (per filter)."""
+
+  def numel(self, like, per_filter: bool = False) -> jax.Array:
+    """Elements per layer (per filter), float32."""
+
+  def sort(self, x) -> jax.Array:
+    """``x`` raveled and sorted within each layer (layers end to end, as in the buffer)."""
+
+  def starts(self) -> jax.Array:
+    """Each layer's first position in :meth:`sort`'s result (int32, broadcasting)."""
+
+
+def mean(segments: Segments, x, per_filter: bool = False) -> jax.Array:
+  """``sum(x) / numel`` per layer (per filter)."""
+  return segments.sum(x, per_filter) / segments.numel(x, per_filter)
+
+
+def std(segments: Segments, x, per_filter: bool = False, ddof: int = 0) -> jax.Array:
+  """Standard deviation per layer (per filter), two-pass like ``jnp.std``."""
+  x = jnp.asarray(x, jnp.float32)
+  centred = x - mean(segments, x, per_filter)
+  count = segments.numel(x, per_filter)
+  return jnp.sqrt(segments.sum(jnp.square(centred), per_filter)
+                  / jnp.maximum(count - ddof, 0.0))
+
+
+class LeafSegments(NamedTuple):
+  """The reductions of one leaf (or one slice of a stacked leaf).
+
+  Attributes:
+    output_axis: the output-filter axis of ``per_filter`` reductions.
+  """
+  output_axis: int = -1
+
+  def _axes(self, x, per_filter):
+    if not per_filter or x.ndim == 0:
+      return None
+    keep = self.output_axis % x.ndim
+    return tuple(a for a in range(x.ndim) if a != keep)
+
+  def sum(self, x, per_filter=False):
+    x = jnp.asarray(x)
+    dtype = jnp.float32 if x.dtype == jnp.bool_ else None
+    return jnp.sum(x, axis=self._axes(x, per_filter), keepdims=per_filter, dtype=dtype)
+
+  def max(self, x, per_filter=False):
+    x = jnp.asarray(x)
+    return jnp.max(x, axis=self._axes(x, per_filter), keepdims=per_filter)
+
+  def min(self, x, per_filter=False):
+    x = jnp.asarray(x)
+    return jnp.min(x, axis=self._axes(x, per_filter), keepdims=per_filter)
+
+  def numel(self, like, per_filter=False):
+    like = jnp.asarray(like)
+    if per_filter and like.ndim:
+      return jnp.float32(like.size // like.shape[self.output_axis])
+    return jnp.float32(max(like.size, 1))
+
+  def sort(self, x):
+    return jnp.sort(jnp.ravel(x))
+
+  def starts(self):
+    return jnp.int32(0)
+
+
+def of(ctx) -> Segments:
+  """The context's segments: ``ctx.segments``, or the leaf's own (:class:`LeafSegments`)."""
+  segments = getattr(ctx, "segments", None)
+  return LeafSegments(ctx.output_axis) if segments is None else segments
+
+
+class SegmentTable(NamedTuple):
+  """The static layout of a flat buffer's segments (numpy, known at trace time).
+
+  Attributes:
+    offsets: ``(S,)`` first element of each segment (a layer or one slice).
+    sizes: ``(S,)`` elements per segment.
+    filters: ``(S,)`` output filters per segment (the output axis' length).
+    strides: ``(S,)`` elements between two filters' neighbours (the product of
+      the axes after the output axis).
+    filter_offsets: ``(S,)`` first filter of each segment in the flat filter
+      numbering.
+  """
+  offsets: np.ndarray
+  sizes: np.ndarray
+  filters: np.ndarray
+  strides: np.ndarray
+  filter_offsets: np.ndarray
+
+  @property
+  def num_segments(self) -> int:
+    return int(self.offsets.size)
+
+  @property
+  def num_filters(self) -> int:
+    return int(self.filters.sum())
+
+  @property
+  def total(self) -> int:
+    return int(self.sizes.sum())
+
+  def filter_first_elements(self) -> np.ndarray:
+    """``(F,)`` the first element of each filter (where a per-filter value is read back)."""
+    firsts = [off + np.arange(f) * stride
+              for off, f, stride in zip(self.offsets, self.filters, self.strides)]
+    return np.concatenate(firsts).astype(np.int32) if firsts else np.zeros(0, np.int32)
+
+
+class FlatSegments:
+  """The reductions of every segment of a flat buffer, gathered back per element.
+
+  ``sum(x)`` is ``segment_sum(x)[segment_of_each_element]``: same shape as
+  ``x``, so it broadcasts like :class:`LeafSegments`' scalar.
+  """
+
+  def __init__(self, table: SegmentTable):
+    self.table = table
+
+  @functools.cached_property
+  def ids(self) -> jax.Array:
+    """``(N,)`` each element's segment (int32, sorted)."""
+    # From a binary search of the boundaries behind a barrier: a literal (N,) table would
+    # be constant-folded by XLA at compile time (seconds for millions of weights).
+    position = jax.lax.optimization_barrier(jax.lax.iota(jnp.int32, self.table.total))
+    return jnp.searchsorted(jnp.asarray(self.table.offsets[1:], jnp.int32), position,
+                            side="right").astype(jnp.int32)
+
+  @functools.cached_property
+  def filter_ids(self) -> jax.Array:
+    """``(N,)`` each element's filter in the flat filter numbering (int32)."""
+    t = self.table
+    position = jax.lax.iota(jnp.int32, t.total)
+    seg = self.ids
+    local = position - jnp.asarray(t.offsets, jnp.int32)[seg]
+    within = (local // jnp.asarray(t.strides, jnp.int32)[seg]) % jnp.asarray(t.filters,
+                                                                          jnp.int32)[seg]
+    return jnp.asarray(t.filter_offsets, jnp.int32)[seg] + within
+
+  def _reduce(self, op, x, per_filter):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.float32)
+    if per_filter:
+      ids, count, is_sorted = self.filter_ids, self.table.num_filters, False
+    else:
+      ids, count, is_sorted = self.ids, self.table.num_segments, True
+    return op(x, ids, count, indices_are_sorted=is_sorted)[ids]
+
+  def sum(self, x, per_filter=False):
+    return self._reduce(jax.ops.segment_sum, x, per_filter)
+
+  def max(self, x, per_filter=False):
+    return self._reduce(jax.ops.segment_max, x, per_filter)
+
+  def min(self, x, per_filter=False):
+    return self._reduce(jax.ops.segment_min, x, per_filter)
+
+  def numel(self, like, per_filter=False):
+    del like
+    t = self.table
+    if per_filter:
+      return jnp.asarray(np.repeat(t.sizes // t.filters, t.filters), jnp.float32)[
+          self.filter_ids]
+    return jnp.asarray(t.sizes, jnp.float32)[self.ids]
+
+  def sort(self, x):
+    # One sort of (segment, value) pairs: each segment's values sorted in its own span.
+    return jax.lax.sort((self.ids, jnp.ravel(x)), num_keys=2)[1]
+
+  def starts(self):
+    return self.per_segment(self.table.offsets.astype(np.int32))
+
+  def per_segment(self, values) -> jax.Array:
+    """A static per-segment table (Python or numpy values) gathered per element."""
+    return jnp.asarray(np.asarray(values))[self.ids]

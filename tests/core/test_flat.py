@@ -1,0 +1,208 @@
+"""Flat buffers: one trace of a method's step for every leaf, the same numbers as per leaf.
+
+The oracle of the flat path (``_src/core/flat.py``) is the grouped / per-leaf path
+(``Quantizer(layout="grouped")``): every registered train-time method follows the same
+trajectory on both; the segment reductions equal per-leaf numpy reductions.
+"""
+
+from typing import NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import ec2t_jax as ec2t
+from ec2t_jax._src import core
+from ec2t_jax._src.core import flat as flat_lib
+from ec2t_jax._src.core import segments as segments_lib
+from ec2t_jax._src.methods.ec2t import ternary
+
+# ------------------------------------------------------------- segments
+
+
+SHAPES = [((3, 4), -1), ((2, 3, 5), 1), ((6,), 0), ((4, 2), 0)]
+
+
+def _flat_segments(shapes):
+  contexts, states = [], []
+  for i, (shape, axis) in enumerate(shapes):
+    contexts.append(core.LeafContext(f"w{i}", shape, jnp.float32, "ternary", None, 1.0,
+                                     output_axis=axis))
+    states.append(_Latent(jnp.zeros(shape)))
+  group = flat_lib.pack(states, contexts, ("element",))
+  return segments_lib.FlatSegments(group.table), group
+
+
+class _Latent(NamedTuple):  # a one-field state, enough for pack()
+  latent: jax.Array
+
+
+@pytest.mark.parametrize("per_filter", [False, True], ids=["per_layer", "per_filter"])
+@pytest.mark.parametrize("op", ["sum", "max", "min", "numel", "std"])
+def test_flat_segment_reductions_equal_each_leafs_own(op, per_filter):
+  segments, _ = _flat_segments(SHAPES)
+  rng = np.random.default_rng(0)
+  leaves = [rng.normal(size=shape).astype(np.float32) for shape, _ in SHAPES]
+  flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+  reduce = {"sum": segments.sum, "max": segments.max, "min": segments.min,
+            "numel": segments.numel,
+            "std": lambda x, pf: segments_lib.std(segments, x, pf)}[op]
+  got = np.asarray(reduce(flat, per_filter))
+  offset = 0
+  for x, (shape, axis) in zip(leaves, SHAPES):
+    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim) if per_filter else None
+    want = {"sum": lambda: np.sum(x, axis=axes, keepdims=True),
+            "max": lambda: np.max(x, axis=axes, keepdims=True),
+            "min": lambda: np.min(x, axis=axes, keepdims=True),
+            "numel": lambda: np.full((1,) * x.ndim, x.size // (x.shape[axis] if per_filter
+                                                               else 1), np.float32),
+            "std": lambda: np.std(x, axis=axes, keepdims=True)}[op]()
+    np.testing.assert_allclose(got[offset:offset + x.size].reshape(shape),
+                               np.broadcast_to(want, shape), rtol=1e-6, atol=1e-6)
+    offset += x.size
+
+
+def test_leaf_segments_reduce_a_layer_to_a_scalar_and_a_filter_to_its_channel():
+  w = jnp.arange(6.0).reshape(2, 3)
+  segments = segments_lib.LeafSegments(output_axis=0)
+  assert segments.sum(w).shape == ()
+  np.testing.assert_array_equal(segments.sum(w, per_filter=True), [[3.0], [12.0]])
+  assert float(segments.numel(w, per_filter=True)) == 3.0
+
+
+def test_ec2t_cluster_probabilities_per_segment_equal_each_layers():
+  segments, _ = _flat_segments([((4,), 0), ((6,), 0)])
+  a = jnp.array([1, 1, 1, -1, 0, 0, 0, 1, -1, -1], jnp.int8)
+  got = ternary.cluster_probabilities(a, segments=segments)
+  np.testing.assert_allclose(got[:, 0], ternary.cluster_probabilities(a[:4]))
+  np.testing.assert_allclose(got[:, 4], ternary.cluster_probabilities(a[4:]))
+
+
+# ------------------------------------------------------------- the trajectory
+
+
+class Net(nn.Module):
+  """Leaves of four shapes, two of them twice, and a bias-free 1-d scale."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(16, (3, 3))(x))
+    x = x.mean(axis=(1, 2))
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4)(x)
+
+
+MODEL = Net()
+X = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+Y = jax.random.normal(jax.random.key(2), (4, 4))
+PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+SELECT = ec2t.Selection(order=ec2t.forward_order(
+    lambda p, x: MODEL.apply({"params": p}, x), PARAMS, X))
+TRAIN = sorted(ec2t.method_registry(kind="train"))
+STEPS = 3
+
+
+def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
+  spec = ec2t.method_registry()[name]
+  quantizer = spec.build(selection=SELECT)._replace(layout=layout)
+  tx = optax.chain(optax.adam(1e-2), quantizer.transform())
+  state = tx.init(params)
+  params = ec2t.quantized_params(params, state)
+
+  @jax.jit
+  def step(params, state, poison):
+    grads = jax.grad(lambda p: jnp.mean((MODEL.apply({"params": p}, X) - Y) ** 2))(params)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, g: jnp.where(poison & (jax.tree_util.keystr(path) == nonfinite_at),
+                                  jnp.nan, g), grads)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(STEPS):
+    params, state = step(params, state, jnp.asarray(i == 1))
+  return params, ec2t.find_quantizer_state(state)
+
+
+def _is_flat(name):
+  return ec2t.method_registry()[name].build().method.flat
+
+
+# A method without a flat step takes the grouped path under both layouts: the same code,
+# so its case is in the slow set.
+@pytest.mark.parametrize("name", [n if _is_flat(n) else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in TRAIN])
+def test_flat_and_grouped_layouts_follow_the_same_trajectory(name):
+  flat_params, flat_state = _trajectory(name, "auto")
+  grouped_params, grouped_state = _trajectory(name, "grouped")
+  chex.assert_trees_all_close(flat_params, grouped_params, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(flat_state.resolved_leaves(), grouped_state.resolved_leaves(),
+                              atol=1e-6, rtol=1e-5)
+  assert int(flat_state.nonfinite_count) == int(grouped_state.nonfinite_count)
+
+
+@pytest.mark.parametrize("name", [n for n in TRAIN if _is_flat(n)])
+def test_a_flat_method_keeps_all_its_leaves_in_one_buffer(name):
+  _, state = _trajectory(name, "auto")
+  assert [type(g).__name__ for g in state.groups] == ["FlatGroup"]
+  assert len(state.groups[0].layout.members) == len(ec2t.summary(state).layers)
+
+
+def test_a_non_finite_update_keeps_only_that_leafs_state_in_a_flat_buffer():
+  poisoned = "['Conv_1']['kernel']"
+  flat_params, flat_state = _trajectory("twn", "auto", nonfinite_at=poisoned)
+  grouped_params, grouped_state = _trajectory("twn", "grouped", nonfinite_at=poisoned)
+  # Adam's moments carry the NaN on: every later step is non-finite too, on both paths.
+  assert int(flat_state.nonfinite_count) == int(grouped_state.nonfinite_count) > 0
+  chex.assert_trees_all_close(flat_params, grouped_params, atol=1e-6)
+  chex.assert_trees_all_close(flat_state.resolved_leaves(), grouped_state.resolved_leaves(),
+                              atol=1e-6)
+
+
+def test_a_stacked_leaf_is_one_segment_per_slice():
+  params = {"stack": jax.random.normal(jax.random.key(3), (3, 8, 4)),
+            "head": jax.random.normal(jax.random.key(4), (4, 2))}
+  selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
+                             default="none")
+  states = {}
+  for layout in ("auto", "grouped"):
+    tx = ec2t.method_registry()["twn"].build(selection=selection)._replace(
+        layout=layout).transform()
+    state = tx.init(params)
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state,
+                               ec2t.quantized_params(params, state))
+    states[layout] = state
+  flat = states["auto"]
+  assert flat.groups[0].table.num_segments == 4  # three slices and the head
+  chex.assert_trees_all_close(flat.resolved_leaves(), states["grouped"].resolved_leaves(),
+                              atol=1e-6)
+  assert flat.field("scale")["stack"].shape == (3,)
+
+
+def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharded():
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = lambda x: NamedSharding(mesh, P(None, "fsdp") if x.ndim == 2 and x.shape[-1] == 16
+                                    else P())
+  params = jax.tree.map(lambda x: jax.device_put(x, sharded(x)), PARAMS)
+  state = ec2t.twn(selection=SELECT).init(params)
+  kernel = params["Dense_1"]["kernel"]
+  assert flat_lib.may_be_sharded(kernel)
+  slot = state.leaves["Dense_1"]["kernel"]
+  assert not isinstance(slot, core.GroupSlot) or not isinstance(
+      state.groups[slot.group], flat_lib.FlatGroup)
+  assert state.field("latent")["Dense_1"]["kernel"].sharding.is_equivalent_to(
+      kernel.sharding, 2)
+  # The unsharded leaves still share one buffer.
+  assert any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
+
+
+def test_an_unknown_layout_is_refused_naming_it():
+  with pytest.raises(ValueError, match="layout.*'flat'"):
+    ec2t.method_registry()["twn"].build()._replace(layout="flat").transform()
