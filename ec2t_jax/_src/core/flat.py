@@ -30,6 +30,7 @@ Read a member's state back with :meth:`FlatGroup.slice` (what
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -135,14 +136,14 @@ class FlatGroup:
 
   @property
   def table(self) -> segments_lib.SegmentTable:
-    return self.layout.table()
+    return _table(self.layout)
 
   def expanded(self, segments: Optional[segments_lib.FlatSegments] = None):
     """The state with every layer and filter field gathered per element."""
     segments = segments or segments_lib.FlatSegments(self.table)
     def expand(kind, x):
       if kind == LAYER:
-        return x[segments.ids]
+        return segments.expand(x)
       if kind == FILTER:
         return x[segments.filter_ids]
       return x
@@ -197,6 +198,11 @@ class FlatGroup:
         stack_shape=(), slice_index=segments.per_segment(
             np.asarray(layout.slice_indices, np.int32)),
         info=None, output_axis=0, segments=segments)
+
+
+@functools.lru_cache(maxsize=64)
+def _table(layout: FlatLayout) -> segments_lib.SegmentTable:
+  return layout.table()
 
 
 def field_kind(field_shape: tuple, slice_shape: tuple, output_axis: int) -> Optional[str]:
