@@ -59,8 +59,8 @@ _MODELS = flags.DEFINE_list("models", ["lenet5", "resnet8", "resnet20"],
 _VARIANTS = flags.DEFINE_list(
     "variants", ["adam", "chain", "reference"],
     "Optimizers to measure (adam is the baseline and always runs); chain_per_leaf is the "
-    "chain with every leaf's state on its own (no same-shape groups), chain_grouped the "
-    "chain with same-shape groups instead of one flat buffer (layout='grouped').")
+    "chain with every leaf's state on its own (no same-shape groups), chain_flat the "
+    "chain with one flat buffer instead of same-shape groups (layout='flat').")
 _GAMMA = 0.2
 _GPT = {"vocab": 65, "width": 128, "heads": 4, "context": 64, "batch": 12}
 
@@ -101,13 +101,13 @@ class _GPTModel(nn.Module):
 
 def _optimizers(order):
   selection = ec2t.Selection(order=order)
-  grouped = ec2t.get_method("ec2t").build(gamma=_GAMMA, selection=selection)._replace(
-      layout="grouped")
+  flat = ec2t.get_method("ec2t").build(gamma=_GAMMA, selection=selection)._replace(
+      layout="flat")
   return {
       "adam": optax.adam(1e-4),
       "chain": optax.chain(optax.adam(1e-4),
                            ec2t.ternarize_transform(gamma=_GAMMA, selection=selection)),
-      "chain_grouped": optax.chain(optax.adam(1e-4), grouped.transform()),
+      "chain_flat": optax.chain(optax.adam(1e-4), flat.transform()),
       "reference": ec2t.reference_optimizer(gamma=_GAMMA, selection=selection),
   }
 
@@ -208,7 +208,7 @@ def _benchmark(name, model, input_shape, rounds, batch, compile_rounds) -> dict:
   params_bytes = _bytes(variables["params"])
   base = statistics.median(runs["adam"]["times"])
   if "chain" in runs:
-    chain_state = ec2t.find_quantizer_state(runs["chain"]["carry"][2])
+    chain_state = ec2t.find_quantizer_state(runs.get("chain_flat", runs["chain"])["carry"][2])
     kinds = [type(g).__name__ for g in chain_state.groups]
     print(f"\n{name}: chain ternarizes {len(ec2t.summary(chain_state).layers)} layers; "
           f"shared states: {kinds.count('FlatGroup')} flat buffer(s), "

@@ -1,7 +1,7 @@
 """Flat buffers: one trace of a method's step for every leaf, the same numbers as per leaf.
 
 The oracle of the flat path (``_src/core/flat.py``) is the grouped / per-leaf path
-(``Quantizer(layout="grouped")``): every registered train-time method follows the same
+(``Quantizer(layout="grouped")``, the default): every registered train-time method follows the same
 trajectory on both; the segment reductions equal per-leaf numpy reductions.
 """
 
@@ -140,7 +140,7 @@ def _is_flat(name):
 @pytest.mark.parametrize("name", [n if _is_flat(n) else pytest.param(n, marks=pytest.mark.slow)
                                   for n in TRAIN])
 def test_flat_and_grouped_layouts_follow_the_same_trajectory(name):
-  flat_params, flat_state = _trajectory(name, "auto")
+  flat_params, flat_state = _trajectory(name, "flat")
   grouped_params, grouped_state = _trajectory(name, "grouped")
   chex.assert_trees_all_close(flat_params, grouped_params, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_close(flat_state.resolved_leaves(), grouped_state.resolved_leaves(),
@@ -150,14 +150,14 @@ def test_flat_and_grouped_layouts_follow_the_same_trajectory(name):
 
 @pytest.mark.parametrize("name", [n for n in TRAIN if _is_flat(n)])
 def test_a_flat_method_keeps_all_its_leaves_in_one_buffer(name):
-  _, state = _trajectory(name, "auto")
+  _, state = _trajectory(name, "flat")
   assert [type(g).__name__ for g in state.groups] == ["FlatGroup"]
   assert len(state.groups[0].layout.members) == len(ec2t.summary(state).layers)
 
 
 def test_a_non_finite_update_keeps_only_that_leafs_state_in_a_flat_buffer():
   poisoned = "['Conv_1']['kernel']"
-  flat_params, flat_state = _trajectory("twn", "auto", nonfinite_at=poisoned)
+  flat_params, flat_state = _trajectory("twn", "flat", nonfinite_at=poisoned)
   grouped_params, grouped_state = _trajectory("twn", "grouped", nonfinite_at=poisoned)
   # Adam's moments carry the NaN on: every later step is non-finite too, on both paths.
   assert int(flat_state.nonfinite_count) == int(grouped_state.nonfinite_count) > 0
@@ -172,14 +172,14 @@ def test_a_stacked_leaf_is_one_segment_per_slice():
   selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
                              default="none")
   states = {}
-  for layout in ("auto", "grouped"):
+  for layout in ("flat", "grouped"):
     tx = ec2t.method_registry()["twn"].build(selection=selection)._replace(
         layout=layout).transform()
     state = tx.init(params)
     updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state,
                                ec2t.quantized_params(params, state))
     states[layout] = state
-  flat = states["auto"]
+  flat = states["flat"]
   assert flat.groups[0].table.num_segments == 4  # three slices and the head
   chex.assert_trees_all_close(flat.resolved_leaves(), states["grouped"].resolved_leaves(),
                               atol=1e-6)
@@ -191,7 +191,8 @@ def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharde
   sharded = lambda x: NamedSharding(mesh, P(None, "fsdp") if x.ndim == 2 and x.shape[-1] == 16
                                     else P())
   params = jax.tree.map(lambda x: jax.device_put(x, sharded(x)), PARAMS)
-  state = ec2t.twn(selection=SELECT).init(params)
+  state = ec2t.method_registry()["twn"].build(selection=SELECT)._replace(
+      layout="flat").transform().init(params)
   kernel = params["Dense_1"]["kernel"]
   assert flat_lib.may_be_sharded(kernel)
   slot = state.leaves["Dense_1"]["kernel"]
@@ -203,6 +204,11 @@ def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharde
   assert any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
 
 
+def test_the_grouped_layout_is_the_default():
+  state = ec2t.twn(selection=SELECT).init(PARAMS)
+  assert not any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
+
+
 def test_an_unknown_layout_is_refused_naming_it():
-  with pytest.raises(ValueError, match="layout.*'flat'"):
-    ec2t.method_registry()["twn"].build()._replace(layout="flat").transform()
+  with pytest.raises(ValueError, match="layout.*'auto'"):
+    ec2t.method_registry()["twn"].build()._replace(layout="auto").transform()

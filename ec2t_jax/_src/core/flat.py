@@ -1,8 +1,9 @@
 r"""Flat buffers: many leaves' states in one, stepped by one trace of the method.
 
 For a method whose step reduces only through ``ctx.segments``
-(``Method(flat=True)``, see ``_src/core/segments.py``), the core concatenates
-the selected leaves' states into :class:`FlatGroup`\ s at ``init``: each field
+(``Method(flat=True)``, see ``_src/core/segments.py``) and a transformation with
+``layout="flat"``, the core concatenates the selected leaves' states into
+:class:`FlatGroup`\ s at ``init``: each field
 of the method's state is stored once for all members,
 
 * an **element** field (shaped like the leaf: latent weights, assignments) as

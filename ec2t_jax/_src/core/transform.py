@@ -26,13 +26,12 @@ every method alike:
   one state per slice (:class:`StackedLeaf`); the method's ``init_leaf`` and
   ``step_leaf`` are ``vmap``-ed over the stack axes, so every per-layer
   statistic is per slice without per-method code;
-* **compile time**: a method whose step reduces through ``ctx.segments``
-  (``Method(flat=True)``) keeps the states of all compatible leaves end to
-  end in one flat buffer (``_src/core/flat.py``), stepped by one trace
-  whatever the number and shapes of the layers; for other methods (and
-  leaves sharded over devices) same-shape leaves keep their states stacked
-  and one ``vmap``-ed step serves each group (:func:`group_states`,
-  :func:`step_groups`). Either way the traced step does not grow with depth;
+* **compile time**: same-shape leaves keep their states stacked and one
+  ``vmap``-ed step serves each group (:func:`group_states`,
+  :func:`step_groups`); with ``layout="flat"`` a method whose step reduces
+  through ``ctx.segments`` (``Method(flat=True)``) keeps the states of all
+  compatible leaves end to end in one flat buffer (``_src/core/flat.py``),
+  stepped by one trace whatever the number and shapes of the layers;
 * **latent weight decay**: the update accepts ``latent_decay`` (what
   :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
   each latent field), added to the latent weights before the method's step
@@ -71,6 +70,8 @@ from ec2t_jax._src.core.protocol import StackedLeaf
 from ec2t_jax._src.core.trees import as_mapping
 from ec2t_jax._src.core.trees import path_to_str
 from ec2t_jax._src.core.trees import pure_tree
+
+LAYOUTS = ("grouped", "flat")
 
 # ---------------------------------------------------------------------------
 # Trees.
@@ -179,7 +180,7 @@ def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
 
 def init_state(method: Method, params, selection, hyper,
                info: Optional[TreeInfo] = None, *, group: bool = True,
-               layout: str = "auto") -> QuantizerState:
+               layout: str = "grouped") -> QuantizerState:
   """Selects leaves (once) and initialises each selected leaf's state.
 
   The method's ``prepare`` hook runs first (or ``info``, its result, is
@@ -189,11 +190,11 @@ def init_state(method: Method, params, selection, hyper,
 
   A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
   stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
-  its stack axes with the context of one slice. With ``group``, the states
-  of a ``Method(flat=True)`` go into flat buffers (``layout="auto"``; not the
-  leaves of a param that may be sharded over devices, `flat.may_be_sharded`) and same-shape leaves keep their
-  states stacked (:func:`group_states`; every method's with
-  ``layout="grouped"``).
+  its stack axes with the context of one slice. With ``group``, same-shape
+  leaves keep their states stacked (:func:`group_states`); with
+  ``layout="flat"`` the states of a ``Method(flat=True)`` go into flat
+  buffers first (not the leaves of a param that may be sharded over devices,
+  ``flat.may_be_sharded``).
   """
   if info is None:
     info = prepare_tree(method, params, selection, hyper)
@@ -220,9 +221,9 @@ def init_state(method: Method, params, selection, hyper,
     leaf = jnp.array(leaf, copy=True)
     leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
                                   hyper))
-  check_choice("layout", layout, ("auto", "grouped"))
+  check_choice("layout", layout, LAYOUTS)
   groups: tuple = ()
-  if group and method.flat and layout == "auto":
+  if group and method.flat and layout == "flat":
     leaves, groups = flat_states(leaves, contexts, sharded)
   if group:
     leaves, groups = group_states(leaves, contexts, groups)
@@ -556,7 +557,7 @@ def quantize_transform(
     budget: Optional[budget_lib.Budget] = None,
     controlled: Optional[budget_lib.ControlledHyper] = None,
     budget_target=None,
-    layout: str = "auto",
+    layout: str = "grouped",
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
 
@@ -577,14 +578,15 @@ def quantize_transform(
       traced, e.g. through ``optax.inject_hyperparams``); a traced value that
       is non-finite or out of range skips the step like an invalid
       hyperparameter.
-    layout: ``"auto"`` (flat buffers for a ``Method(flat=True)``, else
-      same-shape groups; see :func:`init_state`) or ``"grouped"`` (same-shape
-      groups for every method: the path flat buffers are tested against).
+    layout: ``"grouped"`` (same-shape leaves share a stacked state; the
+      default) or ``"flat"`` (a ``Method(flat=True)`` keeps its leaves' states
+      in flat buffers: one trace of its step, compile time flat in depth, but
+      a slower step on XLA:CPU for now, see ``RESULTS_step_overhead.md``).
 
   Returns:
     A :class:`QuantizerTransformation` with state :class:`QuantizerState`.
   """
-  check_choice("layout", layout, ("auto", "grouped"))
+  check_choice("layout", layout, LAYOUTS)
   for name, valid in hyper_ranges.items():
     check_range(name, getattr(hyper, name), valid)
   chosen = selection_lib.as_selection(selection)
@@ -682,7 +684,7 @@ class Quantizer(NamedTuple):
   budget: Any = None
   controlled: Any = None
   budget_target: Any = None
-  layout: str = "auto"
+  layout: str = "grouped"
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
