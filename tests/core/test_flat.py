@@ -25,7 +25,9 @@ from ec2t_jax._src.methods.ec2t import ternary
 # ------------------------------------------------------------- segments
 
 
+# Segment sizes with a gcd of 2 (per-element segment ids) and of 16 (chunk by chunk).
 SHAPES = [((3, 4), -1), ((2, 3, 5), 1), ((6,), 0), ((4, 2), 0)]
+CHUNKED_SHAPES = [((4, 8), -1), ((2, 4, 8), 1), ((16,), 0), ((8, 2), 0)]
 
 
 def _flat_segments(shapes):
@@ -42,19 +44,23 @@ class _Latent(NamedTuple):  # a one-field state, enough for pack()
   latent: jax.Array
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, CHUNKED_SHAPES], ids=["ids", "chunks"])
 @pytest.mark.parametrize("per_filter", [False, True], ids=["per_layer", "per_filter"])
 @pytest.mark.parametrize("op", ["sum", "max", "min", "numel", "std"])
-def test_flat_segment_reductions_equal_each_leafs_own(op, per_filter):
-  segments, _ = _flat_segments(SHAPES)
+def test_flat_segment_reductions_expanded_equal_each_leafs_own(op, per_filter, shapes):
+  segments, _ = _flat_segments(shapes)
+  assert bool(segments.chunk) == (shapes is CHUNKED_SHAPES)
   rng = np.random.default_rng(0)
-  leaves = [rng.normal(size=shape).astype(np.float32) for shape, _ in SHAPES]
+  leaves = [rng.normal(size=shape).astype(np.float32) for shape, _ in shapes]
   flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
   reduce = {"sum": segments.sum, "max": segments.max, "min": segments.min,
             "numel": segments.numel,
             "std": lambda x, pf: segments_lib.std(segments, x, pf)}[op]
-  got = np.asarray(reduce(flat, per_filter))
+  flat = flat.reshape(segments.element_shape)  # as a step sees the buffer
+  got = np.broadcast_to(segments.expand(reduce(flat, per_filter), per_filter),
+                        segments.element_shape).ravel()
   offset = 0
-  for x, (shape, axis) in zip(leaves, SHAPES):
+  for x, (shape, axis) in zip(leaves, shapes):
     axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim) if per_filter else None
     want = {"sum": lambda: np.sum(x, axis=axes, keepdims=True),
             "max": lambda: np.max(x, axis=axes, keepdims=True),
@@ -79,8 +85,9 @@ def test_ec2t_cluster_probabilities_per_segment_equal_each_layers():
   segments, _ = _flat_segments([((4,), 0), ((6,), 0)])
   a = jnp.array([1, 1, 1, -1, 0, 0, 0, 1, -1, -1], jnp.int8)
   got = ternary.cluster_probabilities(a, segments=segments)
+  assert got.shape == (3, 2)  # one (P_n, P_0, P_p) per segment
   np.testing.assert_allclose(got[:, 0], ternary.cluster_probabilities(a[:4]))
-  np.testing.assert_allclose(got[:, 4], ternary.cluster_probabilities(a[4:]))
+  np.testing.assert_allclose(got[:, 1], ternary.cluster_probabilities(a[4:]))
 
 
 # ------------------------------------------------------------- the trajectory

@@ -12,12 +12,14 @@ of the method's state is stored once for all members,
   one value per segment, ``(S,)``;
 * a **filter** field (one value per output filter) as one per filter, ``(F,)``.
 
-A step gathers the layer and filter fields per element (transiently), runs the
-method's ``step_leaf`` once on the whole buffer with a context whose
-``segments`` are :class:`~ec2t_jax._src.core.segments.FlatSegments`, guards
-non-finite inputs per segment as the per-leaf path does per leaf, and reads the
-per-segment fields back at each segment's first element. The persistent state
-is no larger than per leaf.
+A step runs the method's ``step_leaf`` once on the whole buffer, with a
+context whose ``segments`` are :class:`~ec2t_jax._src.core.segments.FlatSegments`
+(reductions give one value per segment, ``expand`` brings them back to the
+elements) and whose ``gamma``, ``size_fraction`` and ``slice_index`` are one
+per segment; it guards non-finite inputs per segment as the per-leaf path does
+per leaf. The persistent state is no larger than per leaf; the params' values
+(``value``) are computed on the state with its layer and filter fields
+expanded.
 
 Leaves stay out of a flat buffer (and keep the per-leaf or grouped path) when
 their param may be sharded over several devices (a flat buffer would reshard
@@ -139,29 +141,27 @@ class FlatGroup:
   def table(self) -> segments_lib.SegmentTable:
     return _table(self.layout)
 
-  def expanded(self, segments: Optional[segments_lib.FlatSegments] = None):
-    """The state with every layer and filter field gathered per element."""
-    segments = segments or segments_lib.FlatSegments(self.table)
+  def expanded(self, segments: segments_lib.FlatSegments):
+    """The state as a step sees it: element fields in ``segments.element_shape``, layer and
+    filter fields expanded to broadcast against them."""
     def expand(kind, x):
-      if kind == LAYER:
-        return segments.expand(x)
-      if kind == FILTER:
-        return x[segments.filter_ids]
-      return x
+      if kind == ELEMENT:
+        return x.reshape(segments.element_shape)
+      return segments.expand(x, per_filter=kind == FILTER)
     return self.inner._replace(**{f: expand(k, getattr(self.inner, f))
                                   for f, k in zip(self.inner._fields, self.layout.kinds)})
 
-  def compacted(self, expanded):
-    """The inverse of :meth:`expanded`: per-segment fields read at each segment's start."""
-    table = self.table
-    firsts = {LAYER: table.offsets.astype(np.int32), FILTER: table.filter_first_elements()}
-    return expanded._replace(**{
-        f: getattr(expanded, f) if k == ELEMENT else getattr(expanded, f)[firsts[k]]
-        for f, k in zip(expanded._fields, self.layout.kinds)})
+  def with_element_shape(self, segments: segments_lib.FlatSegments):
+    """The state with its element fields in ``segments.element_shape`` (others compact)."""
+    return self.inner._replace(**{
+        f: getattr(self.inner, f).reshape(segments.element_shape) if k == ELEMENT
+        else getattr(self.inner, f) for f, k in zip(self.inner._fields, self.layout.kinds)})
 
   def value(self, dtype) -> jax.Array:
     """Every member's value, end to end (``(N,)``)."""
-    return self.expanded().value(dtype)
+    segments = segments_lib.FlatSegments(self.table)
+    return jnp.broadcast_to(self.expanded(segments).value(dtype),
+                            segments.element_shape).reshape(-1)
 
   def member_value(self, values: jax.Array, index: int) -> jax.Array:
     """Member ``index``'s slice of :meth:`value`, in its param shape."""
@@ -188,16 +188,13 @@ class FlatGroup:
     return StackedLeaf(state, len(m.stack_shape)) if m.stack_shape else state
 
   def context(self, template: LeafContext, segments: segments_lib.FlatSegments) -> LeafContext:
-    """The context of the whole buffer: per-segment facts gathered per element."""
+    """The context of the whole buffer: per-segment facts, one per segment (``(S,)``)."""
     layout = self.layout
-    gamma = None if layout.gammas[0] is None else segments.per_segment(
-        np.asarray(layout.gammas, np.float32))
+    gamma = None if layout.gammas[0] is None else jnp.asarray(layout.gammas, jnp.float32)
     return template._replace(
         path=f"<flat buffer of {len(layout.members)} leaves>", shape=(self.table.total,),
-        gamma=gamma, size_fraction=segments.per_segment(
-            np.asarray(layout.size_fractions, np.float32)),
-        stack_shape=(), slice_index=segments.per_segment(
-            np.asarray(layout.slice_indices, np.int32)),
+        gamma=gamma, size_fraction=jnp.asarray(layout.size_fractions, jnp.float32),
+        stack_shape=(), slice_index=jnp.asarray(layout.slice_indices, jnp.int32),
         info=None, output_axis=0, segments=segments)
 
 
@@ -296,13 +293,25 @@ def step(step_fn, inputs: list, group: FlatGroup, template: LeafContext,
     state, as a leaf does on the per-leaf path.
   """
   segments = segments_lib.FlatSegments(group.table)
-  x = jax.tree.map(lambda *xs: jnp.concatenate([jnp.ravel(v) for v in xs]), *inputs)
+  x = jax.tree.map(lambda *xs: jnp.concatenate([jnp.ravel(v) for v in xs]).reshape(
+      segments.element_shape), *inputs)
   # A segment is finite iff max |v| over it is (as the per-leaf guard, per segment).
   finite = jnp.all(jnp.stack([jnp.isfinite(segments.max(jnp.abs(v)))
                               for v in jax.tree.leaves(x)]), axis=0)
   x = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0), x)
-  old = group.expanded(segments)
+  old = group.with_element_shape(segments)
   new = step_fn(x, old, group.context(template, segments))
   accept = finite & ~keep
-  new = jax.tree.map(lambda n, o: jnp.where(accept, n, o).astype(o.dtype), new, old)
-  return FlatGroup(group.compacted(new), group.layout), ~jnp.all(finite)
+  per_kind = {ELEMENT: segments.expand(accept), LAYER: accept,
+              FILTER: segments.filters_from_layers(accept)}
+  fields = {}
+  for f, kind in zip(old._fields, group.layout.kinds):
+    n, o = getattr(new, f), getattr(old, f)
+    if jnp.shape(n) != o.shape:
+      raise ValueError(f"the flat step of {type(old).__name__} returned its field {f!r} with "
+                       f"shape {jnp.shape(n)}, not {o.shape} ({kind} field): a per-layer value "
+                       "computed on expanded arrays? Keep it per segment (segments.expand only "
+                       "where it meets the weights)")
+    kept = jnp.where(per_kind[kind], n, o).astype(o.dtype)
+    fields[f] = kept.reshape(-1) if kind == ELEMENT else kept
+  return FlatGroup(old._replace(**fields), group.layout), ~jnp.all(finite)

@@ -2,20 +2,21 @@ r"""Per-layer statistics that one step computes for one leaf or for many at once
 
 A method's step reduces its weights per layer (a mean magnitude, cluster
 counts, a standard deviation) or per output filter. Written against a
-:class:`Segments` object (``ctx.segments``), the same step serves
+:class:`Segments` object (``segments.of(ctx)``), the same step serves
 
 * one leaf (:class:`LeafSegments`): ``sum(x)`` is a scalar, ``sum(x,
-  per_filter=True)`` keeps the output axis (size-1 axes elsewhere), both
-  broadcasting against ``x``;
-* every selected leaf concatenated into one flat buffer
-  (:class:`FlatSegments`, ``_src/core/flat.py``): each layer (or slice of a
-  stacked leaf) is a contiguous segment, and ``sum(x)`` is
-  ``jax.ops.segment_sum`` gathered back per element, so it broadcasts against
-  ``x`` just the same.
+  per_filter=True)`` keeps the output axis (size-1 axes elsewhere), and
+  ``expand`` is the identity: both broadcast against ``x``;
+* every selected leaf end to end in one flat buffer (:class:`FlatSegments`,
+  ``_src/core/flat.py``): each layer (or slice of a stacked leaf) is a
+  contiguous segment, ``sum(x)`` is one value per segment (``(S,)``; per
+  filter ``(F,)``), and ``expand(v)`` gives it back per element.
 
-Element-wise code is the same in both cases. So a method whose step reduces
-only through ``ctx.segments`` (``Method(flat=True)``) is traced once per
-transformation, however many layers and shapes the model has.
+A step keeps per-layer arithmetic (probabilities, logarithms, scales) on the
+reduced values and calls ``expand`` where they meet the weights. A method
+whose step reduces only through its segments (``Method(flat=True)``) is then
+traced once per transformation with ``layout="flat"``, however many layers and
+shapes the model has.
 
 Example:
   >>> import jax.numpy as jnp
@@ -37,7 +38,7 @@ import numpy as np
 
 
 class Segments(Protocol):
-  """Reductions per layer (or per output filter) that broadcast against the weights."""
+  """Reductions per layer (or per output filter), and their way back to the weights."""
 
   def sum(self, x, per_filter: bool = False) -> jax.Array:
     """Sum per layer (per filter)."""
@@ -51,11 +52,20 @@ class Segments(Protocol):
   def numel(self, like, per_filter: bool = False) -> jax.Array:
     """Elements per layer (per filter), float32."""
 
+  def expand(self, values, per_filter: bool = False) -> jax.Array:
+    """Per-layer (per-filter) values, broadcasting against the weights."""
+
+  def filters_from_layers(self, values) -> jax.Array:
+    """Per-layer values, one per filter (each filter its layer's)."""
+
+  def layer_max_of_filters(self, values) -> jax.Array:
+    """Per-filter values: the largest of each layer's filters."""
+
   def sort(self, x) -> jax.Array:
     """``x`` raveled and sorted within each layer (layers end to end, as in the buffer)."""
 
   def starts(self) -> jax.Array:
-    """Each layer's first position in :meth:`sort`'s result (int32, broadcasting)."""
+    """Each layer's first position in :meth:`sort`'s result (int32, per layer)."""
 
 
 def mean(segments: Segments, x, per_filter: bool = False) -> jax.Array:
@@ -66,7 +76,7 @@ def mean(segments: Segments, x, per_filter: bool = False) -> jax.Array:
 def std(segments: Segments, x, per_filter: bool = False, ddof: int = 0) -> jax.Array:
   """Standard deviation per layer (per filter), two-pass like ``jnp.std``."""
   x = jnp.asarray(x, jnp.float32)
-  centred = x - mean(segments, x, per_filter)
+  centred = x - segments.expand(mean(segments, x, per_filter), per_filter)
   count = segments.numel(x, per_filter)
   return jnp.sqrt(segments.sum(jnp.square(centred), per_filter)
                   / jnp.maximum(count - ddof, 0.0))
@@ -104,6 +114,16 @@ class LeafSegments(NamedTuple):
     if per_filter and like.ndim:
       return jnp.float32(like.size // like.shape[self.output_axis])
     return jnp.float32(max(like.size, 1))
+
+  def expand(self, values, per_filter=False):
+    del per_filter  # a scalar or keepdims values broadcast as they are
+    return values
+
+  def filters_from_layers(self, values):
+    return values
+
+  def layer_max_of_filters(self, values):
+    return jnp.max(values)
 
   def sort(self, x):
     return jnp.sort(jnp.ravel(x))
@@ -157,11 +177,9 @@ class SegmentTable(NamedTuple):
     """``(N / chunk,)`` each chunk's segment (sorted)."""
     return np.repeat(np.arange(self.num_segments, dtype=np.int32), self.sizes // self.chunk)
 
-  def filter_first_elements(self) -> np.ndarray:
-    """``(F,)`` the first element of each filter (where a per-filter value is read back)."""
-    firsts = [off + np.arange(f) * stride
-              for off, f, stride in zip(self.offsets, self.filters, self.strides)]
-    return np.concatenate(firsts).astype(np.int32) if firsts else np.zeros(0, np.int32)
+  def filter_segments(self) -> np.ndarray:
+    """``(F,)`` each filter's segment (sorted)."""
+    return np.repeat(np.arange(self.num_segments, dtype=np.int32), self.filters)
 
 
 # Per-layer reductions go through chunks of this many elements or more (a reshape and a
@@ -171,18 +189,26 @@ MIN_CHUNK = 8
 
 
 class FlatSegments:
-  """The reductions of every segment of a flat buffer, gathered back per element.
+  """The reductions of every segment of a flat buffer: one value per segment (filter).
 
-  ``sum(x)`` is ``segment_sum(x)[segment_of_each_element]``: same shape as
-  ``x``, so it broadcasts like :class:`LeafSegments`' scalar. Per layer, when
-  every segment is a whole number of chunks of ``MIN_CHUNK`` or more elements
-  (:attr:`SegmentTable.chunk`), the buffer is reduced chunk by chunk first and
-  broadcast back the same way (no per-element scatter or gather).
+  When every segment is a whole number of chunks of ``MIN_CHUNK`` or more
+  elements (:attr:`SegmentTable.chunk`), the step sees the buffer as
+  ``(chunks, chunk)`` (:attr:`element_shape`): a per-layer reduction is a dense
+  row reduction then one segment reduction over the chunks, and :meth:`expand`
+  gives one value per chunk, ``(chunks, 1)``, so per-layer arithmetic that meets
+  the weights runs once per chunk, not per weight. Otherwise (and per filter)
+  the buffer is ``(N,)`` and reductions go through per-element segment ids.
   """
 
   def __init__(self, table: SegmentTable):
     self.table = table
     self.chunk = table.chunk if table.chunk >= MIN_CHUNK else 0
+
+  @property
+  def element_shape(self) -> tuple:
+    """The shape of an element field during a step: ``(chunks, chunk)`` or ``(N,)``."""
+    total = self.table.total
+    return (total // self.chunk, self.chunk) if self.chunk else (total,)
 
   @functools.cached_property
   def ids(self) -> jax.Array:
@@ -191,40 +217,46 @@ class FlatSegments:
     # be constant-folded by XLA at compile time (seconds for millions of weights).
     position = jax.lax.optimization_barrier(jax.lax.iota(jnp.int32, self.table.total))
     return jnp.searchsorted(jnp.asarray(self.table.offsets[1:], jnp.int32), position,
-                            side="right").astype(jnp.int32)
+                            side="right").astype(jnp.int32).reshape(self.element_shape)
 
   @functools.cached_property
   def filter_ids(self) -> jax.Array:
     """``(N,)`` each element's filter in the flat filter numbering (int32)."""
     t = self.table
-    position = jax.lax.iota(jnp.int32, t.total)
+    position = jax.lax.iota(jnp.int32, t.total).reshape(self.element_shape)
     seg = self.ids
     local = position - jnp.asarray(t.offsets, jnp.int32)[seg]
     within = (local // jnp.asarray(t.strides, jnp.int32)[seg]) % jnp.asarray(t.filters,
                                                                           jnp.int32)[seg]
     return jnp.asarray(t.filter_offsets, jnp.int32)[seg] + within
 
-  def expand(self, values) -> jax.Array:
-    """``(S,)`` per-segment values, per element (``(N,)``)."""
+  def expand(self, values, per_filter=False) -> jax.Array:
     values = jnp.asarray(values)
+    if per_filter:
+      return values[self.filter_ids]
     if not self.chunk:
       return values[self.ids]
-    per_chunk = values[jnp.asarray(self.table.chunk_segments())]
-    return jnp.broadcast_to(per_chunk[:, None], (per_chunk.size, self.chunk)).reshape(-1)
+    return values[jnp.asarray(self.table.chunk_segments())][:, None]
+
+  def filters_from_layers(self, values):
+    return jnp.asarray(values)[jnp.asarray(self.table.filter_segments())]
+
+  def layer_max_of_filters(self, values):
+    return jax.ops.segment_max(values, jnp.asarray(self.table.filter_segments()),
+                               self.table.num_segments, indices_are_sorted=True)
 
   def _reduce(self, op, dense, x, per_filter):
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
       x = x.astype(jnp.float32)
     if per_filter:
-      ids = self.filter_ids
-      return op(x, ids, self.table.num_filters)[ids]
+      return op(x.ravel(), self.filter_ids.ravel(), self.table.num_filters)
     count = self.table.num_segments
     if not self.chunk:
-      return op(x, self.ids, count, indices_are_sorted=True)[self.ids]
+      return op(x.ravel(), self.ids.ravel(), count, indices_are_sorted=True)
     partial = dense(x.reshape(-1, self.chunk), axis=1)
-    return self.expand(op(partial, jnp.asarray(self.table.chunk_segments()), count,
-                          indices_are_sorted=True))
+    return op(partial, jnp.asarray(self.table.chunk_segments()), count,
+              indices_are_sorted=True)
 
   def sum(self, x, per_filter=False):
     return self._reduce(jax.ops.segment_sum, jnp.sum, x, per_filter)
@@ -239,17 +271,12 @@ class FlatSegments:
     del like
     t = self.table
     if per_filter:
-      return jnp.asarray(np.repeat(t.sizes // t.filters, t.filters), jnp.float32)[
-          self.filter_ids]
-    return self.expand(jnp.asarray(t.sizes, jnp.float32))
+      return jnp.asarray(np.repeat(t.sizes // t.filters, t.filters), jnp.float32)
+    return jnp.asarray(t.sizes, jnp.float32)
 
   def sort(self, x):
     # One sort of (segment, value) pairs: each segment's values sorted in its own span.
-    return jax.lax.sort((self.ids, jnp.ravel(x)), num_keys=2)[1]
+    return jax.lax.sort((self.ids.ravel(), jnp.ravel(x)), num_keys=2)[1]
 
   def starts(self):
-    return self.per_segment(self.table.offsets.astype(np.int32))
-
-  def per_segment(self, values) -> jax.Array:
-    """A static per-segment table (Python or numpy values) gathered per element."""
-    return self.expand(jnp.asarray(np.asarray(values)))
+    return jnp.asarray(self.table.offsets, jnp.int32)

@@ -155,7 +155,8 @@ def _absmean(latent, epsilon, segments):
   # absmean_ternarize without the concrete range check (epsilon may be traced), per segment.
   scale = jnp.maximum(segments_lib.mean(segments, jnp.abs(latent)),
                       jnp.asarray(epsilon, jnp.float32))
-  return jnp.clip(jnp.round(latent / scale), -1, 1).astype(jnp.int8), scale
+  codes = jnp.round(latent / segments.expand(scale))
+  return jnp.clip(codes, -1, 1).astype(jnp.int8), scale
 
 
 def bitnet(epsilon=EPSILON, *, selection: selection_lib.SelectionLike = None):

@@ -184,8 +184,8 @@ def pruning_method() -> core.Method:
     prune_now = (phase >= 1) & ~leaf.pruned
     threshold = ternary_ops.f32(hyper.factor) * segments_lib.mean(segments,
                                                                   jnp.abs(leaf.latent))
-    survivors = jnp.abs(leaf.latent) > threshold
-    mask = jnp.where(prune_now, survivors, leaf.mask)
+    survivors = jnp.abs(leaf.latent) > segments.expand(threshold)
+    mask = jnp.where(segments.expand(prune_now), survivors, leaf.mask)
     pruned = leaf.pruned | prune_now
     latent = jnp.where(mask, leaf.latent + update, 0.0)
     scale = ternary_ops.segment_masked_mean(segments, jnp.abs(latent), mask & (latent != 0),

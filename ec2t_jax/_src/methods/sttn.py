@@ -149,7 +149,8 @@ def sttn_official_gradients(grad, w1, w2, *, per_filter: bool = True, axis: int 
   def step(w):
     w = ternary_ops.f32(w)
     scale_term = segments.sum(jnp.sign(w) * g, per_filter) / n
-    return (jnp.abs(w) <= OFFICIAL_STE_CLIP) * g + jnp.sign(w) * scale_term
+    return ((jnp.abs(w) <= OFFICIAL_STE_CLIP) * g
+            + jnp.sign(w) * segments.expand(scale_term, per_filter))
 
   return step(w1), step(w2)
 
@@ -164,8 +165,9 @@ def sttn_gradients(grad, w1, w2, *, per_filter: bool = True,
   g, w1, w2 = ternary_ops.f32(grad), ternary_ops.f32(w1), ternary_ops.f32(w2)
   segments = _segments(segments, axis)
   alpha = sttn_scale(w1, w2, per_filter=per_filter, segments=segments)
-  scale_term = segments.sum(g * (_sgn(w1) + _sgn(w2)), per_filter) / (
-      2.0 * segments.numel(g, per_filter))
+  scale_term = segments.expand(segments.sum(g * (_sgn(w1) + _sgn(w2)), per_filter) / (
+      2.0 * segments.numel(g, per_filter)), per_filter)
+  alpha = segments.expand(alpha, per_filter)
   step = lambda w: alpha * (jnp.abs(w) <= 1.0) * g + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 
@@ -189,8 +191,8 @@ def sttn_latent_steps(update, w1, w2, *, per_filter: bool = True, axis: int = -1
   """
   u, w1, w2 = ternary_ops.f32(update), ternary_ops.f32(w1), ternary_ops.f32(w2)
   segments = _segments(segments, axis)
-  scale_term = segments.sum(u * (_sgn(w1) + _sgn(w2)), per_filter) / (
-      2.0 * segments.numel(u, per_filter))
+  scale_term = segments.expand(segments.sum(u * (_sgn(w1) + _sgn(w2)), per_filter) / (
+      2.0 * segments.numel(u, per_filter)), per_filter)
   step = lambda w: (jnp.abs(w) <= 1.0) * u + jnp.sign(w) * scale_term
   return step(w1), step(w2)
 

@@ -182,7 +182,8 @@ def method(fixed_sparsity: bool, init_scale: Optional[float],
   def init_leaf(param, ctx, hyper: TTQHyper) -> TTQLeaf:
     segments = segments_lib.of(ctx)
     latent = ternary_ops.f32(param)
-    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity, segments))
+    assignment = ttq_assign(latent, segments.expand(_delta(latent, hyper, fixed_sparsity,
+                                                           segments)))
     if init_scale is None:  # least-squares fit of each side
       w_n = _cluster_mean(-latent, assignment < 0, segments)
       w_p = _cluster_mean(latent, assignment > 0, segments)
@@ -196,12 +197,14 @@ def method(fixed_sparsity: bool, init_scale: Optional[float],
     if latent_step == "update":  # the inner optimizer's step, as it is
       step = ternary_ops.f32(update)
     else:  # the official scaled straight-through map: (W_n, 1, W_p) on (n, 0, p)
-      step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n, leaf.w_p)
+      step = ternary.latent_gradient(update, leaf.assignment, segments.expand(leaf.w_n),
+                                     segments.expand(leaf.w_p))
     k = ternary_ops.f32(hyper.scale_update)
     w_n = leaf.w_n - k * reduce(update, leaf.assignment < 0, segments)
     w_p = leaf.w_p + k * reduce(update, leaf.assignment > 0, segments)
     latent = leaf.latent + step
-    assignment = ttq_assign(latent, _delta(latent, hyper, fixed_sparsity, segments))
+    assignment = ttq_assign(latent, segments.expand(_delta(latent, hyper, fixed_sparsity,
+                                                           segments)))
     return TTQLeaf(latent, jnp.maximum(w_n, tiny), jnp.maximum(w_p, tiny), assignment)
 
   return core.Method("ttq", init_leaf, step_leaf, flat=True)

@@ -166,7 +166,7 @@ _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 def _ternarize_leaf(latent, factor, per_filter, segments):
   magnitude = jnp.abs(latent)
   delta = factor * segments_lib.mean(segments, magnitude, per_filter)
-  assignment = ternary_ops.threshold_assign(latent, delta)
+  assignment = ternary_ops.threshold_assign(latent, segments.expand(delta, per_filter))
   return assignment, ternary_ops.segment_masked_mean(segments, magnitude, assignment != 0,
                                                      per_filter)
 

@@ -152,7 +152,7 @@ def channel_spread(latent, axis, segments=None):
   (per segment of a flat buffer's ``segments``)."""
   w = jnp.asarray(latent, jnp.float32)
   segments = segments_lib.LeafSegments(axis) if segments is None else segments
-  layer = segments_lib.std(segments, w, ddof=1)
+  layer = segments.filters_from_layers(segments_lib.std(segments, w, ddof=1))
   channel = segments_lib.std(segments, w, per_filter=True, ddof=1)
   return jnp.where((channel > 0) & (layer > 0), channel / jnp.where(layer > 0, layer, 1.0), 1.0)
 
@@ -167,7 +167,8 @@ def _assign(latent, w_n, w_p, ctx: core.LeafContext, hyper: EC2THyper,
   axis = channel_axis(ctx, centroids)
   if axis is not None:
     spread = channel_spread(latent, axis, ctx.segments)
-    latent, w_n, w_p = latent / spread, w_n / spread, w_p / spread
+    latent = latent / segments_lib.of(ctx).expand(spread, per_filter=True)
+    w_n, w_p = w_n / spread, w_p / spread
   return ternary.entropy_constrained_assign(
       latent, w_n, w_p, gamma=gamma, size_decay=size_decay,
       zero_floor=hyper.zero_floor, renormalization=renormalization, ties=ties,
@@ -250,7 +251,11 @@ def chain_steps(update, leaf: EC2TLeaf, hyper: EC2THyper, latent_step_rule="plai
     return update, None
   k = jnp.asarray(hyper.centroid_update_scale, jnp.float32)
   if latent_step_rule == "ttq":
-    latent_step = ternary.latent_gradient(update, leaf.assignment, leaf.w_n, leaf.w_p)
+    per_channel = axis is not None
+    expand = (segments or segments_lib.LeafSegments()).expand
+    latent_step = ternary.latent_gradient(update, leaf.assignment,
+                                          expand(leaf.w_n, per_channel),
+                                          expand(leaf.w_p, per_channel))
   else:
     latent_step = jnp.asarray(update, jnp.float32)
   mean_n, mean_p = cluster_means(update, leaf.assignment, 0.0, 0.0, channel_axis=axis,

@@ -280,10 +280,12 @@ def lambda_max(weights, w_n, w_p, information, *, channel_axis=None,
   w = _f32(weights)
   info = _f32(information)
   extreme_n, extreme_p = extremes(w, channel_axis=channel_axis, segments=segments)
-  layer, _ = _segments(segments, channel_axis)
+  reductions, per_channel = _segments(segments, channel_axis)
 
   def side(extreme, centroid, delta_info):
-    numerator = layer.max(jnp.square(extreme) - jnp.square(_f32(centroid) - extreme))
+    numerator = jnp.square(extreme) - jnp.square(_f32(centroid) - extreme)
+    if per_channel:  # a side of the layer empties with its last channel
+      numerator = reductions.layer_max_of_filters(numerator)
     return jnp.where(delta_info > 0,
                      numerator / jnp.where(delta_info > 0, delta_info, 1.0),
                      jnp.inf)
@@ -371,7 +373,12 @@ def entropy_constrained_assign(
       weights, w_n, w_p, gamma=gamma, size_decay=size_decay,
       zero_floor=zero_floor, renormalization=renormalization, ties=ties,
       channel_axis=channel_axis, segments=segments)
-  return assign_by_cost(weights, w_n, w_p, lam, information, ties=ties), lam
+  reductions, per_channel = _segments(segments, channel_axis)
+  # lambda I_c per layer, then per weight (the same products as inside assign_by_cost).
+  penalty = _f32(lam) * _f32(information)
+  penalty = jnp.stack([reductions.expand(penalty[c]) for c in range(3)])
+  return assign_by_cost(weights, reductions.expand(w_n, per_channel),
+                        reductions.expand(w_p, per_channel), 1.0, penalty, ties=ties), lam
 
 
 def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
@@ -393,7 +400,9 @@ def entropy_constrained_lambda(weights, w_n, w_p, *, gamma, size_decay=1.0,
     >>> float(lam), [round(float(i), 4) for i in info]  # P = (1/6, 1/2, 1/3)
     (0.0, [2.585, 1.0, 1.585])
   """
-  preliminary = nearest_centroid_assign(weights, w_n, w_p, ties=ties)
+  reductions, per_channel = _segments(segments, channel_axis)
+  preliminary = nearest_centroid_assign(weights, reductions.expand(w_n, per_channel),
+                                        reductions.expand(w_p, per_channel), ties=ties)
   probabilities = cluster_probabilities(
       preliminary, zero_floor=zero_floor, renormalization=renormalization,
       segments=segments)
