@@ -49,8 +49,8 @@ class Segments(Protocol):
   def min(self, x, per_filter: bool = False) -> jax.Array:
     """Minimum per layer (per filter)."""
 
-  def numel(self, like, per_filter: bool = False) -> jax.Array:
-    """Elements per layer (per filter), float32."""
+  def numel(self, like, per_filter: bool = False) -> np.ndarray:
+    """Elements per layer (per filter), float32, static (numpy: known while tracing)."""
 
   def expand(self, values, per_filter: bool = False) -> jax.Array:
     """Per-layer (per-filter) values, broadcasting against the weights."""
@@ -112,8 +112,8 @@ class LeafSegments(NamedTuple):
   def numel(self, like, per_filter=False):
     like = jnp.asarray(like)
     if per_filter and like.ndim:
-      return jnp.float32(like.size // like.shape[self.output_axis])
-    return jnp.float32(max(like.size, 1))
+      return np.float32(like.size // like.shape[self.output_axis])
+    return np.float32(max(like.size, 1))
 
   def expand(self, values, per_filter=False):
     del per_filter  # a scalar or keepdims values broadcast as they are
@@ -271,8 +271,8 @@ class FlatSegments:
     del like
     t = self.table
     if per_filter:
-      return jnp.asarray(np.repeat(t.sizes // t.filters, t.filters), jnp.float32)
-    return jnp.asarray(t.sizes, jnp.float32)
+      return np.repeat(t.sizes // t.filters, t.filters).astype(np.float32)
+    return t.sizes.astype(np.float32)
 
   def sort(self, x):
     # One sort of (segment, value) pairs: each segment's values sorted in its own span.

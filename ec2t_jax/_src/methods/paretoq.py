@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import grids
 from ec2t_jax._src.methods._support import registry
@@ -329,14 +330,18 @@ class ParetoQLeaf(NamedTuple):
   bits: jax.Array
 
   def value(self, dtype) -> jax.Array:
-    """``code * step`` with each channel's step snapped on its own grid (exact landing)."""
+    """``code * step`` with each channel's step snapped on its own grid (exact landing).
+
+    The grid's reference is the width's largest ``|code|`` times the step (1, 3, 4, 8 for
+    ternary, 2, 3, 4 bits), whatever codes the channel holds now: element-wise, so a flat
+    buffer's value needs no per-channel reduction.
+    """
     bits = jnp.asarray(self.bits, jnp.float32)
     divisor = jnp.where(bits < 2, 1.5, jnp.where(bits < 3, 4.0, 1.0))
     step = _effective(self.scale) / divisor
-    axes = tuple(a for a in range(self.code.ndim)
-                 if self.scale.ndim == 0 or self.scale.shape[a] == 1)
-    largest = jnp.max(jnp.abs(self.code), axis=axes, keepdims=self.scale.ndim > 0)
-    reference = step * jnp.maximum(largest, 1).astype(jnp.float32)
+    largest = jnp.where(bits < 2, 1.0, jnp.where(bits < 3, 3.0, jnp.where(bits < 4, 4.0,
+                                                                             8.0)))
+    reference = step * largest
     snapped = core.snap_to_grid(step, dtype, reference=reference)
     return (snapped * self.code.astype(jnp.float32)).astype(dtype)
 
@@ -380,9 +385,6 @@ def method(bits=TERNARY, layerwise: bool = False, init_scale: float = 1.0,
   """ParetoQ's :class:`~core.Method` (chain form, see :func:`paretoq`)."""
   w = width(bits)
 
-  def axes(ctx):
-    return reduce_axes(len(ctx.shape), ctx.output_axis, layerwise)
-
   def init_leaf(param, ctx, hyper: ParetoQHyper) -> ParetoQLeaf:
     del hyper
     _check_leaf(ctx, layerwise)
@@ -393,21 +395,29 @@ def method(bits=TERNARY, layerwise: bool = False, init_scale: float = 1.0,
 
   def step_leaf(update, leaf: ParetoQLeaf, ctx, hyper: ParetoQHyper, phase) -> ParetoQLeaf:
     del phase  # one phase
+    segments = segments_lib.of(ctx)
+    per_channel = not layerwise
     u = _f32(update)
-    d, inside = scale_derivative(leaf.latent, leaf.scale, w.bits)
+    d, inside = scale_derivative(leaf.latent, segments.expand(leaf.scale, per_channel), w.bits)
     k = _f32(hyper.scale_update)
-    keep = not layerwise
-    du = jnp.sum(d * u, axis=axes(ctx), keepdims=keep)
+    du = segments.sum(d * u, per_channel)
     if scale_step == "gradient":
-      scale_change = k * grad_scale(math.prod(ctx.shape), w.bits) * du
+      # LSQ's 1 / sqrt(N q), N the layer's weights: computed here, in float64 as grad_scale.
+      numel = np.asarray(segments.numel(u), np.float64)
+      factor = jnp.asarray(1.0 / np.sqrt(np.maximum(numel, 1.0) * w.grad_q), jnp.float32)
+      if per_channel:
+        factor = segments.filters_from_layers(factor)
+      scale_change = k * factor * du
     else:
-      weight = jnp.sum(jnp.abs(d), axis=axes(ctx), keepdims=keep)
+      weight = segments.sum(jnp.abs(d), per_channel)
       scale_change = k * jnp.where(weight > 0, du / jnp.where(weight > 0, weight, 1.0), 0.0)
     latent = leaf.latent + jnp.where(inside, u, 0.0)
     scale = leaf.scale + scale_change
-    return ParetoQLeaf(latent, scale, paretoq_codes(latent, scale, w.bits), leaf.bits)
+    return ParetoQLeaf(latent, scale,
+                       paretoq_codes(latent, segments.expand(scale, per_channel), w.bits),
+                       leaf.bits)
 
-  return core.Method("paretoq", init_leaf, step_leaf)
+  return core.Method("paretoq", init_leaf, step_leaf, flat=True)
 
 
 def paretoq(bits=TERNARY, *, layerwise: bool = False, init_scale: float = 1.0,
