@@ -1,7 +1,7 @@
 """Flat buffers: one trace of a method's step for every leaf, the same numbers as per leaf.
 
 The oracle of the flat path (``_src/core/flat.py``) is the grouped / per-leaf path
-(``Quantizer(layout="grouped")``, the default): every registered train-time method follows the same
+(``Quantizer(layout="grouped")``): every registered train-time method follows the same
 trajectory on both; the segment reductions equal per-leaf numpy reductions.
 """
 
@@ -211,9 +211,9 @@ def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharde
   assert any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
 
 
-def test_the_grouped_layout_is_the_default():
+def test_the_flat_layout_is_the_default_of_a_flat_method():
   state = ec2t.twn(selection=SELECT).init(PARAMS)
-  assert not any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
+  assert [type(g).__name__ for g in state.groups] == ["FlatGroup"]
 
 
 def test_an_unknown_layout_is_refused_naming_it():

@@ -163,6 +163,27 @@ class FlatGroup:
     return jnp.broadcast_to(self.expanded(segments).value(dtype),
                             segments.element_shape).reshape(-1)
 
+  def off_grid(self, member_params: list) -> jax.Array:
+    """Whether some member's param is not its state's value (bool scalar).
+
+    The test of ``core.transform.params_off_grid`` for every member at once: a member is
+    off when ``max |param - value|`` over the leaf exceeds ``4 eps max(|param|, |value|)``
+    (``eps`` of the params' dtype, which the members share).
+    """
+    segments = segments_lib.FlatSegments(self.table)
+    dtype = jnp.asarray(member_params[0]).dtype
+    p = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in member_params]).reshape(
+        segments.element_shape)
+    v = jnp.broadcast_to(self.expanded(segments).value(dtype),
+                         segments.element_shape).astype(jnp.float32)
+    members = jnp.asarray(np.repeat(np.arange(len(self.layout.members), dtype=np.int32),
+                                    [m.slices for m in self.layout.members]))
+    per_member = lambda x: jax.ops.segment_max(x, members, len(self.layout.members),
+                                               indices_are_sorted=True)
+    difference = per_member(segments.max(jnp.abs(p - v)))
+    scale = per_member(jnp.maximum(segments.max(jnp.abs(p)), segments.max(jnp.abs(v))))
+    return jnp.any(difference > 4 * float(jnp.finfo(dtype).eps) * scale)
+
   def member_value(self, values: jax.Array, index: int) -> jax.Array:
     """Member ``index``'s slice of :meth:`value`, in its param shape."""
     m = self.layout.members[index]

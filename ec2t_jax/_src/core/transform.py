@@ -26,12 +26,13 @@ every method alike:
   one state per slice (:class:`StackedLeaf`); the method's ``init_leaf`` and
   ``step_leaf`` are ``vmap``-ed over the stack axes, so every per-layer
   statistic is per slice without per-method code;
-* **compile time**: same-shape leaves keep their states stacked and one
-  ``vmap``-ed step serves each group (:func:`group_states`,
-  :func:`step_groups`); with ``layout="flat"`` a method whose step reduces
-  through ``ctx.segments`` (``Method(flat=True)``) keeps the states of all
+* **compile time**: a method whose step reduces through its segments
+  (``Method(flat=True)``: every train-time method) keeps the states of all
   compatible leaves end to end in one flat buffer (``_src/core/flat.py``),
-  stepped by one trace whatever the number and shapes of the layers;
+  stepped by one trace whatever the number and shapes of the layers; for the
+  others (and leaves that may be sharded, or ``layout="grouped"``) same-shape
+  leaves keep their states stacked and one ``vmap``-ed step serves each group
+  (:func:`group_states`, :func:`step_groups`);
 * **latent weight decay**: the update accepts ``latent_decay`` (what
   :func:`~ec2t_jax.chain` computes: the inner optimizer's decoupled decay of
   each latent field), added to the latent weights before the method's step
@@ -180,7 +181,7 @@ def prepare_tree(method: Method, params, selection, hyper) -> TreeInfo:
 
 def init_state(method: Method, params, selection, hyper,
                info: Optional[TreeInfo] = None, *, group: bool = True,
-               layout: str = "grouped") -> QuantizerState:
+               layout: str = "flat") -> QuantizerState:
   """Selects leaves (once) and initialises each selected leaf's state.
 
   The method's ``prepare`` hook runs first (or ``info``, its result, is
@@ -190,11 +191,11 @@ def init_state(method: Method, params, selection, hyper,
 
   A stacked leaf (see :class:`~ec2t_jax.Selection`) gets one state per slice,
   stacked (:class:`StackedLeaf`): ``method.init_leaf`` is ``vmap``-ed over
-  its stack axes with the context of one slice. With ``group``, same-shape
-  leaves keep their states stacked (:func:`group_states`); with
-  ``layout="flat"`` the states of a ``Method(flat=True)`` go into flat
-  buffers first (not the leaves of a param that may be sharded over devices,
-  ``flat.may_be_sharded``).
+  its stack axes with the context of one slice. With ``group``, the states
+  of a ``Method(flat=True)`` go into flat buffers (``layout="flat"``, the
+  default; not the leaves of a param that may be sharded over devices,
+  ``flat.may_be_sharded``), then same-shape leaves keep their states stacked
+  (:func:`group_states`).
   """
   if info is None:
     info = prepare_tree(method, params, selection, hyper)
@@ -466,8 +467,12 @@ def params_off_grid(params, old_leaves: list, groups: tuple = ()) -> jax.Array:
   """
   value = _values(groups)
   off = []
+  flat_members: dict = {}  # a flat buffer's members are tested together
   for p, leaf in zip(jax.tree.leaves(params), old_leaves):
     if leaf is None:
+      continue
+    if isinstance(leaf, GroupSlot) and isinstance(groups[leaf.group], flat_lib.FlatGroup):
+      flat_members.setdefault(leaf.group, {})[leaf.index] = p
       continue
     p = jnp.asarray(p)
     eps = float(jnp.finfo(p.dtype).eps)
@@ -476,6 +481,8 @@ def params_off_grid(params, old_leaves: list, groups: tuple = ()) -> jax.Array:
     scale = jnp.maximum(jnp.max(jnp.abs(p)), jnp.max(jnp.abs(v)))
     tolerance = 4 * eps * scale
     off.append(jnp.max(jnp.abs(p - v)) > tolerance)
+  for g, members in flat_members.items():
+    off.append(groups[g].off_grid([members[i] for i in sorted(members)]))
   return jnp.any(jnp.stack(off)) if off else jnp.asarray(False)
 
 
@@ -557,7 +564,7 @@ def quantize_transform(
     budget: Optional[budget_lib.Budget] = None,
     controlled: Optional[budget_lib.ControlledHyper] = None,
     budget_target=None,
-    layout: str = "grouped",
+    layout: str = "flat",
 ) -> optax.GradientTransformation:
   """A method as the last transformation of an optax chain.
 
@@ -578,10 +585,11 @@ def quantize_transform(
       traced, e.g. through ``optax.inject_hyperparams``); a traced value that
       is non-finite or out of range skips the step like an invalid
       hyperparameter.
-    layout: ``"grouped"`` (same-shape leaves share a stacked state; the
-      default) or ``"flat"`` (a ``Method(flat=True)`` keeps its leaves' states
-      in flat buffers: one trace of its step, compile time flat in depth, but
-      a slower step on XLA:CPU for now, see ``RESULTS_step_overhead.md``).
+    layout: ``"flat"`` (the default: a ``Method(flat=True)`` keeps its
+      leaves' states in flat buffers, one trace of its step whatever the
+      depth; other methods, and leaves that may be sharded, as ``"grouped"``)
+      or ``"grouped"`` (same-shape leaves share a stacked state, one
+      ``vmap``-ed step per shape: the path the flat one is tested against).
 
   Returns:
     A :class:`QuantizerTransformation` with state :class:`QuantizerState`.
@@ -684,7 +692,7 @@ class Quantizer(NamedTuple):
   budget: Any = None
   controlled: Any = None
   budget_target: Any = None
-  layout: str = "grouped"
+  layout: str = "flat"
 
   def transform(self) -> optax.GradientTransformation:
     """The method as the last transformation of an optax chain (:func:`quantize_transform`)."""
