@@ -94,13 +94,13 @@ def test_ec2t_cluster_probabilities_per_segment_equal_each_layers():
 
 
 class Net(nn.Module):
-  """Leaves of four shapes, two of them twice, and a bias-free 1-d scale."""
+  """Three selected kernels of three shapes (a 4-d one among them) between the full-precision
+  first and last layers."""
 
   @nn.compact
   def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
     x = nn.relu(nn.Conv(8, (3, 3))(x))
-    x = nn.relu(nn.Conv(8, (3, 3))(x))
-    x = nn.relu(nn.Conv(16, (3, 3))(x))
     x = x.mean(axis=(1, 2))
     x = nn.relu(nn.Dense(16)(x))
     x = nn.relu(nn.Dense(16)(x))
@@ -108,13 +108,13 @@ class Net(nn.Module):
 
 
 MODEL = Net()
-X = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
-Y = jax.random.normal(jax.random.key(2), (4, 4))
+X = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+Y = jax.random.normal(jax.random.key(2), (2, 4))
 PARAMS = MODEL.init(jax.random.key(0), X)["params"]
 SELECT = ec2t.Selection(order=ec2t.forward_order(
     lambda p, x: MODEL.apply({"params": p}, x), PARAMS, X))
 TRAIN = sorted(ec2t.method_registry(kind="train"))
-STEPS = 3
+STEPS = 2  # the second step is the one a non-finite test poisons
 
 
 def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
@@ -157,7 +157,7 @@ def test_flat_and_grouped_layouts_follow_the_same_trajectory(name):
 
 @pytest.mark.parametrize("name", [n for n in TRAIN if _is_flat(n)])
 def test_a_flat_method_keeps_all_its_leaves_in_one_buffer(name):
-  _, state = _trajectory(name, "flat")
+  state = ec2t.method_registry()[name].build(selection=SELECT).transform().init(PARAMS)
   assert [type(g).__name__ for g in state.groups] == ["FlatGroup"]
   assert len(state.groups[0].layout.members) == len(ec2t.summary(state).layers)
 
@@ -183,8 +183,8 @@ def test_a_stacked_leaf_is_one_segment_per_slice():
     tx = ec2t.method_registry()["twn"].build(selection=selection)._replace(
         layout=layout).transform()
     state = tx.init(params)
-    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state,
-                               ec2t.quantized_params(params, state))
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state,
+                                  ec2t.quantized_params(params, state))
     states[layout] = state
   flat = states["flat"]
   assert flat.groups[0].table.num_segments == 4  # three slices and the head
@@ -195,8 +195,7 @@ def test_a_stacked_leaf_is_one_segment_per_slice():
 
 def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharded():
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-  sharded = lambda x: NamedSharding(mesh, P(None, "fsdp") if x.ndim == 2 and x.shape[-1] == 16
-                                    else P())
+  sharded = lambda x: NamedSharding(mesh, P(None, "fsdp") if x.shape == (16, 16) else P())
   params = jax.tree.map(lambda x: jax.device_put(x, sharded(x)), PARAMS)
   state = ec2t.method_registry()["twn"].build(selection=SELECT)._replace(
       layout="flat").transform().init(params)
