@@ -109,12 +109,20 @@ class Net(nn.Module):
 
 MODEL = Net()
 X = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
-Y = jax.random.normal(jax.random.key(2), (2, 4))
 PARAMS = MODEL.init(jax.random.key(0), X)["params"]
 SELECT = ec2t.Selection(order=ec2t.forward_order(
     lambda p, x: MODEL.apply({"params": p}, x), PARAMS, X))
 TRAIN = sorted(ec2t.method_registry(kind="train"))
 STEPS = 2  # the second step is the one a non-finite test poisons
+# The loss: a smooth function of each param against a fixed target (no forward pass of the
+# model, whose compilation would dominate these tests; the quantizer sees varied gradients).
+TARGETS = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), PARAMS)
+
+
+def _loss(params):
+  terms = jax.tree.map(lambda p, t: jnp.mean(jnp.sin(3.0 * p) * t + 0.5 * p * p), params,
+                       TARGETS)
+  return sum(jax.tree.leaves(terms))
 
 
 def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
@@ -126,7 +134,7 @@ def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
 
   @jax.jit
   def step(params, state, poison):
-    grads = jax.grad(lambda p: jnp.mean((MODEL.apply({"params": p}, X) - Y) ** 2))(params)
+    grads = jax.grad(_loss)(params)
     grads = jax.tree_util.tree_map_with_path(
         lambda path, g: jnp.where(poison & (jax.tree_util.keystr(path) == nonfinite_at),
                                   jnp.nan, g), grads)
