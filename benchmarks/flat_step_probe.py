@@ -1,6 +1,8 @@
 r"""Issue 26, "measure before you choose": does one flat buffer make compile time depth-free?
 
-A probe, not the library's path. It compiles the training step of a model under
+The probe that preceded the library's flat buffers (``ec2t_jax/_src/core/flat.py``, now the
+default layout; ``step_overhead.py`` measures them). It compiles the training step of a model
+under
 
 * ``adam``: ``optax.adam`` alone (the baseline),
 * ``twn``: ``optax.chain(optax.adam, ec2t.twn(selection=...))``, the library's TWN on the

@@ -167,10 +167,11 @@ class Method(NamedTuple):
       TreeInfo``, called once by ``init`` before any leaf is initialised.
     flat: whether ``step_leaf`` and the state's ``value`` serve a flat buffer
       of many leaves: every per-layer (per-filter) reduction of the step goes
-      through ``segments.of(ctx)``, everything else is element-wise, and the
-      step reads none of ``ctx.shape``, ``ctx.output_axis``, ``ctx.info``. The
-      core then steps all compatible leaves with one trace
-      (``_src/core/flat.py``).
+      through ``segments.of(ctx)`` and stays one value per segment, meeting
+      the weights through ``segments.expand``; ``value`` is element-wise
+      (broadcasting); the step reads none of ``ctx.shape``,
+      ``ctx.output_axis``, ``ctx.info``. The core then steps all compatible
+      leaves with one trace (``_src/core/flat.py``).
   """
   name: str
   init_leaf: Callable[..., Any]

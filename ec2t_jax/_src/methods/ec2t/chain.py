@@ -109,8 +109,8 @@ def cluster_means(values, assignment, fallback_n, fallback_p, *, channel_axis=No
   A cluster that is empty gets its fallback. With ``channel_axis``, one mean
   per channel (over the other axes, kept with size 1 so the means broadcast
   against ``values``); an empty cluster of a channel gets that channel's
-  fallback. With a flat buffer's ``segments`` (the core's flat path), per
-  segment (per channel), gathered per element.
+  fallback. With a flat buffer's ``segments`` (the core's flat path), one
+  mean per segment (per channel).
 
   Example:
     >>> import jax.numpy as jnp

@@ -130,8 +130,8 @@ def assign_by_cost(weights, w_n, w_p, lam, information, *,
 
 
 def cluster_counts(assignment, *, segments=None) -> jax.Array:
-  """Number of elements in the clusters ``(n, 0, p)``, as float32 (per segment, gathered
-  per element, with a flat buffer's ``segments``: ``(3, N)``)."""
+  """Number of elements in the clusters ``(n, 0, p)``, as float32 (one column per segment
+  with a flat buffer's ``segments``: ``(3, S)``)."""
   a = jnp.asarray(assignment)
   if segments is not None:
     return jnp.stack([segments.sum(a == c) for c in (NEGATIVE, ZERO, POSITIVE)])
@@ -171,7 +171,7 @@ def cluster_probabilities(
     zero_floor: lower bound of ``P_0`` (0.5 in EC2T).
     renormalization: ``"exact"`` (default) or ``"reference"``.
     segments: a flat buffer's ``FlatSegments`` (the core's flat path): one
-      ``P`` per segment, gathered per element (``(3, N)``); None: one layer.
+      ``P`` per segment (``(3, S)``); None: one layer.
 
   Returns:
     float32 array ``(P_n, P_0, P_p)``.
@@ -262,8 +262,8 @@ def lambda_max(weights, w_n, w_p, information, *, channel_axis=None,
     w_p: value of the positive centroid (likewise).
     information: ``(I_n, I_0, I_p)`` of the whole layer.
     channel_axis: the output-channel axis of per-channel centroids, or None.
-    segments: a flat buffer's ``FlatSegments`` (one ``lambda_max`` per segment,
-      gathered per element); None: one layer.
+    segments: a flat buffer's ``FlatSegments`` (one ``lambda_max`` per
+      segment); None: one layer.
 
   Returns:
     float32 scalar ``lambda_max >= 0``.
