@@ -157,9 +157,10 @@ def trained():
                  ec2t.Rule("stack/kernel", stack_axes=(0,))]))
   state = tx.init(params)
   params = ec2t.quantized_params(params, state)
+  update = jax.jit(tx.update)  # one compilation for the three steps (eager: ~3x slower)
   for step in range(3):
     grads = jax.tree.map(lambda x, s=step: jnp.sin(x * (s + 1)), params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   return params, state
 

@@ -81,11 +81,11 @@ def test_inq_frozen_weights_never_move_and_free_ones_train():
 def test_set_phase_advances_the_stage():
   tx = optax.chain(optax.adam(1e-2), ec2t.inq(3))
   model, params = models.init()
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)
   params = ec2t.quantized_params(params, opt_state)
   opt_state = ec2t.set_phase(opt_state, 2)
   grads = jax.grad(lambda p: models.loss_fn(model, p, *models.batch(0)))(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
+  updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)
   leaf = _leaf(opt_state, "Conv_2")
   assert int(leaf.stage) == 2
   assert float(leaf.frozen.mean()) == pytest.approx(0.8, abs=1e-3)  # official portions
