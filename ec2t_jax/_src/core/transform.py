@@ -197,6 +197,7 @@ def init_state(method: Method, params, selection, hyper,
   ``flat.may_be_sharded``), then same-shape leaves keep their states stacked
   (:func:`group_states`).
   """
+  check_choice("layout", layout, LAYOUTS)
   if info is None:
     info = prepare_tree(method, params, selection, hyper)
   selection = selection if info.selection is None else info.selection
@@ -222,7 +223,6 @@ def init_state(method: Method, params, selection, hyper,
     leaf = jnp.array(leaf, copy=True)
     leaves.append(init_leaf_state(method, leaf, ctx._replace(info=leaf_info.get(ctx.path)),
                                   hyper))
-  check_choice("layout", layout, LAYOUTS)
   groups: tuple = ()
   if group and method.flat and layout == "flat":
     leaves, groups = flat_states(leaves, contexts, sharded)
@@ -239,9 +239,9 @@ def flat_states(leaves: list, contexts: list, sharded: list) -> tuple[list, tupl
 
   Two or more leaves whose states share a class, mode, dtypes and field kinds
   share a :class:`~ec2t_jax._src.core.flat.FlatGroup` (a lone leaf keeps its
-  own state: one trace either way). A leaf of a param that may be sharded over several
-  devices, or whose state has a field that is neither element-, layer- nor
-  filter-shaped, keeps its own state.
+  own state: one trace either way). A leaf of a param that may be sharded over
+  several devices, or whose state has a field that is neither element-,
+  layer- nor filter-shaped, keeps its own state.
 
   Returns:
     ``(leaves with GroupSlots, groups)``.
