@@ -218,6 +218,13 @@ def test_leaves_sharded_over_devices_stay_out_of_the_flat_buffer_and_stay_sharde
   assert any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
 
 
+def test_params_traced_by_a_jitted_init_on_several_devices_keep_the_grouped_layout():
+  # A tracer does not show its sharding: with 8 devices it may be sharded, so no flat buffer.
+  assert jax.device_count() > 1
+  state = jax.jit(ec2t.twn(selection=SELECT).init)(PARAMS)
+  assert not any(isinstance(g, flat_lib.FlatGroup) for g in state.groups)
+
+
 def test_the_flat_layout_is_the_default_of_a_flat_method():
   state = ec2t.twn(selection=SELECT).init(PARAMS)
   assert [type(g).__name__ for g in state.groups] == ["FlatGroup"]
