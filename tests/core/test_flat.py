@@ -36,8 +36,7 @@ def _flat_segments(shapes):
     contexts.append(core.LeafContext(f"w{i}", shape, jnp.float32, "ternary", None, 1.0,
                                      output_axis=axis))
     states.append(_Latent(jnp.zeros(shape)))
-  group = flat_lib.pack(states, contexts, ("element",))
-  return segments_lib.FlatSegments(group.table), group
+  return segments_lib.FlatSegments(flat_lib.pack(states, contexts, ("element",)).table)
 
 
 class _Latent(NamedTuple):  # a one-field state, enough for pack()
@@ -48,7 +47,7 @@ class _Latent(NamedTuple):  # a one-field state, enough for pack()
 @pytest.mark.parametrize("per_filter", [False, True], ids=["per_layer", "per_filter"])
 @pytest.mark.parametrize("op", ["sum", "max", "min", "numel", "std"])
 def test_flat_segment_reductions_expanded_equal_each_leafs_own(op, per_filter, shapes):
-  segments, _ = _flat_segments(shapes)
+  segments = _flat_segments(shapes)
   assert bool(segments.chunk) == (shapes is CHUNKED_SHAPES)
   rng = np.random.default_rng(0)
   leaves = [rng.normal(size=shape).astype(np.float32) for shape, _ in shapes]
@@ -82,7 +81,7 @@ def test_leaf_segments_reduce_a_layer_to_a_scalar_and_a_filter_to_its_channel():
 
 
 def test_ec2t_cluster_probabilities_per_segment_equal_each_layers():
-  segments, _ = _flat_segments([((4,), 0), ((6,), 0)])
+  segments = _flat_segments([((4,), 0), ((6,), 0)])
   a = jnp.array([1, 1, 1, -1, 0, 0, 0, 1, -1, -1], jnp.int8)
   got = ternary.cluster_probabilities(a, segments=segments)
   assert got.shape == (3, 2)  # one (P_n, P_0, P_p) per segment

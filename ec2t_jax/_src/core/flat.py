@@ -174,8 +174,7 @@ class FlatGroup:
     dtype = jnp.asarray(member_params[0]).dtype
     p = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in member_params]).reshape(
         segments.element_shape)
-    v = jnp.broadcast_to(self.expanded(segments).value(dtype),
-                         segments.element_shape).astype(jnp.float32)
+    v = self.value(dtype).reshape(segments.element_shape).astype(jnp.float32)
     members = jnp.asarray(np.repeat(np.arange(len(self.layout.members), dtype=np.int32),
                                     [m.slices for m in self.layout.members]))
     per_member = lambda x: jax.ops.segment_max(x, members, len(self.layout.members),

@@ -182,8 +182,7 @@ def pruning_method() -> core.Method:
   def step_leaf(update, leaf: PrunedTernaryLeaf, ctx, hyper: PruningHyper, phase):
     segments = segments_lib.of(ctx)
     prune_now = (phase >= 1) & ~leaf.pruned
-    threshold = ternary_ops.f32(hyper.factor) * segments_lib.mean(segments,
-                                                                  jnp.abs(leaf.latent))
+    threshold = twn.twn_threshold(leaf.latent, hyper.factor, segments=segments)
     survivors = jnp.abs(leaf.latent) > segments.expand(threshold)
     mask = jnp.where(segments.expand(prune_now), survivors, leaf.mask)
     pruned = leaf.pruned | prune_now

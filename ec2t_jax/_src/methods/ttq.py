@@ -37,12 +37,14 @@ from ec2t_jax._src.methods._support import registry
 DEFAULT_THRESHOLD = 0.05
 
 
-def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD) -> jax.Array:
+def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD, *, segments=None) -> jax.Array:
   """TTQ's layer threshold ``Delta = t * max|W|``.
 
   Args:
     weights: latent weights of one layer.
     threshold: the fraction ``t`` in ``[0, 1]``.
+    segments: a flat buffer's ``FlatSegments`` (the core's flat path: one
+      threshold per segment) instead of one layer.
 
   Example:
     >>> import jax.numpy as jnp
@@ -51,10 +53,11 @@ def ttq_threshold(weights, threshold=DEFAULT_THRESHOLD) -> jax.Array:
     Array(0.045, dtype=float32)
   """
   ternary_ops.check_range("threshold", threshold, 0.0, 1.0)
-  return ternary_ops.f32(threshold) * jnp.max(jnp.abs(ternary_ops.f32(weights)))
+  segments = segments_lib.LeafSegments() if segments is None else segments
+  return ternary_ops.f32(threshold) * segments.max(jnp.abs(ternary_ops.f32(weights)))
 
 
-def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
+def ttq_sparsity_threshold(weights, sparsity, *, segments=None) -> jax.Array:
   """The threshold that zeroes a fraction ``sparsity`` of the weights.
 
   With ``z = floor(sparsity * n)`` and ``m_(1) <= ... <= m_(n)`` the sorted
@@ -65,6 +68,8 @@ def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
   Args:
     weights: latent weights of one layer.
     sparsity: the fraction ``r`` in ``[0, 1]``.
+    segments: a flat buffer's ``FlatSegments`` (one threshold per segment,
+      from a sort within each segment) instead of one layer.
 
   Example:
     >>> import jax.numpy as jnp
@@ -73,11 +78,7 @@ def ttq_sparsity_threshold(weights, sparsity) -> jax.Array:
     Array(0.1, dtype=float32)
   """
   ternary_ops.check_range("sparsity", sparsity, 0.0, 1.0)
-  return _sparsity_threshold(weights, sparsity, segments_lib.LeafSegments())
-
-
-def _sparsity_threshold(weights, sparsity, segments):
-  """:func:`ttq_sparsity_threshold` per segment (``sparsity`` may be traced)."""
+  segments = segments_lib.LeafSegments() if segments is None else segments
   m = segments.sort(jnp.abs(ternary_ops.f32(weights)))
   z = jnp.floor(ternary_ops.f32(sparsity) * segments.numel(weights)).astype(jnp.int32)
   return jnp.where(z > 0, m[segments.starts() + jnp.maximum(z - 1, 0)], 0.0)
@@ -154,8 +155,8 @@ _HYPER_RANGES = {"threshold": core.Range(0.0, 1.0), "sparsity": core.Range(0.0, 
 
 def _delta(latent, hyper: TTQHyper, fixed_sparsity: bool, segments):
   if fixed_sparsity:
-    return _sparsity_threshold(latent, hyper.sparsity, segments)
-  return ternary_ops.f32(hyper.threshold) * segments.max(jnp.abs(latent))
+    return ttq_sparsity_threshold(latent, hyper.sparsity, segments=segments)
+  return ttq_threshold(latent, hyper.threshold, segments=segments)
 
 
 def _cluster_mean(values, mask, segments):

@@ -36,7 +36,7 @@ FILTER_FACTOR = 0.75
 
 
 def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False,
-                  axis: int = -1) -> jax.Array:
+                  axis: int = -1, segments=None) -> jax.Array:
   """TWN's rule-of-thumb threshold ``Delta = factor * mean|W|``.
 
   Args:
@@ -45,6 +45,8 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False,
     per_filter: one threshold per output filter (shape ``(1, ..., 1, out)``)
       instead of one scalar per layer.
     axis: the output-filter axis (default: the last).
+    segments: a flat buffer's ``FlatSegments`` (the core's flat path: one
+      threshold per segment or filter) instead of one leaf along ``axis``.
 
   Returns:
     float32 threshold(s), broadcastable against ``weights``.
@@ -56,15 +58,18 @@ def twn_threshold(weights, factor=LAYER_FACTOR, *, per_filter: bool = False,
     Array(0.22983333, dtype=float32)
   """
   ternary_ops.check_range("factor", factor, 0.0, low_open=True)
+  segments = segments_lib.LeafSegments(axis) if segments is None else segments
   w = ternary_ops.f32(weights)
-  return ternary_ops.f32(factor) * ternary_ops.reduce_mean(jnp.abs(w), per_filter, axis)
+  return ternary_ops.f32(factor) * segments_lib.mean(segments, jnp.abs(w), per_filter)
 
 
-def twn_scale(weights, assignment, *, per_filter: bool = False, axis: int = -1) -> jax.Array:
+def twn_scale(weights, assignment, *, per_filter: bool = False, axis: int = -1,
+              segments=None) -> jax.Array:
   """The least-squares scale ``alpha``: mean ``|W|`` over the non-zero assignment.
 
   Zero where nothing is kept (an all-zero layer or filter). ``axis``: the
-  output-filter axis of ``per_filter`` (default: the last).
+  output-filter axis of ``per_filter`` (default: the last); ``segments``: a
+  flat buffer's ``FlatSegments`` instead (one scale per segment or filter).
 
   Example:
     >>> import jax.numpy as jnp
@@ -73,8 +78,10 @@ def twn_scale(weights, assignment, *, per_filter: bool = False, axis: int = -1) 
     >>> twn_scale(w, jnp.array([1, 0, 1, -1, 0, 0], jnp.int8))
     Array(0.6, dtype=float32)
   """
+  segments = segments_lib.LeafSegments(axis) if segments is None else segments
   w = ternary_ops.f32(weights)
-  return ternary_ops.masked_mean(jnp.abs(w), jnp.asarray(assignment) != 0, per_filter, axis)
+  return ternary_ops.segment_masked_mean(segments, jnp.abs(w), jnp.asarray(assignment) != 0,
+                                         per_filter)
 
 
 def twn_ternarize(weights, threshold="layer") -> tuple[jax.Array, jax.Array]:
@@ -164,11 +171,9 @@ _HYPER_RANGES = {"factor": core.Range(0.0, low_open=True)}
 
 
 def _ternarize_leaf(latent, factor, per_filter, segments):
-  magnitude = jnp.abs(latent)
-  delta = factor * segments_lib.mean(segments, magnitude, per_filter)
+  delta = twn_threshold(latent, factor, per_filter=per_filter, segments=segments)
   assignment = ternary_ops.threshold_assign(latent, segments.expand(delta, per_filter))
-  return assignment, ternary_ops.segment_masked_mean(segments, magnitude, assignment != 0,
-                                                     per_filter)
+  return assignment, twn_scale(latent, assignment, per_filter=per_filter, segments=segments)
 
 
 def method(per_filter: bool = False) -> core.Method:

@@ -5,7 +5,8 @@ Conventions: a kernel's output filters lie along one axis, ``axis``: the
 ``(..., in, out)``), the leaf's ``LeafContext.output_axis`` in the methods
 (e.g. ``0`` for an ``(out, in)`` kernel applied as ``x @ k.T``, from the trace
 or a ``Rule``); "per filter" reduces over every other axis and keeps
-dimensions for broadcasting. Arithmetic is float32 whatever the input dtype.
+dimensions for broadcasting (the reductions: ``_src/core/segments.py``).
+Arithmetic is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from ec2t_jax._src import core
-from ec2t_jax._src.core import segments as segments_lib
 
 
 class ScaledTernaryLeaf(NamedTuple):
@@ -53,38 +53,9 @@ def check_range(name, value, low, high=math.inf, *, low_open=False):
   core.check_range(name, value, core.Range(low, high, low_open))
 
 
-def filter_axes(ndim: int, per_filter: bool, axis: int = -1):
-  """Axes to reduce over: all (per layer) or all but the output ``axis`` (per filter).
-
-  Example:
-    >>> from ec2t_jax._src.methods._support.ternary_ops import filter_axes  # internal
-    >>> filter_axes(4, True), filter_axes(2, True, axis=0), filter_axes(2, False)
-    ((0, 1, 2), (1,), None)
-  """
-  if not per_filter or ndim == 0:
-    return None
-  keep = axis % ndim
-  return tuple(a for a in range(ndim) if a != keep)
-
-
-def filter_size(x, per_filter: bool, axis: int = -1) -> int:
-  """Elements per filter (per output channel along ``axis``), or of the whole ``x``."""
-  if per_filter and x.ndim:
-    return x.size // x.shape[axis]
-  return max(x.size, 1)
-
-
-def reduce_mean(x, per_filter: bool, axis: int = -1) -> jax.Array:
-  return segments_lib.mean(segments_lib.LeafSegments(axis), x, per_filter)
-
-
-def masked_mean(values, mask, per_filter: bool, axis: int = -1) -> jax.Array:
-  """Mean of ``values`` where ``mask`` holds (0 where the mask is empty)."""
-  return segment_masked_mean(segments_lib.LeafSegments(axis), values, mask, per_filter)
-
-
 def segment_masked_mean(segments, values, mask, per_filter: bool) -> jax.Array:
-  """:func:`masked_mean` per segment (see ``_src/core/segments.py``)."""
+  """Mean of ``values`` where ``mask`` holds, per layer (per filter) of ``segments``
+  (``_src/core/segments.py``); 0 where the mask is empty."""
   total = segments.sum(jnp.where(mask, values, 0.0), per_filter)
   count = segments.sum(mask, per_filter)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
