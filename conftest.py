@@ -61,15 +61,18 @@ def pytest_configure(config):
   135.8 -> 112.3 s, tests/methods/test_contract.py 71.4 -> 59.4 s). The cache lives
   in a temporary folder removed at the end, so every run starts cold, as on a
   fresh clone; ``JAX_COMPILATION_CACHE_DIR`` set by the caller is used (and
-  kept) instead.
+  kept) instead. The pytest-xdist workers share the controller's folder (they
+  inherit its environment), so a program one worker compiled is a hit for the other.
   """
-  del config
   import jax  # pylint: disable=g-import-not-at-top  (no backend starts here)
 
-  if not jax.config.jax_compilation_cache_dir:
+  is_worker = hasattr(config, "workerinput")
+  if not is_worker and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     path = tempfile.mkdtemp(prefix="ec2t_jax_test_xla_cache_")
     _COMPILATION_CACHE.append(path)
-    jax.config.update("jax_compilation_cache_dir", path)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # for the workers started after this
+  if not jax.config.jax_compilation_cache_dir and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -20,6 +20,7 @@ import ec2t_jax as ec2t
 from ec2t_jax._src import core
 from ec2t_jax._src.core import flat as flat_lib
 from ec2t_jax._src.core import segments as segments_lib
+from ec2t_jax._src.methods import inq as inq_lib
 from ec2t_jax._src.methods.ec2t import ternary
 
 # ------------------------------------------------------------- segments
@@ -69,6 +70,22 @@ def test_flat_segment_reductions_expanded_equal_each_leafs_own(op, per_filter, s
             "std": lambda: np.std(x, axis=axes, keepdims=True)}[op]()
     np.testing.assert_allclose(got[offset:offset + x.size].reshape(shape),
                                np.broadcast_to(want, shape), rtol=1e-6, atol=1e-6)
+    offset += x.size
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, CHUNKED_SHAPES], ids=["ids", "chunks"])
+def test_flat_descending_rank_equals_each_leafs_stable_argsort(shapes):
+  segments = _flat_segments(shapes)
+  rng = np.random.default_rng(1)
+  leaves = [rng.integers(0, 4, size=shape).astype(np.float32) for shape, _ in shapes]  # ties
+  flat = jnp.concatenate([jnp.ravel(x) for x in leaves]).reshape(segments.element_shape)
+  got = np.asarray(segments.descending_rank(flat)).ravel()
+  offset = 0
+  for x in leaves:
+    want = np.empty(x.size, np.int32)
+    want[np.argsort(-x.ravel(), kind="stable")] = np.arange(x.size)
+    np.testing.assert_array_equal(got[offset:offset + x.size], want)
+    np.testing.assert_array_equal(segments_lib.LeafSegments().descending_rank(x).ravel(), want)
     offset += x.size
 
 
@@ -124,9 +141,9 @@ def _loss(params):
   return sum(jax.tree.leaves(terms))
 
 
-def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
+def _trajectory(name, layout, params=PARAMS, nonfinite_at=None, **knobs):
   spec = ec2t.method_registry()[name]
-  quantizer = spec.build(selection=SELECT)._replace(layout=layout)
+  quantizer = spec.build(selection=SELECT, **knobs)._replace(layout=layout)
   tx = optax.chain(optax.adam(1e-2), quantizer.transform())
   state = tx.init(params)
   params = ec2t.quantized_params(params, state)
@@ -160,6 +177,18 @@ def test_flat_and_grouped_layouts_follow_the_same_trajectory(name):
   chex.assert_trees_all_close(flat_state.resolved_leaves(), grouped_state.resolved_leaves(),
                               atol=1e-6, rtol=1e-5)
   assert int(flat_state.nonfinite_count) == int(grouped_state.nonfinite_count)
+
+
+def test_inq_stages_advance_each_layer_in_a_flat_buffer_as_per_leaf():
+  # A stage every step: each step freezes the next portion, ranked within each layer.
+  flat_params, flat_state = _trajectory("inq", "flat", steps_per_stage=1)
+  grouped_params, grouped_state = _trajectory("inq", "grouped", steps_per_stage=1)
+  chex.assert_trees_all_equal(flat_params, grouped_params)
+  chex.assert_trees_all_equal(flat_state.resolved_leaves(), grouped_state.resolved_leaves())
+  frozen = [float(np.mean(leaf.frozen)) for leaf in jax.tree.leaves(
+      flat_state.resolved_leaves(), is_leaf=lambda x: isinstance(x, ec2t.InqLeaf))]
+  first, second = inq_lib.OFFICIAL_PORTIONS[:2]  # the second step moved to the second
+  assert all(first < f <= second + 0.05 for f in frozen), frozen
 
 
 @pytest.mark.parametrize("name", [n for n in TRAIN if _is_flat(n)])

@@ -67,6 +67,10 @@ class Segments(Protocol):
   def starts(self) -> jax.Array:
     """Each layer's first position in :meth:`sort`'s result (int32, per layer)."""
 
+  def descending_rank(self, x) -> jax.Array:
+    """Each element's rank within its layer by decreasing ``x`` (0: the largest; ties: the
+    lower position first), int32, shaped like ``x``."""
+
 
 def mean(segments: Segments, x, per_filter: bool = False) -> jax.Array:
   """``sum(x) / numel`` per layer (per filter)."""
@@ -130,6 +134,12 @@ class LeafSegments(NamedTuple):
 
   def starts(self):
     return jnp.int32(0)
+
+  def descending_rank(self, x):
+    x = jnp.asarray(x)
+    order = jnp.argsort(-x.ravel(), stable=True)
+    rank = jnp.zeros((x.size,), jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
+    return rank.reshape(x.shape)
 
 
 def of(ctx) -> Segments:
@@ -280,3 +290,13 @@ class FlatSegments:
 
   def starts(self):
     return jnp.asarray(self.table.offsets, jnp.int32)
+
+  def descending_rank(self, x):
+    x = jnp.asarray(x)
+    # Sorted by (segment, -x), stable: each segment's span holds its elements largest first.
+    ids = self.ids.ravel()
+    _, _, order = jax.lax.sort((ids, -x.ravel(), jax.lax.iota(jnp.int32, x.size)),
+                               num_keys=2, is_stable=True)
+    within = jax.lax.iota(jnp.int32, x.size) - jnp.asarray(self.table.offsets, jnp.int32)[ids]
+    rank = jnp.zeros((x.size,), jnp.int32).at[order].set(within)
+    return rank.reshape(x.shape)

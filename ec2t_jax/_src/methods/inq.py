@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.methods._support import common
 from ec2t_jax._src.methods._support import grids
@@ -158,7 +159,8 @@ def inq_quantize(weights: jax.Array, bits: int) -> jax.Array:
   return nearest_power_of_two(weights, n1, n2)
 
 
-def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array:
+def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion,
+                    segments: segments_lib.Segments = segments_lib.LeafSegments()) -> jax.Array:
   """Grows the frozen set to ``round(portion * n)`` weights, largest ``|w|`` first.
 
   Weights already frozen stay frozen; the new ones are the largest
@@ -167,10 +169,13 @@ def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array
   Args:
     weights: the layer's current (latent) weights.
     frozen: boolean mask of the weights frozen so far.
-    portion: accumulated portion in ``[0, 1]`` (may be traced).
+    portion: accumulated portion in ``[0, 1]`` (may be traced; one per layer with
+      ``segments``).
+    segments: a flat buffer's segments (each layer ranked in its own span), by default
+      the whole of ``weights`` is one layer.
 
   Returns:
-    A boolean mask with ``max(round(portion * n), count(frozen))`` entries set.
+    A boolean mask with ``max(round(portion * n), count(frozen))`` entries set (per layer).
 
   Example:
     >>> import jax.numpy as jnp
@@ -179,12 +184,10 @@ def inq_frozen_mask(weights: jax.Array, frozen: jax.Array, portion) -> jax.Array
     ...                 jnp.array([False, False, False, True]), 0.5)
     Array([False,  True, False,  True], dtype=bool)
   """
-  n = weights.size
-  target = jnp.round(jnp.asarray(portion, jnp.float32) * n).astype(jnp.int32)
-  score = jnp.where(frozen.reshape(-1), jnp.inf, jnp.abs(weights.reshape(-1)).astype(jnp.float32))
-  order = jnp.argsort(-score, stable=True)
-  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return ((rank < target) | frozen.reshape(-1)).reshape(weights.shape)
+  count = segments.numel(weights)
+  target = jnp.round(jnp.asarray(portion, jnp.float32) * count).astype(jnp.int32)
+  score = jnp.where(frozen, jnp.inf, jnp.abs(weights).astype(jnp.float32))
+  return (segments.descending_rank(score) < segments.expand(target)) | frozen
 
 
 # ----------------------------------------------------------- one leaf's state
@@ -201,6 +204,8 @@ class InqLeaf(NamedTuple):
       first quantized (from the pretrained ``max|W|``).
     stage: int32 index of the portion applied so far.
     steps: int32 number of steps taken (drives ``steps_per_stage``).
+    latent_max: float32 ``max |latent|`` of the layer, the reference of the free weights'
+      grid (kept with the latent weights, so that a flat buffer's value needs no reduction).
   """
   latent: jax.Array
   frozen: jax.Array
@@ -208,10 +213,11 @@ class InqLeaf(NamedTuple):
   n1: jax.Array
   stage: jax.Array
   steps: jax.Array
+  latent_max: jax.Array
 
   def value(self, dtype) -> jax.Array:
     """Codebook values where frozen, latent weights (snapped for exact landing) elsewhere."""
-    free = core.snap_to_grid(self.latent, dtype, jnp.max(jnp.abs(self.latent)))
+    free = core.snap_to_grid(self.latent, dtype, self.latent_max)
     return jnp.where(self.frozen, self.values, free).astype(dtype)
 
   def describe(self) -> dict:
@@ -226,18 +232,24 @@ def inq_init_leaf(param: jax.Array, bits: int, first_portion) -> InqLeaf:
   frozen = inq_frozen_mask(latent, jnp.zeros(latent.shape, bool), first_portion)
   values = jnp.where(frozen, nearest_power_of_two(latent, n1, n2), 0.0)
   zero = jnp.zeros((), jnp.int32)
-  return InqLeaf(latent, frozen, values, n1, zero, zero)
+  return InqLeaf(latent, frozen, values, n1, zero, zero, jnp.max(jnp.abs(latent)))
 
 
-def inq_advance(leaf: InqLeaf, stage, portions: jax.Array, bits: int) -> InqLeaf:
-  """Moves ``leaf`` to ``stage`` (no-op unless it is later): freezes up to ``portions[stage]``."""
+def inq_advance(leaf: InqLeaf, stage, portions: jax.Array, bits: int,
+                segments: segments_lib.Segments = segments_lib.LeafSegments()) -> InqLeaf:
+  """Moves ``leaf`` to ``stage`` (no-op unless it is later): freezes up to ``portions[stage]``.
+
+  With ``segments`` (a flat buffer) ``stage`` and the leaf's layer fields hold one value per
+  layer, and each layer moves on its own.
+  """
   stage = jnp.clip(jnp.asarray(stage, jnp.int32), 0, portions.shape[0] - 1)
   later = stage > leaf.stage
-  frozen = inq_frozen_mask(leaf.latent, leaf.frozen, portions[stage])
-  frozen = jnp.where(later, frozen, leaf.frozen)
-  n2 = leaf.n1 + 1 - num_magnitudes(bits)
+  frozen = inq_frozen_mask(leaf.latent, leaf.frozen, portions[stage], segments)
+  frozen = jnp.where(segments.expand(later), frozen, leaf.frozen)
+  n1 = segments.expand(leaf.n1)
   newly = frozen & ~leaf.frozen
-  values = jnp.where(newly, nearest_power_of_two(leaf.latent, leaf.n1, n2), leaf.values)
+  values = jnp.where(newly, nearest_power_of_two(leaf.latent, n1, n1 + 1 - num_magnitudes(bits)),
+                     leaf.values)
   return leaf._replace(frozen=frozen, values=values, stage=jnp.maximum(stage, leaf.stage))
 
 
@@ -371,13 +383,14 @@ def quantizer(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
     return inq_init_leaf(param, bits, portions[0])
 
   def step_leaf(update, leaf, ctx, hyper, phase):
-    del ctx
+    segments = segments_lib.of(ctx)
     stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage)
-    leaf = inq_advance(leaf, stage, table, bits)
+    leaf = inq_advance(leaf, stage, table, bits, segments)
     leaf = common.masked_step(update, leaf)
-    return leaf._replace(steps=leaf.steps + 1)
+    return leaf._replace(steps=leaf.steps + 1,
+                         latent_max=segments.max(jnp.abs(leaf.latent)))
 
-  return core.Quantizer(core.Method("inq", init_leaf, step_leaf),
+  return core.Quantizer(core.Method("inq", init_leaf, step_leaf, flat=True),
                         InqHyper(steps_per_stage), HYPER_RANGES, selection)
 
 
