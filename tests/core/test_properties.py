@@ -46,7 +46,7 @@ class _Tiny(nn.Module):
     return x
 
 
-_PARAMS = _Tiny().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+_PARAMS = jax.jit(_Tiny().init)(jax.random.key(0), jnp.ones((1, 4)))["params"]  # one compile, not one per op
 
 
 @settings(max_examples=10, deadline=None)

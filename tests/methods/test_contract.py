@@ -113,7 +113,7 @@ SELECTED = ("Dense_1/kernel", "Dense_2/kernel")
 MODEL = Mlp()
 X = jax.random.normal(jax.random.key(1), (16, 8))
 Y = jax.random.normal(jax.random.key(2), (16, 4))
-PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+PARAMS = jax.jit(MODEL.init)(jax.random.key(0), X)["params"]  # one compile, not one per op
 STEPS = 3  # the full cases (slow); the default suite runs one step of each
 # Speed only: fewer calibration steps for calibrated pruning.
 FAST_KNOBS = {"prune": {"steps_per_level": 2}}
