@@ -49,7 +49,7 @@ def batch(seed=0, n=16):
 def init(model=None, seed=0):
   model = model or SmallCNN()
   x, _ = batch()
-  return model, model.init(jax.random.key(seed), x)["params"]
+  return model, jax.jit(model.init)(jax.random.key(seed), x)["params"]
 
 
 def loss_fn(model, params, x, y):

@@ -16,7 +16,7 @@ from ec2t_jax._src.cli import report_cli
 def checkpoint(tmp_path_factory):
   ocp = pytest.importorskip("orbax.checkpoint")
   model = models.LeNet5()
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   path = tmp_path_factory.mktemp("ckpt") / "lenet"
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path.resolve(), {"params": params})

@@ -23,7 +23,7 @@ BLOCK_KERNELS = ("attn/kernel", "attn_proj/kernel", "c_fc/kernel", "c_proj/kerne
 def _linen(scan=True, tied=True):
   model = TinyGPT(layers=LAYERS, scan=scan, tied=tied)
   tokens, _ = token_batch()
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
   return model, params, order
 

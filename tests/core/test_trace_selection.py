@@ -105,7 +105,7 @@ _OUTIN_X = jnp.ones((2, 4))
 @pytest.fixture(scope="module")
 def out_in():
   model = _OutIn()
-  params = model.init(jax.random.key(1), _OUTIN_X)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), _OUTIN_X)["params"]
   fn = lambda p, x: model.apply({"params": p}, x)
   return params, ec2t.forward_order(fn, params, _OUTIN_X), fn
 
@@ -238,7 +238,7 @@ class _Mlp(nn.Module):
 
 def _train(chain_of, steps=3):
   model, x = _Mlp(), jnp.ones((2, 5))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
   tx = chain_of(ec2t.ternarize_transform(gamma=0.05))
   state = tx.init(params)

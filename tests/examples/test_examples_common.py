@@ -135,7 +135,7 @@ def test_mesh_rejects_an_fsdp_size_that_does_not_divide_the_devices():
 
 def _ec2t_state():
   model = models.LeNet300100(hidden_features=(16, 8))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   tx = ec2t.reference_optimizer(gamma=0.2)
   create = jax.jit(lambda p: training.TrainState.create(p, {}, tx, seed=3,
                                                         prepare_params=ec2t.quantized_params))

@@ -73,7 +73,7 @@ def test_flax_variables_export_and_run_on_the_ternary_path(tmp_path):
   rng = np.random.default_rng(2)
   model = _Net()
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
-  variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), x))
+  variables = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), x))
   a = rng.choice([-1, 0, 1], size=(3, 3, 3, 8), p=(0.2, 0.6, 0.2))
   variables["params"]["Conv_0"]["kernel"] = np.where(a > 0, 0.3, np.where(a < 0, -0.2, 0.0)
                                                      ).astype(np.float32)

@@ -133,7 +133,7 @@ def test_packed_apply_runs_linen_dense_layers_on_the_packed_kernels():
       return nn.Dense(5)(nn.relu(nn.Dense(19)(x)))
 
   model, x = MLP(), jnp.asarray(np.random.default_rng(0).normal(size=(3, 37)), jnp.float32)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   params = jax.tree.map(lambda p: np.where(np.abs(p) < 0.1, 0.0, np.sign(p) * 0.25)
                         .astype(np.float32) if p.ndim == 2 else np.asarray(p), params)
   packed = {"params": export.pack_params(params, "pallas", dtype=jnp.float32)}

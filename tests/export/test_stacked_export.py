@@ -17,11 +17,12 @@ from models_for_tests import TinyGPT, token_batch
 def stacked_params():
   model = TinyGPT(layers=3, scan=True)
   tokens, _ = token_batch()
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]  # jitted: one compile
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
   tx = optax.chain(optax.adam(1e-2),
                    ec2t.ternarize_transform(gamma=0.2, selection=ec2t.Selection(order=order)))
-  return jax.tree.map(np.asarray, ec2t.quantized_params(params, tx.init(params)))
+  quantized = jax.jit(lambda p: ec2t.quantized_params(p, tx.init(p)))(params)
+  return jax.tree.map(np.asarray, quantized)
 
 
 def test_stacked_kernel_is_stored_as_one_ternary_record_per_slice(stacked_params, tmp_path):

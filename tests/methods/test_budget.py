@@ -372,7 +372,7 @@ def _stacked_params():
   from tests.models_for_tests import TinyGPT, token_batch  # pylint: disable=g-import-not-at-top
   model = TinyGPT(layers=3, scan=True, tied=True)
   tokens, _ = token_batch()
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   order = ec2t.forward_order(lambda p, x: model.apply({"params": p}, x), params, tokens)
   return params, ec2t.Selection(order=order)
 

@@ -21,7 +21,7 @@ def _randomised(model, seed=0):
   Freshly initialised batch norms (scale 1, bias 0, mean 0, var 1) would hide
   mistakes in how statistics are copied, so every BN leaf is made random.
   """
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))
+  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))
   rng = np.random.default_rng(seed)
 
   def randomise(path, leaf):

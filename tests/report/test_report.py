@@ -145,7 +145,7 @@ def test_traced_geometry_of_the_flax_resnet20_equals_the_built_in_description():
 def test_traced_geometry_of_a_dense_model(tmp_path):
   model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
   x = jnp.zeros((3, 8))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   layers = report.trace_geometry(lambda p, x: model.apply({"params": p}, x), params, x)
   chex.assert_equal([(g.path, g.kind, g.in_channels, g.out_channels, g.activation, g.bias)
                      for g in layers],

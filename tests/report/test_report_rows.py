@@ -33,7 +33,7 @@ class _WithToken(nn.Module):
 
 def test_ternary_leaf_outside_the_geometry_has_a_row():
   model, x = _WithToken(), jnp.zeros((2, 3, 3))
-  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), x)["params"])
+  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), x)["params"])
   layers = report.trace_geometry(lambda p, x: model.apply({"params": p}, x), params, x)
   assert "cls" not in [g.path for g in layers]
   params["cls"] = _ternary((1, 1, 4), 0)
