@@ -14,7 +14,7 @@ LAYERS = models.TERNARY_LEAVES
 
 
 def _leaf(opt_state, name):
-  return ec2t.find_quantizer_state(opt_state).leaves[name]["kernel"]
+  return ec2t.find_quantizer_state(opt_state).resolved_leaves()[name]["kernel"]
 
 
 def _run_steps(tx, steps, seed=0):
@@ -56,9 +56,10 @@ def test_inq_lands_exactly_and_ends_on_the_codebook(bits):
                        for j in range(inq_lib.num_magnitudes(bits))}
     assert set(np.unique(kernel).tolist()) <= allowed, name
     assert len(book) == 2 * inq_lib.num_magnitudes(bits) + 1
-  # Portions by stage: 0.5 at init, 0.75 after 2 steps...
+  # The official portions by stage (0.3, 0.6, 0.8, 1): one stage every 2 steps.
   fractions = [float(_leaf(s, "Conv_1").frozen.mean()) for s in history]
-  np.testing.assert_allclose(fractions[:7], [0.5, 0.5, 0.75, 0.75, 0.875, 0.875, 1.0],
+  p = inq_lib.OFFICIAL_PORTIONS
+  np.testing.assert_allclose(fractions[:7], [p[0], p[0], p[1], p[1], p[2], p[2], p[3]],
                              atol=1 / 1152)
 
 

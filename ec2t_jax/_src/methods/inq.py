@@ -240,17 +240,24 @@ def inq_advance(leaf: InqLeaf, stage, portions: jax.Array, bits: int,
   """Moves ``leaf`` to ``stage`` (no-op unless it is later): freezes up to ``portions[stage]``.
 
   With ``segments`` (a flat buffer) ``stage`` and the leaf's layer fields hold one value per
-  layer, and each layer moves on its own.
+  layer, and each layer moves on its own. The ranking (a sort of the layer, or of the whole
+  buffer) runs only at a step where some layer moves (``lax.cond``; under ``vmap`` both
+  branches run, as a ``select``).
   """
   stage = jnp.clip(jnp.asarray(stage, jnp.int32), 0, portions.shape[0] - 1)
   later = stage > leaf.stage
-  frozen = inq_frozen_mask(leaf.latent, leaf.frozen, portions[stage], segments)
-  frozen = jnp.where(segments.expand(later), frozen, leaf.frozen)
-  n1 = segments.expand(leaf.n1)
-  newly = frozen & ~leaf.frozen
-  values = jnp.where(newly, nearest_power_of_two(leaf.latent, n1, n1 + 1 - num_magnitudes(bits)),
-                     leaf.values)
-  return leaf._replace(frozen=frozen, values=values, stage=jnp.maximum(stage, leaf.stage))
+
+  def freeze(leaf: InqLeaf) -> InqLeaf:
+    frozen = inq_frozen_mask(leaf.latent, leaf.frozen, portions[stage], segments)
+    frozen = jnp.where(segments.expand(later), frozen, leaf.frozen)
+    n1 = segments.expand(leaf.n1)
+    newly = frozen & ~leaf.frozen
+    values = jnp.where(newly, nearest_power_of_two(leaf.latent, n1,
+                                                   n1 + 1 - num_magnitudes(bits)), leaf.values)
+    return leaf._replace(frozen=frozen, values=values)
+
+  leaf = jax.lax.cond(jnp.any(later), freeze, lambda leaf: leaf, leaf)
+  return leaf._replace(stage=jnp.maximum(stage, leaf.stage))
 
 
 # Shared with SLQ/MLQ; they live in ``methods/common.py`` (kept here by name).
