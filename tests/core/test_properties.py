@@ -46,7 +46,8 @@ class _Tiny(nn.Module):
     return x
 
 
-_PARAMS = jax.jit(_Tiny().init)(jax.random.key(0), jnp.ones((1, 4)))["params"]  # one compile, not one per op
+# Jitted: one compile, not one per op.
+_PARAMS = jax.jit(_Tiny().init)(jax.random.key(0), jnp.ones((1, 4)))["params"]
 
 
 @settings(max_examples=10, deadline=None)

@@ -295,8 +295,9 @@ class FlatSegments:
     x = jnp.asarray(x)
     # Sorted by (segment, -x), stable: each segment's span holds its elements largest first.
     ids = self.ids.ravel()
-    _, _, order = jax.lax.sort((ids, -x.ravel(), jax.lax.iota(jnp.int32, x.size)),
-                               num_keys=2, is_stable=True)
-    within = jax.lax.iota(jnp.int32, x.size) - jnp.asarray(self.table.offsets, jnp.int32)[ids]
+    position = jax.lax.iota(jnp.int32, x.size)
+    _, _, order = jax.lax.sort((ids, -x.ravel(), position), num_keys=2, is_stable=True)
+    # The sort keeps each segment in its span, so position - offset is the rank there.
+    within = position - jnp.asarray(self.table.offsets, jnp.int32)[ids]
     rank = jnp.zeros((x.size,), jnp.int32).at[order].set(within)
     return rank.reshape(x.shape)
