@@ -90,6 +90,22 @@ def test_flat_descending_rank_equals_each_leafs_stable_argsort(shapes):
     offset += x.size
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, CHUNKED_SHAPES], ids=["ids", "chunks"])
+def test_flat_cluster_sums_equal_each_leafs_per_cluster_sums(shapes):
+  segments = _flat_segments(shapes)
+  rng = np.random.default_rng(2)
+  k = 3
+  leaves = [rng.normal(size=shape + (k,)).astype(np.float32) for shape, _ in shapes]
+  flat = jnp.concatenate([x.reshape(-1, k) for x in leaves]).reshape(
+      segments.element_shape + (k,))
+  got = np.asarray(segments.cluster_sum(flat))
+  assert got.shape == (len(shapes), k)
+  for row, x in zip(got, leaves):
+    np.testing.assert_allclose(row, x.reshape(-1, k).sum(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(segments_lib.LeafSegments().cluster_sum(x), row,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_leaf_segments_reduce_a_layer_to_a_scalar_and_a_filter_to_its_channel():
   w = jnp.arange(6.0).reshape(2, 3)
   segments = segments_lib.LeafSegments(output_axis=0)
@@ -144,14 +160,17 @@ def _loss(params):
   return sum(jax.tree.leaves(terms))
 
 
-# Knobs that make a method's few steps exercise all of its step: INQ advances a stage every
-# step (the partition by magnitude, ranked within each layer).
-KNOBS = {"inq": {"steps_per_stage": 1}}
+# Knobs that make a method's few steps exercise all of its step: the staged methods advance
+# a stage every step (INQ's partition by magnitude, ranked within each layer; SLQ/MLQ's
+# re-clustering and freezing, each layer on its own codebook).
+KNOBS = {"inq": {"steps_per_stage": 1}, "slq": {"steps_per_stage": 1},
+         "mlq": {"steps_per_stage": 1}}
 
 
-def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
+def _trajectory(name, layout, params=PARAMS, nonfinite_at=None, knobs=()):
   spec = ec2t.method_registry()[name]
-  quantizer = spec.build(selection=SELECT, **KNOBS.get(name, {}))._replace(layout=layout)
+  quantizer = spec.build(selection=SELECT, **KNOBS.get(name, {}), **dict(knobs))._replace(
+      layout=layout)
   tx = optax.chain(optax.adam(1e-2), quantizer.transform())
   state = tx.init(params)
   params = ec2t.quantized_params(params, state)
@@ -171,9 +190,9 @@ def _trajectory(name, layout, params=PARAMS, nonfinite_at=None):
 
 
 @functools.cache
-def _layout_trajectory(name, layout):
-  """:func:`_trajectory` from ``PARAMS``, computed once per module."""
-  return _trajectory(name, layout)
+def _layout_trajectory(name, layout, knobs=()):
+  """:func:`_trajectory` from ``PARAMS``, computed once per module (``knobs``: pairs)."""
+  return _trajectory(name, layout, knobs=knobs)
 
 
 def _is_flat(name):
@@ -206,6 +225,27 @@ def test_inq_stages_freeze_the_same_weights_of_each_layer_in_a_flat_buffer_as_pe
   first, second = inq_lib.OFFICIAL_PORTIONS[:2]
   fractions = [float(np.mean(mask)) for mask in frozen["flat"]]
   assert len(fractions) == 3 and all(first < f <= second + 0.05 for f in fractions), fractions
+
+
+# SLQ's official order (by index) is in the trajectory test; its loss order here.
+@pytest.mark.parametrize("name,knobs", [("slq", ()), ("slq", (("freeze_order", "loss"),)),
+                                        ("mlq", ())], ids=["slq-index", "slq-loss", "mlq"])
+def test_slq_and_mlq_cluster_and_freeze_each_layer_in_a_flat_buffer_as_per_leaf(name, knobs):
+  # KNOBS: a stage every step, so the second step re-clustered each started layer's free
+  # weights and froze more clusters (MLQ: the first layer only; the second starts).
+  got = {}
+  for layout in ("flat", "grouped"):
+    state = _layout_trajectory(name, layout, knobs)[1]
+    got[layout] = jax.tree.leaves(state.resolved_leaves(),
+                                  is_leaf=lambda x: isinstance(x, ec2t.SlqLeaf))
+  for flat_leaf, grouped_leaf in zip(got["flat"], got["grouped"]):
+    for field in ("frozen", "locked", "stage"):
+      np.testing.assert_array_equal(getattr(flat_leaf, field), getattr(grouped_leaf, field))
+    np.testing.assert_allclose(flat_leaf.levels, grouped_leaf.levels, rtol=1e-5, atol=1e-6)
+  stages = [int(leaf.stage) for leaf in got["flat"]]
+  assert stages == ([1, 1, 1] if name == "slq" else [1, 0, -1]), stages
+  first = got["flat"][0]
+  assert 0 < float(np.mean(first.frozen)) and np.asarray(first.locked).any()
 
 
 @pytest.mark.parametrize("name", [n for n in TRAIN if _is_flat(n)])

@@ -132,9 +132,10 @@ def _numpy_reference_run(params, batches, gamma, sign, renormalization):
   return current(), latent, w_n, w_p
 
 
-@pytest.mark.parametrize("sign, renormalization", [
-    ("exact", "exact"), ("reference", "reference")])
-def test_reference_mode_equals_numpy_restatement(sign, renormalization):
+@pytest.mark.parametrize("sign, renormalization, layout", [
+    ("exact", "exact", "flat"), ("reference", "reference", "flat"),
+    ("exact", "exact", "grouped")])
+def test_reference_mode_equals_numpy_restatement(sign, renormalization, layout):
   x = jax.random.normal(jax.random.key(0), (32, 6))
   params = _Mlp().init(jax.random.key(1), x)["params"]
   batches = [(jax.random.normal(jax.random.key(10 + i), (32, 6)),
@@ -147,8 +148,10 @@ def test_reference_mode_equals_numpy_restatement(sign, renormalization):
   tx = ec2t.reference_optimizer(
       gamma=gamma, init_scale=0.3, learning_rate=1e-3,
       latent_learning_rate=1e-3, centroid_learning_rate=1e-4,
-      negative_centroid_sign=sign, renormalization=renormalization)
+      negative_centroid_sign=sign, renormalization=renormalization, layout=layout)
   state = tx.init(params)
+  want = {"flat": ["FlatGroup"], "grouped": []}[layout]  # two shapes: no same-shape group
+  assert [type(g).__name__ for g in state.ternary.groups] == want
   params = ec2t.quantized_params(params, state)
 
   @jax.jit
@@ -226,6 +229,41 @@ def test_tie_rule_holds_at_init_and_after_a_step(form, ties, expected):
   updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
   params = optax.apply_updates(params, updates)
   chex.assert_trees_all_equal(params["w"], jnp.array(expected))
+
+
+def _smooth_loss(params):
+  return sum(jnp.sum(jnp.sin(3.0 * p) + 0.5 * p * p) for p in jax.tree.leaves(params))
+
+
+def test_reference_mode_steps_a_stacked_leaf_per_slice_in_a_flat_buffer_as_grouped():
+  # The centroid increments enter the flat step one per slice (a stack-shaped input).
+  params = {"stack": jax.random.normal(jax.random.key(3), (3, 8, 4)),
+            "head": jax.random.normal(jax.random.key(4), (4, 2))}
+  selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
+                             default="none")
+  results = {}
+  for layout in ("flat", "grouped"):
+    tx = ec2t.reference_optimizer(gamma=0.2, selection=selection, layout=layout,
+                                  latent_learning_rate=1e-2, centroid_learning_rate=1e-2)
+    state = tx.init(params)
+    p = ec2t.quantized_params(params, state)
+    for _ in range(2):
+      updates, state = jax.jit(tx.update)(jax.grad(_smooth_loss)(p), state, p)
+      p = optax.apply_updates(p, updates)
+    results[layout] = (p, state)
+  assert type(results["flat"][1].ternary.groups[0]).__name__ == "FlatGroup"
+  flat_p, flat_state = results["flat"]
+  grouped_p, grouped_state = results["grouped"]
+  chex.assert_trees_all_close(flat_p, grouped_p, atol=1e-6)
+  chex.assert_trees_all_close(flat_state.ternary.resolved_leaves(),
+                              grouped_state.ternary.resolved_leaves(), atol=1e-6)
+  w_p = np.asarray(flat_state.ternary.field("w_p")["stack"])
+  assert w_p.shape == (3,) and len(set(w_p.tolist())) == 3  # one centroid step per slice
+
+
+def test_unknown_layout_is_an_error_naming_it():
+  with pytest.raises(ValueError, match="layout.*'packed'"):
+    ec2t.reference_optimizer(layout="packed")
 
 
 def test_unknown_tie_rule_is_an_error_at_construction():

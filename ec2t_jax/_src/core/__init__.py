@@ -40,6 +40,7 @@ from ec2t_jax._src.core.transform import group_states
 from ec2t_jax._src.core.transform import init_leaf_state
 from ec2t_jax._src.core.transform import init_state
 from ec2t_jax._src.core.transform import latent_fields
+from ec2t_jax._src.core.transform import LAYOUTS
 from ec2t_jax._src.core.transform import leaf_contexts
 from ec2t_jax._src.core.transform import prepare_tree
 from ec2t_jax._src.core.transform import Quantizer

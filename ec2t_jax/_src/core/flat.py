@@ -10,14 +10,19 @@ of the method's state is stored once for all members,
   the members' raveled values end to end, ``(N,)``;
 * a **layer** field (a scalar per leaf or per slice: a scale, a centroid) as
   one value per segment, ``(S,)``;
-* a **filter** field (one value per output filter) as one per filter, ``(F,)``.
+* a **filter** field (one value per output filter) as one per filter, ``(F,)``;
+* a **codebook** field (``k`` values per layer: a clustering's levels; the state
+  class names them in ``codebook_fields``, since a ``(k,)`` field cannot be told
+  from a 1-d leaf by its shape) as ``(S, k)``.
 
 A step runs the method's ``step_leaf`` once on the whole buffer, with a
 context whose ``segments`` are :class:`~ec2t_jax._src.core.segments.FlatSegments`
 (reductions give one value per segment, ``expand`` brings them back to the
 elements) and whose ``gamma``, ``size_fraction`` and ``slice_index`` are one
 per segment; it guards non-finite inputs per segment as the per-leaf path does
-per leaf. The persistent state is no larger than per leaf; the params' values
+per leaf. A codebook field reaches the step as ``(S, k)``; ``segments.expand``
+gives it per element (``element_shape[:-1] + (1, k)`` or ``(N, k)``), and
+``segments.cluster_sum`` reduces ``(..., k)`` arrays back to ``(S, k)``. The persistent state is no larger than per leaf; the params' values
 (``value``) are computed on the state with its layer and filter fields
 expanded.
 
@@ -25,7 +30,7 @@ Leaves stay out of a flat buffer (and keep the per-leaf or grouped path) when
 their param may be sharded over several devices (a flat buffer would reshard
 it every step; see :func:`may_be_sharded`: a param traced by ``jax.jit(tx.init)``
 with several devices counts), or when a field is neither element-, layer- nor
-filter-shaped.
+filter-shaped (or codebook-shaped, for a field the class names).
 
 Read a member's state back with :meth:`FlatGroup.slice` (what
 ``QuantizerState.resolved_leaves`` and ``field`` do).
@@ -45,7 +50,7 @@ from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core.protocol import LeafContext
 from ec2t_jax._src.core.protocol import StackedLeaf
 
-ELEMENT, LAYER, FILTER = "element", "layer", "filter"
+ELEMENT, LAYER, FILTER, CODEBOOK = "element", "layer", "filter", "codebook"
 
 
 class Member(NamedTuple):
@@ -85,7 +90,8 @@ class FlatLayout(NamedTuple):
 
   Attributes:
     members: the :class:`Member`\ s, in the state's flattening order.
-    kinds: per field of the method's state, ``"element"``, ``"layer"`` or ``"filter"``.
+    kinds: per field of the method's state, ``"element"``, ``"layer"``, ``"filter"`` or
+      ``"codebook"``.
     gammas: per segment, the rule's gamma (None for the transformation's; all
       members agree on None or not).
     size_fractions: per segment, ``LeafContext.size_fraction``.
@@ -142,8 +148,9 @@ class FlatGroup:
     return _table(self.layout)
 
   def expanded(self, segments: segments_lib.FlatSegments):
-    """The state as a step sees it: element fields in ``segments.element_shape``, layer and
-    filter fields expanded to broadcast against them."""
+    """The state as a step sees it: element fields in ``segments.element_shape``, layer,
+    filter and codebook fields expanded to broadcast against them (a codebook with a
+    trailing ``k`` axis)."""
     def expand(kind, x):
       if kind == ELEMENT:
         return x.reshape(segments.element_shape)
@@ -200,6 +207,9 @@ class FlatGroup:
             m.stack_shape + m.slice_shape)
       elif kind == LAYER:
         fields[f] = x[m.first_segment:m.first_segment + m.slices].reshape(m.stack_shape)
+      elif kind == CODEBOOK:
+        fields[f] = x[m.first_segment:m.first_segment + m.slices].reshape(
+            m.stack_shape + x.shape[1:])
       else:
         shape = tuple(n if a == m.output_axis else 1 for a, n in enumerate(m.slice_shape))
         fields[f] = x[m.first_filter:m.first_filter + m.slices * m.filters].reshape(
@@ -262,17 +272,25 @@ def flat_key(state, ctx: LeafContext):
   stack_ndim = len(ctx.stack_shape)
   inner = state.inner if isinstance(state, StackedLeaf) else state
   axis = ctx.output_axis % len(ctx.shape) if ctx.shape else 0
-  kinds = []
+  codebook = getattr(type(inner), "codebook_fields", ())
+  kinds, codebook_sizes = [], []
   for f in inner._fields:
     x = getattr(inner, f)
     if not isinstance(x, jax.Array) and not isinstance(x, np.ndarray):
       return None
-    kind = field_kind(tuple(x.shape[stack_ndim:]), tuple(ctx.shape), axis)
+    if f in codebook:
+      if x.ndim != stack_ndim + 1:
+        return None
+      kind = CODEBOOK
+      codebook_sizes.append(x.shape[-1])
+    else:
+      kind = field_kind(tuple(x.shape[stack_ndim:]), tuple(ctx.shape), axis)
     if kind is None:
       return None
     kinds.append(kind)
   dtypes = tuple(jnp.dtype(getattr(inner, f).dtype) for f in inner._fields)
-  key = (type(inner), ctx.mode, ctx.gamma is None, jnp.dtype(ctx.dtype), dtypes, tuple(kinds))
+  key = (type(inner), ctx.mode, ctx.gamma is None, jnp.dtype(ctx.dtype), dtypes, tuple(kinds),
+         tuple(codebook_sizes))
   return key, tuple(kinds)
 
 
@@ -291,10 +309,26 @@ def pack(states: list, contexts: list, kinds: tuple) -> FlatGroup:
     fractions += [float(ctx.size_fraction)] * m.slices
     slice_ids += list(range(m.slices))
   inners = [s.inner if isinstance(s, StackedLeaf) else s for s in states]
-  fields = {f: jnp.concatenate([jnp.ravel(getattr(s, f)) for s in inners])
-            for f in inners[0]._fields}
+  ravel = lambda x, kind: (jnp.reshape(x, (-1, x.shape[-1])) if kind == CODEBOOK
+                           else jnp.ravel(x))
+  fields = {f: jnp.concatenate([ravel(getattr(s, f), kind) for s in inners])
+            for f, kind in zip(inners[0]._fields, kinds)}
   layout = FlatLayout(tuple(members), kinds, tuple(gammas), tuple(fractions), tuple(slice_ids))
   return FlatGroup(inners[0]._replace(**fields), layout)
+
+
+def _concatenate_input(xs, members, segments: segments_lib.FlatSegments) -> jax.Array:
+  """The members' pieces of one input, end to end: in ``segments.element_shape`` when each is
+  shaped like its param, ``(S,)`` when each is one value per slice (a per-layer increment,
+  such as EC2T's reference-mode centroid steps)."""
+  shapes = [tuple(jnp.shape(v)) for v in xs]
+  if all(s == m.stack_shape + m.slice_shape for s, m in zip(shapes, members)):
+    return jnp.concatenate([jnp.ravel(v) for v in xs]).reshape(segments.element_shape)
+  if all(s == m.stack_shape for s, m in zip(shapes, members)):
+    return jnp.concatenate([jnp.ravel(v) for v in xs])
+  raise ValueError(f"a flat buffer's step input must be shaped like each member's param or "
+                   f"its stack (one value per layer); got shapes {shapes} for members of "
+                   f"shapes {[m.stack_shape + m.slice_shape for m in members]}")
 
 
 def step(step_fn, inputs: list, group: FlatGroup, template: LeafContext,
@@ -303,7 +337,8 @@ def step(step_fn, inputs: list, group: FlatGroup, template: LeafContext,
 
   Args:
     step_fn: the per-leaf step (closing over hyperparameters and phase).
-    inputs: the members' inputs (pytrees of arrays in their param shapes).
+    inputs: the members' inputs (pytrees of arrays in their param shapes, or of one value
+      per layer: their stack shapes).
     group: the old :class:`FlatGroup`.
     template: a member's context (mode and the other shared facts).
     keep: bool scalar: keep every state (invalid hyperparameters).
@@ -313,17 +348,18 @@ def step(step_fn, inputs: list, group: FlatGroup, template: LeafContext,
     state, as a leaf does on the per-leaf path.
   """
   segments = segments_lib.FlatSegments(group.table)
-  x = jax.tree.map(lambda *xs: jnp.concatenate([jnp.ravel(v) for v in xs]).reshape(
-      segments.element_shape), *inputs)
+  members = group.layout.members
+  x = jax.tree.map(lambda *xs: _concatenate_input(xs, members, segments), *inputs)
   # A segment is finite iff max |v| over it is (as the per-leaf guard, per segment).
-  finite = jnp.all(jnp.stack([jnp.isfinite(segments.max(jnp.abs(v)))
+  per_segment = lambda v: v if v.shape == (segments.table.num_segments,) else segments.max(v)
+  finite = jnp.all(jnp.stack([jnp.isfinite(per_segment(jnp.abs(v)))
                               for v in jax.tree.leaves(x)]), axis=0)
   x = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0), x)
   old = group.with_element_shape(segments)
   new = step_fn(x, old, group.context(template, segments))
   accept = finite & ~keep
   per_kind = {ELEMENT: segments.expand(accept), LAYER: accept,
-              FILTER: segments.filters_from_layers(accept)}
+              FILTER: segments.filters_from_layers(accept), CODEBOOK: accept[:, None]}
   fields = {}
   for f, kind in zip(old._fields, group.layout.kinds):
     n, o = getattr(new, f), getattr(old, f)

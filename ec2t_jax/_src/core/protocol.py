@@ -118,6 +118,11 @@ class LeafState(Protocol):
   # (EC2T's phase 2): :func:`~ec2t_jax.chain`'s weight decay acts on those
   # fields in those phases (``core.transform.decay_latents``).
   #
+  # Optional: a class attribute ``codebook_fields`` naming fields of ``k``
+  # values per layer (SLQ/MLQ's ``levels`` and ``locked``): a flat buffer
+  # keeps them ``(layers, k)`` (``_src/core/flat.py``), where a ``(k,)`` field
+  # could not be told from a 1-d leaf by its shape.
+  #
   # Optional: ``instant_value(dtype) -> Array``, what a one-shot use returns
   # when it differs from ``value`` (MCQ: the unsnapped ``q * scale`` that
   # ``ec2t.mcq`` returns; ``value`` snaps the scale for exact landing).

@@ -71,6 +71,10 @@ class Segments(Protocol):
     """Each element's rank within its layer by decreasing ``x`` (0: the largest; ties: the
     lower position first), int32, shaped like ``x``."""
 
+  def cluster_sum(self, x) -> jax.Array:
+    """Sum per layer of ``x`` shaped ``weights.shape + (k,)``, keeping the last axis (``k``
+    values per layer: one per cluster of a codebook)."""
+
 
 def mean(segments: Segments, x, per_filter: bool = False) -> jax.Array:
   """``sum(x) / numel`` per layer (per filter)."""
@@ -140,6 +144,15 @@ class LeafSegments(NamedTuple):
     order = jnp.argsort(-x.ravel(), stable=True)
     rank = jnp.zeros((x.size,), jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
     return rank.reshape(x.shape)
+
+  def cluster_sum(self, x):
+    x = _float_if_bool(x)
+    return jnp.sum(x.reshape(-1, x.shape[-1]), axis=0)
+
+
+def _float_if_bool(x) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if x.dtype == jnp.bool_ else x
 
 
 def of(ctx) -> Segments:
@@ -301,3 +314,14 @@ class FlatSegments:
     within = position - jnp.asarray(self.table.offsets, jnp.int32)[ids]
     rank = jnp.zeros((x.size,), jnp.int32).at[order].set(within)
     return rank.reshape(x.shape)
+
+  def cluster_sum(self, x):
+    x = _float_if_bool(x)
+    k = x.shape[-1]
+    count = self.table.num_segments
+    if not self.chunk:
+      return jax.ops.segment_sum(x.reshape(-1, k), self.ids.ravel(), count,
+                                 indices_are_sorted=True)
+    partial = jnp.sum(x.reshape(-1, self.chunk, k), axis=1)
+    return jax.ops.segment_sum(partial, jnp.asarray(self.table.chunk_segments()), count,
+                               indices_are_sorted=True)

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax._src import core
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 
 from ec2t_jax._src.methods._support import clustering
@@ -191,9 +192,33 @@ def check_cluster_counts(counts, k: int) -> tuple[int, ...]:
   return values
 
 
+def _assign(weights: jax.Array, levels: jax.Array,
+            segments: segments_lib.Segments) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each weight's nearest level (ties: the lower index), its one-hot, and that level.
+
+  ``levels`` is ``(k,)`` per layer (``(S, k)`` in a flat buffer); the one-hot is
+  ``weights.shape + (k,)``, and the level is read through it, exactly.
+  """
+  per_element = segments.expand(levels)
+  weights = jnp.asarray(weights, jnp.float32)
+  assignment = jnp.argmin(jnp.abs(weights[..., None] - per_element), axis=-1).astype(jnp.int32)
+  one_hot = assignment[..., None] == jnp.arange(levels.shape[-1], dtype=jnp.int32)
+  level = jnp.sum(jnp.where(one_hot, per_element, 0.0), axis=-1)
+  return assignment, one_hot, level
+
+
+def _cluster_sum(one_hot: jax.Array, x: jax.Array, segments: segments_lib.Segments) -> jax.Array:
+  """``sum`` of ``x`` over each (layer, cluster): ``(k,)`` per layer, ``(S, k)`` in a buffer."""
+  return segments.cluster_sum(jnp.where(one_hot, jnp.asarray(x, jnp.float32)[..., None], 0.0))
+
+
 def freeze_by_index(weights: jax.Array, frozen: jax.Array, values: jax.Array, count,
-                    levels: jax.Array) -> ClusterFreeze:
+                    levels: jax.Array,
+                    segments: segments_lib.Segments = segments_lib.LeafSegments()
+                    ) -> ClusterFreeze:
   """Freezes every free weight whose nearest level has index ``< count`` (the official order).
+
+  With ``segments`` (a flat buffer) ``count`` is one per layer and ``levels`` ``(S, k)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -203,12 +228,13 @@ def freeze_by_index(weights: jax.Array, frozen: jax.Array, values: jax.Array, co
     >>> step.frozen, step.values  # 0.3 is nearest 0.5 (index 3): still free
     (Array([ True,  True, False], dtype=bool), Array([1., 0., 0.], dtype=float32))
   """
-  k = levels.shape[0]
-  assignment = clustering.nearest_centroid(weights, levels)
-  newly = (assignment < count) & ~frozen
-  new_values = jnp.where(newly, levels[assignment], values)
+  k = levels.shape[-1]
+  count = jnp.asarray(count, jnp.int32)
+  assignment, _, level = _assign(weights, levels, segments)
+  newly = (assignment < segments.expand(count)) & ~frozen
+  new_values = jnp.where(newly, level, values)
   return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), None,
-                       jnp.arange(k) < count)
+                       jnp.arange(k) < count[..., None])
 
 
 def slq_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
@@ -234,7 +260,8 @@ def float_levels(weights: jax.Array, k: int, iterations: int = 30) -> jax.Array:
 
 
 def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, locked: jax.Array,
-                     iterations: int = 30, power_of_two: bool = False) -> jax.Array:
+                     iterations: int = 30, power_of_two: bool = False,
+                     segments: segments_lib.Segments = segments_lib.LeafSegments()) -> jax.Array:
   """Moves the unlocked, non-zero levels to the k-means centroids of the free weights.
 
   Lloyd iterations started from ``levels``: each free weight joins its
@@ -244,10 +271,12 @@ def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, loc
   Args:
     weights: the layer's latent weights.
     free: boolean mask of the weights still training.
-    levels: float32 ``(k,)`` current levels.
-    locked: boolean ``(k,)``, the levels that must not move.
+    levels: float32 ``(k,)`` current levels (``(S, k)`` in a flat buffer).
+    locked: boolean, shaped like ``levels``: the levels that must not move.
     iterations: Lloyd iterations (static).
     power_of_two: round the moved levels to signed powers of two.
+    segments: a flat buffer's segments (each layer clustered on its own), by default the
+      layer's own.
 
   Example:
     >>> import jax.numpy as jnp
@@ -257,12 +286,16 @@ def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, loc
     ...                  jnp.array([-1.5, 0.0, 0.5]), jnp.array([False, False, False]))
     Array([-1.   ,  0.   ,  0.625], dtype=float32)
   """
-  flat = weights.reshape(-1).astype(jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  members = jnp.broadcast_to(free, weights.shape)
   fixed = locked | (levels == 0)
 
   def lloyd(_, current):
-    assignment = clustering.nearest_centroid(flat, current)
-    means = clustering.cluster_means(flat, assignment, current, free.reshape(-1))
+    _, one_hot, _ = _assign(weights, current, segments)
+    one_hot = one_hot & members[..., None]
+    sums = _cluster_sum(one_hot, weights, segments)
+    counts = segments.cluster_sum(one_hot)
+    means = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), current)
     return jnp.where(fixed, current, means)
 
   moved = jax.lax.fori_loop(0, iterations, lloyd, levels.astype(jnp.float32))
@@ -272,39 +305,42 @@ def recluster_levels(weights: jax.Array, free: jax.Array, levels: jax.Array, loc
 
 
 def freeze_clusters(weights: jax.Array, frozen: jax.Array, values: jax.Array, portion,
-                    levels: jax.Array) -> ClusterFreeze:
+                    levels: jax.Array,
+                    segments: segments_lib.Segments = segments_lib.LeafSegments()
+                    ) -> ClusterFreeze:
   """Grows the frozen set to at least ``portion`` of the layer, by whole clusters.
 
   Args:
     weights: the layer's latent weights.
     frozen: boolean mask of weights already frozen (they keep ``values``).
     values: the frozen weights' quantized values (ignored where not frozen).
-    portion: accumulated portion in ``[0, 1]`` to reach (may be traced).
-    levels: the layer's quantized levels, shape ``(k,)``.
+    portion: accumulated portion in ``[0, 1]`` to reach (may be traced; one per layer in a
+      flat buffer).
+    levels: the layer's quantized levels, shape ``(k,)`` (``(S, k)`` in a flat buffer).
+    segments: a flat buffer's segments, by default the layer's own.
 
   Returns:
     A :class:`ClusterFreeze`: the free weights' clusters (nearest level) are
     frozen in ascending mean quantization loss while the frozen count is
     below ``round(portion * n)``; with ``portion = 1`` every weight ends frozen.
   """
-  k = levels.shape[0]
-  n = weights.size
   free = ~frozen
-  assignment = clustering.nearest_centroid(weights, levels).reshape(-1)
-  flat = weights.reshape(-1).astype(jnp.float32)
-  free_flat = free.reshape(-1).astype(jnp.float32)
-  error = (flat - levels[assignment]) ** 2 * free_flat
-  sums = jax.ops.segment_sum(error, assignment, num_segments=k)
-  counts = jax.ops.segment_sum(free_flat, assignment, num_segments=k)
+  _, one_hot, level = _assign(weights, levels, segments)
+  one_hot_free = one_hot & free[..., None]
+  error = (jnp.asarray(weights, jnp.float32) - level) ** 2
+  sums = _cluster_sum(one_hot_free, error, segments)
+  counts = segments.cluster_sum(one_hot_free)
   losses = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.inf)
-  order = jnp.argsort(losses, stable=True)
+  order = jnp.argsort(losses, axis=-1, stable=True)
+  ordered_counts = jnp.take_along_axis(counts, order, axis=-1)
   # Frozen count before taking the i-th cluster of the order; take it while below target.
-  before = jnp.sum(frozen) + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(counts[order])[:-1]])
-  target = jnp.round(jnp.asarray(portion, jnp.float32) * n)
-  take_sorted = (before < target) & (counts[order] > 0)
-  take = jnp.zeros((k,), bool).at[order].set(take_sorted)
-  newly = take[assignment].reshape(weights.shape) & free
-  new_values = jnp.where(newly, levels[assignment].reshape(weights.shape), values)
+  taken_before = jnp.cumsum(ordered_counts, axis=-1) - ordered_counts
+  before = segments.sum(frozen)[..., None] + taken_before
+  target = jnp.round(jnp.asarray(portion, jnp.float32) * segments.numel(weights))
+  take_ordered = (before < target[..., None]) & (ordered_counts > 0)
+  take = jnp.take_along_axis(take_ordered, jnp.argsort(order, axis=-1), axis=-1)
+  newly = jnp.any(one_hot & segments.expand(take), axis=-1) & free
+  new_values = jnp.where(newly, level, values)
   return ClusterFreeze(frozen | newly, new_values.astype(values.dtype), losses, take)
 
 
@@ -327,6 +363,8 @@ class SlqLeaf(NamedTuple):
     steps: int32 number of steps taken (drives ``steps_per_stage``).
     locked: bool ``(k,)``, the levels of clusters frozen so far (they no
       longer move when the layer is re-clustered).
+    latent_max: float32 ``max |latent|`` of the layer, the reference of the free weights'
+      grid (kept with the latent weights, so that a flat buffer's value needs no reduction).
   """
   latent: jax.Array
   frozen: jax.Array
@@ -335,11 +373,15 @@ class SlqLeaf(NamedTuple):
   stage: jax.Array
   rank: jax.Array
   steps: jax.Array
-  locked: Any = None
+  locked: jax.Array
+  latent_max: jax.Array
+
+  # ``k`` values per layer: a flat buffer stores them ``(S, k)`` (``_src/core/flat.py``).
+  codebook_fields = ("levels", "locked")
 
   def value(self, dtype) -> jax.Array:
     """Levels where frozen, latent weights (snapped for exact landing) elsewhere."""
-    free = core.snap_to_grid(self.latent, dtype, jnp.max(jnp.abs(self.latent)))
+    free = core.snap_to_grid(self.latent, dtype, self.latent_max)
     return jnp.where(self.frozen, self.values, free).astype(dtype)
 
   def describe(self) -> dict:
@@ -360,12 +402,13 @@ def slq_init_leaf(param: jax.Array, k: int, rank=0, iterations: int = 30,
     first = (float_levels if levels == "float" else slq_levels)(latent, k, iterations)
   return SlqLeaf(latent, jnp.zeros(latent.shape, bool), jnp.zeros(latent.shape, jnp.float32),
                  first, jnp.full((), -1, jnp.int32), jnp.asarray(rank, jnp.int32), zero,
-                 jnp.zeros((k,), bool))
+                 jnp.zeros((k,), bool), jnp.max(jnp.abs(latent)))
 
 
 def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array, *, recluster: bool = True,
                 power_of_two: bool = False, iterations: int = 30,
-                freeze_order: str = "loss") -> SlqLeaf:
+                freeze_order: str = "loss",
+                segments: segments_lib.Segments = segments_lib.LeafSegments()) -> SlqLeaf:
   """Moves ``leaf`` to ``stage`` (no-op unless later; ``stage < 0``: not started).
 
   With ``recluster`` the unlocked levels first follow the free weights
@@ -373,21 +416,32 @@ def slq_advance(leaf: SlqLeaf, stage, portions: jax.Array, *, recluster: bool = 
   are fresh from ``init``); then :func:`freeze_clusters` (``freeze_order=
   "loss"``, ``portions`` the accumulated portions) or :func:`freeze_by_index`
   (``"index"``, ``portions`` the cluster counts) grows the frozen set.
+
+  With ``segments`` (a flat buffer) ``stage`` and the leaf's layer fields hold one value per
+  layer, its codebooks ``(S, k)``, and each layer moves on its own. The clustering runs only
+  at a step where some layer moves (``lax.cond``; under ``vmap`` both branches run, as a
+  ``select``).
   """
   stage = jnp.clip(jnp.asarray(stage, jnp.int32), -1, portions.shape[0] - 1)
   later = (stage > leaf.stage) & (stage >= 0)
-  locked = leaf.locked if leaf.locked is not None else jnp.zeros(leaf.levels.shape, bool)
-  levels = leaf.levels
-  if recluster:
-    moved = recluster_levels(leaf.latent, ~leaf.frozen, levels, locked, iterations,
-                             power_of_two)
-    levels = jnp.where(later & (leaf.stage >= 0), moved, levels)
   freeze = freeze_by_index if freeze_order == "index" else freeze_clusters
-  step = freeze(leaf.latent, leaf.frozen, leaf.values, portions[jnp.maximum(stage, 0)], levels)
-  return leaf._replace(frozen=jnp.where(later, step.frozen, leaf.frozen),
-                       values=jnp.where(later, step.values, leaf.values),
-                       levels=levels, locked=jnp.where(later, locked | step.taken, locked),
-                       stage=jnp.maximum(stage, leaf.stage))
+
+  def move(leaf: SlqLeaf) -> SlqLeaf:
+    levels = leaf.levels
+    if recluster:
+      moved = recluster_levels(leaf.latent, ~leaf.frozen, levels, leaf.locked, iterations,
+                               power_of_two, segments)
+      levels = jnp.where((later & (leaf.stage >= 0))[..., None], moved, levels)
+    step = freeze(leaf.latent, leaf.frozen, leaf.values, portions[jnp.maximum(stage, 0)],
+                  levels, segments)
+    moving = segments.expand(later)
+    return leaf._replace(frozen=jnp.where(moving, step.frozen, leaf.frozen),
+                         values=jnp.where(moving, step.values, leaf.values), levels=levels,
+                         locked=jnp.where(later[..., None], leaf.locked | step.taken,
+                                          leaf.locked))
+
+  leaf = jax.lax.cond(jnp.any(later), move, lambda leaf: leaf, leaf)
+  return leaf._replace(stage=jnp.maximum(stage, leaf.stage))
 
 
 # ------------------------------------------------------------ the transformations
@@ -448,20 +502,21 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
     leaf = slq_init_leaf(param, k, rank, iterations, levels, init)
     return advance(leaf, -rank)  # stage 0 now for the first layer (SLQ: all)
 
-  def advance(leaf, stage):
+  def advance(leaf, stage, segments=segments_lib.LeafSegments()):
     return slq_advance(leaf, stage, table, recluster=recluster,
                        power_of_two=levels == "power_of_two", iterations=iterations,
-                       freeze_order=freeze_order)
+                       freeze_order=freeze_order, segments=segments)
 
   def step_leaf(update, leaf, ctx, hyper, phase):
-    del ctx
+    segments = segments_lib.of(ctx)
     stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
-    leaf = advance(leaf, stage)
+    leaf = advance(leaf, stage, segments)
     leaf = common.masked_step(update, leaf)
-    return leaf._replace(steps=leaf.steps + 1)
+    return leaf._replace(steps=leaf.steps + 1,
+                         latent_max=segments.max(jnp.abs(leaf.latent)))
 
   prepare = _forward_ranks_info if staggered else None
-  return core.Quantizer(core.Method(name, init_leaf, step_leaf, prepare=prepare),
+  return core.Quantizer(core.Method(name, init_leaf, step_leaf, prepare=prepare, flat=True),
                         SlqHyper(steps_per_stage), HYPER_RANGES, selection)
 
 

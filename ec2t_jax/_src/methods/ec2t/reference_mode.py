@@ -56,6 +56,7 @@ def ternarize_reference(
     zero_floor: float = 0.5,
     sustain: float = 0.05,
     latent_dtype: str = "float32",
+    layout: str = "flat",
 ) -> optax.GradientTransformation:
   """Exact-reference EC2T: the reference training step as one optimizer.
 
@@ -89,6 +90,9 @@ def ternarize_reference(
       zero_floor, sustain, latent_dtype: as in :func:`ternarize_transform`.
     negative_centroid_sign: ``"exact"`` (default) or ``"reference"``, the
       reference code's ``+sum`` (see :func:`centroid_gradients`).
+    layout: ``"flat"`` (one flat buffer of the selected leaves' states, one trace of the
+      step; the centroid increments enter it one per layer) or ``"grouped"`` (same-shape
+      leaves stacked, one step per group), as :class:`~ec2t_jax.Quantizer`'s.
 
   Returns:
     An ``optax.GradientTransformation`` with state
@@ -103,6 +107,7 @@ def ternarize_reference(
   ec2t.check_static(renormalization, latent_dtype, ties)
   core.check_choice("negative_centroid_sign", negative_centroid_sign,
                     ("exact", "reference"))
+  core.check_choice("layout", layout, core.LAYOUTS)
   hyper = ec2t.EC2THyper(gamma, init_scale, floor_factor, zero_floor, sustain,
                          1.0)
   for name, valid in ec2t.HYPER_RANGES.items():
@@ -119,8 +124,7 @@ def ternarize_reference(
     return optax.masked(params_optimizer, unselected)
 
   def init_fn(params):
-    # Grouped, not flat: the centroid increments reach the step per leaf (scalars).
-    core_state = core.init_state(method, params, chosen, hyper, layout="grouped")
+    core_state = core.init_state(method, params, chosen, hyper, layout=layout)
     return TernarizeReferenceState(
         params_state=masked_params_optimizer(core_state).init(params),
         latent_state=latent_optimizer.init(core_state.latent),
@@ -191,7 +195,7 @@ def reference_optimizer(
     negative_centroid_sign: ternary.CentroidSign = "exact",
     renormalization: ternary.Renormalization = "exact", ties: ternary.Ties = "zero",
     floor_factor: float = 0.675, zero_floor: float = 0.5, sustain: float = 0.05,
-    latent_dtype: str = "float32") -> optax.GradientTransformation:
+    latent_dtype: str = "float32", layout: str = "flat") -> optax.GradientTransformation:
   """:func:`ternarize_reference` with the reference's three Adam optimizers.
 
   Non-selected params: Adam(``learning_rate``) with PyTorch-style L2 weight
@@ -214,4 +218,4 @@ def reference_optimizer(
       gamma=gamma, init_scale=init_scale, selection=selection,
       negative_centroid_sign=negative_centroid_sign,
       renormalization=renormalization, ties=ties, floor_factor=floor_factor,
-      zero_floor=zero_floor, sustain=sustain, latent_dtype=latent_dtype)
+      zero_floor=zero_floor, sustain=sustain, latent_dtype=latent_dtype, layout=layout)
