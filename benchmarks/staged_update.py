@@ -67,21 +67,22 @@ def _prepared(name, layout, steps_per_stage, selection, params, grads) -> dict:
           "times": []}
 
 
-def main(argv):
-  del argv
-  methods = _METHODS.value or sorted(
-      n for n, spec in ec2t.method_registry().items() if spec.kind == "staged")
-  model = step_overhead._GPTModel(_LAYERS.value, scan=False)  # pylint: disable=protected-access
+def measure(methods, layers: int, rounds: int, echo=print) -> list[dict]:
+  """Times each method's update on both layouts, in both cases; returns one row per variant.
+
+  Each row: ``method``, ``case``, ``layout``, ``compile_cpu`` (s), ``update`` (median s).
+  ``echo`` gets the model's description first.
+  """
+  model = step_overhead._GPTModel(layers, scan=False)  # pylint: disable=protected-access
   x, _, _ = step_overhead._inputs("tokens", 1)  # pylint: disable=protected-access
   params = jax.jit(model.init)(jax.random.key(2), x)["params"]
   selection = ec2t.Selection(order=ec2t.forward_order(
       lambda p, x: model.apply({"params": p}, x), params, x))
   grads = jax.tree.map(lambda p: 0.01 * p, params)
   weights = sum(leaf.size for leaf in jax.tree.leaves(params))
-  print(f"{_LAYERS.value}-layer GPT ({weights / 1e6:.2f} M weights), "
-        f"{jax.devices()[0].device_kind}; update alone, median of {_STAGE_ROUNDS.value} calls")
-  print("| method | case | layout | compile CPU | update |")
-  print("|---|---|---|---|---|")
+  echo(f"{layers}-layer GPT ({weights / 1e6:.2f} M weights), {jax.devices()[0].device_kind}; "
+       f"update alone, median of {rounds} calls")
+  rows = []
   for name in methods:
     for case, steps_per_stage in _CASES.items():
       runs = {layout: _prepared(name, layout, steps_per_stage, selection, params, grads)
@@ -91,14 +92,27 @@ def main(argv):
           np.concatenate([np.ravel(v) for v in jax.tree.leaves(outputs["flat"])]),
           np.concatenate([np.ravel(v) for v in jax.tree.leaves(outputs["grouped"])]),
           rtol=1e-5, atol=1e-5, err_msg=f"{name}: flat and grouped updates differ")
-      for _ in range(_STAGE_ROUNDS.value):
+      for _ in range(rounds):
         for run in runs.values():
           start = time.perf_counter()
           jax.block_until_ready(run["update"](*run["args"]))
           run["times"].append(time.perf_counter() - start)
-      for layout, run in runs.items():
-        print(f"| {name} | {case} | {layout} | {run['compile_cpu']:.2f} s | "
-              f"{1e3 * statistics.median(run['times']):.1f} ms |", flush=True)
+      rows += [{"method": name, "case": case, "layout": layout,
+                "compile_cpu": run["compile_cpu"], "update": statistics.median(run["times"])}
+               for layout, run in runs.items()]
+  return rows
+
+
+def main(argv):
+  del argv
+  methods = _METHODS.value or sorted(
+      n for n, spec in ec2t.method_registry().items() if spec.kind == "staged")
+  rows = measure(methods, _LAYERS.value, _STAGE_ROUNDS.value)
+  print("| method | case | layout | compile CPU | update |")
+  print("|---|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['method']} | {row['case']} | {row['layout']} | {row['compile_cpu']:.2f} s | "
+          f"{1e3 * row['update']:.1f} ms |")
 
 
 if __name__ == "__main__":

@@ -261,6 +261,31 @@ def test_reference_mode_steps_a_stacked_leaf_per_slice_in_a_flat_buffer_as_group
   assert w_p.shape == (3,) and len(set(w_p.tolist())) == 3  # one centroid step per slice
 
 
+class _Deep(nn.Module):
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = jnp.tanh(nn.Dense(8)(x))
+    return x
+
+
+def _compiled_instructions(depth):
+  params = _Deep(depth).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  tx = ec2t.reference_optimizer(gamma=0.2, selection=lambda path, leaf: leaf.ndim == 2)
+  state = tx.init(params)
+  text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+  return sum(1 for line in text.splitlines() if " = " in line)
+
+
+def test_the_compiled_update_grows_linearly_with_the_number_of_layers():
+  # A global answer read by every leaf's update (the finiteness of all gradients) must be
+  # computed once, not copied into each fusion: that made the program quadratic in depth.
+  small, large = _compiled_instructions(8), _compiled_instructions(32)
+  assert large < 4.6 * small, (small, large)
+
+
 def test_unknown_layout_is_an_error_naming_it():
   with pytest.raises(ValueError, match="layout.*'packed'"):
     ec2t.reference_optimizer(layout="packed")

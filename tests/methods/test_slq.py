@@ -1,5 +1,7 @@
 """SLQ / MLQ pure functions: centroid quantization, levels, cluster freezing by loss."""
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,9 @@ import pytest
 
 import ec2t_jax as ec2t
 
+from ec2t_jax._src import core
+from ec2t_jax._src.core import flat as flat_lib
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.methods import slq
 
 
@@ -173,3 +178,70 @@ def test_cluster_counts_the_official_scheme_cannot_partition_are_refused(counts,
 def test_portions_with_the_official_order_are_refused_naming_both():
   with pytest.raises(ValueError, match="portions=.*freeze_order='loss'"):
     ec2t.slq(5, (0.5, 1.0))
+
+
+
+# ------------------------------------------------ one flat buffer of several layers
+
+# Three layers of three shapes (48, 16 and 32 weights: the buffer goes by chunks of 16).
+_LAYERS = [np.asarray(jax.random.normal(jax.random.key(i), shape), np.float32)
+           for i, shape in enumerate([(6, 8), (16,), (4, 2, 4)])]
+
+
+class _Weights(NamedTuple):  # a one-field state, enough for flat.pack
+  latent: jax.Array
+
+
+def _flat_buffer():
+  """The layers' flat-buffer segments, and a function laying per-layer arrays end to end."""
+  contexts = [core.LeafContext(f"w{i}", x.shape, jnp.float32, "ternary", None, 1.0)
+              for i, x in enumerate(_LAYERS)]
+  table = flat_lib.pack([_Weights(jnp.asarray(x)) for x in _LAYERS], contexts,
+                        ("element",)).table
+  segments = segments_lib.FlatSegments(table)
+  end_to_end = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs]).reshape(
+      segments.element_shape)
+  return segments, end_to_end
+
+
+def _pieces(buffer):
+  """The per-layer pieces of a flat (element) array, in the layers' shapes."""
+  flat, out, offset = np.asarray(buffer).ravel(), [], 0
+  for x in _LAYERS:
+    out.append(flat[offset:offset + x.size].reshape(x.shape))
+    offset += x.size
+  return out
+
+
+_LEVELS = np.array([[0.0, 1.0, -1.0, 0.5, -0.5], [0.0, 0.8, -0.8, 0.3, -0.3],
+                    [0.0, 1.5, -1.5, 0.7, -0.7]], np.float32)
+
+
+def test_reclustering_a_flat_buffer_moves_each_layers_levels_as_on_its_own():
+  segments, end_to_end = _flat_buffer()
+  free = [np.abs(x) < 1.2 for x in _LAYERS]
+  locked = np.array([[False, True, False, False, False]] * 3)
+  got = slq.recluster_levels(end_to_end(_LAYERS), end_to_end(free), jnp.asarray(_LEVELS),
+                             jnp.asarray(locked), iterations=5, segments=segments)
+  for i, x in enumerate(_LAYERS):
+    want = slq.recluster_levels(jnp.asarray(x), jnp.asarray(free[i]), jnp.asarray(_LEVELS[i]),
+                                jnp.asarray(locked[i]), iterations=5)
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["loss", "index"])
+def test_freezing_a_flat_buffer_freezes_each_layer_as_on_its_own(order):
+  segments, end_to_end = _flat_buffer()
+  frozen = [np.abs(x) > 1.5 for x in _LAYERS]
+  values = [np.where(f, np.sign(x), 0.0).astype(np.float32) for f, x in zip(frozen, _LAYERS)]
+  per_layer = np.array([0.4, 0.6, 0.9], np.float32) if order == "loss" else np.array([1, 3, 5])
+  freeze = slq.freeze_clusters if order == "loss" else slq.freeze_by_index
+  got = freeze(end_to_end(_LAYERS), end_to_end(frozen), end_to_end(values),
+               jnp.asarray(per_layer), jnp.asarray(_LEVELS), segments)
+  for i, x in enumerate(_LAYERS):
+    want = freeze(jnp.asarray(x), jnp.asarray(frozen[i]), jnp.asarray(values[i]),
+                  per_layer[i], jnp.asarray(_LEVELS[i]))
+    np.testing.assert_array_equal(_pieces(got.frozen)[i], want.frozen)
+    np.testing.assert_array_equal(_pieces(got.values)[i], want.values)
+    np.testing.assert_array_equal(got.taken[i], want.taken)
+  assert 0 < float(np.mean(np.asarray(got.frozen))) < 1
