@@ -19,7 +19,7 @@ of each update and the median of ``--rounds`` interleaved calls.
 Run (repository root)::
 
   python benchmarks/staged_update.py                  # the 12-layer GPT of step_overhead
-  python benchmarks/staged_update.py --methods slq --rounds 5
+  python benchmarks/staged_update.py --staged_methods slq --stage_rounds 5
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import optax
 import ec2t_jax as ec2t
 import step_overhead  # pylint: disable=g-import-not-at-top  (its GPT)
 
+# Not --methods: compare_methods.py defines it, and the tests import both scripts.
 _METHODS = flags.DEFINE_list(
-    "methods", [], "Staged methods to time (default: every registered staged method).")
+    "staged_methods", [], "Staged methods to time (default: every registered staged method).")
 _LAYERS = flags.DEFINE_integer("layers", 12, "Blocks of step_overhead's unrolled GPT.")
 _STAGE_ROUNDS = flags.DEFINE_integer("stage_rounds", 15, "Timed calls per variant.")
 _CASES = {"between stages": 1000, "at a stage step": 1}

@@ -221,11 +221,12 @@ def test_reclustering_a_flat_buffer_moves_each_layers_levels_as_on_its_own():
   segments, end_to_end = _flat_buffer()
   free = [np.abs(x) < 1.2 for x in _LAYERS]
   locked = np.array([[False, True, False, False, False]] * 3)
-  got = slq.recluster_levels(end_to_end(_LAYERS), end_to_end(free), jnp.asarray(_LEVELS),
-                             jnp.asarray(locked), iterations=5, segments=segments)
+  recluster = jax.jit(slq.recluster_levels, static_argnames=("iterations", "segments"))
+  got = recluster(end_to_end(_LAYERS), end_to_end(free), jnp.asarray(_LEVELS),
+                  jnp.asarray(locked), iterations=5, segments=segments)
   for i, x in enumerate(_LAYERS):
-    want = slq.recluster_levels(jnp.asarray(x), jnp.asarray(free[i]), jnp.asarray(_LEVELS[i]),
-                                jnp.asarray(locked[i]), iterations=5)
+    want = recluster(jnp.asarray(x), jnp.asarray(free[i]), jnp.asarray(_LEVELS[i]),
+                     jnp.asarray(locked[i]), iterations=5)
     np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
 
 
@@ -236,8 +237,10 @@ def test_freezing_a_flat_buffer_freezes_each_layer_as_on_its_own(order):
   values = [np.where(f, np.sign(x), 0.0).astype(np.float32) for f, x in zip(frozen, _LAYERS)]
   per_layer = np.array([0.4, 0.6, 0.9], np.float32) if order == "loss" else np.array([1, 3, 5])
   freeze = slq.freeze_clusters if order == "loss" else slq.freeze_by_index
-  got = freeze(end_to_end(_LAYERS), end_to_end(frozen), end_to_end(values),
-               jnp.asarray(per_layer), jnp.asarray(_LEVELS), segments)
+  got = jax.jit(lambda *args: freeze(*args, segments))(
+      end_to_end(_LAYERS), end_to_end(frozen), end_to_end(values), jnp.asarray(per_layer),
+      jnp.asarray(_LEVELS))
+  freeze = jax.jit(freeze)  # one compilation per layer shape, not one per operation
   for i, x in enumerate(_LAYERS):
     want = freeze(jnp.asarray(x), jnp.asarray(frozen[i]), jnp.asarray(values[i]),
                   per_layer[i], jnp.asarray(_LEVELS[i]))
