@@ -228,8 +228,11 @@ def test_inq_stages_freeze_the_same_weights_of_each_layer_in_a_flat_buffer_as_pe
 
 
 # SLQ's official order (by index) is in the trajectory test; its loss order here.
-@pytest.mark.parametrize("name,knobs", [("slq", ()), ("slq", (("freeze_order", "loss"),)),
-                                        ("mlq", ())], ids=["slq-index", "slq-loss", "mlq"])
+# The loss order's case computes two more trajectories: slow (its flat freezing is also
+# tested on its own, in tests/methods/test_slq.py).
+@pytest.mark.parametrize("name,knobs", [
+    ("slq", ()), pytest.param("slq", (("freeze_order", "loss"),), marks=pytest.mark.slow),
+    ("mlq", ())], ids=["slq-index", "slq-loss", "mlq"])
 def test_slq_and_mlq_cluster_and_freeze_each_layer_in_a_flat_buffer_as_per_leaf(name, knobs):
   # KNOBS: a stage every step, so the second step re-clustered each started layer's free
   # weights and froze more clusters (MLQ: the first layer only; the second starts).
