@@ -189,9 +189,13 @@ def _trajectory(name, layout, params=PARAMS, nonfinite_at=None, knobs=()):
   return params, ec2t.find_quantizer_state(state)
 
 
-@functools.cache
 def _layout_trajectory(name, layout, knobs=()):
   """:func:`_trajectory` from ``PARAMS``, computed once per module (``knobs``: pairs)."""
+  return _cached_trajectory(name, layout, tuple(knobs))
+
+
+@functools.cache  # one key per trajectory, however the caller spells the knobs
+def _cached_trajectory(name, layout, knobs):
   return _trajectory(name, layout, knobs=knobs)
 
 
