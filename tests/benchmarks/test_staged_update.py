@@ -1,4 +1,4 @@
-"""benchmarks/staged_update.py on a one-block GPT: both layouts agree, and every variant is timed."""
+"""benchmarks/staged_update.py on a one-block GPT: both layouts agree; each variant is timed."""
 
 import os
 import sys

@@ -106,6 +106,16 @@ def test_flat_cluster_sums_equal_each_leafs_per_cluster_sums(shapes):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_input_shaped_neither_like_the_params_nor_per_layer_is_an_error():
+  contexts = [core.LeafContext(f"w{i}", shape, jnp.float32, "ternary", None, 1.0)
+              for i, shape in enumerate([(3, 4), (6,)])]
+  group = flat_lib.pack([_Latent(jnp.zeros((3, 4))), _Latent(jnp.zeros((6,)))], contexts,
+                        ("element",))
+  with pytest.raises(ValueError, match=r"shaped like each member's param or its stack.*\(4,\)"):
+    flat_lib.step(lambda x, state, ctx: state, [jnp.zeros((3, 4)), jnp.zeros((4,))], group,
+                  contexts[0], jnp.asarray(False))
+
+
 def test_leaf_segments_reduce_a_layer_to_a_scalar_and_a_filter_to_its_channel():
   w = jnp.arange(6.0).reshape(2, 3)
   segments = segments_lib.LeafSegments(output_axis=0)

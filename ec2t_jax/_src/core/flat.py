@@ -22,9 +22,11 @@ elements) and whose ``gamma``, ``size_fraction`` and ``slice_index`` are one
 per segment; it guards non-finite inputs per segment as the per-leaf path does
 per leaf. A codebook field reaches the step as ``(S, k)``; ``segments.expand``
 gives it per element (``element_shape[:-1] + (1, k)`` or ``(N, k)``), and
-``segments.cluster_sum`` reduces ``(..., k)`` arrays back to ``(S, k)``. The persistent state is no larger than per leaf; the params' values
-(``value``) are computed on the state with its layer and filter fields
-expanded.
+``segments.cluster_sum`` reduces ``(..., k)`` arrays back to ``(S, k)``. An
+input of one value per layer (shaped like each member's stack, e.g. EC2T's
+reference-mode centroid increments) reaches it as ``(S,)``. The persistent
+state is no larger than per leaf; the params' values (``value``) are computed
+on the state with its layer and filter fields expanded.
 
 Leaves stay out of a flat buffer (and keep the per-leaf or grouped path) when
 their param may be sharded over several devices (a flat buffer would reshard
