@@ -260,8 +260,9 @@ def _inner(config, paper: bool = False) -> optax.GradientTransformation:
   return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(rate))
 
 
-def _reference(config, knobs, selection, budget) -> MethodSetup:
-  """EC2T as the paper trains it: ``ec2t.reference_optimizer``, three constant-rate Adams."""
+def _reference(spec, config, knobs, selection, budget) -> MethodSetup:
+  """EC2T as the paper trains it: ``ec2t.reference_optimizer``, three constant-rate Adams
+  (checked against EC2T's grid, as the chain form)."""
   if budget is not None:
     raise UserError("a size budget (--bits_per_weight / --target_bytes / --target_sparsity) "
                     "needs --ec2t_mode=chain")
@@ -269,7 +270,7 @@ def _reference(config, knobs, selection, budget) -> MethodSetup:
       gamma=knobs["gamma"], init_scale=knobs["init_scale"], learning_rate=config.learning_rate,
       weight_decay=config.weight_decay, latent_learning_rate=config.latent_learning_rate,
       centroid_learning_rate=config.centroid_learning_rate, sustain=knobs["sustain"],
-      selection=selection))
+      selection=selection), **_grid(spec, knobs))
 
 
 def _train(spec, config, options, selection, budget) -> MethodSetup:
@@ -279,7 +280,7 @@ def _train(spec, config, options, selection, budget) -> MethodSetup:
   if paper and mode not in ("reference", "chain"):
     raise UserError(f"--ec2t_mode must be 'reference' or 'chain', got {mode!r}")
   if paper and mode == "reference":
-    return _reference(config, knobs, selection, budget)
+    return _reference(spec, config, knobs, selection, budget)
   last_phase = spec.last_phase(spec.options(**_own(spec, knobs)), 0)
   if last_phase > 0 and config.phase2_epochs < 1:
     raise UserError(f"--method={spec.name} needs --phase2_epochs >= 1 (it reaches its grid in "

@@ -564,7 +564,7 @@ def test_training_to_an_unreachable_sparsity_flags_it_in_the_state():
   tx = optax.chain(optax.adam(1e-3), ec2t.ternarize_transform(
       budget=ec2t.Budget(sparsity=0.999, gain=1.0)))
   _, opt_state = _run(tx, params, budget_lib.UNREACHABLE_AFTER_STEPS + 8)
-  budget = ec2t.find_ternarize_state(opt_state).budget
+  budget = ec2t.find_quantizer_state(opt_state).budget
   assert float(budget.multiplier) == 1.0  # EC2T's bound
   assert float(budget.measured) < 0.99 * 0.999
   assert int(budget.saturated_steps) >= budget_lib.UNREACHABLE_AFTER_STEPS

@@ -201,7 +201,8 @@ def test_ttq_fixed_sparsity_keeps_the_fraction_of_zeros():
 
 
 def test_sttn_step_follows_the_straight_through_gradients_and_clamps():
-  before, after, params = _one_step(ec2t.sttn(latent_step="gradient", selection=ALL), lr=5.0)
+  before, after, params = _one_step(
+      ec2t.sttn(gradient="exact", latent_step="gradient", selection=ALL), lr=5.0)
   g1, g2 = ec2t.sttn_gradients(-5.0 * GRAD, before.latent, before.latent2)
   np.testing.assert_allclose(after.latent, np.clip(before.latent + g1, -1, 1), rtol=1e-5)
   np.testing.assert_allclose(after.latent2, np.clip(before.latent2 + g2, -1, 1), rtol=1e-5)

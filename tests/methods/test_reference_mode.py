@@ -246,6 +246,7 @@ def test_reference_mode_steps_a_stacked_leaf_per_slice_in_a_flat_buffer_as_group
     tx = ec2t.reference_optimizer(gamma=0.2, selection=selection, layout=layout,
                                   latent_learning_rate=1e-2, centroid_learning_rate=1e-2)
     state = tx.init(params)
+    initial_w_p = np.asarray(state.ternary.field("w_p")["stack"])
     p = ec2t.quantized_params(params, state)
     updates, state = jax.jit(tx.update)(jax.grad(_smooth_loss)(p), state, p)
     results[layout] = (optax.apply_updates(p, updates), state)
@@ -256,7 +257,7 @@ def test_reference_mode_steps_a_stacked_leaf_per_slice_in_a_flat_buffer_as_group
   chex.assert_trees_all_close(flat_state.ternary.resolved_leaves(),
                               grouped_state.ternary.resolved_leaves(), atol=1e-6)
   w_p = np.asarray(flat_state.ternary.field("w_p")["stack"])
-  assert w_p.shape == (3,) and len(set(w_p.tolist())) == 3  # one centroid step per slice
+  assert w_p.shape == (3,) and np.all(w_p != initial_w_p)  # each slice's centroid moved
 
 
 class _Deep(nn.Module):

@@ -1,4 +1,5 @@
-"""SLQ / MLQ pure functions: centroid quantization, levels, cluster freezing by loss."""
+"""SLQ / MLQ pure functions: centroid quantization, levels, cluster freezing by loss, on one
+layer and on a flat buffer of several (each layer as on its own)."""
 
 from typing import NamedTuple
 
@@ -178,7 +179,6 @@ def test_cluster_counts_the_official_scheme_cannot_partition_are_refused(counts,
 def test_portions_with_the_official_order_are_refused_naming_both():
   with pytest.raises(ValueError, match="portions=.*freeze_order='loss'"):
     ec2t.slq(5, (0.5, 1.0))
-
 
 
 # ------------------------------------------------ one flat buffer of several layers
