@@ -133,3 +133,14 @@ def unstack_blocks(params, layers: int, key="blocks"):
 def gpt_loss(model, params, tokens, targets):
   logits = model.apply({"params": params}, tokens)
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def stack_and_head():
+  """``(params, selection)``: a (3, 8, 4) stack of three layers (one segment per slice in a
+  flat buffer) and a (4, 2) head, both selected, nothing else."""
+  import ec2t_jax as ec2t  # pylint: disable=g-import-not-at-top
+  params = {"stack": jax.random.normal(jax.random.key(3), (3, 8, 4)),
+            "head": jax.random.normal(jax.random.key(4), (4, 2))}
+  selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
+                             default="none")
+  return params, selection

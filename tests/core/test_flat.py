@@ -23,6 +23,7 @@ from ec2t_jax._src.core import flat as flat_lib
 from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.methods import inq as inq_lib
 from ec2t_jax._src.methods.ec2t import ternary
+from models_for_tests import stack_and_head
 
 # ------------------------------------------------------------- segments
 
@@ -284,10 +285,7 @@ def test_a_non_finite_update_keeps_only_that_leafs_state_in_a_flat_buffer():
 
 
 def test_a_stacked_leaf_is_one_segment_per_slice():
-  params = {"stack": jax.random.normal(jax.random.key(3), (3, 8, 4)),
-            "head": jax.random.normal(jax.random.key(4), (4, 2))}
-  selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
-                             default="none")
+  params, selection = stack_and_head()
   states = {}
   for layout in ("flat", "grouped"):
     tx = ec2t.method_registry()["twn"].build(selection=selection)._replace(

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import ec2t_jax as ec2t
+from models_for_tests import stack_and_head
 
 
 class _Mlp(nn.Module):
@@ -237,10 +238,7 @@ def _smooth_loss(params):
 
 def test_reference_mode_steps_a_stacked_leaf_per_slice_in_a_flat_buffer_as_grouped():
   # The centroid increments enter the flat step one per slice (a stack-shaped input).
-  params = {"stack": jax.random.normal(jax.random.key(3), (3, 8, 4)),
-            "head": jax.random.normal(jax.random.key(4), (4, 2))}
-  selection = ec2t.Selection([ec2t.Rule("^stack$", stack_axes=(0,)), ec2t.Rule("^head$")],
-                             default="none")
+  params, selection = stack_and_head()
   results = {}
   for layout in ("flat", "grouped"):
     tx = ec2t.reference_optimizer(gamma=0.2, selection=selection, layout=layout,

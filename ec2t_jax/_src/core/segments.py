@@ -269,9 +269,7 @@ class FlatSegments:
                                self.table.num_segments, indices_are_sorted=True)
 
   def _reduce(self, op, dense, x, per_filter):
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
-      x = x.astype(jnp.float32)
+    x = _float_if_bool(x)
     if per_filter:
       return op(x.ravel(), self.filter_ids.ravel(), self.table.num_filters)
     count = self.table.num_segments

@@ -393,9 +393,8 @@ def quantizer(bits: int = 5, portions: Sequence[float] = OFFICIAL_PORTIONS, *,
     segments = segments_lib.of(ctx)
     stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage)
     leaf = inq_advance(leaf, stage, table, bits, segments)
-    leaf = common.masked_step(update, leaf)
-    return leaf._replace(steps=leaf.steps + 1,
-                         latent_max=segments.max(jnp.abs(leaf.latent)))
+    leaf = common.masked_step(update, leaf, segments)
+    return leaf._replace(steps=leaf.steps + 1)
 
   return core.Quantizer(core.Method("inq", init_leaf, step_leaf, flat=True),
                         InqHyper(steps_per_stage), HYPER_RANGES, selection)

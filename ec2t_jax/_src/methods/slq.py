@@ -511,9 +511,8 @@ def _quantizer(name: str, bits: int, portions, steps_per_stage, selection, stagg
     segments = segments_lib.of(ctx)
     stage = common.scheduled_stage(phase, leaf.steps, hyper.steps_per_stage) - leaf.rank
     leaf = advance(leaf, stage, segments)
-    leaf = common.masked_step(update, leaf)
-    return leaf._replace(steps=leaf.steps + 1,
-                         latent_max=segments.max(jnp.abs(leaf.latent)))
+    leaf = common.masked_step(update, leaf, segments)
+    return leaf._replace(steps=leaf.steps + 1)
 
   prepare = _forward_ranks_info if staggered else None
   return core.Quantizer(core.Method(name, init_leaf, step_leaf, prepare=prepare, flat=True),

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax._src.core import segments as segments_lib
 from ec2t_jax._src.core import selection as selection_lib
 from ec2t_jax._src.core import tracing
 from ec2t_jax._src.core import trees
@@ -60,12 +61,16 @@ def forward_ranks(selection: selection_lib.SelectionLike, params) -> dict[str, i
   return {paths[i]: rank for rank, i in enumerate(ordered)}
 
 
-def masked_step(update: jax.Array, leaf):
+def masked_step(update: jax.Array, leaf,
+                segments: segments_lib.Segments = segments_lib.LeafSegments()):
   """Masked retraining: the free latent weights move by ``update``, frozen ones do not.
 
-  ``leaf`` has ``latent`` and a boolean ``frozen`` mask (INQ, SLQ/MLQ).
+  ``leaf`` has ``latent``, a boolean ``frozen`` mask and ``latent_max``, the layer's
+  ``max |latent|`` (INQ, SLQ/MLQ), which follows the move (per layer of a flat buffer's
+  ``segments``).
   """
-  return leaf._replace(latent=leaf.latent + jnp.where(leaf.frozen, 0.0, update))
+  latent = leaf.latent + jnp.where(leaf.frozen, 0.0, update)
+  return leaf._replace(latent=latent, latent_max=segments.max(jnp.abs(latent)))
 
 
 def scheduled_stage(phase, steps, steps_per_stage) -> jax.Array:
